@@ -1,0 +1,429 @@
+"""Run configuration: one typed dataclass per stage, nested in `RunConfig`.
+
+A run is configured by a TOML preset (`configs/*.toml`), then by dotted overrides on the command line
+(`--set vae.codebook_size=1024 --set data.image_size=64`, after minGPT), then by the shortcuts
+`--data SOURCE` and `--split NAME`. Every key must exist and every value must have the field's type;
+anything else stops with one sentence naming the key and what is allowed. The resolved config is
+saved as JSON in every run folder and bundle (`save_config`), and read back by `config_from_dict`.
+
+Usage:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args())
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage configs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShapesConfig:
+    """The procedural `shapes` data set (../shared/specs/shapes.md)."""
+
+    seed: int = 0  # the training stream's seed; validation uses seed + 1_000_003
+    train_size: int = 0  # 0: an endless stream; N: a fixed set of N examples
+    val_size: int = 1000
+    two_object_p: float = 1 / 3  # fraction of two-object scenes
+    # color-shape combinations never drawn in training (measured as generalisation)
+    held_out: list[str] = field(default_factory=lambda: ["purple triangle", "yellow square"])
+    omit_p: float = 0.3  # probability that a one-object caption leaves out each optional attribute
+
+
+@dataclass
+class DataConfig:
+    """Where (image, caption) pairs come from and how images are prepared."""
+
+    source: str = "shapes"  # shapes | a folder (imagefolder) | *.parquet | *.tar | a hub name
+    split: str = "train"
+    val_split: str = "validation"
+    image_size: int = 32
+    image_column: str = "image"
+    caption_column: str = "text"
+    streaming: bool = False  # stream from disk/hub instead of loading into memory
+    random_crop: bool = False  # random instead of center crop after the resize
+    shuffle_buffer: int = 1000  # streaming shuffle buffer
+    max_image_pixels: int = 40_000_000  # larger images are skipped as decompression bombs
+    max_caption_chars: int = 2000  # longer captions are cut to this many characters
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class TextConfig:
+    """The sentencepiece text tokenizer."""
+
+    vocab_size: int = 1000
+    text_len: int = 32  # ids per caption, bos and eos included
+    model_type: str = "bpe"  # bpe | unigram
+    lowercase: bool = True
+    max_train_captions: int = 200_000  # captions read to train the tokenizer
+
+
+@dataclass
+class VAEConfig:
+    """The image tokenizer: DALL-E's dVAE (`dvae`) or a VQGAN-style quantiser (`vq`)."""
+
+    kind: str = "dvae"  # dvae | vq
+    codebook_size: int = 512
+    factor: int = 4  # downsampling: 4, 8 or 16
+    hidden: int = 64  # channels of the first stage; doubled at each downsampling (capped at 4x)
+    res_blocks: int = 1  # ResNet blocks per resolution
+    code_dim: int = 256  # dvae: codebook vector width; vq: width before the factorised lookup
+    recon_loss: str = "mse"  # mse | l1 | logit_laplace
+    # dvae: Gumbel-softmax temperature and KL-to-uniform weight schedules (cosine, by step)
+    temperature_start: float = 1.0
+    temperature_end: float = 1 / 16
+    temperature_steps: int = 5000
+    kl_weight: float = 1e-4
+    kl_warmup_steps: int = 2000
+    straight_through: bool = False
+    # vq
+    lookup_dim: int = 8  # low-dimensional, l2-normalised codes (factorised lookup)
+    ema: bool = True  # EMA codebook updates (else a codebook loss)
+    ema_decay: float = 0.95
+    commitment_weight: float = 0.25
+    dead_code_steps: int = 50  # a code unused this many steps is restarted from recent encoder outputs
+    disc_start: int = -1  # step that switches on the patch discriminator; -1: never
+    disc_weight: float = 0.1
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture of the decoder-only transformer. Vocabularies and grid come from the tokenizers."""
+
+    preset: str = "tiny"  # a size in dalle_mini_impl.transformer.PRESETS; dim/depth/heads > 0 override it
+    dim: int = 0
+    depth: int = 0
+    heads: int = 0
+    head_dim: int = 0  # 0: dim // heads
+    mlp: str = "swiglu"  # gelu | swiglu
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    pos_2d: str = "embed"  # embed (row + column embeddings) | rope (2-D rotary)
+    text_pad: str = "per_position"  # per_position (DALL-E's pad tokens, not in the loss) | mask
+    attn_patterns: list[str] = field(default_factory=lambda: ["full"])  # full | row | column | conv
+    conv_kernel: int = 5
+    dropout: float = 0.0
+    text_loss_weight: float = 1 / 8  # the image loss weighs 1 - this
+    caption_dropout: float = 0.1  # probability of training on the empty caption (for guidance)
+
+
+@dataclass
+class CLIPConfig:
+    """The CLIP model trained here: ViT image encoder + transformer text encoder."""
+
+    patch_size: int = 4
+    image_width: int = 192
+    image_depth: int = 4
+    image_heads: int = 4
+    text_width: int = 192
+    text_depth: int = 4
+    text_heads: int = 4
+    embed_dim: int = 128
+    pool: str = "eot"  # eot | mean
+    init_temperature: float = 1 / 0.07  # the logit scale starts here ...
+    max_logit_scale: float = 100.0  # ... and is clamped here
+    crop_scale_min: float = 0.85  # random resized crop keeps at least this fraction of the side
+
+
+@dataclass
+class TrainConfig:
+    """One stage's optimisation and bookkeeping."""
+
+    steps: int = 1000
+    batch_size: int = 32  # per process; the global batch is batch_size * processes * grad_accum
+    lr: float = 1e-3
+    scale_lr: bool = False  # multiply lr by processes * grad_accum (linear scaling)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_checkpointing: bool = False
+    compile: bool = False
+    ema_decay: float = 0.0  # 0: no EMA weights
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    image_every: int = 500  # image grids in TensorBoard
+    eval_every: int = 500
+    eval_batches: int = 8
+    max_bad_steps: int = 20  # non-finite steps in a row before the run stops
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSection:
+    vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, warmup_steps=100))
+    dalle: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, warmup_steps=200, weight_decay=0.05)
+    )
+    clip: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=2000, batch_size=128, lr=1e-3, weight_decay=0.1)
+    )
+
+
+@dataclass
+class SampleConfig:
+    """Defaults of `python -m sample`."""
+
+    num_images: int = 4
+    candidates: int = 16
+    batch_size: int = 64
+    cfg: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    # clip-guided refinement (VQGAN+CLIP)
+    guided_steps: int = 60
+    guided_lr: float = 0.1
+    guided_cutouts: int = 16
+
+
+@dataclass
+class RunConfig:
+    name: str = "shapes"
+    out_dir: str = "runs/shapes"  # the run folder: checkpoints, logs, resolved config, bundle
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading, overriding, checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the field type `tp`, converting only where no information is lost."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):  # --set a.b=x,y,z
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    """Write a nested dict of values into a dataclass tree, checking every key and type."""
+    types_ = _field_types(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            allowed = ", ".join(sorted(types_))
+            raise UserError(f"unknown config key '{key}'; allowed keys here are: {allowed}")
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{key}' is a section; set its keys, e.g. '{key}.<name>=...'")
+            _apply(getattr(obj, name), value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, tp, key))
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value: a TOML literal when it parses as one (1e-3, true, [1, 2]), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def available_presets() -> list[str]:
+    return sorted(str(p.relative_to(CONFIG_DIR.parent)) for p in CONFIG_DIR.glob("*.toml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A preset path as given, or a bare preset name (`shapes`) looked up in configs/."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.toml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"config file '{path}' does not exist; give a path or one of: {', '.join(available_presets())}"
+    )
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    split: str | None = None,
+) -> RunConfig:
+    """Defaults <- TOML preset <- `key=value` overrides <- `--data`/`--split` shortcuts."""
+    cfg = RunConfig()
+    if path is not None:
+        resolved = resolve_config_path(path)
+        try:
+            values = tomllib.loads(resolved.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file '{resolved}' is not valid TOML ({e}); fix the syntax") from None
+        _apply(cfg, values, "")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override '{item}' must look like key=value, e.g. vae.codebook_size=1024")
+        _apply(cfg, _nest(key.strip(), _parse_value(value.strip())), "")
+    if data is not None:
+        cfg.data.source = data
+    if split is not None:
+        cfg.data.split = split
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict[str, Any], cls: type = RunConfig) -> Any:
+    """Rebuild a (possibly older) saved config; unknown keys are errors, missing keys take defaults."""
+    cfg = cls()
+    _apply(cfg, values, "")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_config_json(path: str | os.PathLike) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist; is this a run folder or bundle?")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file '{path}' is not valid JSON ({e.msg}); rewrite or retrain it") from None
+    return config_from_dict(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line glue shared by every command
+# ----------------------------------------------------------------------------------------------
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = "shapes") -> None:
+    parser.add_argument(
+        "--config", default=default_config, help="TOML preset: a path or a name in configs/ (default: shapes)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, repeatable: --set vae.codebook_size=1024 --set data.image_size=64",
+    )
+    parser.add_argument(
+        "--data", default=None, help="data source: shapes, a folder, *.parquet, *.tar files, or a hub name"
+    )
+    parser.add_argument("--split", default=None, help="split to read (default: data.split)")
+    parser.add_argument("--out", default=None, help="run folder (default: out_dir of the config)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = load_config(args.config, args.overrides, data=args.data, split=args.split)
+    if getattr(args, "out", None):
+        cfg.out_dir = args.out
+    return cfg
+
+
+__all__ = [
+    "CLIPConfig",
+    "DataConfig",
+    "RunConfig",
+    "SampleConfig",
+    "ShapesConfig",
+    "TextConfig",
+    "TrainConfig",
+    "TrainSection",
+    "TransformerConfig",
+    "VAEConfig",
+    "add_config_args",
+    "config_from_args",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "read_config_json",
+    "save_config",
+]
