@@ -1,0 +1,120 @@
+"""Bundles: a trained model as a folder of plain files, loaded without unpickling anything.
+
+    BUNDLE/
+      config.json              the resolved RunConfig
+      text.model               the sentencepiece model
+      vae.safetensors          image tokenizer weights (+ vae.json, its own config: loadable by `vae` alone)
+      transformer.safetensors  the DALL-E transformer
+      clip.safetensors         CLIP
+
+Every write goes to a temporary name first and is renamed into place, so a killed run never leaves a
+half-written file behind. Every read checks that the file exists, parses, and fits the model built from
+the config, and says in one sentence what to do when it does not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig, read_config_json, save_config
+from .errors import UserError
+
+FILES = {
+    "config": "config.json",
+    "text": "text.model",
+    "vae": "vae.safetensors",
+    "transformer": "transformer.safetensors",
+    "clip": "clip.safetensors",
+}
+
+
+def part_path(bundle: str | os.PathLike, part: str) -> Path:
+    """The path of one part of a bundle; a missing folder or file is a one-sentence error."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise UserError(f"model folder '{bundle}' does not exist; pass --model with a trained bundle folder")
+    path = bundle / FILES[part]
+    if not path.is_file():
+        raise UserError(
+            f"model folder '{bundle}' has no {FILES[part]}; it is incomplete - retrain or copy the whole bundle"
+        )
+    return path
+
+
+def read_bundle_config(bundle: str | os.PathLike) -> RunConfig:
+    return read_config_json(part_path(bundle, "config"))
+
+
+def write_bundle_config(cfg: RunConfig, bundle: str | os.PathLike) -> None:
+    save_config(cfg, Path(bundle) / FILES["config"])
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write tensors as safetensors atomically; floating tensors are cast to `dtype` when given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_module(module: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    # tied weights appear twice in state_dict(); safetensors refuses shared storage, so clone
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    save_state_dict(state, path, dtype=dtype)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or corrupted file is a one-sentence error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file '{path}' does not exist; check the path or retrain")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"weights file '{path}' is corrupted or not a safetensors file ({str(e).splitlines()[0][:80]}); "
+            "re-download or retrain it"
+        ) from None
+
+
+def load_module(module: torch.nn.Module, path: str | os.PathLike, what: str | None = None) -> torch.nn.Module:
+    """Load weights into `module` in place (cast to its dtypes); a shape or key mismatch says which config to use."""
+    state = load_state_dict(path)
+    own = module.state_dict()
+    what = what or Path(path).stem
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        if wrong:
+            k = wrong[0]
+            detail = f"'{k}' is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+        elif missing:
+            detail = f"'{missing[0]}' is missing from the file"
+        else:
+            detail = f"'{unexpected[0]}' is in the file but not in the model"
+        raise UserError(
+            f"weights file '{path}' does not fit the {what} built from this config ({detail}); "
+            "load it with the config.json saved beside it, not another preset"
+        )
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k].to(v.dtype))
+    return module
