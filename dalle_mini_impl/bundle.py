@@ -41,7 +41,8 @@ def part_path(bundle: str | os.PathLike, part: str) -> Path:
     path = bundle / FILES[part]
     if not path.is_file():
         raise UserError(
-            f"model folder '{bundle}' has no {FILES[part]}; it is incomplete - retrain or copy the whole bundle"
+            f"model folder '{bundle}' has no {FILES[part]}; "
+            "it is incomplete: retrain or copy the whole bundle"
         )
     return path
 
@@ -95,7 +96,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_module(module: torch.nn.Module, path: str | os.PathLike, what: str | None = None) -> torch.nn.Module:
-    """Load weights into `module` in place (cast to its dtypes); a shape or key mismatch says which config to use."""
+    """Load weights into `module` in place (cast to its dtypes); a mismatch says which config to use."""
     state = load_state_dict(path)
     own = module.state_dict()
     what = what or Path(path).stem

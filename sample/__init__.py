@@ -1,1 +1,1 @@
-"""`python -m sample "a prompt"`: text to images with CLIP reranking (a thin CLI over the library Pipeline)."""
+"""`python -m sample "a prompt"`: text to images with CLIP reranking, a thin CLI over the library Pipeline."""
