@@ -1,0 +1,94 @@
+"""Config: presets load, overrides are typed, and every user mistake is one sentence."""
+
+import json
+
+import pytest
+
+from dalle_mini_impl.config import (
+    RunConfig,
+    available_presets,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    read_config_json,
+    save_config,
+)
+from dalle_mini_impl.errors import UserError
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.image_size % cfg.vae.factor == 0
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        "shapes",
+        [
+            "vae.codebook_size=1024",
+            "data.image_size=64",
+            "train.dalle.lr=3e-4",
+            "vae.ema=false",
+            "transformer.attn_patterns=row,column",
+            'data.shapes.held_out=["red circle"]',
+        ],
+        data="some/folder",
+        split="validation",
+    )
+    assert cfg.vae.codebook_size == 1024 and cfg.data.image_size == 64
+    assert cfg.train.dalle.lr == pytest.approx(3e-4)
+    assert cfg.vae.ema is False
+    assert cfg.transformer.attn_patterns == ["row", "column"]
+    assert cfg.data.shapes.held_out == ["red circle"]
+    assert (cfg.data.source, cfg.data.split) == ("some/folder", "validation")
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert load_config("shapes", ["train.vae.lr=1"]).train.vae.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("vae.codebok_size=1024", "unknown config key 'vae.codebok_size'; allowed keys here are: "),
+        ("vae.codebook_size=big", "config key 'vae.codebook_size' must be an integer, got 'big'"),
+        ("vae.ema=maybe", "config key 'vae.ema' must be true or false, got 'maybe'"),
+        ("data=3", "config key 'data' is a section; set its keys"),
+        ("novalue", "override 'novalue' must look like key=value"),
+    ],
+)
+def test_mistakes_are_one_sentence(override, message):
+    with pytest.raises(UserError) as e:
+        load_config("shapes", [override])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_config_file_names_the_file_and_the_presets():
+    with pytest.raises(UserError, match=r"config file 'nope.toml' does not exist; give a path or one of: .*shapes"):
+        load_config("nope.toml")
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vae\ncodebook_size = 3\n")
+    with pytest.raises(UserError, match="is not valid TOML"):
+        load_config(bad)
+
+
+def test_unknown_key_in_a_preset_file(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text("[transformer]\ndepht = 3\n")
+    with pytest.raises(UserError, match="unknown config key 'transformer.depht'"):
+        load_config(p)
+
+
+def test_resolved_config_round_trips_through_json(tmp_path):
+    cfg = load_config("shapes", ["vae.codebook_size=256"])
+    save_config(cfg, tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["vae"]["codebook_size"] == 256
+    back = read_config_json(tmp_path / "config.json")
+    assert config_to_dict(back) == config_to_dict(cfg)
+    assert config_from_dict({"seed": 3}).seed == 3
