@@ -41,8 +41,7 @@ def part_path(bundle: str | os.PathLike, part: str) -> Path:
     path = bundle / FILES[part]
     if not path.is_file():
         raise UserError(
-            f"model folder '{bundle}' has no {FILES[part]}; "
-            "it is incomplete: retrain or copy the whole bundle"
+            f"model folder '{bundle}' has no {FILES[part]}; it is incomplete: retrain or copy the whole bundle"
         )
     return path
 
@@ -119,3 +118,16 @@ def load_module(module: torch.nn.Module, path: str | os.PathLike, what: str | No
         for k, v in own.items():
             v.copy_(state[k].to(v.dtype))
     return module
+
+
+def load_vae(bundle: str | os.PathLike):
+    """The image tokenizer of a bundle or run folder (vae.safetensors + vae.json), in eval mode."""
+    import vae
+
+    part_path(bundle, "vae")
+    if not (Path(bundle) / "vae.json").is_file():
+        raise UserError(f"model folder '{bundle}' has no vae.json; it is incomplete: retrain or copy the whole bundle")
+    try:
+        return vae.load_pretrained(bundle).eval()
+    except vae.VAEError as e:
+        raise UserError(str(e)) from None

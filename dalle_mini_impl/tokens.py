@@ -1,0 +1,130 @@
+"""Token shards: a data set encoded once into image-token ids, so the transformer never touches pixels.
+
+`python -m train.encode` writes, per split and per process,
+
+    RUN/tokens/<split>/shard_<rank>_<index>.safetensors   image_ids (N, h, w) int16/int32
+                                                           + metadata: captions (a JSON list), grid
+
+Each shard is written under a temporary name and renamed, so an interrupted encode resumes at the
+first missing shard. `TokenStream` reads every shard of a split, splits the rows across processes,
+and yields shuffled batches forever (training) or once in order (evaluation), with an exact data
+position for resume (after LlamaGen, which also trains on pre-extracted codes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError
+
+SHARD_RE = re.compile(r"^shard_(\d{3})_(\d{5})\.safetensors$")
+
+
+def tokens_dir(out_dir: str | os.PathLike, split: str) -> Path:
+    return Path(out_dir) / "tokens" / split
+
+
+def shard_path(folder: Path, rank: int, index: int) -> Path:
+    return folder / f"shard_{rank:03d}_{index:05d}.safetensors"
+
+
+def write_shard(path: Path, image_ids: torch.Tensor, captions: list[str]) -> None:
+    """Write one shard atomically. `image_ids` is (N, h, w); stored as int16 when the codebook fits."""
+    assert image_ids.dim() == 3 and len(captions) == image_ids.shape[0]
+    dtype = torch.int16 if int(image_ids.max()) < 2**15 else torch.int32
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"captions": json.dumps(captions, ensure_ascii=False), "format": "dalle-mini-impl tokens v1"}
+    save_file({"image_ids": image_ids.to(dtype).contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def list_shards(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if SHARD_RE.match(p.name))
+
+
+def read_shards(folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """All rows of a split: image ids (N, h, w) as int64 and their captions."""
+    shards = list_shards(folder)
+    if not shards:
+        raise UserError(f"no token shards in '{folder}'; run `python -m train.encode` with the same config first")
+    ids, captions = [], []
+    for path in shards:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                ids.append(f.get_tensor("image_ids").long())
+                captions += json.loads(f.metadata()["captions"])
+        except Exception as e:  # noqa: BLE001 - any failure to read is the same user-facing problem
+            raise UserError(
+                f"token shard '{path}' is unreadable ({type(e).__name__}); delete it and rerun train.encode"
+            ) from None
+    return torch.cat(ids), captions
+
+
+class TokenStream:
+    """Batches of {"image_ids": (b, h, w), "caption": list[str]} from token shards, split across processes.
+
+    Rows are dealt to processes by index modulo `num_processes`, once. Training streams reshuffle each
+    epoch from (seed, epoch) and never end; evaluation streams make one ordered pass. `state_dict()`
+    is the exact position, so a resumed run sees the batches an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
+        ids, captions = read_shards(folder)
+        rows = np.arange(process_index, len(captions), num_processes)
+        if len(rows) < batch_size and train:
+            raise UserError(
+                f"token shards in '{folder}' hold {len(captions)} rows, fewer than one batch of {batch_size} per "
+                "process; encode more data or lower the batch size"
+            )
+        self.image_ids = ids[rows]
+        self.captions = [captions[i] for i in rows]
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.epoch, self.position = 0, 0
+        self.n_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.train:
+            return np.arange(len(self))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self))
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            order = self._order(self.epoch)
+            while self.position + (self.batch_size if self.train else 1) <= len(order):
+                idx = order[self.position : self.position + self.batch_size]
+                self.position += len(idx)
+                yield {"image_ids": self.image_ids[idx], "caption": [self.captions[i] for i in idx]}
+            if not self.train:
+                return
+            # the tail shorter than a batch is dropped; the next epoch reshuffles everything
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

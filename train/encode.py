@@ -1,0 +1,101 @@
+"""Encode a data set once into image-token shards: `python -m train.encode --config configs/shapes.toml`.
+
+Reads the trained image tokenizer from the run folder (vae.safetensors + vae.json), encodes the
+train split (at most `data.max_examples` examples) and the validation split, and writes token shards
+with their captions under RUN/tokens/<split>/ (see dalle_mini_impl.tokens). The transformer then
+trains on ids only, instead of re-encoding pixels at every step as dalle-pytorch does.
+
+Resumable: shards are written atomically and existing ones are skipped on a rerun. Split across
+processes under `accelerate launch`: each process encodes its own share of the examples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dalle_mini_impl.bundle import load_vae
+from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args, save_config
+from dalle_mini_impl.data import ExampleStream
+from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.tokens import shard_path, tokens_dir, write_shard
+
+
+def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, world: int, device) -> dict:
+    """Encode one split into shards for this process; returns counts."""
+    folder = tokens_dir(cfg.out_dir, split)
+    shard_size = cfg.data.encode_shard_size
+    stream = ExampleStream(cfg.data, split, train=False, process_index=rank, num_processes=world, endless=False)
+    # this process's share of `limit` (0: everything the split has)
+    share = (limit // world + (rank < limit % world)) if limit > 0 else None
+    bar = tqdm(total=share, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
+    images, captions, index, n, written, reused = [], [], 0, 0, 0, 0
+
+    def flush() -> None:
+        nonlocal images, captions, index, written, reused
+        path = shard_path(folder, rank, index)
+        if path.exists():  # written by an earlier, interrupted run
+            reused += 1
+        else:
+            ids = []
+            with torch.inference_mode():
+                for i in range(0, len(images), 256):
+                    batch = torch.stack(images[i : i + 256]).to(device)
+                    ids.append(tokenizer.encode(batch).cpu())
+            write_shard(path, torch.cat(ids), captions)
+            written += 1
+        images, captions, index = [], [], index + 1
+
+    for example in stream:
+        if share is not None and n >= share:
+            break
+        images.append(example["image"])
+        captions.append(example["caption"])
+        n += 1
+        bar.update(1)
+        if len(images) == shard_size:
+            flush()
+    if images:
+        flush()
+    bar.close()
+    if n == 0:
+        raise UserError(f"split '{split}' of data '{cfg.data.source}' gave no example to encode; check --data/--split")
+    return {
+        "split": split,
+        "examples": n,
+        "shards_written": written,
+        "shards_reused": reused,
+        "skipped": stream.n_skipped,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--splits", default=None, help="comma list of splits (default: data.split,data.val_split)")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    from accelerate import PartialState
+
+    state = PartialState()
+    tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
+    splits = args.splits.split(",") if args.splits else [cfg.data.split, cfg.data.val_split]
+    results = []
+    for split in splits:
+        limit = cfg.data.max_examples if split == cfg.data.split else 0
+        results.append(
+            encode_split(cfg, tokenizer, split, limit, state.process_index, state.num_processes, state.device)
+        )
+    if state.is_main_process:
+        save_config(cfg, Path(cfg.out_dir) / "config.json")
+        print(json.dumps({"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
