@@ -1,0 +1,76 @@
+"""Train the whole pipeline from nothing: `python -m train.all --config configs/shapes.toml`.
+
+Runs, in order, each as its own process with the same config and overrides:
+
+    python -m train.tokenizer   sentencepiece on the captions      -> RUN/text.model
+    python -m train.vae         the image tokenizer                -> RUN/vae.safetensors, vae.json
+    python -m train.encode      the data set, once, into token ids -> RUN/tokens/
+    python -m train.dalle       the transformer                    -> RUN/transformer.safetensors
+    python -m train.clip        CLIP, for reranking                -> RUN/clip.safetensors
+
+RUN (`out_dir`) is then a complete bundle: `python -m sample "a red circle" --model RUN`. A stage
+whose output already exists is skipped, and a stage that was interrupted resumes from its last
+checkpoint, so rerunning the command after a kill continues the work. On several GPUs, run the same
+sequence with `accelerate launch -m train.<stage>` (README, "Scaling out"). Prints one JSON line per
+stage with its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dalle_mini_impl.config import add_config_args, config_from_args
+from dalle_mini_impl.errors import UserError, run_cli
+
+
+def stages(cfg) -> list[tuple[str, str]]:
+    """(stage module, the path in the run folder that marks it done), in order."""
+    return [
+        ("train.tokenizer", "text.model"),
+        ("train.vae", "vae.safetensors"),
+        ("train.encode", f"tokens/{cfg.data.val_split}"),
+        ("train.dalle", "transformer.safetensors"),
+        ("train.clip", "clip.safetensors"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--only", default=None, help="comma list of stages to run, e.g. vae,encode")
+    parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)  # fail here, once, on a bad config
+    passthrough = ["--config", args.config] + [f"--set={o}" for o in args.overrides]
+    if args.data:
+        passthrough += ["--data", args.data]
+    if args.split:
+        passthrough += ["--split", args.split]
+    if args.out:
+        passthrough += ["--out", args.out]
+    only = set(args.only.split(",")) if args.only else None
+    out = Path(cfg.out_dir)
+    total = time.perf_counter()
+    for module, marker in stages(cfg):
+        name = module.split(".")[1]
+        if only is not None and name not in only:
+            continue
+        if (out / marker).exists() and not args.force:
+            print(json.dumps({"stage": name, "skipped": f"{out / marker} exists"}), flush=True)
+            continue
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", module, *passthrough])
+        if proc.returncode != 0:
+            raise UserError(f"stage {module} failed with exit code {proc.returncode}; fix it and rerun to resume")
+        print(json.dumps({"stage": name, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    print(json.dumps({"bundle": str(out), "total_wall_s": round(time.perf_counter() - total, 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,118 @@
+"""Train CLIP from scratch: `accelerate launch -m train.clip --config configs/shapes.toml`.
+
+Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images get a mild random
+resized crop that keeps the caption true (no flips: captions name left and right; no color jitter:
+they name colors). With several processes, features are gathered so every row sees the global batch
+as negatives (dalle_mini_impl.clip.model.contrastive_loss).
+
+Evaluates during training on the held-out split: text->image and image->text recall@1/5/10 (any
+retrieved item with the query's caption counts as a hit) and, on shapes, zero-shot accuracy on color,
+shape and position. Writes RUN/clip.safetensors, checkpoints under RUN/checkpoints/clip/ and
+TensorBoard logs under RUN/logs/clip/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dalle_mini_impl.bundle import load_text_tokenizer, save_module
+from dalle_mini_impl.clip.model import clip_augment, clip_from_config
+from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.images import make_grid
+from train import loop
+from train.common import adamw, example_batches, seed_everything
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = loop.parse_args(argv, __doc__)
+    tc = cfg.train.clip
+    accelerator = loop.make_accelerator(tc)
+    seed_everything(cfg.seed)
+    tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
+    model = clip_from_config(cfg, tokenizer)
+    if tc.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = adamw(_param_groups(model, tc.weight_decay), tc, accelerator)
+    batches = example_batches(cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
+    device = accelerator.device
+
+    def loss(m, batch, step):
+        # one generator per (seed, step, rank): a resumed run crops exactly as an uninterrupted one
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
+        images = clip_augment(batch["image"], cfg.clip.crop_scale_min, gen)
+        ids = tokenizer.encode(batch["caption"]).to(device)
+        image_feats, text_feats, scale = m(images, ids)
+        value = m.loss(image_feats, text_feats, scale)
+        return value, {"logit_scale": float(scale)}
+
+    def after_step(m, batch, step, acc):
+        m.clamp_logit_scale_()
+        return {}
+
+    val = example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator)
+    val_start = val.state_dict()
+
+    @torch.no_grad()
+    def evaluate(m, step):
+        from dalle_mini_impl.eval.clip import retrieval_metrics
+
+        val.load_state_dict(val_start)
+        image_feats, text_feats, captions = [], [], []
+        for i, batch in enumerate(val):
+            if i >= tc.eval_batches:
+                break
+            image_feats.append(m.encode_image(batch["image"].to(device)).float())
+            text_feats.append(m.encode_text(tokenizer.encode(batch["caption"]).to(device)).float())
+            captions += batch["caption"]
+        if not captions:
+            return {}
+        # every process evaluates its own share; the main process's numbers are logged
+        return retrieval_metrics(torch.cat(image_feats).cpu(), torch.cat(text_feats).cpu(), captions)
+
+    def log_images(m, step, writer):
+        val.load_state_dict(val_start)
+        batch = next(iter(val))
+        images = batch["image"][:8]
+        gen = torch.Generator().manual_seed(0)
+        writer.add_image(
+            "clip/augmented",
+            make_grid(torch.cat([images, clip_augment(images, cfg.clip.crop_scale_min, gen)]), nrow=8),
+            step,
+        )
+
+    def export(m):
+        save_module(m, Path(cfg.out_dir) / "clip.safetensors")
+
+    stage = loop.Stage(
+        name="clip",
+        model=model,
+        optimizer=optimizer,
+        batches=batches,
+        loss=loss,
+        evaluate=evaluate,
+        log_images=log_images,
+        export=export,
+        after_step=after_step,
+    )
+    result = loop.run(cfg, tc, stage, accelerator, args)
+    if accelerator.is_main_process:
+        print(json.dumps({"stage": "clip", **{k: round(float(v), 5) for k, v in result.items()}}))
+    return 0
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, embeddings, positions or the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        matrix = p.dim() >= 2 and "embed" not in name and "pos" not in name
+        (decay if matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+if __name__ == "__main__":
+    run_cli(main)
