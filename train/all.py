@@ -33,7 +33,7 @@ def stages(cfg) -> list[tuple[str, str]]:
     return [
         ("train.tokenizer", "text.model"),
         ("train.vae", "vae.safetensors"),
-        ("train.encode", f"tokens/{cfg.data.val_split}"),
+        ("train.encode", "tokens/manifest.json"),
         ("train.dalle", "transformer.safetensors"),
         ("train.clip", "clip.safetensors"),
     ]

@@ -91,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             encode_split(cfg, tokenizer, split, limit, state.process_index, state.num_processes, state.device)
         )
+    state.wait_for_everyone()
     if state.is_main_process:
         save_config(cfg, Path(cfg.out_dir) / "config.json")
-        print(json.dumps({"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}))
+        summary = {"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}
+        # written last: its presence says every split is complete (train.all skips the stage then)
+        (Path(cfg.out_dir) / "tokens" / "manifest.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary))
     return 0
 
 
