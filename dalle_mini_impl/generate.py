@@ -1,0 +1,166 @@
+"""Sampling image token ids from a DALLE transformer: static KV cache, batched guidance, top-k/top-p.
+
+After LlamaGen (Sun et al. 2024) and min-dalle: the text (and any primed image tokens) go through the
+model in one prefill forward that fills a preallocated key/value cache; then each image token costs one
+single-position forward whose keys and values are written in place at their position (no growing
+tensors, masks precomputed once and sliced). Classifier-free guidance (Ho & Salimans 2022) runs the
+conditional and unconditional rows as one batch of 2b and mixes logits as u + scale * (c - u).
+
+Sampling draws Gumbel noise (as -log of Exp(1) noise) from the caller's `torch.Generator`, one (b,
+image_vocab) draw per token in every mode, so cached and uncached decoding (`use_cache=False`, which
+recomputes the whole prefix every step: the reference) give the same tokens for the same seed.
+
+Usage:
+    from dalle_mini_impl.generate import generate
+    g = torch.Generator().manual_seed(0)
+    ids = generate(model, text, null_text=empty, cfg_scale=3.0, top_k=64, generator=g)  # (b, n)
+    images = vae.decode(rearrange(ids, "b (h w) -> b h w", h=model.cfg.grid_h))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .transformer import DALLE
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits (b, k) with -inf outside the top_k ids (0: off) and outside the top_p nucleus (1: off)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop an id once the ids ranked above it already hold top_p of the mass; the first always stays
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One id per row of logits (b, k) -> (b,), by the Gumbel-max trick on the filtered, tempered logits."""
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    # argmax(l - log E) with E ~ Exp(1) samples softmax(l); the clamp keeps log(0) out of it
+    return (logits - noise.clamp_(min=torch.finfo(noise.dtype).tiny).log()).argmax(dim=-1)
+
+
+def _pair(ids: torch.Tensor, guided: bool) -> torch.Tensor:
+    """The image ids for the conditional rows and, under guidance, again for the unconditional ones."""
+    return torch.cat([ids, ids]) if guided else ids
+
+
+def _cached_logits(
+    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool
+) -> Iterator[torch.Tensor]:
+    """Image logits predicting token i for i = k .. n-1; reads out[:, i - 1] when resumed for token i."""
+    t, n = model.cfg.text_len, model.cfg.image_len
+    cache = model.new_cache(text.shape[0])
+    h = model.transform(model.embed(text, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, t + k, d)
+    yield model.image_logits(h[:, -1])  # (B, k_image)
+    for i in range(k + 1, n):
+        x = model.embed_image(_pair(out[:, i - 1 : i], guided), i - 1)  # (B, 1, d) at position t + i - 1
+        h = model.transform(x, t + i - 1, masks, cache)
+        yield model.image_logits(h[:, -1])
+
+
+def _uncached_logits(
+    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool
+) -> Iterator[torch.Tensor]:
+    """The same logits as `_cached_logits`, each from a forward over the whole prefix."""
+    for i in range(k, model.cfg.image_len):
+        h = model.transform(model.embed(text, _pair(out[:, :i], guided)), 0, masks)  # (B, t + i, d)
+        yield model.image_logits(h[:, -1])
+
+
+def _check_args(model, text, null_text, cfg_scale, temperature, top_k, top_p, prime) -> None:
+    c = model.cfg
+    if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
+        raise ValueError(f"text must be a LongTensor (b, {c.text_len}), got {text.dtype} {tuple(text.shape)}")
+    if cfg_scale != 1.0:
+        if null_text is None:
+            raise ValueError("cfg_scale != 1 needs null_text: the ids of the empty caption, (1, t) or (b, t)")
+        if null_text.dim() != 2 or null_text.shape[0] not in (1, text.shape[0]) or null_text.shape[1] != c.text_len:
+            raise ValueError(f"null_text must be (1 or b, {c.text_len}), got {tuple(null_text.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
+    if prime is not None:
+        if prime.dim() != 2 or prime.shape[0] != text.shape[0] or prime.shape[1] > c.image_len:
+            raise ValueError(f"prime must be (b, k) image ids with k <= {c.image_len}, got {tuple(prime.shape)}")
+        if prime.numel() and not (0 <= int(prime.min()) and int(prime.max()) < c.image_vocab):
+            raise ValueError(f"prime ids must lie in [0, {c.image_vocab})")
+
+
+@torch.inference_mode()
+def generate(
+    model: DALLE,
+    text: torch.Tensor,
+    *,
+    null_text: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    prime: torch.Tensor | None = None,
+    on_row: Callable[[int, torch.Tensor], None] | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample image ids (b, n), raster order, for text ids (b, t); every prompt in one batch.
+
+    null_text: the empty caption's ids, (1, t) or (b, t); needed when cfg_scale != 1.
+    cfg_scale: classifier-free guidance scale on the logits (1: off, no unconditional rows run).
+    temperature, top_k (0: off), top_p (1: off): applied in this order to the (guided) image logits.
+    generator: the source of all randomness; the same seed gives the same ids, cached or not.
+    prime: (b, k) image ids that are kept as the first k tokens; generation continues after them.
+    on_row(r, ids): called once per grid row r = 0 .. h-1, in order, as soon as the row is complete
+        (primed rows first, before any sampling), with a copy of the ids so far, (b, (r + 1) * w).
+    use_cache: False recomputes the whole prefix every step (the slow reference, same tokens).
+
+    The model runs in eval mode under inference_mode and is put back in its former mode; the caller's
+    tensors are never written.
+    """
+    _check_args(model, text, null_text, cfg_scale, temperature, top_k, top_p, prime)
+    c = model.cfg
+    b, n, w = text.shape[0], c.image_len, c.grid_w
+    guided = cfg_scale != 1.0
+    rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
+    out = torch.empty(b, n, dtype=torch.long, device=text.device)
+    k = 0 if prime is None else prime.shape[1]
+    if k:
+        out[:, :k] = prime
+    if on_row is not None:
+        for r in range(k // w):
+            on_row(r, out[:, : (r + 1) * w].clone())
+
+    was_training = model.training
+    model.eval()
+    try:
+        masks = model.attn_masks(rows_text)
+        source = (_cached_logits if use_cache else _uncached_logits)(model, rows_text, out, k, masks, guided)
+        for i, logits in zip(range(k, n), source):
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            out[:, i] = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if on_row is not None and (i + 1) % w == 0:
+                on_row(i // w, out[:, : i + 1].clone())
+    finally:
+        model.train(was_training)
+    return out
+
+
+__all__ = ["filter_logits", "generate", "sample_logits"]

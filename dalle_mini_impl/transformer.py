@@ -1,0 +1,612 @@
+"""The DALL-E transformer: one decoder-only stream over [text ; image] tokens, in one readable file.
+
+Follows DALL-E (Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation") as DALLE-pytorch reimplements
+it: per-position text pad tokens, a text/image loss weighting of 1/8 : 7/8, and the sparse row, column
+and convolutional attention patterns; with the modern pieces of GPT-2/LLaMA-style decoders (pre-norm,
+SwiGLU, QK-norm, rotary positions) as options. Laid out nanoGPT-style, top to bottom: config and size
+presets, helpers (rotary tables, attention masks), blocks, the model.
+
+The sequence. The text tokenizer gives `text` (b, t): bos at position 0, the caption, eos, then pads.
+The image tokenizer gives `image` (b, n) with n = grid_h * grid_w in raster order. The model reads
+
+    position   0 .. t-1        t .. t+n-2
+    token      text[0..t-1]    image[0..n-2]
+
+and the logits at position j predict the token at j + 1: text positions 0..t-2 predict text[1..t-1],
+the last text position predicts image[0] (so it plays DALL-E's "start of image" role, learned through
+the pad or eos token that sits there), and image position t+i predicts image[i+1]. The last image
+token is never fed. One output head covers text_vocab + image_vocab ids; a position that predicts text
+puts -inf on every image id and vice versa, and the per-position pad tokens are input-only.
+
+Text pads (`text_pad`):
+  per_position  a pad at position i is fed as the extra token text_vocab + i (DALL-E). Pads attend and
+                are attended to. Whether predicting a pad counts in the text loss is `pads_in_loss`
+                (default False: the text loss averages over non-pad targets only; True: the pad id is a
+                target like any other, as DALLE-pytorch does).
+  mask          pads are fed as `pad_id` and masked out as attention keys (a token still sees itself, so
+                no row is empty); pads never count in the loss.
+
+Positions: text has learned absolute embeddings. Image positions are either row + column embeddings
+(`pos_2d = "embed"`) or 2-D rotary (`"rope"`): in every head, half the rotary frequencies turn with the
+grid row and half with the grid column. Under rope, text keeps its learned absolute embeddings and is
+not rotated (angle 0), so text-to-text attention is position-aware through the embeddings alone.
+
+Attention patterns (`attn_patterns`, cycled over layers) are defined on the grid cell of the image token
+each position holds; every pattern is causal and every image position sees all text:
+  full    every earlier token
+  row     image tokens in the same grid row
+  column  image tokens in the same grid column
+  conv    image tokens in the conv_kernel x conv_kernel window centred on its own cell
+
+Usage:
+    from dalle_mini_impl.transformer import DALLE, preset_config
+    model = DALLE(preset_config("anchor-tiny"))
+    loss, parts = model.loss(text, image)         # parts: {"text_loss": .., "image_loss": ..}
+    # sampling: dalle_mini_impl.generate.generate(model, text, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import TransformerConfig
+from .errors import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Config and size presets
+# ----------------------------------------------------------------------------------------------
+
+MLPS = ("gelu", "swiglu")
+NORMS = ("layer", "rms")
+POS_2D = ("embed", "rope")
+TEXT_PADS = ("per_position", "mask")
+PATTERNS = ("full", "row", "column", "conv")
+
+
+@dataclass
+class DalleModelConfig:
+    """Everything the transformer needs, vocabularies and grid included (it never holds a tokenizer)."""
+
+    text_vocab: int = 1000  # text ids the tokenizer emits, pad/bos/eos included
+    image_vocab: int = 512  # the image tokenizer's codebook size
+    text_len: int = 16  # text ids per caption, bos and eos included
+    grid_h: int = 8
+    grid_w: int = 8
+    pad_id: int = 0  # the text tokenizer's pad id
+    dim: int = 256
+    depth: int = 4
+    heads: int = 8
+    head_dim: int = 0  # 0: dim // heads, resolved on construction
+    mlp: str = "swiglu"  # gelu | swiglu; both with hidden width mlp_ratio * dim (SwiGLU gated, like GEGLU)
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    norm: str = "layer"  # layer (LayerNorm) | rms (RMSNorm)
+    pos_2d: str = "embed"  # embed (row + column embeddings) | rope (2-D rotary)
+    text_pad: str = "per_position"  # per_position (DALL-E's pad tokens) | mask (pads masked from attention)
+    pads_in_loss: bool = False  # per_position only: whether predicting a pad counts in the text loss
+    attn_patterns: list[str] = field(default_factory=lambda: ["full"])  # cycled over layers
+    conv_kernel: int = 5  # odd side of the conv pattern's window
+    dropout: float = 0.0
+    text_loss_weight: float = 1 / 8  # loss = w * text CE + (1 - w) * image CE
+
+    def __post_init__(self) -> None:
+        def bad(key: str, allowed: str) -> UserError:
+            return UserError(f"transformer config '{key}' is {getattr(self, key)!r}; it must be {allowed}")
+
+        for key, allowed in (("mlp", MLPS), ("norm", NORMS), ("pos_2d", POS_2D), ("text_pad", TEXT_PADS)):
+            if getattr(self, key) not in allowed:
+                raise bad(key, " or ".join(allowed))
+        if not self.attn_patterns or any(p not in PATTERNS for p in self.attn_patterns):
+            raise bad("attn_patterns", "a non-empty list of " + ", ".join(PATTERNS))
+        for key in ("text_vocab", "image_vocab", "grid_h", "grid_w", "dim", "depth", "heads"):
+            if getattr(self, key) < 1:
+                raise bad(key, "a positive integer")
+        if self.text_len < 2:
+            raise bad("text_len", "at least 2 (bos plus one token)")
+        if not 0 <= self.pad_id < self.text_vocab:
+            raise bad("pad_id", f"a text id in [0, {self.text_vocab})")
+        if self.head_dim == 0:
+            if self.dim % self.heads:
+                raise bad("heads", f"a divisor of dim {self.dim}, or set head_dim")
+            self.head_dim = self.dim // self.heads
+        if self.pos_2d == "rope" and self.head_dim % 4:
+            raise bad("head_dim", "a multiple of 4 for 2-D rotary positions (half rows, half columns)")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise bad("conv_kernel", "an odd positive integer")
+        if not 0.0 <= self.text_loss_weight <= 1.0:
+            raise bad("text_loss_weight", "between 0 and 1")
+        if self.text_pad == "mask" and self.pads_in_loss:
+            raise bad("pads_in_loss", "false when text_pad is 'mask' (masked pads are never targets)")
+        self.attn_patterns = list(self.attn_patterns)
+
+    @property
+    def image_len(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def seq_len(self) -> int:
+        """Positions the model reads: all text and every image token but the last."""
+        return self.text_len + self.image_len - 1
+
+    @property
+    def vocab(self) -> int:
+        """Output ids: text ids first, then image ids."""
+        return self.text_vocab + self.image_vocab
+
+    def pattern(self, layer: int) -> str:
+        return self.attn_patterns[layer % len(self.attn_patterns)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DalleModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(
+                f"transformer config key '{unknown[0]}' is unknown; allowed keys are: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+_SIZE_KEYS = ("dim", "depth", "heads", "head_dim")
+
+# Sizes for `TransformerConfig.preset`. The anchor-* presets reproduce the dalle-pytorch 1.6.6
+# configurations of shared/anchors/dalle-pytorch (its GEGLU with ff_mult 4 is our default SwiGLU with
+# mlp_ratio 4), and dalle256 is DALL-E's 256 px geometry for GPU benchmarks; those three also carry
+# vocabularies and grid, which `preset_config` uses and `model_config` replaces with the tokenizers'.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=256, depth=4, heads=8),  # CPU
+    "small": dict(dim=512, depth=8, heads=8),
+    "base": dict(dim=768, depth=12, heads=12),
+    "large": dict(dim=1024, depth=24, heads=16),
+    "anchor-tiny": dict(
+        dim=256, depth=4, heads=8, head_dim=32, text_len=16, text_vocab=1000, image_vocab=512, grid_h=8, grid_w=8
+    ),
+    "anchor-medium": dict(
+        dim=512, depth=6, heads=8, head_dim=64, text_len=64, text_vocab=10000, image_vocab=1024, grid_h=8, grid_w=8
+    ),
+    "dalle256": dict(
+        dim=1024,
+        depth=12,
+        heads=16,
+        head_dim=64,
+        text_len=64,
+        text_vocab=16384,
+        image_vocab=8192,
+        grid_h=32,
+        grid_w=32,
+    ),
+}
+
+
+def _preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise UserError(f"transformer preset '{name}' is unknown; use one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def preset_config(name: str, **overrides: Any) -> DalleModelConfig:
+    """A preset as a whole config (benchmarks, tests); `overrides` set any other field."""
+    return DalleModelConfig(**{**_preset(name), **overrides})
+
+
+def model_config(
+    tcfg: TransformerConfig,
+    *,
+    text_vocab: int,
+    image_vocab: int,
+    text_len: int,
+    grid_h: int,
+    grid_w: int,
+    pad_id: int,
+) -> DalleModelConfig:
+    """The run's transformer section resolved against its preset and the tokenizers' numbers.
+
+    Size comes from the preset, where dim/depth/heads/head_dim > 0 in `tcfg` win; vocabularies, text
+    length, grid and pad id always come from the arguments; everything else from `tcfg`.
+    """
+    size = {k: v for k, v in _preset(tcfg.preset).items() if k in _SIZE_KEYS}
+    for key in _SIZE_KEYS:
+        if getattr(tcfg, key) > 0:
+            size[key] = getattr(tcfg, key)
+    if (tcfg.dim > 0 or tcfg.heads > 0) and tcfg.head_dim <= 0:
+        size["head_dim"] = 0  # a preset's head width belongs to the preset's dim and heads
+    return DalleModelConfig(
+        text_vocab=text_vocab,
+        image_vocab=image_vocab,
+        text_len=text_len,
+        grid_h=grid_h,
+        grid_w=grid_w,
+        pad_id=pad_id,
+        mlp=tcfg.mlp,
+        mlp_ratio=tcfg.mlp_ratio,
+        qk_norm=tcfg.qk_norm,
+        pos_2d=tcfg.pos_2d,
+        text_pad=tcfg.text_pad,
+        attn_patterns=list(tcfg.attn_patterns),
+        conv_kernel=tcfg.conv_kernel,
+        dropout=tcfg.dropout,
+        text_loss_weight=tcfg.text_loss_weight,
+        **size,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: rotary tables, attention masks
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_2d_angles(cfg: DalleModelConfig, base: float = 10000.0) -> torch.Tensor:
+    """Rotation angles (L, head_dim / 2) per sequence position: 0 for text, row | column for image."""
+    quarter = cfg.head_dim // 4
+    inv_freq = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (quarter,)
+    cell = torch.arange(cfg.image_len - 1)  # grid cells of the image tokens that are fed
+    rows = (cell // cfg.grid_w).double()[:, None] * inv_freq
+    cols = (cell % cfg.grid_w).double()[:, None] * inv_freq
+    image = torch.cat([rows, cols], dim=-1)  # (n - 1, head_dim / 2)
+    text = torch.zeros(cfg.text_len, 2 * quarter, dtype=torch.float64)
+    return torch.cat([text, image]).float()  # (L, head_dim / 2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + e/2) of x (b, h, s, e) by the angles behind cos, sin (s, e)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def pattern_mask(cfg: DalleModelConfig, pattern: str) -> torch.Tensor:
+    """Which key each query may see under `pattern`: a causal boolean mask (L, L), True = visible."""
+    L, t = cfg.seq_len, cfg.text_len
+    mask = torch.ones(L, L, dtype=torch.bool).tril()
+    if pattern == "full":
+        return mask
+    cell = torch.arange(cfg.image_len - 1)
+    r, c = cell // cfg.grid_w, cell % cfg.grid_w
+    if pattern == "row":
+        near = r[:, None] == r[None, :]
+    elif pattern == "column":
+        near = c[:, None] == c[None, :]
+    else:
+        reach = cfg.conv_kernel // 2
+        near = ((r[:, None] - r[None, :]).abs() <= reach) & ((c[:, None] - c[None, :]).abs() <= reach)
+    mask[t:, t:] &= near  # image queries keep all text keys; image keys only in the pattern
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVCache:
+    """One layer's preallocated keys and values (b, heads, L, head_dim), written in place."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def make_norm(cfg: DalleModelConfig, width: int) -> nn.Module:
+    return nn.LayerNorm(width) if cfg.norm == "layer" else nn.RMSNorm(width)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DalleModelConfig):
+        super().__init__()
+        self.heads, inner = cfg.heads, cfg.heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, cfg.dim, bias=False)
+        # QK-norm (Dehghani et al. 2023) bounds the attention logits, which keeps bf16 training stable
+        self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        # x (b, s, d) holds sequence positions start .. start + s - 1
+        q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            end = start + x.shape[1]
+            cache.k[:, :, start:end] = k
+            cache.v[:, :, start:end] = v
+            k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # (b, h, end, e): views, no copy
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (b, h, s, e)
+        return self.resid_drop(self.out(rearrange(y, "b h s e -> b s (h e)")))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DalleModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.gated = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.dim, hidden * (2 if self.gated else 1), bias=False)
+        self.down = nn.Linear(hidden, cfg.dim, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            a, gate = h.chunk(2, dim=-1)
+            h = a * F.silu(gate)
+        else:
+            h = F.gelu(h)
+        return self.drop(self.down(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: DalleModelConfig):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg, cfg.dim), Attention(cfg)
+        self.norm2, self.mlp = make_norm(cfg, cfg.dim), MLP(cfg)
+
+    def forward(self, x, start, mask, is_causal, rope, cache):
+        x = x + self.attn(self.norm1(x), start, mask, is_causal, rope, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class DALLE(nn.Module):
+    """Decoder-only transformer over [text ; image] ids (see the module docstring for the layout)."""
+
+    def __init__(self, cfg: DalleModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, t = cfg.dim, cfg.text_len
+        pad_tokens = t if cfg.text_pad == "per_position" else 0
+        self.text_emb = nn.Embedding(cfg.text_vocab + pad_tokens, d)
+        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        self.text_pos = nn.Embedding(t, d)
+        if cfg.pos_2d == "embed":
+            self.row_pos = nn.Embedding(cfg.grid_h, d)
+            self.col_pos = nn.Embedding(cfg.grid_w, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = make_norm(cfg, d)
+        self.head = nn.Linear(d, cfg.vocab, bias=False)
+        self.gradient_checkpointing = False
+
+        cell = torch.arange(cfg.image_len)
+        self.register_buffer("cell_row", cell // cfg.grid_w, persistent=False)
+        self.register_buffer("cell_col", cell % cfg.grid_w, persistent=False)
+        self.register_buffer("pad_token", cfg.text_vocab + torch.arange(t), persistent=False)
+        self.register_buffer("causal", pattern_mask(cfg, "full"), persistent=False)
+        for p in sorted(set(cfg.attn_patterns) - {"full"}):
+            self.register_buffer(f"mask_{p}", pattern_mask(cfg, p), persistent=False)
+        if cfg.pos_2d == "rope":
+            angles = torch.cat([rope_2d_angles(cfg)] * 2, dim=-1)  # (L, e): one angle per channel pair
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2: N(0, 0.02) everywhere, residual output projections scaled by 1 / sqrt(2 * depth)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            for w in (block.attn.out.weight, block.mlp.down.weight):
+                nn.init.normal_(w, std=0.02 / math.sqrt(2 * self.cfg.depth))
+
+    # --- embedding ---------------------------------------------------------------------------
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Text ids (b, t) -> (b, t, d); under per_position a pad at i is the token text_vocab + i."""
+        if self.cfg.text_pad == "per_position":
+            text = torch.where(text == self.cfg.pad_id, self.pad_token, text)
+        return self.text_emb(text) + self.text_pos.weight
+
+    def embed_image(self, image: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Image ids (b, m) of grid cells first .. first + m - 1 -> (b, m, d)."""
+        x = self.image_emb(image)
+        if self.cfg.pos_2d == "embed":
+            cells = slice(first, first + image.shape[1])
+            x = x + self.row_pos(self.cell_row[cells]) + self.col_pos(self.cell_col[cells])
+        return x
+
+    def embed(self, text: torch.Tensor, image_in: torch.Tensor) -> torch.Tensor:
+        """The first t + m positions: text (b, t) and the image ids fed so far (b, m) -> (b, t + m, d)."""
+        return torch.cat([self.embed_text(text), self.embed_image(image_in)], dim=1)
+
+    # --- attention plumbing -----------------------------------------------------------------
+
+    def attn_masks(self, text: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per layer, the boolean mask over all L positions (b or 1, 1, L, L), or None for plain causal.
+
+        Only text_pad == "mask" depends on `text`; layers with the same pattern share one tensor.
+        """
+        key_ok = None
+        if self.cfg.text_pad == "mask":
+            L, t = self.cfg.seq_len, self.cfg.text_len
+            key_ok = torch.ones(text.shape[0], L, dtype=torch.bool, device=text.device)
+            key_ok[:, :t] = text != self.cfg.pad_id
+            key_ok = key_ok[:, None, None, :] | torch.eye(L, dtype=torch.bool, device=text.device)
+        shared: dict[str, torch.Tensor | None] = {}
+        for p in set(self.cfg.attn_patterns):
+            base = self.causal if p == "full" else getattr(self, f"mask_{p}")
+            if key_ok is not None:
+                shared[p] = base & key_ok  # (b, 1, L, L)
+            else:
+                shared[p] = None if p == "full" else base[None, None]  # (1, 1, L, L)
+        return [shared[self.cfg.pattern(i)] for i in range(self.cfg.depth)]
+
+    def new_cache(self, batch: int) -> list[KVCache]:
+        """Preallocated keys and values for every layer and all L positions, in the model's dtype."""
+        w = self.head.weight
+        shape = (batch, self.cfg.heads, self.cfg.seq_len, self.cfg.head_dim)
+        return [
+            KVCache(
+                torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device)
+            )
+            for _ in range(self.cfg.depth)
+        ]
+
+    def transform(
+        self,
+        x: torch.Tensor,
+        start: int = 0,
+        masks: list[torch.Tensor | None] | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Embedded positions start .. start + s - 1 (b, s, d) -> final-normed hidden states (b, s, d).
+
+        Without a cache `start` must be 0 (the whole prefix); with one, earlier positions are read from
+        it and these are written into it. `masks` comes from `attn_masks` (None: all layers plain causal).
+        """
+        s = x.shape[1]
+        end = start + s
+        if cache is None and start != 0:
+            raise ValueError(f"transform without a cache needs the whole prefix (start 0), got start {start}")
+        rope = None
+        if self.cfg.pos_2d == "rope":
+            rope = (self.rope_cos[start:end].to(x.dtype), self.rope_sin[start:end].to(x.dtype))
+        masks = masks if masks is not None else [None] * self.cfg.depth
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            mask, is_causal = masks[i], False
+            if mask is not None:
+                mask = mask[..., start:end, :end]
+            elif start == 0:
+                is_causal = True  # SDPA's fused causal path: no mask tensor at all
+            elif s > 1:
+                mask = self.causal[start:end, :end]
+            layer_cache = cache[i] if cache is not None else None
+            if ckpt:
+                x = checkpoint(block, x, start, mask, is_causal, rope, layer_cache, use_reentrant=False)
+            else:
+                x = block(x, start, mask, is_causal, rope, layer_cache)
+        return self.norm(x)
+
+    # --- heads --------------------------------------------------------------------------------
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d) -> logits over text ids only (..., text_vocab)."""
+        return F.linear(h, self.head.weight[: self.cfg.text_vocab])
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d) -> logits over image ids only (..., image_vocab)."""
+        return F.linear(h, self.head.weight[self.cfg.text_vocab :])
+
+    # --- training -----------------------------------------------------------------------------
+
+    def _check(self, text: torch.Tensor, image: torch.Tensor) -> None:
+        b, t, n = text.shape[0], self.cfg.text_len, self.cfg.image_len
+        if text.dim() != 2 or text.shape[1] != t:
+            raise ValueError(f"text must be (b, {t}) ids, got shape {tuple(text.shape)}")
+        if image.dim() != 2 or image.shape[0] != b or not 1 <= image.shape[1] <= n:
+            raise ValueError(f"image must be ({b}, 1..{n}) ids, got shape {tuple(image.shape)}")
+
+    def hidden(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Text (b, t) and image targets (b, m) -> hidden states (b, t + m - 1, d) of [text ; image[:-1]]."""
+        self._check(text, image)
+        return self.transform(self.embed(text, image[:, :-1]), 0, self.attn_masks(text))
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Logits (b, t + m - 1, text_vocab + image_vocab); position j predicts token j + 1.
+
+        Positions 0 .. t-2 predict text and carry -inf on image ids; positions t-1 .. predict image
+        and carry -inf on text ids.
+        """
+        logits = self.head(self.hidden(text, image))  # (b, s, k)
+        tv = self.cfg.text_vocab
+        predicts_text = torch.arange(logits.shape[1], device=logits.device) < self.cfg.text_len - 1
+        is_text_id = torch.arange(logits.shape[2], device=logits.device) < tv
+        wrong = predicts_text[:, None] != is_text_id[None, :]  # (s, k)
+        return logits.masked_fill(wrong, float("-inf"))
+
+    def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """text_loss_weight * text CE + (1 - text_loss_weight) * image CE, and both parts (detached).
+
+        The text CE averages over the t - 1 text targets, leaving out pad targets unless pads_in_loss;
+        the image CE averages over all n image targets. Each softmax runs over its own segment's ids,
+        which equals a softmax over the -inf-restricted logits of `forward`.
+        """
+        t = self.cfg.text_len
+        h = self.hidden(text, image)  # (b, t + n - 1, d)
+        text_logits = self.text_logits(h[:, : t - 1])  # (b, t - 1, k)
+        image_logits = self.image_logits(h[:, t - 1 :])  # (b, n, k)
+        targets = text[:, 1:]  # (b, t - 1)
+        text_ce = F.cross_entropy(rearrange(text_logits, "b t k -> b k t").float(), targets, reduction="none")
+        if self.cfg.pads_in_loss:
+            text_loss = text_ce.mean()
+        else:
+            keep = (targets != self.cfg.pad_id).to(text_ce.dtype)
+            text_loss = (text_ce * keep).sum() / keep.sum().clamp(min=1.0)
+        image_loss = F.cross_entropy(rearrange(image_logits, "b n k -> b k n").float(), image)
+        w = self.cfg.text_loss_weight
+        total = w * text_loss + (1 - w) * image_loss
+        return total, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: matmul weights decay; norms, biases and embeddings do not."""
+        decay, no_decay = [], []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                is_matmul = isinstance(module, nn.Linear) and name == "weight"
+                (decay if is_matmul else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding leaves out the token and position tables (the head counts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return total
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per position: 6 N + 12 L T d (PaLM / nanoGPT MFU convention).
+
+        N = non-embedding parameters, L = depth, T = positions per sequence (text_len + image_len - 1),
+        d = the attention width heads * head_dim (equal to dim in every preset).
+        """
+        c = self.cfg
+        return 6 * self.num_params() + 12 * c.depth * c.seq_len * c.heads * c.head_dim
+
+
+__all__ = [
+    "DALLE",
+    "DalleModelConfig",
+    "KVCache",
+    "PRESETS",
+    "apply_rope",
+    "model_config",
+    "pattern_mask",
+    "preset_config",
+    "rope_2d_angles",
+]

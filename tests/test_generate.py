@@ -1,0 +1,158 @@
+"""The sampler: cached == uncached tokens, guidance, top-k/top-p, priming, progressive rows, overfitting.
+
+Tiny real models (dim 32, depth 2, a 4x4 grid, 6 text positions); run with `pytest tests/test_generate.py`.
+"""
+
+import pytest
+import torch
+
+from dalle_mini_impl.generate import filter_logits, generate, sample_logits
+from dalle_mini_impl.transformer import DALLE, DalleModelConfig
+
+PAD, BOS, EOS = 0, 1, 2
+T, TV, IV, N = 6, 20, 16, 16
+
+
+def make(seed=0, **kw) -> DALLE:
+    cfg = dict(text_vocab=TV, image_vocab=IV, text_len=T, grid_h=4, grid_w=4, pad_id=PAD, dim=32, depth=2, heads=4)
+    torch.manual_seed(seed)
+    return DALLE(DalleModelConfig(**{**cfg, **kw})).eval()
+
+
+def captions(*words: list[int]) -> torch.Tensor:
+    text = torch.full((len(words), T), PAD)
+    for i, w in enumerate(words):
+        text[i, : len(w) + 2] = torch.tensor([BOS, *w, EOS])
+    return text
+
+
+TEXT = captions([5, 6, 7], [8], [9, 10, 11, 12])
+NULL = captions([])  # (1, T): the empty caption
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # single-row decoding steps are too small to split across threads; on a shared CPU it only waits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+VARIANTS = [
+    dict(),
+    dict(pos_2d="rope"),
+    dict(text_pad="mask"),
+    dict(attn_patterns=["row", "column", "conv"], conv_kernel=3, depth=3),
+    dict(attn_patterns=["conv", "row"], pos_2d="rope", text_pad="mask", qk_norm=True),
+]
+SAMPLING = [
+    dict(),
+    dict(cfg_scale=3.0, null_text=NULL),
+    dict(top_k=4, temperature=0.7),
+    dict(top_p=0.8, cfg_scale=2.0, null_text=NULL),
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_cached_and_uncached_decoding_give_the_same_tokens(kw, sampling):
+    model = make(**kw)
+    for seed in (0, 1):
+        ids = [
+            generate(model, TEXT, generator=torch.Generator().manual_seed(seed), use_cache=c, **sampling)
+            for c in (True, False)
+        ]
+        assert ids[0].shape == (3, N) and ids[0].dtype == torch.long
+        assert ids[0].min() >= 0 and ids[0].max() < IV
+        assert torch.equal(ids[0], ids[1])
+
+
+def test_the_cache_is_used_one_position_per_step():
+    model = make()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    generate(model, TEXT, generator=torch.Generator().manual_seed(0))
+    assert seen == [T] + [1] * (N - 1)  # prefill, then one position per token
+    seen.clear()
+    generate(model, TEXT, generator=torch.Generator().manual_seed(0), use_cache=False)
+    assert seen == [T + i for i in range(N)]  # the reference recomputes the prefix
+
+
+def test_the_same_seed_gives_the_same_images_and_another_seed_others():
+    model = make()
+    a, b, c = (generate(model, TEXT, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_guidance_leaves_the_callers_tensors_and_model_mode_alone():
+    model = make(text_pad="mask").train()
+    text, null, prime = TEXT.clone(), NULL.clone(), torch.randint(0, IV, (3, 5))
+    prime_copy = prime.clone()
+    generate(model, text, null_text=null, cfg_scale=3.0, prime=prime, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(text, TEXT) and torch.equal(null, NULL) and torch.equal(prime, prime_copy)
+    assert model.training  # put back in train mode
+
+
+def test_guidance_changes_the_samples_and_needs_an_empty_caption():
+    model = make(seed=3)
+    a = generate(model, TEXT, generator=torch.Generator().manual_seed(0))
+    # a fresh model barely tells captions apart, so it takes a large scale to move the samples
+    b = generate(model, TEXT, null_text=NULL, cfg_scale=100.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="null_text"):
+        generate(model, TEXT, cfg_scale=3.0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_priming_keeps_the_given_tokens(use_cache):
+    model = make()
+    prime = torch.randint(0, IV, (3, 6), generator=torch.Generator().manual_seed(5))
+    ids = generate(model, TEXT, prime=prime, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+    assert torch.equal(ids[:, :6], prime)
+    full = torch.randint(0, IV, (3, N))
+    assert torch.equal(generate(model, TEXT, prime=full), full)
+
+
+def test_on_row_reports_every_finished_row_in_order():
+    model = make()
+    calls = []
+    prime = torch.randint(0, IV, (3, 5))  # row 0 complete, row 1 started
+    ids = generate(
+        model, TEXT, prime=prime, on_row=lambda r, x: calls.append((r, x)), generator=torch.Generator().manual_seed(0)
+    )
+    assert [r for r, _ in calls] == [0, 1, 2, 3]
+    for r, x in calls:
+        assert torch.equal(x, ids[:, : 4 * (r + 1)])
+
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+    assert torch.equal(filter_logits(logits), logits)
+
+
+def test_sample_logits_follows_the_softmax():
+    logits = torch.log(torch.tensor([0.25, 0.75])).expand(20000, 2)
+    ids = sample_logits(logits, generator=torch.Generator().manual_seed(0))
+    assert abs(ids.float().mean().item() - 0.75) < 0.015
+    hot = sample_logits(logits, temperature=0.1, generator=torch.Generator().manual_seed(0))
+    assert hot.float().mean().item() > 0.99
+
+
+def test_a_model_that_memorised_four_pairs_regenerates_them_greedily():
+    model = make(seed=0, dim=64, heads=4, text_loss_weight=0.1).train()
+    text = captions([5, 6], [7, 8, 9], [10], [11, 12, 13, 14])
+    image = torch.randint(0, IV, (4, N), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
+    for _ in range(200):
+        loss, parts = model.loss(text, image)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert parts["image_loss"] < 0.02
+    ids = generate(model, text, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids, image)
