@@ -1,0 +1,698 @@
+"""(image, caption) pairs from any source, as one resumable stream per process.
+
+Sources (`data.source`, or `--data` on any command):
+    shapes                    the procedural set in `dalle_mini_impl.shapes` (no download)
+    path/to/folder            Hugging Face `imagefolder`: images + metadata.jsonl/.csv, optionally in
+                              train/ and validation/ subfolders (a folder of only .parquet or .tar files
+                              is read with those builders instead)
+    data/*.parquet            parquet files (a glob or one file)
+    shards/*.tar              webdataset shards (000.png + 000.txt ...: columns `png`, `txt`)
+    user/name                 anything else: a data set on the Hugging Face hub
+A `{split}` in a path is replaced by the split name (`shards/{split}-*.tar`). `data.streaming` streams
+instead of loading into memory; `data.image_column` / `data.caption_column` name the columns.
+
+`ExampleStream` yields {"image": float (3, S, S) in [0, 1], "caption": str}; `batches` collates it.
+Usage:
+    stream = ExampleStream(cfg.data, cfg.data.split, train=True, seed=cfg.seed,
+                           process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    for batch in batches(stream, 32): ...           # {"image": (b, 3, S, S), "caption": [str] * b}
+    python -m dalle_mini_impl.data grid --out shapes_grid.png --n 16
+    python -m dalle_mini_impl.data stats --data ../shared/data/emoji-noto --split validation
+
+Design (after open_clip's and LlamaGen's data pipelines, written for resumable research runs):
+- Images are decoded here, never inside `datasets` (the image column is cast to
+  `Image(decode=False)`), so a corrupt, truncated, empty, non-image or oversized file (more than
+  `data.max_image_pixels` pixels: a decompression bomb) is skipped and counted by reason in
+  `stream.skipped`, as is an empty or non-string caption. Bad data never stops a run; a pass that
+  yields nothing at all does, with the counts.
+- Processes split the data by ONE mechanism, the stream itself: `datasets.split_dataset_by_node` for
+  Hugging Face sources, index modulo (shard = process index) for shapes. The training loop must not
+  also let accelerate shard the loader (do not pass batches through `accelerator.prepare`).
+- A training stream is shuffled and endless: a map-style data set draws a permutation per epoch from
+  (seed, epoch); a streaming one uses `datasets`' shuffle buffer with `set_epoch`; the endless shapes
+  stream is already i.i.d. An evaluation stream is ordered and makes one pass.
+- Resume: `state_dict()` holds the epoch and the number of records this process has consumed in it
+  (skipped ones included); `load_state_dict` makes the next example exactly the one an uninterrupted
+  run would have seen next. Crops and caption choices are seeded by (seed, epoch, process, position), so
+  they resume exactly too. Streaming sources resume through `datasets`' own `state_dict`, which is
+  exact without a shuffle buffer and approximate with one (the buffer's contents are lost).
+- Workers: use DataLoader(num_workers=0) (TrainConfig.num_workers = 0, the default). Decoding small
+  images is cheap next to a training step, and only in-process iteration keeps `state_dict()` exact.
+  With num_workers > 0 every worker reads a disjoint slice (every W-th record of this process's share;
+  `datasets` gives streaming workers whole shards), the order interleaves, and the main process's
+  `state_dict()` and skip counts do not see the workers' progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import DataConfig, add_config_args, config_from_args
+from .errors import UserError, run_cli
+from .images import from_uint8, prepare_image, save_grid
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# why a record was skipped: the keys of `ExampleStream.skipped`
+SKIP_REASONS = {
+    "missing_image": "no image value, or a path that does not exist",
+    "empty_file": "a zero-byte image",
+    "not_an_image": "bytes PIL does not recognise as an image",
+    "truncated": "an image whose data ends early",
+    "too_large": "more pixels than data.max_image_pixels (a decompression bomb)",
+    "unreadable": "any other failure to decode or convert the image",
+    "missing_caption": "no caption value",
+    "empty_caption": "a caption that is empty or only spaces (or a list of such)",
+    "bad_caption": "a caption that is neither a string nor a list of strings",
+}
+_WARN_PER_REASON = 5  # the first few skips of each reason are logged as warnings, the rest at debug
+_FILE_SUFFIXES = IMAGE_EXTENSIONS | {".parquet", ".tar", ".json", ".jsonl", ".csv", ".arrow", ".txt", ".zip"}
+_IMAGE_GUESSES = ("image", "img", "png", "jpg", "jpeg", "webp")
+_CAPTION_GUESSES = ("text", "caption", "txt", "captions", "prompt", "sentence")
+
+
+class _Skip(Exception):
+    """A record that cannot be used; `reason` is a key of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening a source
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """An opened split of a data source; `dataset` is a datasets Dataset/IterableDataset (None: shapes)."""
+
+    name: str
+    split: str
+    kind: str  # "shapes" | "map" (datasets.Dataset) | "stream" (datasets.IterableDataset)
+    dataset: Any = None
+    image_column: str = "image"
+    caption_column: str = "text"
+
+
+def _looks_like_path(text: str) -> bool:
+    # hub names are `name` or `owner/name`; anything else with path syntax is a local path
+    file_like = Path(text).suffix.lower() in _FILE_SUFFIXES
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or file_like
+
+
+def _folder_builder(folder: str) -> str:
+    """imagefolder, unless the folder holds no images but parquet or tar files."""
+    found = set()
+    for _, _, files in os.walk(folder):
+        for f in files:
+            suffix = Path(f).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                return "imagefolder"
+            found.add(suffix)
+    if ".parquet" in found:
+        return "parquet"
+    if ".tar" in found:
+        return "webdataset"
+    return "imagefolder"
+
+
+def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
+    """(the `load_dataset` path, its keyword arguments, the split name to ask it for)."""
+    text = os.path.expanduser(source.replace("{split}", split))
+    hf_split = "train" if "{split}" in source else split  # a file list is one split, named train
+    if glob.has_magic(text) or Path(text).suffix.lower() in (".parquet", ".tar"):
+        files = sorted(glob.glob(text, recursive=True))
+        if not files:
+            raise UserError(f"no file matches data source '{source}'; check the path or glob pattern")
+        suffixes = {Path(f).suffix.lower() for f in files}
+        if suffixes == {".parquet"}:
+            return "parquet", {"data_files": files}, hf_split
+        if suffixes == {".tar"}:
+            return "webdataset", {"data_files": files}, hf_split
+        raise UserError(
+            f"data source '{source}' matches {', '.join(sorted(suffixes))} files; "
+            "give only .parquet files or only .tar (webdataset) files"
+        )
+    if os.path.isdir(text):
+        return _folder_builder(text), {"data_dir": text}, hf_split
+    if os.path.exists(text):
+        raise UserError(
+            f"data source '{source}' is a file that is neither .parquet nor .tar; "
+            "give a folder (imagefolder), *.parquet, *.tar, a hub name or 'shapes'"
+        )
+    if _looks_like_path(text):
+        raise UserError(f"data path '{source}' does not exist; check the path (or give a hub name like 'user/data')")
+    return text, {}, hf_split
+
+
+def _available_splits(path: str, kwargs: dict[str, Any]) -> list[str]:
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(path, **kwargs)
+    except Exception:  # the split list is only a hint in an error message
+        return []
+    if builder.config.data_files:
+        return [str(s) for s in builder.config.data_files]
+    return [str(s) for s in builder.info.splits or {}]
+
+
+def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool):
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, split=hf_split, streaming=streaming, **kwargs)
+    except ValueError as e:
+        if "split" not in str(e).lower():
+            raise
+        available = ", ".join(_available_splits(path, kwargs)) or "unknown"
+        hint = " (or put {split} in the path)" if kwargs.get("data_files") else ""
+        raise UserError(
+            f"data set '{name}' has no split '{split}'; available splits: {available}; "
+            f"choose one with --split or data.split / data.val_split{hint}"
+        ) from None
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetGenerationError) as e:
+        raise UserError(
+            f"data set '{name}' could not be loaded ({type(e).__name__}: {e}); "
+            "check the path, the hub name, or your network"
+        ) from None
+
+
+def _columns(ds) -> list[str]:
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    first = next(iter(ds.take(1)), {})  # a stream of unknown features: look at one record
+    return list(first)
+
+
+def _check_column(name: str, columns: list[str], column: str, role: str, guesses: tuple[str, ...]) -> None:
+    if column in columns:
+        return
+    guess = next((c for c in columns if c.lower() in guesses), columns[0] if columns else role)
+    raise UserError(
+        f"data set '{name}' has no {role} column '{column}'; its columns are: {', '.join(columns)}; "
+        f"name the right one with --set data.{role}_column={guess}"
+    )
+
+
+def open_dataset(cfg: DataConfig, split: str) -> Source:
+    """Open one split of `cfg.source` with the image and caption columns only, images left undecoded."""
+    if cfg.source == "shapes":
+        from .shapes import shapes_length
+
+        shapes_length(cfg.shapes, split)  # checks the split name
+        return Source(name="shapes", split=split, kind="shapes")
+
+    import datasets
+
+    path, kwargs, hf_split = _resolve(cfg.source, split)
+    ds = _load(cfg.source, split, path, kwargs, hf_split, cfg.streaming)
+    columns = _columns(ds)
+    _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
+    _check_column(cfg.source, columns, cfg.caption_column, "caption", _CAPTION_GUESSES)
+    ds = ds.select_columns([cfg.image_column, cfg.caption_column])
+    if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
+        # decode ourselves: a corrupt file then reaches `_decode_image` as bytes and is skipped, not raised
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    kind = "stream" if isinstance(ds, datasets.IterableDataset) else "map"
+    return Source(cfg.source, split, kind, ds, cfg.image_column, cfg.caption_column)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding one record
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_bytes(value: Any) -> tuple[bytes, str]:
+    """The encoded bytes of an image value (bytes, a path, or datasets' {"bytes", "path"}) and its name."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data, path = bytes(value), None
+    elif isinstance(value, (str, os.PathLike)):
+        data, path = None, os.fspath(value)
+    else:
+        raise _Skip("missing_image" if value is None else "unreadable", f"value of type {type(value).__name__}")
+    where = path or "<bytes>"
+    if data is None:
+        if not path:
+            raise _Skip("missing_image", "neither bytes nor a path")
+        if os.path.isfile(path):
+            data = Path(path).read_bytes()
+        elif "://" in path:
+            from datasets.utils.file_utils import xopen
+
+            try:
+                with xopen(path, "rb") as f:
+                    data = f.read()
+            except Exception as e:
+                raise _Skip("missing_image", f"{path}: {e}") from None
+        else:
+            raise _Skip("missing_image", path)
+    if len(data) == 0:
+        raise _Skip("empty_file", where)
+    return bytes(data), where
+
+
+def _decode_image(value: Any, max_pixels: int) -> Image.Image:
+    """A fully loaded PIL image from a record's image value; raises `_Skip` with the reason otherwise."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value)
+    data, where = _read_bytes(value)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; both mean "too large" here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            pil = Image.open(BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Skip("too_large", f"{where}: {e}") from None
+    except UnidentifiedImageError:
+        raise _Skip("not_an_image", where) from None
+    except Exception as e:
+        raise _Skip("unreadable", f"{where}: {e}") from None
+    w, h = pil.size
+    if w * h > max_pixels:
+        raise _Skip("too_large", f"{where}: {w}x{h} > {max_pixels} pixels")
+    try:
+        pil.load()
+    except OSError as e:
+        reason = "truncated" if "truncated" in str(e) or "broken data stream" in str(e) else "unreadable"
+        raise _Skip(reason, f"{where}: {e}") from None
+    except Exception as e:
+        raise _Skip("unreadable", f"{where}: {e}") from None
+    try:
+        return ImageOps.exif_transpose(pil)  # photos taken sideways
+    except Exception:
+        return pil
+
+
+def _clean_caption(value: Any, max_chars: int, rng: random.Random) -> str:
+    """One caption: a string, or one of a list chosen by `rng`; spaces collapsed, cut to `max_chars`."""
+    if value is None:
+        raise _Skip("missing_caption")
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) for v in value):
+            raise _Skip("bad_caption", f"a list holding {sorted({type(v).__name__ for v in value})}")
+        options = [" ".join(v.split()) for v in value]
+        options = [v for v in options if v]
+        if not options:
+            raise _Skip("empty_caption")
+        text = rng.choice(options)
+    elif isinstance(value, str):
+        text = " ".join(value.split())
+        if not text:
+            raise _Skip("empty_caption")
+    else:
+        raise _Skip("bad_caption", f"a {type(value).__name__}")
+    return text[:max_chars]
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream
+# ----------------------------------------------------------------------------------------------
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """One process's stream of {"image": (3, S, S) in [0, 1], "caption": str}; see the module docstring.
+
+    `train=True`: shuffled, endless (epochs loop) unless `endless=False`. `train=False`: ordered, one
+    pass per iteration. `skipped` counts skipped records by reason, `n_skipped` in total.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: str,
+        *,
+        train: bool,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+        endless: bool | None = None,
+    ):
+        super().__init__()
+        if num_processes < 1 or not 0 <= process_index < num_processes:
+            raise ValueError(f"process {process_index} of {num_processes} is not a valid process index")
+        self.cfg = cfg
+        self.split = split
+        self.train = train
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.endless = train if endless is None else endless
+        self.epoch = 0
+        self.position = 0  # records of this epoch consumed by this process, skipped ones included
+        self.skipped: Counter[str] = Counter()
+        # PIL's own bomb check; `_decode_image` turns its warning into a skip as well
+        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+        self.source = open_dataset(cfg, split)
+        self._dataset = self._this_process(self.source)
+        self._hf_pending: dict | None = None  # a datasets state to resume from, set by load_state_dict
+        self._hf_live = False  # the streaming dataset has been iterated, so its own state is current
+        if self.source.kind == "stream":
+            self._hf_fresh = self._dataset.state_dict()  # the start of an epoch
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _this_process(self, source: Source):
+        if source.kind == "shapes":
+            return None
+        from datasets.distributed import split_dataset_by_node
+
+        ds = source.dataset
+        if self.num_processes > 1:
+            ds = split_dataset_by_node(ds, rank=self.process_index, world_size=self.num_processes)
+        if source.kind == "stream" and self.train:
+            # the same seed on every process, so shard-level shuffles agree (see split_dataset_by_node)
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer)
+        return ds
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def length(self) -> int | None:
+        """Records in one pass for this process (skipped ones included); None when endless or unknown."""
+        if self.source.kind == "shapes":
+            from .shapes import shapes_length
+
+            total = shapes_length(self.cfg.shapes, self.split)
+            return None if total is None else len(range(self.process_index, total, self.num_processes))
+        if self.source.kind == "map":
+            return len(self._dataset)
+        return None
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The data position, JSON-serialisable: restore it with `load_state_dict` before iterating."""
+        state = {
+            "source": self.cfg.source,
+            "split": self.split,
+            "num_processes": self.num_processes,
+            "epoch": self.epoch,
+            "position": self.position,
+            "skipped": dict(self.skipped),
+        }
+        if self.source.kind == "stream":
+            # at position 0 (a new pass) the datasets state may still point at the end of the last one
+            live = self._dataset.state_dict() if self._hf_live else self._hf_pending
+            state["datasets"] = live if self.position > 0 else None
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; a different source or process count restores what still applies."""
+        if state.get("source") != self.cfg.source or state.get("split") != self.split:
+            log.warning(
+                "data position saved for %s/%s does not apply to %s/%s; starting this data from the beginning",
+                state.get("source"),
+                state.get("split"),
+                self.cfg.source,
+                self.split,
+            )
+            return
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.skipped = Counter(state.get("skipped", {}))
+        saved_processes = int(state.get("num_processes", self.num_processes))
+        if saved_processes != self.num_processes:
+            # each process saw a different share: keep the epoch, approximate the position
+            self.position = self.position * saved_processes // self.num_processes
+            log.warning(
+                "data position was saved with %d processes and this run has %d; resuming approximately",
+                saved_processes,
+                self.num_processes,
+            )
+            return
+        if self.source.kind == "stream":
+            self._hf_pending = state.get("datasets")
+
+    # -- iteration -----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        w, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        while True:
+            started_at, yielded = self.position, 0
+            for example in self._pass(w, n_workers):
+                yielded += 1
+                yield example
+            if yielded == 0 and started_at == 0:
+                if n_workers > 1:
+                    return  # this worker's slice is empty; the others may still have data
+                raise UserError(self._nothing_readable())
+            self.epoch += 1
+            self.position = 0
+            if not self.endless:
+                return
+
+    def _nothing_readable(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "the split is empty"
+        return (
+            f"data set '{self.source.name}' (split '{self.split}') has no readable example "
+            f"({self.n_skipped} skipped: {reasons}); check the files and data.image_column / data.caption_column"
+        )
+
+    def _rng(self) -> random.Random:
+        """The generator for this record's crop and caption choice: a function of where the record is."""
+        epoch = self.epoch if self.train else 0
+        return random.Random(f"{self.seed}:{epoch}:{self.process_index}:{self.position}")
+
+    def _order(self, n: int) -> np.ndarray | None:
+        if not self.train:
+            return None
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+
+    def _positions(self, n: int | None, w: int, n_workers: int) -> Iterator[int]:
+        """The record indices left in this pass (this worker's share), advancing `self.position`."""
+        order = None if n is None else self._order(n)
+        k = self.position
+        while n is None or k < n:
+            if k % n_workers == w:
+                self.position = k + 1
+                yield k if order is None else int(order[k])
+            k += 1
+
+    def _pass(self, w: int, n_workers: int) -> Iterator[dict]:
+        if self.source.kind == "shapes":
+            yield from self._shapes_pass(w, n_workers)
+        elif self.source.kind == "map":
+            for i in self._positions(len(self._dataset), w, n_workers):
+                example = self._example(self._dataset[i], f"row {i}")
+                if example is not None:
+                    yield example
+        else:
+            yield from self._stream_pass()
+
+    def _shapes_pass(self, w: int, n_workers: int) -> Iterator[dict]:
+        from .shapes import shapes_example
+
+        # shapes are rendered at the target size: a crop would cut off what "at the top" describes
+        for k in self._positions(self.length, w, n_workers):
+            index = self.process_index + k * self.num_processes  # this process's k-th global example
+            ex = shapes_example(self.cfg.shapes, self.cfg.image_size, self.split, index)
+            yield {"image": from_uint8(ex["image"]), "caption": ex["caption"]}
+
+    def _stream_pass(self) -> Iterator[dict]:
+        ds = self._dataset
+        if self.train:
+            ds.set_epoch(self.epoch)  # a new shuffle per epoch; evaluation keeps epoch 0 (shard order fixed)
+        # `datasets` applies a loaded state whenever the epoch matches; a fresh one restarts the pass
+        ds.load_state_dict(self._hf_pending if self._hf_pending is not None else self._hf_fresh)
+        self._hf_pending = None
+        self._hf_live = True
+        for record in ds:
+            self.position += 1
+            example = self._example(record, f"record {self.position - 1}")
+            if example is not None:
+                yield example
+
+    def _example(self, record: dict, where: str) -> dict | None:
+        rng = self._rng()
+        try:
+            caption = _clean_caption(record[self.source.caption_column], self.cfg.max_caption_chars, rng)
+            pil = _decode_image(record[self.source.image_column], self.cfg.max_image_pixels)
+            try:
+                image = prepare_image(pil, self.cfg.image_size, self.cfg.random_crop and self.train, rng)
+            except Exception as e:  # an exotic mode PIL cannot convert
+                raise _Skip("unreadable", str(e)) from None
+        except _Skip as skip:
+            self._count(skip, where)
+            return None
+        return {"image": image, "caption": caption}
+
+    def _count(self, skip: _Skip, where: str) -> None:
+        self.skipped[skip.reason] += 1
+        level = logging.WARNING if self.skipped[skip.reason] <= _WARN_PER_REASON else logging.DEBUG
+        log.log(
+            level, "skipped %s of %s (split %s): %s %s", where, self.source.name, self.split, skip.reason, skip.detail
+        )
+
+
+def collate(examples: list[dict]) -> dict:
+    """Examples -> {"image": (b, 3, S, S), "caption": list of b strings}; usable as a DataLoader collate_fn."""
+    return {"image": torch.stack([e["image"] for e in examples]), "caption": [e["caption"] for e in examples]}
+
+
+class Batches:
+    """Batches of a stream that also carry its data position (`state_dict`) and skip counts."""
+
+    def __init__(self, stream: ExampleStream, batch_size: int, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.stream, self.batch_size, self.drop_last = stream, batch_size, drop_last
+
+    def __iter__(self) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for example in self.stream:
+            buffer.append(example)
+            if len(buffer) == self.batch_size:
+                yield collate(buffer)
+                buffer = []
+        if buffer and not self.drop_last:
+            yield collate(buffer)
+
+    def state_dict(self) -> dict:
+        # a checkpoint is taken between batches, when the stream sits just after the last yielded example
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.stream.skipped
+
+    @property
+    def n_skipped(self) -> int:
+        return self.stream.n_skipped
+
+
+def batches(stream: ExampleStream, batch_size: int) -> Batches:
+    """Collate a stream into batches {"image": (b, 3, S, S), "caption": [str] * b}, the last one partial."""
+    return Batches(stream, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions only (tokenizer training)
+# ----------------------------------------------------------------------------------------------
+
+
+def _caption_strings(value: Any, max_chars: int) -> list[str]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [" ".join(v.split())[:max_chars] for v in values if isinstance(v, str) and v.strip()]
+
+
+def iter_captions(cfg: DataConfig, split: str, limit: int) -> Iterator[str]:
+    """Up to `limit` captions of a split in order, without decoding images; every caption of a list counts."""
+    if cfg.source == "shapes":
+        from .shapes import sample_scene, shapes_length, split_seed
+
+        # the scene (and so the caption) of example i is drawn from this rng before any pixel is drawn
+        seed, total = split_seed(cfg.shapes, split), shapes_length(cfg.shapes, split)
+        for i in range(limit if total is None else min(limit, total)):
+            yield sample_scene(np.random.default_rng([seed, i]), cfg.image_size, cfg.shapes, split).caption
+        return
+    source = open_dataset(cfg, split)
+    records: Iterable[dict] = source.dataset.select_columns([source.caption_column])
+    n = 0
+    for record in records:
+        for caption in _caption_strings(record[source.caption_column], cfg.max_caption_chars):
+            if n >= limit:
+                return
+            yield caption
+            n += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: grid and stats
+# ----------------------------------------------------------------------------------------------
+
+
+def _grid(cfg, args) -> int:
+    if not args.out:
+        raise UserError("grid needs --out FILE.png, the image to write")
+    if args.n < 1:
+        raise UserError(f"--n {args.n} must be at least 1")
+    stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
+    examples = list(itertools.islice(stream, args.n))
+    batch = collate(examples)
+    path = save_grid(batch["image"], args.out, nrow=math.ceil(math.sqrt(len(examples))), captions=batch["caption"])
+    print(f"wrote {path} ({len(examples)} examples of {cfg.data.source}, split {cfg.data.split})")
+    return 0
+
+
+def _stats(cfg, args) -> int:
+    stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
+    if stream.length is None and stream.source.kind == "shapes" and args.n is None:
+        raise UserError("the shapes training stream is endless; pass --n N or set data.shapes.train_size")
+    t0 = time.perf_counter()
+    n, chars, captions = 0, 0, set()
+    for example in itertools.islice(stream, args.n):
+        n += 1
+        chars += len(example["caption"])
+        captions.add(example["caption"])
+    summary = {
+        "source": cfg.data.source,
+        "split": cfg.data.split,
+        "n": n,
+        "skipped": stream.n_skipped,
+        "skipped_by_reason": dict(sorted(stream.skipped.items())),
+        "image_size": cfg.data.image_size,
+        "unique_captions": len(captions),
+        "mean_caption_chars": round(chars / max(n, 1), 2),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.data", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    grid = commands.add_parser("grid", help="write a PNG grid of examples with their captions")
+    add_config_args(grid)
+    grid.add_argument("--n", type=int, default=16, help="number of examples (default 16)")
+    stats = commands.add_parser("stats", help="read one pass of a split and print counts as JSON")
+    add_config_args(stats)
+    stats.add_argument("--n", type=int, default=None, help="stop after N examples (default: the whole split)")
+    for action in grid._actions:
+        if action.dest == "out":
+            action.help = "the PNG file to write"
+    args = parser.parse_args(argv)
+    out = args.out
+    args.out = None  # --out names this command's output file, not a run folder
+    cfg = config_from_args(args)
+    args.out = out
+    return _grid(cfg, args) if args.command == "grid" else _stats(cfg, args)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    run_cli(main)

@@ -1,0 +1,380 @@
+"""Data: every source through one stream, bad data skipped and counted, process splits, exact resume."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle_mini_impl.config import DataConfig, ShapesConfig
+from dalle_mini_impl.data import ExampleStream, batches, collate, iter_captions, main, open_dataset
+from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.images import make_grid, prepare_image, save_grid, to_pil, to_rgb, to_uint8
+
+S = 16
+
+
+def _cfg(source, **kw) -> DataConfig:
+    return DataConfig(source=str(source), image_size=S, **kw)
+
+
+def _shapes_cfg(**kw) -> DataConfig:
+    return DataConfig(source="shapes", image_size=32, shapes=ShapesConfig(**kw))
+
+
+def _png(color=(10, 20, 30), size=(20, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _captions(stream) -> list[str]:
+    return [ex["caption"] for ex in stream]
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------
+
+
+def test_to_rgb_composites_alpha_and_palette_transparency_on_white():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red; the rest fully transparent black
+    rgba[1, 1] = (0, 0, 255, 128)  # half-transparent blue
+    out = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    assert out[0, 0].tolist() == [255, 0, 0]
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert out[1, 1].tolist() == pytest.approx([127, 127, 255], abs=1)
+
+    p = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    p.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    p.info["transparency"] = 0
+    assert np.asarray(to_rgb(p)).tolist() == [[[255, 255, 255], [0, 200, 0]]]
+
+    la = Image.fromarray(np.array([[[50, 0], [50, 255]]], np.uint8), "LA")
+    assert np.asarray(to_rgb(la)).tolist() == [[[255, 255, 255], [50, 50, 50]]]
+
+
+def test_to_rgb_scales_high_depth_and_converts_cmyk():
+    i16 = Image.fromarray(np.array([[0, 65535, 32896]], np.uint16))
+    assert i16.mode.startswith("I;16")
+    assert np.asarray(to_rgb(i16))[0, :, 0].tolist() == [0, 255, 128]
+    f = Image.fromarray(np.array([[0.0, 1.0, 0.5]], np.float32), "F")
+    assert np.asarray(to_rgb(f))[0, :, 0].tolist() == [0, 255, 128]
+    cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # full magenta + yellow: red
+    assert np.asarray(to_rgb(cmyk)).tolist() == [[[255, 0, 0]]]
+
+
+def test_prepare_image_resizes_shorter_side_and_crops():
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 36:] = 255  # a white band at the right edge
+    pil = Image.fromarray(img)
+    x = prepare_image(pil, 10)
+    assert x.shape == (3, 10, 10) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert x.max() == 0  # the center crop (columns 5..15 of 20) never reaches the white band
+    crops = {tuple(prepare_image(pil, 10, True, random.Random(s)).flatten().tolist()) for s in range(20)}
+    assert len(crops) > 1  # random crops differ ...
+    again = prepare_image(pil, 10, True, random.Random(3))
+    assert torch.equal(again, prepare_image(pil, 10, True, random.Random(3)))  # ... and repeat with the seed
+
+
+def test_pil_uint8_grid_round_trip(tmp_path):
+    x = torch.rand(5, 3, 8, 8)
+    assert np.array_equal(np.asarray(to_pil(x[0])), to_uint8(x[0]))
+    assert to_uint8(x).shape == (5, 8, 8, 3)
+    grid = make_grid(x, nrow=3, padding=2)
+    assert grid.shape == (3, 2 * 10 + 2, 3 * 10 + 2)
+    assert torch.equal(grid[:, 12:20, 2:10], x[3])  # second row, first column
+    assert torch.all(grid[:, 12:20, 22:30] == 1)  # the empty sixth cell is filled with white
+    path = save_grid(x, tmp_path / "g.png", nrow=3, captions=["a caption that is long enough to wrap"] * 5)
+    img = Image.open(path)
+    assert img.format == "PNG" and img.width > 3 * 128 and img.height > 2 * 128
+    assert not list(tmp_path.glob(".*tmp"))  # written through a temporary name, then renamed
+
+
+# ----------------------------------------------------------------------------------------------
+# the imagefolder fixture
+# ----------------------------------------------------------------------------------------------
+
+
+def test_imagefolder_loads_with_exactly_the_corrupt_png_skipped(imagefolder):
+    stream = ExampleStream(_cfg(imagefolder.root), "train", train=False)
+    examples = list(stream)
+    assert [ex["caption"] for ex in examples] == imagefolder.train_captions
+    assert stream.n_skipped == 1 and dict(stream.skipped) == {"truncated": 1}
+    for ex in examples:
+        assert ex["image"].shape == (3, S, S) and ex["image"].dtype == torch.float32
+        assert 0 <= ex["image"].min() and ex["image"].max() <= 1
+
+
+def test_imagefolder_modes_arrive_as_rgb_on_white(imagefolder):
+    examples = {ex["caption"]: ex["image"] for ex in ExampleStream(_cfg(imagefolder.root), "train", train=False)}
+    half = examples["a blue half on white 🐱"]  # left half transparent, right half opaque blue
+    assert torch.all(half[:, :, :6] == 1)
+    assert to_uint8(half)[8, -2].tolist() == [40, 80, 220]
+    gray = examples["a gray card"]  # mode L
+    assert torch.allclose(gray, torch.full_like(gray, 100 / 255))
+    hole = to_uint8(examples["a palette image with a hole"])  # P, index 0 (red) transparent
+    assert not np.any(np.all(hole == [255, 0, 0], axis=-1))
+    assert np.any(np.all(hole == [255, 255, 255], axis=-1))
+    plain = to_uint8(examples["a striped palette image"])
+    assert np.any(np.all(plain == [255, 0, 0], axis=-1))
+
+
+def test_a_process_split_is_disjoint_and_covers_the_set(imagefolder):
+    cfg = _cfg(imagefolder.root)
+    parts = [_captions(ExampleStream(cfg, "train", train=False, process_index=p, num_processes=3)) for p in range(3)]
+    flat = [c for part in parts for c in part]
+    assert sorted(flat) == sorted(imagefolder.train_captions)
+    assert all(parts)
+
+
+def test_training_stream_is_shuffled_endless_and_resumes_at_the_next_example(imagefolder):
+    cfg = _cfg(imagefolder.root, random_crop=True)
+    full = ExampleStream(cfg, "train", train=True, seed=3)
+    reference = list(itertools.islice(full, 20))  # 20 readable of 8 per epoch: crosses two epochs
+    epochs = [_captions(reference[:8]), _captions(reference[8:16])]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(imagefolder.train_captions)
+    assert epochs[0] != epochs[1]  # a new permutation every epoch
+
+    for cut in (5, 8, 13):
+        stream = ExampleStream(cfg, "train", train=True, seed=3)
+        it = iter(stream)
+        for _ in range(cut):
+            next(it)
+        state = json.loads(json.dumps(stream.state_dict()))  # survives a JSON checkpoint
+        resumed = ExampleStream(cfg, "train", train=True, seed=3)
+        resumed.load_state_dict(state)
+        rest = list(itertools.islice(resumed, 20 - cut))
+        assert _captions(rest) == _captions(reference[cut:])
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, reference[cut:]))
+        assert resumed.n_skipped == full.n_skipped  # counted before the cut and after it, once each
+
+
+def test_streaming_source_resumes_exactly_in_evaluation_order(imagefolder):
+    cfg = _cfg(imagefolder.root, streaming=True)
+    stream = ExampleStream(cfg, "train", train=False)
+    assert stream.source.kind == "stream"
+    it = iter(stream)
+    head = [next(it)["caption"] for _ in range(5)]  # the truncated PNG (record 4) was skipped on the way
+    resumed = ExampleStream(cfg, "train", train=False)
+    resumed.load_state_dict(stream.state_dict())
+    assert head + _captions(resumed) == imagefolder.train_captions
+    assert resumed.skipped == {"truncated": 1}  # the count carries over in the state
+
+
+def test_dataloader_workers_read_disjoint_slices():
+    cfg = _shapes_cfg(val_size=10)
+    stream = ExampleStream(cfg, "validation", train=False)
+    loader = torch.utils.data.DataLoader(stream, batch_size=3, collate_fn=collate, num_workers=2)
+    seen = [c for batch in loader for c in batch["caption"]]
+    assert sorted(seen) == sorted(_captions(stream))
+
+
+def test_batches_collate_and_carry_the_position(imagefolder):
+    stream = ExampleStream(_cfg(imagefolder.root), "validation", train=False)
+    got = list(batches(stream, 3))
+    assert [b["image"].shape for b in got] == [(3, 3, S, S), (1, 3, S, S)]
+    assert got[0]["caption"] + got[1]["caption"] == imagefolder.validation_captions
+    loader = torch.utils.data.DataLoader(stream, batch_size=2, collate_fn=collate, num_workers=0)
+    assert [len(b["caption"]) for b in loader] == [2, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_shapes_stream_is_deterministic_tensors_in_range():
+    cfg = _shapes_cfg()
+    a = list(itertools.islice(ExampleStream(cfg, "train", train=True, seed=0), 6))
+    b = list(itertools.islice(ExampleStream(cfg, "train", train=True, seed=0), 6))
+    assert len({ex["caption"] for ex in a}) > 1
+    for x, y in zip(a, b):
+        assert x["image"].shape == (3, 32, 32) and x["image"].dtype == torch.float32
+        assert 0 <= x["image"].min() and x["image"].max() == 1  # the white background
+        assert x["caption"] == y["caption"] and torch.equal(x["image"], y["image"])
+
+
+def test_shapes_processes_split_disjointly_and_resume_exactly():
+    cfg = _shapes_cfg(val_size=10, train_size=12)
+    whole = [(ex["caption"], ex["image"]) for ex in ExampleStream(cfg, "validation", train=False)]
+    parts = [list(ExampleStream(cfg, "validation", train=False, process_index=p, num_processes=3)) for p in range(3)]
+    assert sum(len(p) for p in parts) == 10
+    for p, part in enumerate(parts):  # process p holds global examples p, p + 3, ...
+        for k, ex in enumerate(part):
+            assert torch.equal(ex["image"], whole[p + 3 * k][1])
+
+    # a fixed-size training set: shuffled per epoch, resumable mid-epoch
+    reference = list(itertools.islice(ExampleStream(cfg, "train", train=True, seed=1), 30))
+    assert _captions(reference[:12]) != _captions(reference[12:24])
+    stream = ExampleStream(cfg, "train", train=True, seed=1)
+    list(itertools.islice(stream, 17))
+    resumed = ExampleStream(cfg, "train", train=True, seed=1)
+    resumed.load_state_dict(stream.state_dict())
+    assert _captions(itertools.islice(resumed, 13)) == _captions(reference[17:])
+
+    # the endless stream resumes too
+    endless = ExampleStream(_shapes_cfg(), "train", train=True)
+    head = list(itertools.islice(endless, 4))
+    resumed = ExampleStream(_shapes_cfg(), "train", train=True)
+    resumed.load_state_dict(endless.state_dict())
+    both = head + list(itertools.islice(resumed, 3))
+    assert _captions(both) == _captions(itertools.islice(ExampleStream(_shapes_cfg(), "train", train=True), 7))
+
+
+def test_iter_captions_matches_the_streams_without_decoding(imagefolder):
+    cfg = _shapes_cfg(val_size=8)
+    assert list(iter_captions(cfg, "validation", 100)) == _captions(ExampleStream(cfg, "validation", train=False))
+    assert len(list(iter_captions(_shapes_cfg(), "train", 25))) == 25
+    # the caption of the truncated PNG is still a caption
+    assert (
+        list(iter_captions(_cfg(imagefolder.root), "train", 100))
+        == imagefolder.train_captions[:4] + [imagefolder.corrupt_caption] + imagefolder.train_captions[4:]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# parquet and webdataset, bad data
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_parquet(path, images: list, captions: list) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"image": images, "text": captions}).to_parquet(str(path))
+
+
+def test_parquet_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
+    bomb = io.BytesIO()
+    Image.new("L", (100, 100)).save(bomb, format="PNG")
+    rows = [
+        (_png((255, 0, 0)), "first"),
+        (b"", "zero bytes"),
+        (b"this is not an image", "text bytes"),
+        (bomb.getvalue(), "ten thousand pixels"),
+        (None, "no image at all"),
+        (_png((0, 255, 0)), "   "),
+        (_png((0, 0, 255)), "x" * 50),
+    ]
+    _write_parquet(tmp_path / "d.parquet", [r[0] for r in rows], [r[1] for r in rows])
+    stream = ExampleStream(
+        _cfg(tmp_path / "*.parquet", max_image_pixels=5000, max_caption_chars=20), "train", train=False
+    )
+    examples = list(stream)
+    assert _captions(examples) == ["first", "x" * 20]
+    assert to_uint8(examples[0]["image"])[0, 0].tolist() == [255, 0, 0]
+    assert dict(stream.skipped) == {
+        "empty_file": 1,
+        "not_an_image": 1,
+        "too_large": 1,
+        "missing_image": 1,
+        "empty_caption": 1,
+    }
+    assert stream.n_skipped == 5
+
+
+def test_a_caption_list_yields_one_of_its_captions(tmp_path):
+    captions = [["first caption", "second caption", "  "], ["   "]]
+    _write_parquet(tmp_path / "d.parquet", [_png(), _png()], captions)
+    cfg = _cfg(tmp_path / "d.parquet")
+    stream = ExampleStream(cfg, "train", train=True)
+    picks = [ex["caption"] for ex in itertools.islice(stream, 40)]
+    assert set(picks) == {"first caption", "second caption"}  # seeded per epoch: both appear, nothing else
+    assert stream.skipped["empty_caption"] == 40  # the all-blank list, once per epoch
+    again = [ex["caption"] for ex in itertools.islice(ExampleStream(cfg, "train", train=True), 40)]
+    assert again == picks
+
+
+def test_a_pass_with_nothing_readable_is_a_user_error(tmp_path):
+    _write_parquet(tmp_path / "bad.parquet", [b"junk", b""], ["a", "b"])
+    with pytest.raises(UserError, match=r"has no readable example \(2 skipped: empty_file: 1, not_an_image: 1\)"):
+        list(ExampleStream(_cfg(tmp_path / "bad.parquet"), "train", train=True))
+    _write_parquet(tmp_path / "numbers.parquet", [_png(), _png()], [1, 2])
+    with pytest.raises(UserError, match=r"has no readable example \(2 skipped: bad_caption: 2\)"):
+        list(ExampleStream(_cfg(tmp_path / "numbers.parquet"), "train", train=False))
+
+
+def _write_tar(path, items: list[tuple[str, bytes, str]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption in items:
+            for name, data in ((f"{key}.png", image), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_webdataset_tar_loads_through_the_same_path(tmp_path, streaming):
+    _write_tar(tmp_path / "000.tar", [("000", _png((255, 0, 0)), "red"), ("001", b"\x89PNG broken", "broken")])
+    _write_tar(tmp_path / "001.tar", [("002", _png((0, 0, 255)), "blue")])
+    cfg = _cfg(tmp_path / "*.tar", image_column="png", caption_column="txt", streaming=streaming)
+    stream = ExampleStream(cfg, "train", train=False)
+    examples = list(stream)
+    assert _captions(examples) == ["red", "blue"]
+    assert to_uint8(examples[1]["image"])[0, 0].tolist() == [0, 0, 255]
+    assert stream.n_skipped == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# user errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_missing_split_column_and_path_are_one_sentence_errors(imagefolder, tmp_path):
+    with pytest.raises(UserError) as e:
+        open_dataset(_cfg(imagefolder.root), "test")
+    assert str(e.value) == (
+        f"data set '{imagefolder.root}' has no split 'test'; available splits: train, validation; "
+        "choose one with --split or data.split / data.val_split"
+    )
+    with pytest.raises(UserError) as e:
+        open_dataset(_cfg(imagefolder.root, caption_column="caption"), "validation")
+    assert str(e.value) == (
+        f"data set '{imagefolder.root}' has no caption column 'caption'; its columns are: image, text; "
+        "name the right one with --set data.caption_column=text"
+    )
+    with pytest.raises(UserError) as e:
+        open_dataset(_cfg(tmp_path / "nowhere"), "train")
+    assert str(e.value) == (
+        f"data path '{tmp_path / 'nowhere'}' does not exist; check the path (or give a hub name like 'user/data')"
+    )
+    with pytest.raises(UserError, match=r"no file matches data source '.*\*\.parquet'"):
+        open_dataset(_cfg(tmp_path / "*.parquet"), "train")
+    with pytest.raises(UserError, match="unknown shapes split 'test'"):
+        open_dataset(_shapes_cfg(), "test")
+    # not a local path, so a hub name; tests run offline (conftest), online it would not exist either
+    with pytest.raises(UserError, match=r"^data set 'nobody-here/no-such-data-set' could not be loaded \("):
+        open_dataset(_cfg("nobody-here/no-such-data-set"), "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+
+def test_stats_command_prints_json(imagefolder, capsys):
+    assert main(["stats", "--data", str(imagefolder.root), "--split", "train", "--set", "data.image_size=8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source"] == str(imagefolder.root) and out["split"] == "train"
+    assert (out["n"], out["skipped"], out["skipped_by_reason"]) == (8, 1, {"truncated": 1})
+    assert out["image_size"] == 8
+
+
+def test_grid_command_writes_a_png(tmp_path, imagefolder, capsys):
+    folder = tmp_path / "copy"
+    shutil.copytree(imagefolder.root, folder)
+    out = tmp_path / "grid.png"
+    assert main(["grid", "--data", str(folder), "--split", "validation", "--out", str(out), "--n", "3"]) == 0
+    img = Image.open(out)
+    assert img.format == "PNG" and img.width >= 2 * 128
+    assert "3 examples" in capsys.readouterr().out

@@ -1,0 +1,50 @@
+"""Train the sentencepiece text tokenizer on the captions of the configured training split.
+
+    python -m train.tokenizer --config configs/shapes.toml [--set text.vocab_size=512] [--data SOURCE] [--out DIR]
+
+Reads up to `text.max_train_captions` captions of `data.split` (captions only: no image is decoded),
+trains `dalle_mini_impl.text.TextTokenizer` (BPE with byte fallback, see that module), and writes
+OUT/text.model and the resolved config OUT/config.json, OUT being `out_dir` (or --out). Prints one line
+of JSON. The first stage of the pipeline: everything after it reads text ids from this model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dalle_mini_impl.config import add_config_args, config_from_args, save_config
+from dalle_mini_impl.data import iter_captions
+from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.text import TextTokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.tokenizer", description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    out = Path(cfg.out_dir)
+
+    t0 = time.perf_counter()
+    captions = list(iter_captions(cfg.data, cfg.data.split, cfg.text.max_train_captions))
+    tok = TextTokenizer.train(captions, cfg.text, out / "text.model")
+    save_config(cfg, out / "config.json")
+    summary = {
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": cfg.text.vocab_size,
+        "captions": len(captions),
+        "source": cfg.data.source,
+        "split": cfg.data.split,
+        "lowercase": tok.lowercase,
+        "path": str(out / "text.model"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
