@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     null_caption_p = cfg.transformer.caption_dropout
     rank = accelerator.process_index
-    seq_len = model.config.text_len + model.config.grid_h * model.config.grid_w
+    seq_len = model.cfg.text_len + model.cfg.grid_h * model.cfg.grid_w
 
     def text_ids(captions: list[str], step: int | None) -> torch.Tensor:
         if step is not None and null_caption_p > 0:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         text = text_tokenizer.encode(prompts).to(accelerator.device)
         null = text_tokenizer.encode([""]).to(accelerator.device)
         ids = generate(m, text, null_text=null, cfg_scale=cfg.sample.cfg, top_p=0.95, generator=gen)
-        h, w = m.config.grid_h, m.config.grid_w
+        h, w = m.cfg.grid_h, m.cfg.grid_w
         with torch.inference_mode():
             images = image_tokenizer.decode(ids.view(-1, h, w)).float().cpu()
         writer.add_image("dalle/samples", make_grid(images, nrow=len(prompts)), step)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     def export(m):
         out = Path(cfg.out_dir)
         save_module(m, out / "transformer.safetensors")
-        (out / "transformer.json").write_text(json.dumps(m.config.to_dict(), indent=2) + "\n")
+        (out / "transformer.json").write_text(json.dumps(m.cfg.to_dict(), indent=2) + "\n")
 
     stage = loop.Stage(
         name="dalle",
