@@ -1,0 +1,366 @@
+"""CLIP trained from scratch: a ViT image encoder, a transformer text encoder, a symmetric InfoNCE loss.
+
+Follows Radford et al. 2021 ("Learning Transferable Visual Models From Natural Language Supervision"):
+both encoders end in a linear projection to a shared `embed_dim` and are l2-normalised; the logits
+are cosine similarities times a learned scale, stored as a log, starting at 1/0.07 and clamped at 100.
+The text encoder reads the sentencepiece ids of `dalle_mini_impl.text` and is pooled at the first
+end-of-text id (causal attention, as in CLIP) or by a masked mean over non-pad ids (bidirectional
+attention with a padding mask), never at the argmax of the ids: that trick only works when eot has
+the largest id of the vocabulary, which is not true of our tokenizer.
+
+Data-parallel training uses global negatives (open_clip's `local_loss` + `gather_with_grad`): every
+process scores its own rows against the features of all processes, and the gather sends gradients
+back to the process that owns each row, so the average of the processes' gradients is exactly the
+gradient of the full-batch loss.
+
+Usage:
+    model = clip_from_config(cfg, tokenizer)
+    img, txt, scale = model(images, ids)   # images (b, 3, S, S) in [0, 1], ids (b, t)
+    loss = model.loss(img, txt, scale)
+    loss.backward(); opt.step(); model.clamp_logit_scale_()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import CLIPConfig, RunConfig
+from ..errors import UserError
+
+# OpenAI CLIP's pixel statistics: any fixed standardisation works for a model trained from scratch,
+# these keep our encoders' inputs in the same range as the pretrained ones of clip/openclip.py
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h e) -> three b h n e", three=3, h=self.heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out(rearrange(y, "b h n e -> b n (h e)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.ln_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), mask, causal)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, causal, use_reentrant=False)
+            else:
+                x = block(x, mask, causal)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders
+# ----------------------------------------------------------------------------------------------
+
+
+class ImageEncoder(nn.Module):
+    """ViT: patch embedding, class token + learned positions, pre-norm blocks, the class token out."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, embed_dim: int):
+        super().__init__()
+        grid = image_size // patch_size
+        self.patch = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.cls = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.pos = nn.Parameter(torch.randn(1 + grid * grid, width) * 0.01)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, depth, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = rearrange(self.patch(pixels), "b d h w -> b (h w) d")  # (b, n, d)
+        cls = repeat(self.cls, "d -> b 1 d", b=x.shape[0])
+        x = torch.cat([cls, x], dim=1) + self.pos  # (b, 1 + n, d)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # (b, e)
+
+
+def pool_positions(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Where to pool each row of ids (b, t): the first eos, or the last non-pad id when there is none."""
+    is_eos = ids == eos_id
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    # argmax over a boolean mask (not over the ids) is the index of its first True
+    first_eos = is_eos.int().argmax(dim=1)
+    last_real = torch.where(ids != pad_id, positions, 0).amax(dim=1)
+    return torch.where(is_eos.any(dim=1), first_eos, last_real)  # (b,)
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings, pre-norm blocks, pooled at eos (causal) or by a masked mean."""
+
+    def __init__(
+        self,
+        vocab: int,
+        text_len: int,
+        width: int,
+        depth: int,
+        heads: int,
+        embed_dim: int,
+        pool: str,
+        pad_id: int,
+        eos_id: int,
+    ):
+        super().__init__()
+        self.pool, self.pad_id, self.eos_id = pool, pad_id, eos_id
+        self.token_embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(text_len, width) * 0.01)
+        self.transformer = Transformer(width, depth, heads)
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embed(ids) + self.pos[: ids.shape[1]]  # (b, t, d)
+        real = ids != self.pad_id  # (b, t)
+        if self.pool == "eot":
+            # causal: the pads after eos can never change what eos sees
+            x = self.ln_final(self.transformer(x, causal=True))
+            at = pool_positions(ids, self.eos_id, self.pad_id)
+            pooled = x[torch.arange(x.shape[0], device=x.device), at]  # (b, d)
+        else:
+            mask = rearrange(real, "b t -> b 1 1 t")
+            x = self.ln_final(self.transformer(x, mask=mask))
+            weights = real.to(x.dtype).unsqueeze(-1)  # (b, t, 1)
+            pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return pooled @ self.proj  # (b, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP
+# ----------------------------------------------------------------------------------------------
+
+
+class TokenizerLike(Protocol):
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+
+
+def _check(cfg: CLIPConfig, image_size: int) -> None:
+    if cfg.pool not in ("eot", "mean"):
+        raise UserError(f"config key 'clip.pool' is '{cfg.pool}'; set it to eot or mean")
+    if image_size % cfg.patch_size:
+        raise UserError(
+            f"config key 'clip.patch_size' ({cfg.patch_size}) does not divide the image size ({image_size}); "
+            "pick a divisor"
+        )
+    for part in ("image", "text"):
+        width, heads = getattr(cfg, f"{part}_width"), getattr(cfg, f"{part}_heads")
+        if heads < 1 or width % heads:
+            raise UserError(
+                f"config key 'clip.{part}_heads' ({heads}) does not divide clip.{part}_width ({width}); pick a divisor"
+            )
+    if cfg.init_temperature <= 0 or cfg.max_logit_scale <= 0:
+        raise UserError("config keys 'clip.init_temperature' and 'clip.max_logit_scale' must be positive")
+
+
+class CLIP(nn.Module):
+    """Image and text encoders into one normalised embedding space, with a learned logit scale."""
+
+    def __init__(self, cfg: CLIPConfig, *, image_size: int, text_vocab: int, text_len: int, pad_id: int, eos_id: int):
+        super().__init__()
+        _check(cfg, image_size)
+        self.cfg = cfg
+        self.image_size, self.text_vocab, self.text_len = image_size, text_vocab, text_len
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.visual = ImageEncoder(
+            image_size, cfg.patch_size, cfg.image_width, cfg.image_depth, cfg.image_heads, cfg.embed_dim
+        )
+        self.text = TextEncoder(
+            text_vocab,
+            text_len,
+            cfg.text_width,
+            cfg.text_depth,
+            cfg.text_heads,
+            cfg.embed_dim,
+            cfg.pool,
+            pad_id,
+            eos_id,
+        )
+        self.max_log_scale = math.log(cfg.max_logit_scale)
+        start = min(math.log(cfg.init_temperature), self.max_log_scale)
+        self.logit_scale = nn.Parameter(torch.tensor(start))
+        # not in the state dict: they are constants, not weights
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (b, 3, S, S) in [0, 1] -> l2-normalised embeddings (b, e)."""
+        pixels = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        return F.normalize(self.visual(pixels.to(self.visual.patch.weight.dtype)), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text ids (b, t) from the sentencepiece tokenizer -> l2-normalised embeddings (b, e)."""
+        return F.normalize(self.text(ids), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """The logit scale exp(logit_scale), never above `max_logit_scale` (a scalar tensor)."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored log scale in place; call after every optimizer step."""
+        self.logit_scale.clamp_(max=self.max_log_scale)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features (b, e), text features (b, e), logit scale ()) for a batch of pairs."""
+        return self.encode_image(images), self.encode_text(ids), self.scale()
+
+    @staticmethod
+    def loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch, with global negatives across processes."""
+        return contrastive_loss(image_feats, text_feats, logit_scale)
+
+
+def clip_from_config(cfg: RunConfig, tokenizer: TokenizerLike) -> CLIP:
+    """The CLIP of a run: its `clip` section, the data's image size and the text tokenizer's ids."""
+    return CLIP(
+        cfg.clip,
+        image_size=cfg.data.image_size,
+        text_vocab=tokenizer.vocab_size,
+        text_len=cfg.text.text_len,
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, with global negatives across processes
+# ----------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _row_counts(rows: int, device: torch.device) -> list[int]:
+    count = torch.tensor([rows], device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return [int(c.item()) for c in counts]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather rows; the backward sums every process's gradient for this process's own rows."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
+        ctx.counts, ctx.rank = counts, rank
+        longest = max(counts)
+        padded = F.pad(local, (0, 0, 0, longest - local.shape[0])).contiguous()
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        parts = [p[:n] for p, n in zip(parts, counts)]
+        parts[rank] = local
+        return torch.cat(parts)  # (sum(counts), e)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # other processes' losses also use our rows as negatives: their gradients belong here
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]], None, None
+
+
+def gather_features(feats: torch.Tensor) -> torch.Tensor:
+    """Features (b, e) of every process stacked in rank order (B, e); gradients reach the local rows.
+
+    This process's slice is `feats` itself. Identity when torch.distributed is not initialised.
+    Processes may hold different numbers of rows.
+    """
+    if not _distributed():
+        return feats
+    return _GatherRows.apply(feats, _row_counts(feats.shape[0], feats.device), dist.get_rank())
+
+
+def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: this process's rows (b, e) against all processes' rows as negatives.
+
+    Row i's positive is its own pair, at global index i + (rows of the lower ranks). Each process
+    averages over its own rows; with the gather sending gradients home, the mean of the processes'
+    gradients (what DDP computes) is the gradient of the full-batch loss.
+    """
+    b = image_feats.shape[0]
+    offset = 0
+    all_images, all_texts = image_feats, text_feats  # (B, e)
+    if _distributed():
+        counts, rank = _row_counts(b, image_feats.device), dist.get_rank()
+        offset = sum(counts[:rank])
+        all_images = _GatherRows.apply(image_feats, counts, rank)
+        all_texts = _GatherRows.apply(text_feats, counts, rank)
+    labels = torch.arange(b, device=image_feats.device) + offset  # (b,)
+    logits_image = logit_scale * image_feats @ all_texts.T  # (b, B)
+    logits_text = logit_scale * text_feats @ all_images.T  # (b, B)
+    return (F.cross_entropy(logits_image.float(), labels) + F.cross_entropy(logits_text.float(), labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_augment(images: torch.Tensor, scale_min: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A mild random resized crop (b, 3, S, S) -> (b, 3, S, S), one per image, square, inside the image.
+
+    The crop keeps a side fraction in [scale_min, 1] and is resized back, so an object stays in its
+    3x3 cell and keeps its color and orientation: no flips (left/right are in the captions), no
+    color jitter (colors are too).
+    """
+    if not 0 < scale_min <= 1:
+        raise UserError(f"config key 'clip.crop_scale_min' is {scale_min}; set it in (0, 1], e.g. 0.85")
+    b = images.shape[0]
+    u = torch.rand(b, 3, generator=generator).to(images.device, images.dtype)  # (b, 3)
+    side = scale_min + (1 - scale_min) * u[:, 0]
+    # the crop's center in [-1, 1] coordinates, chosen so the crop stays inside the image
+    cx, cy = ((2 * u[:, 1:] - 1) * (1 - side).unsqueeze(1)).unbind(1)
+    zero = torch.zeros_like(side)
+    theta = torch.stack([torch.stack([side, zero, cx], 1), torch.stack([zero, side, cy], 1)], 1)  # (b, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,520 @@
+"""CLIP: the loss, the temperature clamp, eos pooling, the feature gather, the augmentation, the scorer
+(classify / index / search), the command lines, the open_clip adapter, and retrieval metrics.
+
+Tiny real models throughout (width 32, depth 1, 16 px images, patch 4); the bundle-level tests use a
+CLIP trained for a second on four colored squares, so search and classify have a right answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dalle_mini_impl.bundle import save_module
+from dalle_mini_impl.clip.model import (
+    CLIP,
+    clip_augment,
+    clip_from_config,
+    contrastive_loss,
+    gather_features,
+    pool_positions,
+)
+from dalle_mini_impl.config import CLIPConfig, RunConfig, save_config
+from dalle_mini_impl.errors import UserError
+
+TINY = dict(
+    patch_size=4,
+    image_width=32,
+    image_depth=1,
+    image_heads=2,
+    text_width=32,
+    text_depth=1,
+    text_heads=2,
+    embed_dim=16,
+)
+COLORS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 20)}
+
+
+def tiny_clip(pool: str = "eot", vocab: int = 50, text_len: int = 8, seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    return CLIP(CLIPConfig(**TINY, pool=pool), image_size=16, text_vocab=vocab, text_len=text_len, pad_id=0, eos_id=3)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and temperature
+# ----------------------------------------------------------------------------------------------
+
+
+def test_loss_is_symmetric_and_smallest_for_matched_pairs():
+    g = torch.Generator().manual_seed(0)
+    img = unit(torch.randn(8, 16, generator=g))
+    txt = unit(img + 0.3 * torch.randn(8, 16, generator=g))
+    scale = torch.tensor(10.0)
+    assert torch.allclose(CLIP.loss(img, txt, scale), CLIP.loss(txt, img, scale))
+    shuffled = txt[torch.tensor([3, 0, 1, 2, 7, 4, 5, 6])]
+    assert CLIP.loss(img, txt, scale) < CLIP.loss(img, shuffled, scale)
+    # the cross-entropy of both directions, by hand
+    logits = scale * img @ txt.T
+    by_hand = (F.cross_entropy(logits, torch.arange(8)) + F.cross_entropy(logits.T, torch.arange(8))) / 2
+    assert torch.allclose(contrastive_loss(img, txt, scale), by_hand)
+
+
+def test_training_a_few_steps_matches_pairs():
+    model = tiny_clip(vocab=20, text_len=6)
+    colors = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]).float()
+    images = colors[:, :, None, None].expand(-1, 3, 16, 16).clone()
+    ids = torch.tensor([[2, 4 + i, 3, 0, 0, 0] for i in range(4)])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(20):
+        loss = model.loss(*model(images, ids))
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.clamp_logit_scale_()
+    assert loss.item() < first / 4
+    with torch.no_grad():
+        sims = model.encode_image(images) @ model.encode_text(ids).T
+    assert sims.argmax(1).tolist() == [0, 1, 2, 3]
+
+
+def test_logit_scale_starts_at_init_temperature_and_is_clamped():
+    model = tiny_clip()
+    assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1e4))
+    assert model.scale().item() == pytest.approx(100.0, rel=1e-5)  # clamped in forward
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0), rel=1e-6)  # and in place after a step
+    *_, scale = model(torch.rand(2, 3, 16, 16), torch.tensor([[2, 5, 3, 0, 0, 0, 0, 0]] * 2))
+    assert scale.item() <= 100.0 + 1e-4
+
+
+def test_embeddings_are_normalised():
+    model = tiny_clip()
+    img = model.encode_image(torch.rand(3, 3, 16, 16))
+    txt = model.encode_text(torch.tensor([[2, 5, 6, 3, 0, 0, 0, 0]] * 3))
+    assert img.shape == txt.shape == (3, 16)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pooling_is_at_the_first_eos_whatever_the_id_values():
+    ids = torch.tensor(
+        [
+            [2, 5, 6, 3, 0, 0, 0, 0],
+            [2, 49, 7, 3, 0, 0, 0, 0],  # a large id before eos: argmax of ids would pool at 1
+            [2, 5, 3, 9, 3, 0, 0, 0],  # the first eos counts
+            [2, 5, 6, 7, 8, 9, 10, 11],  # cut before eos: the last non-pad id
+        ]
+    )
+    assert pool_positions(ids, eos_id=3, pad_id=0).tolist() == [3, 3, 2, 7]
+
+
+def test_text_embedding_ignores_what_follows_eos():
+    model = tiny_clip()
+    a = torch.tensor([[2, 5, 6, 3, 0, 0, 0, 0]])
+    b = torch.tensor([[2, 5, 6, 3, 49, 17, 0, 0]])  # junk after eos, including the largest id
+    c = torch.tensor([[2, 5, 7, 3, 0, 0, 0, 0]])  # a different word before eos
+    with torch.no_grad():
+        ea, eb, ec = model.encode_text(a), model.encode_text(b), model.encode_text(c)
+    assert torch.allclose(ea, eb, atol=1e-6)
+    assert not torch.allclose(ea, ec, atol=1e-3)
+
+
+def test_mean_pooling_ignores_padding():
+    model = tiny_clip(pool="mean")
+    short = torch.tensor([[2, 5, 3, 0, 0, 0]])
+    batch = torch.tensor([[2, 5, 3, 0, 0, 0], [2, 5, 6, 7, 8, 3]])
+    with torch.no_grad():
+        alone, together = model.encode_text(short[:, :3]), model.encode_text(batch)[:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_bad_config_is_one_sentence():
+    with pytest.raises(UserError, match="clip.patch_size"):
+        CLIP(CLIPConfig(**{**TINY, "patch_size": 5}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
+    with pytest.raises(UserError, match="clip.image_heads"):
+        CLIP(CLIPConfig(**{**TINY, "image_heads": 3}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather and augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gather_features_is_identity_on_one_process_and_passes_gradients():
+    x = torch.randn(4, 8, requires_grad=True)
+    y = gather_features(x)
+    assert y is x
+    (y * torch.arange(8.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(8.0).expand(4, 8))
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    img_x, txt_x, w_img, w_txt = _dist_problem()
+    w_img.requires_grad_(True)
+    w_txt.requires_grad_(True)
+    rows = slice(rank * 4, rank * 4 + 4)
+    loss = contrastive_loss(unit(img_x[rows] @ w_img), unit(txt_x[rows] @ w_txt), torch.tensor(5.0))
+    loss.backward()
+    grads = torch.cat([w_img.grad.flatten(), w_txt.grad.flatten()])
+    dist.all_reduce(grads)  # what DDP does, then divides by the world size
+    # uneven shards gather too: rank r holds r + 1 rows
+    uneven = gather_features(torch.full((rank + 1, 2), float(rank)))
+    if rank == 0:
+        torch.save({"grad": grads / world, "loss": loss.detach(), "uneven": uneven}, out)
+    dist.destroy_process_group()
+
+
+def _dist_problem():
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(8, 6, generator=g),
+        torch.randn(8, 5, generator=g),
+        torch.randn(6, 4, generator=g),
+        torch.randn(5, 4, generator=g),
+    )
+
+
+@pytest.mark.slow
+def test_gathered_loss_gradient_equals_the_full_batch_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_gather_worker, args=(2, f"file://{tmp_path / 'init'}", str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    img_x, txt_x, w_img, w_txt = _dist_problem()
+    w_img.requires_grad_(True)
+    w_txt.requires_grad_(True)
+    full = contrastive_loss(unit(img_x @ w_img), unit(txt_x @ w_txt), torch.tensor(5.0))
+    full.backward()
+    expected = torch.cat([w_img.grad.flatten(), w_txt.grad.flatten()])
+    assert torch.allclose(got["grad"], expected, atol=1e-6)
+    assert torch.equal(got["uneven"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+
+
+def test_clip_augment_is_a_mild_crop_that_keeps_the_cell():
+    images = torch.ones(8, 3, 48, 48)
+    images[:, :, 4:12, 4:12] = 0  # an object in the top left cell
+    g = torch.Generator().manual_seed(0)
+    out = clip_augment(images, 0.85, g)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, images)
+    dark = out.mean(1) < 0.5  # (b, h, w)
+    ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    for mask in dark:
+        cy, cx = ys[mask].mean(), xs[mask].mean()
+        assert cy < 16 and cx < 16
+    assert torch.allclose(clip_augment(images, 1.0), images, atol=1e-5)
+    again = clip_augment(images, 0.85, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    with pytest.raises(UserError, match="crop_scale_min"):
+        clip_augment(images, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny bundle trained on four colored squares
+# ----------------------------------------------------------------------------------------------
+
+
+def _square(color: tuple[int, int, int], size: int = 16) -> np.ndarray:
+    img = np.full((size, size, 3), 255, dtype=np.uint8)
+    img[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = color
+    return img
+
+
+def _bundle_config() -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.image_size = 16
+    cfg.text.vocab_size = 320  # byte fallback needs about 280 pieces
+    cfg.text.text_len = 12
+    cfg.clip = CLIPConfig(**TINY)
+    return cfg
+
+
+def _make_bundle(folder, train_steps: int, seed: int) -> None:
+    from dalle_mini_impl.text import TextTokenizer
+
+    cfg = _bundle_config()
+    captions = [f"a {c} square" for c in COLORS] + [f"a {c} circle on the left" for c in COLORS] * 3
+    tokenizer = TextTokenizer.train(captions, cfg.text, folder / "text.model")
+    torch.manual_seed(seed)
+    model = clip_from_config(cfg, tokenizer)
+    images = torch.stack([torch.from_numpy(_square(rgb)).permute(2, 0, 1).float() / 255 for rgb in COLORS.values()])
+    ids = tokenizer.encode([f"a {c} square" for c in COLORS])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(train_steps):
+        loss = model.loss(*model(images, ids))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.clamp_logit_scale_()
+    save_module(model, folder / "clip.safetensors")
+    save_config(cfg, folder / "config.json")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle")
+    _make_bundle(folder, train_steps=40, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def other_bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other")
+    _make_bundle(folder, train_steps=0, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for name, rgb in COLORS.items():
+        Image.fromarray(_square(rgb, 24)).save(folder / f"{name}.png")  # 24 px: the scorer resizes
+    (folder / "sub").mkdir()
+    Image.fromarray(_square(COLORS["blue"])).save(folder / "sub" / "blue2.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_load_clip_scores_and_classifies(bundle, photos):
+    from dalle_mini_impl.clip.uses import clip_score, load_clip, read_image
+
+    scorer = load_clip(bundle)
+    images = torch.stack([read_image(photos / f"{c}.png", scorer.image_size) for c in COLORS])
+    scores = scorer.score(images, "a green square")
+    assert scores.shape == (4,) and scores.argmax().item() == 1
+    probs = scorer.classify(images, list(COLORS), templates=["a {} square"])
+    assert probs.shape == (4, 4)
+    assert torch.allclose(probs.sum(1), torch.ones(4), atol=1e-5)
+    assert probs.argmax(1).tolist() == [0, 1, 2, 3]
+    # template ensembling: the label embedding is the renormalised mean over templates
+    ensembled = scorer.embed_labels(["red"], ["a {} square", "a {} circle on the left"])
+    by_hand = unit(scorer.embed_texts(["a red square", "a red circle on the left"]).mean(0, keepdim=True))
+    assert torch.allclose(ensembled, by_hand, atol=1e-6)
+    cs = clip_score(scorer, images, [f"a {c} square" for c in COLORS])
+    assert cs.shape == (4,) and (cs >= 0).all() and (cs <= 100).all()
+    assert torch.allclose(
+        cs,
+        100
+        * (scorer.embed_images(images) * scorer.embed_texts([f"a {c} square" for c in COLORS])).sum(-1).clamp_min(0),
+    )
+    assert scorer.fingerprint() == load_clip(bundle).fingerprint()
+    with pytest.raises(UserError, match="labels"):
+        scorer.classify(images, [])
+    with pytest.raises(UserError, match="template"):
+        scorer.classify(images, ["red"], templates=["no slot"])
+
+
+def test_index_and_search(bundle, other_bundle, photos, tmp_path):
+    from dalle_mini_impl.clip.uses import build_index, load_clip, search
+
+    scorer = load_clip(bundle)
+    meta = build_index(scorer, photos, tmp_path / "idx", batch_size=2)
+    assert meta["n"] == 5 and meta["skipped"] == ["broken.png"]
+    emb = np.load(tmp_path / "idx" / "embeddings.npy")
+    assert emb.dtype == np.float16 and emb.shape == (5, 16)
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=1e-2)
+    files = json.loads((tmp_path / "idx" / "files.json").read_text())
+    assert sorted(files) == ["blue.png", "green.png", "red.png", "sub/blue2.png", "yellow.png"]
+    hits = search(scorer, tmp_path / "idx", "a blue square", k=2)
+    assert {p.split("/")[-1] for p, _ in hits} == {"blue.png", "blue2.png"}
+    assert hits[0][1] >= hits[1][1]
+    assert len(search(scorer, tmp_path / "idx", "a red square", k=50)) == 5
+    with pytest.raises(UserError) as e:
+        search(load_clip(other_bundle), tmp_path / "idx", "a blue square", k=2)
+    assert str(e.value).startswith(f"index '{tmp_path / 'idx'}' was built by another CLIP model")
+    assert "pass that --model or rebuild the index" in str(e.value)
+
+
+def test_cli_classify_index_search(bundle, photos, tmp_path, capsys):
+    from dalle_mini_impl.clip.__main__ import main
+
+    main(
+        [
+            "classify",
+            str(photos / "red.png"),
+            str(photos / "yellow.png"),
+            "--labels",
+            "red, green,blue,yellow",
+            "--template",
+            "a {} square",
+            "--model",
+            str(bundle),
+        ]
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["best"] for r in rows] == ["red", "yellow"]
+    assert set(rows[0]["probs"]) == {"red", "green", "blue", "yellow"}
+    assert sum(rows[0]["probs"].values()) == pytest.approx(1, abs=1e-5)
+
+    main(["index", str(photos), "--out", str(tmp_path / "idx"), "--model", str(bundle)])
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+    main(["search", str(tmp_path / "idx"), "a green square", "-k", "1", "--model", str(bundle)])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["path"].endswith("green.png") and -1 <= row["score"] <= 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["classify", "missing.png", "--labels", "a,b"], "does not exist"),
+        (["classify", "{photos}/notes.txt", "--labels", "a,b"], "is not a readable image"),
+        (["classify", "{photos}/red.png", "--labels", " , "], "--labels is empty"),
+        (["search", "{photos}", "a red square"], "has no embeddings.npy"),
+        (["search", "{photos}", "a red square", "-k", "0"], "at least 1"),
+        (["index", "{photos}/nowhere", "--out", "{photos}/idx"], "does not exist"),
+    ],
+)
+def test_cli_bad_inputs_are_one_sentence(bundle, photos, argv, message):
+    from dalle_mini_impl.clip.__main__ import main
+
+    argv = [a.replace("{photos}", str(photos)) for a in argv] + ["--model", str(bundle)]
+    with pytest.raises(UserError, match=message):
+        main(argv)
+
+
+def test_cli_without_a_shipped_model_says_pass_model(photos):
+    from dalle_mini_impl.clip.__main__ import DEFAULT_MODEL, main
+
+    if DEFAULT_MODEL.is_dir():
+        pytest.skip("the shapes bundle is shipped")
+    with pytest.raises(UserError, match="pass --model"):
+        main(["classify", str(photos / "red.png"), "--labels", "a,b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The open_clip adapter
+# ----------------------------------------------------------------------------------------------
+
+
+class OpenClipLike(torch.nn.Module):
+    """The part of an open_clip model the adapter uses: encode_image, encode_text, logit_scale."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = torch.nn.Linear(3 * 8 * 8, 12)
+        self.text = torch.nn.EmbeddingBag(128, 12)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(50.0)))
+
+    def encode_image(self, pixels):
+        return self.image(pixels.flatten(1))
+
+    def encode_text(self, tokens):
+        return self.text(tokens)
+
+
+def char_tokenizer(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[ord(ch) % 128 for ch in t.ljust(16)[:16]] for t in texts])
+
+
+def test_pretrained_adapter_preprocesses_like_open_clip():
+    from dalle_mini_impl.clip.openclip import PretrainedClipScorer
+
+    model = OpenClipLike()
+    scorer = PretrainedClipScorer(
+        model, char_tokenizer, image_size=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), source="toy"
+    )
+    images = torch.rand(3, 3, 16, 16)
+    resized = F.interpolate(images, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
+    pixels = (resized - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        expected = unit(model.encode_image(pixels))
+        expected_text = unit(model.encode_text(char_tokenizer(["a red circle"])))
+    assert torch.allclose(scorer.embed_images(images), expected, atol=1e-5)
+    assert torch.allclose(scorer.score(images, "a red circle"), (expected @ expected_text.T)[:, 0], atol=1e-5)
+    probs = scorer.classify(images, ["red", "blue"])
+    assert probs.shape == (3, 2) and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
+    assert scorer.logit_scale() == pytest.approx(50.0)
+    assert len(scorer.fingerprint()) == 16
+
+
+def test_pretrained_adapter_over_our_clip_agrees_with_load_clip(bundle, photos):
+    from dalle_mini_impl.clip.openclip import PretrainedClipScorer
+    from dalle_mini_impl.clip.uses import load_clip, read_image
+
+    ours = load_clip(bundle)
+    # our CLIP standardises pixels itself, so the adapter passes them through unchanged
+    adapted = PretrainedClipScorer(
+        ours.model, ours.tokenizer.encode, image_size=16, mean=(0, 0, 0), std=(1, 1, 1), source=str(bundle)
+    )
+    images = torch.stack([read_image(photos / f"{c}.png", 16) for c in COLORS])
+    assert torch.allclose(adapted.embed_images(images), ours.embed_images(images), atol=1e-6)
+    assert torch.allclose(adapted.classify(images, list(COLORS)), ours.classify(images, list(COLORS)), atol=1e-3)
+
+
+def test_openclip_missing_dependency_is_one_sentence(monkeypatch):
+    from dalle_mini_impl.clip.openclip import OpenCLIPScorer
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what an uninstalled package looks like
+    with pytest.raises(UserError, match="pip install open_clip_torch"):
+        OpenCLIPScorer("ViT-B-32", pretrained="openai")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_count_same_caption_hits():
+    from dalle_mini_impl.eval.clip import retrieval_metrics
+
+    feats = unit(torch.eye(4)[:, :4] + 0.0)
+    captions = ["a", "b", "c", "d"]
+    perfect = retrieval_metrics(feats, feats, captions)
+    assert perfect["t2i_R@1"] == perfect["i2t_R@1"] == 1.0 and perfect["n"] == 4
+    # every text points at the next image: wrong, unless that image has the same caption
+    shifted = feats[[1, 2, 3, 0]]
+    wrong = retrieval_metrics(feats, shifted, captions)
+    assert wrong["t2i_R@1"] == 0.0 and wrong["i2t_R@1"] == 0.0 and wrong["t2i_R@5"] == 1.0
+    same = retrieval_metrics(feats, shifted, ["x", "x", "c", "c"])
+    assert same["t2i_R@1"] == 0.5 and same["i2t_R@1"] == 0.5
+
+
+def test_zero_shot_shapes_reports_three_accuracies(bundle):
+    from dalle_mini_impl.clip.uses import load_clip
+    from dalle_mini_impl.config import ShapesConfig
+    from dalle_mini_impl.eval.clip import one_object_scenes, zero_shot_shapes
+
+    images, objects = one_object_scenes(ShapesConfig(), 16, "validation", 6)
+    assert images.shape == (6, 3, 16, 16) and len(objects) == 6
+    out = zero_shot_shapes(load_clip(bundle), images, objects)
+    assert set(out) == {"color", "shape", "position", "n"} and out["n"] == 6
+    assert all(0 <= out[k] <= 1 for k in ("color", "shape", "position"))
+
+
+def test_eval_clip_command_prints_json(bundle, capsys):
+    pytest.importorskip("dalle_mini_impl.data")
+    from dalle_mini_impl.eval.clip import main
+
+    main(["--model", str(bundle), "--data", "shapes", "--split", "validation", "--limit", "12", "--zero-shot", "6"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 12 and out["hit_rule"] == "same caption"
+    assert {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"} <= set(out)
+    assert out["zero_shot"]["n"] == 6
