@@ -6,8 +6,8 @@ single-position forward whose keys and values are written in place at their posi
 tensors, masks precomputed once and sliced). Classifier-free guidance (Ho & Salimans 2022) runs the
 conditional and unconditional rows as one batch of 2b and mixes logits as u + scale * (c - u).
 
-Sampling draws Gumbel noise (as -log of Exp(1) noise) from the caller's `torch.Generator`, one (b,
-image_vocab) draw per token in every mode, so cached and uncached decoding (`use_cache=False`, which
+Sampling draws one uniform number per row and token from the caller's `torch.Generator` (inverse-CDF
+sampling), the same draws in every mode, so cached and uncached decoding (`use_cache=False`, which
 recomputes the whole prefix every step: the reference) give the same tokens for the same seed.
 
 Usage:
@@ -49,11 +49,18 @@ def sample_logits(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One id per row of logits (b, k) -> (b,), by the Gumbel-max trick on the filtered, tempered logits."""
+    """One id per row of logits (b, k) -> (b,), drawn from softmax(filtered logits / temperature).
+
+    Inverse-CDF sampling with one uniform number per row: a (b, k) draw of Gumbel or exponential noise
+    would cost more than the whole tiny-model step on a CPU.
+    """
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    noise = torch.empty_like(logits).exponential_(generator=generator)
-    # argmax(l - log E) with E ~ Exp(1) samples softmax(l); the clamp keeps log(0) out of it
-    return (logits - noise.clamp_(min=torch.finfo(noise.dtype).tiny).log()).argmax(dim=-1)
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (b, k)
+    device = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=device)  # (b, 1)
+    # the first id whose cdf exceeds u * total: never an id of probability 0, whose cdf step is flat
+    ids = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)  # (b, 1)
+    return ids.clamp_(max=logits.shape[-1] - 1).squeeze(1)
 
 
 def _pair(ids: torch.Tensor, guided: bool) -> torch.Tensor:
