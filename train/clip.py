@@ -20,7 +20,9 @@ import torch
 
 from dalle_mini_impl.bundle import load_text_tokenizer, save_module
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
+from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero_shot_shapes
 from dalle_mini_impl.images import make_grid
 from train import loop
 from train.common import adamw, example_batches, seed_everything
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(batch["caption"]).to(device)
         image_feats, text_feats, scale = m(images, ids)
         value = m.loss(image_feats, text_feats, scale)
-        return value, {"logit_scale": float(scale)}
+        return value, {"logit_scale": float(scale.detach())}
 
     def after_step(m, batch, step, acc):
         m.clamp_logit_scale_()
@@ -54,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
 
     val = example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator)
     val_start = val.state_dict()
+    zero_shot = None
+    if cfg.data.source == "shapes":  # zero-shot color / shape / position on one-object renders
+        zero_shot = one_object_scenes(cfg.data.shapes, cfg.data.image_size, cfg.data.val_split, 300)
 
     @torch.no_grad()
     def evaluate(m, step):
-        from dalle_mini_impl.eval.clip import retrieval_metrics
-
+        results = {}
+        if zero_shot is not None:
+            scorer = BundleClipScorer(m, tokenizer, device=device)
+            results.update({f"zero_shot_{k}": v for k, v in zero_shot_shapes(scorer, *zero_shot).items() if k != "n"})
         val.load_state_dict(val_start)
         image_feats, text_feats, captions = [], [], []
         for i, batch in enumerate(val):
@@ -67,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             image_feats.append(m.encode_image(batch["image"].to(device)).float())
             text_feats.append(m.encode_text(tokenizer.encode(batch["caption"]).to(device)).float())
             captions += batch["caption"]
-        if not captions:
-            return {}
-        # every process evaluates its own share; the main process's numbers are logged
-        return retrieval_metrics(torch.cat(image_feats).cpu(), torch.cat(text_feats).cpu(), captions)
+        if captions:
+            # every process evaluates its own share; the main process's numbers are logged
+            results.update(retrieval_metrics(torch.cat(image_feats).cpu(), torch.cat(text_feats).cpu(), captions))
+        return results
 
     def log_images(m, step, writer):
         val.load_state_dict(val_start)
