@@ -4,7 +4,7 @@
       config.json              the resolved RunConfig
       text.model               the sentencepiece model
       vae.safetensors          image tokenizer weights (+ vae.json, its own config: loadable by `vae` alone)
-      transformer.safetensors  the DALL-E transformer
+      transformer.safetensors  the DALL-E transformer (+ transformer.json, its DalleModelConfig)
       clip.safetensors         CLIP
 
 Every write goes to a temporary name first and is renamed into place, so a killed run never leaves a
@@ -14,6 +14,7 @@ the config, and says in one sentence what to do when it does not.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -131,3 +132,30 @@ def load_vae(bundle: str | os.PathLike):
         return vae.load_pretrained(bundle).eval()
     except vae.VAEError as e:
         raise UserError(str(e)) from None
+
+
+def load_text_tokenizer(bundle: str | os.PathLike, cfg: RunConfig):
+    """The sentencepiece tokenizer of a bundle or run folder, encoding to `cfg.text.text_len` ids."""
+    from .text import TextTokenizer
+
+    return TextTokenizer.load(part_path(bundle, "text"), cfg.text.text_len, cfg.text.lowercase)
+
+
+def load_transformer(bundle: str | os.PathLike):
+    """The DALL-E transformer of a bundle or run folder (transformer.json + transformer.safetensors), in eval mode."""
+    from .transformer import DALLE, DalleModelConfig
+
+    weights = part_path(bundle, "transformer")
+    path = Path(bundle) / "transformer.json"
+    if not path.is_file():
+        raise UserError(
+            f"model folder '{bundle}' has no transformer.json; it is incomplete: retrain or copy the whole bundle"
+        )
+    try:
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError("not an object")
+        model = DALLE(DalleModelConfig.from_dict(values))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise UserError(f"'{path}' is not a valid transformer config ({e}); retrain or copy the whole bundle") from None
+    return load_module(model, weights, "transformer").eval()

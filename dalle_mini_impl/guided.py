@@ -1,0 +1,214 @@
+"""CLIP-guided refinement of sampled images (VQGAN+CLIP), over any image tokenizer of `vae`.
+
+After Crowson et al. 2022 ("VQGAN-CLIP: Open Domain Image Generation and Editing with Natural Language
+Guidance"): the image is a grid of continuous latents of the image tokenizer; every step snaps them to
+the nearest codes (straight-through gradients, the tokenizer's own `snap`), decodes them differentiably
+(`decode_latent`), and takes an Adam step that raises CLIP's similarity to the prompt, averaged over
+random crops of the decoded image ("cutouts"). What comes out is always a grid of real codes.
+
+Here the latents start at the codes of a sample (the transformer's, or `random_codes`), so refinement
+begins from exactly that image; of every snapped image seen on the way (the start included), the one
+with the highest similarity on the whole, un-augmented image is returned, so refinement never hands
+back something CLIP likes less than its start.
+
+Cutouts are random resized crops (`clip.model.clip_augment`, the augmentation CLIP was trained with,
+at a wider scale range) and, only when no prompt part mentions left or right, random horizontal flips:
+a flip turns "a circle on the left" into one on the right.
+
+Weighted prompts, as in VQGAN+CLIP: "a red circle:1 | a blue square:-0.5" moves towards a red circle
+and away from a blue square; the objective is the weighted sum of cosine similarities.
+
+Usage:
+    parts = parse_weighted_prompt("a red circle:1 | a blue square:-0.5")   # [("a red circle", 1.0), ...]
+    ids, images, scores = refine(tokenizer, scorer, parts, start_ids, steps=60, lr=0.1, cutouts=16,
+                                 generator=torch.Generator().manual_seed(0))    # (b, h, w), (b, 3, H, W), (b,)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
+
+import vae
+
+from .clip.model import clip_augment
+from .errors import UserError
+
+# a dVAE's start logits: the start code leads every other by this much, so Adam at lr ~0.1 can switch a
+# cell to another code within a few steps, yet the first snapped image is exactly the start image
+START_MARGIN = 1.0
+# cutouts keep at least this fraction of the image side: wide enough to keep a shape whole on 16-32 px images
+CUTOUT_SCALE_MIN = 0.6
+_SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
+    """'a red circle:1 | a blue square:-0.5' -> [('a red circle', 1.0), ('a blue square', -0.5)].
+
+    A part without ':weight' weighs 1. An empty part, a weight that is not a finite number, or no part
+    with a positive weight is a UserError.
+    """
+    parts = []
+    for raw in prompt.split("|"):
+        text, sep, weight_text = raw.rpartition(":")
+        if not sep:
+            text, weight = raw, 1.0
+        else:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                weight = math.nan
+            if not math.isfinite(weight):
+                raise UserError(
+                    f"the weight '{weight_text.strip()}' in prompt part '{raw.strip()}' is not a number; "
+                    "write parts like 'a red circle:1 | a blue square:-0.5'"
+                )
+        if not text.strip():
+            raise UserError(f"the weighted prompt '{prompt}' has an empty part; write 'text:weight' between the '|'s")
+        parts.append((text.strip(), weight))
+    if not any(w > 0 for _, w in parts):
+        raise UserError(
+            f"the weighted prompt '{prompt}' has no part with a positive weight; give one, e.g. 'a circle:1'"
+        )
+    return parts
+
+
+def mentions_sides(texts: Sequence[str]) -> bool:
+    """Whether any text says left or right (then cutouts are never flipped)."""
+    return any(_SIDES.search(t) for t in texts)
+
+
+def random_codes(codebook_size: int, batch: int, h: int, w: int, generator: torch.Generator | None = None):
+    """Uniformly random code ids (batch, h, w): the other starting point of refinement."""
+    return torch.randint(codebook_size, (batch, h, w), generator=generator)
+
+
+def start_latent(tokenizer: vae.ImageTokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """The free latent (what `tokenizer.snap` takes) that snaps to exactly `ids` (b, h, w)."""
+    if isinstance(tokenizer, vae.DiscreteVAE):
+        # logits (b, k, h, w): the argmax is the start code
+        return START_MARGIN * rearrange(F.one_hot(ids, tokenizer.codebook_size).float(), "b h w k -> b k h w")
+    if isinstance(tokenizer, vae.VQ):
+        return tokenizer.embed_ids(ids)  # unit codes in the lookup space, whose nearest code is themselves
+    return tokenizer.free_latent(tokenizer.decode(ids))  # any other tokenizer: re-encode its own decoding
+
+
+def make_cutouts(
+    images: torch.Tensor, n: int, size: int, generator: torch.Generator | None = None, flips: bool = True
+) -> torch.Tensor:
+    """Images (b, 3, H, W) -> n random crops of each, (n * b, 3, size, size), row j from image j % b."""
+    x = clip_augment(images.repeat(n, 1, 1, 1), CUTOUT_SCALE_MIN, generator)  # (n b, 3, H, W), differentiable
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if flips:
+        flip = torch.rand(x.shape[0], generator=generator).to(x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def prompt_direction(scorer, parts: Sequence[tuple[str, float]]) -> torch.Tensor:
+    """The weighted sum of the parts' text embeddings (e,): its dot product with an image embedding is the score."""
+    weights = torch.tensor([w for _, w in parts])
+    return weights @ scorer.embed_texts([t for t, _ in parts])  # (e,)
+
+
+def weighted_score(scorer, images: torch.Tensor, parts: Sequence[tuple[str, float]]) -> torch.Tensor:
+    """Sum over parts of weight * cosine similarity, per image (m,); one part of weight 1 is `scorer.score`."""
+    return scorer.embed_images(images) @ prompt_direction(scorer, parts)
+
+
+def _where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+    """Per batch row (b,), `new` where `rows` is True, else `old` (None: all new)."""
+    if old is None:
+        return new
+    return torch.where(rows.view(-1, *[1] * (new.dim() - 1)), new, old)
+
+
+def _check(steps: int, lr: float, cutouts: int) -> None:
+    if steps < 0:
+        raise UserError(f"config key 'sample.guided_steps' is {steps}; set it to 0 or more")
+    if not lr > 0:
+        raise UserError(f"config key 'sample.guided_lr' is {lr}; set it to a positive number, e.g. 0.1")
+    if cutouts < 1:
+        raise UserError(f"config key 'sample.guided_cutouts' is {cutouts}; set it to 1 or more")
+
+
+def refine(
+    tokenizer: vae.ImageTokenizer,
+    scorer,
+    parts: Sequence[tuple[str, float]],
+    start_ids: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    cutouts: int,
+    generator: torch.Generator | None = None,
+    keep_rows: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raise CLIP's weighted similarity of the images of `start_ids` (b, h, w) by optimising their latents.
+
+    scorer: a ClipScorer over a CLIP module it exposes as `.model` (the bundle's own, `load_clip`).
+    keep_rows: the top rows of codes that stay as they are (completion).
+    Returns the best snapped (ids (b, h, w), images (b, 3, H, W) in [0, 1], scores (b,)), on the CPU.
+    Only the latents get gradients; the models' weights are never touched.
+    """
+    _check(steps, lr, cutouts)
+    if not 0 <= keep_rows < start_ids.shape[1]:
+        raise UserError(f"keep_rows is {keep_rows}; keep fewer rows than the grid's {start_ids.shape[1]}")
+    model = getattr(scorer, "model", None)
+    if model is None or not hasattr(model, "encode_image"):
+        raise UserError("clip-guided generation needs the bundle's own CLIP (clip.safetensors); use --method ar")
+    device = next(tokenizer.parameters()).device
+    texts = [t for t, _ in parts]
+    flips = not mentions_sides(texts)
+    direction = prompt_direction(scorer, parts).to(device)  # (e,)
+    # a plain copy: ids sampled under inference_mode cannot take part in autograd
+    start_ids = start_ids.to(device).clone()
+    r = keep_rows
+
+    with torch.enable_grad():
+        free = start_latent(tokenizer, start_ids).detach().requires_grad_(True)
+        kept = tokenizer.embed_ids(start_ids).detach()  # (b, d, h, w)
+        optimizer = torch.optim.Adam([free], lr=lr)
+        best_ids = best_images = best = None
+        bar = tqdm(range(steps + 1), desc="clip-guided", unit="step", leave=False, disable=None if progress else True)
+        for step in bar:
+            latent, ids = tokenizer.snap(free)
+            if r:
+                latent = torch.cat([kept[:, :, :r], latent[:, :, r:]], dim=2)
+                ids = torch.cat([start_ids[:, :r], ids[:, r:]], dim=1)
+            images = tokenizer.decode_latent(latent)  # (b, 3, H, W)
+            score = scorer.embed_images(images.detach()).to(device) @ direction  # (b,)
+            better = torch.ones_like(score, dtype=torch.bool) if best is None else score > best
+            best = _where(better, score, best)
+            best_ids = _where(better, ids, best_ids)
+            best_images = _where(better, images.detach(), best_images)
+            bar.set_postfix(score=f"{float(score.mean()):.4f}", best=f"{float(best.mean()):.4f}")
+            if step == steps:
+                break  # the last snap is scored, not optimised
+            crops = make_cutouts(images, cutouts, model.image_size, generator, flips)  # (n b, 3, S, S)
+            sims = rearrange(model.encode_image(crops) @ direction, "(n b) -> n b", n=cutouts)
+            loss = -sims.mean(0).sum()
+            (grad,) = torch.autograd.grad(loss, [free])
+            free.grad = grad
+            optimizer.step()
+    return best_ids.cpu(), best_images.float().cpu(), best.float().cpu()
+
+
+__all__ = [
+    "make_cutouts",
+    "mentions_sides",
+    "parse_weighted_prompt",
+    "prompt_direction",
+    "random_codes",
+    "refine",
+    "start_latent",
+    "weighted_score",
+]

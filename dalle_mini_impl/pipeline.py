@@ -1,0 +1,402 @@
+"""The text-to-image pipeline: prompt -> transformer samples -> image tokenizer decodes -> CLIP keeps the best.
+
+    from dalle_mini_impl.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained("runs/shapes")       # a bundle folder; None: the one shipped in the package
+    results = pipe.generate(["a red circle"], num_images=4, candidates=16, seed=0)
+    best = results[0][0]                                 # Result: prompt, image (PIL), rank, clip_score, seed, ids
+    best.image.save("a-red-circle.png")
+
+DALL-E's recipe (Ramesh et al. 2021, section 2.5): sample many candidates for a prompt, score them with
+CLIP, keep the best. Two more ways to use the same parts:
+  method="clip-guided"   VQGAN+CLIP refinement of the kept candidates (`guided.py`); the prompt may be
+                         weighted, "a red circle:1 | a blue square:-0.5" (sampling uses its top part)
+  init_image, keep_rows  completion, DALL-E's image-prompt trick: the image's top `keep_rows` rows of
+                         codes are given to the transformer, which samples the rest; they stay exactly
+
+Determinism: prompt i draws all its randomness from its own CPU `torch.Generator` seeded with seed + i
+(reported as the result's `seed`), its candidates sampled in batches of `sample.batch_size`. So the same
+seed and arguments (the number of candidates included) give the same ids on the same machine, whatever
+the other prompts are, and a prompt run alone with `seed=result.seed` gives its images again.
+
+Every default (num_images, candidates, cfg scale, temperature, top-k/p, seed, guided steps) comes from
+the bundle's `sample` config section. Nothing here writes files: `python -m sample` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .bundle import load_text_tokenizer, load_transformer, load_vae, read_bundle_config
+from .config import RunConfig, SampleConfig
+from .errors import UserError
+from .generate import generate
+from .images import prepare_image, to_pil
+
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
+METHODS = ("ar", "clip-guided")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Result:
+    """One kept image of a prompt."""
+
+    prompt: str
+    image: Image.Image  # at the model's native resolution
+    rank: int  # 1: CLIP's favourite of the candidates (or the first sampled, without CLIP)
+    clip_score: float | None  # cosine similarity to the prompt (weighted sum under clip-guided); None without CLIP
+    seed: int  # the prompt's own seed: generating it alone with this seed gives the same images
+    ids: torch.Tensor  # (h, w) the image's codes
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (cuda > mps > cpu), 'cpu', 'cuda' or 'mps' as a device that exists on this machine."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}
+    if name not in available:
+        raise UserError(f"device '{name}' is unknown; use auto, cpu, cuda or mps")
+    if not available[name]:
+        raise UserError(f"device '{name}' is not available on this machine; use --device auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'fp32', 'bf16' or 'fp16' as the autocast dtype for `device`; fp16 on the CPU is refused."""
+    if name not in DTYPES:
+        raise UserError(f"dtype '{name}' is unknown; use fp32, bf16 or fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("dtype fp16 is not supported on the CPU; use --dtype fp32 or bf16")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("dtype bf16 is not supported by this GPU; use --dtype fp16 or fp32")
+    return DTYPES[name]
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a list; none, or an empty or blank one, is a UserError."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("no prompt was given; describe the image, e.g. python -m sample 'a red circle'")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise UserError(f"prompt {i + 1} is empty; describe the image, e.g. 'a red circle'")
+    return prompts
+
+
+def check_settings(s: SampleConfig) -> None:
+    """Numbers a sampler cannot use are UserErrors naming the command-line flag."""
+    for flag, value in (("--cfg", s.cfg), ("--temperature", s.temperature), ("--top-p", s.top_p)):
+        if not math.isfinite(value):
+            raise UserError(f"{flag} is {value}; give a finite number")
+    if s.candidates < 1:
+        raise UserError(f"--candidates is {s.candidates}; sample at least 1 candidate per prompt")
+    if s.num_images < 1:
+        raise UserError(f"--num-images is {s.num_images}; keep at least 1 image per prompt")
+    if s.num_images > s.candidates:
+        raise UserError(
+            f"--num-images {s.num_images} is above --candidates {s.candidates}; ask for fewer images or more candidates"
+        )
+    if s.temperature <= 0:
+        raise UserError(f"--temperature is {s.temperature}; it must be above 0 (use --top-k 1 for greedy decoding)")
+    if s.top_k < 0:
+        raise UserError(f"--top-k is {s.top_k}; use 0 (off) or a positive number of ids")
+    if not 0 < s.top_p <= 1:
+        raise UserError(f"--top-p is {s.top_p}; it must lie in (0, 1], 1 is off")
+    if not 0 <= s.seed < 2**62:
+        raise UserError(f"--seed is {s.seed}; use a non-negative integer below 2**62")
+    if s.batch_size < 1:
+        raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
+
+
+class Pipeline:
+    """Text tokenizer + transformer + image tokenizer + (optional) CLIP, on one device, ready to sample."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        text_tokenizer,
+        transformer,
+        image_tokenizer,
+        clip=None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.cfg = cfg
+        self.text_tokenizer = text_tokenizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.transformer = transformer.to(self.device).eval()
+        self.image_tokenizer = image_tokenizer.to(self.device).eval()
+        self.clip = clip  # a ClipScorer, or None: candidates stay in sample order
+        self._check_parts_agree()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "fp32"
+    ) -> Pipeline:
+        """Load a bundle folder (None: the shapes model shipped in the package) onto `device`.
+
+        dtype bf16 or fp16 runs the transformer and the image tokenizer under autocast; CLIP stays fp32.
+        A bundle without clip.safetensors loads with a warning; its candidates are not reranked.
+        """
+        if path is None:
+            if not SHIPPED_MODEL.is_dir():
+                raise UserError(
+                    f"the shipped model is missing at '{SHIPPED_MODEL}'; pass --model RUN_FOLDER with a trained bundle"
+                )
+            path = SHIPPED_MODEL
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        cfg = read_bundle_config(path)
+        text_tokenizer = load_text_tokenizer(path, cfg)
+        transformer = load_transformer(path)
+        image_tokenizer = load_vae(path)
+        clip = None
+        if (Path(path) / "clip.safetensors").is_file():
+            from .clip.uses import load_clip  # only a bundle with CLIP pays for importing it
+
+            clip = load_clip(path, device=dev)
+        else:
+            warnings.warn(
+                f"model folder '{path}' has no clip.safetensors, so candidates are kept in sample order "
+                "and clip_score is None",
+                stacklevel=2,
+            )
+        return cls(cfg, text_tokenizer, transformer, image_tokenizer, clip, dev, torch_dtype)
+
+    def _check_parts_agree(self) -> None:
+        m, text, image = self.transformer.cfg, self.text_tokenizer, self.image_tokenizer
+        grid = image.grid(self.cfg.data.image_size)
+        problems = [
+            (m.text_len != text.text_len, f"text length {m.text_len} vs {text.text_len}"),
+            (m.text_vocab < text.vocab_size, f"text vocabulary {m.text_vocab} vs {text.vocab_size}"),
+            (m.image_vocab != image.codebook_size, f"image vocabulary {m.image_vocab} vs {image.codebook_size}"),
+            ((m.grid_h, m.grid_w) != grid, f"grid {m.grid_h}x{m.grid_w} vs {grid[0]}x{grid[1]}"),
+        ]
+        for bad, detail in problems:
+            if bad:
+                raise UserError(
+                    f"the transformer does not fit this bundle's tokenizers ({detail}); "
+                    "use a bundle whose parts were trained together"
+                )
+
+    # -- the parts ---------------------------------------------------------------------------------
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) codes per image."""
+        return self.transformer.cfg.grid_h, self.transformer.cfg.grid_w
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """A prompt as text ids (1, t) on the device; a truncated prompt warns how many tokens were dropped."""
+        ids, dropped = self.text_tokenizer.encode_with_info([prompt])
+        if dropped[0]:
+            warnings.warn(
+                f"prompt '{prompt}' is longer than the model's {self.text_tokenizer.text_len} text tokens; "
+                f"{dropped[0]} tokens were dropped from its end",
+                stacklevel=2,
+            )
+        return ids.to(self.device)
+
+    def encode_image(self, image: str | os.PathLike | Image.Image) -> torch.Tensor:
+        """An image (file path or PIL) as codes (h, w) at the model's resolution, on the CPU."""
+        size = self.cfg.data.image_size
+        if isinstance(image, Image.Image):
+            pixels = prepare_image(image, size)
+        else:
+            from .clip.uses import read_image  # one-sentence errors for missing or unreadable files
+
+            pixels = read_image(image, size)
+        with torch.inference_mode(), self._autocast():
+            return self.image_tokenizer.encode(pixels[None].to(self.device))[0].cpu()
+
+    def sample_ids(
+        self,
+        text: torch.Tensor,
+        s: SampleConfig,
+        generator: torch.Generator,
+        prime: torch.Tensor | None = None,
+        bar: tqdm | None = None,
+    ) -> torch.Tensor:
+        """`s.candidates` image code sequences (m, n) for one prompt's text ids (1, t), in batches."""
+        null = self.text_tokenizer.null_ids()[None].to(self.device)  # (1, t)
+        w = self.grid[1]
+        out = []
+        for start in range(0, s.candidates, s.batch_size):
+            b = min(s.batch_size, s.candidates - start)
+            with self._autocast():
+                ids = generate(
+                    self.transformer,
+                    text.expand(b, -1),
+                    null_text=null,
+                    cfg_scale=s.cfg,
+                    temperature=s.temperature,
+                    top_k=s.top_k,
+                    top_p=s.top_p,
+                    generator=generator,
+                    prime=None if prime is None else prime.to(self.device).expand(b, -1),
+                    on_row=None if bar is None else (lambda r, so_far: bar.update(so_far.shape[0] * w)),
+                )
+            out.append(ids.cpu())
+        return torch.cat(out)  # (m, n)
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Codes (m, n) or (m, h, w) -> images (m, 3, H, W) float32 in [0, 1], on the CPU, in batches."""
+        h, w = self.grid
+        out = []
+        for chunk in ids.reshape(-1, h, w).split(max(1, self.cfg.sample.batch_size)):
+            with torch.inference_mode(), self._autocast():
+                out.append(self.image_tokenizer.decode(chunk.to(self.device)).float().cpu())
+        return torch.cat(out)
+
+    # -- the whole pipeline --------------------------------------------------------------------
+
+    def settings(self, **overrides) -> SampleConfig:
+        """The bundle's `sample` section with every override that is not None, checked."""
+        s = dataclasses.replace(self.cfg.sample, **{k: v for k, v in overrides.items() if v is not None})
+        check_settings(s)
+        return s
+
+    def generate(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        num_images: int | None = None,
+        candidates: int | None = None,
+        cfg_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        method: str = "ar",
+        init_image: str | os.PathLike | Image.Image | None = None,
+        keep_rows: int | None = None,
+        progress: bool = True,
+    ) -> list[list[Result]]:
+        """For each prompt, its best `num_images` of `candidates` samples, best first (None: bundle default).
+
+        method: "ar" (sample and rerank) or "clip-guided" (then refine the kept ones with CLIP).
+        init_image, keep_rows: complete an image from its top keep_rows rows of codes (1 .. h-1; None: h // 2).
+        progress: tqdm bars on stderr over prompts and tokens (and guided steps).
+        """
+        prompts = check_prompts(prompts)
+        s = self.settings(
+            num_images=num_images,
+            candidates=candidates,
+            cfg=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+        if method not in METHODS:
+            raise UserError(f"method '{method}' is unknown; use ar or clip-guided")
+        if method == "clip-guided" and self.clip is None:
+            raise UserError("clip-guided generation needs a bundle with clip.safetensors; use --method ar")
+        prime = self._prime(init_image, keep_rows)
+        keep_rows = 0 if prime is None else prime.shape[1] // self.grid[1]
+        parts = [self._parts(p, method) for p in prompts]
+
+        h, w = self.grid
+        bar = tqdm(
+            total=len(prompts) * s.candidates * h * w, unit="tok", desc="sample", disable=None if progress else True
+        )
+        results = []
+        with bar:
+            for i, (prompt, prompt_parts) in enumerate(zip(prompts, parts)):
+                bar.set_description(f"prompt {i + 1}/{len(prompts)}")
+                generator = torch.Generator().manual_seed(s.seed + i)
+                # sampling reads the top-weighted part of a weighted prompt
+                text = self.encode_prompt(max(prompt_parts, key=lambda part: part[1])[0])
+                ids = self.sample_ids(text, s, generator, prime, bar)  # (m, n)
+                images = self.decode(ids)  # (m, 3, H, W)
+                scores = self._score(images, prompt_parts)
+                keep = torch.arange(s.num_images) if scores is None else scores.sort(descending=True, stable=True)[1]
+                keep = keep[: s.num_images]
+                ids, images = ids[keep].view(-1, h, w), images[keep]
+                scores = None if scores is None else scores[keep]
+                if method == "clip-guided":
+                    ids, images, scores = self._refine(ids, prompt_parts, s, generator, keep_rows, progress)
+                results.append(self._results(prompt, s.seed + i, ids, images, scores))
+        return results
+
+    def _prime(self, init_image, keep_rows: int | None) -> torch.Tensor | None:
+        """The kept codes (1, keep_rows * w) of the init image (keep_rows None: half its rows), or None."""
+        h, w = self.grid
+        if init_image is None:
+            if keep_rows is not None:
+                raise UserError("--keep-rows needs an image to complete; pass --init-image PNG or leave it out")
+            return None
+        keep_rows = h // 2 if keep_rows is None else keep_rows
+        if not 1 <= keep_rows < h:
+            raise UserError(f"--keep-rows is {keep_rows}, outside this model's grid of {h} rows; pass 1 to {h - 1}")
+        return self.encode_image(init_image).reshape(1, h * w)[:, : keep_rows * w]
+
+    @staticmethod
+    def _parts(prompt: str, method: str) -> list[tuple[str, float]]:
+        if method == "clip-guided":
+            from .guided import parse_weighted_prompt
+
+            return parse_weighted_prompt(prompt)
+        return [(prompt, 1.0)]  # a plain prompt is taken literally, '|' and ':' included
+
+    def _score(self, images: torch.Tensor, parts: list[tuple[str, float]]) -> torch.Tensor | None:
+        if self.clip is None:
+            return None
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            return self.clip.score(images, parts[0][0])
+        from .guided import weighted_score
+
+        return weighted_score(self.clip, images, parts)
+
+    def _refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int, progress: bool):
+        from .guided import refine
+
+        ids, images, scores = refine(
+            self.image_tokenizer,
+            self.clip,
+            parts,
+            ids,
+            steps=s.guided_steps,
+            lr=s.guided_lr,
+            cutouts=s.guided_cutouts,
+            generator=generator,
+            keep_rows=keep_rows,
+            progress=progress,
+        )
+        order = scores.sort(descending=True, stable=True)[1]
+        return ids[order], images[order], scores[order]
+
+    @staticmethod
+    def _results(prompt: str, seed: int, ids, images, scores) -> list[Result]:
+        return [
+            Result(
+                prompt=prompt,
+                image=to_pil(images[j]),
+                rank=j + 1,
+                clip_score=None if scores is None else float(scores[j]),
+                seed=seed,
+                ids=ids[j].clone(),
+            )
+            for j in range(images.shape[0])
+        ]
+
+
+__all__ = ["DTYPES", "METHODS", "SHIPPED_MODEL", "Pipeline", "Result", "check_prompts", "check_settings"]

@@ -1,0 +1,145 @@
+"""`python -m sample PROMPT [PROMPT ...]`: text to images, reranked by CLIP, as PNG files.
+
+    python -m sample "a red circle" "a small blue square on the left" --num-images 4 --candidates 16
+    python -m sample "a red circle:1 | a blue square:-0.5" --method clip-guided      # VQGAN+CLIP refinement
+    python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
+    python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
+
+A thin shell over `dalle_mini_impl.pipeline.Pipeline` (DALL-E's sample-then-rerank recipe). The model is
+a bundle folder (--model; default: the shapes bundle shipped in the package); every sampling default
+comes from its `sample` config section. For each prompt the best N images are written to --out
+(default samples/) at the model's native resolution as SLUG_sSEED_rRANK.png, plus SLUG_sSEED_grid.png;
+the slug is the prompt in ASCII (made unique within a run), the seed is the prompt's own (seed + its
+index), so `python -m sample PROMPT --seed S` with a file's S gives that file again. Nothing is written
+anywhere else. Progress bars and warnings go to stderr; with --json stdout holds only the JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from dalle_mini_impl.errors import run_cli
+
+MAX_SLUG = 60
+
+
+def slugify(prompt: str) -> str:
+    """A file-name-safe ASCII slug of a prompt ('A Red Circle!' -> 'a-red-circle'); never empty."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:MAX_SLUG].rstrip("-")
+    # a prompt with no ASCII letters (an emoji, Japanese) is named by a short hash of itself
+    return slug or "prompt-" + hashlib.sha1(prompt.encode()).hexdigest()[:8]
+
+
+def unique_slugs(prompts: Sequence[str]) -> list[str]:
+    """One slug per prompt, with -2, -3 ... added where an earlier prompt already took the slug."""
+    seen: set[str] = set()
+    out = []
+    for prompt in prompts:
+        base = slug = slugify(prompt)
+        n = 1
+        while slug in seen:
+            n += 1
+            slug = f"{base}-{n}"
+        seen.add(slug)
+        out.append(slug)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n")[0])
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="what to draw; any Unicode")
+    p.add_argument("--model", default=None, help="bundle folder (default: the shapes model shipped in the package)")
+    p.add_argument("--num-images", type=int, default=None, help="images kept per prompt (default: the bundle's)")
+    p.add_argument("--candidates", type=int, default=None, help="samples per prompt that CLIP ranks")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature, above 0")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first prompt; prompt i uses seed + i")
+    p.add_argument("--out", default="samples", help="folder for the PNGs (default: samples/)")
+    p.add_argument(
+        "--method",
+        choices=["ar", "clip-guided"],
+        default="ar",
+        help="ar: sample and rerank; clip-guided: then refine with CLIP (prompt may be 'text:1 | other:-0.5')",
+    )
+    p.add_argument("--init-image", default=None, metavar="PNG", help="complete this image from its top rows")
+    p.add_argument("--keep-rows", type=int, default=None, help="rows of --init-image's codes to keep (default: half)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object per saved image, nothing else")
+    return p
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # imported after argument parsing: --help and argument errors answer without loading torch
+    from dalle_mini_impl.pipeline import Pipeline, check_prompts
+
+    prompts = check_prompts(args.prompts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning  # one line per warning, no source line
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        results = pipe.generate(
+            prompts,
+            num_images=args.num_images,
+            candidates=args.candidates,
+            cfg_scale=args.cfg,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            method=args.method,
+            init_image=args.init_image,
+            keep_rows=args.keep_rows,
+            progress=True,
+        )
+
+    out = Path(args.out)
+    for slug, kept in zip(unique_slugs(prompts), results):
+        paths, grid = save_results(kept, out, f"{slug}_s{kept[0].seed}")
+        if not args.json:
+            print(f"{kept[0].prompt!r}: {paths[0].name} .. {paths[-1].name} and {grid.name}")
+            continue
+        for r, path in zip(kept, paths):
+            record = {"prompt": r.prompt, "path": str(path), "rank": r.rank, "clip_score": r.clip_score, "seed": r.seed}
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+    if not args.json:
+        print(f"wrote {sum(len(k) + 1 for k in results)} PNGs to {out}{os.sep}")
+    return 0
+
+
+def save_results(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
+    """One prompt's Results as STEM_rRANK.png each and STEM_grid.png (captioned with rank and score)."""
+    import numpy as np
+    import torch
+
+    from dalle_mini_impl.images import from_uint8, save_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in kept:
+        paths.append(out / f"{stem}_r{r.rank}.png")
+        r.image.save(paths[-1], format="PNG")
+    images = torch.stack([from_uint8(np.asarray(r.image)) for r in kept])  # (N, 3, H, W)
+    captions = [f"#{r.rank}" + ("" if r.clip_score is None else f" {r.clip_score:.3f}") for r in kept]
+    return paths, save_grid(images, out / f"{stem}_grid.png", nrow=len(kept), captions=captions)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,431 @@
+"""`python -m sample` and the Pipeline under it, on a tiny random bundle built by the test (tests/bundle_factory.py).
+
+Files and JSON lines as promised, determinism, every bad input with its one sentence and exit code 2,
+CLIP-guided refinement raising the score, completion keeping its rows, and a sampling path that
+imports neither datasets, accelerate nor tensorboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dalle_mini_impl import pipeline
+from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.guided import make_cutouts, mentions_sides, parse_weighted_prompt, random_codes, refine
+from dalle_mini_impl.pipeline import Pipeline
+from sample.__main__ import main, slugify, unique_slugs
+from tests.bundle_factory import make_tiny_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("datasets", "accelerate", "tensorboard")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: threads only add overhead, and on a shared 2-core machine they contend badly
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle) -> Pipeline:
+    return Pipeline.from_pretrained(bundle, device="cpu")
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`python -m sample ARGV` in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and JSON lines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_json_lines_and_files_are_exactly_as_promised(bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    prompts = ["a red circle", "a blue square on the left"]
+    argv = [*prompts, "--model", str(bundle), "--out", str(out), "--num-images", "3", "--candidates", "5", "--json"]
+    code, stdout, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert len(lines) == 6
+    assert all(set(line) == {"prompt", "path", "rank", "clip_score", "seed"} for line in lines)
+    for i, (prompt, slug) in enumerate(zip(prompts, ["a-red-circle", "a-blue-square-on-the-left"])):
+        mine = [line for line in lines if line["prompt"] == prompt]
+        assert [line["rank"] for line in mine] == [1, 2, 3]
+        assert {line["seed"] for line in mine} == {i}  # prompt i uses seed + i
+        scores = [line["clip_score"] for line in mine]
+        assert scores == sorted(scores, reverse=True) and all(isinstance(s, float) for s in scores)
+        assert [Path(line["path"]).name for line in mine] == [f"{slug}_s{i}_r{r}.png" for r in (1, 2, 3)]
+        for line in mine:
+            with Image.open(line["path"]) as img:
+                assert img.size == (16, 16) and img.mode == "RGB"  # the model's native resolution
+    expected = {Path(line["path"]).name for line in lines} | {
+        "a-red-circle_s0_grid.png",
+        "a-blue-square-on-the-left_s1_grid.png",
+    }
+    assert {p.name for p in out.iterdir()} == expected
+
+
+def test_without_json_it_says_where_the_files_went(bundle, tmp_path, capsys):
+    code, stdout, _ = run(["a red circle", "--model", str(bundle), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0
+    assert "a-red-circle_s0_r1.png" in stdout and "a-red-circle_s0_grid.png" in stdout
+    assert stdout.splitlines()[-1] == f"wrote 3 PNGs to {tmp_path / 'o'}{os.sep}"  # 2 images (bundle default) + grid
+
+
+def test_nothing_is_written_outside_out(bundle, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = {p: p.stat().st_mtime_ns for p in bundle.rglob("*")}
+    code, _, _ = run(["a red circle", "--model", str(bundle), "--json"], capsys)
+    assert code == 0
+    assert [p.relative_to(work).parts[0] for p in work.rglob("*")] == ["samples"] * 4  # the default --out
+    assert {p: p.stat().st_mtime_ns for p in bundle.rglob("*")} == before
+
+
+def test_slugs_are_ascii_safe_and_unique():
+    assert slugify("A Red Circle!") == "a-red-circle"
+    assert slugify("Crème brûlée / ../etc") == "creme-brulee-etc"
+    cjk = slugify("赤い円 🐱")
+    assert cjk.startswith("prompt-") and cjk.isascii() and cjk != slugify("青い四角")
+    assert len(slugify("word " * 100)) <= 60
+    assert unique_slugs(["a red circle", "A red circle!", "a red circle"]) == [
+        "a-red-circle",
+        "a-red-circle-2",
+        "a-red-circle-3",
+    ]
+
+
+def test_any_unicode_prompt_is_fine(bundle, tmp_path, capsys):
+    code, stdout, stderr = run(["赤い円 🐱", "--model", str(bundle), "--out", str(tmp_path), "--json"], capsys)
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert [line["prompt"] for line in lines] == ["赤い円 🐱"] * 2
+    assert all(Path(line["path"]).is_file() and Path(line["path"]).name.isascii() for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_same_seed_gives_byte_identical_pngs(bundle, tmp_path, capsys):
+    def pngs(out: Path, seed: str) -> dict[str, bytes]:
+        code, _, _ = run(["a red circle", "--model", str(bundle), "--out", str(out), "--seed", seed], capsys)
+        assert code == 0
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    first, second = pngs(tmp_path / "a", "3"), pngs(tmp_path / "b", "3")
+    assert first == second
+    other = pngs(tmp_path / "c", "4")
+    assert list(first.values()) != list(other.values())
+
+
+def test_a_prompt_gives_the_same_ids_alone_with_its_seed(pipe):
+    together = pipe.generate(["a red circle", "a green triangle"], seed=5, progress=False)
+    alone = pipe.generate(["a green triangle"], seed=together[1][0].seed, progress=False)
+    assert together[1][0].seed == 6
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(together[1], alone[0]))
+
+
+def test_candidates_are_reranked_by_clip(pipe):
+    results = pipe.generate(["a red circle"], num_images=4, candidates=4, seed=0, progress=False)[0]
+    scores = pipe.clip.score(pipe.decode(torch.stack([r.ids for r in results])), "a red circle")
+    assert [r.rank for r in results] == [1, 2, 3, 4]
+    assert torch.allclose(scores, torch.tensor([r.clip_score for r in results]), atol=1e-5)
+    assert scores.tolist() == sorted(scores.tolist(), reverse=True)
+    best = pipe.generate(["a red circle"], num_images=1, candidates=4, seed=0, progress=False)[0][0]
+    assert torch.equal(best.ids, results[0].ids)
+
+
+def test_a_bundle_without_clip_keeps_sample_order_and_warns(bundle, tmp_path):
+    folder = shutil.copytree(bundle, tmp_path / "noclip")
+    (folder / "clip.safetensors").unlink()
+    with pytest.warns(UserWarning, match="no clip.safetensors"):
+        no_clip = Pipeline.from_pretrained(folder, device="cpu")
+    results = no_clip.generate(["a red circle"], num_images=2, candidates=3, seed=0, progress=False)[0]
+    assert [r.clip_score for r in results] == [None, None]
+    with_clip = Pipeline.from_pretrained(bundle, device="cpu")
+    with_clip.clip = None  # the same models: the first two samples, in the order they were drawn
+    first = with_clip.generate(["a red circle"], num_images=2, candidates=3, seed=0, progress=False)[0]
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(results, first))
+
+
+def test_bf16_autocast_runs_and_fp16_on_cpu_is_refused(bundle):
+    results = Pipeline.from_pretrained(bundle, device="cpu", dtype="bf16").generate(["a red circle"], progress=False)
+    assert len(results[0]) == 2
+    with pytest.raises(UserError, match="fp16 is not supported on the CPU"):
+        Pipeline.from_pretrained(bundle, device="cpu", dtype="fp16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one sentence, exit code 2
+# ----------------------------------------------------------------------------------------------
+
+BAD_ARGS = [
+    (["   "], "prompt 1 is empty"),
+    (["a red circle", ""], "prompt 2 is empty"),
+    (["a red circle", "--num-images", "5", "--candidates", "4"], "--num-images 5 is above --candidates 4"),
+    (["a red circle", "--candidates", "0", "--num-images", "1"], "--candidates is 0"),
+    (["a red circle", "--temperature", "-1"], "--temperature is -1.0"),
+    (["a red circle", "--top-p", "0"], "--top-p is 0.0"),
+    (["a red circle", "--top-p", "1.5"], "--top-p is 1.5"),
+    (["a red circle", "--top-k", "-2"], "--top-k is -2"),
+    (["a red circle", "--cfg", "nan"], "--cfg is nan"),
+    (["a red circle", "--keep-rows", "2"], "--keep-rows needs an image to complete"),
+    (["a red circle", "--keep-rows", "0"], "--keep-rows needs an image to complete"),
+    (["a red circle", "--seed", "-1"], "--seed is -1"),
+    (["a red circle", "--init-image", "{image}", "--keep-rows", "4"], "--keep-rows is 4, outside this model's grid"),
+    (["a red circle", "--init-image", "{image}", "--keep-rows", "0"], "--keep-rows is 0"),
+    (["a red circle", "--init-image", "missing.png"], "image 'missing.png' does not exist"),
+    (["a red circle", "--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
+    (["a red circle:x | a blue square", "--method", "clip-guided"], "the weight 'x'"),
+]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("init") / "init.png"
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("args,message", BAD_ARGS)
+def test_bad_arguments_are_one_sentence_and_exit_2(bundle, image_file, tmp_path, capsys, args, message):
+    args = [a.replace("{image}", str(image_file)) for a in args]
+    code, stdout, stderr = run([*args, "--model", str(bundle), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert stderr.startswith("error: ") and message in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr and stdout == ""
+    assert not (tmp_path / "o").exists()
+
+
+def _broken(bundle: Path, tmp_path: Path, how: str) -> Path:
+    folder = shutil.copytree(bundle, tmp_path / "broken")
+    if how.startswith("rm "):
+        (folder / how[3:]).unlink()
+    elif how.startswith("garbage "):
+        (folder / how[8:]).write_bytes(b"\x00 not safetensors \xff" * 10)
+    elif how == "truncated transformer":
+        data = (folder / "transformer.safetensors").read_bytes()
+        (folder / "transformer.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("rm transformer.safetensors", "has no transformer.safetensors"),
+        ("rm transformer.json", "has no transformer.json"),
+        ("rm text.model", "has no text.model"),
+        ("rm vae.safetensors", "has no vae.safetensors"),
+        ("rm config.json", "has no config.json"),
+        ("garbage transformer.safetensors", "is corrupted or not a safetensors file"),
+        ("truncated transformer", "is corrupted or not a safetensors file"),
+        ("garbage clip.safetensors", "is corrupted or not a safetensors file"),
+        ("garbage vae.safetensors", "is corrupt or not safetensors"),
+        ("garbage transformer.json", "is not a valid transformer config"),
+    ],
+)
+def test_a_missing_or_broken_model_file_is_one_sentence(bundle, tmp_path, capsys, how, message):
+    folder = _broken(bundle, tmp_path, how)
+    code, _, stderr = run(["a red circle", "--model", str(folder), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1
+
+
+def test_a_missing_model_folder_and_the_missing_shipped_model(tmp_path, monkeypatch, capsys):
+    code, _, stderr = run(["a red circle", "--model", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "does not exist; pass --model" in stderr
+    monkeypatch.setattr(pipeline, "SHIPPED_MODEL", tmp_path / "assets" / "shapes")
+    code, _, stderr = run(["a red circle"], capsys)
+    assert code == 2 and "the shipped model is missing" in stderr and "--model RUN_FOLDER" in stderr
+
+
+def test_clip_guided_without_clip_is_refused(bundle, tmp_path, capsys):
+    folder = _broken(bundle, tmp_path, "rm clip.safetensors")
+    code, _, stderr = run(["a red circle", "--model", str(folder), "--method", "clip-guided"], capsys)
+    assert code == 2 and "needs a bundle with clip.safetensors" in stderr
+    assert stderr.startswith("warning: ") and "no clip.safetensors" in stderr  # said before the error
+
+
+def test_a_long_prompt_is_truncated_with_a_warning(bundle, pipe, tmp_path, capsys):
+    prompt = "a red circle and a blue square and a green triangle on the left at the top"
+    _, dropped = pipe.text_tokenizer.encode_with_info([prompt])
+    assert dropped[0] > 0
+    code, stdout, stderr = run([prompt, "--model", str(bundle), "--out", str(tmp_path), "--json"], capsys)
+    assert code == 0 and len(stdout.splitlines()) == 2
+    assert (
+        f"warning: prompt '{prompt}' is longer than the model's 12 text tokens; {dropped[0]} tokens were dropped"
+        in stderr
+    )
+    with pytest.warns(UserWarning, match=f"{dropped[0]} tokens were dropped"):
+        pipe.generate([prompt], progress=False)
+
+
+def test_the_library_raises_user_errors_too(pipe):
+    with pytest.raises(UserError, match="prompt 1 is empty"):
+        pipe.generate([" \n"], progress=False)
+    with pytest.raises(UserError, match="--num-images 3 is above --candidates 2"):
+        pipe.generate(["a red circle"], num_images=3, candidates=2, progress=False)
+    with pytest.raises(UserError, match="method 'diffusion' is unknown"):
+        pipe.generate(["a red circle"], method="diffusion", progress=False)
+
+
+def test_a_real_subprocess_says_one_sentence_without_traceback(bundle, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sample", "  ", "--model", str(bundle), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: prompt 1 is empty; describe the image, e.g. 'a red circle'"
+    assert proc.stdout == ""
+
+
+def test_the_sampling_path_imports_no_training_libraries(bundle, tmp_path):
+    code = (
+        "import json, sys\n"
+        "from sample.__main__ import main\n"
+        f"main(['a red circle', '--model', {str(bundle)!r}, '--out', {str(tmp_path)!r}, '--json'])\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or 'tensorboard' in m)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *images, loaded = proc.stdout.splitlines()
+    assert len(images) == 2 and json.loads(loaded) == []
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP-guided refinement
+# ----------------------------------------------------------------------------------------------
+
+
+def test_weighted_prompts_parse_and_bad_weights_are_one_sentence():
+    assert parse_weighted_prompt("a red circle:1 | a blue square:-0.5") == [
+        ("a red circle", 1.0),
+        ("a blue square", -0.5),
+    ]
+    assert parse_weighted_prompt("a red circle") == [("a red circle", 1.0)]
+    assert parse_weighted_prompt("a red circle | a blue square:2") == [("a red circle", 1.0), ("a blue square", 2.0)]
+    with pytest.raises(UserError, match="the weight 'heavy' in prompt part 'a red circle:heavy' is not a number"):
+        parse_weighted_prompt("a red circle:heavy")
+    with pytest.raises(UserError, match="the weight 'inf'"):
+        parse_weighted_prompt("a red circle:inf")
+    with pytest.raises(UserError, match="has an empty part"):
+        parse_weighted_prompt("a red circle | :1")
+    with pytest.raises(UserError, match="no part with a positive weight"):
+        parse_weighted_prompt("a red circle:-1")
+
+
+def test_cutouts_flip_only_when_no_side_is_named():
+    assert mentions_sides(["a circle on the LEFT"]) and mentions_sides(["x", "right of it"])
+    assert not mentions_sides(["a red circle", "bright colors"])
+    images = torch.zeros(2, 3, 16, 16)
+    images[..., :8] = 1  # left half white
+    g = torch.Generator().manual_seed(0)
+    crops = make_cutouts(images, 8, 12, g, flips=False)
+    assert crops.shape == (16, 3, 12, 12)
+    assert (crops[..., :, :4].mean() > 0.9) and (crops[..., :, -4:].mean() < 0.1)  # never mirrored
+    flipped = make_cutouts(images, 8, 12, torch.Generator().manual_seed(0), flips=True)
+    assert (flipped[..., :, -4:].mean(dim=(1, 2, 3)) > 0.9).any()
+
+
+def test_clip_guided_refinement_raises_the_score_of_its_start(pipe):
+    g = torch.Generator().manual_seed(0)
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 3, h, w, g)
+    parts = [("a red circle", 1.0)]
+    before = pipe.clip.score(pipe.decode(start), "a red circle")
+    weights = {k: v.clone() for k, v in {**pipe.clip.model.state_dict(), **pipe.image_tokenizer.state_dict()}.items()}
+    ids, images, scores = refine(
+        pipe.image_tokenizer, pipe.clip, parts, start, steps=8, lr=0.1, cutouts=4, generator=g, progress=False
+    )
+    assert (scores > before).all()
+    assert (ids != start).any()
+    # what comes back is a real grid of codes, its image and its score
+    assert torch.allclose(pipe.decode(ids), images, atol=1e-5)
+    assert torch.allclose(pipe.clip.score(images, "a red circle"), scores, atol=1e-5)
+    after = {**pipe.clip.model.state_dict(), **pipe.image_tokenizer.state_dict()}
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    assert all(p.grad is None for p in pipe.clip.model.parameters())
+
+
+def test_clip_guided_from_the_command_line_improves_on_ar(bundle, tmp_path, capsys):
+    def scores(prompt: str, *method: str) -> list[float]:
+        argv = [prompt, "--model", str(bundle), "--json", "--seed", "1", "--out", str(tmp_path), *method]
+        code, stdout, stderr = run(argv, capsys)
+        assert code == 0, stderr
+        return [json.loads(line)["clip_score"] for line in stdout.splitlines()]
+
+    ar, refined = scores("a red circle"), scores("a red circle", "--method", "clip-guided")
+    assert len(refined) == 2 and refined == sorted(refined, reverse=True)
+    # each kept sample is refined from itself and never comes back worse, so neither do the ranks
+    assert all(r >= a - 1e-6 for r, a in zip(refined, ar)) and refined[0] > ar[0]
+    weighted = scores("a red circle:1 | a blue square:-0.5", "--method", "clip-guided")
+    assert len(weighted) == 2 and weighted == sorted(weighted, reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Completion
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ar", "clip-guided"])
+def test_completion_keeps_the_given_rows(pipe, image_file, method):
+    given = pipe.encode_image(image_file)  # (h, w)
+    results = pipe.generate(
+        ["a green triangle"],
+        candidates=4,
+        num_images=2,
+        seed=0,
+        init_image=image_file,
+        keep_rows=2,
+        method=method,
+        progress=False,
+    )[0]
+    for r in results:
+        assert torch.equal(r.ids[:2], given[:2])
+    assert any(not torch.equal(r.ids[2:], given[2:]) for r in results)
+    pil = pipe.generate(
+        ["a green triangle"], candidates=2, num_images=1, init_image=Image.open(image_file), keep_rows=1, progress=False
+    )[0][0]
+    assert torch.equal(pil.ids[:1], given[:1])
+
+
+def test_completion_from_the_command_line(bundle, image_file, tmp_path, capsys):
+    code, stdout, stderr = run(
+        ["a red circle", "--model", str(bundle), "--out", str(tmp_path), "--init-image", str(image_file), "--json"],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert len(stdout.splitlines()) == 2  # --keep-rows defaults to half the grid
