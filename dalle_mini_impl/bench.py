@@ -1,0 +1,723 @@
+"""Speed benchmark of the transformer (training, sampling) and the dVAE (training), printed as one JSON object.
+
+    python -m dalle_mini_impl.bench                          # every CPU preset, every phase (~2-3 min, 2 cores)
+    python -m dalle_mini_impl.bench --preset anchor-tiny --only sample
+    python -m dalle_mini_impl.bench --dtype bf16             # adds bf16-autocast training and its speed-up
+    python -m dalle_mini_impl.bench --device cuda            # adds the dalle256 preset (1024 image tokens)
+    python -m dalle_mini_impl.bench --only train --set dim=32 --set depth=1 --steps 2   # a quick smoke run
+
+The last line of stdout is one JSON object; progress goes to stderr. Phases:
+  peak    the best dense matmul FLOP/s this machine reaches (fp32 2048^3 on CPU; 8192^3 on GPU, in bf16 and
+          fp32), measured first: the denominator of the model-FLOPs utilisation (MFU).
+  train   per preset: fwd + bwd + AdamW step on random token ids (the transformer trains on pre-encoded
+          ids); tokens/s counted as batch * (text_len + image_len) per step, the anchor's convention; MFU =
+          flops_per_token * positions/s / peak (PaLM / nanoGPT); for transparency also the same step with a
+          dVAE encode of random pixels in it (what the anchor times, as it re-encodes pixels every step);
+          with --dtype bf16 (default on GPU) also bf16 autocast and its speed-up over fp32.
+  sample  per preset: `generate` for 8 prompts with the KV cache, without it (use_cache=False) and with
+          classifier-free guidance (scale 3): wall seconds, image tokens/s, guided / unguided cost; on GPU
+          at dalle256 also batches 64 and 256 with guidance.
+  vae     dVAE training images/s at 32 px, batch 32: a configuration with the constructor arguments of the
+          anchor's tiny dVAE (512 codes, code width 256, two stride-2 levels, hidden 64, no res-blocks)
+          and the shapes preset's (hidden 64, one res-block).
+Without --only each (phase, preset) runs in its own child process, so that peak memory (ru_maxrss on CPU)
+is that phase's own; on GPU it is torch.cuda.max_memory_allocated, reset before each measurement.
+
+The anchor-* presets reproduce the configurations of dalle-pytorch 1.6.6 that
+../shared/anchors/dalle-pytorch/bench.py times (batch 16 training, 8 prompts x 64 image tokens, top 10% of
+ids kept as its filter_thres=0.9 does); `scripts/compare_anchor.py` runs both side by side.
+Weights are random: speed, not quality, is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import vae as vae_lib
+
+from .errors import UserError, run_cli
+from .generate import generate
+from .transformer import DALLE, PRESETS, DalleModelConfig, preset_config
+
+CPU_PRESETS = ["anchor-tiny", "anchor-medium", "tiny"]
+GPU_PRESETS = ["dalle256"]
+PHASES = ("peak", "train", "sample", "vae")
+SEED = 0
+
+# Per-preset workload: batch sizes and step counts (the anchor's for the anchor-* presets), and the dVAE
+# that would tokenize the preset's images (the anchor's constructor arguments, translated), used only for the
+# "with encode" training number.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "anchor-tiny": dict(
+        train_batch=16,
+        train_steps=20,
+        warmup=2,
+        sample_batch=8,
+        image_size=32,
+        vae=dict(codebook_size=512, factor=4, hidden=64, res_blocks=0, code_dim=256),
+    ),
+    "anchor-medium": dict(
+        train_batch=16,
+        train_steps=8,
+        warmup=2,
+        sample_batch=8,
+        image_size=64,
+        vae=dict(codebook_size=1024, factor=8, hidden=128, res_blocks=1, code_dim=256),
+    ),
+    "tiny": dict(
+        train_batch=16,
+        train_steps=10,
+        warmup=2,
+        sample_batch=8,
+        image_size=32,
+        vae=dict(codebook_size=512, factor=4, hidden=64, res_blocks=1, code_dim=256),
+    ),
+    "dalle256": dict(
+        train_batch=8,
+        train_steps=10,
+        warmup=3,
+        sample_batch=8,
+        guided_batches=[64, 256],
+        image_size=256,
+        vae=dict(codebook_size=8192, factor=8, hidden=128, res_blocks=1, code_dim=512),
+    ),
+}
+DEFAULT_WORKLOAD = WORKLOADS["tiny"]
+
+# The dVAE phase: 32 px, batch 32, as the anchor's tiny config. The anchor's tiny DiscreteVAE
+# (num_tokens 512, codebook_dim 256, num_layers 2, hidden_dim 64, no res-blocks) has 561,091 parameters;
+# scripts/compare_anchor.py reads the live number from the anchor's own output.
+VAE_CONFIGS: dict[str, dict[str, Any]] = {
+    "anchor-tiny-args": dict(codebook_size=512, factor=4, hidden=64, res_blocks=0, code_dim=256),
+    "shapes": dict(codebook_size=512, factor=4, hidden=64, res_blocks=1, code_dim=256),
+}
+ANCHOR_TINY_VAE_PARAMS = 561091
+VAE_IMAGE_SIZE = 32
+VAE_BATCH = 32
+VAE_STEPS, VAE_WARMUP = 30, 2
+
+SAMPLE_CFG_SCALE = 3.0
+SAMPLE_KEEP = 0.1  # the anchor's filter_thres 0.9 keeps the top 10% of ids
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers: MFU, timing, memory, machine description
+# ----------------------------------------------------------------------------------------------
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model-FLOPs utilisation: the fraction of the measured peak that the model's own FLOPs use.
+
+    flops_per_token: training FLOPs per position (forward + backward, `DALLE.flops_per_token`);
+    tokens_per_s: positions processed per second; peak_flops: the measured matmul FLOP/s.
+    """
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+    return flops_per_token * tokens_per_s / peak_flops
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> float:
+    """Wall seconds of fn(), with the device's queue drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """GPU: the allocator's peak since the last reset; CPU: the process's peak resident set (Linux KiB)."""
+    if device.type == "cuda":
+        return {
+            "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "peak_mem_kind": "cuda_max_allocated",
+        }
+    return {
+        "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_mem_kind": "ru_maxrss",
+    }
+
+
+def step_stats(times: list[float], work: float, unit: str) -> dict[str, float]:
+    """Throughput of `work` units per step, from the median step (robust on a shared machine) and the total."""
+    med = statistics.median(times)
+    return {
+        f"{unit}_per_s": round(work / med, 2),
+        f"{unit}_per_s_total": round(work * len(times) / sum(times), 2),
+        "step_s_median": round(med, 5),
+        "step_s_min": round(min(times), 5),
+        "step_s_max": round(max(times), 5),
+        "steps": len(times),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    m = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seed": SEED,
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        m.update({"gpu": p.name, "gpu_mem_total_mb": round(p.total_memory / 2**20), "cuda": torch.version.cuda})
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_peak(device: torch.device, dtype: str, n: int, reps: int, warmup: int = 2) -> dict[str, float]:
+    """The best and the median FLOP/s of an (n, n) @ (n, n) matmul in `dtype` (plain, not autocast)."""
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(SEED)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=tdtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=tdtype)
+    for _ in range(warmup):
+        a @ b
+    times = [timed(device, lambda: a @ b) for _ in range(reps)]
+    flop = 2 * n**3
+    return {
+        f"{dtype}_flops": round(flop / min(times)),  # the peak: the best repetition
+        f"{dtype}_flops_median": round(flop / statistics.median(times)),
+        f"{dtype}_matmul_n": n,
+        f"{dtype}_reps": reps,
+    }
+
+
+def phase_peak(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    # on CPU a 2048^3 sgemm is large enough to reach MKL's steady state and short enough to repeat;
+    # on GPU 8192^3 fills every SM
+    n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
+    dtypes = ["fp32"] + (["bf16"] if args.dtype == "bf16" else [])
+    out: dict[str, Any] = {}
+    for d in dtypes:
+        log(f"peak: {d} {n}^3 matmul x {args.matmul_reps}")
+        out.update(measure_peak(device, d, n, args.matmul_reps))
+    return out
+
+
+def workload(name: str) -> dict[str, Any]:
+    return dict(WORKLOADS.get(name, DEFAULT_WORKLOAD))
+
+
+def build_config(name: str, overrides: dict[str, Any]) -> DalleModelConfig:
+    return preset_config(name, **overrides)
+
+
+def random_batch(cfg: DalleModelConfig, b: int, g: torch.Generator, device: torch.device):
+    # text ids from 1: id 0 is the pad, and a caption of pads would make the text loss empty
+    text = torch.randint(1, cfg.text_vocab, (b, cfg.text_len), generator=g).to(device)
+    image = torch.randint(0, cfg.image_vocab, (b, cfg.image_len), generator=g).to(device)
+    return text, image
+
+
+def model_summary(model: DALLE) -> dict[str, Any]:
+    c = model.cfg
+    return {
+        "dim": c.dim,
+        "depth": c.depth,
+        "heads": c.heads,
+        "head_dim": c.head_dim,
+        "text_len": c.text_len,
+        "text_vocab": c.text_vocab,
+        "image_vocab": c.image_vocab,
+        "image_len": c.image_len,
+        "mlp": c.mlp,
+        "params": model.num_params(non_embedding=False),
+        "params_non_embedding": model.num_params(),
+        "flops_per_token": model.flops_per_token(),
+    }
+
+
+def train_run(
+    model: DALLE,
+    text: torch.Tensor,
+    image: torch.Tensor,
+    device: torch.device,
+    dtype: str,
+    steps: int,
+    warmup: int,
+    encode: Callable[[], torch.Tensor] | None = None,
+) -> tuple[list[float], float]:
+    """Step times of fwd + bwd + AdamW on fixed ids; with `encode`, the image ids come from it each step."""
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    model.train()
+
+    def step() -> torch.Tensor:
+        ids = image if encode is None else encode()
+        with autocast(device, dtype):
+            loss, _ = model.loss(text, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    times, loss = [], None
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, float(loss.detach()) if loss is not None else float("nan")
+
+
+def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak: dict[str, Any]) -> dict[str, Any]:
+    w = workload(name)
+    cfg = build_config(name, args.overrides)
+    b = args.train_batch or w["train_batch"]
+    steps = args.steps or w["train_steps"]
+    warmup = w["warmup"] if args.warmup is None else args.warmup
+    g = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    model = DALLE(cfg).to(device)
+    text, image = random_batch(cfg, b, g, device)
+    seq_tokens = cfg.text_len + cfg.image_len  # the anchor's count: every text and image token of a sample
+    fpt = model.flops_per_token()
+    out: dict[str, Any] = {
+        "batch": b,
+        "warmup_steps": warmup,
+        "tokens_per_sample": seq_tokens,
+        "positions_per_sample": cfg.seq_len,
+        "optimizer": "AdamW",
+    }
+    # fp32 always (the anchor comparison); bf16 autocast when asked, with its speed-up
+    dtypes = ["fp32"] + (["bf16"] if args.dtype == "bf16" else [])
+    for d in dtypes:
+        log(f"train {name} {d}: batch {b}, {steps} steps after {warmup} warm-up")
+        reset_memory(device)
+        times, loss = train_run(model, text, image, device, d, steps, warmup)
+        st = step_stats(times, b * seq_tokens, "tokens")
+        positions_per_s = b * cfg.seq_len / st["step_s_median"]
+        res = {**st, "positions_per_s": round(positions_per_s, 2), "final_loss": round(loss, 5)}
+        peak_key = f"{d}_flops"
+        if peak.get(peak_key):
+            res["mfu"] = round(mfu(fpt, positions_per_s, peak[peak_key]), 5)
+            res["mfu_peak_flops"] = peak[peak_key]
+        res.update(peak_memory(device))
+        out[d] = res
+    if "bf16" in out:
+        out["bf16_speedup"] = round(out["fp32"]["step_s_median"] / out["bf16"]["step_s_median"], 3)
+
+    if not args.no_encode:
+        # the same step with a dVAE encode of random pixels in it: what the anchor's number includes
+        size = w["image_size"]
+        torch.manual_seed(SEED)
+        tok = vae_lib.build("dvae", **w["vae"]).to(device).eval()
+        grid = tok.grid(size)
+        if grid != (cfg.grid_h, cfg.grid_w):
+            out["with_encode_skipped"] = f"dVAE grid {grid} != model grid {(cfg.grid_h, cfg.grid_w)}"
+        else:
+            pixels = torch.rand(b, 3, size, size, generator=g).to(device)
+
+            def encode() -> torch.Tensor:
+                return tok.encode(pixels).flatten(1)
+
+            enc_steps = max(1, steps // 2)
+            log(f"train {name} fp32 with dVAE encode: {enc_steps} steps")
+            times, loss = train_run(model, text, image, device, "fp32", enc_steps, min(warmup, 1), encode)
+            res = step_stats(times, b * seq_tokens, "tokens")
+            res.update(
+                {
+                    "vae": dict(w["vae"]),
+                    "vae_params": sum(p.numel() for p in tok.parameters()),
+                    "image_size": size,
+                }
+            )
+            out["fp32_with_encode"] = res
+    return out
+
+
+def sample_once(model, text, null, scale, top_k, use_cache, seed, device, dtype) -> tuple[float, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    box: list[torch.Tensor] = []
+
+    def run() -> None:
+        with autocast(device, dtype):
+            box.append(
+                generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, use_cache=use_cache)
+            )
+
+    return timed(device, run), box[0]
+
+
+def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    w = workload(name)
+    cfg = build_config(name, args.overrides)
+    b = args.sample_batch or w["sample_batch"]
+    torch.manual_seed(SEED)
+    model = DALLE(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(SEED + 1)
+    text = torch.randint(1, cfg.text_vocab, (b, cfg.text_len), generator=g).to(device)
+    null = torch.full((1, cfg.text_len), cfg.pad_id, dtype=torch.long, device=device)  # the empty caption
+    top_k = max(1, int(SAMPLE_KEEP * cfg.image_vocab))
+    dtype = args.dtype if device.type == "cuda" else "fp32"
+    n = cfg.image_len
+    reps = args.sample_reps
+    # uncached decoding at 1024 image tokens is a minute or more per run: once is enough for a reference
+    uncached_reps = min(args.uncached_reps, 1) if n > 256 else args.uncached_reps
+    out: dict[str, Any] = {
+        "batch": b,
+        "image_tokens_per_sample": n,
+        "top_k": top_k,
+        "cfg_scale": SAMPLE_CFG_SCALE,
+        "dtype": dtype,
+        "reps": reps,
+    }
+    modes = {"cached": (1.0, True), "guided": (SAMPLE_CFG_SCALE, True), "uncached": (1.0, False)}
+
+    reset_memory(device)
+    log(f"sample {name}: warm-up")
+    sample_once(model, text, null, 1.0, top_k, True, SEED, device, dtype)
+    sample_once(model, text, null, SAMPLE_CFG_SCALE, top_k, True, SEED, device, dtype)
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    ids: dict[str, torch.Tensor] = {}
+    # interleaved repetitions, so that a noisy neighbour hits every mode alike
+    for r in range(reps):
+        for mode, (scale, cache) in modes.items():
+            if mode == "uncached" and r >= uncached_reps:
+                continue
+            log(f"sample {name}: {mode} rep {r + 1}")
+            dt, got = sample_once(model, text, null, scale, top_k, cache, SEED + r, device, dtype)
+            times[mode].append(dt)
+            ids[f"{mode}_{r}"] = got
+
+    # the anchor's generate_images also decodes the ids to pixels: time our dVAE decode of the same ids
+    # (the preset's tokenizer geometry, random weights) so that both walls hold the same work
+    decode_s = None
+    tok = vae_lib.build("dvae", **w["vae"]).to(device).eval()
+    if tok.grid(w["image_size"]) == (cfg.grid_h, cfg.grid_w):
+        grid_ids = ids["cached_0"].view(b, cfg.grid_h, cfg.grid_w)
+        with autocast(device, dtype):
+            tok.decode(grid_ids)
+            decode_s = statistics.median(timed(device, lambda: tok.decode(grid_ids)) for _ in range(max(3, reps)))
+        out["decode"] = {"wall_s": round(decode_s, 4), "vae": dict(w["vae"]), "image_size": w["image_size"]}
+    for mode, ts in times.items():
+        if not ts:
+            continue
+        med = statistics.median(ts)
+        out[mode] = {
+            "wall_s": round(med, 4),
+            "wall_s_min": round(min(ts), 4),
+            "image_tokens_per_s": round(b * n / med, 2),
+            "runs": len(ts),
+        }
+        if decode_s is not None:
+            out[mode]["wall_s_with_decode"] = round(med + decode_s, 4)
+    if times["uncached"]:
+        out["cache_speedup"] = round(out["uncached"]["wall_s"] / out["cached"]["wall_s"], 3)
+        # the cache must not change a token: a free correctness check on the very runs that were timed
+        out["cached_equals_uncached"] = bool(torch.equal(ids["cached_0"], ids["uncached_0"]))
+    out["guidance_cost"] = round(out["guided"]["wall_s"] / out["cached"]["wall_s"], 3)
+    out.update(peak_memory(device))
+
+    for gb in w.get("guided_batches", []) if device.type == "cuda" else []:
+        gtext = torch.randint(1, cfg.text_vocab, (gb, cfg.text_len), generator=g).to(device)
+        log(f"sample {name}: guided batch {gb}")
+        reset_memory(device)
+        dt, _ = sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, True, SEED, device, dtype)
+        out[f"guided_batch{gb}"] = {
+            "wall_s": round(dt, 3),
+            "image_tokens_per_s": round(gb * n / dt, 2),
+            **peak_memory(device),
+        }
+    return out
+
+
+def vae_train_times(
+    kwargs: dict[str, Any], b: int, steps: int, warmup: int, device: torch.device
+) -> tuple[list[float], float, int]:
+    """Step times of one dVAE's training (loss, backward, AdamW) on a fixed batch of random pixels."""
+    torch.manual_seed(SEED)
+    model = vae_lib.build("dvae", **kwargs).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    images = torch.rand(b, 3, VAE_IMAGE_SIZE, VAE_IMAGE_SIZE, generator=torch.Generator().manual_seed(SEED))
+    images = images.to(device)
+    # mid-anneal schedule values: the step's cost does not depend on them, only the loss does
+    values = vae_lib.schedules.values_at(
+        1000,
+        temperature_start=1.0,
+        temperature_end=1 / 16,
+        temperature_steps=5000,
+        kl_weight=1e-4,
+        kl_warmup_steps=2000,
+    )
+
+    def step(i: int) -> torch.Tensor:
+        loss, _ = model(images, i, **values)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(warmup):
+        step(i)
+    times, loss = [], None
+    for i in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step(warmup + i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    final = float(loss.detach()) if loss is not None else float("nan")
+    return times, final, sum(p.numel() for p in model.parameters())
+
+
+def phase_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    b = args.vae_batch or VAE_BATCH
+    steps = args.steps or VAE_STEPS
+    warmup = VAE_WARMUP if args.warmup is None else args.warmup
+    out: dict[str, Any] = {
+        "image_size": VAE_IMAGE_SIZE,
+        "batch": b,
+        "warmup_steps": warmup,
+        "optimizer": "AdamW",
+        "anchor_tiny_params": ANCHOR_TINY_VAE_PARAMS,
+    }
+    for name, kwargs in VAE_CONFIGS.items():
+        log(f"vae {name}: batch {b}, {steps} steps after {warmup} warm-up")
+        reset_memory(device)
+        times, loss, params = vae_train_times(kwargs, b, steps, warmup, device)
+        out[name] = {
+            **dict(kwargs),
+            "params": params,
+            "params_vs_anchor_tiny": round(params / ANCHOR_TINY_VAE_PARAMS, 3),
+            **step_stats(times, b, "images"),
+            "final_loss": round(loss, 5),
+            **peak_memory(device),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """--set key=value pairs for the transformer config; values are read as JSON when they parse."""
+    known = {f for f in DalleModelConfig.__dataclass_fields__}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set '{item}' must look like key=value, e.g. --set depth=2")
+        if key not in known:
+            raise UserError(
+                f"--set key '{key}' is not a transformer config field; use one of: {', '.join(sorted(known))}"
+            )
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m dalle_mini_impl.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--preset", nargs="+", default=None, help="transformer presets (default: the CPU ones, + dalle256 on GPU)"
+    )
+    ap.add_argument("--only", choices=PHASES, default=None, help="one phase, in this process")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps (train and vae; default per preset)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default per preset)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2 on CPU, as the anchor)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="bf16 adds autocast runs (default: fp32 on CPU, bf16 on GPU)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="transformer config override for every preset",
+    )
+    ap.add_argument("--train-batch", type=int, default=None)
+    ap.add_argument("--sample-batch", type=int, default=None)
+    ap.add_argument("--sample-reps", type=int, default=3, help="timed repetitions of cached and guided sampling")
+    ap.add_argument("--uncached-reps", type=int, default=2, help="timed repetitions of uncached sampling")
+    ap.add_argument("--vae-batch", type=int, default=None)
+    ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
+    ap.add_argument("--matmul-n", type=int, default=None, help="side of the peak matmul (default 2048 CPU, 8192 GPU)")
+    ap.add_argument("--matmul-reps", type=int, default=8)
+    ap.add_argument("--peak-json", default=None, help='reuse a peak measured earlier: the JSON of a run\'s "peak"')
+    return ap
+
+
+def run_phase(phase: str, args: argparse.Namespace, device: torch.device, presets: list[str]) -> dict[str, Any]:
+    """One phase in this process, for every preset; the result dict in the final JSON's layout."""
+    res: dict[str, Any] = {}
+    if phase == "peak":
+        res["peak"] = phase_peak(args, device)
+        return res
+    if phase == "vae":
+        res["vae"] = phase_vae(args, device)
+        return res
+    peak = json.loads(args.peak_json) if args.peak_json else None
+    if phase == "train" and peak is None:
+        peak = phase_peak(args, device)  # MFU needs the peak: measure it first, on the same machine
+        res["peak"] = peak
+    res["presets"] = {}
+    for name in presets:
+        model = DALLE(build_config(name, args.overrides))
+        entry = {"config": model_summary(model)}
+        del model
+        entry[phase] = phase_train(name, args, device, peak) if phase == "train" else phase_sample(name, args, device)
+        res["presets"][name] = entry
+    return res
+
+
+def merge(into: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def run_children(args: argparse.Namespace, presets: list[str], result: dict[str, Any]) -> None:
+    """Each (phase, preset) in a child process: per-phase peak RSS, and no state shared between them."""
+    passthrough = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--warmup", args.warmup),
+        ("--train-batch", args.train_batch),
+        ("--sample-batch", args.sample_batch),
+        ("--vae-batch", args.vae_batch),
+        ("--matmul-n", args.matmul_n),
+    ):
+        if value is not None:
+            passthrough += [flag, str(value)]
+    passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
+    passthrough += ["--matmul-reps", str(args.matmul_reps)]
+    passthrough += [x for item in args.raw_overrides for x in ("--set", item)]
+    if args.no_encode:
+        passthrough.append("--no-encode")
+    jobs: list[tuple[str, list[str]]] = [("peak", [])]
+    jobs += [("train", [p]) for p in presets] + [("sample", [p]) for p in presets] + [("vae", [])]
+    for phase, ps in jobs:
+        cmd = [sys.executable, "-m", "dalle_mini_impl.bench", "--only", phase, *passthrough]
+        if ps:
+            cmd += ["--preset", *ps]
+        if phase == "train" and "peak" in result:
+            cmd += ["--peak-json", json.dumps(result["peak"])]
+        label = f"{phase} {' '.join(ps)}".strip()
+        log(f"child: {label}")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        if proc.returncode != 0 or not lines:
+            result.setdefault("errors", {})[label] = f"exit {proc.returncode}"
+            continue
+        part = json.loads(lines[-1])
+        part.pop("meta", None)
+        merge(result, part)
+        log(f"child: {label} done in {time.perf_counter() - t0:.1f} s")
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, run the benchmark, return the result (what `main` prints)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no GPU; run with --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.threads is None and device.type == "cpu":
+        args.threads = 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    args.raw_overrides = list(args.overrides)
+    args.overrides = parse_overrides(args.overrides)
+    presets = args.preset or (CPU_PRESETS + (GPU_PRESETS if device.type == "cuda" else []))
+    for p in presets:
+        if p not in PRESETS:
+            raise UserError(f"preset '{p}' is unknown; use one of: {', '.join(PRESETS)}")
+
+    result: dict[str, Any] = {"meta": meta(args, device)}
+    if args.only:
+        merge(result, run_phase(args.only, args, device, presets))
+    else:
+        run_children(args, presets, result)
+    result["total_wall_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(run(argv)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,331 @@
+"""Run the anchor's benchmark (dalle-pytorch 1.6.6) and ours side by side and print the ratios the issues ask for.
+
+    python scripts/compare_anchor.py                          # tiny + medium, 2 rounds: ~10-15 min on 2 cores
+    python scripts/compare_anchor.py --configs tiny --rounds 3 --out runs/compare.json --log runs/compare.log
+    python scripts/compare_anchor.py --threads 1              # both sides single-threaded
+
+The anchor runs in its own venv (`--anchor-python`, default /tmp/anchor/bin/python; the install recipe is in
+../shared/anchors/dalle-pytorch/README.md) through its own timing script (`--anchor-bench`, default
+../shared/anchors/dalle-pytorch/bench.py next to the repository). Each phase of each configuration runs as
+anchor, ours, anchor, ours, ... (`--rounds` of each), every run a fresh process at the same thread count,
+so that a noisy neighbour on a shared machine hits both sides alike; each side's numbers are the median over
+its rounds, and the ratios are ratios of those medians (each round's paired ratio is listed too).
+
+Configurations and what is compared (anchor key -> ours, in `python -m dalle_mini_impl.bench` output):
+  tiny -> preset anchor-tiny, medium -> preset anchor-medium (same width, depth, heads x head size, text
+  length and vocabulary, codebook size, 64 image tokens, batch 16 training, 8 prompts sampling).
+  sampling speed-up   sample_generate_nocache_wall_s (generate_images, ids + dVAE decode) / our cached
+                      `generate` wall + our dVAE decode of its ids. Targets: >= 10x tiny, >= 25x medium.
+  guidance cost       ours only: guided (scale 3) / unguided cached wall, median of per-run ratios. Target <= 2.
+  training            our fp32 tokens/s on pre-encoded ids / dalle_train_tokens_per_s_median_step (which
+                      re-encodes pixels every step; our number with an encode per step is listed too).
+                      Target >= 1.2.
+  dVAE training       our images/s for the dVAE with the anchor's constructor arguments /
+                      vae_train_images_per_s_median_step, both at 32 px batch 32 (tiny only). Target >= 1.0.
+The last line of stdout is one JSON object; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ANCHOR_PYTHON = "/tmp/anchor/bin/python"
+DEFAULT_ANCHOR_BENCH = REPO.parent / "shared" / "anchors" / "dalle-pytorch" / "bench.py"
+
+PRESET = {"tiny": "anchor-tiny", "medium": "anchor-medium"}
+# (the anchor's phase, ours); the dVAE comparison is made at the tiny configuration only (the issue's target)
+PHASES = [("vae", "vae"), ("dalle", "train"), ("sample", "sample")]
+TARGETS = {
+    ("tiny", "sampling_speedup"): (">=", 10.0),
+    ("medium", "sampling_speedup"): (">=", 25.0),
+    ("tiny", "guidance_cost"): ("<=", 2.0),
+    ("medium", "guidance_cost"): ("<=", 2.0),
+    ("tiny", "train_tokens_per_s"): (">=", 1.2),
+    ("medium", "train_tokens_per_s"): (">=", 1.2),
+    ("tiny", "vae_images_per_s"): (">=", 1.0),
+}
+
+# the anchor's raw keys that are read, per phase
+ANCHOR_KEYS = {
+    "vae": ["vae_train_images_per_s_median_step", "vae_train_images_per_s", "vae_params", "vae_peak_rss_mb"],
+    "dalle": [
+        "dalle_train_tokens_per_s_median_step",
+        "dalle_train_tokens_per_s",
+        "dalle_params_trainable",
+        "dalle_peak_rss_mb",
+    ],
+    "sample": [
+        "sample_generate_nocache_wall_s",
+        "sample_generate_use_cache_wall_s",
+        "sample_manual_kvcache_wall_s",
+        "sample_generate_nocache_image_tokens_per_s",
+        "sample_peak_rss_mb",
+    ],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+def dig(d: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def ours_keys(phase: str, preset: str) -> dict[str, str]:
+    """Short name -> dotted path into our bench JSON, per phase."""
+    p = f"presets.{preset}"
+    if phase == "train":
+        return {
+            "train_tokens_per_s": f"{p}.train.fp32.tokens_per_s",
+            "train_tokens_per_s_total": f"{p}.train.fp32.tokens_per_s_total",
+            "train_tokens_per_s_with_encode": f"{p}.train.fp32_with_encode.tokens_per_s",
+            "train_mfu": f"{p}.train.fp32.mfu",
+            "train_peak_mem_mb": f"{p}.train.fp32.peak_mem_mb",
+            "params_non_embedding": f"{p}.config.params_non_embedding",
+            "params": f"{p}.config.params",
+        }
+    if phase == "sample":
+        return {
+            "sample_cached_wall_s": f"{p}.sample.cached.wall_s",
+            "sample_cached_wall_s_with_decode": f"{p}.sample.cached.wall_s_with_decode",
+            "sample_guided_wall_s": f"{p}.sample.guided.wall_s",
+            "sample_uncached_wall_s": f"{p}.sample.uncached.wall_s",
+            "sample_decode_wall_s": f"{p}.sample.decode.wall_s",
+            "sample_guidance_cost": f"{p}.sample.guidance_cost",
+            "sample_cache_speedup": f"{p}.sample.cache_speedup",
+            "sample_cached_equals_uncached": f"{p}.sample.cached_equals_uncached",
+            "sample_peak_mem_mb": f"{p}.sample.peak_mem_mb",
+        }
+    return {
+        "vae_images_per_s": "vae.anchor-tiny-args.images_per_s",
+        "vae_images_per_s_total": "vae.anchor-tiny-args.images_per_s_total",
+        "vae_params": "vae.anchor-tiny-args.params",
+        "vae_shapes_images_per_s": "vae.shapes.images_per_s",
+        "vae_shapes_params": "vae.shapes.params",
+        "vae_peak_mem_mb": "vae.anchor-tiny-args.peak_mem_mb",
+    }
+
+
+def run_json(cmd: list[str], cwd: Path, log_file, timeout: float) -> tuple[dict[str, Any] | None, float]:
+    """Run a command, return the JSON on its last stdout line (None on failure) and its wall seconds."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"timed out after {timeout:.0f} s: {' '.join(cmd)}")
+        return None, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    if log_file is not None:
+        log_file.write(f"$ {' '.join(cmd)}\n{proc.stderr}\n{proc.stdout}\n")
+        log_file.flush()
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        log(f"failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        return None, wall
+    try:
+        return json.loads(lines[-1]), wall
+    except json.JSONDecodeError:
+        log(f"no JSON on the last line of: {' '.join(cmd)}")
+        return None, wall
+
+
+def summarise(values: list[Any]) -> dict[str, Any]:
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out: dict[str, Any] = {"runs": values}
+    if nums:
+        out["median"] = statistics.median(nums)
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of the medians, and each round's paired ratio beside them."""
+
+    def med(side: dict[str, Any], key: str) -> float | None:
+        return side.get(key, {}).get("median")
+
+    def paired(a_key: str, o_key: str, ours_over_anchor: bool) -> list[float | None]:
+        a_runs = anchor.get(a_key, {}).get("runs", [])
+        o_runs = ours.get(o_key, {}).get("runs", [])
+        pairs = zip(a_runs, o_runs)
+        return [ratio(o, a) if ours_over_anchor else ratio(a, o) for a, o in pairs]
+
+    r: dict[str, Any] = {}
+    if "sample_generate_nocache_wall_s" in anchor:
+        a_wall = med(anchor, "sample_generate_nocache_wall_s")
+        r["sampling_speedup"] = ratio(a_wall, med(ours, "sample_cached_wall_s_with_decode"))
+        r["sampling_speedup_rounds"] = paired(
+            "sample_generate_nocache_wall_s", "sample_cached_wall_s_with_decode", False
+        )
+        r["sampling_speedup_ids_only"] = ratio(a_wall, med(ours, "sample_cached_wall_s"))
+        r["sampling_speedup_vs_anchor_manual_kvcache"] = ratio(
+            med(anchor, "sample_manual_kvcache_wall_s"), med(ours, "sample_cached_wall_s_with_decode")
+        )
+        r["guidance_cost"] = med(ours, "sample_guidance_cost")
+    if "dalle_train_tokens_per_s_median_step" in anchor:
+        a_tps = med(anchor, "dalle_train_tokens_per_s_median_step")
+        r["train_tokens_per_s"] = ratio(med(ours, "train_tokens_per_s"), a_tps)
+        r["train_tokens_per_s_rounds"] = paired("dalle_train_tokens_per_s_median_step", "train_tokens_per_s", True)
+        r["train_tokens_per_s_with_encode"] = ratio(med(ours, "train_tokens_per_s_with_encode"), a_tps)
+        r["train_tokens_per_s_total_steps"] = ratio(
+            med(ours, "train_tokens_per_s_total"), med(anchor, "dalle_train_tokens_per_s")
+        )
+    if "vae_train_images_per_s_median_step" in anchor:
+        r["vae_images_per_s"] = ratio(med(ours, "vae_images_per_s"), med(anchor, "vae_train_images_per_s_median_step"))
+        r["vae_images_per_s_rounds"] = paired("vae_train_images_per_s_median_step", "vae_images_per_s", True)
+        r["vae_params"] = ratio(med(ours, "vae_params"), med(anchor, "vae_params"))
+    targets: dict[str, Any] = {}
+    for (c, name), (op, bound) in TARGETS.items():
+        if c != cfg or r.get(name) is None:
+            continue
+        value = r[name]
+        targets[name] = {
+            "value": value,
+            "target": f"{op} {bound}",
+            "met": value >= bound if op == ">=" else value <= bound,
+        }
+    r["targets"] = targets
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON)
+    ap.add_argument("--anchor-bench", default=str(DEFAULT_ANCHOR_BENCH))
+    ap.add_argument("--configs", nargs="+", choices=sorted(PRESET), default=["tiny", "medium"])
+    ap.add_argument("--phases", nargs="+", choices=[a for a, _ in PHASES], default=[a for a, _ in PHASES])
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each side, interleaved (at least 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides (the anchor's default is 2)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before one run is given up")
+    ap.add_argument("--out", default=None, help="also write the JSON here (rewritten after every run)")
+    ap.add_argument("--log", default=None, help="append every run's command, stderr and stdout here")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if not Path(args.anchor_python).exists():
+        ap.error(f"anchor python {args.anchor_python} does not exist; install the anchor's venv (see its README)")
+    if not Path(args.anchor_bench).exists():
+        ap.error(f"anchor bench script {args.anchor_bench} does not exist; pass --anchor-bench")
+
+    t_start = time.perf_counter()
+    ours_cmd = [sys.executable, "-m", "dalle_mini_impl.bench", "--threads", str(args.threads)]
+    anchor_cmd = [args.anchor_python, str(Path(args.anchor_bench).resolve()), "--threads", str(args.threads)]
+    result: dict[str, Any] = {
+        "meta": {
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "order": "per round, per config, per phase: anchor then ours",
+            "anchor_python": args.anchor_python,
+            "anchor_bench": str(args.anchor_bench),
+            "ours_commit": git_commit(),
+            "loadavg_start": loadavg(),
+        },
+        "anchor_keys_used": ANCHOR_KEYS,
+        "configs": {},
+    }
+    log_file = open(args.log, "a") if args.log else None  # noqa: SIM115
+
+    def flush() -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out + ".tmp"
+            Path(tmp).write_text(json.dumps(result, indent=1))
+            os.replace(tmp, args.out)
+
+    # the peak matmul FLOP/s, measured once and handed to every training run (MFU's denominator)
+    log("ours: peak matmul")
+    peak_json, _ = run_json([*ours_cmd, "--only", "peak"], REPO, log_file, args.timeout)
+    peak = (peak_json or {}).get("peak")
+    result["peak"] = peak
+    if peak_json:
+        result["meta"].update({k: peak_json["meta"].get(k) for k in ("torch", "cpu", "cpu_count", "python")})
+
+    raw: dict[str, dict[str, dict[str, list[Any]]]] = {
+        c: {"anchor": {}, "ours": {}, "anchor_wall_s": {}, "ours_wall_s": {}} for c in args.configs
+    }
+    for r in range(args.rounds):
+        for cfg in args.configs:
+            preset = PRESET[cfg]
+            for a_phase, o_phase in PHASES:
+                if a_phase not in args.phases or (a_phase == "vae" and cfg != "tiny"):
+                    continue
+                label = f"round {r + 1}/{args.rounds} {cfg} {a_phase}"
+                log(f"{label}: anchor (load {loadavg()})")
+                a_json, a_wall = run_json(
+                    [*anchor_cmd, "--config", cfg, "--only", a_phase], REPO, log_file, args.timeout
+                )
+                o_cmd = [*ours_cmd, "--only", o_phase, "--preset", preset]
+                if o_phase == "train" and peak:
+                    o_cmd += ["--peak-json", json.dumps(peak)]
+                log(f"{label}: ours (anchor took {a_wall:.0f} s)")
+                o_json, o_wall = run_json(o_cmd, REPO, log_file, args.timeout)
+                log(f"{label}: done (ours took {o_wall:.0f} s)")
+                side = raw[cfg]
+                for key in ANCHOR_KEYS[a_phase]:
+                    side["anchor"].setdefault(key, []).append(None if a_json is None else a_json.get(key))
+                for key, path in ours_keys(o_phase, preset).items():
+                    side["ours"].setdefault(key, []).append(None if o_json is None else dig(o_json, path))
+                side["anchor_wall_s"].setdefault(a_phase, []).append(round(a_wall, 1))
+                side["ours_wall_s"].setdefault(o_phase, []).append(round(o_wall, 1))
+                for c in args.configs:
+                    anchor = {k: summarise(v) for k, v in raw[c]["anchor"].items()}
+                    ours = {k: summarise(v) for k, v in raw[c]["ours"].items()}
+                    result["configs"][c] = {
+                        "preset": PRESET[c],
+                        "anchor": anchor,
+                        "ours": ours,
+                        "process_wall_s": {"anchor": raw[c]["anchor_wall_s"], "ours": raw[c]["ours_wall_s"]},
+                        "ratios": compute_ratios(c, anchor, ours),
+                    }
+                flush()
+
+    result["meta"]["loadavg_end"] = loadavg()
+    result["meta"]["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+    result["targets"] = {
+        f"{c}.{name}": t for c, entry in result["configs"].items() for name, t in entry["ratios"]["targets"].items()
+    }
+    flush()
+    if log_file is not None:
+        log_file.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The benchmark module: one tiny configuration per phase runs in seconds and prints valid JSON; the MFU helper.
+
+Run with `pytest tests/test_bench.py`. Speed is not checked here (the machine is shared); only that every
+phase runs, prints one JSON object on its last stdout line, and carries the keys the comparison reads.
+"""
+
+import json
+
+import pytest
+import torch
+
+from dalle_mini_impl import bench
+from dalle_mini_impl.errors import UserError
+
+# a 1-layer, 32-wide model on a 2 x 2 grid: every phase in well under a second of compute
+TINY = ["--preset", "anchor-tiny", "--set", "dim=32", "--set", "depth=1", "--set", "heads=2", "--set", "head_dim=16"]
+GRID = ["--set", "grid_h=2", "--set", "grid_w=2"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    # bench.main sets torch's thread count (2 by default, as the anchor): give the other tests theirs back
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_json(argv, capsys):
+    assert bench.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def test_mfu_hand_checked():
+    # 6 * 1e6 FLOPs per token at 1,000 tokens/s is 6e9 FLOP/s; against a 1.2e10 FLOP/s peak that is half
+    assert bench.mfu(6e6, 1000.0, 1.2e10) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        bench.mfu(1.0, 1.0, 0.0)
+
+
+def test_mfu_matches_the_model_formula():
+    # anchor-tiny at 1 step/s of batch 16: flops_per_token = 6 N + 12 L T d, with T the 79 positions read
+    from dalle_mini_impl.transformer import DALLE, preset_config
+
+    model = DALLE(preset_config("anchor-tiny"))
+    n = model.num_params()
+    assert model.flops_per_token() == 6 * n + 12 * 4 * 79 * 256
+    assert bench.mfu(model.flops_per_token(), 16 * 79, 1e11) == pytest.approx(model.flops_per_token() * 1264 / 1e11)
+
+
+def test_train_phase_prints_json_with_mfu(capsys):
+    out = run_json(["--only", "train", *TINY, "--steps", "2", "--warmup", "0", "--matmul-n", "128"], capsys)
+    assert {"torch", "threads", "cpu", "date_utc"} <= set(out["meta"])
+    assert out["peak"]["fp32_flops"] > 0
+    train = out["presets"]["anchor-tiny"]["train"]
+    fp32 = train["fp32"]
+    assert fp32["tokens_per_s"] > 0 and fp32["steps"] == 2
+    assert fp32["mfu"] == pytest.approx(
+        out["presets"]["anchor-tiny"]["config"]["flops_per_token"]
+        * fp32["positions_per_s"]
+        / out["peak"]["fp32_flops"],
+        rel=1e-3,
+    )
+    assert fp32["peak_mem_mb"] > 0
+    assert train["fp32_with_encode"]["tokens_per_s"] > 0
+    assert train["tokens_per_sample"] == 16 + 64
+
+
+def test_train_phase_bf16_reports_speedup(capsys):
+    argv = ["--only", "train", *TINY, *GRID, "--steps", "1", "--warmup", "0", "--dtype", "bf16", "--no-encode"]
+    out = run_json([*argv, "--matmul-n", "64", "--matmul-reps", "2"], capsys)
+    train = out["presets"]["anchor-tiny"]["train"]
+    assert out["peak"]["bf16_flops"] > 0
+    assert train["bf16"]["tokens_per_s"] > 0 and train["bf16_speedup"] > 0
+    assert "fp32_with_encode" not in train
+
+
+def test_sample_phase_prints_json(capsys):
+    argv = ["--only", "sample", *TINY, *GRID, "--sample-reps", "2", "--uncached-reps", "1"]
+    out = run_json(argv, capsys)
+    sample = out["presets"]["anchor-tiny"]["sample"]
+    for mode in ("cached", "guided", "uncached"):
+        assert sample[mode]["wall_s"] > 0 and sample[mode]["image_tokens_per_s"] > 0
+    assert sample["guidance_cost"] > 0 and sample["cache_speedup"] > 0
+    assert sample["cached_equals_uncached"] is True
+    assert sample["batch"] == 8 and sample["image_tokens_per_sample"] == 4
+    # a 2 x 2 grid has no dVAE at the preset's 32 px, so no decode time is added
+    assert "decode" not in sample
+
+
+def test_vae_phase_prints_json(capsys):
+    out = run_json(["--only", "vae", "--steps", "1", "--warmup", "0", "--vae-batch", "4"], capsys)
+    vae = out["vae"]
+    for name in ("anchor-tiny-args", "shapes"):
+        assert vae[name]["images_per_s"] > 0 and vae[name]["params"] > 0
+    assert vae["anchor_tiny_params"] == 561091
+
+
+def test_peak_phase_and_bad_override(capsys):
+    out = run_json(["--only", "peak", "--matmul-n", "64", "--matmul-reps", "2"], capsys)
+    assert out["peak"]["fp32_matmul_n"] == 64
+    with pytest.raises(UserError, match="not a transformer config field"):
+        bench.main(["--only", "sample", "--set", "widht=3"])
