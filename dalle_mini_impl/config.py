@@ -109,6 +109,7 @@ class VAEConfig:
     dead_code_steps: int = 50  # a code unused this many steps is restarted from recent encoder outputs
     disc_start: int = -1  # step that switches on the patch discriminator; -1: never
     disc_weight: float = 0.1
+    usage_window: int = 100  # codebook usage is logged over this many recent batches
 
 
 @dataclass
@@ -317,9 +318,7 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.toml"):
         if candidate.is_file():
             return candidate
-    raise UserError(
-        f"config file '{path}' does not exist; give a path or one of: {', '.join(available_presets())}"
-    )
+    raise UserError(f"config file '{path}' does not exist; give a path or one of: {', '.join(available_presets())}")
 
 
 def load_config(
@@ -337,15 +336,21 @@ def load_config(
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file '{resolved}' is not valid TOML ({e}); fix the syntax") from None
         _apply(cfg, values, "")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"override '{item}' must look like key=value, e.g. vae.codebook_size=1024")
-        _apply(cfg, _nest(key.strip(), _parse_value(value.strip())), "")
+    apply_overrides(cfg, overrides or [])
     if data is not None:
         cfg.data.source = data
     if split is not None:
         cfg.data.split = split
+    return cfg
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `key=value` overrides in place (and return cfg); every key and type is checked."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override '{item}' must look like key=value, e.g. vae.codebook_size=1024")
+        _apply(cfg, _nest(key.strip(), _parse_value(value.strip())), "")
     return cfg
 
 
@@ -422,6 +427,7 @@ __all__ = [
     "TransformerConfig",
     "VAEConfig",
     "add_config_args",
+    "apply_overrides",
     "config_from_args",
     "config_from_dict",
     "config_to_dict",

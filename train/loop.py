@@ -157,14 +157,17 @@ def _resume_dir(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_accelerator(tc: TrainConfig):
+def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
+    """An Accelerator for one stage; launch settings (DDP, FSDP, DeepSpeed) come from `accelerate launch`."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs
 
+    if tc.mixed_precision not in ("no", "bf16", "fp16"):
+        raise UserError(f"mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
     return Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
-        dataloader_config=DataLoaderConfiguration(split_batches=False),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
 
 

@@ -1,0 +1,127 @@
+"""Train the image tokenizer: `accelerate launch -m train.vae --config configs/shapes.toml`.
+
+`vae.kind = "dvae"` trains DALL-E's discrete VAE (Gumbel-softmax temperature annealed from
+`temperature_start` to `temperature_end`, KL-to-uniform weight raised from 0 to `kl_weight`, both on
+step schedules that a resumed run continues); `"vq"` trains the VQGAN-style quantiser, with its
+patch discriminator switched on at `vae.disc_start` when that is >= 0 (its own AdamW, checkpointed
+with the run).
+
+Writes RUN/vae.safetensors + RUN/vae.json (loadable by `vae.load_pretrained` alone), checkpoints under
+RUN/checkpoints/vae/ and TensorBoard logs under RUN/logs/vae/: losses, temperature, KL weight, PSNR,
+codebook usage (% of codes used over the last `vae.usage_window` batches) and perplexity, validation
+PSNR/SSIM/usage, and a grid of originals over reconstructions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+import vae
+from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.eval.recon import recon_metrics
+from dalle_mini_impl.images import make_grid
+from train import loop
+from train.common import adamw, example_batches, seed_everything
+
+
+def build_tokenizer(cfg) -> vae.ImageTokenizer:
+    """The image tokenizer of a run config; a bad combination of fields is a one-sentence error."""
+    if cfg.data.image_size % cfg.vae.factor:
+        raise UserError(
+            f"data.image_size {cfg.data.image_size} is not divisible by vae.factor {cfg.vae.factor}; "
+            "pick sizes whose ratio is the grid side"
+        )
+    try:
+        return vae.build(cfg.vae.kind, **vae.model_kwargs(cfg.vae.kind, dataclasses.asdict(cfg.vae)))
+    except vae.VAEError as e:
+        raise UserError(f"config section 'vae': {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = loop.parse_args(argv, __doc__)
+    tc = cfg.train.vae
+    adversarial = cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
+    # the critic's parameters sit idle before disc_start: DDP must be told they may go unused
+    accelerator = loop.make_accelerator(tc, find_unused_parameters=adversarial)
+    seed_everything(cfg.seed)
+    model = build_tokenizer(cfg)
+    params = model.generator_parameters() if adversarial else list(model.parameters())
+    optimizer = adamw(params, tc, accelerator)
+    batches = example_batches(cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
+    usage = vae.CodeUsage(cfg.vae.codebook_size, window=cfg.vae.usage_window)
+    schedule = {k: getattr(cfg.vae, k) for k in vae.SCHEDULE_FIELDS}
+    last: dict[str, torch.Tensor] = {}
+
+    def loss(m, batch, step):
+        value, metrics = m(batch["image"], step, **vae.schedules.values_at(step, **schedule))
+        used, perplexity = usage.update(metrics.pop("ids"))
+        last["reconstruction"] = metrics.pop("reconstruction")
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars.update(usage=used, perplexity=perplexity)
+        return value, scalars
+
+    extra_state = {}
+    after_step = None
+    if adversarial:
+        critic_opt = torch.optim.AdamW(model.discriminator.parameters(), lr=tc.lr, betas=(0.5, 0.9))
+        extra_state = {"discriminator_optimizer": critic_opt}
+
+        def after_step(m, batch, step, acc):
+            if not m.adversarial_active(step):
+                return {}
+            critic_opt.zero_grad(set_to_none=True)
+            with acc.autocast():
+                value, metrics = m.discriminator_loss(batch["image"], last["reconstruction"])
+            value.backward()
+            if acc.num_processes > 1:  # the critic runs outside DDP: average its gradients by hand
+                for p in m.discriminator.parameters():
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, "mean")
+            critic_opt.step()
+            return {k: float(v) for k, v in metrics.items()}
+
+    val = example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator)
+    val_start = val.state_dict()
+
+    def validation_batches():
+        val.load_state_dict(val_start)
+        for i, batch in enumerate(val):
+            if i >= tc.eval_batches:
+                return
+            yield batch
+
+    def evaluate(m, step):
+        m.eval()
+        metrics = recon_metrics(m, validation_batches(), accelerator.device)
+        return {f"val_{k}": float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "usage", "perplexity")}
+
+    def log_images(m, step, writer):
+        batch = next(validation_batches())
+        x = batch["image"][:8].to(accelerator.device)
+        with torch.no_grad():
+            y = m.decode(m.encode(x))
+        writer.add_image("vae/originals_over_reconstructions", make_grid(torch.cat([x, y]).cpu(), nrow=len(x)), step)
+
+    stage = loop.Stage(
+        name="vae",
+        model=model,
+        optimizer=optimizer,
+        batches=batches,
+        loss=loss,
+        evaluate=evaluate,
+        log_images=log_images,
+        export=lambda m: vae.save_pretrained(m, cfg.out_dir),
+        after_step=after_step,
+        extra_state=extra_state,
+    )
+    result = loop.run(cfg, tc, stage, accelerator, args)
+    if accelerator.is_main_process:
+        print(json.dumps({"stage": "vae", **{k: round(float(v), 5) for k, v in result.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
