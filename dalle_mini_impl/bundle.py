@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig, read_config_json, save_config
+from .config import RunConfig, config_from_dict, config_to_dict, read_config_json, save_config
 from .errors import UserError
 
 FILES = {
@@ -53,6 +53,40 @@ def read_bundle_config(bundle: str | os.PathLike) -> RunConfig:
 
 def write_bundle_config(cfg: RunConfig, bundle: str | os.PathLike) -> None:
     save_config(cfg, Path(bundle) / FILES["config"])
+
+
+# the config sections each training stage decides; the others belong to the stages that made them
+STAGE_SECTIONS = {
+    "tokenizer": ("text",),
+    "vae": ("data", "vae", "train.vae"),
+    "encode": ("data",),
+    "dalle": ("transformer", "train.dalle", "sample"),
+    "clip": ("clip", "train.clip"),
+}
+
+
+def record_stage_config(cfg: RunConfig, run: str | os.PathLike, stage: str) -> None:
+    """Write the run's config.json so that it describes every artifact in the folder.
+
+    The stage's own sections come from `cfg`; every other section is kept as the stage that trained
+    it wrote it, so a later stage run with other overrides never misdescribes an earlier artifact.
+    The stage's complete resolved config also goes to RUN/logs/<stage>/config.json.
+    """
+    run = Path(run)
+    save_config(cfg, run / "logs" / stage / "config.json")
+    path = run / FILES["config"]
+    if not path.is_file():
+        save_config(cfg, path)
+        return
+    merged = config_to_dict(read_config_json(path))
+    mine = config_to_dict(cfg)
+    for section in STAGE_SECTIONS[stage]:
+        *parents, leaf = section.split(".")
+        src, dst = mine, merged
+        for p in parents:
+            src, dst = src[p], dst[p]
+        dst[leaf] = src[leaf]
+    save_config(config_from_dict(merged), path)
 
 
 def save_state_dict(

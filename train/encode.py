@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dalle_mini_impl.bundle import load_vae
-from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args, save_config
+from dalle_mini_impl.bundle import load_vae, record_stage_config
+from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data import ExampleStream
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.tokens import shard_path, tokens_dir, write_shard
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     state.wait_for_everyone()
     if state.is_main_process:
-        save_config(cfg, Path(cfg.out_dir) / "config.json")
+        record_stage_config(cfg, cfg.out_dir, "encode")
         summary = {"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}
         # written last: its presence says every split is complete (train.all skips the stage then)
         (Path(cfg.out_dir) / "tokens" / "manifest.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dalle_mini_impl.bundle import load_state_dict, save_state_dict
-from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args, save_config
+from dalle_mini_impl.bundle import load_state_dict, record_stage_config, save_state_dict
+from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args
 from dalle_mini_impl.errors import UserError
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
@@ -178,7 +178,7 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
     is_main = accelerator.is_main_process
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.json")
+        record_stage_config(cfg, out, stage.name)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_lambda(tc))
     # the loss runs as the forward of a wrapper so DDP/FSDP see it and synchronise gradients

@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dalle_mini_impl.config import add_config_args, config_from_args, save_config
+from dalle_mini_impl.bundle import record_stage_config
+from dalle_mini_impl.config import add_config_args, config_from_args
 from dalle_mini_impl.data import iter_captions
 from dalle_mini_impl.errors import run_cli
 from dalle_mini_impl.text import TextTokenizer
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     captions = list(iter_captions(cfg.data, cfg.data.split, cfg.text.max_train_captions))
     tok = TextTokenizer.train(captions, cfg.text, out / "text.model")
-    save_config(cfg, out / "config.json")
+    record_stage_config(cfg, out, "tokenizer")
     summary = {
         "vocab_size": tok.vocab_size,
         "requested_vocab_size": cfg.text.vocab_size,
