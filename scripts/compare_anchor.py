@@ -20,8 +20,9 @@ Configurations and what is compared (anchor key -> ours, in `python -m dalle_min
   training            our fp32 tokens/s on pre-encoded ids / dalle_train_tokens_per_s_median_step (which
                       re-encodes pixels every step; our number with an encode per step is listed too).
                       Target >= 1.2.
-  dVAE training       our images/s for the dVAE with the anchor's constructor arguments /
+  dVAE training       our images/s for the dVAE whose parameter count is nearest the anchor's /
                       vae_train_images_per_s_median_step, both at 32 px batch 32 (tiny only). Target >= 1.0.
+                      Listed beside it: the anchor's constructor arguments translated, and the shapes preset.
 The last line of stdout is one JSON object; progress goes to stderr.
 """
 
@@ -112,12 +113,15 @@ def ours_keys(phase: str, preset: str) -> dict[str, str]:
             "sample_peak_mem_mb": f"{p}.sample.peak_mem_mb",
         }
     return {
-        "vae_images_per_s": "vae.anchor-tiny-args.images_per_s",
-        "vae_images_per_s_total": "vae.anchor-tiny-args.images_per_s_total",
-        "vae_params": "vae.anchor-tiny-args.params",
+        "vae_images_per_s": "vae.param-matched.images_per_s",
+        "vae_images_per_s_total": "vae.param-matched.images_per_s_total",
+        "vae_params": "vae.param-matched.params",
+        "vae_hidden": "vae.param-matched.hidden",
+        "vae_peak_mem_mb": "vae.param-matched.peak_mem_mb",
+        "vae_anchor_args_images_per_s": "vae.anchor-tiny-args.images_per_s",
+        "vae_anchor_args_params": "vae.anchor-tiny-args.params",
         "vae_shapes_images_per_s": "vae.shapes.images_per_s",
         "vae_shapes_params": "vae.shapes.params",
-        "vae_peak_mem_mb": "vae.anchor-tiny-args.peak_mem_mb",
     }
 
 
@@ -209,6 +213,10 @@ def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any]) -> di
         r["vae_images_per_s"] = ratio(med(ours, "vae_images_per_s"), med(anchor, "vae_train_images_per_s_median_step"))
         r["vae_images_per_s_rounds"] = paired("vae_train_images_per_s_median_step", "vae_images_per_s", True)
         r["vae_params"] = ratio(med(ours, "vae_params"), med(anchor, "vae_params"))
+        for name in ("anchor_args", "shapes"):
+            a_ips = med(anchor, "vae_train_images_per_s_median_step")
+            r[f"vae_{name}_images_per_s"] = ratio(med(ours, f"vae_{name}_images_per_s"), a_ips)
+            r[f"vae_{name}_params"] = ratio(med(ours, f"vae_{name}_params"), med(anchor, "vae_params"))
     targets: dict[str, Any] = {}
     for (c, name), (op, bound) in TARGETS.items():
         if c != cfg or r.get(name) is None:

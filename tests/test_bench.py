@@ -91,9 +91,11 @@ def test_sample_phase_prints_json(capsys):
 def test_vae_phase_prints_json(capsys):
     out = run_json(["--only", "vae", "--steps", "1", "--warmup", "0", "--vae-batch", "4"], capsys)
     vae = out["vae"]
-    for name in ("anchor-tiny-args", "shapes"):
+    for name in ("anchor-tiny-args", "param-matched", "shapes"):
         assert vae[name]["images_per_s"] > 0 and vae[name]["params"] > 0
     assert vae["anchor_tiny_params"] == 561091
+    # the param-matched dVAE is the nearest to the anchor's count that a multiple-of-8 width gives
+    assert abs(vae["param-matched"]["params_vs_anchor_tiny"] - 1) < 0.15
 
 
 def test_peak_phase_and_bad_override(capsys):
