@@ -1,0 +1,159 @@
+"""The training entry points on tiny models: run, stop, resume where they stopped; encode once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vae
+from dalle_mini_impl.bundle import load_vae
+from dalle_mini_impl.config import load_config
+from dalle_mini_impl.data import ExampleStream
+from dalle_mini_impl.tokens import read_shards, tokens_dir
+from train import clip as train_clip
+from train import dalle as train_dalle
+from train import encode as train_encode
+from train import tokenizer as train_tokenizer
+from train import vae as train_vae
+from train.loop import list_checkpoints
+
+# a whole pipeline small enough to train in seconds on one CPU core
+TINY = [
+    "data.image_size=16",
+    "data.shapes.val_size=64",
+    "data.max_examples=192",
+    "text.text_len=16",
+    "text.max_train_captions=2000",
+    "vae.codebook_size=32",
+    "vae.hidden=16",
+    "vae.res_blocks=0",
+    "vae.code_dim=16",
+    "transformer.dim=32",
+    "transformer.depth=2",
+    "transformer.heads=2",
+    "clip.image_width=32",
+    "clip.text_width=32",
+    "clip.image_depth=1",
+    "clip.text_depth=1",
+    "clip.embed_dim=16",
+    "clip.patch_size=4",
+]
+for stage in ("vae", "dalle", "clip"):
+    TINY += [
+        f"train.{stage}.batch_size=8",
+        f"train.{stage}.warmup_steps=2",
+        f"train.{stage}.log_every=1",
+        f"train.{stage}.eval_every=1000",
+        f"train.{stage}.image_every=1000",
+        f"train.{stage}.eval_batches=1",
+    ]
+
+
+def args_for(run, *extra: str) -> list[str]:
+    out = ["--config", "shapes", "--out", str(run)]
+    for item in TINY + list(extra):
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder with a trained tokenizer and a few-step VAE, shared by the tests below."""
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("run")
+    train_tokenizer.main(args_for(run))
+    train_vae.main(args_for(run, "train.vae.steps=4", "train.vae.checkpoint_every=2"))
+    return run
+
+
+def _optimizer_state(checkpoint) -> dict:
+    return torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
+
+
+def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+    train_vae.main(args_for(run, "train.vae.steps=3", "train.vae.checkpoint_every=3"))
+    first = list_checkpoints(run / "checkpoints" / "vae")
+    assert [p.name for p in first] == ["step_00000003"]
+    assert json.loads((first[0] / "trainer_state.json").read_text())["step"] == 3
+    state3 = _optimizer_state(first[0])
+
+    # the same command with more steps resumes at step 3 (the default), with the optimizer state of step 3
+    capsys.readouterr()
+    train_vae.main(
+        args_for(
+            run,
+            "train.vae.steps=5",
+            "train.vae.checkpoint_every=1",
+            "train.vae.keep_checkpoints=10",
+            "vae.temperature_steps=10",
+            "vae.kl_warmup_steps=10",
+        )
+    )
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = load_config("shapes", [*TINY, "vae.temperature_steps=10", "vae.kl_warmup_steps=10"])
+    expected = vae.schedules.values_at(4, **{k: getattr(cfg.vae, k) for k in vae.SCHEDULE_FIELDS})
+    # the last step (index 4) used the schedules at step 4: they continued, they did not restart at 0
+    assert printed["temperature"] == pytest.approx(expected["temperature"], abs=1e-5)
+    assert printed["kl_weight"] == pytest.approx(expected["kl_weight"], abs=1e-5) and printed["kl_weight"] > 0
+    names = [p.name for p in list_checkpoints(run / "checkpoints" / "vae")]
+    assert names == ["step_00000003", "step_00000004", "step_00000005"]
+    state4 = _optimizer_state(run / "checkpoints" / "vae" / "step_00000004")
+    # Adam's step count continues from 3, it does not restart at 1
+    assert int(state4["state"][0]["step"]) == int(state3["state"][0]["step"]) + 1 == 4
+    assert (run / "vae.safetensors").is_file() and (run / "vae.json").is_file()
+
+
+def test_encode_writes_the_ids_encode_gives(run_dir):
+    train_encode.main(args_for(run_dir))
+    ids, captions = read_shards(tokens_dir(run_dir, "train"))
+    assert ids.shape == (192, 4, 4) and len(captions) == 192
+    cfg = load_config("shapes", TINY)
+    tokenizer = load_vae(run_dir)
+    stream = ExampleStream(cfg.data, "train", train=False, endless=False)
+    examples = []
+    for example in stream:
+        examples.append(example)
+        if len(examples) == 16:
+            break
+    images = torch.stack([e["image"] for e in examples])
+    assert torch.equal(tokenizer.encode(images), ids[:16])
+    assert [e["caption"] for e in examples] == captions[:16]
+    manifest = json.loads((run_dir / "tokens" / "manifest.json").read_text())
+    assert manifest["splits"][0]["examples"] == 192
+
+
+def test_encode_resumes_and_reuses_shards(run_dir):
+    before = {p.name: p.stat().st_mtime_ns for p in tokens_dir(run_dir, "train").iterdir()}
+    train_encode.main(args_for(run_dir))
+    after = {p.name: p.stat().st_mtime_ns for p in tokens_dir(run_dir, "train").iterdir()}
+    assert before == after  # complete shards are not written again
+
+
+def test_dalle_runs_stops_and_resumes(run_dir):
+    train_dalle.main(args_for(run_dir, "train.dalle.steps=2", "train.dalle.checkpoint_every=2"))
+    ckpts = list_checkpoints(run_dir / "checkpoints" / "dalle")
+    assert [p.name for p in ckpts] == ["step_00000002"]
+    data_state = json.loads((ckpts[0] / "data_0.json").read_text())
+    assert data_state == {"epoch": 0, "position": 16}  # two batches of 8 token rows consumed
+    train_dalle.main(args_for(run_dir, "train.dalle.steps=3", "train.dalle.checkpoint_every=1"))
+    last = list_checkpoints(run_dir / "checkpoints" / "dalle")[-1]
+    assert last.name == "step_00000003"
+    assert json.loads((last / "data_0.json").read_text()) == {"epoch": 0, "position": 24}
+    weights = load_file(str(run_dir / "transformer.safetensors"))
+    assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert json.loads((run_dir / "transformer.json").read_text())["grid_h"] == 4
+
+
+def test_clip_trains_and_exports(run_dir):
+    train_clip.main(args_for(run_dir, "train.clip.steps=2", "train.clip.checkpoint_every=2"))
+    assert (run_dir / "clip.safetensors").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    # every stage recorded its own section: the bundle config describes each artifact
+    assert config["clip"]["image_width"] == 32 and config["vae"]["codebook_size"] == 32
+    assert config["transformer"]["dim"] == 32
