@@ -75,9 +75,11 @@ def read_shards(folder: Path) -> tuple[torch.Tensor, list[str]]:
 class TokenStream:
     """Batches of {"image_ids": (b, h, w), "caption": list[str]} from token shards, split across processes.
 
-    Rows are dealt to processes by index modulo `num_processes`, once. Training streams reshuffle each
-    epoch from (seed, epoch) and never end; evaluation streams make one ordered pass. `state_dict()`
-    is the exact position, so a resumed run sees the batches an uninterrupted one would.
+    Every process draws the same global order (a permutation from (seed, epoch) for training, the file
+    order for evaluation) and takes its own slice of each global batch of `batch_size * num_processes`
+    rows. So a run on P processes sees exactly the global batches that one process with P times the
+    batch size would, and `state_dict()` (epoch and global position) resumes exactly. Training streams
+    never end; evaluation streams make one pass, the last global batch possibly short.
     """
 
     def __init__(
@@ -90,16 +92,15 @@ class TokenStream:
         process_index: int = 0,
         num_processes: int = 1,
     ):
-        ids, captions = read_shards(folder)
-        rows = np.arange(process_index, len(captions), num_processes)
-        if len(rows) < batch_size and train:
+        self.image_ids, self.captions = read_shards(folder)
+        self.global_batch = batch_size * num_processes
+        if train and len(self.captions) < self.global_batch:
             raise UserError(
-                f"token shards in '{folder}' hold {len(captions)} rows, fewer than one batch of {batch_size} per "
-                "process; encode more data or lower the batch size"
+                f"token shards in '{folder}' hold {len(self.captions)} rows, fewer than one global batch of "
+                f"{self.global_batch}; encode more data or lower the batch size"
             )
-        self.image_ids = ids[rows]
-        self.captions = [captions[i] for i in rows]
         self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank = process_index
         self.epoch, self.position = 0, 0
         self.n_skipped = 0
 
@@ -114,13 +115,16 @@ class TokenStream:
     def __iter__(self) -> Iterator[dict]:
         while True:
             order = self._order(self.epoch)
-            while self.position + (self.batch_size if self.train else 1) <= len(order):
-                idx = order[self.position : self.position + self.batch_size]
-                self.position += len(idx)
+            # training drops the tail shorter than a global batch; evaluation keeps it
+            while self.position < len(order) and (not self.train or self.position + self.global_batch <= len(order)):
+                chunk = order[self.position : self.position + self.global_batch]
+                self.position += self.global_batch
+                idx = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                if len(idx) == 0:
+                    continue
                 yield {"image_ids": self.image_ids[idx], "caption": [self.captions[i] for i in idx]}
             if not self.train:
                 return
-            # the tail shorter than a batch is dropped; the next epoch reshuffles everything
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

@@ -10,7 +10,7 @@ does the rest, the same way for every stage:
 - warmup + cosine learning rate, gradient clipping, optional EMA weights.
 - a step whose loss or gradient is not finite is skipped and counted; `max_bad_steps` in a row stop
   the run with a message, leaving the last good checkpoint intact.
-- checkpoints every `checkpoint_every` steps: accelerate's `save_state` (model, optimizer, scheduler,
+- checkpoints every `checkpoint_every` steps: accelerate's `save_state` (model, optimizer,
   RNG) plus the data position, EMA weights and counters, written to a temporary folder and renamed
   into place, so a run killed at any moment resumes from the last complete one. The last
   `keep_checkpoints` are kept. A restarted command resumes from the latest by default.
@@ -180,9 +180,10 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
         out.mkdir(parents=True, exist_ok=True)
         record_stage_config(cfg, out, stage.name)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_lambda(tc))
     # the loss runs as the forward of a wrapper so DDP/FSDP see it and synchronise gradients
-    model, optimizer, scheduler = accelerator.prepare(_LossModule(stage), stage.optimizer, scheduler)
+    model, optimizer = accelerator.prepare(_LossModule(stage), stage.optimizer)
+    # not prepared: accelerate would step it once per process per step; the LR is a function of the step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     unwrapped = accelerator.unwrap_model(model).model
     ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay > 0 else None
 
@@ -192,6 +193,7 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
         accelerator.load_state(str(resume))
         state = json.loads((resume / "trainer_state.json").read_text())
         step, bad_total = state["step"], state["bad_steps"]
+        _set_schedule_step(scheduler, step)
         data_file = resume / f"data_{accelerator.process_index}.json"
         if data_file.is_file():
             stage.batches.load_state_dict(json.loads(data_file.read_text()))
@@ -265,7 +267,9 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
 
         if step % tc.log_every == 0 or step == tc.steps:
             elapsed = time.perf_counter() - window_t0
-            logged = {"loss": loss_sum, **scalars, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+            # the loss of the global batch: the mean over processes (every rank reaches this line)
+            loss_mean = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean"))
+            logged = {"loss": loss_mean, **scalars, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
             logged[f"{stage.item_name}_per_s"] = window_items * accelerator.num_processes / max(elapsed, 1e-9)
             skipped = getattr(stage.batches, "n_skipped", None)
             if skipped is not None:
@@ -290,7 +294,10 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
             model.train()
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             checkpoint()
+        _fault_point("step", step)
     bar.close()
+    logged["ranks_in_sync"] = float(_ranks_in_sync(accelerator, unwrapped))
+    logged["num_processes"] = float(accelerator.num_processes)
 
     accelerator.wait_for_everyone()
     if is_main and stage.export is not None:
@@ -302,6 +309,38 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
         writer.close()
     accelerator.wait_for_everyone()
     return logged
+
+
+def _set_schedule_step(scheduler, step: int) -> None:
+    """Put a LambdaLR at `step`: the optimizer's LR and the scheduler's counter, as if it had stepped there."""
+    scheduler.last_epoch = step
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _ranks_in_sync(accelerator, model: torch.nn.Module) -> bool:
+    """Whether every process holds the same weights (a digest compared across ranks; True alone)."""
+    with torch.no_grad():
+        digest = torch.stack(
+            [torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]
+        ).flatten()
+    everyone = accelerator.gather(digest.to(accelerator.device)[None])  # (processes, 2 * params)
+    return bool((everyone == everyone[0]).all())
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Fault injection for the reliability tests: DALLE_MINI_IMPL_KILL_AT=step:N or checkpoint:N.
+
+    `step:N` SIGKILLs the process right after step N; `checkpoint:N` SIGKILLs it in the middle of
+    writing checkpoint N (after the model and optimizer, before the folder is complete). Unset, it
+    does nothing.
+    """
+    target = os.environ.get("DALLE_MINI_IMPL_KILL_AT")
+    if target and target == f"{where}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _LossModule(torch.nn.Module):
@@ -347,6 +386,7 @@ def _save_checkpoint(accelerator, root: Path, step: int, bad_total: int, stage: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    _fault_point("checkpoint", step)
     (tmp / f"data_{accelerator.process_index}.json").write_text(json.dumps(stage.batches.state_dict()))
     if accelerator.is_main_process:
         if ema is not None:

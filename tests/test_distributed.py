@@ -1,0 +1,89 @@
+"""Training as 2 CPU processes (gloo) through `accelerate launch`: ranks agree, one checkpoint, same result.
+
+A run on 2 processes with batch 4 each sees exactly the global batches of 1 process with batch 8 (the
+token stream deals each global batch across ranks), so with a loss that is a plain mean over the batch
+both must end with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train import args_for
+from train import dalle as train_dalle
+from train import encode as train_encode
+from train import tokenizer as train_tokenizer
+from train import vae as train_vae
+from train.loop import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+# the text loss averages over non-pad targets per process; weight 0 makes the loss a plain batch mean
+SAME_MATH = ["transformer.caption_dropout=0", "transformer.text_loss_weight=0"]
+
+
+def launch(module: str, argv: list[str]) -> dict:
+    """Run `accelerate launch --multi_gpu --num_processes 2 -m module` on the CPU; its last JSON line."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *argv,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # only the main process prints
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("dist") / "base"
+    train_tokenizer.main(args_for(run))
+    train_vae.main(args_for(run, "train.vae.steps=2"))
+    train_encode.main(args_for(run))
+    return run
+
+
+def _copy(base, dest):
+    shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    return dest
+
+
+def test_dalle_two_processes_match_one(base_run, tmp_path, capsys):
+    one, two = _copy(base_run, tmp_path / "one"), _copy(base_run, tmp_path / "two")
+    steps = ["train.dalle.steps=3", "train.dalle.checkpoint_every=3", "train.dalle.log_every=3", *SAME_MATH]
+    train_dalle.main(args_for(one, "train.dalle.batch_size=8", *steps))
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = launch("train.dalle", args_for(two, "train.dalle.batch_size=4", *steps))
+
+    assert result["num_processes"] == 2 and result["ranks_in_sync"] == 1
+    ckpts = list_checkpoints(two / "checkpoints" / "dalle")
+    assert [p.name for p in ckpts] == ["step_00000003"]  # exactly one, written once, no leftovers
+    assert sorted(p.name for p in (two / "checkpoints" / "dalle").iterdir()) == ["step_00000003"]
+    assert (ckpts[0] / "data_0.json").is_file() and (ckpts[0] / "data_1.json").is_file()
+
+    # the loss of the global batch after 3 steps, and the held-out loss of the final weights
+    assert result["loss"] == pytest.approx(single["loss"], abs=1e-4)
+    assert result["eval/val_loss"] == pytest.approx(single["eval/val_loss"], abs=1e-4)
+    a, b = load_file(str(one / "transformer.safetensors")), load_file(str(two / "transformer.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=f"{k} differs between 1 and 2 processes")
+
+
+def test_clip_two_processes_stay_in_sync(base_run, tmp_path):
+    run = _copy(base_run, tmp_path / "clip")
+    result = launch("train.clip", args_for(run, "train.clip.steps=2", "train.clip.checkpoint_every=2"))
+    assert result["num_processes"] == 2 and result["ranks_in_sync"] == 1
+    assert [p.name for p in list_checkpoints(run / "checkpoints" / "clip")] == ["step_00000002"]
+    assert (run / "clip.safetensors").is_file()
