@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -204,7 +205,7 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
             if path.is_file():
                 _load_extra(obj, path)
         if is_main:
-            tqdm.write(f"resumed {stage.name} from {resume} at step {step}")
+            tqdm.write(f"resumed {stage.name} from {resume} at step {step}", file=sys.stderr)
 
     writer = None
     if is_main:
