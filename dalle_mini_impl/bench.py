@@ -624,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
     ap.add_argument("--matmul-n", type=int, default=None, help="side of the peak matmul (default 2048 CPU, 8192 GPU)")
     ap.add_argument("--matmul-reps", type=int, default=8)
-    ap.add_argument("--peak-json", default=None, help='reuse a peak measured earlier: the JSON of a run\'s "peak"')
+    ap.add_argument(
+        "--peak-json", default=None, help='use this peak instead of measuring it: the JSON of a run\'s "peak"'
+    )
     return ap
 
 
@@ -639,14 +641,18 @@ def run_phase(phase: str, args: argparse.Namespace, device: torch.device, preset
         return res
     peak = json.loads(args.peak_json) if args.peak_json else None
     if phase == "train" and peak is None:
-        peak = phase_peak(args, device)  # MFU needs the peak: measure it first, on the same machine
-        res["peak"] = peak
+        # MFU's denominator, measured in this process just before training: on a shared machine the
+        # neighbours' load changes from minute to minute, and a peak from another time would skew it
+        peak = phase_peak(args, device)
     res["presets"] = {}
     for name in presets:
         model = DALLE(build_config(name, args.overrides))
         entry = {"config": model_summary(model)}
         del model
-        entry[phase] = phase_train(name, args, device, peak) if phase == "train" else phase_sample(name, args, device)
+        if phase == "train":
+            entry["train"] = {"peak": peak, **phase_train(name, args, device, peak)}
+        else:
+            entry["sample"] = phase_sample(name, args, device)
         res["presets"][name] = entry
     return res
 
@@ -683,8 +689,6 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
         cmd = [sys.executable, "-m", "dalle_mini_impl.bench", "--only", phase, *passthrough]
         if ps:
             cmd += ["--preset", *ps]
-        if phase == "train" and "peak" in result:
-            cmd += ["--peak-json", json.dumps(result["peak"])]
         label = f"{phase} {' '.join(ps)}".strip()
         log(f"child: {label}")
         t0 = time.perf_counter()
