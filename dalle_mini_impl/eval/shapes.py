@@ -1,0 +1,188 @@
+"""Does the model draw what the prompt says? The shapes judge over a fixed, seeded prompt set.
+
+    python -m dalle_mini_impl.eval shapes --model RUN --n 300 --seed 0 [--candidates 8] [--guided 0]
+
+The prompt set (`prompt_set`) is a pure function of (n, seed, held-out combinations):
+  - half are one-object prompts cycling through all 8 mixes of stated and omitted size, color and
+    position (the shape is always stated), never a held-out color-shape combination;
+  - a quarter are two-object prompts (both colors stated, sizes stated at random);
+  - a quarter name only held-out color-shape combinations (`data.shapes.held_out` of the bundle),
+    one- and two-object, so generalisation to unseen combinations is measured.
+For each prompt the model samples `--candidates` images (the bundle's sampling settings, seed + prompt
+index). Reported, per kind and per attribute (the judge's `summarize`): `random`, the first candidate
+(candidates are independent draws, so the first is a random one); `clip_top1_of_8`, CLIP's best of the
+first 8; and, with `--candidates 32`, `clip_top1_of_32`. `--guided K` also refines CLIP's best of 8
+with CLIP-guided optimisation (VQGAN+CLIP) for the first K prompts and reports `clip_guided`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.images import to_uint8
+from dalle_mini_impl.judge import judge, summarize
+from dalle_mini_impl.shapes import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption
+
+KINDS = ("one", "two", "heldout")
+
+
+def _combos(held_out: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(seen, held-out) color-shape pairs."""
+    held = {tuple(h.split()) for h in held_out}
+    every = [(c, s) for c in COLORS for s in SHAPES]
+    return [p for p in every if p not in held], [p for p in every if p in held]
+
+
+def prompt_set(n: int, seed: int, held_out: list[str]) -> list[tuple[str, str]]:
+    """(kind, prompt) pairs: n prompts, half one-object, a quarter two-object, a quarter held-out."""
+    rng = np.random.default_rng([seed, 7])
+    seen, held = _combos(held_out)
+    n_held = n // 4 if held else 0
+    n_two = n // 4
+    n_one = n - n_two - n_held
+    out = []
+    for i in range(n_one):
+        mix = i % 8  # bits: size, color, where stated
+        color, shape = seen[rng.integers(len(seen))]
+        obj = {"size": rng.choice(SIZES) if mix & 1 else None, "color": color if mix & 2 else None, "shape": shape}
+        where = str(rng.choice(WHERES)) if mix & 4 else None
+        out.append(("one", format_caption({"kind": "one", "objects": [_str(obj)], "where": where})))
+    for i in range(n_two + n_held):
+        pool = seen if i < n_two else held
+        if i >= n_two and i % 2 == 0:  # half the held-out prompts are one-object
+            color, shape = pool[rng.integers(len(pool))]
+            obj = {"size": rng.choice(SIZES) if rng.random() < 0.5 else None, "color": color, "shape": shape}
+            where = str(rng.choice(WHERES)) if rng.random() < 0.5 else None
+            out.append(("heldout", format_caption({"kind": "one", "objects": [_str(obj)], "where": where})))
+            continue
+        while True:
+            (c1, s1), (c2, s2) = pool[rng.integers(len(pool))], pool[rng.integers(len(pool))]
+            if c1 != c2:
+                break
+            if len({c for c, _ in pool}) < 2:  # every held-out pair shares one color: one-object only
+                c2 = None
+                break
+        if c2 is None:
+            obj = {"size": None, "color": c1, "shape": s1}
+            out.append(("heldout", format_caption({"kind": "one", "objects": [obj], "where": None})))
+            continue
+        objs = [
+            {"size": rng.choice(SIZES) if rng.random() < 0.5 else None, "color": c, "shape": s}
+            for c, s in ((c1, s1), (c2, s2))
+        ]
+        caption = format_caption({"kind": "two", "objects": [_str(o) for o in objs], "relation": rng.choice(RELATIONS)})
+        out.append(("two" if i < n_two else "heldout", caption))
+    return out
+
+
+def _str(obj: dict) -> dict:
+    return {k: (None if v is None else str(v)) for k, v in obj.items()}
+
+
+def _by_kind(verdicts: list, kinds: list[str]) -> dict:
+    out = {"all": summarize(verdicts)}
+    for kind in KINDS:
+        chosen = [v for v, k in zip(verdicts, kinds) if k == kind]
+        if chosen:
+            out[kind] = summarize(chosen)
+    return out
+
+
+def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int, progress: bool = True) -> dict:
+    """Judge the random candidate, CLIP's top-1 of 8 (and of 32), and optionally CLIP-guided refinement."""
+    from tqdm.auto import tqdm
+
+    s = pipe.settings(candidates=candidates, num_images=1)
+    columns: dict[str, list] = {"random": [], "clip_top1_of_8": []}
+    if candidates >= 32:
+        columns["clip_top1_of_32"] = []
+    guided_verdicts, guided_kinds = [], []
+    kinds = [k for k, _ in prompts]
+    for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
+        generator = torch.Generator().manual_seed(s.seed + i)
+        ids = pipe.sample_ids(pipe.encode_prompt(prompt), s, generator)  # (m, n)
+        images = pipe.decode(ids)  # (m, 3, S, S)
+        pixels = to_uint8(images)  # (m, S, S, 3)
+        columns["random"].append(judge(pixels[0], prompt))
+        if pipe.clip is None:
+            raise UserError(f"model '{pipe.cfg.name}' has no CLIP; the shapes eval ranks candidates with it")
+        scores = pipe.clip.score(images, prompt)
+        best8 = int(scores[:8].argmax())
+        columns["clip_top1_of_8"].append(judge(pixels[best8], prompt))
+        if "clip_top1_of_32" in columns:
+            columns["clip_top1_of_32"].append(judge(pixels[int(scores[:32].argmax())], prompt))
+        if i < guided:
+            refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator)
+            guided_verdicts.append(judge(refined, prompt))
+            guided_kinds.append(kind)
+    out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items()}
+    if guided_verdicts:
+        out["clip_guided"] = _by_kind(guided_verdicts, guided_kinds)
+    return out
+
+
+def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator):
+    from dalle_mini_impl.guided import refine
+
+    h, w = pipe.grid
+    ids, images, scores = refine(
+        pipe.image_tokenizer,
+        pipe.clip,
+        [(prompt, 1.0)],
+        start_ids.view(-1, h, w),
+        steps=s.guided_steps,
+        lr=s.guided_lr,
+        cutouts=s.guided_cutouts,
+        generator=generator,
+        keep_rows=0,
+        progress=False,
+    )
+    return to_uint8(images[int(scores.argmax())]), ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dalle_mini_impl.pipeline import Pipeline
+
+    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
+    parser.add_argument("--model", default=None, help="bundle or run folder (default: the shipped model)")
+    parser.add_argument("--n", type=int, default=300, help="number of prompts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set and of sampling")
+    parser.add_argument("--candidates", type=int, default=8, help="samples per prompt: 8, or 32 for top-1 of 32")
+    parser.add_argument("--guided", type=int, default=0, help="refine with CLIP guidance for the first K prompts")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.n < 4:
+        raise UserError(f"--n is {args.n}; use at least 4 prompts so every kind is drawn")
+    if args.candidates < 8:
+        raise UserError(f"--candidates is {args.candidates}; CLIP's top-1 of 8 needs at least 8")
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    if pipe.cfg.data.source != "shapes":
+        raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
+    pipe.cfg.sample.seed = args.seed
+    prompts = prompt_set(args.n, args.seed, pipe.cfg.data.shapes.held_out)
+    t0 = time.perf_counter()
+    result = evaluate(pipe, prompts, args.candidates, args.guided)
+    summary = {
+        "model": str(args.model or "shipped"),
+        "n": len(prompts),
+        "seed": args.seed,
+        "candidates": args.candidates,
+        "held_out": pipe.cfg.data.shapes.held_out,
+        "cfg": pipe.cfg.sample.cfg,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **result,
+    }
+    text = json.dumps(summary)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(text)
+    return 0
