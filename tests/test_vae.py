@@ -1,0 +1,381 @@
+"""Tests of the image tokenizers in `vae/`: shapes and ranges, schedules, learning, I/O, codebook care.
+
+Run: pytest tests/test_vae.py (the overfitting tests are marked slow). Every model is a tiny real one
+trained on synthetic coloured rectangles; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from einops import rearrange
+
+import vae
+from vae import schedules
+
+VAE_DIR = Path(vae.__file__).resolve().parent
+TINY = dict(codebook_size=32, hidden=8, res_blocks=1, code_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared CPU two threads stall each other at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rectangles(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """n white images (n, 3, size, size) in [0, 1], each with one or two flat coloured rectangles."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([(220, 30, 30), (40, 170, 60), (40, 80, 220), (235, 205, 20), (30, 30, 30)]) / 255
+    images = np.ones((n, size, size, 3), np.float32)
+    for i in range(n):
+        for _ in range(rng.integers(1, 3)):
+            y0, x0 = rng.integers(0, size - 8, 2)
+            h, w = rng.integers(6, size // 2, 2)
+            images[i, y0 : y0 + h, x0 : x0 + w] = palette[rng.integers(len(palette))]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def tiny(kind: str, **overrides) -> vae.ImageTokenizer:
+    torch.manual_seed(0)
+    return vae.build(kind, **{**TINY, **overrides})
+
+
+# -- encode / decode -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dvae", "vq"])
+@pytest.mark.parametrize("factor", [4, 8, 16])
+def test_encode_decode_shapes_dtypes_ranges(kind, factor):
+    model = tiny(kind, factor=factor).eval()
+    images = rectangles(2)
+    ids = model.encode(images)
+    side = 32 // factor
+    assert ids.shape == (2, side, side) and ids.dtype == torch.int64
+    assert 0 <= int(ids.min()) and int(ids.max()) < model.codebook_size
+    assert model.grid(32) == (side, side) and model.grid((32, 64)) == (side, 2 * side)
+    out = model.decode(ids)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.float32
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    # a flat (b, n) sequence of ids, as a transformer emits them, decodes to the same images
+    assert torch.equal(model.decode(ids.reshape(2, -1)), out)
+    assert torch.equal(model.encode(images), ids)  # deterministic
+
+
+@pytest.mark.parametrize("kind", ["dvae", "vq"])
+def test_logit_laplace_decodes_into_unit_range(kind):
+    model = tiny(kind, recon_loss="logit_laplace")
+    images = rectangles(2)
+    loss, metrics = model(images, 0)
+    assert torch.isfinite(loss)
+    out = model.decode(model.encode(images))
+    assert out.shape == (2, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_pixel_mapping_round_trips():
+    x = torch.rand(2, 3, 4, 4)
+    mapped = vae.losses.map_pixels(x)
+    assert float(mapped.min()) >= 0.1 and float(mapped.max()) <= 0.9
+    assert torch.allclose(vae.losses.unmap_pixels(mapped), x, atol=1e-6)
+
+
+def test_bad_inputs_are_vae_errors():
+    model = tiny("dvae")
+    with pytest.raises(vae.VAEError, match="multiple of"):
+        model.encode(torch.rand(1, 3, 30, 30))
+    with pytest.raises(vae.VAEError, match="float tensor"):
+        model.encode(torch.rand(1, 1, 32, 32))
+    with pytest.raises(vae.VAEError, match=r"\[0, 32\)"):
+        model.decode(torch.full((1, 8, 8), 32))
+    with pytest.raises(vae.VAEError, match="square"):
+        model.decode(torch.zeros(1, 10, dtype=torch.long))
+
+
+# -- schedules and metrics -------------------------------------------------------------------------
+
+
+def test_temperature_schedule_anneals_monotonically_then_holds():
+    values = [schedules.temperature_at(s, 1.0, 1 / 16, 1000) for s in range(0, 1300, 10)]
+    assert values[0] == pytest.approx(1.0)
+    assert schedules.temperature_at(1000, 1.0, 1 / 16, 1000) == pytest.approx(1 / 16)
+    assert values[-1] == pytest.approx(1 / 16)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert schedules.temperature_at(5, 1.0, 0.5, 0) == pytest.approx(0.5)  # no annealing: the end value
+
+
+def test_kl_weight_schedule_warms_up_monotonically_then_holds():
+    values = [schedules.kl_weight_at(s, 1e-3, 200) for s in range(0, 400, 5)]
+    assert values[0] == 0.0 and values[-1] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert schedules.kl_weight_at(0, 1e-3, 0) == pytest.approx(1e-3)
+    assert schedules.values_at(
+        0, temperature_start=1.0, temperature_end=0.1, temperature_steps=10, kl_weight=1.0, kl_warmup_steps=10
+    ) == {"temperature": pytest.approx(1.0), "kl_weight": 0.0}
+
+
+def test_psnr_and_code_usage():
+    x = torch.zeros(1, 3, 4, 4)
+    assert float(vae.psnr(x + 0.1, x)) == pytest.approx(20.0, abs=1e-4)
+    usage = vae.metrics.CodeUsage(codebook_size=8, window=2)
+    assert usage.update(torch.tensor([[0, 1], [2, 3]])) == (pytest.approx(0.5), pytest.approx(4.0))
+    usage.update(torch.tensor([[4, 4], [4, 4]]))
+    fraction, perplexity = usage.update(torch.tensor([[5, 5], [5, 5]]))  # the first batch left the window
+    assert fraction == pytest.approx(2 / 8) and perplexity == pytest.approx(2.0)
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def test_dvae_training_step_metrics_and_schedule_values():
+    model = tiny("dvae")
+    loss, metrics = model(rectangles(4), 3, temperature=0.5, kl_weight=0.01)
+    loss.backward()
+    assert float(metrics["temperature"]) == 0.5 and float(metrics["kl_weight"]) == pytest.approx(0.01)
+    for key in ("loss", "recon", "kl", "psnr"):
+        assert metrics[key].ndim == 0 and torch.isfinite(metrics[key])
+    assert metrics["ids"].shape == (4, 8, 8) and metrics["reconstruction"].shape == (4, 3, 32, 32)
+    assert model.codebook.weight.grad is not None and model.encoder.head.weight.grad.abs().sum() > 0
+
+
+def test_dvae_straight_through_feeds_one_hot_codes():
+    model = tiny("dvae", straight_through=True)
+    logits = torch.randn(2, 32, 4, 4, requires_grad=True)
+    weights = model.relaxed_one_hot(logits, temperature=0.7)
+    assert torch.equal(weights.detach().sum(1), torch.ones(2, 4, 4))
+    assert set(weights.detach().unique().tolist()) <= {0.0, 1.0}
+    weights[:, 0].sum().backward()
+    assert logits.grad.abs().sum() > 0  # the relaxed sample carries the gradient
+
+
+def _overfit(model: vae.ImageTokenizer, images: torch.Tensor, steps: int, **schedule) -> float:
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        values = {k: v(step) if callable(v) else v for k, v in schedule.items()}
+        loss, _ = model(images, step, **values)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(vae.psnr(model.decode(model.encode(images)), images))
+
+
+@pytest.mark.slow
+def test_dvae_overfits_one_batch():
+    torch.manual_seed(0)
+    model = vae.build("dvae", codebook_size=64, hidden=16, res_blocks=1, code_dim=32)
+    images = rectangles(8)
+    temperature = lambda s: schedules.temperature_at(s, 1.0, 1 / 16, 300)  # noqa: E731
+    assert _overfit(model, images, 400, temperature=temperature, kl_weight=0.0) > 25  # ~28 dB here
+
+
+@pytest.mark.slow
+def test_vq_overfits_one_batch():
+    torch.manual_seed(0)
+    model = vae.build("vq", codebook_size=64, hidden=16, res_blocks=1, code_dim=32, dead_code_steps=20)
+    assert _overfit(model, rectangles(8), 400) > 25  # ~28.5 dB here
+
+
+def test_vq_without_ema_learns_its_codebook():
+    model = tiny("vq", ema=False)
+    loss, metrics = model(rectangles(4), 0)
+    loss.backward()
+    assert "codebook" in metrics and model.quantizer.embed.grad.abs().sum() > 0
+
+
+def test_vq_ema_moves_codes_towards_their_latents():
+    model = tiny("vq", dead_code_steps=0, ema_decay=0.5)
+    images = rectangles(4)
+    before = model.quantizer.codes().clone()
+    with torch.no_grad():
+        z = rearrange(model.free_latent(images), "b l h w -> (b h w) l")
+        ids = model.quantizer.nearest(z)
+        model(images, 0)
+    code = int(ids.mode().values)
+    target = torch.nn.functional.normalize(z[ids == code].mean(0), dim=0)
+    assert float(model.quantizer.codes()[code] @ target) > float(before[code] @ target)
+
+
+def test_dead_codes_restart_from_the_batch_and_get_used():
+    model = tiny("vq", codebook_size=64, dead_code_steps=3)
+    images = rectangles(8)
+    q = model.quantizer
+    with torch.no_grad():  # every code identical: ties go to code 0, all others are never chosen
+        q.embed.copy_(q.embed[:1].expand_as(q.embed))
+        q.embed_sum.copy_(q.embed)
+        q.unused_steps.zero_()
+    restarted = [int(model(images, step)[1]["restarted"]) for step in range(3)]
+    # nothing restarts before dead_code_steps steps; then the codes never chosen do (code 0 and maybe one
+    # more, picked by ties once the EMA has moved code 0, stay)
+    assert restarted[:2] == [0, 0] and restarted[2] >= 60
+    codes = q.codes()
+    assert not torch.allclose(codes[1:], codes[:1].expand(63, -1))
+    # each restarted code sits on a latent of the batch, so it is that latent's nearest code now
+    usage = vae.metrics.CodeUsage(64, window=1)
+    fraction, _ = usage.update(model(images, 3)[1]["ids"])
+    assert fraction > 0.3
+
+
+def test_vq_discriminator_losses():
+    model = tiny("vq", disc_start=1, disc_weight=0.5)
+    images = rectangles(4)
+    _, before = model(images, 0)
+    assert "adversarial" not in before
+    loss, metrics = model(images, 1)
+    assert "adversarial" in metrics
+    loss.backward()
+    assert all(p.grad is not None for p in model.discriminator.parameters())
+    generator = {id(p) for p in model.generator_parameters()}
+    assert not any(id(p) in generator for p in model.discriminator.parameters())
+    d_loss, d_metrics = model(images, 1, reconstruction=metrics["reconstruction"])
+    assert torch.isfinite(d_loss) and {"disc_loss", "disc_real", "disc_fake"} <= set(d_metrics)
+    with pytest.raises(vae.VAEError, match="no discriminator"):
+        tiny("vq").discriminator_loss(images, images)
+
+
+# -- the continuous side (for CLIP guidance) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dvae", "vq"])
+def test_snap_passes_gradients_to_the_free_latent(kind):
+    model = tiny(kind).eval()
+    images = rectangles(2)
+    free = model.free_latent(images).detach().requires_grad_()
+    latent, ids = model.snap(free)
+    assert torch.equal(ids, model.encode(images))
+    assert torch.equal(model.decode_latent(latent), model.decode(ids))
+    model.decode_latent(latent).mean().backward()
+    assert free.grad is not None and torch.isfinite(free.grad).all() and free.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["dvae", "vq"])
+def test_embed_ids_is_the_decoder_input_of_each_code(kind):
+    model = tiny(kind).eval()
+    ids = torch.randint(0, 32, (2, 8, 8))
+    latent = model.embed_ids(ids)
+    assert latent.shape[:1] + latent.shape[2:] == (2, 8, 8)
+    assert torch.allclose(model.decode_latent(latent), model.decode(ids))
+
+
+def test_dvae_soft_latent_is_a_codebook_mixture():
+    model = tiny("dvae")
+    logits = torch.full((1, 32, 2, 2), -1e4)
+    logits[:, 7] = 0
+    assert torch.allclose(model.soft_latent(logits), model.embed_ids(torch.full((1, 2, 2), 7)))
+
+
+# -- build, save, load -----------------------------------------------------------------------------
+
+
+def test_build_rejects_unknown_kinds_and_arguments():
+    with pytest.raises(vae.VAEError, match="unknown tokenizer kind 'vqvae'"):
+        vae.build("vqvae")
+    with pytest.raises(vae.VAEError, match="unknown argument 'lookup_dim' for the dvae"):
+        vae.build("dvae", lookup_dim=8)
+    with pytest.raises(vae.VAEError, match="factor must be a power of two"):
+        vae.build("vq", factor=6)
+    with pytest.raises(vae.VAEError, match="recon_loss"):
+        vae.build("dvae", recon_loss="ssim")
+
+
+def test_project_config_maps_onto_constructor_and_schedules():
+    from dalle_mini_impl.config import VAEConfig
+
+    fields = dataclasses.asdict(VAEConfig())
+    assert set(vae.SCHEDULE_FIELDS) <= set(fields)
+    for kind in vae.KINDS:
+        model = vae.build(kind, **vae.model_kwargs(kind, fields))
+        assert model.kind == kind
+        # every constructor argument comes from the config, except the dVAE's documented extra
+        assert set(vae.constructor_fields(kind)) - set(fields) <= {"diversity_weight"}
+        assert not set(vae.constructor_fields(kind)) & set(vae.SCHEDULE_FIELDS)
+    values = schedules.values_at(10, **{k: fields[k] for k in vae.SCHEDULE_FIELDS})
+    assert set(values) == {"temperature", "kl_weight"}
+
+
+@pytest.mark.parametrize("kind", ["dvae", "vq"])
+def test_save_load_round_trip_gives_identical_ids(kind, tmp_path):
+    model = tiny(kind, factor=8)
+    images = rectangles(4)
+    model(images, 0)  # a training step moves the VQ's EMA buffers: they must be saved too
+    model.eval()
+    vae.save_pretrained(model, tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["vae.json", "vae.safetensors"]
+    meta = json.loads((tmp_path / "tok" / "vae.json").read_text())
+    assert meta["kind"] == kind and meta["kwargs"]["factor"] == 8 and meta["format_version"] == 1
+    loaded = vae.load_pretrained(tmp_path / "tok")
+    assert not loaded.training and type(loaded) is type(model)
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    assert torch.equal(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
+
+
+def test_load_errors_are_one_sentence_vae_errors(tmp_path):
+    with pytest.raises(vae.VAEError, match="has no vae.json"):
+        vae.load_pretrained(tmp_path / "nowhere")
+    folder = tmp_path / "tok"
+    vae.save_pretrained(tiny("dvae"), folder)
+    weights = folder / "vae.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(vae.VAEError, match="corrupt"):
+        vae.load_pretrained(folder)
+    weights.unlink()
+    with pytest.raises(vae.VAEError, match="does not exist"):
+        vae.load_pretrained(folder)
+    weights.write_bytes(good)
+    meta = json.loads((folder / "vae.json").read_text())
+    meta["kwargs"]["code_dim"] = 24
+    (folder / "vae.json").write_text(json.dumps(meta))
+    with pytest.raises(vae.VAEError, match="shape") as info:
+        vae.load_pretrained(folder)
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    (folder / "vae.json").write_text("{not json")
+    with pytest.raises(vae.VAEError, match="not valid JSON"):
+        vae.load_pretrained(folder)
+
+
+# -- the package stands alone ----------------------------------------------------------------------
+
+ALLOWED = {"torch", "einops", "numpy", "safetensors"}
+
+
+def test_vae_sources_import_only_torch_einops_numpy_safetensors_and_stdlib():
+    for path in sorted(VAE_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in ALLOWED or top in sys.stdlib_module_names, f"{path.name} imports {name}"
+
+
+def test_importing_vae_loads_no_project_module():
+    code = (
+        "import sys, vae\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dalle_mini_impl', 'train', 'sample'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_parameter_count_of_the_shapes_preset_is_lean():
+    model = vae.build("dvae", codebook_size=512, factor=4, hidden=64, res_blocks=1, code_dim=256)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert math.isclose(model.grid(32)[0], 8)

@@ -1,0 +1,133 @@
+"""Building tokenizers by name and saving / loading them as plain files (safetensors + JSON).
+
+    model = build("dvae", codebook_size=512, factor=4)
+    save_pretrained(model, "runs/x/vae")      # writes vae.safetensors and vae.json, atomically
+    model = load_pretrained("runs/x/vae")     # eval mode, on the CPU; never unpickles anything
+
+A project config with every VAE field maps onto constructor arguments with `model_kwargs(kind, fields)`;
+the fields in `SCHEDULE_FIELDS` are training-only and go to `vae.schedules.values_at` instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .base import ImageTokenizer, VAEError
+from .dvae import DiscreteVAE
+from .vq import VQ
+
+KINDS: dict[str, type[ImageTokenizer]] = {"dvae": DiscreteVAE, "vq": VQ}
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "vae.safetensors"
+CONFIG_FILE = "vae.json"
+
+# config fields read by the training loop each step (vae.schedules), not by the constructor
+SCHEDULE_FIELDS = ("temperature_start", "temperature_end", "temperature_steps", "kl_weight", "kl_warmup_steps")
+
+
+def constructor_fields(kind: str) -> tuple[str, ...]:
+    """Names of the constructor arguments of tokenizer `kind`."""
+    return tuple(p for p in inspect.signature(_tokenizer_class(kind).__init__).parameters if p != "self")
+
+
+def model_kwargs(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of `kind` picked from a flat config mapping (other kinds' fields ignored)."""
+    return {name: fields[name] for name in constructor_fields(kind) if name in fields}
+
+
+def build(kind: str, **kwargs: Any) -> ImageTokenizer:
+    """A fresh tokenizer of `kind` ('dvae' or 'vq'); unknown kinds and arguments are one-sentence errors."""
+    unknown = sorted(set(kwargs) - set(constructor_fields(kind)))
+    if unknown:
+        raise VAEError(
+            f"unknown argument {unknown[0]!r} for the {kind} tokenizer; allowed: {', '.join(constructor_fields(kind))}"
+        )
+    return KINDS[kind](**kwargs)
+
+
+def _tokenizer_class(kind: str) -> type[ImageTokenizer]:
+    if kind not in KINDS:
+        raise VAEError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model: ImageTokenizer, folder: str | os.PathLike) -> Path:
+    """Write `folder/vae.safetensors` (weights and buffers) and `folder/vae.json` (kind, kwargs, version)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage, and weights may live on an accelerator
+    state = {name: t.detach().cpu().clone().contiguous() for name, t in model.state_dict().items()}
+    meta = {"format_version": FORMAT_VERSION, "kind": model.kind, "kwargs": model.hyperparameters()}
+    _write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"kind": model.kind}))
+    _write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return folder
+
+
+def read_pretrained_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed, checked `vae.json` of a saved tokenizer: {'format_version', 'kind', 'kwargs'}."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise VAEError(f"tokenizer folder '{folder}' has no {CONFIG_FILE}; save it with vae.save_pretrained")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VAEError(f"'{path}' is not valid JSON ({e}); save the tokenizer again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("kwargs"), dict) or "kind" not in meta:
+        raise VAEError(f"'{path}' lacks 'kind' or 'kwargs'; save the tokenizer again with vae.save_pretrained")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise VAEError(
+            f"'{path}' has format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
+            "save the tokenizer again with this version of vae"
+        )
+    return meta
+
+
+def load_pretrained(folder: str | os.PathLike) -> ImageTokenizer:
+    """The tokenizer saved in `folder`, on the CPU, in eval mode; weights read with safetensors only."""
+    meta = read_pretrained_config(folder)
+    model = build(meta["kind"], **meta["kwargs"])
+    load_weights(model, Path(folder) / WEIGHTS_FILE)
+    return model.eval()
+
+
+def load_weights(model: ImageTokenizer, path: str | os.PathLike) -> ImageTokenizer:
+    """Copy a safetensors file into `model` in place; missing, corrupt or mismatched files are VAEErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise VAEError(f"weights file '{path}' does not exist; save the tokenizer with vae.save_pretrained")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise VAEError(f"weights file '{path}' is corrupt or not safetensors ({reason}); save it again") from None
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in state:
+            raise VAEError(f"weights file '{path}' lacks '{name}'; it was saved from a different tokenizer config")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise VAEError(
+                f"weights file '{path}' has '{name}' of shape {tuple(state[name].shape)} but the model expects "
+                f"{tuple(tensor.shape)}; load it with the vae.json saved beside it"
+            )
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise VAEError(f"weights file '{path}' has '{extra[0]}' that the model lacks; it belongs to another config")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state[name].to(tensor.dtype))
+    return model
