@@ -157,3 +157,22 @@ def test_clip_trains_and_exports(run_dir):
     # every stage recorded its own section: the bundle config describes each artifact
     assert config["clip"]["image_width"] == 32 and config["vae"]["codebook_size"] == 32
     assert config["transformer"]["dim"] == 32
+
+
+def test_export_writes_a_compact_bundle_that_samples(run_dir, tmp_path):
+    from dalle_mini_impl.pipeline import Pipeline
+    from train import export as train_export
+
+    bundle = tmp_path / "bundle"
+    train_export.main([str(run_dir), str(bundle), "--dtype", "fp16"])
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == sorted(
+        ["config.json", "text.model", "vae.json", "vae.safetensors", "transformer.json", "transformer.safetensors",
+         "clip.safetensors"]
+    )  # fmt: skip
+    half = load_file(str(bundle / "transformer.safetensors"))
+    assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.float16}
+    results = Pipeline.from_pretrained(bundle).generate(["a red circle"], num_images=2, candidates=3, progress=False)
+    assert [r.rank for r in results[0]] == [1, 2]
+    assert results[0][0].image.size == (16, 16)
+    assert results[0][0].clip_score >= results[0][1].clip_score

@@ -1,0 +1,55 @@
+"""Copy a trained run folder into a compact bundle: `python -m train.export RUN DEST [--dtype fp16]`.
+
+Copies config.json, text.model, vae.json and transformer.json, and rewrites each safetensors file
+(vae, transformer, clip) with its floating-point tensors cast to `--dtype` (fp16 halves the size; loading
+casts back to the model's dtype). Checkpoints, logs and token shards stay behind. This is how the
+shipped model in dalle_mini_impl/assets/shapes was made from runs/shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from dalle_mini_impl.bundle import FILES, load_state_dict, part_path, save_state_dict
+from dalle_mini_impl.errors import UserError, run_cli
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SIDE_FILES = ("vae.json", "transformer.json")
+
+
+def export(run: Path, dest: Path, dtype: torch.dtype) -> dict:
+    """Write the bundle; returns {file: bytes}."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for part in ("config", "text"):
+        shutil.copyfile(part_path(run, part), dest / FILES[part])
+    for name in SIDE_FILES:
+        if not (run / name).is_file():
+            raise UserError(f"run folder '{run}' has no {name}; finish training every stage first")
+        shutil.copyfile(run / name, dest / name)
+    for part in ("vae", "transformer", "clip"):
+        state = load_state_dict(part_path(run, part))
+        save_state_dict(state, dest / FILES[part], dtype=dtype)
+    for path in sorted(dest.iterdir()):
+        sizes[path.name] = path.stat().st_size
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a trained run folder (every stage done)")
+    parser.add_argument("dest", help="the bundle folder to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    args = parser.parse_args(argv)
+    sizes = export(Path(args.run), Path(args.dest), DTYPES[args.dtype])
+    print(json.dumps({"bundle": args.dest, "dtype": args.dtype, "bytes": sizes, "total_bytes": sum(sizes.values())}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
