@@ -69,9 +69,9 @@ def reconstruction_loss(x: torch.Tensor, stats: torch.Tensor, recon_loss: str) -
     return F.mse_loss(recon, x)
 
 
-def kl_to_uniform(log_probs: torch.Tensor) -> torch.Tensor:
-    """KL(q || uniform) for log q (b, k, h, w) over the code axis, averaged over grid cells (nats per cell)."""
-    return (log_probs.exp() * log_probs).sum(dim=1).mean() + math.log(log_probs.shape[1])
+def kl_to_uniform(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(q || uniform) from q and log q (b, k, h, w), over the code axis, averaged over cells (nats per cell)."""
+    return (probs * log_probs).sum(dim=1).mean() + math.log(probs.shape[1])
 
 
 def batch_kl_to_uniform(probs: torch.Tensor) -> torch.Tensor:
