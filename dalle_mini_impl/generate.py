@@ -14,7 +14,7 @@ Usage:
     from dalle_mini_impl.generate import generate
     g = torch.Generator().manual_seed(0)
     ids = generate(model, text, null_text=empty, cfg_scale=3.0, top_k=64, generator=g)  # (b, n)
-    images = vae.decode(rearrange(ids, "b (h w) -> b h w", h=model.cfg.grid_h))
+    images = vae.decode(ids.reshape(-1, model.cfg.grid_h, model.cfg.grid_w))
 """
 
 from __future__ import annotations
