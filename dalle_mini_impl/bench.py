@@ -27,7 +27,8 @@ is that phase's own; on GPU it is torch.cuda.max_memory_allocated, reset before 
 The anchor-* presets reproduce the configurations of dalle-pytorch 1.6.6 that
 ../shared/anchors/dalle-pytorch/bench.py times (batch 16 training, 8 prompts x 64 image tokens, top 10% of
 ids kept as its filter_thres=0.9 does); `scripts/compare_anchor.py` runs both side by side.
-Weights are random: speed, not quality, is measured.
+Weights are random: speed, not quality, is measured. On a CPU shared with other jobs use --threads 1
+(see scripts/compare_anchor.py: at 2 threads an oversubscribed machine times its scheduler, not the code).
 """
 
 from __future__ import annotations
@@ -375,7 +376,7 @@ def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak:
             def encode() -> torch.Tensor:
                 return tok.encode(pixels).flatten(1)
 
-            enc_steps = max(1, steps // 2)
+            enc_steps = max(2, steps // 4)  # for transparency only: a few steps keep the default run short
             log(f"train {name} fp32 with dVAE encode: {enc_steps} steps")
             times, loss = train_run(model, text, image, device, "fp32", enc_steps, min(warmup, 1), encode)
             res = step_stats(times, b * seq_tokens, "tokens")
@@ -619,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--sample-batch", type=int, default=None)
     ap.add_argument("--sample-reps", type=int, default=3, help="timed repetitions of cached and guided sampling")
-    ap.add_argument("--uncached-reps", type=int, default=2, help="timed repetitions of uncached sampling")
+    ap.add_argument("--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling")
     ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
     ap.add_argument("--matmul-n", type=int, default=None, help="side of the peak matmul (default 2048 CPU, 8192 GPU)")
