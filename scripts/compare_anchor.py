@@ -159,6 +159,8 @@ def summarise(values: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": values}
     if nums:
         out["median"] = statistics.median(nums)
+    elif values and all(isinstance(v, bool) for v in values):
+        out["all"] = all(values)
     return out
 
 
