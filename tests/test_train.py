@@ -176,3 +176,17 @@ def test_export_writes_a_compact_bundle_that_samples(run_dir, tmp_path):
     assert [r.rank for r in results[0]] == [1, 2]
     assert results[0][0].image.size == (16, 16)
     assert results[0][0].clip_score >= results[0][1].clip_score
+
+
+def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
+    from dalle_mini_impl.eval.recon import main as recon_main
+    from dalle_mini_impl.eval.recon import ssim
+
+    capsys.readouterr()
+    recon_main(["--model", str(run_dir), "--split", "validation", "--limit", "32"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 32 and 0 <= out["usage"] <= 1 and out["codes_used"] >= 1
+    assert 0 < out["psnr"] < 100 and -1 <= out["ssim"] <= 1 and 0 <= out["judge_accepts"] <= 1
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)  # identical images: SSIM 1
+    assert (ssim(x, torch.rand(2, 3, 16, 16)) < 0.5).all()

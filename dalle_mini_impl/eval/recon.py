@@ -5,8 +5,9 @@
 Prints one JSON object. PSNR is computed from the mean squared error over the whole split (pixels in
 [0, 1]), not averaged per image; SSIM is the mean over images of the Gaussian-window SSIM (Wang et al.
 2004: 11x11 window, sigma 1.5, on each RGB channel); usage is the fraction of codes that occur at least
-once on the split and perplexity is exp(entropy) of the split's code histogram. Works on any data
-source, not only the one the tokenizer was trained on.
+once on the split and perplexity is exp(entropy) of the split's code histogram. On shapes it also reports
+`judge_accepts`, the fraction of reconstructions the shapes judge accepts under their captions. Works
+on any data source, not only the one the tokenizer was trained on.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def recon_metrics(tokenizer, batches: Iterable[dict], device: torch.device | str = "cpu") -> dict[str, float]:
-    """PSNR (from the split's total MSE), mean SSIM, usage and perplexity over batches {"image": (b, 3, S, S)}."""
-    sq_err, pixels, ssim_sum, n = 0.0, 0, 0.0, 0
+def recon_metrics(
+    tokenizer, batches: Iterable[dict], device: torch.device | str = "cpu", judge_captions: bool = False
+) -> dict[str, float]:
+    """PSNR (from the split's total MSE), mean SSIM, usage and perplexity over batches {"image": (b, 3, S, S)}.
+
+    judge_captions: also the fraction of reconstructions the shapes judge accepts under their captions.
+    """
+    sq_err, pixels, ssim_sum, n, accepted = 0.0, 0, 0.0, 0, 0
     counts = torch.zeros(tokenizer.codebook_size, dtype=torch.long)
     for batch in batches:
         x = batch["image"].to(device).float()
@@ -60,12 +66,17 @@ def recon_metrics(tokenizer, batches: Iterable[dict], device: torch.device | str
         ssim_sum += float(ssim(y, x).sum())
         counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.codebook_size)
         n += x.shape[0]
+        if judge_captions:
+            from dalle_mini_impl.images import to_uint8
+            from dalle_mini_impl.judge import judge
+
+            accepted += sum(judge(image, caption).ok for image, caption in zip(to_uint8(y.cpu()), batch["caption"]))
     if n == 0:
         raise UserError("the evaluation split gave no images; check --data and --split")
     mse = sq_err / pixels
     p = counts.double() / counts.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    return {
+    out = {
         "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
         "mse": mse,
         "ssim": ssim_sum / n,
@@ -74,6 +85,9 @@ def recon_metrics(tokenizer, batches: Iterable[dict], device: torch.device | str
         "perplexity": math.exp(entropy),
         "n": n,
     }
+    if judge_captions:
+        out["judge_accepts"] = accepted / n
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.source = args.data
     stream = ExampleStream(cfg.data, args.split, train=False)
     limited = _take(batches(stream, args.batch_size), args.limit)
-    result = recon_metrics(tokenizer, limited)
+    result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")
     result.update(source=cfg.data.source, split=args.split, image_size=cfg.data.image_size, skipped=stream.n_skipped)
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
