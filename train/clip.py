@@ -13,7 +13,6 @@ TensorBoard logs under RUN/logs/clip/.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -54,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         m.clamp_logit_scale_()
         return {}
 
-    val = example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator)
-    val_start = val.state_dict()
+    validation_batches = loop.replay(
+        example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator),
+        tc.eval_batches,
+    )
     zero_shot = None
     if cfg.data.source == "shapes":  # zero-shot color / shape / position on one-object renders
         zero_shot = one_object_scenes(cfg.data.shapes, cfg.data.image_size, cfg.data.val_split, 300)
@@ -66,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if zero_shot is not None:
             scorer = BundleClipScorer(m, tokenizer, device=device)
             results.update({f"zero_shot_{k}": v for k, v in zero_shot_shapes(scorer, *zero_shot).items() if k != "n"})
-        val.load_state_dict(val_start)
         image_feats, text_feats, captions = [], [], []
-        for i, batch in enumerate(val):
-            if i >= tc.eval_batches:
-                break
+        for batch in validation_batches():
             image_feats.append(m.encode_image(batch["image"].to(device)).float())
             text_feats.append(m.encode_text(tokenizer.encode(batch["caption"]).to(device)).float())
             captions += batch["caption"]
@@ -80,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return results
 
     def log_images(m, step, writer):
-        val.load_state_dict(val_start)
-        batch = next(iter(val))
+        batch = next(validation_batches())
         images = batch["image"][:8]
         gen = torch.Generator().manual_seed(0)
         writer.add_image(
@@ -104,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         export=export,
         after_step=after_step,
     )
-    result = loop.run(cfg, tc, stage, accelerator, args)
-    if accelerator.is_main_process:
-        print(json.dumps({"stage": "clip", **{k: round(float(v), 5) for k, v in result.items()}}))
+    loop.report("clip", loop.run(cfg, tc, stage, accelerator, args), accelerator)
     return 0
 
 

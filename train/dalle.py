@@ -112,18 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         value, parts = m.loss(text, image)
         return value, {k: float(v) for k, v in parts.items()}
 
-    val = token_batches(
-        cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator, image_tokenizer=image_tokenizer
+    validation_batches = loop.replay(
+        token_batches(
+            cfg,
+            cfg.data.val_split,
+            tc.batch_size,
+            train=False,
+            accelerator=accelerator,
+            image_tokenizer=image_tokenizer,
+        ),
+        tc.eval_batches,
     )
-    val_start = val.state_dict()
 
     @torch.no_grad()
     def evaluate(m, step):
-        val.load_state_dict(val_start)
         sums = torch.zeros(4, device=accelerator.device)  # loss, text, image, batches
-        for i, batch in enumerate(val):
-            if i >= tc.eval_batches:
-                break
+        for batch in validation_batches():
             image = batch["image_ids"].to(accelerator.device).flatten(1)
             value, parts = m.loss(text_ids(batch["caption"], None), image)
             sums += torch.stack(
@@ -167,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         log_images=log_images,
         export=export,
     )
-    result = loop.run(cfg, tc, stage, accelerator, args)
-    if accelerator.is_main_process:
-        print(json.dumps({"stage": "dalle", **{k: round(float(v), 5) for k, v in result.items()}}))
+    loop.report("dalle", loop.run(cfg, tc, stage, accelerator, args), accelerator)
     return 0
 
 

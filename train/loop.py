@@ -126,6 +126,26 @@ class Stage:
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
+def replay(batches: Any, limit: int) -> Callable[[], Iterator[dict]]:
+    """A function giving the first `limit` batches of an evaluation stream, from its start, on every call."""
+    start = batches.state_dict()
+
+    def first() -> Iterator[dict]:
+        batches.load_state_dict(start)
+        for i, batch in enumerate(batches):
+            if i >= limit:
+                return
+            yield batch
+
+    return first
+
+
+def report(name: str, result: dict[str, float], accelerator) -> None:
+    """The stage's last logged scalars as one JSON line, printed by the main process only."""
+    if accelerator.is_main_process:
+        print(json.dumps({"stage": name, **{k: round(float(v), 5) for k, v in result.items()}}), flush=True)
+
+
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)

@@ -15,7 +15,6 @@ PSNR/SSIM/usage, and a grid of originals over reconstructions.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import torch
 
@@ -83,15 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             critic_opt.step()
             return {k: float(v) for k, v in metrics.items()}
 
-    val = example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator)
-    val_start = val.state_dict()
-
-    def validation_batches():
-        val.load_state_dict(val_start)
-        for i, batch in enumerate(val):
-            if i >= tc.eval_batches:
-                return
-            yield batch
+    validation_batches = loop.replay(
+        example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator),
+        tc.eval_batches,
+    )
 
     def evaluate(m, step):
         m.eval()
@@ -117,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         after_step=after_step,
         extra_state=extra_state,
     )
-    result = loop.run(cfg, tc, stage, accelerator, args)
-    if accelerator.is_main_process:
-        print(json.dumps({"stage": "vae", **{k: round(float(v), 5) for k, v in result.items()}}))
+    loop.report("vae", loop.run(cfg, tc, stage, accelerator, args), accelerator)
     return 0
 
 
