@@ -54,6 +54,7 @@ import math
 import os
 import random
 import sys
+import tarfile
 import time
 import warnings
 from collections import Counter
@@ -186,7 +187,9 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
     try:
         return datasets.load_dataset(path, split=hf_split, streaming=streaming, **kwargs)
     except ValueError as e:
-        if "split" not in str(e).lower():
+        if "split" not in str(e).lower() or type(e).__module__.startswith("pyarrow"):
+            if kwargs:  # local files the reader refuses: metadata of mixed types, bad JSON, text not UTF-8
+                raise UserError(_unreadable(name, path, e)) from None
             raise
         available = ", ".join(_available_splits(path, kwargs)) or "unknown"
         hint = " (or put {split} in the path)" if kwargs.get("data_files") else ""
@@ -195,10 +198,29 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
             f"choose one with --split or data.split / data.val_split{hint}"
         ) from None
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetGenerationError) as e:
+        if kwargs and isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ is not None:
+            raise UserError(_unreadable(name, path, e.__cause__)) from None  # say what broke in the local files
         raise UserError(
             f"data set '{name}' could not be loaded ({type(e).__name__}: {e}); "
             "check the path, the hub name, or your network"
         ) from None
+    except (IndexError, KeyError, TypeError, tarfile.TarError) as e:  # an empty metadata.jsonl, a broken .tar
+        if not kwargs:
+            raise
+        raise UserError(_unreadable(name, path, e)) from None
+
+
+_UNREADABLE_HINTS = {
+    "imagefolder": "check its metadata file: one JSON object per line, each column of one type, captions as strings",
+    "webdataset": "check its .tar files: complete archives whose samples all have the same members "
+    "(000.png + 000.txt), text in UTF-8",
+}
+
+
+def _unreadable(name: str, builder: str, e: Exception, where: str = "") -> str:
+    detail = (str(e).splitlines() or [""])[0][:200]
+    hint = _UNREADABLE_HINTS.get(builder, "check that its files are complete and of one format")
+    return f"data set '{name}' could not be read{where} ({type(e).__name__}: {detail}); {hint}"
 
 
 def _columns(ds) -> list[str]:
@@ -527,7 +549,15 @@ class ExampleStream(torch.utils.data.IterableDataset):
         ds.load_state_dict(self._hf_pending if self._hf_pending is not None else self._hf_fresh)
         self._hf_pending = None
         self._hf_live = True
-        for record in ds:
+        records = iter(ds)
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except Exception as e:  # the reader itself broke (an archive cut short, text not UTF-8): it cannot go on
+                builder = _resolve(self.cfg.source, self.split)[0]
+                raise UserError(_unreadable(self.source.name, builder, e, f" after record {self.position}")) from None
             self.position += 1
             example = self._example(record, f"record {self.position - 1}")
             if example is not None:

@@ -45,6 +45,7 @@ from .images import prepare_image, to_pil
 SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
 METHODS = ("ar", "clip-guided")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images at once (and never finish on a CPU)
 
 
 @dataclass
@@ -94,6 +95,12 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise UserError(f"prompt {i + 1} is empty; describe the image, e.g. 'a red circle'")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: a command-line argument whose bytes are not UTF-8
+            raise UserError(
+                f"prompt {i + 1} is not valid UTF-8 text; retype it, or set the terminal's encoding to UTF-8"
+            ) from None
     return prompts
 
 
@@ -104,6 +111,8 @@ def check_settings(s: SampleConfig) -> None:
             raise UserError(f"{flag} is {value}; give a finite number")
     if s.candidates < 1:
         raise UserError(f"--candidates is {s.candidates}; sample at least 1 candidate per prompt")
+    if s.candidates > MAX_CANDIDATES:  # all of a prompt's candidates are decoded and ranked together
+        raise UserError(f"--candidates is {s.candidates}; sample at most {MAX_CANDIDATES} candidates per prompt")
     if s.num_images < 1:
         raise UserError(f"--num-images is {s.num_images}; keep at least 1 image per prompt")
     if s.num_images > s.candidates:

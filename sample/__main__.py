@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.errors import UserError, run_cli
 
 MAX_SLUG = 60
 
@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dalle_mini_impl.pipeline import Pipeline, check_prompts
 
     prompts = check_prompts(args.prompts)
+    out = Path(args.out)
+    check_out(out)  # before sampling: a bad --out would otherwise fail only after all the work
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning  # one line per warning, no source line
@@ -110,18 +112,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=True,
         )
 
-    out = Path(args.out)
     for slug, kept in zip(unique_slugs(prompts), results):
-        paths, grid = save_results(kept, out, f"{slug}_s{kept[0].seed}")
+        try:
+            paths, grid = save_results(kept, out, f"{slug}_s{kept[0].seed}")
+        except OSError as e:  # no permission, a full disk
+            raise UserError(
+                f"cannot write the PNGs to --out '{out}' ({e.strerror or e}); pass a folder you can write to"
+            ) from None
         if not args.json:
             print(f"{kept[0].prompt!r}: {paths[0].name} .. {paths[-1].name} and {grid.name}")
             continue
         for r, path in zip(kept, paths):
             record = {"prompt": r.prompt, "path": str(path), "rank": r.rank, "clip_score": r.clip_score, "seed": r.seed}
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+            # a path holding bytes that are not UTF-8 (lone surrogates) cannot be printed as is: escape it
+            print(json.dumps(record, ensure_ascii=not _is_utf8(str(path))), flush=True)
     if not args.json:
-        print(f"wrote {sum(len(k) + 1 for k in results)} PNGs to {out}{os.sep}")
+        shown = f"{out}{os.sep}".encode("utf-8", "backslashreplace").decode()
+        print(f"wrote {sum(len(k) + 1 for k in results)} PNGs to {shown}")
     return 0
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_out(out: Path) -> None:
+    """--out names a folder, or a path where one can be made: no part of it may be a file."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else f"lies under the file '{path}'"
+                raise UserError(f"--out '{out}' {where}; pass a folder for the PNGs")
+            return
 
 
 def save_results(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
