@@ -378,9 +378,14 @@ def read_config_json(path: str | os.PathLike) -> RunConfig:
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist; is this a run folder or bundle?")
     try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"config file '{path}' is not valid JSON ({e.msg}); rewrite or retrain it") from None
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"config file '{path}' is not valid JSON ({reason}); rewrite or retrain it") from None
+    if not isinstance(values, dict):
+        raise UserError(
+            f"config file '{path}' holds a {type(values).__name__}, not a JSON object; rewrite or retrain it"
+        )
     return config_from_dict(values)
 
 
