@@ -26,9 +26,9 @@ is that phase's own; on GPU it is torch.cuda.max_memory_allocated, reset before 
 
 The anchor-* presets reproduce the configurations of dalle-pytorch 1.6.6 that
 ../shared/anchors/dalle-pytorch/bench.py times (batch 16 training, 8 prompts x 64 image tokens, top 10% of
-ids kept as its filter_thres=0.9 does); `scripts/compare_anchor.py` runs both side by side.
+ids kept as its filter_thres=0.9 does); `python -m dalle_mini_impl.compare_anchor` runs both side by side.
 Weights are random: speed, not quality, is measured. On a CPU shared with other jobs use --threads 1
-(see scripts/compare_anchor.py: at 2 threads an oversubscribed machine times its scheduler, not the code).
+(see dalle_mini_impl/compare_anchor.py: at 2 threads an oversubscribed machine times its scheduler, not the code).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from .transformer import DALLE, PRESETS, DalleModelConfig, preset_config
 
 CPU_PRESETS = ["anchor-tiny", "anchor-medium", "tiny"]
 GPU_PRESETS = ["dalle256"]
-PHASES = ("peak", "train", "sample", "vae")
+PHASES = ("peak", "train", "sample", "vae", "cli")
 SEED = 0
 
 # Per-preset workload: batch sizes and step counts (the anchor's for the anchor-* presets), and the dVAE
@@ -103,7 +103,7 @@ DEFAULT_WORKLOAD = WORKLOADS["tiny"]
 
 # The dVAE phase: 32 px, batch 32, as the anchor's tiny config. The anchor's tiny DiscreteVAE
 # (num_tokens 512, codebook_dim 256, num_layers 2, hidden_dim 64, no res-blocks) has 561,091 parameters;
-# scripts/compare_anchor.py reads the live number from the anchor's own output. Three of ours are timed:
+# dalle_mini_impl/compare_anchor.py reads the live number from the anchor's own output. Three of ours are timed:
 # the anchor's constructor arguments translated, the one without res-blocks whose parameter count is
 # nearest the anchor's (the issue's "equal parameter count"; found at run time, so it follows changes to
 # vae/), and the shapes preset's.
@@ -570,6 +570,27 @@ def phase_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def phase_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time of the whole `python -m sample` command (shipped model, 16 candidates reranked to 4) against
+    a bare `python -c "import torch"`, interleaved `--cli-reps` times; medians and their difference."""
+    import tempfile
+
+    bare = [sys.executable, "-c", "import torch"]
+    times: dict[str, list[float]] = {"import_torch_s": [], "sample_command_s": []}
+    with tempfile.TemporaryDirectory() as out:
+        sample = [sys.executable, "-m", "sample", "a red circle", "--candidates", "16", "--num-images", "4"]
+        sample += ["--out", out]
+        for _ in range(args.cli_reps):
+            for key, cmd in (("import_torch_s", bare), ("sample_command_s", sample)):
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    raise UserError(f"'{' '.join(cmd[1:3])}' failed: {proc.stderr.strip().splitlines()[-1]}")
+                times[key].append(time.perf_counter() - t0)
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return {**med, "extra_s": round(med["sample_command_s"] - med["import_torch_s"], 3), "reps": args.cli_reps}
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """--set key=value pairs for the transformer config; values are read as JSON when they parse."""
     known = {f for f in DalleModelConfig.__dataclass_fields__}
@@ -599,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", nargs="+", default=None, help="transformer presets (default: the CPU ones, + dalle256 on GPU)"
     )
     ap.add_argument("--only", choices=PHASES, default=None, help="one phase, in this process")
+    ap.add_argument("--cli-reps", type=int, default=3, help="cli phase: interleaved runs of each command")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (train and vae; default per preset)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default per preset)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2 on CPU, as the anchor)")
@@ -639,6 +661,9 @@ def run_phase(phase: str, args: argparse.Namespace, device: torch.device, preset
         return res
     if phase == "vae":
         res["vae"] = phase_vae(args, device)
+        return res
+    if phase == "cli":
+        res["cli"] = phase_cli(args)
         return res
     peak = json.loads(args.peak_json) if args.peak_json else None
     if phase == "train" and peak is None:
@@ -685,7 +710,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
     if args.no_encode:
         passthrough.append("--no-encode")
     jobs: list[tuple[str, list[str]]] = [("peak", [])]
-    jobs += [("train", [p]) for p in presets] + [("sample", [p]) for p in presets] + [("vae", [])]
+    jobs += [("train", [p]) for p in presets] + [("sample", [p]) for p in presets] + [("vae", []), ("cli", [])]
     for phase, ps in jobs:
         cmd = [sys.executable, "-m", "dalle_mini_impl.bench", "--only", phase, *passthrough]
         if ps:
