@@ -38,7 +38,8 @@ class EncodedOnTheFly:
 
     def __iter__(self):
         for batch in self.batches:
-            with torch.inference_mode():
+            # no_grad, not inference_mode: the ids feed an embedding that autograd records
+            with torch.no_grad():
                 ids = self.vae.encode(batch["image"].to(self.device)).cpu()
             yield {"image_ids": ids, "caption": batch["caption"]}
 

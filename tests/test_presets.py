@@ -1,0 +1,45 @@
+"""Every preset in configs/ trains: 2 steps of each stage, with its sizes shrunk by overrides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dalle_mini_impl.config import available_presets
+from tests.test_train import TINY
+from train import clip as train_clip
+from train import dalle as train_dalle
+from train import tokenizer as train_tokenizer
+from train import vae as train_vae
+from train.loop import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+SHRINK = [
+    *TINY,
+    "data.image_size=32",
+    "data.streaming=false",
+    "transformer.head_dim=0",
+    "clip.image_heads=2",
+    "clip.text_heads=2",
+    "text.vocab_size=300",
+]
+for stage in ("vae", "dalle", "clip"):
+    SHRINK += [f"train.{stage}.steps=2", f"train.{stage}.batch_size=4", f"train.{stage}.mixed_precision=no"]
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_preset_trains_two_steps_of_every_stage(preset, tmp_path, imagefolder):
+    torch.set_num_threads(1)
+    argv = ["--config", preset, "--out", str(tmp_path)]
+    if "emoji" in preset:  # the real set lives in ../shared; tests build their own imagefolder
+        argv += ["--data", str(imagefolder.root)]
+    for item in SHRINK:
+        argv += ["--set", item]
+    train_tokenizer.main(argv)
+    for stage in (train_vae, train_dalle, train_clip):
+        stage.main(argv)
+    for name in ("vae", "dalle", "clip"):
+        assert [p.name for p in list_checkpoints(tmp_path / "checkpoints" / name)] == ["step_00000002"]
+    for artifact in ("text.model", "vae.safetensors", "transformer.safetensors", "clip.safetensors"):
+        assert (tmp_path / artifact).is_file()
