@@ -397,13 +397,19 @@ def test_cli_bad_inputs_are_one_sentence(bundle, photos, argv, message):
         main(argv)
 
 
-def test_cli_without_a_shipped_model_says_pass_model(photos):
-    from dalle_mini_impl.clip.__main__ import DEFAULT_MODEL, main
+def test_cli_defaults_to_the_shipped_model(tmp_path, capsys):
+    from PIL import Image
 
-    if DEFAULT_MODEL.is_dir():
-        pytest.skip("the shapes bundle is shipped")
-    with pytest.raises(UserError, match="pass --model"):
-        main(["classify", str(photos / "red.png"), "--labels", "a,b"])
+    from dalle_mini_impl.clip.__main__ import DEFAULT_MODEL, main
+    from dalle_mini_impl.shapes import Obj, Scene, render
+
+    assert DEFAULT_MODEL.is_dir()
+    scene = Scene(objects=[Obj("red", "circle", "large", 16.0, 16.0)], caption="a large red circle", stated={})
+    Image.fromarray(render(scene, 32)).save(tmp_path / "red_circle.png")
+    capsys.readouterr()
+    main(["classify", str(tmp_path / "red_circle.png"), "--labels", "circle,square,triangle", "--template", "a {}"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["best"] == "circle", out
 
 
 # ----------------------------------------------------------------------------------------------
