@@ -668,6 +668,15 @@ def run_case(argv: list[str]) -> tuple[int, str, str, float]:
     return code, stdout.buffer.getvalue().decode(), stderr.buffer.getvalue().decode(), seconds
 
 
+def effective_out(argv: list[str], cwd: Path) -> Path:
+    """The folder the command writes to: the last --out option, or the default samples/ when there is none
+    (after a bare "--" every word, "--out" included, is a prompt)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    if "--out" in options:
+        return Path(options[len(options) - 1 - options[::-1].index("--out") + 1])
+    return cwd / "samples"
+
+
 def check_outcome(argv, code, stdout, stderr, new_files: set[Path], out: Path) -> str:
     """'ok' or 'error' for a clean ending; an AssertionError naming the case otherwise."""
     case = f"argv={argv!r}\nexit={code!r}\nstdout={stdout[-500:]!r}\nstderr={stderr[-1500:]!r}"
@@ -675,7 +684,8 @@ def check_outcome(argv, code, stdout, stderr, new_files: set[Path], out: Path) -
     if code == 0:
         stray = [p for p in new_files if not p.is_relative_to(out.resolve())]
         assert not stray, f"files written outside --out: {stray}\n{case}"
-        if "--json" in argv and not {"-h"} & set(argv):
+        options = argv[: argv.index("--")] if "--" in argv else argv  # after "--", "--json" is a prompt
+        if "--json" in options and not {"-h"} & set(options):
             records = [json.loads(line) for line in stdout.splitlines()]
             assert records and all(set(r) == {"prompt", "path", "rank", "clip_score", "seed"} for r in records)
             assert all(Path(r["path"]).is_file() for r in records), case
@@ -739,8 +749,9 @@ def test_the_sample_command_survives_odd_inputs(world, monkeypatch):
             if guided > MAX_GUIDED:
                 argv = [a if a != "clip-guided" else "ar" for a in argv]
         if "--out" not in argv:
-            argv = [*argv, "--out", str(world.work / f"fixed{i:03d}")]
-        out = Path(argv[len(argv) - 1 - argv[::-1].index("--out") + 1])
+            # in front: after a "--" prompt every word is a prompt, and --out would not be an option
+            argv = ["--out", str(world.work / f"fixed{i:03d}"), *argv]
+        out = effective_out(argv, world.work)
         code, stdout, stderr, seconds = run_case(argv)
         now = set().union(*(files_under(f) for f in watched))
         tally[check_outcome(argv, code, stdout, stderr, now - known, (world.work / out))] += 1
