@@ -190,3 +190,20 @@ def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
     x = torch.rand(2, 3, 16, 16)
     assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)  # identical images: SSIM 1
     assert (ssim(x, torch.rand(2, 3, 16, 16)) < 0.5).all()
+
+
+def test_a_bundle_loaded_into_the_wrong_preset_is_one_sentence(run_dir, tmp_path):
+    from dalle_mini_impl.bundle import load_module
+    from dalle_mini_impl.clip.model import clip_from_config
+    from dalle_mini_impl.errors import UserError
+    from dalle_mini_impl.text import TextTokenizer
+
+    # the tiny run's CLIP weights, loaded into the CLIP of the full shapes preset
+    cfg = load_config("shapes")
+    tokenizer = TextTokenizer.load(run_dir / "text.model", cfg.text.text_len)
+    model = clip_from_config(cfg, tokenizer)
+    with pytest.raises(UserError) as e:
+        load_module(model, run_dir / "clip.safetensors", "CLIP")
+    message = str(e.value)
+    assert "does not fit the CLIP built from this config" in message and "\n" not in message
+    assert "load it with the config.json saved beside it, not another preset" in message
