@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,11 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import args_for
+from tests.test_train import args_for, copy_run, encoded_run
 from train import dalle as train_dalle
-from train import encode as train_encode
-from train import tokenizer as train_tokenizer
-from train import vae as train_vae
 from train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -46,21 +42,11 @@ def launch(module: str, argv: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    torch.set_num_threads(1)
-    run = tmp_path_factory.mktemp("dist") / "base"
-    train_tokenizer.main(args_for(run))
-    train_vae.main(args_for(run, "train.vae.steps=2"))
-    train_encode.main(args_for(run))
-    return run
-
-
-def _copy(base, dest):
-    shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
-    return dest
+    return encoded_run(tmp_path_factory.mktemp("dist") / "base")
 
 
 def test_dalle_two_processes_match_one(base_run, tmp_path, capsys):
-    one, two = _copy(base_run, tmp_path / "one"), _copy(base_run, tmp_path / "two")
+    one, two = copy_run(base_run, tmp_path / "one"), copy_run(base_run, tmp_path / "two")
     steps = ["train.dalle.steps=3", "train.dalle.checkpoint_every=3", "train.dalle.log_every=3", *SAME_MATH]
     train_dalle.main(args_for(one, "train.dalle.batch_size=8", *steps))
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -82,7 +68,7 @@ def test_dalle_two_processes_match_one(base_run, tmp_path, capsys):
 
 
 def test_clip_two_processes_stay_in_sync(base_run, tmp_path):
-    run = _copy(base_run, tmp_path / "clip")
+    run = copy_run(base_run, tmp_path / "clip")
     result = launch("train.clip", args_for(run, "train.clip.steps=2", "train.clip.checkpoint_every=2"))
     assert result["num_processes"] == 2 and result["ranks_in_sync"] == 1
     assert [p.name for p in list_checkpoints(run / "checkpoints" / "clip")] == ["step_00000002"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import args_for
-from train import encode as train_encode
-from train import tokenizer as train_tokenizer
-from train import vae as train_vae
+from tests.test_train import args_for, copy_run, encoded_run
 from train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -41,25 +37,16 @@ def run_dalle(run, *extra: str, kill_at: str | None = None) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    torch.set_num_threads(1)
-    run = tmp_path_factory.mktemp("rel") / "base"
-    train_tokenizer.main(args_for(run))
-    train_vae.main(args_for(run, "train.vae.steps=2"))
-    train_encode.main(args_for(run))
-    return run
-
-
-def _copy(base, dest):
-    return shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    return encoded_run(tmp_path_factory.mktemp("rel") / "base")
 
 
 def test_killed_runs_resume_to_the_same_weights(base_run, tmp_path):
-    straight = _copy(base_run, tmp_path / "straight")
+    straight = copy_run(base_run, tmp_path / "straight")
     assert run_dalle(straight).returncode == 0
     reference = load_file(str(straight / "transformer.safetensors"))
 
     # killed right after step 3 (between checkpoints 2 and 4), then restarted with the same command
-    between = _copy(base_run, tmp_path / "between")
+    between = copy_run(base_run, tmp_path / "between")
     killed = run_dalle(between, kill_at="step:3")
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(between / "checkpoints" / "dalle")] == ["step_00000002"]
@@ -68,7 +55,7 @@ def test_killed_runs_resume_to_the_same_weights(base_run, tmp_path):
     assert "resumed dalle from" in resumed.stderr and "at step 2" in resumed.stderr
 
     # killed while writing checkpoint 4: the half-written folder exists but is never listed or loaded
-    midwrite = _copy(base_run, tmp_path / "midwrite")
+    midwrite = copy_run(base_run, tmp_path / "midwrite")
     killed = run_dalle(midwrite, kill_at="checkpoint:4")
     assert killed.returncode == -signal.SIGKILL
     root = midwrite / "checkpoints" / "dalle"
@@ -88,7 +75,7 @@ def test_killed_runs_resume_to_the_same_weights(base_run, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(base_run, tmp_path):
-    run = _copy(base_run, tmp_path / "nan")
+    run = copy_run(base_run, tmp_path / "nan")
     # an absurd learning rate blows the weights up after the first step: every later step is non-finite
     proc = run_dalle(
         run,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -57,6 +58,20 @@ def args_for(run, *extra: str) -> list[str]:
     for item in TINY + list(extra):
         out += ["--set", item]
     return out
+
+
+def encoded_run(run) -> object:
+    """A run folder with a trained tokenizer, a 2-step VAE and token shards: where train.dalle starts."""
+    torch.set_num_threads(1)
+    train_tokenizer.main(args_for(run))
+    train_vae.main(args_for(run, "train.vae.steps=2"))
+    train_encode.main(args_for(run))
+    return run
+
+
+def copy_run(base, dest):
+    """A copy of a run folder without its checkpoints and logs, to train from the same start again."""
+    return shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
 
 
 @pytest.fixture(scope="module")
