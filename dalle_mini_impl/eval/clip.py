@@ -24,15 +24,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..config import ShapesConfig, config_from_dict, config_to_dict
+from ..config import ShapesConfig, apply_overrides
 from ..errors import UserError, run_cli
 from ..images import from_uint8
 from ..shapes import COLORS, SHAPES, WHERES, Obj, cell_of, render, sample_scene, split_seed
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 KS = (1, 5, 10)
 
@@ -134,26 +129,6 @@ def zero_shot_shapes(scorer, images: torch.Tensor, objects: Sequence[Obj]) -> di
 # ----------------------------------------------------------------------------------------------
 
 
-def _with_overrides(values: dict, overrides: list[str]) -> dict:
-    """Apply dotted `key=value` overrides (TOML literals) to a nested config dict."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"override '{item}' must look like key=value, e.g. data.shapes.val_size=500")
-        try:
-            value = tomllib.loads(f"v = {text.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text.strip()
-        *parents, last = key.strip().split(".")
-        node = values
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise UserError(f"config key '{key.strip()}' does not name a setting; see configs/shapes.toml")
-            node = node[p]
-        node[last] = value
-    return values
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval clip", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="bundle folder with config.json, text.model, clip.safetensors")
@@ -175,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.limit is not None and args.limit < 2:
         raise UserError(f"--limit is {args.limit}; retrieval needs at least 2 pairs")
-    cfg = config_from_dict(_with_overrides(config_to_dict(read_bundle_config(args.model)), args.overrides))
+    cfg = apply_overrides(read_bundle_config(args.model), args.overrides)
     if args.data is not None:
         cfg.data.source = args.data
     split = args.split or cfg.data.val_split
