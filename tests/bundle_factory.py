@@ -29,6 +29,19 @@ SHAPES = ("circle", "square", "triangle")
 PLACES = ("", " on the left", " on the right", " at the top", " in the center")
 
 
+# a CLIP small enough to build and train in milliseconds (tests/test_clip.py uses it too)
+TINY_CLIP = dict(
+    patch_size=4,
+    image_width=32,
+    image_depth=1,
+    image_heads=2,
+    text_width=32,
+    text_depth=1,
+    text_heads=2,
+    embed_dim=16,
+)
+
+
 def tiny_captions() -> list[str]:
     """Shapes-style captions: every color, shape and place once."""
     return [f"a {c} {s}{p}" for c in COLORS for s in SHAPES for p in PLACES]
@@ -48,16 +61,7 @@ def tiny_config() -> RunConfig:
     cfg.transformer.dim = 32
     cfg.transformer.depth = 2
     cfg.transformer.heads = 2
-    cfg.clip = CLIPConfig(
-        patch_size=4,
-        image_width=32,
-        image_depth=1,
-        image_heads=2,
-        text_width=32,
-        text_depth=1,
-        text_heads=2,
-        embed_dim=16,
-    )
+    cfg.clip = CLIPConfig(**TINY_CLIP)
     cfg.sample.num_images = 2
     cfg.sample.candidates = 4
     cfg.sample.guided_steps = 8

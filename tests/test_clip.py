@@ -28,17 +28,8 @@ from dalle_mini_impl.clip.model import (
 )
 from dalle_mini_impl.config import CLIPConfig, RunConfig, save_config
 from dalle_mini_impl.errors import UserError
+from tests.bundle_factory import TINY_CLIP as TINY
 
-TINY = dict(
-    patch_size=4,
-    image_width=32,
-    image_depth=1,
-    image_heads=2,
-    text_width=32,
-    text_depth=1,
-    text_heads=2,
-    embed_dim=16,
-)
 COLORS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 20)}
 
 
