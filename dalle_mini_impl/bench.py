@@ -15,8 +15,10 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           dVAE encode of random pixels in it (what the anchor times, as it re-encodes pixels every step);
           with --dtype bf16 (default on GPU) also bf16 autocast and its speed-up over fp32.
   sample  per preset: `generate` for 8 prompts with the KV cache, without it (use_cache=False) and with
-          classifier-free guidance (scale 3): wall seconds, image tokens/s, guided / unguided cost; on GPU
-          at dalle256 also batches 64 and 256 with guidance.
+          classifier-free guidance (scale 3): wall seconds, image tokens/s, guided / unguided cost; on the
+          CPU the cached and guided runs again from a bf16 copy of the weights (`cached_bf16`,
+          `guided_bf16`, `bf16_speedup`: what `python -m sample --dtype bf16` does); on GPU the weights are
+          cast to --dtype, and at dalle256 batches 64 and 256 with guidance are timed too.
   vae     dVAE training images/s at 32 px, batch 32: a configuration with the constructor arguments of the
           anchor's tiny dVAE (512 codes, code width 256, two stride-2 levels, hidden 64, no res-blocks),
           the same with the hidden width that matches the anchor's parameter count, and the shapes
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import json
@@ -118,6 +121,7 @@ VAE_STEPS, VAE_WARMUP = 30, 2
 
 SAMPLE_CFG_SCALE = 3.0
 SAMPLE_KEEP = 0.1  # the anchor's filter_thres 0.9 keeps the top 10% of ids
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def log(msg: str) -> None:
@@ -391,15 +395,12 @@ def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak:
     return out
 
 
-def sample_once(model, text, null, scale, top_k, use_cache, seed, device, dtype) -> tuple[float, torch.Tensor]:
+def sample_once(model, text, null, scale, top_k, use_cache, seed, device) -> tuple[float, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     box: list[torch.Tensor] = []
 
     def run() -> None:
-        with autocast(device, dtype):
-            box.append(
-                generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, use_cache=use_cache)
-            )
+        box.append(generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, use_cache=use_cache))
 
     return timed(device, run), box[0]
 
@@ -410,11 +411,16 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
     b = args.sample_batch or w["sample_batch"]
     torch.manual_seed(SEED)
     model = DALLE(cfg).to(device).eval()
+    dtype = args.dtype if device.type == "cuda" else "fp32"
+    # half precision samples from weights cast to it, as `Pipeline(dtype=...)` does: decoding reads every
+    # weight once per token, so halving their bytes is the win (autocast would recast them every step)
+    model = model.to(HALF[dtype]) if dtype in HALF else model
+    # on the CPU the fp32 modes are the reference and a bf16 copy of the same weights is timed beside them
+    bf16_copy = copy.deepcopy(model).to(torch.bfloat16) if device.type == "cpu" else None
     g = torch.Generator().manual_seed(SEED + 1)
     text = torch.randint(1, cfg.text_vocab, (b, cfg.text_len), generator=g).to(device)
     null = torch.full((1, cfg.text_len), cfg.pad_id, dtype=torch.long, device=device)  # the empty caption
     top_k = max(1, int(SAMPLE_KEEP * cfg.image_vocab))
-    dtype = args.dtype if device.type == "cuda" else "fp32"
     n = cfg.image_len
     reps = args.sample_reps
     # uncached decoding at 1024 image tokens is a minute or more per run: once is enough for a reference
@@ -427,21 +433,28 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
         "dtype": dtype,
         "reps": reps,
     }
-    modes = {"cached": (1.0, True), "guided": (SAMPLE_CFG_SCALE, True), "uncached": (1.0, False)}
+    modes = {
+        "cached": (model, 1.0, True),
+        "guided": (model, SAMPLE_CFG_SCALE, True),
+        "uncached": (model, 1.0, False),
+    }
+    if bf16_copy is not None:
+        modes.update(cached_bf16=(bf16_copy, 1.0, True), guided_bf16=(bf16_copy, SAMPLE_CFG_SCALE, True))
 
     reset_memory(device)
     log(f"sample {name}: warm-up")
-    sample_once(model, text, null, 1.0, top_k, True, SEED, device, dtype)
-    sample_once(model, text, null, SAMPLE_CFG_SCALE, top_k, True, SEED, device, dtype)
+    for m, scale, cache in modes.values():
+        if cache:
+            sample_once(m, text, null, scale, top_k, True, SEED, device)
     times: dict[str, list[float]] = {k: [] for k in modes}
     ids: dict[str, torch.Tensor] = {}
     # interleaved repetitions, so that a noisy neighbour hits every mode alike
     for r in range(reps):
-        for mode, (scale, cache) in modes.items():
+        for mode, (m, scale, cache) in modes.items():
             if mode == "uncached" and r >= uncached_reps:
                 continue
             log(f"sample {name}: {mode} rep {r + 1}")
-            dt, got = sample_once(model, text, null, scale, top_k, cache, SEED + r, device, dtype)
+            dt, got = sample_once(m, text, null, scale, top_k, cache, SEED + r, device)
             times[mode].append(dt)
             ids[f"{mode}_{r}"] = got
 
@@ -472,13 +485,16 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
         # the cache must not change a token: a free correctness check on the very runs that were timed
         out["cached_equals_uncached"] = bool(torch.equal(ids["cached_0"], ids["uncached_0"]))
     out["guidance_cost"] = round(out["guided"]["wall_s"] / out["cached"]["wall_s"], 3)
+    if bf16_copy is not None:
+        out["bf16_speedup"] = round(out["cached"]["wall_s"] / out["cached_bf16"]["wall_s"], 3)
+        out["guidance_cost_bf16"] = round(out["guided_bf16"]["wall_s"] / out["cached_bf16"]["wall_s"], 3)
     out.update(peak_memory(device))
 
     for gb in w.get("guided_batches", []) if device.type == "cuda" else []:
         gtext = torch.randint(1, cfg.text_vocab, (gb, cfg.text_len), generator=g).to(device)
         log(f"sample {name}: guided batch {gb}")
         reset_memory(device)
-        dt, _ = sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, True, SEED, device, dtype)
+        dt, _ = sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, True, SEED, device)
         out[f"guided_batch{gb}"] = {
             "wall_s": round(dt, 3),
             "image_tokens_per_s": round(gb * n / dt, 2),

@@ -16,6 +16,8 @@ Configurations and what is compared (anchor key -> ours, in `python -m dalle_min
   length and vocabulary, codebook size, 64 image tokens, batch 16 training, 8 prompts sampling).
   sampling speed-up   sample_generate_nocache_wall_s (generate_images, ids + dVAE decode) / our cached
                       `generate` wall + our dVAE decode of its ids. Targets: >= 10x tiny, >= 25x medium.
+                      Reported twice: fp32 weights (`sampling_speedup`) and a bf16 copy of the weights
+                      (`sampling_speedup_bf16`, `python -m sample --dtype bf16`); the decode stays fp32.
   guidance cost       ours only: guided (scale 3) / unguided cached wall, median of per-run ratios. Target <= 2.
   training            our fp32 tokens/s on pre-encoded ids / dalle_train_tokens_per_s_median_step (which
                       re-encodes pixels every step; our number with an encode per step is listed too).
@@ -54,6 +56,8 @@ PHASES = [("vae", "vae"), ("dalle", "train"), ("sample", "sample")]
 TARGETS = {
     ("tiny", "sampling_speedup"): (">=", 10.0),
     ("medium", "sampling_speedup"): (">=", 25.0),
+    ("tiny", "sampling_speedup_bf16"): (">=", 10.0),
+    ("medium", "sampling_speedup_bf16"): (">=", 25.0),
     ("tiny", "guidance_cost"): ("<=", 2.0),
     ("medium", "guidance_cost"): ("<=", 2.0),
     ("tiny", "train_tokens_per_s"): (">=", 1.2),
@@ -111,6 +115,8 @@ def ours_keys(phase: str, preset: str) -> dict[str, str]:
             "sample_cached_wall_s": f"{p}.sample.cached.wall_s",
             "sample_cached_wall_s_with_decode": f"{p}.sample.cached.wall_s_with_decode",
             "sample_guided_wall_s": f"{p}.sample.guided.wall_s",
+            "sample_cached_bf16_wall_s_with_decode": f"{p}.sample.cached_bf16.wall_s_with_decode",
+            "sample_guidance_cost_bf16": f"{p}.sample.guidance_cost_bf16",
             "sample_uncached_wall_s": f"{p}.sample.uncached.wall_s",
             "sample_decode_wall_s": f"{p}.sample.decode.wall_s",
             "sample_guidance_cost": f"{p}.sample.guidance_cost",
@@ -205,10 +211,15 @@ def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any]) -> di
             "sample_generate_nocache_wall_s", "sample_cached_wall_s_with_decode", False
         )
         r["sampling_speedup_ids_only"] = ratio(a_wall, med(ours, "sample_cached_wall_s"))
+        r["sampling_speedup_bf16"] = ratio(a_wall, med(ours, "sample_cached_bf16_wall_s_with_decode"))
+        r["sampling_speedup_bf16_rounds"] = paired(
+            "sample_generate_nocache_wall_s", "sample_cached_bf16_wall_s_with_decode", False
+        )
         r["sampling_speedup_vs_anchor_manual_kvcache"] = ratio(
             med(anchor, "sample_manual_kvcache_wall_s"), med(ours, "sample_cached_wall_s_with_decode")
         )
         r["guidance_cost"] = med(ours, "sample_guidance_cost")
+        r["guidance_cost_bf16"] = med(ours, "sample_guidance_cost_bf16")
     if "dalle_train_tokens_per_s_median_step" in anchor:
         a_tps = med(anchor, "dalle_train_tokens_per_s_median_step")
         r["train_tokens_per_s"] = ratio(med(ours, "train_tokens_per_s"), a_tps)

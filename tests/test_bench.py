@@ -82,6 +82,9 @@ def test_sample_phase_prints_json(capsys):
     for mode in ("cached", "guided", "uncached"):
         assert sample[mode]["wall_s"] > 0 and sample[mode]["image_tokens_per_s"] > 0
     assert sample["guidance_cost"] > 0 and sample["cache_speedup"] > 0
+    # on the CPU a bf16 copy of the weights is timed beside fp32
+    assert sample["cached_bf16"]["image_tokens_per_s"] > 0 and sample["guided_bf16"]["wall_s"] > 0
+    assert sample["bf16_speedup"] > 0 and sample["guidance_cost_bf16"] > 0
     assert sample["cached_equals_uncached"] is True
     assert sample["batch"] == 8 and sample["image_tokens_per_sample"] == 4
     # a 2 x 2 grid has no dVAE at the preset's 32 px, so no decode time is added

@@ -177,9 +177,12 @@ def test_a_bundle_without_clip_keeps_sample_order_and_warns(bundle, tmp_path):
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(results, first))
 
 
-def test_bf16_autocast_runs_and_fp16_on_cpu_is_refused(bundle):
-    results = Pipeline.from_pretrained(bundle, device="cpu", dtype="bf16").generate(["a red circle"], progress=False)
+def test_bf16_samples_from_bf16_weights_and_fp16_on_cpu_is_refused(bundle):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu", dtype="bf16")
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    results = pipe.generate(["a red circle"], progress=False)
     assert len(results[0]) == 2
+    assert results[0][0].image.size == (16, 16)
     with pytest.raises(UserError, match="fp16 is not supported on the CPU"):
         Pipeline.from_pretrained(bundle, device="cpu", dtype="fp16")
 
