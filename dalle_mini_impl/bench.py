@@ -400,7 +400,9 @@ def sample_once(model, text, null, scale, top_k, use_cache, seed, device) -> tup
     box: list[torch.Tensor] = []
 
     def run() -> None:
-        box.append(generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, use_cache=use_cache))
+        box.append(
+            generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, use_cache=use_cache)
+        )
 
     return timed(device, run), box[0]
 
