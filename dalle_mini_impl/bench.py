@@ -4,6 +4,7 @@
     python -m dalle_mini_impl.bench --preset anchor-tiny --only sample
     python -m dalle_mini_impl.bench --dtype bf16             # adds bf16-autocast training and its speed-up
     python -m dalle_mini_impl.bench --device cuda            # adds the dalle256 preset (1024 image tokens)
+    python -m dalle_mini_impl.bench --device cuda --compile  # also training through torch.compile
     python -m dalle_mini_impl.bench --only train --set dim=32 --set depth=1 --steps 2   # a quick smoke run
 
 The last line of stdout is one JSON object; progress goes to stderr. Phases:
@@ -303,15 +304,21 @@ def train_run(
     steps: int,
     warmup: int,
     encode: Callable[[], torch.Tensor] | None = None,
+    compile: bool = False,
 ) -> tuple[list[float], float]:
-    """Step times of fwd + bwd + AdamW on fixed ids; with `encode`, the image ids come from it each step."""
+    """Step times of fwd + bwd + AdamW on fixed ids; with `encode`, the image ids come from it each step.
+
+    compile: the loss (forward and, through AOTAutograd, backward) runs through torch.compile; its
+    compilation happens in the warm-up steps, which are not timed.
+    """
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     model.train()
+    loss_fn = torch.compile(model.loss) if compile else model.loss
 
     def step() -> torch.Tensor:
         ids = image if encode is None else encode()
         with autocast(device, dtype):
-            loss, _ = model.loss(text, ids)
+            loss, _ = loss_fn(text, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -348,12 +355,17 @@ def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak:
         "positions_per_sample": cfg.seq_len,
         "optimizer": "AdamW",
     }
-    # fp32 always (the anchor comparison); bf16 autocast when asked, with its speed-up
+    # fp32 always (the anchor comparison); bf16 autocast when asked, with its speed-up; with --compile
+    # each again through torch.compile ("fp32_compiled", "bf16_compiled")
     dtypes = ["fp32"] + (["bf16"] if args.dtype == "bf16" else [])
-    for d in dtypes:
-        log(f"train {name} {d}: batch {b}, {steps} steps after {warmup} warm-up")
+    runs = [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if args.compile else [])
+    for d, compiled in runs:
+        key = f"{d}_compiled" if compiled else d
+        log(f"train {name} {key}: batch {b}, {steps} steps after {warmup} warm-up")
         reset_memory(device)
-        times, loss = train_run(model, text, image, device, d, steps, warmup)
+        times, loss = train_run(
+            model, text, image, device, d, steps, max(warmup, 2) if compiled else warmup, None, compiled
+        )
         st = step_stats(times, b * seq_tokens, "tokens")
         positions_per_s = b * cfg.seq_len / st["step_s_median"]
         res = {**st, "positions_per_s": round(positions_per_s, 2), "final_loss": round(loss, 5)}
@@ -362,9 +374,11 @@ def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak:
             res["mfu"] = round(mfu(fpt, positions_per_s, peak[peak_key]), 5)
             res["mfu_peak_flops"] = peak[peak_key]
         res.update(peak_memory(device))
-        out[d] = res
+        out[key] = res
     if "bf16" in out:
         out["bf16_speedup"] = round(out["fp32"]["step_s_median"] / out["bf16"]["step_s_median"], 3)
+    for d in dtypes if args.compile else []:
+        out[f"{d}_compile_speedup"] = round(out[d]["step_s_median"] / out[f"{d}_compiled"]["step_s_median"], 3)
 
     if not args.no_encode:
         # the same step with a dVAE encode of random pixels in it: what the anchor's number includes
@@ -663,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling")
     ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
+    ap.add_argument("--compile", action="store_true", help="also time training through torch.compile")
     ap.add_argument("--matmul-n", type=int, default=None, help="side of the peak matmul (default 2048 CPU, 8192 GPU)")
     ap.add_argument("--matmul-reps", type=int, default=8)
     ap.add_argument(
@@ -725,8 +740,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
     passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
     passthrough += ["--matmul-reps", str(args.matmul_reps)]
     passthrough += [x for item in args.raw_overrides for x in ("--set", item)]
-    if args.no_encode:
-        passthrough.append("--no-encode")
+    passthrough += [flag for flag, on in (("--no-encode", args.no_encode), ("--compile", args.compile)) if on]
     jobs: list[tuple[str, list[str]]] = [("peak", [])]
     jobs += [("train", [p]) for p in presets] + [("sample", [p]) for p in presets] + [("vae", []), ("cli", [])]
     for phase, ps in jobs:

@@ -5,6 +5,7 @@ phase runs, prints one JSON object on its last stdout line, and carries the keys
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -73,6 +74,14 @@ def test_train_phase_bf16_reports_speedup(capsys):
     assert train["peak"]["bf16_flops"] > 0
     assert train["bf16"]["tokens_per_s"] > 0 and train["bf16_speedup"] > 0
     assert "fp32_with_encode" not in train
+
+
+@pytest.mark.slow
+def test_train_phase_compiled_reports_its_speedup(capsys):
+    argv = ["--only", "train", *TINY, *GRID, "--steps", "1", "--warmup", "0", "--no-encode", "--compile"]
+    train = run_json(argv, capsys)["presets"]["anchor-tiny"]["train"]
+    assert train["fp32_compiled"]["tokens_per_s"] > 0 and train["fp32_compile_speedup"] > 0
+    assert math.isfinite(train["fp32_compiled"]["final_loss"])
 
 
 def test_sample_phase_prints_json(capsys):

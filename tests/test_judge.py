@@ -160,9 +160,7 @@ def test_components_are_four_connected():
 def test_summarize_counts_per_kind_and_attribute():
     S = 32
     red = render(Scene([Obj("red", "circle", "small", 8, 8)], "", {}), S)
-    pair = render(
-        Scene([Obj("red", "circle", "small", 8, 8), Obj("blue", "square", "small", 24, 24)], "", {}), S
-    )
+    pair = render(Scene([Obj("red", "circle", "small", 8, 8), Obj("blue", "square", "small", 24, 24)], "", {}), S)
     out = judge_rows(
         [
             ("a small red circle in the top left corner", red),

@@ -48,22 +48,14 @@ def test_constants_are_the_spec_values():
         "purple": (140, 50, 180),
         "black": (30, 30, 30),
     }
-    assert (
-        WHERES[0] == "in the top left corner"
-        and WHERES[4] == "in the center"
-        and WHERES[7] == "at the bottom"
-    )
+    assert WHERES[0] == "in the top left corner" and WHERES[4] == "in the center" and WHERES[7] == "at the bottom"
     assert (extent("small", 32), extent("large", 32), extent("small", 64), extent("large", 64)) == (
         8,
         14,
         16,
         29,
     )
-    assert (
-        cell_of(1, 1, 32) == WHERES[0]
-        and cell_of(31, 16, 32) == "on the right"
-        and cell_of(16, 31, 32) == WHERES[7]
-    )
+    assert cell_of(1, 1, 32) == WHERES[0] and cell_of(31, 16, 32) == "on the right" and cell_of(16, 31, 32) == WHERES[7]
 
 
 def test_stream_is_deterministic_and_seeded():
@@ -92,9 +84,7 @@ def test_shards_and_start_give_exactly_the_corresponding_examples():
     resumed = list(iter_shapes(cfg, 32, "validation", start=4, shard=1, num_shards=3, size=13))
     assert [x["index"] for x in resumed] == [4, 7, 10]
     assert [x["caption"] for x in resumed] == [full[i]["caption"] for i in (4, 7, 10)]
-    assert [
-        x["index"] for x in iter_shapes(cfg, 32, "validation", start=5, shard=0, num_shards=3, size=13)
-    ] == [
+    assert [x["index"] for x in iter_shapes(cfg, 32, "validation", start=5, shard=0, num_shards=3, size=13)] == [
         6,
         9,
         12,
@@ -177,9 +167,7 @@ def test_captions_are_canonical_parse_back_and_describe_the_scene(S):
                 s.stated["objects"][1]["color"],
             )
             dx, dy = b.cx - a.cx, b.cy - a.cy
-            along = {"to the left of": dx, "to the right of": -dx, "above": dy, "below": -dy}[
-                s.stated["relation"]
-            ]
+            along = {"to the left of": dx, "to the right of": -dx, "above": dy, "below": -dy}[s.stated["relation"]]
             assert along >= S / 3
             reach = (extent(a.size, S) + extent(b.size, S)) / 2
             assert abs(dx) >= reach or abs(dy) >= reach  # bounding boxes do not overlap
@@ -237,9 +225,7 @@ def test_parse_caption_reads_the_grammar_and_rejects_the_rest():
 
 def test_render_draws_exact_colors_and_the_spec_geometry():
     S = 64
-    scene = Scene(
-        [Obj("red", "square", "large", 16.5, 16.5), Obj("blue", "triangle", "large", 46.5, 46.5)], "", {}
-    )
+    scene = Scene([Obj("red", "square", "large", 16.5, 16.5), Obj("blue", "triangle", "large", 46.5, 46.5)], "", {})
     img = render(scene, S)
     assert img.dtype == np.uint8 and img.shape == (S, S, 3)
     assert (img[0, -1] == 255).all() and (img[-1, 0] == 255).all()

@@ -92,7 +92,8 @@ def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
     run = tmp_path / "r"
     run.mkdir()
     (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
-    train_vae.main(args_for(run, "train.vae.steps=3", "train.vae.checkpoint_every=3"))
+    # the dVAE: its temperature and KL schedules must continue too (the preset's VQ has none)
+    train_vae.main(args_for(run, "vae.kind=dvae", "train.vae.steps=3", "train.vae.checkpoint_every=3"))
     first = list_checkpoints(run / "checkpoints" / "vae")
     assert [p.name for p in first] == ["step_00000003"]
     assert json.loads((first[0] / "trainer_state.json").read_text())["step"] == 3
@@ -106,12 +107,13 @@ def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
             "train.vae.steps=5",
             "train.vae.checkpoint_every=1",
             "train.vae.keep_checkpoints=10",
+            "vae.kind=dvae",
             "vae.temperature_steps=10",
             "vae.kl_warmup_steps=10",
         )
     )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    cfg = load_config("shapes", [*TINY, "vae.temperature_steps=10", "vae.kl_warmup_steps=10"])
+    cfg = load_config("shapes", [*TINY, "vae.kind=dvae", "vae.temperature_steps=10", "vae.kl_warmup_steps=10"])
     expected = vae.schedules.values_at(4, **{k: getattr(cfg.vae, k) for k in vae.SCHEDULE_FIELDS})
     # the last step (index 4) used the schedules at step 4: they continued, they did not restart at 0
     assert printed["temperature"] == pytest.approx(expected["temperature"], abs=1e-5)
@@ -163,6 +165,20 @@ def test_dalle_runs_stops_and_resumes(run_dir):
     weights = load_file(str(run_dir / "transformer.safetensors"))
     assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert json.loads((run_dir / "transformer.json").read_text())["grid_h"] == 4
+
+
+@pytest.mark.slow
+def test_compile_flag_trains_the_same_step_as_eager(run_dir, tmp_path, capsys):
+    # train.<stage>.compile = true goes through accelerate's torch.compile (inductor) wrapper
+    losses = {}
+    for flag in ("false", "true"):
+        run = copy_run(run_dir, tmp_path / flag)
+        if not (run / "tokens").is_dir():
+            train_encode.main(args_for(run))
+        capsys.readouterr()
+        train_dalle.main(args_for(run, "train.dalle.steps=1", f"train.dalle.compile={flag}"))
+        losses[flag] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 
 def test_clip_trains_and_exports(run_dir):

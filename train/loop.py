@@ -188,6 +188,8 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
     return Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
+        # compile = true: accelerate wraps the prepared loss module in torch.compile (inductor)
+        dynamo_backend="inductor" if tc.compile else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
 
