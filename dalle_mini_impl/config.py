@@ -149,6 +149,9 @@ class CLIPConfig:
     init_temperature: float = 1 / 0.07  # the logit scale starts here ...
     max_logit_scale: float = 100.0  # ... and is clamped here
     crop_scale_min: float = 0.85  # random resized crop keeps at least this fraction of the side
+    # CLIP's own shapes captions: each optional attribute left out with this probability (< 0: use
+    # data.shapes.omit_p, which the transformer trains on)
+    shapes_omit_p: float = -1.0
 
 
 @dataclass

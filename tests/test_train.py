@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -13,6 +14,7 @@ import vae
 from dalle_mini_impl.bundle import load_vae
 from dalle_mini_impl.config import load_config
 from dalle_mini_impl.data import ExampleStream
+from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.tokens import read_shards, tokens_dir
 from train import clip as train_clip
 from train import dalle as train_dalle
@@ -179,6 +181,26 @@ def test_compile_flag_trains_the_same_step_as_eager(run_dir, tmp_path, capsys):
         train_dalle.main(args_for(run, "train.dalle.steps=1", f"train.dalle.compile={flag}"))
         losses[flag] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_clip_reads_its_own_caption_omission_on_shapes():
+    from dalle_mini_impl.shapes import parse_caption
+
+    def stated(cfg) -> list[bool]:  # per one-object caption: does it state size, color and position?
+        out = []
+        for example in itertools.islice(ExampleStream(cfg.data, "train", train=True, seed=0), 200):
+            parsed = parse_caption(example["caption"])
+            if parsed["kind"] == "one":
+                obj = parsed["objects"][0]
+                out.append(None not in (obj["size"], obj["color"], parsed["where"]))
+        return out
+
+    cfg = load_config("shapes", ["data.image_size=16"])
+    assert not all(stated(train_clip.clip_data(cfg)))  # default: data.shapes.omit_p = 0.3 leaves some out
+    full = train_clip.clip_data(load_config("shapes", ["data.image_size=16", "clip.shapes_omit_p=0"]))
+    assert all(stated(full)) and full.data.shapes.omit_p == 0 and cfg.data.shapes.omit_p == 0.3
+    with pytest.raises(UserError, match="clip.shapes_omit_p"):
+        train_clip.clip_data(load_config("shapes", ["clip.shapes_omit_p=1.5"]))
 
 
 def test_clip_trains_and_exports(run_dir):

@@ -13,6 +13,7 @@ TensorBoard logs under RUN/logs/clip/.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,11 +21,23 @@ import torch
 from dalle_mini_impl.bundle import load_text_tokenizer, save_module
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
 from dalle_mini_impl.clip.uses import BundleClipScorer
-from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.config import RunConfig
+from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero_shot_shapes
 from dalle_mini_impl.images import make_grid
 from train import loop
 from train.common import adamw, example_batches, seed_everything
+
+
+def clip_data(cfg: RunConfig) -> RunConfig:
+    """The config CLIP's training stream reads: shapes captions omit attributes at `clip.shapes_omit_p`."""
+    p = cfg.clip.shapes_omit_p
+    if p < 0:
+        return cfg
+    if p > 1:
+        raise UserError(f"config key 'clip.shapes_omit_p' is {p}; set it in [0, 1], or < 0 for data.shapes.omit_p")
+    shapes = dataclasses.replace(cfg.data.shapes, omit_p=p)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shapes=shapes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = adamw(_param_groups(model, tc.weight_decay), tc, accelerator)
-    batches = example_batches(cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
+    batches = example_batches(clip_data(cfg), cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
     device = accelerator.device
 
     def loss(m, batch, step):
