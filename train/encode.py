@@ -39,12 +39,14 @@ def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, w
         path = shard_path(folder, rank, index)
         if path.exists():  # written by an earlier, interrupted run
             reused += 1
+            bar.update(len(images))
         else:
             ids = []
             with torch.inference_mode():
                 for i in range(0, len(images), 256):
                     batch = torch.stack(images[i : i + 256]).to(device)
                     ids.append(tokenizer.encode(batch).cpu())
+                    bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
             write_shard(path, torch.cat(ids), captions)
             written += 1
         images, captions, index = [], [], index + 1
@@ -55,7 +57,6 @@ def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, w
         images.append(example["image"])
         captions.append(example["caption"])
         n += 1
-        bar.update(1)
         if len(images) == shard_size:
             flush()
     if images:
