@@ -97,7 +97,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         train_batch=8,
         train_steps=10,
         warmup=3,
-        sample_batch=8,
+        sample_batch=16,  # the anchor's 16 images of 1024 tokens
         guided_batches=[64, 256],
         image_size=256,
         vae=dict(codebook_size=8192, factor=8, hidden=128, res_blocks=1, code_dim=512),

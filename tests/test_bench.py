@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dalle_mini_impl import bench
-from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.errors import UserError, run_cli
 
 # a 1-layer, 32-wide model on a 2 x 2 grid: every phase in well under a second of compute
 TINY = ["--preset", "anchor-tiny", "--set", "dim=32", "--set", "depth=1", "--set", "heads=2", "--set", "head_dim=16"]
@@ -115,3 +115,23 @@ def test_peak_phase_and_bad_override(capsys):
     assert out["peak"]["fp32_matmul_n"] == 64
     with pytest.raises(UserError, match="not a transformer config field"):
         bench.main(["--only", "sample", "--set", "widht=3"])
+
+
+def test_gpu_check_reads_the_targets_and_refuses_a_machine_without_gpu(capsys):
+    from dalle_mini_impl import gpu_check
+
+    train = {
+        "bf16": {"tokens_per_s": 150_000.0, "mfu": 0.41},
+        "bf16_compiled": {"tokens_per_s": 200_000.0, "mfu": 0.55},
+    }
+    sample = {"cached": {"image_tokens_per_s": 7_000.0}, "guided_batch256": {"image_tokens_per_s": 40_000.0}}
+    targets = gpu_check.check({"presets": {"dalle256": {"train": train, "sample": sample}}})
+    assert targets["train_mfu"] == {"value": 0.55, "target": ">= 0.5", "met": True}  # the faster of the two
+    assert targets["train_vs_anchor"]["value"] == round(200_000 / 47_500, 2) and targets["train_vs_anchor"]["met"]
+    assert targets["sample_vs_anchor"]["value"] == round(7_000 / 327, 2) and targets["sample_vs_anchor"]["met"]
+    assert targets["guided_batch256_image_tokens_per_s"]["met"] is False
+    assert not any(t["met"] for t in gpu_check.check({}).values())  # nothing measured: nothing met
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            run_cli(gpu_check.main, [])
+        assert e.value.code == 2 and "torch sees no GPU" in capsys.readouterr().err
