@@ -95,7 +95,9 @@ def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
     run.mkdir()
     (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
     # the dVAE: its temperature and KL schedules must continue too (the preset's VQ has none)
-    train_vae.main(args_for(run, "vae.kind=dvae", "train.vae.steps=3", "train.vae.checkpoint_every=3"))
+    train_vae.main(
+        args_for(run, "vae.kind=dvae", "vae.kl_weight=1e-3", "train.vae.steps=3", "train.vae.checkpoint_every=3")
+    )
     first = list_checkpoints(run / "checkpoints" / "vae")
     assert [p.name for p in first] == ["step_00000003"]
     assert json.loads((first[0] / "trainer_state.json").read_text())["step"] == 3
@@ -110,12 +112,14 @@ def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
             "train.vae.checkpoint_every=1",
             "train.vae.keep_checkpoints=10",
             "vae.kind=dvae",
+            "vae.kl_weight=1e-3",
             "vae.temperature_steps=10",
             "vae.kl_warmup_steps=10",
         )
     )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    cfg = load_config("shapes", [*TINY, "vae.kind=dvae", "vae.temperature_steps=10", "vae.kl_warmup_steps=10"])
+    schedules = ["vae.kind=dvae", "vae.kl_weight=1e-3", "vae.temperature_steps=10", "vae.kl_warmup_steps=10"]
+    cfg = load_config("shapes", [*TINY, *schedules])
     expected = vae.schedules.values_at(4, **{k: getattr(cfg.vae, k) for k in vae.SCHEDULE_FIELDS})
     # the last step (index 4) used the schedules at step 4: they continued, they did not restart at 0
     assert printed["temperature"] == pytest.approx(expected["temperature"], abs=1e-5)
