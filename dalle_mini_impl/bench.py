@@ -58,6 +58,7 @@ import vae as vae_lib
 
 from .errors import UserError, run_cli
 from .generate import generate
+from .pipeline import DTYPES
 from .transformer import DALLE, PRESETS, DalleModelConfig, preset_config
 
 CPU_PRESETS = ["anchor-tiny", "anchor-medium", "tiny"]
@@ -122,7 +123,6 @@ VAE_STEPS, VAE_WARMUP = 30, 2
 
 SAMPLE_CFG_SCALE = 3.0
 SAMPLE_KEEP = 0.1  # the anchor's filter_thres 0.9 keeps the top 10% of ids
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def log(msg: str) -> None:
@@ -430,7 +430,7 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
     dtype = args.dtype if device.type == "cuda" else "fp32"
     # half precision samples from weights cast to it, as `Pipeline(dtype=...)` does: decoding reads every
     # weight once per token, so halving their bytes is the win (autocast would recast them every step)
-    model = model.to(HALF[dtype]) if dtype in HALF else model
+    model = model.to(DTYPES[dtype])
     # on the CPU the fp32 modes are the reference and a bf16 copy of the same weights is timed beside them
     bf16_copy = copy.deepcopy(model).to(torch.bfloat16) if device.type == "cpu" else None
     g = torch.Generator().manual_seed(SEED + 1)

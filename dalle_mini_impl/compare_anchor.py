@@ -191,6 +191,12 @@ def git_commit() -> str | None:
         return None
 
 
+def target_entry(value: float | None, op: str, bound: float) -> dict[str, Any]:
+    """One target as reported: {"value", "target": "op bound", "met"}; an unmeasured value is not met."""
+    met = value is not None and (value >= bound if op == ">=" else value <= bound)
+    return {"value": value, "target": f"{op} {bound}", "met": met}
+
+
 def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
     """Ratios of the medians, and each round's paired ratio beside them."""
 
@@ -236,17 +242,11 @@ def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any]) -> di
             a_ips = med(anchor, "vae_train_images_per_s_median_step")
             r[f"vae_{name}_images_per_s"] = ratio(med(ours, f"vae_{name}_images_per_s"), a_ips)
             r[f"vae_{name}_params"] = ratio(med(ours, f"vae_{name}_params"), med(anchor, "vae_params"))
-    targets: dict[str, Any] = {}
-    for (c, name), (op, bound) in TARGETS.items():
-        if c != cfg or r.get(name) is None:
-            continue
-        value = r[name]
-        targets[name] = {
-            "value": value,
-            "target": f"{op} {bound}",
-            "met": value >= bound if op == ">=" else value <= bound,
-        }
-    r["targets"] = targets
+    r["targets"] = {
+        name: target_entry(r[name], op, bound)
+        for (c, name), (op, bound) in TARGETS.items()
+        if c == cfg and r.get(name) is not None
+    }
     return r
 
 

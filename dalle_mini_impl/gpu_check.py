@@ -17,15 +17,12 @@ import sys
 from typing import Any
 
 from .bench import run as run_bench
+from .compare_anchor import target_entry
 from .errors import run_cli
 
 PRESET = "dalle256"
 ANCHOR_TRAIN_TOKENS_PER_S = 47_500  # dalle-pytorch 1.6.6, bf16, batch 8, on an H200 (the baseline)
 ANCHOR_SAMPLE_TOKENS_PER_S = 327  # its generate_images, 16 images x 1024 tokens, same machine
-
-
-def _target(value: float | None, bound: float) -> dict[str, Any]:
-    return {"value": value, "target": f">= {bound}", "met": value is not None and value >= bound}
 
 
 def check(bench: dict[str, Any]) -> dict[str, Any]:
@@ -35,14 +32,13 @@ def check(bench: dict[str, Any]) -> dict[str, Any]:
     best = max((train[k] for k in ("bf16", "bf16_compiled") if k in train), key=lambda r: r["tokens_per_s"], default={})
     tokens_per_s = best.get("tokens_per_s")
     sample_tps = sample.get("cached", {}).get("image_tokens_per_s")
+    guided_tps = sample.get("guided_batch256", {}).get("image_tokens_per_s")
     return {
-        "train_mfu": _target(best.get("mfu"), 0.50),
-        "train_vs_anchor": _target(tokens_per_s and round(tokens_per_s / ANCHOR_TRAIN_TOKENS_PER_S, 2), 4.0),
-        "sample_16x1024_image_tokens_per_s": _target(sample_tps, 6_500),
-        "sample_vs_anchor": _target(sample_tps and round(sample_tps / ANCHOR_SAMPLE_TOKENS_PER_S, 2), 20.0),
-        "guided_batch256_image_tokens_per_s": _target(
-            sample.get("guided_batch256", {}).get("image_tokens_per_s"), 50_000
-        ),
+        "train_mfu": target_entry(best.get("mfu"), ">=", 0.50),
+        "train_vs_anchor": target_entry(tokens_per_s and round(tokens_per_s / ANCHOR_TRAIN_TOKENS_PER_S, 2), ">=", 4.0),
+        "sample_16x1024_image_tokens_per_s": target_entry(sample_tps, ">=", 6_500),
+        "sample_vs_anchor": target_entry(sample_tps and round(sample_tps / ANCHOR_SAMPLE_TOKENS_PER_S, 2), ">=", 20.0),
+        "guided_batch256_image_tokens_per_s": target_entry(guided_tps, ">=", 50_000),
     }
 
 
