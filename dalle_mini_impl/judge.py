@@ -256,9 +256,7 @@ def summarize(verdicts: Iterable[Verdict]) -> dict:
     out = {"n": len(verdicts), "accuracy": _rate([v.ok for v in verdicts])["accuracy"]}
     for kind in ("one", "two"):
         out[kind] = _rate([v.ok for v in verdicts if v.kind == kind])
-    out["attributes"] = {
-        a: _rate([v.attributes[a] for v in verdicts if a in v.attributes]) for a in ATTRIBUTES
-    }
+    out["attributes"] = {a: _rate([v.attributes[a] for v in verdicts if a in v.attributes]) for a in ATTRIBUTES}
     return out
 
 

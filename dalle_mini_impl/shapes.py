@@ -152,9 +152,7 @@ def _parse_noun_phrase(words: list[str], caption: str) -> tuple[dict, list[str]]
     if i >= len(words):
         raise CaptionError(f"caption '{caption}' names no shape; {_GRAMMAR}")
     if words[i] not in SHAPES:
-        raise CaptionError(
-            f"caption '{caption}' has the unknown word '{words[i]}' where a shape belongs; {_GRAMMAR}"
-        )
+        raise CaptionError(f"caption '{caption}' has the unknown word '{words[i]}' where a shape belongs; {_GRAMMAR}")
     obj["shape"] = words[i]
     return obj, words[i + 1 :]
 
@@ -184,9 +182,7 @@ def parse_caption(caption: str) -> dict:
     obj, rest = _parse_noun_phrase(text.split()[1:], caption)
     where = " ".join(rest) or None
     if where is not None and where not in WHERES:
-        raise CaptionError(
-            f"caption '{caption}' has the unknown place '{where}'; use one of: {', '.join(WHERES)}"
-        )
+        raise CaptionError(f"caption '{caption}' has the unknown place '{where}'; use one of: {', '.join(WHERES)}")
     return {"kind": "one", "objects": [obj], "where": where, "relation": None}
 
 
@@ -259,15 +255,11 @@ def _combos(cfg: ShapesConfig, split: str) -> list[tuple[str, str]]:
     if split == "train":
         combos = [x for x in every if x not in held]
         if not combos:
-            raise UserError(
-                "shapes.held_out holds out every color-shape combination; leave some for training"
-            )
+            raise UserError("shapes.held_out holds out every color-shape combination; leave some for training")
     elif split == "heldout":
         combos = [x for x in every if x in held]
         if not combos:
-            raise UserError(
-                "the heldout split is empty because shapes.held_out is empty; list combinations in it"
-            )
+            raise UserError("the heldout split is empty because shapes.held_out is empty; list combinations in it")
     else:
         combos = every
     return combos
@@ -296,9 +288,7 @@ def _place_one(rng: np.random.Generator, S: int, e: int) -> tuple[float, float, 
     return center[0], center[1], cell
 
 
-def _place_two(
-    rng: np.random.Generator, S: int, ea: int, eb: int, relation: str
-) -> tuple[float, float, float, float]:
+def _place_two(rng: np.random.Generator, S: int, ea: int, eb: int, relation: str) -> tuple[float, float, float, float]:
     """Rejection-sample two pixel-aligned centers: the relation holds by >= S/3 and the bounding boxes
     do not meet (candidates are drawn 64 at a time; the first that qualifies is kept).
 
@@ -430,9 +420,7 @@ def iter_shapes(
     combos = _combos(cfg, split)
     seed = split_seed(cfg, split)
     if num_shards < 1 or not 0 <= shard < num_shards:
-        raise UserError(
-            f"shard {shard} of {num_shards} is invalid; need num_shards >= 1 and 0 <= shard < num_shards"
-        )
+        raise UserError(f"shard {shard} of {num_shards} is invalid; need num_shards >= 1 and 0 <= shard < num_shards")
     if start < 0 or (size is not None and size < 0):
         raise UserError(f"start ({start}) and size ({size}) must not be negative")
     length = shapes_length(cfg, split) if size is None else size

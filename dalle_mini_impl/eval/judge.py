@@ -52,9 +52,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, str, np.ndarray]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(
-                    f"line {lineno} of '{path}' is not valid JSON ({e.msg}); {_ROW_HELP}"
-                ) from None
+                raise UserError(f"line {lineno} of '{path}' is not valid JSON ({e.msg}); {_ROW_HELP}") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "path" not in row:
                 raise UserError(f"line {lineno} of '{path}' lacks a string 'prompt' or a 'path'; {_ROW_HELP}")
             image_path = Path(str(row["path"]))
@@ -71,8 +69,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, str, np.ndarray]]:
             if image.shape[0] != image.shape[1]:
                 h, w = image.shape[:2]
                 raise UserError(
-                    f"image '{image_path}' on line {lineno} of '{path}' is {w}x{h}; "
-                    "the judge reads square images"
+                    f"image '{image_path}' on line {lineno} of '{path}' is {w}x{h}; the judge reads square images"
                 )
             yield lineno, row["prompt"], image
 
@@ -91,9 +88,7 @@ def judge_file(path: str | Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dalle_mini_impl.eval judge", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval judge", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", help='a .jsonl file of {"prompt", "path"} rows')
     args = parser.parse_args(argv)
     print(json.dumps(judge_file(args.file), indent=2))
