@@ -207,6 +207,26 @@ def test_clip_reads_its_own_caption_omission_on_shapes():
         train_clip.clip_data(load_config("shapes", ["clip.shapes_omit_p=1.5"]))
 
 
+def logged_tags(run, stage: str) -> dict[str, list[str]]:
+    """The TensorBoard tags a stage wrote under RUN/logs/STAGE, by kind (scalars, images, tensors for text)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs" / stage))
+    events.Reload()
+    return events.Tags()
+
+
+def test_stages_log_image_grids(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path / "run")
+    train_encode.main(args_for(run))
+    train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    train_clip.main(args_for(run, "train.clip.steps=1"))
+    assert "vae/originals_over_reconstructions" in logged_tags(run_dir, "vae")["images"]
+    dalle_tags = logged_tags(run, "dalle")
+    assert "dalle/samples" in dalle_tags["images"] and "dalle/prompts/text_summary" in dalle_tags["tensors"]
+    assert "clip/augmented" in logged_tags(run, "clip")["images"]
+
+
 def test_clip_trains_and_exports(run_dir):
     train_clip.main(args_for(run_dir, "train.clip.steps=2", "train.clip.checkpoint_every=2"))
     assert (run_dir / "clip.safetensors").is_file()

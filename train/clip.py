@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_mini_impl.bundle import load_text_tokenizer, save_module
+from dalle_mini_impl.bundle import load_text_tokenizer, save_state_dict
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
@@ -90,18 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             results.update(retrieval_metrics(torch.cat(image_feats).cpu(), torch.cat(text_feats).cpu(), captions))
         return results
 
-    def log_images(m, step, writer):
+    def log_images(m, step):
         batch = next(validation_batches())
         images = batch["image"][:8]
         gen = torch.Generator().manual_seed(0)
-        writer.add_image(
-            "clip/augmented",
-            make_grid(torch.cat([images, clip_augment(images, cfg.clip.crop_scale_min, gen)]), nrow=8),
-            step,
-        )
+        augmented = clip_augment(images, cfg.clip.crop_scale_min, gen)
+        return {"clip/augmented": make_grid(torch.cat([images, augmented]), nrow=8)}
 
-    def export(m):
-        save_module(m, Path(cfg.out_dir) / "clip.safetensors")
+    def export(m, state):
+        save_state_dict(state, Path(cfg.out_dir) / "clip.safetensors")
 
     stage = loop.Stage(
         name="clip",

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dalle_mini_impl.bundle import load_text_tokenizer, load_vae, save_module
+from dalle_mini_impl.bundle import load_text_tokenizer, load_vae, save_state_dict
 from dalle_mini_impl.config import RunConfig
 from dalle_mini_impl.errors import run_cli
 from dalle_mini_impl.generate import generate
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = fixed_prompts(cfg)
 
-    def log_images(m, step, writer):
+    def log_images(m, step):
         gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
         text = text_tokenizer.encode(prompts).to(accelerator.device)
         null = text_tokenizer.encode([""]).to(accelerator.device)
@@ -152,12 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         h, w = m.cfg.grid_h, m.cfg.grid_w
         with torch.inference_mode():
             images = image_tokenizer.decode(ids.view(-1, h, w)).float().cpu()
-        writer.add_image("dalle/samples", make_grid(images, nrow=len(prompts)), step)
-        writer.add_text("dalle/prompts", " | ".join(prompts), step)
+        return {"dalle/samples": make_grid(images, nrow=len(prompts)), "dalle/prompts": " | ".join(prompts)}
 
-    def export(m):
+    def export(m, state):
         out = Path(cfg.out_dir)
-        save_module(m, out / "transformer.safetensors")
+        save_state_dict(state, out / "transformer.safetensors")
         (out / "transformer.json").write_text(json.dumps(m.cfg.to_dict(), indent=2) + "\n")
 
     stage = loop.Stage(

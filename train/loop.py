@@ -15,6 +15,8 @@ does the rest, the same way for every stage:
   into place, so a run killed at any moment resumes from the last complete one. The last
   `keep_checkpoints` are kept. A restarted command resumes from the latest by default.
 - TensorBoard scalars and image grids, and a tqdm bar, on the main process only.
+- runs whose processes hold only shards of the weights (FSDP2, DeepSpeed ZeRO-3) run the evaluation,
+  image-grid and export hooks on every process with the weights gathered (`train.sharded`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.bundle import load_state_dict, record_stage_config, save_state_dict
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args
 from dalle_mini_impl.errors import UserError
+
+from .sharded import full_state_dict, shards_weights, whole_weights
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 
@@ -116,10 +120,12 @@ class Stage:
     item_name: str = "images"  # throughput is logged as <item_name>/s
     # (unwrapped model, step) -> scalars; run on every process (they may all-gather), logged by the main one
     evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None
-    # (unwrapped model, step, writer) on the main process: add image grids to TensorBoard
-    log_images: Callable[[torch.nn.Module, int, Any], None] | None = None
-    # (unwrapped model) on the main process at the end: write the stage's weights into the bundle
-    export: Callable[[torch.nn.Module], None] | None = None
+    # (unwrapped model, step) -> {tag: image grid (3, H, W) in [0, 1], or text} for TensorBoard; run on the
+    # main process, or on every process when the weights are sharded (FSDP2, ZeRO-3: see train.sharded)
+    log_images: Callable[[torch.nn.Module, int], dict[str, torch.Tensor | str]] | None = None
+    # (unwrapped model, whole weights as CPU tensors) on the main process at the end: write the stage's
+    # weights into the bundle; the module gives the hyperparameters, the state dict the values
+    export: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] | None = None
     # called after every optimizer step with (unwrapped model, batch, step, accelerator): extra updates
     after_step: Callable[[torch.nn.Module, dict, int, Any], dict[str, float]] | None = None
     # extra modules whose state must be checkpointed (a discriminator and its optimizer, say)
@@ -208,6 +214,12 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
     # not prepared: accelerate would step it once per process per step; the LR is a function of the step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     unwrapped = accelerator.unwrap_model(model).model
+    sharded = shards_weights(model, accelerator)
+    if sharded and tc.ema_decay > 0:
+        raise UserError(
+            f"train.{stage.name}.ema_decay needs every process to hold all the weights, which FSDP and ZeRO-3 "
+            f"do not; set train.{stage.name}.ema_decay=0 or launch with DDP or ZeRO-2"
+        )
     ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay > 0 else None
 
     step, bad_in_row, bad_total = 0, 0, 0
@@ -304,29 +316,39 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
             window_items, window_t0 = 0, time.perf_counter()
         if stage.evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
             model.eval()
-            with accelerator.autocast():
+            with accelerator.autocast(), whole_weights(model, accelerator):
                 results = stage.evaluate(unwrapped, step)
             model.train()
             logged.update({f"eval/{k}": v for k, v in results.items()})
             if writer is not None:
                 for k, v in results.items():
                     writer.add_scalar(f"{stage.name}/eval/{k}", float(v), step)
-        if writer is not None and stage.log_images is not None and (step % tc.image_every == 0 or step == 1):
+        grid_step = step % tc.image_every == 0 or step == 1
+        if stage.log_images is not None and grid_step and (writer is not None or sharded):
             model.eval()
-            stage.log_images(unwrapped, step, writer)
+            with whole_weights(model, accelerator):
+                grids = stage.log_images(unwrapped, step)
             model.train()
+            for tag, value in grids.items() if writer is not None else ():
+                if isinstance(value, str):
+                    writer.add_text(tag, value, step)
+                else:
+                    writer.add_image(tag, value, step)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             checkpoint()
         _fault_point("step", step)
     bar.close()
-    logged["ranks_in_sync"] = float(_ranks_in_sync(accelerator, unwrapped))
+    if not sharded:  # shards differ by design; the digest compares whole weights
+        logged["ranks_in_sync"] = float(_ranks_in_sync(accelerator, unwrapped))
     logged["num_processes"] = float(accelerator.num_processes)
 
     accelerator.wait_for_everyone()
-    if is_main and stage.export is not None:
+    if stage.export is not None:
         if ema is not None:
             ema.copy_to(unwrapped)
-        stage.export(unwrapped)
+        state = full_state_dict(model, accelerator, prefix="model.")  # every process joins the gather
+        if is_main:
+            stage.export(unwrapped, state)
     if writer is not None:
         writer.flush()
         writer.close()

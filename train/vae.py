@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics = recon_metrics(m, validation_batches(), accelerator.device)
         return {f"val_{k}": float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "usage", "perplexity")}
 
-    def log_images(m, step, writer):
+    def log_images(m, step):
         batch = next(validation_batches())
         x = batch["image"][:8].to(accelerator.device)
         with torch.no_grad():
             y = m.decode(m.encode(x))
-        writer.add_image("vae/originals_over_reconstructions", make_grid(torch.cat([x, y]).cpu(), nrow=len(x)), step)
+        return {"vae/originals_over_reconstructions": make_grid(torch.cat([x, y]).cpu(), nrow=len(x))}
 
     stage = loop.Stage(
         name="vae",
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         loss=loss,
         evaluate=evaluate,
         log_images=log_images,
-        export=lambda m: vae.save_pretrained(m, cfg.out_dir),
+        export=lambda m, state: vae.save_pretrained(m, cfg.out_dir, state=state),
         after_step=after_step,
         extra_state=extra_state,
     )

@@ -66,12 +66,19 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained(model: ImageTokenizer, folder: str | os.PathLike) -> Path:
-    """Write `folder/vae.safetensors` (weights and buffers) and `folder/vae.json` (kind, kwargs, version)."""
+def save_pretrained(
+    model: ImageTokenizer, folder: str | os.PathLike, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write `folder/vae.safetensors` (weights and buffers) and `folder/vae.json` (kind, kwargs, version).
+
+    `state` replaces `model.state_dict()` as the weights written (a training run whose model is sharded
+    across processes passes the gathered whole weights); the model still gives kind and hyperparameters.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if state is None else state
     # clone: safetensors refuses tensors that share storage, and weights may live on an accelerator
-    state = {name: t.detach().cpu().clone().contiguous() for name, t in model.state_dict().items()}
+    state = {name: t.detach().cpu().clone().contiguous() for name, t in state.items()}
     meta = {"format_version": FORMAT_VERSION, "kind": model.kind, "kwargs": model.hyperparameters()}
     _write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"kind": model.kind}))
     _write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
