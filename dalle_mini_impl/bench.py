@@ -19,7 +19,9 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           classifier-free guidance (scale 3): wall seconds, image tokens/s, guided / unguided cost; on the
           CPU the cached and guided runs again from a bf16 copy of the weights (`cached_bf16`,
           `guided_bf16`, `bf16_speedup`: what `python -m sample --dtype bf16` does); on GPU the weights are
-          cast to --dtype, and at dalle256 batches 64 and 256 with guidance are timed too.
+          cast to --dtype, and at dalle256 batches 64 and 256 with guidance are timed too. With --compile
+          also the torch.compile'd decoding step (`cached_compiled`, `guided_compiled`, their first run
+          with the compile apart, `compiled_speedup`; CUDA graphs on GPUs: `python -m sample --compile`).
   vae     dVAE training images/s at 32 px, batch 32: a configuration with the constructor arguments of the
           anchor's tiny dVAE (512 codes, code width 256, two stride-2 levels, hidden 64, no res-blocks),
           the same with the hidden width that matches the anchor's parameter count, and the shapes
@@ -409,14 +411,14 @@ def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak:
     return out
 
 
-def sample_once(model, text, null, scale, top_k, use_cache, seed, device) -> tuple[float, torch.Tensor]:
+def sample_once(model, text, null, scale, top_k, decode, seed, device) -> tuple[float, torch.Tensor]:
+    """Wall seconds and ids of one `generate`; decode is a `generate` decode mode, or "uncached"."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     box: list[torch.Tensor] = []
+    how = dict(use_cache=False) if decode == "uncached" else dict(decode=decode)
 
     def run() -> None:
-        box.append(
-            generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, use_cache=use_cache)
-        )
+        box.append(generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, **how))
 
     return timed(device, run), box[0]
 
@@ -450,27 +452,31 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
         "reps": reps,
     }
     modes = {
-        "cached": (model, 1.0, True),
-        "guided": (model, SAMPLE_CFG_SCALE, True),
-        "uncached": (model, 1.0, False),
+        "cached": (model, 1.0, "cached"),
+        "guided": (model, SAMPLE_CFG_SCALE, "cached"),
+        "uncached": (model, 1.0, "uncached"),
     }
     if bf16_copy is not None:
-        modes.update(cached_bf16=(bf16_copy, 1.0, True), guided_bf16=(bf16_copy, SAMPLE_CFG_SCALE, True))
+        modes.update(cached_bf16=(bf16_copy, 1.0, "cached"), guided_bf16=(bf16_copy, SAMPLE_CFG_SCALE, "cached"))
+    if args.compile:  # the torch.compile'd static decoding step (CUDA graphs on GPUs)
+        modes.update(cached_compiled=(model, 1.0, "compiled"), guided_compiled=(model, SAMPLE_CFG_SCALE, "compiled"))
 
     reset_memory(device)
-    log(f"sample {name}: warm-up")
-    for m, scale, cache in modes.values():
-        if cache:
-            sample_once(m, text, null, scale, top_k, True, SEED, device)
+    for mode, (m, scale, decode) in modes.items():
+        if decode != "uncached":
+            log(f"sample {name}: warm-up {mode}")
+            dt, _ = sample_once(m, text, null, scale, top_k, decode, SEED, device)
+            if decode == "compiled":  # the first run compiles (and captures the graphs): its own number
+                out[f"{mode}_first_run_s"] = round(dt, 2)
     times: dict[str, list[float]] = {k: [] for k in modes}
     ids: dict[str, torch.Tensor] = {}
     # interleaved repetitions, so that a noisy neighbour hits every mode alike
     for r in range(reps):
-        for mode, (m, scale, cache) in modes.items():
+        for mode, (m, scale, decode) in modes.items():
             if mode == "uncached" and r >= uncached_reps:
                 continue
             log(f"sample {name}: {mode} rep {r + 1}")
-            dt, got = sample_once(m, text, null, scale, top_k, cache, SEED + r, device)
+            dt, got = sample_once(m, text, null, scale, top_k, decode, SEED + r, device)
             times[mode].append(dt)
             ids[f"{mode}_{r}"] = got
 
@@ -501,6 +507,11 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
         # the cache must not change a token: a free correctness check on the very runs that were timed
         out["cached_equals_uncached"] = bool(torch.equal(ids["cached_0"], ids["uncached_0"]))
     out["guidance_cost"] = round(out["guided"]["wall_s"] / out["cached"]["wall_s"], 3)
+    if args.compile:
+        out["compiled_speedup"] = round(out["cached"]["wall_s"] / out["cached_compiled"]["wall_s"], 3)
+        out["guided_compiled_speedup"] = round(out["guided"]["wall_s"] / out["guided_compiled"]["wall_s"], 3)
+        # the same seeds give the same tokens, compiled or not (up to float reassociation on a GPU)
+        out["compiled_equals_cached"] = bool(torch.equal(ids["cached_0"], ids["cached_compiled_0"]))
     if bf16_copy is not None:
         out["bf16_speedup"] = round(out["cached"]["wall_s"] / out["cached_bf16"]["wall_s"], 3)
         out["guidance_cost_bf16"] = round(out["guided_bf16"]["wall_s"] / out["cached_bf16"]["wall_s"], 3)
@@ -508,14 +519,14 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
 
     for gb in w.get("guided_batches", []) if device.type == "cuda" else []:
         gtext = torch.randint(1, cfg.text_vocab, (gb, cfg.text_len), generator=g).to(device)
-        log(f"sample {name}: guided batch {gb}")
-        reset_memory(device)
-        dt, _ = sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, True, SEED, device)
-        out[f"guided_batch{gb}"] = {
-            "wall_s": round(dt, 3),
-            "image_tokens_per_s": round(gb * n / dt, 2),
-            **peak_memory(device),
-        }
+        for decode in ("cached", "compiled") if args.compile else ("cached",):
+            key = f"guided_batch{gb}" + ("_compiled" if decode == "compiled" else "")
+            log(f"sample {name}: guided batch {gb}, {decode}")
+            if decode == "compiled":  # compile for this batch size first, untimed
+                sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, decode, SEED, device)
+            reset_memory(device)
+            dt, _ = sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, decode, SEED, device)
+            out[key] = {"wall_s": round(dt, 3), "image_tokens_per_s": round(gb * n / dt, 2), **peak_memory(device)}
     return out
 
 
@@ -677,7 +688,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling")
     ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
-    ap.add_argument("--compile", action="store_true", help="also time training through torch.compile")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time training through torch.compile, and sampling with the compiled decoding step",
+    )
     ap.add_argument("--matmul-n", type=int, default=None, help="side of the peak matmul (default 2048 CPU, 8192 GPU)")
     ap.add_argument("--matmul-reps", type=int, default=8)
     ap.add_argument(

@@ -25,6 +25,8 @@ import torch
 
 from .transformer import DALLE
 
+DECODE_MODES = ("cached", "static", "compiled")
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Logits (b, k) with -inf outside the top_k ids (0: off) and outside the top_p nucleus (1: off)."""
@@ -82,6 +84,36 @@ def _cached_logits(
         yield model.image_logits(h[:, -1])
 
 
+def _static_logits(
+    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool, compiled: bool
+) -> Iterator[torch.Tensor]:
+    """The same logits from `DALLE.decode_step`, whose shapes never change; compiled once when asked."""
+    n = model.cfg.image_len
+    cache = model.new_cache(text.shape[0])
+    step = model.decode_step
+    if compiled:
+        step = compiled_step(model)
+        for layer in cache:  # fixed addresses: a CUDA graph replays them, and the step writes them in place
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
+    h = model.transform(model.embed(text, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, t + k, d)
+    yield model.image_logits(h[:, -1])
+    cell = torch.zeros(1, dtype=torch.long, device=text.device)
+    for i in range(k + 1, n):
+        cell.fill_(i - 1)
+        yield step(_pair(out[:, i - 1 : i], guided), cell, masks, cache).clone()
+
+
+def compiled_step(model: DALLE) -> Callable:
+    """`model.decode_step` under torch.compile, built once per model; CUDA graphs on GPUs (reduce-overhead)."""
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None:
+        mode = "reduce-overhead" if model.head.weight.is_cuda else None
+        step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        model._compiled_decode_step = step
+    return step
+
+
 def _uncached_logits(
     model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool
 ) -> Iterator[torch.Tensor]:
@@ -125,6 +157,7 @@ def generate(
     prime: torch.Tensor | None = None,
     on_row: Callable[[int, torch.Tensor], None] | None = None,
     use_cache: bool = True,
+    decode: str = "cached",
 ) -> torch.Tensor:
     """Sample image ids (b, n), raster order, for text ids (b, t); every prompt in one batch.
 
@@ -136,11 +169,18 @@ def generate(
     on_row(r, ids): called once per grid row r = 0 .. h-1, in order, as soon as the row is complete
         (primed rows first, before any sampling), with a copy of the ids so far, (b, (r + 1) * w).
     use_cache: False recomputes the whole prefix every step (the slow reference, same tokens).
+    decode: how a cached step runs. "cached": one position attending to the positions so far (fastest
+        eager on CPU); "static": `DALLE.decode_step`, the same step at shapes that never change (it reads
+        all L cached positions under a mask); "compiled": that step under torch.compile, compiled on the
+        first call for a model and batch size and reused after (mode reduce-overhead, i.e. CUDA graphs,
+        on GPUs: eager decoding of a large model is bound by per-step kernel launches there).
 
     The model runs in eval mode under inference_mode and is put back in its former mode; the caller's
     tensors are never written.
     """
     _check_args(model, text, null_text, cfg_scale, temperature, top_k, top_p, prime)
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     c = model.cfg
     b, n, w = text.shape[0], c.image_len, c.grid_w
     guided = cfg_scale != 1.0
@@ -157,7 +197,12 @@ def generate(
     model.eval()
     try:
         masks = model.attn_masks(rows_text)
-        source = (_cached_logits if use_cache else _uncached_logits)(model, rows_text, out, k, masks, guided)
+        if not use_cache:
+            source = _uncached_logits(model, rows_text, out, k, masks, guided)
+        elif decode == "cached":
+            source = _cached_logits(model, rows_text, out, k, masks, guided)
+        else:
+            source = _static_logits(model, rows_text, out, k, masks, guided, compiled=decode == "compiled")
         for i, logits in zip(range(k, n), source):
             if guided:
                 cond, uncond = logits.chunk(2)
@@ -170,4 +215,4 @@ def generate(
     return out
 
 
-__all__ = ["filter_logits", "generate", "sample_logits"]
+__all__ = ["DECODE_MODES", "compiled_step", "filter_logits", "generate", "sample_logits"]

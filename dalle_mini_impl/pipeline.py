@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .bundle import load_text_tokenizer, load_transformer, load_vae, read_bundle_config
 from .config import RunConfig, SampleConfig
 from .errors import UserError
-from .generate import generate
+from .generate import DECODE_MODES, generate
 from .images import prepare_image, to_pil
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
@@ -143,7 +143,11 @@ class Pipeline:
         clip=None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        decode: str = "cached",
     ):
+        if decode not in DECODE_MODES:
+            raise UserError(f"decode '{decode}' is unknown; use {', '.join(DECODE_MODES)}")
+        self.decode_mode = decode  # how `generate` runs a decoding step (dalle_mini_impl.generate)
         self.cfg = cfg
         self.text_tokenizer = text_tokenizer
         self.device = torch.device(device)
@@ -157,12 +161,13 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "fp32"
+        cls, path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "fp32", decode: str = "cached"
     ) -> Pipeline:
         """Load a bundle folder (None: the shapes model shipped in the package) onto `device`.
 
         dtype bf16 or fp16 casts the transformer's weights to it and runs the image tokenizer under autocast;
-        CLIP stays fp32.
+        CLIP stays fp32. decode "compiled" samples with a torch.compile'd decoding step (CUDA graphs on GPUs;
+        the first batch pays the compile), "static" with the same step uncompiled, "cached" (default) eagerly.
         A bundle without clip.safetensors loads with a warning; its candidates are not reranked.
         """
         if path is None:
@@ -188,7 +193,7 @@ class Pipeline:
                 "and clip_score is None",
                 stacklevel=2,
             )
-        return cls(cfg, text_tokenizer, transformer, image_tokenizer, clip, dev, torch_dtype)
+        return cls(cfg, text_tokenizer, transformer, image_tokenizer, clip, dev, torch_dtype, decode)
 
     def _check_parts_agree(self) -> None:
         m, text, image = self.transformer.cfg, self.text_tokenizer, self.image_tokenizer
@@ -264,6 +269,7 @@ class Pipeline:
                 generator=generator,
                 prime=None if prime is None else prime.to(self.device).expand(b, -1),
                 on_row=None if bar is None else (lambda r, so_far: bar.update(so_far.shape[0] * w)),
+                decode=self.decode_mode,
             )
             out.append(ids.cpu())
         return torch.cat(out)  # (m, n)

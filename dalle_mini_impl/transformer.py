@@ -332,19 +332,25 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start: int,
+        start: int | torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        # x (b, s, d) holds sequence positions start .. start + s - 1
+        # x (b, s, d) holds sequence positions start .. start + s - 1; a tensor start (1,) is one position
+        # of a static-shape decoding step: its key and value are written there and the query reads the
+        # whole cache, the mask hiding the positions after it
         q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
+        if isinstance(start, torch.Tensor):
+            cache.k.index_copy_(2, start, k)
+            cache.v.index_copy_(2, start, v)
+            k, v = cache.k, cache.v  # (b, h, L, e)
+        elif cache is not None:
             end = start + x.shape[1]
             cache.k[:, :, start:end] = k
             cache.v[:, :, start:end] = v
@@ -442,11 +448,11 @@ class DALLE(nn.Module):
             text = torch.where(text == self.cfg.pad_id, self.pad_token, text)
         return self.text_emb(text) + self.text_pos.weight
 
-    def embed_image(self, image: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """Image ids (b, m) of grid cells first .. first + m - 1 -> (b, m, d)."""
+    def embed_image(self, image: torch.Tensor, first: int | torch.Tensor = 0) -> torch.Tensor:
+        """Image ids (b, m) of grid cells first .. first + m - 1 -> (b, m, d); a tensor `first` (1,) takes m = 1."""
         x = self.image_emb(image)
         if self.cfg.pos_2d == "embed":
-            cells = slice(first, first + image.shape[1])
+            cells = first if isinstance(first, torch.Tensor) else slice(first, first + image.shape[1])
             x = x + self.row_pos(self.cell_row[cells]) + self.col_pos(self.cell_col[cells])
         return x
 
@@ -494,7 +500,7 @@ class DALLE(nn.Module):
     def transform(
         self,
         x: torch.Tensor,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         masks: list[torch.Tensor | None] | None = None,
         cache: list[KVCache] | None = None,
     ) -> torch.Tensor:
@@ -502,7 +508,10 @@ class DALLE(nn.Module):
 
         Without a cache `start` must be 0 (the whole prefix); with one, earlier positions are read from
         it and these are written into it. `masks` comes from `attn_masks` (None: all layers plain causal).
+        A tensor `start` (1,) is `decode_step`'s static-shape path: one position, attending to the whole cache.
         """
+        if isinstance(start, torch.Tensor):
+            return self._transform_one(x, start, masks, cache)
         s = x.shape[1]
         end = start + s
         if cache is None and start != 0:
@@ -527,6 +536,35 @@ class DALLE(nn.Module):
             else:
                 x = block(x, start, mask, is_causal, rope, layer_cache)
         return self.norm(x)
+
+    def _transform_one(
+        self, x: torch.Tensor, pos: torch.Tensor, masks: list[torch.Tensor | None] | None, cache: list[KVCache]
+    ) -> torch.Tensor:
+        """`transform` for one position given as a tensor pos (1,): every shape independent of its value."""
+        if cache is None or x.shape[1] != 1:
+            raise ValueError(f"a tensor start needs a cache and one position, got {x.shape[1]} positions")
+        rope = None
+        if self.cfg.pos_2d == "rope":
+            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))  # (1, e)
+        masks = masks if masks is not None else [None] * self.cfg.depth
+        for block, mask, layer_cache in zip(self.blocks, masks, cache):
+            # the query's row of the layer's mask over all L keys: (b or 1, 1, 1, L), or (1, L) plain causal
+            row = self.causal[pos] if mask is None else mask.index_select(-2, pos)
+            x = block(x, pos, row, False, rope, layer_cache)
+        return self.norm(x)
+
+    def decode_step(
+        self, ids: torch.Tensor, cell: torch.Tensor, masks: list[torch.Tensor | None], cache: list[KVCache]
+    ) -> torch.Tensor:
+        """One decoding step at fixed shapes: ids (b, 1) fed at grid cell `cell` (1,) -> image logits (b, k).
+
+        The logits predict cell + 1. No shape depends on `cell` (its key and value are written into the
+        cache with index_copy_ and the query attends to all L cached positions under its mask row), so
+        one torch.compile of this function serves every step, and its CUDA-graph capture replays.
+        """
+        x = self.embed_image(ids, cell)
+        h = self._transform_one(x, cell + self.cfg.text_len, masks, cache)
+        return self.image_logits(h[:, -1])
 
     # --- heads --------------------------------------------------------------------------------
 

@@ -56,16 +56,40 @@ SAMPLING = [
 
 @pytest.mark.parametrize("kw", VARIANTS)
 @pytest.mark.parametrize("sampling", SAMPLING)
-def test_cached_and_uncached_decoding_give_the_same_tokens(kw, sampling):
+def test_cached_static_and_uncached_decoding_give_the_same_tokens(kw, sampling):
     model = make(**kw)
     for seed in (0, 1):
         ids = [
-            generate(model, TEXT, generator=torch.Generator().manual_seed(seed), use_cache=c, **sampling)
-            for c in (True, False)
+            generate(model, TEXT, generator=torch.Generator().manual_seed(seed), use_cache=c, decode=d, **sampling)
+            for c, d in ((True, "cached"), (True, "static"), (False, "cached"))
         ]
         assert ids[0].shape == (3, N) and ids[0].dtype == torch.long
         assert ids[0].min() >= 0 and ids[0].max() < IV
-        assert torch.equal(ids[0], ids[1])
+        assert torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+
+
+def test_the_static_step_has_the_same_shapes_at_every_position():
+    model = make(text_pad="mask", attn_patterns=["row", "full"])
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append((args[0].shape, args[2].shape)))
+    generate(model, TEXT, generator=torch.Generator().manual_seed(0), decode="static")
+    steps = seen[1:]  # after the prefill: one position, and the mask row over all L keys, every time
+    assert len(steps) == N - 1 and set(steps) == {(torch.Size([3, 1, 32]), torch.Size([3, 1, 1, T + N - 1]))}
+    with pytest.raises(ValueError, match="decode must be one of cached, static, compiled"):
+        generate(model, TEXT, decode="graph")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_cached_tokens_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    model = make(pos_2d="rope", text_pad="mask", attn_patterns=["conv", "full"], qk_norm=True)
+    counters.clear()
+    for seed in (0, 1):
+        kw = dict(null_text=NULL, cfg_scale=3.0, top_k=8, generator=torch.Generator().manual_seed(seed))
+        expected = generate(model, TEXT, **kw | dict(generator=torch.Generator().manual_seed(seed)))
+        assert torch.equal(generate(model, TEXT, decode="compiled", **kw), expected)
+    assert counters["stats"]["unique_graphs"] == 1  # the second call and every step reuse the first compile
 
 
 def test_the_cache_is_used_one_position_per_step():
@@ -104,11 +128,12 @@ def test_guidance_changes_the_samples_and_needs_an_empty_caption():
         generate(model, TEXT, cfg_scale=3.0)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_priming_keeps_the_given_tokens(use_cache):
+@pytest.mark.parametrize("use_cache, decode", [(True, "cached"), (True, "static"), (False, "cached")])
+def test_priming_keeps_the_given_tokens(use_cache, decode):
     model = make()
     prime = torch.randint(0, IV, (3, 6), generator=torch.Generator().manual_seed(5))
-    ids = generate(model, TEXT, prime=prime, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+    g = torch.Generator().manual_seed(0)
+    ids = generate(model, TEXT, prime=prime, generator=g, use_cache=use_cache, decode=decode)
     assert torch.equal(ids[:, :6], prime)
     full = torch.randint(0, IV, (3, N))
     assert torch.equal(generate(model, TEXT, prime=full), full)

@@ -147,6 +147,21 @@ def test_the_same_seed_gives_byte_identical_pngs(bundle, tmp_path, capsys):
     assert list(first.values()) != list(other.values())
 
 
+@pytest.mark.slow
+def test_compiled_decoding_writes_the_same_pngs(bundle, tmp_path, capsys):
+    def pngs(out: Path, *extra: str) -> list[bytes]:
+        code, _, _ = run(["a red circle", "--model", str(bundle), "--out", str(out), *extra], capsys)
+        assert code == 0
+        return [p.read_bytes() for p in sorted(out.iterdir())]
+
+    assert pngs(tmp_path / "compiled", "--compile") == pngs(tmp_path / "eager")
+
+
+def test_an_unknown_decode_mode_is_one_sentence(bundle):
+    with pytest.raises(UserError, match="decode 'graph' is unknown; use cached, static, compiled"):
+        Pipeline.from_pretrained(bundle, device="cpu", decode="graph")
+
+
 def test_a_prompt_gives_the_same_ids_alone_with_its_seed(pipe):
     together = pipe.generate(["a red circle", "a green triangle"], seed=5, progress=False)
     alone = pipe.generate(["a green triangle"], seed=together[1][0].seed, progress=False)
