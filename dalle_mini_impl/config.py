@@ -152,6 +152,9 @@ class CLIPConfig:
     # CLIP's own shapes captions: each optional attribute left out with this probability (< 0: use
     # data.shapes.omit_p, which the transformer trains on)
     shapes_omit_p: float = -1.0
+    # NegCLIP hard negatives: each caption with one word made false (a spatial word flipped, a size,
+    # color or shape swapped: dalle_mini_impl.clip.negatives) is an extra negative text for every image
+    hard_negatives: bool = False
 
 
 @dataclass

@@ -231,13 +231,20 @@ def judge(image: np.ndarray, prompt: str) -> Verdict:
 
     An unparseable prompt raises `dalle_mini_impl.shapes.CaptionError`.
     """
-    stated = parse_caption(prompt)
-    found = find_objects(image)
+    return judge_found(parse_caption(prompt), find_objects(image), image.shape[0])
+
+
+def judge_found(stated: dict, found: list[Found], S: int) -> Verdict:
+    """`judge` on a parsed prompt (`shapes.parse_caption`) and the objects found in an S x S image.
+
+    For judging many prompts against one image (or one prompt against many) without finding the
+    objects again each time.
+    """
     want_n = 1 if stated["kind"] == "one" else 2
     if want_n == 1:
         attrs = _judge_one(stated, found)
     else:
-        attrs = _judge_two(stated, found, image.shape[0])
+        attrs = _judge_two(stated, found, S)
     ok = len(found) == want_n and all(attrs.values())
     return Verdict(ok=ok, kind=stated["kind"], attributes=attrs, n_objects=len(found), objects=found)
 
@@ -273,6 +280,7 @@ __all__ = [
     "classify_pixels",
     "find_objects",
     "judge",
+    "judge_found",
     "judge_rows",
     "label_components",
     "relation_holds",

@@ -61,6 +61,42 @@ def test_loss_is_symmetric_and_smallest_for_matched_pairs():
     assert torch.allclose(contrastive_loss(img, txt, scale), by_hand)
 
 
+def test_hard_negatives_are_extra_texts_for_every_image():
+    g = torch.Generator().manual_seed(0)
+    img = unit(torch.randn(6, 16, generator=g))
+    txt = unit(img + 0.3 * torch.randn(6, 16, generator=g))
+    neg = unit(torch.randn(4, 16, generator=g))
+    scale = torch.tensor(10.0)
+    logits = scale * img @ torch.cat([txt, neg]).T  # (6, 10): images see the 4 negatives too
+    by_hand = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(scale * txt @ img.T, torch.arange(6))) / 2
+    assert torch.allclose(contrastive_loss(img, txt, scale, neg), by_hand)
+    assert torch.allclose(contrastive_loss(img, txt, scale, neg[:0]), contrastive_loss(img, txt, scale))
+    # a negative that looks like the true caption costs more than one that does not
+    assert contrastive_loss(img, txt, scale, txt[:4]) > contrastive_loss(img, txt, scale, -txt[:4])
+
+
+def test_perturb_makes_one_word_false():
+    import random
+
+    from dalle_mini_impl.clip.negatives import perturb
+
+    rng = random.Random(0)
+    caption = "a small red circle to the left of a blue square"
+    seen = []
+    for _ in range(400):
+        edited = perturb(caption, rng)
+        changed = [(a, b) for a, b in zip(caption.split(), edited.split()) if a != b]
+        assert len(edited.split()) == len(caption.split()) and len(changed) == 1
+        seen.append(changed[0])
+    assert {("left", "right"), ("small", "large"), ("red", "green"), ("circle", "triangle")} <= set(seen)
+    # the kind of edit is drawn first: the one relation word is flipped about a quarter of the time
+    assert 0.18 < seen.count(("left", "right")) / len(seen) < 0.32
+    assert not any(a in ("a", "to", "of", "the") for a, _ in seen)
+    assert perturb("a smiling face", rng) is None
+    assert perturb("Left", random.Random(0)) == "right"  # whole words, any case
+    assert perturb("leftover", random.Random(0)) is None
+
+
 def test_training_a_few_steps_matches_pairs():
     model = tiny_clip(vocab=20, text_len=6)
     colors = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]).float()
@@ -506,6 +542,24 @@ def test_zero_shot_shapes_reports_three_accuracies(bundle):
     assert all(0 <= out[k] <= 1 for k in ("color", "shape", "position"))
 
 
+def test_the_same_caption_ceiling_counts_other_captions_that_fit():
+    from dalle_mini_impl.eval.clip import same_caption_ceiling
+    from dalle_mini_impl.images import from_uint8
+    from dalle_mini_impl.shapes import Obj, Scene, render
+
+    def image(*objects: Obj) -> torch.Tensor:
+        return from_uint8(render(Scene(list(objects), caption=""), 32))
+
+    red = Obj("red", "circle", "large", 16, 16)
+    blue_square = Obj("blue", "square", "small", 6, 6)
+    images = torch.stack([image(red), image(red), image(blue_square)])
+    # both red images fit both red captions: each red query's own caption holds 1 of the 2 that fit
+    assert same_caption_ceiling(images, ["a red circle", "a large red circle", "a blue square"]) == pytest.approx(
+        (0.5 + 0.5 + 1.0) / 3
+    )
+    assert same_caption_ceiling(images, ["a red circle", "a red circle", "a blue square"]) == 1.0
+
+
 def test_eval_clip_command_prints_json(bundle, capsys):
     pytest.importorskip("dalle_mini_impl.data")
     from dalle_mini_impl.eval.clip import main
@@ -514,4 +568,4 @@ def test_eval_clip_command_prints_json(bundle, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 12 and out["hit_rule"] == "same caption"
     assert {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"} <= set(out)
-    assert out["zero_shot"]["n"] == 6
+    assert out["zero_shot"]["n"] == 6 and 0 < out["t2i_R@1_ceiling"] <= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 
 import pytest
@@ -225,6 +226,14 @@ def test_stages_log_image_grids(run_dir, tmp_path):
     dalle_tags = logged_tags(run, "dalle")
     assert "dalle/samples" in dalle_tags["images"] and "dalle/prompts/text_summary" in dalle_tags["tensors"]
     assert "clip/augmented" in logged_tags(run, "clip")["images"]
+
+
+def test_clip_trains_with_hard_negatives(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path / "run")
+    train_clip.main(args_for(run, "train.clip.steps=2", "clip.hard_negatives=true"))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["stage"] == "clip" and math.isfinite(result["loss"])
+    assert (run / "clip.safetensors").is_file()
 
 
 def test_clip_trains_and_exports(run_dir):

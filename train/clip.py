@@ -2,8 +2,10 @@
 
 Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images get a mild random
 resized crop that keeps the caption true (no flips: captions name left and right; no color jitter:
-they name colors). With several processes, features are gathered so every row sees the global batch
-as negatives (dalle_mini_impl.clip.model.contrastive_loss).
+they name colors). With `clip.hard_negatives`, each caption with one word made false is an extra
+negative text for every image (NegCLIP; `dalle_mini_impl.clip.negatives`). With several processes,
+features are gathered so every row sees the global batch as negatives
+(dalle_mini_impl.clip.model.contrastive_loss).
 
 Evaluates during training on the held-out split: text->image and image->text recall@1/5/10 (any
 retrieved item with the query's caption counts as a hit) and, on shapes, zero-shot accuracy on color,
@@ -14,12 +16,14 @@ TensorBoard logs under RUN/logs/clip/.
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import torch
 
 from dalle_mini_impl.bundle import load_text_tokenizer, save_state_dict
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
+from dalle_mini_impl.clip.negatives import perturb
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
 from dalle_mini_impl.errors import UserError, run_cli
@@ -59,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         images = clip_augment(batch["image"], cfg.clip.crop_scale_min, gen)
         ids = tokenizer.encode(batch["caption"]).to(device)
         image_feats, text_feats, scale = m(images, ids)
-        value = m.loss(image_feats, text_feats, scale)
+        negatives = None
+        if cfg.clip.hard_negatives:
+            rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            false = [c for c in (perturb(c, rng) for c in batch["caption"]) if c is not None]
+            negatives = m.encode_text(tokenizer.encode(false).to(device)) if false else image_feats[:0]
+        value = m.loss(image_feats, text_feats, scale, negatives)
         return value, {"logit_scale": float(scale.detach())}
 
     def after_step(m, batch, step, acc):

@@ -253,9 +253,14 @@ class CLIP(nn.Module):
         return self.encode_image(images), self.encode_text(ids), self.scale()
 
     @staticmethod
-    def loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch, with global negatives across processes."""
-        return contrastive_loss(image_feats, text_feats, logit_scale)
+    def loss(
+        image_feats: torch.Tensor,
+        text_feats: torch.Tensor,
+        logit_scale: torch.Tensor,
+        hard_negatives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch, with global negatives across processes (and hard negative texts)."""
+        return contrastive_loss(image_feats, text_feats, logit_scale, hard_negatives)
 
 
 def clip_from_config(cfg: RunConfig, tokenizer: TokenizerLike) -> CLIP:
@@ -320,12 +325,20 @@ def gather_features(feats: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(feats, _row_counts(feats.shape[0], feats.device), dist.get_rank())
 
 
-def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    logit_scale: torch.Tensor,
+    hard_negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE: this process's rows (b, e) against all processes' rows as negatives.
 
     Row i's positive is its own pair, at global index i + (rows of the lower ranks). Each process
     averages over its own rows; with the gather sending gradients home, the mean of the processes'
     gradients (what DDP computes) is the gradient of the full-batch loss.
+    hard_negatives (h, e): features of captions made false (`dalle_mini_impl.clip.negatives`), gathered
+    like the rest and appended to every image's candidate texts (NegCLIP); the text->image side is
+    unchanged. h may differ between processes, and be 0.
     """
     b = image_feats.shape[0]
     offset = 0
@@ -335,8 +348,10 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_
         offset = sum(counts[:rank])
         all_images = _GatherRows.apply(image_feats, counts, rank)
         all_texts = _GatherRows.apply(text_feats, counts, rank)
+    if hard_negatives is not None:
+        all_texts = torch.cat([all_texts, gather_features(hard_negatives)])  # (B + H, e)
     labels = torch.arange(b, device=image_feats.device) + offset  # (b,)
-    logits_image = logit_scale * image_feats @ all_texts.T  # (b, B)
+    logits_image = logit_scale * image_feats @ all_texts.T  # (b, B [+ H])
     logits_text = logit_scale * text_feats @ all_images.T  # (b, B)
     return (F.cross_entropy(logits_image.float(), labels) + F.cross_entropy(logits_text.float(), labels)) / 2
 

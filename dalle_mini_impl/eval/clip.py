@@ -6,10 +6,11 @@
 prints one JSON object. Retrieval follows CLIP's and open_clip's evaluation: every image of the split
 against every caption of the split, by cosine similarity. Captions repeat among renders ("a red
 circle" describes many images), so a retrieved item whose caption equals the query's caption counts
-as a hit ("hit_rule": "same caption"), not only the query's own pair. On the shapes data the command
-also reports zero-shot accuracy (Radford et al. 2021, prompt ensembling) on one-object scenes of the
-split: color, shape and 3x3 position, each label embedded under templates that name the other
-attributes.
+as a hit ("hit_rule": "same caption"), not only the query's own pair. On shapes it also prints
+"t2i_R@1_ceiling", the R@1 an ideal scorer would reach under that rule (`same_caption_ceiling`: an
+image with another caption may satisfy the query too), and zero-shot accuracy (Radford et al. 2021,
+prompt ensembling) on one-object scenes of the split: color, shape and 3x3 position, each label
+embedded under templates that name the other attributes.
 
 `retrieval_metrics` and `zero_shot_shapes` are the library functions the training loop calls.
 """
@@ -72,6 +73,30 @@ def retrieval_metrics(
             out[f"{name}_R@{k}"] = r
     out["n"] = float(len(captions))
     return out
+
+
+def same_caption_ceiling(images: torch.Tensor, captions: Sequence[str]) -> float:
+    """The text->image R@1 of an ideal scorer on shapes pairs, under the same-caption hit rule.
+
+    Captions do not pin an image down: "A to the left of B" may also show A above B, so an image with
+    another caption can satisfy the query as well as the query's own. An ideal scorer ranks every image
+    that the shapes judge accepts for the query alike; its R@1 is then, averaged over queries, the
+    share of those images that carry the query's caption. images (n, 3, S, S) in [0, 1].
+    """
+    from ..judge import find_objects, judge_found
+    from ..shapes import parse_caption
+
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()  # (n, S, S, 3)
+    found = [find_objects(image) for image in pixels]
+    S = pixels.shape[1]
+    ceiling = 0.0
+    counts: dict[str, int] = {}
+    for caption in captions:
+        counts[caption] = counts.get(caption, 0) + 1
+    accepted = {c: sum(judge_found(parse_caption(c), f, S).ok for f in found) for c in counts}
+    for caption in captions:
+        ceiling += counts[caption] / max(accepted[caption], counts[caption])
+    return ceiling / max(len(captions), 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"model": str(args.model), "data": cfg.data.source, "split": split, "hit_rule": "same caption"}
     result.update(retrieval_metrics(scorer.embed_images(batch), scorer.embed_texts(captions), captions))
     result["n"] = len(captions)
+    if cfg.data.source == "shapes":
+        result["t2i_R@1_ceiling"] = same_caption_ceiling(batch, captions)
     if cfg.data.source == "shapes" and args.zero_shot > 0:
         zs_images, objects = one_object_scenes(cfg.data.shapes, scorer.image_size, split, args.zero_shot)
         zero_shot = zero_shot_shapes(scorer, zs_images, objects)

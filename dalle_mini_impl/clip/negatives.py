@@ -1,0 +1,58 @@
+"""Hard negative captions for contrastive training: a caption with one word changed so that it turns false.
+
+After NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"):
+a batch rarely holds "a red square to the right of a blue circle" as a negative for the image of "a red
+square to the left of a blue circle", so a plain CLIP learns little about word order, relations or
+positions. `perturb` edits one word of a caption: a spatial word to its opposite (left/right,
+top/bottom, above/below), a size to the other, or a color or a shape word to another one of the
+shapes data set's. `train.clip` (with `clip.hard_negatives = true`) adds the edited captions' text
+features as extra negatives of every image (`dalle_mini_impl.clip.model.contrastive_loss`).
+
+    rng = random.Random(0)
+    perturb("a small red circle to the left of a blue square", rng)  # e.g. "... to the right of ..."
+    perturb("a smiling face", rng)                                    # None: no word to edit
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ..shapes import COLORS, SHAPES
+
+# the kinds of edit, each a word -> its possible replacements
+EDITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "spatial": {
+        "left": ("right",),
+        "right": ("left",),
+        "top": ("bottom",),
+        "bottom": ("top",),
+        "above": ("below",),
+        "below": ("above",),
+    },
+    "size": {"small": ("large",), "large": ("small",)},
+    "color": {c: tuple(o for o in COLORS if o != c) for c in COLORS},
+    "shape": {s: tuple(o for o in SHAPES if o != s) for s in SHAPES},
+}
+_WORD = re.compile(r"[a-z]+")
+
+
+def perturb(caption: str, rng: random.Random) -> str | None:
+    """`caption` with one editable word replaced so that it no longer holds; None if it has none.
+
+    `rng` picks the kind of edit first, uniformly among the kinds the caption allows, then a word of
+    that kind and its replacement: a two-object caption names two colors but one relation, and a
+    choice among words would flip its relation only one time in seven. Matching is on lower-case
+    whole words; the rest of the caption is kept as it was.
+    """
+    words = list(_WORD.finditer(caption.lower()))
+    kinds = [table for table in EDITS.values() if any(w.group() in table for w in words)]
+    if not kinds:
+        return None
+    table = rng.choice(kinds)
+    spot = rng.choice([w for w in words if w.group() in table])
+    new = rng.choice(table[spot.group()])
+    return caption[: spot.start()] + new + caption[spot.end() :]
+
+
+__all__ = ["EDITS", "perturb"]
