@@ -186,6 +186,9 @@ def test_compile_flag_trains_the_same_step_as_eager(run_dir, tmp_path, capsys):
         train_dalle.main(args_for(run, "train.dalle.steps=1", f"train.dalle.compile={flag}"))
         losses[flag] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    # the compiled run's bundle has the plain model's keys (no torch.compile wrapper prefix)
+    keys = {flag: sorted(load_file(str(tmp_path / flag / "transformer.safetensors"))) for flag in losses}
+    assert keys["true"] == keys["false"] and not any("_orig_mod" in k for k in keys["true"])
 
 
 def test_clip_reads_its_own_caption_omission_on_shapes():

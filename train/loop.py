@@ -15,7 +15,7 @@ does the rest, the same way for every stage:
   into place, so a run killed at any moment resumes from the last complete one. The last
   `keep_checkpoints` are kept. A restarted command resumes from the latest by default.
 - TensorBoard scalars and image grids, and a tqdm bar, on the main process only.
-- runs whose processes hold only shards of the weights (FSDP2, DeepSpeed ZeRO-3) run the evaluation,
+- runs whose processes hold only shards of the weights (FSDP, DeepSpeed ZeRO-3) run the evaluation,
   image-grid and export hooks on every process with the weights gathered (`train.sharded`).
 """
 
@@ -121,7 +121,7 @@ class Stage:
     # (unwrapped model, step) -> scalars; run on every process (they may all-gather), logged by the main one
     evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None
     # (unwrapped model, step) -> {tag: image grid (3, H, W) in [0, 1], or text} for TensorBoard; run on the
-    # main process, or on every process when the weights are sharded (FSDP2, ZeRO-3: see train.sharded)
+    # main process, or on every process when the weights are sharded (FSDP, ZeRO-3: see train.sharded)
     log_images: Callable[[torch.nn.Module, int], dict[str, torch.Tensor | str]] | None = None
     # (unwrapped model, whole weights as CPU tensors) on the main process at the end: write the stage's
     # weights into the bundle; the module gives the hyperparameters, the state dict the values
