@@ -109,7 +109,9 @@ def compiled_step(model: DALLE) -> Callable:
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
         mode = "reduce-overhead" if model.head.weight.is_cuda else None
-        step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        # default dynamic: the first batch size compiles static, a second one recompiles with the batch
+        # dimension symbolic, and every later size reuses that (CUDA graphs are still captured per size)
+        step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
         model._compiled_decode_step = step
     return step
 
