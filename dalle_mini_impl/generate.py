@@ -71,37 +71,48 @@ def _pair(ids: torch.Tensor, guided: bool) -> torch.Tensor:
 
 
 def _cached_logits(
-    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool
+    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool, decode: str
 ) -> Iterator[torch.Tensor]:
-    """Image logits predicting token i for i = k .. n-1; reads out[:, i - 1] when resumed for token i."""
-    t, n = model.cfg.text_len, model.cfg.image_len
+    """Image logits predicting token i for i = k .. n-1; reads out[:, i - 1] when resumed for token i.
+
+    One prefill fills the cache, then one cached step per token, run as `decode` says (`_decode_step`).
+    """
+    n = model.cfg.image_len
     cache = model.new_cache(text.shape[0])
+    step = _decode_step(model, decode, masks, cache)
     h = model.transform(model.embed(text, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, t + k, d)
     yield model.image_logits(h[:, -1])  # (B, k_image)
     for i in range(k + 1, n):
-        x = model.embed_image(_pair(out[:, i - 1 : i], guided), i - 1)  # (B, 1, d) at position t + i - 1
-        h = model.transform(x, t + i - 1, masks, cache)
-        yield model.image_logits(h[:, -1])
+        yield step(_pair(out[:, i - 1 : i], guided), i - 1)
 
 
-def _static_logits(
-    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool, compiled: bool
-) -> Iterator[torch.Tensor]:
-    """The same logits from `DALLE.decode_step`, whose shapes never change; compiled once when asked."""
-    n = model.cfg.image_len
-    cache = model.new_cache(text.shape[0])
-    step = model.decode_step
-    if compiled:
-        step = compiled_step(model)
+def _decode_step(model: DALLE, decode: str, masks: list, cache: list) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """A function (ids (B, 1) fed at grid cell c) -> image logits (B, k_image) predicting cell c + 1.
+
+    "cached": one position attending to the positions so far; "static": `DALLE.decode_step`, whose
+    shapes never change; "compiled": that step under torch.compile.
+    """
+    if decode == "cached":
+        t = model.cfg.text_len
+
+        def step(ids: torch.Tensor, c: int) -> torch.Tensor:
+            h = model.transform(model.embed_image(ids, c), t + c, masks, cache)  # (B, 1, d) at position t + c
+            return model.image_logits(h[:, -1])
+
+        return step
+    fixed = model.decode_step
+    if decode == "compiled":
+        fixed = compiled_step(model)
         for layer in cache:  # fixed addresses: a CUDA graph replays them, and the step writes them in place
             torch._dynamo.mark_static_address(layer.k)
             torch._dynamo.mark_static_address(layer.v)
-    h = model.transform(model.embed(text, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, t + k, d)
-    yield model.image_logits(h[:, -1])
-    cell = torch.zeros(1, dtype=torch.long, device=text.device)
-    for i in range(k + 1, n):
-        cell.fill_(i - 1)
-        yield step(_pair(out[:, i - 1 : i], guided), cell, masks, cache).clone()
+    cell = torch.zeros(1, dtype=torch.long, device=cache[0].k.device)
+
+    def static_step(ids: torch.Tensor, c: int) -> torch.Tensor:
+        cell.fill_(c)
+        return fixed(ids, cell, masks, cache).clone()  # a CUDA graph's output is overwritten by its next replay
+
+    return static_step
 
 
 def compiled_step(model: DALLE) -> Callable:
@@ -199,12 +210,10 @@ def generate(
     model.eval()
     try:
         masks = model.attn_masks(rows_text)
-        if not use_cache:
-            source = _uncached_logits(model, rows_text, out, k, masks, guided)
-        elif decode == "cached":
-            source = _cached_logits(model, rows_text, out, k, masks, guided)
+        if use_cache:
+            source = _cached_logits(model, rows_text, out, k, masks, guided, decode)
         else:
-            source = _static_logits(model, rows_text, out, k, masks, guided, compiled=decode == "compiled")
+            source = _uncached_logits(model, rows_text, out, k, masks, guided)
         for i, logits in zip(range(k, n), source):
             if guided:
                 cond, uncond = logits.chunk(2)
