@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,13 +90,12 @@ def same_caption_ceiling(images: torch.Tensor, captions: Sequence[str]) -> float
     pixels = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()  # (n, S, S, 3)
     found = [find_objects(image) for image in pixels]
     S = pixels.shape[1]
-    ceiling = 0.0
-    counts: dict[str, int] = {}
-    for caption in captions:
-        counts[caption] = counts.get(caption, 0) + 1
-    accepted = {c: sum(judge_found(parse_caption(c), f, S).ok for f in found) for c in counts}
-    for caption in captions:
-        ceiling += counts[caption] / max(accepted[caption], counts[caption])
+    counts = Counter(captions)
+    accepted = {}
+    for caption in counts:
+        stated = parse_caption(caption)  # once per distinct caption, not per image
+        accepted[caption] = sum(judge_found(stated, f, S).ok for f in found)
+    ceiling = sum(counts[c] / max(accepted[c], counts[c]) for c in captions)
     return ceiling / max(len(captions), 1)
 
 
