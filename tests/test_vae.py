@@ -159,6 +159,27 @@ def test_dvae_straight_through_feeds_one_hot_codes():
     assert logits.grad.abs().sum() > 0  # the relaxed sample carries the gradient
 
 
+@pytest.mark.parametrize("kind", ["dvae", "vq"])
+def test_training_under_bf16_autocast_keeps_fp32_weights_and_learns(kind):
+    # what `train.vae.mixed_precision=bf16` runs on a CPU: accelerate's autocast around the forward
+    torch.manual_seed(0)
+    model = tiny(kind)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images = rectangles(8)
+    losses = []
+    for step in range(30):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, metrics = model(images, step, **({"temperature": 0.5} if kind == "dvae" else {}))
+        assert torch.isfinite(loss) and metrics["ids"].shape == (8, 8, 8)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    trained = [p for p in model.parameters() if p.grad is not None]
+    assert trained and all(p.dtype == p.grad.dtype == torch.float32 for p in trained)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
 def _overfit(model: vae.ImageTokenizer, images: torch.Tensor, steps: int, **schedule) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(steps):
