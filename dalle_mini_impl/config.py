@@ -101,6 +101,10 @@ class VAEConfig:
     kl_weight: float = 1e-4
     kl_warmup_steps: int = 2000
     straight_through: bool = False
+    # dvae product codes (wav2vec 2.0's quantiser): each cell picks one code in each group of these sizes,
+    # whose product must be codebook_size; the transformer then embeds and predicts the groups separately
+    group_sizes: list[int] = field(default_factory=list)  # empty: one group of codebook_size
+    group_dropout: float = 0.0  # with several groups: per cell, drop the later groups (nested dropout) this often
     # vq
     lookup_dim: int = 8  # low-dimensional, l2-normalised codes (factorised lookup)
     ema: bool = True  # EMA codebook updates (else a codebook loss)

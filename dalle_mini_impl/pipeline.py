@@ -202,6 +202,10 @@ class Pipeline:
             (m.text_len != text.text_len, f"text length {m.text_len} vs {text.text_len}"),
             (m.text_vocab < text.vocab_size, f"text vocabulary {m.text_vocab} vs {text.vocab_size}"),
             (m.image_vocab != image.codebook_size, f"image vocabulary {m.image_vocab} vs {image.codebook_size}"),
+            (
+                tuple(m.image_factors) != image.group_sizes,
+                f"image code groups {m.image_factors} vs {list(image.group_sizes)}",
+            ),
             ((m.grid_h, m.grid_w) != grid, f"grid {m.grid_h}x{m.grid_w} vs {grid[0]}x{grid[1]}"),
         ]
         for bad, detail in problems:

@@ -18,6 +18,14 @@ the pad or eos token that sits there), and image position t+i predicts image[i+1
 token is never fed. One output head covers text_vocab + image_vocab ids; a position that predicts text
 puts -inf on every image id and vice versa, and the per-position pad tokens are input-only.
 
+Product image codes (`image_factors = [K_1, .., K_G]`, for a tokenizer whose ids are tuples of one code
+from each of G groups: the dVAE with `group_sizes`, whose flat ids `vae.product` defines): an image id is
+embedded as the sum of its factors' embeddings, and the head gives one logit per factor code, a tuple's
+logit being the sum of its factors'. So the factors are independent given the hidden state, and the
+model can give a high logit to a combination of factors that never occurred together in training. The
+loss and sampling still see one softmax over the image_vocab flat ids (it equals the product of the
+factor softmaxes).
+
 Text pads (`text_pad`):
   per_position  a pad at position i is fed as the extra token text_vocab + i (DALL-E). Pads attend and
                 are attended to. Whether predicting a pad counts in the text loss is `pads_in_loss`
@@ -58,6 +66,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vae.product import outer_sum, row_offsets, split_ids
+
 from .config import TransformerConfig
 from .errors import UserError
 
@@ -78,6 +88,7 @@ class DalleModelConfig:
 
     text_vocab: int = 1000  # text ids the tokenizer emits, pad/bos/eos included
     image_vocab: int = 512  # the image tokenizer's codebook size
+    image_factors: list[int] = field(default_factory=list)  # product codes' group sizes; empty: [image_vocab]
     text_len: int = 16  # text ids per caption, bos and eos included
     grid_h: int = 8
     grid_w: int = 8
@@ -110,6 +121,9 @@ class DalleModelConfig:
         for key in ("text_vocab", "image_vocab", "grid_h", "grid_w", "dim", "depth", "heads"):
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer")
+        self.image_factors = list(self.image_factors or [self.image_vocab])
+        if any(k < 2 for k in self.image_factors) or math.prod(self.image_factors) != self.image_vocab:
+            raise bad("image_factors", f"group sizes >= 2 whose product is image_vocab {self.image_vocab}")
         if self.text_len < 2:
             raise bad("text_len", "at least 2 (bos plus one token)")
         if not 0 <= self.pad_id < self.text_vocab:
@@ -141,6 +155,11 @@ class DalleModelConfig:
     def vocab(self) -> int:
         """Output ids: text ids first, then image ids."""
         return self.text_vocab + self.image_vocab
+
+    @property
+    def image_rows(self) -> int:
+        """Rows of the image embedding table and image columns of the head: every factor's codes."""
+        return sum(self.image_factors)
 
     def pattern(self, layer: int) -> str:
         return self.attn_patterns[layer % len(self.attn_patterns)]
@@ -206,6 +225,7 @@ def model_config(
     *,
     text_vocab: int,
     image_vocab: int,
+    image_factors: list[int] | tuple[int, ...] = (),
     text_len: int,
     grid_h: int,
     grid_w: int,
@@ -225,6 +245,7 @@ def model_config(
     return DalleModelConfig(
         text_vocab=text_vocab,
         image_vocab=image_vocab,
+        image_factors=list(image_factors),
         text_len=text_len,
         grid_h=grid_h,
         grid_w=grid_w,
@@ -407,7 +428,7 @@ class DALLE(nn.Module):
         d, t = cfg.dim, cfg.text_len
         pad_tokens = t if cfg.text_pad == "per_position" else 0
         self.text_emb = nn.Embedding(cfg.text_vocab + pad_tokens, d)
-        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        self.image_emb = nn.Embedding(cfg.image_rows, d)
         self.text_pos = nn.Embedding(t, d)
         if cfg.pos_2d == "embed":
             self.row_pos = nn.Embedding(cfg.grid_h, d)
@@ -415,13 +436,14 @@ class DALLE(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = make_norm(cfg, d)
-        self.head = Linear(d, cfg.vocab)
+        self.head = Linear(d, cfg.text_vocab + cfg.image_rows)
         self.gradient_checkpointing = False
 
         cell = torch.arange(cfg.image_len)
         self.register_buffer("cell_row", cell // cfg.grid_w, persistent=False)
         self.register_buffer("cell_col", cell % cfg.grid_w, persistent=False)
         self.register_buffer("pad_token", cfg.text_vocab + torch.arange(t), persistent=False)
+        self.register_buffer("factor_row", row_offsets(cfg.image_factors, None), persistent=False)  # (g,)
         self.register_buffer("causal", pattern_mask(cfg, "full"), persistent=False)
         for p in sorted(set(cfg.attn_patterns) - {"full"}):
             self.register_buffer(f"mask_{p}", pattern_mask(cfg, p), persistent=False)
@@ -450,7 +472,10 @@ class DALLE(nn.Module):
 
     def embed_image(self, image: torch.Tensor, first: int | torch.Tensor = 0) -> torch.Tensor:
         """Image ids (b, m) of grid cells first .. first + m - 1 -> (b, m, d); a tensor `first` (1,) takes m = 1."""
-        x = self.image_emb(image)
+        if len(self.cfg.image_factors) == 1:
+            x = self.image_emb(image)
+        else:  # the sum of the factors' embeddings, (b, m, g, d) -> (b, m, d)
+            x = self.image_emb(split_ids(image, self.cfg.image_factors) + self.factor_row).sum(dim=-2)
         if self.cfg.pos_2d == "embed":
             cells = first if isinstance(first, torch.Tensor) else slice(first, first + image.shape[1])
             x = x + self.row_pos(self.cell_row[cells]) + self.col_pos(self.cell_col[cells])
@@ -574,7 +599,8 @@ class DALLE(nn.Module):
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., d) -> logits over image ids only (..., image_vocab)."""
-        return h @ self.head.weight[:, self.cfg.text_vocab :]
+        logits = h @ self.head.weight[:, self.cfg.text_vocab :]  # (..., K_1 + .. + K_G)
+        return logits if len(self.cfg.image_factors) == 1 else outer_sum(logits, self.cfg.image_factors)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -596,7 +622,11 @@ class DALLE(nn.Module):
         Positions 0 .. t-2 predict text and carry -inf on image ids; positions t-1 .. predict image
         and carry -inf on text ids.
         """
-        logits = self.head(self.hidden(text, image))  # (b, s, k)
+        h = self.hidden(text, image)
+        if len(self.cfg.image_factors) == 1:
+            logits = self.head(h)  # (b, s, k)
+        else:
+            logits = torch.cat([self.text_logits(h), self.image_logits(h)], dim=-1)
         tv = self.cfg.text_vocab
         predicts_text = torch.arange(logits.shape[1], device=logits.device) < self.cfg.text_len - 1
         is_text_id = torch.arange(logits.shape[2], device=logits.device) < tv

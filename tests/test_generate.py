@@ -45,6 +45,7 @@ VARIANTS = [
     dict(text_pad="mask"),
     dict(attn_patterns=["row", "column", "conv"], conv_kernel=3, depth=3),
     dict(attn_patterns=["conv", "row"], pos_2d="rope", text_pad="mask", qk_norm=True),
+    dict(image_factors=[2, 8]),  # product codes: 16 ids as pairs (a, b), a in [0, 2), b in [0, 8)
 ]
 SAMPLING = [
     dict(),

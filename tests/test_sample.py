@@ -447,3 +447,37 @@ def test_completion_from_the_command_line(bundle, image_file, tmp_path, capsys):
     )
     assert code == 0, stderr
     assert len(stdout.splitlines()) == 2  # --keep-rows defaults to half the grid
+
+
+def test_a_bundle_with_product_codes_samples_refines_and_checks_its_parts(tmp_path):
+    """A dVAE with groups of 4 and 9 codes (36 ids) and a transformer built for them, end to end."""
+    from tests.bundle_factory import tiny_config
+
+    cfg = tiny_config()
+    cfg.vae.codebook_size, cfg.vae.group_sizes, cfg.vae.group_dropout = 36, [4, 9], 0.5
+    bundle = make_tiny_bundle(tmp_path / "product", cfg=cfg)
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    assert pipe.transformer.cfg.image_factors == [4, 9] and pipe.image_tokenizer.group_sizes == (4, 9)
+    g = torch.Generator().manual_seed(0)
+    ids = pipe.sample_ids(pipe.encode_prompt("a red circle"), pipe.settings(candidates=3), g)
+    assert ids.shape == (3, 16) and 0 <= int(ids.min()) and int(ids.max()) < 36
+    images = pipe.decode(ids)
+    refined, _, _ = refine(
+        pipe.image_tokenizer,
+        pipe.clip,
+        [("a red circle", 1.0)],
+        ids.view(3, 4, 4),
+        steps=2,
+        lr=0.1,
+        cutouts=2,
+        generator=g,
+        progress=False,
+    )
+    assert refined.shape == (3, 4, 4) and images.shape == (3, 3, 16, 16)
+    # a one-group tokenizer of the same 36 ids under the same transformer: the parts do not fit
+    import vae
+
+    single = vae.build("dvae", codebook_size=36, factor=4, hidden=8, code_dim=16)
+    vae.save_pretrained(single, bundle)
+    with pytest.raises(UserError, match=r"image code groups \[4, 9\] vs \[36\]"):
+        Pipeline.from_pretrained(bundle, device="cpu")

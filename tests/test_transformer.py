@@ -61,6 +61,7 @@ VARIANTS = [
     dict(text_pad="mask"),
     dict(attn_patterns=["row", "column"], pos_2d="rope", text_pad="mask"),
     dict(attn_patterns=["conv", "full"], conv_kernel=3, qk_norm=True, mlp="gelu", norm="rms"),
+    dict(image_factors=[2, 8]),
 ]
 
 
@@ -214,6 +215,42 @@ def test_parameter_count_and_flops():
     embeddings = (TV + T) * 32 + IV * 32 + T * 32 + 4 * 32 + 4 * 32
     assert model.num_params(non_embedding=False) == expected + embeddings
     assert model.flops_per_token() == 6 * expected + 12 * 2 * (T + 15) * 32
+
+
+def test_product_codes_are_embedded_and_predicted_per_factor():
+    """image_factors [2, 8] over 16 ids: id 8a + b is the pair (a, b); embedding and logit sum the pair's."""
+    model = make(image_factors=[2, 8])
+    assert model.image_emb.num_embeddings == 10 and model.head.weight.shape[1] == TV + 10
+    image = torch.tensor([[0, 5, 11, 15]])
+    rows = torch.tensor([[[0, 2], [0, 7], [1, 5], [1, 9]]])  # (a, 2 + b) for 0, 5 = (0, 5), 11 = (1, 3), 15 = (1, 7)
+    with torch.no_grad():
+        model.row_pos.weight.zero_()
+        model.col_pos.weight.zero_()
+    torch.testing.assert_close(model.embed_image(image), model.image_emb(rows).sum(-2))
+    h = torch.randn(5, 32)
+    per_factor = h @ model.head.weight[:, TV:]  # (5, 2 + 8)
+    first, second = per_factor[:, :2], per_factor[:, 2:]
+    logits = model.image_logits(h)  # (5, 16)
+    torch.testing.assert_close(logits.view(5, 2, 8), first[:, :, None] + second[:, None, :])
+    # the flat softmax is the product of the factor softmaxes: the factors are independent given h
+    flat = logits.log_softmax(-1).view(5, 2, 8)
+    torch.testing.assert_close(flat, first.log_softmax(-1)[:, :, None] + second.log_softmax(-1)[:, None, :])
+
+
+def test_product_code_loss_is_the_cross_entropy_over_flat_ids():
+    model = make(image_factors=[4, 4], text_loss_weight=0.0)
+    text, image = batch()
+    with torch.no_grad():
+        loss, parts = model.loss(text, image)
+        logits = model(text, image)
+    assert logits.shape[-1] == TV + IV
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:, T - 1 :].flatten(0, 1), (image + TV).flatten()))
+
+
+def test_image_factors_must_multiply_to_the_image_vocabulary():
+    with pytest.raises(UserError, match="image_factors"):
+        tiny(image_factors=[4, 8])  # 32 ids, not 16
+    assert tiny().image_factors == [IV] and tiny(image_factors=[2, 2, 4]).image_rows == 8
 
 
 def test_config_round_trips_through_json_and_rejects_unknown_keys():

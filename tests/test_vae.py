@@ -296,6 +296,48 @@ def test_dvae_soft_latent_is_a_codebook_mixture():
     assert torch.allclose(model.soft_latent(logits), model.embed_ids(torch.full((1, 2, 2), 7)))
 
 
+def test_product_codes_pick_one_code_per_group_and_sum_their_vectors():
+    """group_sizes (4, 9) over 36 ids: id 9a + b is a pair of codes (a, b), one from each group."""
+    model = tiny("dvae", codebook_size=36, group_sizes=[4, 9]).eval()
+    assert model.groups == 2 and model.codebook.num_embeddings == 13
+    ids = model.encode(rectangles(2))  # (2, 8, 8)
+    assert ids.dtype == torch.long and 0 <= int(ids.min()) and int(ids.max()) < 36
+    factors = model.factor_ids(ids)  # (2, 2, 8, 8)
+    assert torch.equal(factors[:, 0] * 9 + factors[:, 1], ids) and torch.equal(model.flat_ids(factors), ids)
+    every = torch.arange(36).view(1, 6, 6)
+    expected = model.codebook.weight[every // 9] + model.codebook.weight[4 + every % 9]  # (1, 6, 6, d)
+    torch.testing.assert_close(model.embed_ids(every), rearrange(expected, "b h w d -> b d h w"))
+    assert torch.equal(model.snap(model.one_hot(every))[1], every)  # one-hot per group snaps back to the ids
+    soft = model.soft_latent(model.one_hot(every) * 1e4)  # each group's softmax is that group's one-hot
+    torch.testing.assert_close(soft, model.embed_ids(every))
+    loss, metrics = model(rectangles(2), 0, temperature=1.0, kl_weight=1e-3)
+    assert metrics["ids"].shape == (2, 8, 8) and int(metrics["ids"].max()) < 36
+    assert 0 <= float(metrics["kl"]) <= math.log(4) + math.log(9) + 1e-5  # the sum of the groups' KL to uniform
+
+
+def test_group_dropout_zeroes_the_later_groups_of_some_cells_only():
+    model = tiny("dvae", codebook_size=64, group_sizes=[4, 4, 4], group_dropout=0.5)
+    torch.manual_seed(0)
+    kept = model.drop_groups(torch.ones(64, 12, 8, 8)).unflatten(1, (3, 4))  # (b, g, k, h, w)
+    per_group = kept.amax(dim=2)  # (b, g, h, w): 1 where the group reaches the decoder
+    assert bool((per_group[:, 0] == 1).all())  # the first group is never dropped
+    assert bool((per_group[:, 2] <= per_group[:, 1]).all())  # nested: a later group goes first
+    assert 0.45 < float((per_group[:, 2] == 0).float().mean()) < 0.55  # the last group dropped half the time
+    assert 0.2 < float((per_group[:, 1] == 0).float().mean()) < 0.3  # the middle one a quarter
+    with pytest.raises(vae.VAEError, match="group_dropout"):
+        tiny("dvae", group_dropout=0.5)  # one group: nothing to drop
+
+
+def test_product_codes_need_sizes_that_multiply_to_the_codebook_and_the_dvae():
+    with pytest.raises(vae.VAEError, match=r"codebook_size 32 is not the product of group_sizes \[4, 9\] \(36\)"):
+        tiny("dvae", codebook_size=32, group_sizes=[4, 9])
+    with pytest.raises(vae.VAEError, match="integers >= 2"):
+        tiny("dvae", codebook_size=32, group_sizes=[1, 32])
+    with pytest.raises(vae.VAEError, match="needs the dvae tokenizer"):
+        vae.model_kwargs("vq", {"codebook_size": 36, "group_sizes": [4, 9]})
+    assert vae.model_kwargs("vq", {"codebook_size": 36, "group_sizes": []}) == {"codebook_size": 36}
+
+
 # -- build, save, load -----------------------------------------------------------------------------
 
 

@@ -75,6 +75,7 @@ def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer) -> DALLE:
         cfg.transformer,
         text_vocab=text_tokenizer.vocab_size,
         image_vocab=image_tokenizer.codebook_size,
+        image_factors=image_tokenizer.group_sizes,
         text_len=cfg.text.text_len,
         grid_h=h,
         grid_w=w,

@@ -43,6 +43,7 @@ class ImageTokenizer(nn.Module, metaclass=abc.ABCMeta):
         super().__init__()
         check_hyperparameters(codebook_size, factor, hidden, res_blocks, code_dim, recon_loss)
         self.num_codes = codebook_size
+        self.group_sizes: tuple[int, ...] = (codebook_size,)  # product codes (`vae.product`): the dVAE's option
         self.factor = factor
         self.recon_loss = recon_loss
         self.kwargs: dict[str, Any] = {}
@@ -52,6 +53,11 @@ class ImageTokenizer(nn.Module, metaclass=abc.ABCMeta):
     @property
     def codebook_size(self) -> int:
         return self.num_codes
+
+    @property
+    def groups(self) -> int:
+        """How many codes make one id (1 unless the tokenizer uses product codes)."""
+        return len(self.group_sizes)
 
     def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """The (h, w) grid of codes for images of side `image_size` (or (H, W))."""
