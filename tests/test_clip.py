@@ -97,6 +97,27 @@ def test_perturb_makes_one_word_false():
     assert perturb("leftover", random.Random(0)) is None
 
 
+def test_perturb_never_names_a_held_out_combination():
+    import random
+
+    from dalle_mini_impl.clip.negatives import perturb
+
+    held_out = ["purple triangle", "yellow square"]
+    rng = random.Random(0)
+    edits = [perturb("a small red triangle above a yellow circle", rng, held_out) for _ in range(300)]
+    assert all(e is not None and "purple triangle" not in e and "yellow square" not in e for e in edits)
+    assert {"a small red circle above a yellow circle", "a small red triangle below a yellow circle"} <= set(edits)
+    # a caption that names one already may still be edited; edits that would make one are drawn again
+    assert perturb("a purple triangle", random.Random(0), held_out) is not None
+    assert perturb("a yellow square", random.Random(0), ["yellow circle", "yellow triangle", "red square"]) in {
+        "a green square", "a blue square", "a purple square", "a black square"}  # fmt: skip
+    assert perturb("Left", random.Random(0), held_out) == "right"
+    every_edit = ["red circle", "red triangle"] + [
+        f"{c} square" for c in ("green", "blue", "yellow", "purple", "black")
+    ]
+    assert perturb("a red square", random.Random(0), every_edit) is None
+
+
 def test_training_a_few_steps_matches_pairs():
     model = tiny_clip(vocab=20, text_len=6)
     colors = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]).float()

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = adamw(_param_groups(model, tc.weight_decay), tc, accelerator)
     batches = example_batches(clip_data(cfg), cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
     device = accelerator.device
+    held_out = cfg.data.shapes.held_out if cfg.data.source == "shapes" else []  # never named, not even as false
 
     def loss(m, batch, step):
         # one generator per (seed, step, rank): a resumed run crops exactly as an uninterrupted one
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         negatives = None
         if cfg.clip.hard_negatives:
             rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            false = [c for c in (perturb(c, rng) for c in batch["caption"]) if c is not None]
+            false = [c for c in (perturb(c, rng, held_out) for c in batch["caption"]) if c is not None]
             negatives = m.encode_text(tokenizer.encode(false).to(device)) if false else image_feats[:0]
         value = m.loss(image_feats, text_feats, scale, negatives)
         return value, {"logit_scale": float(scale.detach())}

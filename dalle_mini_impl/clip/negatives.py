@@ -11,12 +11,18 @@ features as extra negatives of every image (`dalle_mini_impl.clip.model.contrast
     rng = random.Random(0)
     perturb("a small red circle to the left of a blue square", rng)  # e.g. "... to the right of ..."
     perturb("a smiling face", rng)                                    # None: no word to edit
+    perturb("a red triangle", rng, avoid=["purple triangle"])         # never "a purple triangle"
+
+`avoid` keeps held-out combinations out of the negatives too: a caption that names one only ever as a
+false one teaches the text encoder that the phrase matches no image at all, the opposite of what the
+held-out test asks of it (generalising to the unseen pair from its seen parts).
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 
 from ..shapes import COLORS, SHAPES
 
@@ -35,24 +41,32 @@ EDITS: dict[str, dict[str, tuple[str, ...]]] = {
     "shape": {s: tuple(o for o in SHAPES if o != s) for s in SHAPES},
 }
 _WORD = re.compile(r"[a-z]+")
+AVOID_TRIES = 20
 
 
-def perturb(caption: str, rng: random.Random) -> str | None:
+def perturb(caption: str, rng: random.Random, avoid: Sequence[str] = ()) -> str | None:
     """`caption` with one editable word replaced so that it no longer holds; None if it has none.
 
     `rng` picks the kind of edit first, uniformly among the kinds the caption allows, then a word of
     that kind and its replacement: a two-object caption names two colors but one relation, and a
     choice among words would flip its relation only one time in seven. Matching is on lower-case
-    whole words; the rest of the caption is kept as it was.
+    whole words; the rest of the caption is kept as it was. An edit that would name a phrase of `avoid`
+    (whole words, e.g. "purple triangle") the caption did not name is drawn again, up to
+    `AVOID_TRIES` times, then None.
     """
     words = list(_WORD.finditer(caption.lower()))
     kinds = [table for table in EDITS.values() if any(w.group() in table for w in words)]
     if not kinds:
         return None
-    table = rng.choice(kinds)
-    spot = rng.choice([w for w in words if w.group() in table])
-    new = rng.choice(table[spot.group()])
-    return caption[: spot.start()] + new + caption[spot.end() :]
+    banned = [re.compile(rf"\b{re.escape(a.lower())}\b") for a in avoid if a]
+    for _ in range(AVOID_TRIES if banned else 1):
+        table = rng.choice(kinds)
+        spot = rng.choice([w for w in words if w.group() in table])
+        new = rng.choice(table[spot.group()])
+        edited = caption[: spot.start()] + new + caption[spot.end() :]
+        if not any(b.search(edited.lower()) and not b.search(caption.lower()) for b in banned):
+            return edited
+    return None
 
 
-__all__ = ["EDITS", "perturb"]
+__all__ = ["AVOID_TRIES", "EDITS", "perturb"]
