@@ -11,7 +11,9 @@ The prompt set (`prompt_set`) is a pure function of (n, seed, held-out combinati
 For each prompt the model samples `--candidates` images (the bundle's sampling settings, seed + prompt
 index). Reported, per kind and per attribute (the judge's `summarize`): `random`, the first candidate
 (candidates are independent draws, so the first is a random one); `clip_top1_of_8`, CLIP's best of the
-first 8; and, with `--candidates 32`, `clip_top1_of_32`. `--guided K` also refines CLIP's best of 8
+first 8; `judge_best_of_8`, a candidate the judge itself accepts if any of the first 8 does (the
+ceiling of any reranker of 8: how often the sampler draws a right image at all); and, with
+`--candidates 32`, `clip_top1_of_32`. `--guided K` also refines CLIP's best of 8
 with CLIP-guided optimisation (VQGAN+CLIP) for the first K prompts and reports `clip_guided`.
 """
 
@@ -99,7 +101,7 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     from tqdm.auto import tqdm
 
     s = pipe.settings(candidates=candidates, num_images=1)
-    columns: dict[str, list] = {"random": [], "clip_top1_of_8": []}
+    columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": []}
     if candidates >= 32:
         columns["clip_top1_of_32"] = []
     guided_verdicts, guided_kinds = [], []
@@ -109,12 +111,14 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
         ids = pipe.sample_ids(pipe.encode_prompt(prompt), s, generator)  # (m, n)
         images = pipe.decode(ids)  # (m, 3, S, S)
         pixels = to_uint8(images)  # (m, S, S, 3)
-        columns["random"].append(judge(pixels[0], prompt))
+        first8 = [judge(image, prompt) for image in pixels[:8]]
+        columns["random"].append(first8[0])
+        columns["judge_best_of_8"].append(next((v for v in first8 if v.ok), first8[0]))
         if pipe.clip is None:
             raise UserError(f"model '{pipe.cfg.name}' has no CLIP; the shapes eval ranks candidates with it")
         scores = pipe.clip.score(images, prompt)
         best8 = int(scores[:8].argmax())
-        columns["clip_top1_of_8"].append(judge(pixels[best8], prompt))
+        columns["clip_top1_of_8"].append(first8[best8])
         if "clip_top1_of_32" in columns:
             columns["clip_top1_of_32"].append(judge(pixels[int(scores[:32].argmax())], prompt))
         if i < guided:

@@ -1,0 +1,81 @@
+"""The shapes evaluation (`python -m dalle_mini_impl.eval shapes`): its fixed prompt set and its columns.
+
+A tiny random bundle (tests/bundle_factory.py) samples the images; the judge and CLIP are real.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.eval.shapes import evaluate, main, prompt_set
+from dalle_mini_impl.pipeline import Pipeline
+from dalle_mini_impl.shapes import parse_caption
+from tests.bundle_factory import make_tiny_bundle, tiny_config
+
+HELD_OUT = ["purple triangle", "yellow square"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def bundle_for(folder):
+    cfg = tiny_config()
+    cfg.text.text_len = 40  # room for the longest two-object prompt, so none is truncated
+    return make_tiny_bundle(folder, cfg=cfg)
+
+
+def pairs(caption: str) -> set[str]:
+    return {f"{o['color']} {o['shape']}" for o in parse_caption(caption)["objects"] if o["color"]}
+
+
+def test_the_prompt_set_is_fixed_by_its_seed_and_keeps_held_out_pairs_to_its_own_quarter():
+    prompts = prompt_set(40, 0, HELD_OUT)
+    assert prompts == prompt_set(40, 0, HELD_OUT) and prompts != prompt_set(40, 1, HELD_OUT)
+    kinds = [k for k, _ in prompts]
+    assert (kinds.count("one"), kinds.count("two"), kinds.count("heldout")) == (20, 10, 10)
+    for kind, caption in prompts:
+        named = pairs(caption)
+        if kind == "heldout":
+            assert named and named <= set(HELD_OUT), caption
+        else:
+            assert not named & set(HELD_OUT), caption
+        if kind != "heldout":  # held-out prompts are of both kinds
+            assert parse_caption(caption)["kind"] == kind, caption
+    # the one-object prompts cycle through every mix of stated size, color and position
+    one = [parse_caption(c) for k, c in prompts if k == "one"][:8]
+    stated = {
+        (o["objects"][0]["size"] is not None, o["objects"][0]["color"] is not None, o["where"] is not None) for o in one
+    }
+    assert len(stated) == 8
+    assert [k for k, _ in prompt_set(40, 0, [])].count("heldout") == 0
+
+
+def test_the_judges_best_of_8_bounds_every_pick_of_8(tmp_path):
+    pipe = Pipeline.from_pretrained(bundle_for(tmp_path / "bundle"), device="cpu")
+    out = evaluate(pipe, prompt_set(8, 0, HELD_OUT), candidates=8, guided=0, progress=False)
+    assert set(out) == {"random", "clip_top1_of_8", "judge_best_of_8"}
+    for kind in ("all", "one", "two", "heldout"):
+        best = out["judge_best_of_8"][kind]["accuracy"]
+        assert out["random"][kind]["accuracy"] <= best and out["clip_top1_of_8"][kind]["accuracy"] <= best
+        assert out["random"][kind]["n"] == out["judge_best_of_8"][kind]["n"] > 0
+
+
+def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_path, capsys):
+    bundle = bundle_for(tmp_path / "bundle")
+    assert main(["--model", str(bundle), "--n", "4", "--candidates", "8", "--out", str(tmp_path / "e.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "e.json").read_text())
+    assert printed["n"] == 4 and printed["held_out"] == HELD_OUT and "judge_best_of_8" in printed
+    with pytest.raises(UserError, match="--n is 3"):
+        main(["--model", str(bundle), "--n", "3"])
+    with pytest.raises(UserError, match="--candidates is 4"):
+        main(["--model", str(bundle), "--candidates", "4"])
