@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, config_from_dict, config_to_dict, read_config_json, save_config
@@ -129,6 +129,35 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a safetensors file, read from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"weights file '{path}' is corrupted or not a safetensors file ({str(e).splitlines()[0][:80]}); "
+            "re-download or retrain it"
+        ) from None
+
+
+def _check_transformer_size(values: dict, weights: Path, config: Path) -> None:
+    """The config's depth and width must be the weights' before a model of that size is built.
+
+    A hand-edited transformer.json (depth 2**70, say) would otherwise spend forever building the model
+    that `load_module` then finds does not fit.
+    """
+    shapes = weight_shapes(weights)
+    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    dim = shapes.get("text_pos.weight", (0, 0))[-1]
+    for key, have in (("depth", depth), ("dim", dim)):
+        if values.get(key) != have:
+            raise UserError(
+                f"'{config}' says {key} {values.get(key)!r} but '{weights}' holds a model of {key} {have}; "
+                "use the transformer.json saved beside the weights"
+            )
+
+
 def load_module(module: torch.nn.Module, path: str | os.PathLike, what: str | None = None) -> torch.nn.Module:
     """Load weights into `module` in place (cast to its dtypes); a mismatch says which config to use."""
     state = load_state_dict(path)
@@ -189,6 +218,7 @@ def load_transformer(bundle: str | os.PathLike):
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
             raise ValueError("not an object")
+        _check_transformer_size(values, weights, path)
         model = DALLE(DalleModelConfig.from_dict(values))
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise UserError(f"'{path}' is not a valid transformer config ({e}); retrain or copy the whole bundle") from None

@@ -250,6 +250,9 @@ def _broken(bundle: Path, tmp_path: Path, how: str) -> Path:
         (folder / how[3:]).unlink()
     elif how.startswith("garbage "):
         (folder / how[8:]).write_bytes(b"\x00 not safetensors \xff" * 10)
+    elif how == "huge depth":  # must be refused from the weights' header, not after building 2**70 blocks
+        values = json.loads((folder / "transformer.json").read_text())
+        (folder / "transformer.json").write_text(json.dumps({**values, "depth": 2**70}))
     elif how == "truncated transformer":
         data = (folder / "transformer.safetensors").read_bytes()
         (folder / "transformer.safetensors").write_bytes(data[: len(data) // 2])
@@ -269,6 +272,7 @@ def _broken(bundle: Path, tmp_path: Path, how: str) -> Path:
         ("garbage clip.safetensors", "is corrupted or not a safetensors file"),
         ("garbage vae.safetensors", "is corrupt or not safetensors"),
         ("garbage transformer.json", "is not a valid transformer config"),
+        ("huge depth", "holds a model of depth 2; use the transformer.json saved beside"),
     ],
 )
 def test_a_missing_or_broken_model_file_is_one_sentence(bundle, tmp_path, capsys, how, message):

@@ -193,7 +193,8 @@ class DiscreteVAE(ImageTokenizer):
     # -- training ----------------------------------------------------------------------------------
 
     def relaxed_one_hot(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        """A Gumbel-softmax sample (b, k, h, w) of the logits; hard one-hot forward if straight-through."""
+        """A Gumbel-softmax sample per group of the logits; hard one-hot forward if straight-through; groups
+        dropped per `group_dropout`."""
         # (logits + g) / temperature as one fused op on the (b, k, h, w) tensor
         noise = gumbel_noise_like(logits).mul_(1 / temperature)
         soft = group_softmax(torch.add(noise, logits, alpha=1 / temperature), self.group_sizes)
@@ -206,8 +207,8 @@ class DiscreteVAE(ImageTokenizer):
     def drop_groups(self, weights: torch.Tensor) -> torch.Tensor:
         """Nested dropout over the groups (Rippel et al. 2014): per cell, with probability `group_dropout`,
         the groups after a uniformly drawn first one are zeroed, so the decoder must draw the cell from
-        its first groups alone. The first group then carries what matters most for the pixels (on
-        shapes: a cell's color), and the later ones what refines it (the edge's shape).
+        its first groups alone, and the groups come to play different parts (which parts is left to
+        training; nothing makes one group hold color and another shape).
         """
         b, _, h, w = weights.shape
         g = self.groups
@@ -231,7 +232,7 @@ class DiscreteVAE(ImageTokenizer):
         (b, h, w), the argmax codes for usage tracking, and reconstruction (b, 3, H, W) in [0, 1].
         """
         x = self.check_images(images)
-        logits = self.free_latent(x)  # (b, g * k, h, w)
+        logits = self.free_latent(x)  # (b, K_1 + .. + K_G, h, w)
         stats = self.decoder(self.mix(self.relaxed_one_hot(logits, temperature)))  # (b, 3 or 6, H, W)
         recon = reconstruction_loss(x, stats, self.recon_loss)
         kl = diversity = 0.0
