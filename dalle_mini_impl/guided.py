@@ -92,7 +92,7 @@ def random_codes(codebook_size: int, batch: int, h: int, w: int, generator: torc
 def start_latent(tokenizer: vae.ImageTokenizer, ids: torch.Tensor) -> torch.Tensor:
     """The free latent (what `tokenizer.snap` takes) that snaps to exactly `ids` (b, h, w)."""
     if isinstance(tokenizer, vae.DiscreteVAE):
-        # logits (b, g * k, h, w): the argmax of each group is the start code's factor
+        # logits (b, K_1 + .. + K_G, h, w): the argmax of each group is the start code's factor
         return START_MARGIN * tokenizer.one_hot(ids)
     if isinstance(tokenizer, vae.VQ):
         return tokenizer.embed_ids(ids)  # unit codes in the lookup space, whose nearest code is themselves
