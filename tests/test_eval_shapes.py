@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval.shapes import evaluate, main, prompt_set
@@ -19,12 +18,7 @@ from tests.bundle_factory import make_tiny_bundle, tiny_config
 HELD_OUT = ["purple triangle", "yellow square"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bundle_for(folder):

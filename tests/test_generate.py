@@ -30,13 +30,7 @@ TEXT = captions([5, 6, 7], [8], [9, 10, 11, 12])
 NULL = captions([])  # (1, T): the empty caption
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # single-row decoding steps are too small to split across threads; on a shared CPU it only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = [

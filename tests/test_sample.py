@@ -29,13 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("datasets", "accelerate", "tensorboard")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: threads only add overhead, and on a shared 2-core machine they contend badly
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

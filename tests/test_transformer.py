@@ -24,13 +24,7 @@ PAD, BOS, EOS = 0, 1, 2
 T, TV, IV = 6, 20, 16  # text positions, text vocabulary, image codebook
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are too small to split across threads; on a shared CPU a second thread only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> DalleModelConfig:

@@ -26,13 +26,7 @@ VAE_DIR = Path(vae.__file__).resolve().parent
 TINY = dict(codebook_size=32, hidden=8, res_blocks=1, code_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU two threads stall each other at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rectangles(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
