@@ -115,6 +115,16 @@ def save_module(module: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
     save_state_dict(state, path, dtype=dtype)
 
 
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def _corrupted(path, e: Exception) -> UserError:
+    return UserError(
+        f"weights file '{path}' is corrupted or not a safetensors file ({str(e).splitlines()[0][:80]}); "
+        "re-download or retrain it"
+    )
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors file; a missing or corrupted file is a one-sentence error."""
     path = Path(path)
@@ -122,11 +132,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"weights file '{path}' does not exist; check the path or retrain")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(
-            f"weights file '{path}' is corrupted or not a safetensors file ({str(e).splitlines()[0][:80]}); "
-            "re-download or retrain it"
-        ) from None
+    except _READ_ERRORS as e:
+        raise _corrupted(path, e) from None
 
 
 def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -134,11 +141,8 @@ def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(
-            f"weights file '{path}' is corrupted or not a safetensors file ({str(e).splitlines()[0][:80]}); "
-            "re-download or retrain it"
-        ) from None
+    except _READ_ERRORS as e:
+        raise _corrupted(path, e) from None
 
 
 def _check_transformer_size(values: dict, weights: Path, config: Path) -> None:
