@@ -66,7 +66,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vae.product import outer_sum, row_offsets, split_ids
+from vae.product import id_rows, outer_sum
 
 from .config import TransformerConfig
 from .errors import UserError
@@ -443,7 +443,6 @@ class DALLE(nn.Module):
         self.register_buffer("cell_row", cell // cfg.grid_w, persistent=False)
         self.register_buffer("cell_col", cell % cfg.grid_w, persistent=False)
         self.register_buffer("pad_token", cfg.text_vocab + torch.arange(t), persistent=False)
-        self.register_buffer("factor_row", row_offsets(cfg.image_factors, None), persistent=False)  # (g,)
         self.register_buffer("causal", pattern_mask(cfg, "full"), persistent=False)
         for p in sorted(set(cfg.attn_patterns) - {"full"}):
             self.register_buffer(f"mask_{p}", pattern_mask(cfg, p), persistent=False)
@@ -475,7 +474,7 @@ class DALLE(nn.Module):
         if len(self.cfg.image_factors) == 1:
             x = self.image_emb(image)
         else:  # the sum of the factors' embeddings, (b, m, g, d) -> (b, m, d)
-            x = self.image_emb(split_ids(image, self.cfg.image_factors) + self.factor_row).sum(dim=-2)
+            x = self.image_emb(id_rows(image, self.cfg.image_factors)).sum(dim=-2)
         if self.cfg.pos_2d == "embed":
             cells = first if isinstance(first, torch.Tensor) else slice(first, first + image.shape[1])
             x = x + self.row_pos(self.cell_row[cells]) + self.col_pos(self.cell_col[cells])

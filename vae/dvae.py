@@ -51,7 +51,7 @@ from .losses import (
 )
 from .metrics import psnr
 from .nets import Decoder, Encoder
-from .product import check_group_sizes, join_ids, row_offsets, split_ids
+from .product import check_group_sizes, id_rows, join_ids, row_offsets, split_ids
 
 LOGIT_INIT_GAIN = 8.0  # the logit head's init std, in units of 1 / sqrt(fan_in)
 
@@ -183,8 +183,8 @@ class DiscreteVAE(ImageTokenizer):
         """Ids (b, h, w) -> codebook vectors (b, d, h, w): the one-hot end of the relaxation."""
         if self.groups == 1:
             return rearrange(self.codebook(ids), "b h w d -> b d h w")
-        rows = self.factor_ids(ids) + row_offsets(self.group_sizes, ids.device)[:, None, None]  # (b, g, h, w)
-        return rearrange(self.codebook(rows).sum(dim=1), "b h w d -> b d h w")
+        rows = id_rows(ids, self.group_sizes)  # (b, h, w, g)
+        return rearrange(self.codebook(rows).sum(dim=-2), "b h w d -> b d h w")
 
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Codebook mixtures (b, d, h, w) -> images (b, 3, H, W) in [0, 1] (straight-through clamp)."""

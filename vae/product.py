@@ -8,6 +8,7 @@ with such codes and the transformer (`dalle_mini_impl.transformer`) embeds and p
 
     sizes = (8, 128)
     factors = split_ids(ids, sizes)           # (..., 2): a_1 in [0, 8), a_2 in [0, 128)
+    rows = id_rows(ids, sizes)                # (..., 2): a_1 and 8 + a_2, rows of a (136, d) table
     ids = join_ids(factors, sizes)            # back to (...)
     flat = outer_sum(row_logits, sizes)       # (..., 136) -> (..., 1024): the sum of each tuple's rows
 """
@@ -55,6 +56,11 @@ def row_offsets(sizes: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], device=device)
 
 
+def id_rows(ids: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Flat ids (...) -> (..., g): each factor's row on the side-by-side axis (an embedding table's rows)."""
+    return split_ids(ids, sizes) + row_offsets(sizes, ids.device)
+
+
 def outer_sum(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Per-group values (..., K_1 + .. + K_G) -> (..., K_1 .. K_G): each flat id's sum of its factors' values."""
     groups = rows.split(list(sizes), dim=-1)
@@ -64,4 +70,4 @@ def outer_sum(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     return flat
 
 
-__all__ = ["check_group_sizes", "join_ids", "outer_sum", "row_offsets", "split_ids"]
+__all__ = ["check_group_sizes", "id_rows", "join_ids", "outer_sum", "row_offsets", "split_ids"]
