@@ -105,6 +105,9 @@ class VAEConfig:
     # whose product must be codebook_size; the transformer then embeds and predicts the groups separately
     group_sizes: list[int] = field(default_factory=list)  # empty: one group of codebook_size
     group_dropout: float = 0.0  # with several groups: per cell, drop the later groups (nested dropout) this often
+    # with several groups, what each group's encoder reads: 'rgb' or 'ink' (1 - min(R, G, B): where things are
+    # drawn, not in which color); empty: all rgb. ['rgb', 'ink'] splits a cell's code into color and layout
+    group_inputs: list[str] = field(default_factory=list)
     # vq
     lookup_dim: int = 8  # low-dimensional, l2-normalised codes (factorised lookup)
     ema: bool = True  # EMA codebook updates (else a codebook loss)

@@ -322,6 +322,30 @@ def test_group_dropout_zeroes_the_later_groups_of_some_cells_only():
         tiny("dvae", group_dropout=0.5)  # one group: nothing to drop
 
 
+def test_ink_groups_see_where_things_are_drawn_not_their_color(tmp_path):
+    """group_inputs ['rgb', 'ink']: the second group's codes are the same for a shape in any color."""
+    assert torch.allclose(vae.dvae.ink_map(torch.tensor([1.0, 0.4, 0.9]).view(1, 3, 1, 1)), torch.tensor(0.6))
+    model = tiny("dvae", codebook_size=36, group_sizes=[4, 9], group_inputs=["rgb", "ink"]).eval()
+    red = rectangles(2)
+    gray = red.amin(dim=1, keepdim=True)  # the same ink drawn in gray: every pixel's min channel kept
+    assert torch.equal(vae.dvae.ink_map(gray.expand(-1, 3, -1, -1)), vae.dvae.ink_map(red))
+    recolored = torch.cat([gray, gray, red[:, 2:]], dim=1)  # another color, same min channel
+    layout_red, layout_other = (model.factor_ids(model.encode(x))[:, 1] for x in (red, recolored))
+    assert torch.equal(layout_red, layout_other)
+    assert not torch.equal(model.free_latent(red)[:, :4], model.free_latent(recolored)[:, :4])  # rgb group sees it
+    vae.save_pretrained(model, tmp_path / "tok")
+    loaded = vae.load_pretrained(tmp_path / "tok").eval()
+    assert loaded.group_inputs == ("rgb", "ink") and torch.equal(loaded.encode(red), model.encode(red))
+    loss, _ = model(red, 0, temperature=1.0, kl_weight=1e-3)
+    loss.backward()
+    assert model.ink_encoder.head.weight.grad.abs().sum() > 0  # the layout group trains through the decoder
+    for bad in (["rgb"], ["ink", "ink"], ["rgb", "luma"]):
+        with pytest.raises(vae.VAEError, match="group_inputs .* must name 'rgb' or 'ink' for each of the 2"):
+            tiny("dvae", codebook_size=36, group_sizes=[4, 9], group_inputs=bad)
+    with pytest.raises(vae.VAEError, match="group_inputs .* needs the dvae tokenizer"):
+        vae.model_kwargs("vq", {"codebook_size": 36, "group_inputs": ["rgb", "ink"]})
+
+
 def test_product_codes_need_sizes_that_multiply_to_the_codebook_and_the_dvae():
     with pytest.raises(vae.VAEError, match=r"codebook_size 32 is not the product of group_sizes \[4, 9\] \(36\)"):
         tiny("dvae", codebook_size=32, group_sizes=[4, 9])

@@ -41,7 +41,7 @@ def constructor_fields(kind: str) -> tuple[str, ...]:
 
 def model_kwargs(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor arguments of `kind` picked from a flat config mapping (other kinds' fields ignored)."""
-    for name, off in (("group_sizes", []), ("group_dropout", 0.0)):  # product codes: the dVAE's alone
+    for name, off in (("group_sizes", []), ("group_dropout", 0.0), ("group_inputs", [])):  # product codes: the dVAE's alone
         if fields.get(name) not in (None, off) and name not in constructor_fields(kind):
             raise VAEError(
                 f"{name} = {fields[name]} needs the dvae tokenizer (product codes); the {kind} has one group"
