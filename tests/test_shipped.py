@@ -35,6 +35,9 @@ def test_config_matches_weights():
     vae_json = json.loads((SHIPPED / "vae.json").read_text())
     assert vae_json["kwargs"]["codebook_size"] == cfg.vae.codebook_size
     assert vae_json["kwargs"]["factor"] == cfg.vae.factor
+    groups = tuple(cfg.vae.group_sizes or [cfg.vae.codebook_size])  # product codes: the transformer predicts each
+    assert tuple(t.image_factors) == pipe.image_tokenizer.group_sizes == groups
+    assert list(pipe.image_tokenizer.group_inputs) == (cfg.vae.group_inputs or ["rgb"] * len(groups))
 
 
 @pytest.mark.slow

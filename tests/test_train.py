@@ -32,6 +32,7 @@ TINY = [
     "text.text_len=16",
     "text.max_train_captions=2000",
     "vae.codebook_size=32",
+    "vae.group_sizes=[4,8]",  # the shapes preset's color and layout groups (rgb, ink), shrunk
     "vae.hidden=16",
     "vae.res_blocks=0",
     "vae.code_dim=16",

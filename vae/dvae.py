@@ -18,7 +18,10 @@ sees plain ids; a transformer built with the same `image_factors` (`dalle_mini_i
 and predicts the factors separately, and can then emit a combination of factors it never saw together
 (a color with a shape's edge). Left to itself the product quantiser spreads every kind of content over
 all groups; `group_dropout` (nested dropout, `drop_groups`) orders them, the first group carrying what
-matters most.
+matters most. `group_inputs` decides the split instead: a group whose encoder reads only the ink map
+(`ink_map`, one channel) can code where things are drawn but not in which color, so with ['rgb', 'ink']
+the RGB group is left to code the color (the shapes preset: 8 color codes x 64 layout codes, whose
+transformer draws held-out color-shape pairs far more often; README, "The shipped model").
 
 Two additions keep the codebook in use over a short run (DALL-E trained for 3M steps; here 3000):
 - the logit head starts with a wide spread (`LOGIT_INIT_GAIN`), so content, not Gumbel noise, picks

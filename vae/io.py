@@ -44,7 +44,8 @@ def model_kwargs(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     for name, off in (("group_sizes", []), ("group_dropout", 0.0), ("group_inputs", [])):  # product codes: the dVAE's alone
         if fields.get(name) not in (None, off) and name not in constructor_fields(kind):
             raise VAEError(
-                f"{name} = {fields[name]} needs the dvae tokenizer (product codes); the {kind} has one group"
+                f"{name} = {fields[name]} needs the dvae tokenizer (product codes); the {kind} has one group, "
+                f"so set vae.{name} = {off!r} (e.g. --set \"vae.{name}={off!r}\")"
             )
     return {name: fields[name] for name in constructor_fields(kind) if name in fields}
 
