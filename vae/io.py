@@ -32,6 +32,8 @@ CONFIG_FILE = "vae.json"
 
 # config fields read by the training loop each step (vae.schedules), not by the constructor
 SCHEDULE_FIELDS = ("temperature_start", "temperature_end", "temperature_steps", "kl_weight", "kl_warmup_steps")
+# product-code fields (the dVAE's alone) and the value that switches each off
+PRODUCT_CODE_FIELDS = (("group_sizes", []), ("group_dropout", 0.0), ("group_inputs", []))
 
 
 def constructor_fields(kind: str) -> tuple[str, ...]:
@@ -41,11 +43,11 @@ def constructor_fields(kind: str) -> tuple[str, ...]:
 
 def model_kwargs(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor arguments of `kind` picked from a flat config mapping (other kinds' fields ignored)."""
-    for name, off in (("group_sizes", []), ("group_dropout", 0.0), ("group_inputs", [])):  # product codes: the dVAE's alone
+    for name, off in PRODUCT_CODE_FIELDS:
         if fields.get(name) not in (None, off) and name not in constructor_fields(kind):
             raise VAEError(
                 f"{name} = {fields[name]} needs the dvae tokenizer (product codes); the {kind} has one group, "
-                f"so set vae.{name} = {off!r} (e.g. --set \"vae.{name}={off!r}\")"
+                f'so set vae.{name} = {off!r} (e.g. --set "vae.{name}={off!r}")'
             )
     return {name: fields[name] for name in constructor_fields(kind) if name in fields}
 

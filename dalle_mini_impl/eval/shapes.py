@@ -1,6 +1,7 @@
 """Does the model draw what the prompt says? The shapes judge over a fixed, seeded prompt set.
 
     python -m dalle_mini_impl.eval shapes --model RUN --n 300 --seed 0 [--candidates 8] [--guided 0]
+        [--set sample.cfg=3]    # sample with other settings than the bundle's
 
 The prompt set (`prompt_set`) is a pure function of (n, seed, held-out combinations):
   - half are one-object prompts cycling through all 8 mixes of stated and omitted size, color and
@@ -151,6 +152,7 @@ def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dalle_mini_impl.config import apply_overrides
     from dalle_mini_impl.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
@@ -159,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set and of sampling")
     parser.add_argument("--candidates", type=int, default=8, help="samples per prompt: 8, or 32 for top-1 of 32")
     parser.add_argument("--guided", type=int, default=0, help="refine with CLIP guidance for the first K prompts")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="sample.KEY=VALUE",
+        help="sample with another setting than the bundle's, e.g. --set sample.cfg=3 (repeatable)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -169,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
+    for item in args.overrides:
+        if not item.startswith("sample."):
+            raise UserError(f"--set {item}: only sampling settings can change here; give a sample.KEY=VALUE")
+    apply_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed = args.seed
     prompts = prompt_set(args.n, args.seed, pipe.cfg.data.shapes.held_out)
     t0 = time.perf_counter()
@@ -180,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "held_out": pipe.cfg.data.shapes.held_out,
         "cfg": pipe.cfg.sample.cfg,
+        "temperature": pipe.cfg.sample.temperature,
         "seconds": round(time.perf_counter() - t0, 1),
         **result,
     }
