@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import gc
 import json
@@ -58,6 +59,7 @@ import torch
 
 import vae as vae_lib
 
+from .config import load_config
 from .errors import UserError, run_cli
 from .generate import generate
 from .pipeline import DTYPES
@@ -116,7 +118,6 @@ DEFAULT_WORKLOAD = WORKLOADS["tiny"]
 # vae/), and the shapes preset's.
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
     "anchor-tiny-args": dict(codebook_size=512, factor=4, hidden=64, res_blocks=0, code_dim=256),
-    "shapes": dict(codebook_size=512, factor=4, hidden=64, res_blocks=1, code_dim=256),
 }
 ANCHOR_TINY_VAE_PARAMS = 561091
 VAE_IMAGE_SIZE = 32
@@ -541,6 +542,11 @@ def param_matched_vae(target: int) -> dict[str, Any]:
     return {**base, "hidden": best}
 
 
+def shapes_preset_vae() -> dict[str, Any]:
+    """The dVAE arguments of configs/shapes.toml, read so that the benchmark follows the preset."""
+    return vae_lib.model_kwargs("dvae", dataclasses.asdict(load_config("shapes").vae))
+
+
 def vae_train_times(
     kwargs: dict[str, Any], b: int, steps: int, warmup: int, device: torch.device
 ) -> tuple[list[float], float, int]:
@@ -592,6 +598,7 @@ def phase_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "anchor_tiny_params": ANCHOR_TINY_VAE_PARAMS,
     }
     configs = dict(VAE_CONFIGS)
+    configs["shapes"] = shapes_preset_vae()
     configs["param-matched"] = param_matched_vae(ANCHOR_TINY_VAE_PARAMS)
     for name, kwargs in configs.items():
         log(f"vae {name}: batch {b}, {steps} steps after {warmup} warm-up")
