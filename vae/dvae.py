@@ -160,10 +160,10 @@ class DiscreteVAE(ImageTokenizer):
         self.diversity_weight = float(diversity_weight)
         self.straight_through = bool(straight_through)
         width = sum(self.group_sizes)  # logits and codebook rows: every group's codes, group after group
-        self.encoder = Encoder(self._input_width("rgb"), factor, hidden, res_blocks)
+        self.encoder = Encoder(sum(self._sizes_of("rgb")), factor, hidden, res_blocks)
         heads = [self.encoder.head]
         if "ink" in self.group_inputs:  # the groups that see only the ink map have their own encoder
-            self.ink_encoder = Encoder(self._input_width("ink"), factor, hidden, res_blocks, in_channels=1)
+            self.ink_encoder = Encoder(sum(self._sizes_of("ink")), factor, hidden, res_blocks, in_channels=1)
             heads.append(self.ink_encoder.head)
         self.codebook = nn.Embedding(width, code_dim)
         self.decoder = Decoder(code_dim, decoder_channels(recon_loss), factor, hidden, res_blocks)
@@ -176,9 +176,9 @@ class DiscreteVAE(ImageTokenizer):
             nn.init.normal_(head.weight, std=LOGIT_INIT_GAIN / math.sqrt(head.weight.shape[1]))
             nn.init.zeros_(head.bias)
 
-    def _input_width(self, source: str) -> int:
-        """Logit channels of the groups whose encoder reads `source` ('rgb' or 'ink')."""
-        return sum(k for k, s in zip(self.group_sizes, self.group_inputs) if s == source)
+    def _sizes_of(self, source: str) -> list[int]:
+        """The sizes of the groups whose encoder reads `source` ('rgb' or 'ink'), in group order."""
+        return [k for k, s in zip(self.group_sizes, self.group_inputs) if s == source]
 
     # -- continuous side ---------------------------------------------------------------------------
 
@@ -187,12 +187,9 @@ class DiscreteVAE(ImageTokenizer):
         rgb = self.encoder(images * 2 - 1)
         if "ink" not in self.group_inputs:
             return rgb
-        logits = {"rgb": iter(rgb.split(self._sizes_of("rgb"), dim=1))}
-        logits["ink"] = iter(self.ink_encoder(ink_map(images) * 2 - 1).split(self._sizes_of("ink"), dim=1))
-        return torch.cat([next(logits[source]) for source in self.group_inputs], dim=1)
-
-    def _sizes_of(self, source: str) -> list[int]:
-        return [k for k, s in zip(self.group_sizes, self.group_inputs) if s == source]
+        from_rgb = iter(rgb.split(self._sizes_of("rgb"), dim=1))
+        from_ink = iter(self.ink_encoder(ink_map(images) * 2 - 1).split(self._sizes_of("ink"), dim=1))
+        return torch.cat([next(from_rgb if s == "rgb" else from_ink) for s in self.group_inputs], dim=1)
 
     def flat_ids(self, factors: torch.Tensor) -> torch.Tensor:
         """Factor ids (b, g, h, w) -> flat ids (b, h, w) in [0, codebook_size)."""
