@@ -1,7 +1,7 @@
 """Run configuration: one typed dataclass per stage, nested in `RunConfig`.
 
 A run is configured by a TOML preset (`configs/*.toml`), then by dotted overrides on the command line
-(`--set vae.codebook_size=1024 --set data.image_size=64`, after minGPT), then by the shortcuts
+(`--set train.dalle.steps=500 --set data.image_size=64`, after minGPT), then by the shortcuts
 `--data SOURCE` and `--split NAME`. Every key must exist and every value must have the field's type;
 anything else stops with one sentence naming the key and what is allowed. The resolved config is
 saved as JSON in every run folder and bundle (`save_config`), and read back by `config_from_dict`.
@@ -362,7 +362,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"override '{item}' must look like key=value, e.g. vae.codebook_size=1024")
+            raise UserError(f"override '{item}' must look like key=value, e.g. train.dalle.steps=500")
         _apply(cfg, _nest(key.strip(), _parse_value(value.strip())), "")
     return cfg
 
@@ -417,7 +417,7 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None 
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="dotted override, repeatable: --set vae.codebook_size=1024 --set data.image_size=64",
+        help="dotted override, repeatable: --set train.dalle.steps=500 --set data.image_size=64",
     )
     parser.add_argument(
         "--data", default=None, help="data source: shapes, a folder, *.parquet, *.tar files, or a hub name"
