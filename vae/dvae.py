@@ -251,7 +251,7 @@ class DiscreteVAE(ImageTokenizer):
         """Nested dropout over the groups (Rippel et al. 2014): per cell, with probability `group_dropout`,
         the groups after a uniformly drawn first one are zeroed, so the decoder must draw the cell from
         its first groups alone, and the groups come to play different parts (which parts is left to
-        training; nothing makes one group hold color and another shape).
+        training: dropout alone does not make one group hold color and another shape; `group_inputs` does).
         """
         b, _, h, w = weights.shape
         g = self.groups
