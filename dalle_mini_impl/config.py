@@ -123,7 +123,7 @@ class VAEConfig:
 class TransformerConfig:
     """Architecture of the decoder-only transformer. Vocabularies and grid come from the tokenizers."""
 
-    preset: str = "tiny"  # a size in dalle_mini_impl.transformer.PRESETS; dim/depth/heads > 0 override it
+    preset: str = "tiny"  # a size in dalle_mini_impl.model.transformer.PRESETS; dim/depth/heads > 0 override it
     dim: int = 0
     depth: int = 0
     heads: int = 0
@@ -160,7 +160,7 @@ class CLIPConfig:
     # data.shapes.omit_p, which the transformer trains on)
     shapes_omit_p: float = -1.0
     # NegCLIP hard negatives: each caption with one word made false (a spatial word flipped, a size,
-    # color or shape swapped: dalle_mini_impl.clip.negatives) is an extra negative text for every image
+    # color or shape swapped: dalle_mini_impl.shapes.negatives) is an extra negative text for every image
     hard_negatives: bool = False
 
 

@@ -5,7 +5,7 @@
     python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
     python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
 
-A thin shell over `dalle_mini_impl.pipeline.Pipeline` (DALL-E's sample-then-rerank recipe). The model is
+A thin shell over `dalle_mini_impl.pipeline.pipeline.Pipeline` (DALL-E's sample-then-rerank recipe). The model is
 a bundle folder (--model; default: the shapes bundle shipped in the package); every sampling default
 comes from its `sample` config section. For each prompt the best N images are written to --out
 (default samples/) at the model's native resolution as SLUG_sSEED_rRANK.png, plus SLUG_sSEED_grid.png;
@@ -101,7 +101,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # imported after argument parsing: --help and argument errors answer without loading torch
-    from dalle_mini_impl.pipeline import Pipeline, check_prompts
+    from dalle_mini_impl.pipeline.pipeline import Pipeline, check_prompts
 
     prompts = check_prompts(args.prompts)
     out = Path(args.out)
@@ -169,7 +169,7 @@ def save_results(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
     import numpy as np
     import torch
 
-    from dalle_mini_impl.images import from_uint8, save_grid
+    from dalle_mini_impl.data.images import from_uint8, save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -6,7 +6,7 @@
 
 Every part is a real model of the real classes, with random weights (nothing is trained but the
 sentencepiece tokenizer), sized to the numbers in `tiny_config`: 16 px images, a 4x4 grid of 32 codes,
-12 text ids. The layout is the one `dalle_mini_impl.bundle` documents and `train.all` writes.
+12 text ids. The layout is the one `dalle_mini_impl.pipeline.bundle` documents and `train.all` writes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import vae
-from dalle_mini_impl.bundle import save_module, write_bundle_config
 from dalle_mini_impl.clip.model import clip_from_config
 from dalle_mini_impl.config import CLIPConfig, RunConfig
-from dalle_mini_impl.text import TextTokenizer
+from dalle_mini_impl.pipeline.bundle import save_module, write_bundle_config
+from dalle_mini_impl.text.tokenizer import TextTokenizer
 from train.dalle import build_model
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "gray")

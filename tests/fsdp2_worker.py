@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from dalle_mini_impl.generate import generate
-from dalle_mini_impl.transformer import DALLE, model_config
+from dalle_mini_impl.model.generate import generate
+from dalle_mini_impl.model.transformer import DALLE, model_config
 from tests.bundle_factory import tiny_config
 from train.sharded import full_state_dict, shards_weights, whole_weights
 

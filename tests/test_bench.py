@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from dalle_mini_impl import bench
+from dalle_mini_impl.bench import speed as bench
 from dalle_mini_impl.errors import UserError, run_cli
 
 # a 1-layer, 32-wide model on a 2 x 2 grid: every phase in well under a second of compute
@@ -41,7 +41,7 @@ def test_mfu_hand_checked():
 
 def test_mfu_matches_the_model_formula():
     # anchor-tiny at 1 step/s of batch 16: flops_per_token = 6 N + 12 L T d, with T the 79 positions read
-    from dalle_mini_impl.transformer import DALLE, preset_config
+    from dalle_mini_impl.model.transformer import DALLE, preset_config
 
     model = DALLE(preset_config("anchor-tiny"))
     n = model.num_params()
@@ -128,7 +128,7 @@ def test_peak_phase_and_bad_override(capsys):
 
 
 def test_gpu_check_reads_the_targets_and_refuses_a_machine_without_gpu(capsys):
-    from dalle_mini_impl import gpu_check
+    from dalle_mini_impl.bench import gpu as gpu_check
 
     train = {
         "bf16": {"tokens_per_s": 150_000.0, "mfu": 0.41},

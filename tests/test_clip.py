@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dalle_mini_impl.bundle import save_module
 from dalle_mini_impl.clip.model import (
     CLIP,
     clip_augment,
@@ -28,6 +27,7 @@ from dalle_mini_impl.clip.model import (
 )
 from dalle_mini_impl.config import CLIPConfig, RunConfig, save_config
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.pipeline.bundle import save_module
 from tests.bundle_factory import TINY_CLIP as TINY
 
 COLORS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 20)}
@@ -78,7 +78,7 @@ def test_hard_negatives_are_extra_texts_for_every_image():
 def test_perturb_makes_one_word_false():
     import random
 
-    from dalle_mini_impl.clip.negatives import perturb
+    from dalle_mini_impl.shapes.negatives import perturb
 
     rng = random.Random(0)
     caption = "a small red circle to the left of a blue square"
@@ -100,7 +100,7 @@ def test_perturb_makes_one_word_false():
 def test_perturb_never_names_a_held_out_combination():
     import random
 
-    from dalle_mini_impl.clip.negatives import perturb
+    from dalle_mini_impl.shapes.negatives import perturb
 
     held_out = ["purple triangle", "yellow square"]
     rng = random.Random(0)
@@ -302,7 +302,7 @@ def _bundle_config() -> RunConfig:
 
 
 def _make_bundle(folder, train_steps: int, seed: int) -> None:
-    from dalle_mini_impl.text import TextTokenizer
+    from dalle_mini_impl.text.tokenizer import TextTokenizer
 
     cfg = _bundle_config()
     captions = [f"a {c} square" for c in COLORS] + [f"a {c} circle on the left" for c in COLORS] * 3
@@ -349,7 +349,8 @@ def photos(tmp_path_factory):
 
 
 def test_load_clip_scores_and_classifies(bundle, photos):
-    from dalle_mini_impl.clip.uses import clip_score, load_clip, read_image
+    from dalle_mini_impl.clip.uses import clip_score, read_image
+    from dalle_mini_impl.pipeline.bundle import load_clip
 
     scorer = load_clip(bundle)
     images = torch.stack([read_image(photos / f"{c}.png", scorer.image_size) for c in COLORS])
@@ -378,7 +379,8 @@ def test_load_clip_scores_and_classifies(bundle, photos):
 
 
 def test_index_and_search(bundle, other_bundle, photos, tmp_path):
-    from dalle_mini_impl.clip.uses import build_index, load_clip, search
+    from dalle_mini_impl.clip.uses import build_index, search
+    from dalle_mini_impl.pipeline.bundle import load_clip
 
     scorer = load_clip(bundle)
     meta = build_index(scorer, photos, tmp_path / "idx", batch_size=2)
@@ -449,7 +451,7 @@ def test_cli_defaults_to_the_shipped_model(tmp_path, capsys):
     from PIL import Image
 
     from dalle_mini_impl.clip.__main__ import DEFAULT_MODEL, main
-    from dalle_mini_impl.shapes import Obj, Scene, render
+    from dalle_mini_impl.shapes.generator import Obj, Scene, render
 
     assert DEFAULT_MODEL.is_dir()
     scene = Scene(objects=[Obj("red", "circle", "large", 16.0, 16.0)], caption="a large red circle", stated={})
@@ -511,7 +513,8 @@ def test_pretrained_adapter_preprocesses_like_open_clip():
 
 def test_pretrained_adapter_over_our_clip_agrees_with_load_clip(bundle, photos):
     from dalle_mini_impl.clip.openclip import PretrainedClipScorer
-    from dalle_mini_impl.clip.uses import load_clip, read_image
+    from dalle_mini_impl.clip.uses import read_image
+    from dalle_mini_impl.pipeline.bundle import load_clip
 
     ours = load_clip(bundle)
     # our CLIP standardises pixels itself, so the adapter passes them through unchanged
@@ -552,9 +555,9 @@ def test_retrieval_metrics_count_same_caption_hits():
 
 
 def test_zero_shot_shapes_reports_three_accuracies(bundle):
-    from dalle_mini_impl.clip.uses import load_clip
     from dalle_mini_impl.config import ShapesConfig
     from dalle_mini_impl.eval.clip import one_object_scenes, zero_shot_shapes
+    from dalle_mini_impl.pipeline.bundle import load_clip
 
     images, objects = one_object_scenes(ShapesConfig(), 16, "validation", 6)
     assert images.shape == (6, 3, 16, 16) and len(objects) == 6
@@ -564,9 +567,9 @@ def test_zero_shot_shapes_reports_three_accuracies(bundle):
 
 
 def test_the_same_caption_ceiling_counts_other_captions_that_fit():
+    from dalle_mini_impl.data.images import from_uint8
     from dalle_mini_impl.eval.clip import same_caption_ceiling
-    from dalle_mini_impl.images import from_uint8
-    from dalle_mini_impl.shapes import Obj, Scene, render
+    from dalle_mini_impl.shapes.generator import Obj, Scene, render
 
     def image(*objects: Obj) -> torch.Tensor:
         return from_uint8(render(Scene(list(objects), caption=""), 32))
@@ -582,7 +585,7 @@ def test_the_same_caption_ceiling_counts_other_captions_that_fit():
 
 
 def test_eval_clip_command_prints_json(bundle, capsys):
-    pytest.importorskip("dalle_mini_impl.data")
+    pytest.importorskip("dalle_mini_impl.data.streams")
     from dalle_mini_impl.eval.clip import main
 
     main(["--model", str(bundle), "--data", "shapes", "--split", "validation", "--limit", "12", "--zero-shot", "6"])

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from dalle_mini_impl.config import DataConfig, ShapesConfig
-from dalle_mini_impl.data import ExampleStream, batches, collate, iter_captions, main, open_dataset
+from dalle_mini_impl.data.__main__ import main
+from dalle_mini_impl.data.images import make_grid, prepare_image, save_grid, to_pil, to_rgb, to_uint8
+from dalle_mini_impl.data.streams import ExampleStream, batches, collate, iter_captions, open_dataset
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.images import make_grid, prepare_image, save_grid, to_pil, to_rgb, to_uint8
 
 S = 16
 

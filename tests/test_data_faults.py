@@ -25,11 +25,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_mini_impl import data
 from dalle_mini_impl.config import DataConfig
-from dalle_mini_impl.data import SKIP_REASONS, ExampleStream
+from dalle_mini_impl.data import __main__ as data_cli
+from dalle_mini_impl.data import streams as data
+from dalle_mini_impl.data.images import to_uint8
+from dalle_mini_impl.data.streams import SKIP_REASONS, ExampleStream
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.images import to_uint8
 
 S = 16
 W, H = 20, 16  # not square, so the resize and the crop both act
@@ -229,7 +230,7 @@ def test_a_bomb_is_too_large_even_under_the_default_limit():
 
 
 def test_skips_are_logged_with_their_reason(faulty, caplog):
-    with caplog.at_level(logging.WARNING, logger="dalle_mini_impl.data"):
+    with caplog.at_level(logging.WARNING, logger="dalle_mini_impl.data.streams"):
         list(ExampleStream(_cfg(faulty, max_image_pixels=MAX_PIXELS), "train", train=False))
     logged = " ".join(r.getMessage() for r in caplog.records)
     for reason in EXPECTED_SKIPS:
@@ -254,7 +255,7 @@ def test_the_stats_command_counts_the_same_skips(faulty, capsys):
         "--set",
         f"data.max_image_pixels={MAX_PIXELS}",
     ]
-    assert data.main(argv) == 0
+    assert data_cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == len(good_images()) + 1
     assert out["skipped_by_reason"] == dict(sorted(EXPECTED_SKIPS.items()))
@@ -296,7 +297,7 @@ def test_non_text_captions_are_skipped_and_nothing_readable_is_one_sentence(tmp_
     assert "(3 skipped: bad_caption: 2, missing_caption: 1)" in message and "\n" not in message
     # the command says the same sentence and exits 2
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(data.main, ["stats", "--data", str(folder)])
+        run_cli(data_cli.main, ["stats", "--data", str(folder)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     last = err.splitlines()[-1]  # datasets' progress bars may come before it

@@ -11,8 +11,8 @@ import pytest
 
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval.shapes import evaluate, main, prompt_set
-from dalle_mini_impl.pipeline import Pipeline
-from dalle_mini_impl.shapes import parse_caption
+from dalle_mini_impl.pipeline.pipeline import Pipeline
+from dalle_mini_impl.shapes.generator import parse_caption
 from tests.bundle_factory import make_tiny_bundle, tiny_config
 
 HELD_OUT = ["purple triangle", "yellow square"]

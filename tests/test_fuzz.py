@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from dalle_mini_impl.config import DataConfig
-from dalle_mini_impl.data import SKIP_REASONS, ExampleStream
+from dalle_mini_impl.data.streams import SKIP_REASONS, ExampleStream
 from dalle_mini_impl.errors import UserError, run_cli
 from sample.__main__ import main as sample_main
 from tests.bundle_factory import make_tiny_bundle

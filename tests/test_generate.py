@@ -6,8 +6,8 @@ Tiny real models (dim 32, depth 2, a 4x4 grid, 6 text positions); run with `pyte
 import pytest
 import torch
 
-from dalle_mini_impl.generate import filter_logits, generate, sample_logits
-from dalle_mini_impl.transformer import DALLE, DalleModelConfig
+from dalle_mini_impl.model.generate import filter_logits, generate, sample_logits
+from dalle_mini_impl.model.transformer import DALLE, DalleModelConfig
 
 PAD, BOS, EOS = 0, 1, 2
 T, TV, IV, N = 6, 20, 16, 16

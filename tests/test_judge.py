@@ -14,8 +14,7 @@ from PIL import Image, ImageFilter
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval.judge import main as judge_main
-from dalle_mini_impl.judge import find_objects, judge, judge_rows, label_components, summarize
-from dalle_mini_impl.shapes import (
+from dalle_mini_impl.shapes.generator import (
     COLORS,
     SHAPES,
     WHERES,
@@ -27,6 +26,7 @@ from dalle_mini_impl.shapes import (
     render,
     sample_scene,
 )
+from dalle_mini_impl.shapes.judge import find_objects, judge, judge_rows, label_components, summarize
 
 N = 500
 OPPOSITE = {

@@ -1,4 +1,5 @@
-"""The layering of DESIGN.md: imports point one way, vae <- dalle_mini_impl <- train, sample."""
+"""The layering: imports point one way, vae <- dalle_mini_impl <- train, sample, and inside the library
+from the parts of the pipeline that stand alone to the ones that join them."""
 
 import ast
 from pathlib import Path
@@ -29,6 +30,28 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _own_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """The `dalle_mini_impl` subpackages or top-level modules that a library file imports, relative or not."""
+    module = path.relative_to(root).with_suffix("").parts
+    package = module if module[-1] == "__init__" else module[:-1]
+    package = package[:-1] if package[-1] == "__init__" else package
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            target = base + (node.module.split(".") if node.module else [])
+            if node.module is None:  # from . import x: each name is a module of that package
+                targets = [target + [a.name] for a in node.names]
+            else:
+                targets = [target]
+        elif isinstance(node, ast.Import):
+            targets = [a.name.split(".") for a in node.names]
+        else:
+            continue
+        names |= {t[1] for t in targets if len(t) > 1 and t[0] == "dalle_mini_impl"}
+    return names
+
+
 def _files(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
@@ -40,6 +63,38 @@ def test_imports_point_one_way(package):
     for path in files:
         wrong = (_imports(path) & OWN) - ALLOWED[package] - {package}
         assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}, against the layering"
+
+
+# inside the library: what each part may import besides itself (the pipeline picture, bottom up)
+LIBRARY = {
+    "errors": set(),
+    "config": {"errors"},
+    "text": {"errors", "config"},
+    "shapes": {"errors", "config"},
+    "model": {"errors", "config"},
+    "data": {"errors", "config", "shapes"},
+    "clip": {"errors", "config", "data"},
+    "pipeline": {"errors", "config", "text", "data", "model", "clip"},
+    "eval": {"errors", "config", "text", "data", "shapes", "model", "clip", "pipeline"},
+    "bench": {"errors", "config", "data", "model", "pipeline"},
+}
+
+
+def test_every_part_of_the_library_is_layered():
+    parts = {p.stem if p.is_file() else p.name for p in (ROOT / "dalle_mini_impl").iterdir()}
+    parts = {p for p in parts if not p.startswith("__") and p != "assets"}
+    assert parts == set(LIBRARY), "a new part of dalle_mini_impl needs its place in LIBRARY"
+
+
+@pytest.mark.parametrize("part", sorted(LIBRARY))
+def test_library_imports_point_down_the_pipeline(part):
+    path = ROOT / "dalle_mini_impl" / part
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+    for file in files:
+        if file.name == "__main__.py":  # a command-line shell may join any parts
+            continue
+        wrong = _own_imports(file) - LIBRARY[part] - {part}
+        assert not wrong, f"{file.relative_to(ROOT)} imports dalle_mini_impl.{sorted(wrong)}, against the layering"
 
 
 def test_vae_stands_alone():
@@ -55,3 +110,13 @@ def test_checker_sees_a_wrong_edge(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("from train.loop import run\nimport sample\n")
     assert _imports(bad) & OWN == {"train", "sample"}
+
+
+def test_library_checker_resolves_relative_imports(tmp_path):
+    fake = tmp_path / "dalle_mini_impl" / "model"
+    fake.mkdir(parents=True)
+    (fake / "m.py").write_text(
+        "from ..pipeline.bundle import x\nfrom .generate import y\nfrom .. import config\n"
+        "import dalle_mini_impl.clip.uses\nfrom dalle_mini_impl.data.images import z\n"
+    )
+    assert _own_imports(fake / "m.py", tmp_path) == {"pipeline", "model", "config", "clip", "data"}

@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_mini_impl import pipeline
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.guided import make_cutouts, mentions_sides, parse_weighted_prompt, random_codes, refine
-from dalle_mini_impl.pipeline import Pipeline
+from dalle_mini_impl.pipeline import pipeline
+from dalle_mini_impl.pipeline.guided import make_cutouts, mentions_sides, parse_weighted_prompt, random_codes, refine
+from dalle_mini_impl.pipeline.pipeline import Pipeline
 from sample.__main__ import main, slugify, unique_slugs
 from tests.bundle_factory import make_tiny_bundle
 

@@ -10,7 +10,7 @@ import pytest
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.shapes import (
+from dalle_mini_impl.shapes.generator import (
     COLORS,
     RELATIONS,
     SHAPES,

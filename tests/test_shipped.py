@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import dalle_mini_impl
-from dalle_mini_impl.bundle import FILES, read_bundle_config
-from dalle_mini_impl.judge import judge
-from dalle_mini_impl.pipeline import Pipeline
+from dalle_mini_impl.pipeline.bundle import FILES, read_bundle_config
+from dalle_mini_impl.pipeline.pipeline import Pipeline
+from dalle_mini_impl.shapes.judge import judge
 
 SHIPPED = Path(dalle_mini_impl.__file__).parent / "assets" / "shapes"
 

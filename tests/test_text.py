@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dalle_mini_impl.config import DataConfig, TextConfig
-from dalle_mini_impl.data import iter_captions
+from dalle_mini_impl.data.streams import iter_captions
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextTokenizer
+from dalle_mini_impl.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextTokenizer
 from train.tokenizer import main as tokenizer_main
 
 TEXT_LEN = 16

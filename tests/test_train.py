@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import vae
-from dalle_mini_impl.bundle import load_vae
 from dalle_mini_impl.config import load_config
-from dalle_mini_impl.data import ExampleStream
+from dalle_mini_impl.data.streams import ExampleStream
+from dalle_mini_impl.data.tokens import read_shards, tokens_dir
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.tokens import read_shards, tokens_dir
+from dalle_mini_impl.pipeline.bundle import load_vae
 from train import clip as train_clip
 from train import dalle as train_dalle
 from train import encode as train_encode
@@ -193,7 +193,7 @@ def test_compile_flag_trains_the_same_step_as_eager(run_dir, tmp_path, capsys):
 
 
 def test_clip_reads_its_own_caption_omission_on_shapes():
-    from dalle_mini_impl.shapes import parse_caption
+    from dalle_mini_impl.shapes.generator import parse_caption
 
     def stated(cfg) -> list[bool]:  # per one-object caption: does it state size, color and position?
         out = []
@@ -250,7 +250,7 @@ def test_clip_trains_and_exports(run_dir):
 
 
 def test_export_writes_a_compact_bundle_that_samples(run_dir, tmp_path):
-    from dalle_mini_impl.pipeline import Pipeline
+    from dalle_mini_impl.pipeline.pipeline import Pipeline
     from train import export as train_export
 
     bundle = tmp_path / "bundle"
@@ -283,10 +283,10 @@ def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
 
 
 def test_a_bundle_loaded_into_the_wrong_preset_is_one_sentence(run_dir, tmp_path):
-    from dalle_mini_impl.bundle import load_module
     from dalle_mini_impl.clip.model import clip_from_config
     from dalle_mini_impl.errors import UserError
-    from dalle_mini_impl.text import TextTokenizer
+    from dalle_mini_impl.pipeline.bundle import load_module
+    from dalle_mini_impl.text.tokenizer import TextTokenizer
 
     # the tiny run's CLIP weights, loaded into the CLIP of the full shapes preset
     cfg = load_config("shapes")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dalle_mini_impl.config import TransformerConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.transformer import (
+from dalle_mini_impl.model.transformer import (
     DALLE,
     PRESETS,
     DalleModelConfig,

@@ -3,7 +3,7 @@
 Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images get a mild random
 resized crop that keeps the caption true (no flips: captions name left and right; no color jitter:
 they name colors). With `clip.hard_negatives`, each caption with one word made false is an extra
-negative text for every image (NegCLIP; `dalle_mini_impl.clip.negatives`). With several processes,
+negative text for every image (NegCLIP; `dalle_mini_impl.shapes.negatives`). With several processes,
 features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss).
 
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from dalle_mini_impl.bundle import load_text_tokenizer, save_state_dict
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
-from dalle_mini_impl.clip.negatives import perturb
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
+from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero_shot_shapes
-from dalle_mini_impl.images import make_grid
+from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
+from dalle_mini_impl.shapes.negatives import perturb
 from train import loop
 from train.common import adamw, example_batches, seed_everything
 

@@ -9,7 +9,7 @@ from dalle_mini_impl.config import RunConfig, TrainConfig
 
 def example_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool, accelerator):
     """Batches of (image, caption) for this process; the stream itself splits the data across processes."""
-    from dalle_mini_impl.data import ExampleStream, batches
+    from dalle_mini_impl.data.streams import ExampleStream, batches
 
     stream = ExampleStream(
         cfg.data,

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dalle_mini_impl.bundle import load_text_tokenizer, load_vae, save_state_dict
 from dalle_mini_impl.config import RunConfig
+from dalle_mini_impl.data.images import make_grid
+from dalle_mini_impl.data.tokens import TokenStream, list_shards, tokens_dir
 from dalle_mini_impl.errors import run_cli
-from dalle_mini_impl.generate import generate
-from dalle_mini_impl.images import make_grid
-from dalle_mini_impl.tokens import TokenStream, list_shards, tokens_dir
-from dalle_mini_impl.transformer import DALLE, model_config
+from dalle_mini_impl.model.generate import generate
+from dalle_mini_impl.model.transformer import DALLE, model_config
+from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, load_vae, save_state_dict
 from train import loop
 from train.common import adamw, example_batches, seed_everything
 

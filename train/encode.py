@@ -2,7 +2,7 @@
 
 Reads the trained image tokenizer from the run folder (vae.safetensors + vae.json), encodes the
 train split (at most `data.max_examples` examples) and the validation split, and writes token shards
-with their captions under RUN/tokens/<split>/ (see dalle_mini_impl.tokens). The transformer then
+with their captions under RUN/tokens/<split>/ (see dalle_mini_impl.data.tokens). The transformer then
 trains on ids only, instead of re-encoding pixels at every step as dalle-pytorch does.
 
 Resumable: shards are written atomically and existing ones are skipped on a rerun. Split across
@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dalle_mini_impl.bundle import load_vae, record_stage_config
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
-from dalle_mini_impl.data import ExampleStream
+from dalle_mini_impl.data.streams import ExampleStream
+from dalle_mini_impl.data.tokens import shard_path, tokens_dir, write_shard
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.tokens import shard_path, tokens_dir, write_shard
+from dalle_mini_impl.pipeline.bundle import load_vae, record_stage_config
 
 
 def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, world: int, device) -> dict:

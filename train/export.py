@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dalle_mini_impl.bundle import FILES, load_state_dict, part_path, save_state_dict
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.pipeline.bundle import FILES, load_state_dict, part_path, save_state_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDE_FILES = ("vae.json", "transformer.json")

@@ -5,7 +5,7 @@ per-process stream of batches, and a few hooks (loss, evaluation, image grids, e
 does the rest, the same way for every stage:
 
 - accelerate for devices, DDP/FSDP/DeepSpeed, mixed precision and gradient accumulation. The data is
-  split across processes by the data stream itself (`dalle_mini_impl.data`), never also by accelerate:
+  split across processes by the data stream itself (`dalle_mini_impl.data.streams`), never also by accelerate:
   batches are not passed through `accelerator.prepare`.
 - warmup + cosine learning rate, gradient clipping, optional EMA weights.
 - a step whose loss or gradient is not finite is skipped and counted; `max_bad_steps` in a row stop
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dalle_mini_impl.bundle import load_state_dict, record_stage_config, save_state_dict
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
 
 from .sharded import full_state_dict, shards_weights, whole_weights
 

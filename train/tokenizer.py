@@ -3,7 +3,7 @@
     python -m train.tokenizer --config configs/shapes.toml [--set text.vocab_size=512] [--data SOURCE] [--out DIR]
 
 Reads up to `text.max_train_captions` captions of `data.split` (captions only: no image is decoded),
-trains `dalle_mini_impl.text.TextTokenizer` (BPE with byte fallback, see that module), and writes
+trains `dalle_mini_impl.text.tokenizer.TextTokenizer` (BPE with byte fallback, see that module), and writes
 OUT/text.model and the resolved config OUT/config.json, OUT being `out_dir` (or --out). Prints one line
 of JSON. The first stage of the pipeline: everything after it reads text ids from this model.
 """
@@ -16,11 +16,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dalle_mini_impl.bundle import record_stage_config
 from dalle_mini_impl.config import add_config_args, config_from_args
-from dalle_mini_impl.data import iter_captions
+from dalle_mini_impl.data.streams import iter_captions
 from dalle_mini_impl.errors import run_cli
-from dalle_mini_impl.text import TextTokenizer
+from dalle_mini_impl.pipeline.bundle import record_stage_config
+from dalle_mini_impl.text.tokenizer import TextTokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

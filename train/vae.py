@@ -19,9 +19,9 @@ import dataclasses
 import torch
 
 import vae
+from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.recon import recon_metrics
-from dalle_mini_impl.images import make_grid
 from train import loop
 from train.common import adamw, example_batches, seed_everything
 

@@ -14,7 +14,7 @@ With `group_sizes = (K_1, .., K_G)` the code of a cell is a tuple of G choices, 
 entries of each group, and the decoder reads the sum of the G chosen vectors: wav2vec 2.0's product
 Gumbel quantiser (Baevski et al. 2020, two groups of 320). The flat id of the tuple (`vae.product`,
 codebook_size = K_1 .. K_G) is what `encode` returns and a transformer models, so every other stage
-sees plain ids; a transformer built with the same `image_factors` (`dalle_mini_impl.transformer`) embeds
+sees plain ids; a transformer built with the same `image_factors` (`dalle_mini_impl.model.transformer`) embeds
 and predicts the factors separately, and can then emit a combination of factors it never saw together
 (a color with a shape's edge). Left to itself the product quantiser spreads every kind of content over
 all groups; `group_dropout` (nested dropout, `drop_groups`) orders them, the first group carrying what

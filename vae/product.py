@@ -4,7 +4,7 @@ With group sizes (K_1, .., K_G), the flat id of the factors (a_1, .., a_G) is
 a_1 K_2 .. K_G + a_2 K_3 .. K_G + .. + a_G, the first group most significant, so ids run over
 [0, K_1 .. K_G) and one group of K ids is the plain case. Per-group tensors lay the groups side by
 side on one axis of K_1 + .. + K_G rows ("rows"), group after group. The dVAE (`vae.dvae`) quantises
-with such codes and the transformer (`dalle_mini_impl.transformer`) embeds and predicts them per factor.
+with such codes and the transformer (`dalle_mini_impl.model.transformer`) embeds and predicts them per factor.
 
     sizes = (8, 128)
     factors = split_ids(ids, sizes)           # (..., 2): a_1 in [0, 8), a_2 in [0, 128)

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, run_cli
-from .uses import DEFAULT_TEMPLATES, ClipScorer, build_index, load_clip, read_image, read_index, search
+from ..pipeline.bundle import SHIPPED_MODEL, load_clip
+from .uses import DEFAULT_TEMPLATES, ClipScorer, build_index, read_image, read_index, search
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes"
+DEFAULT_MODEL = SHIPPED_MODEL
 
 
 def load_scorer(args: argparse.Namespace) -> ClipScorer:

@@ -3,7 +3,7 @@
 Follows Radford et al. 2021 ("Learning Transferable Visual Models From Natural Language Supervision"):
 both encoders end in a linear projection to a shared `embed_dim` and are l2-normalised; the logits
 are cosine similarities times a learned scale, stored as a log, starting at 1/0.07 and clamped at 100.
-The text encoder reads the sentencepiece ids of `dalle_mini_impl.text` and is pooled at the first
+The text encoder reads the sentencepiece ids of `dalle_mini_impl.text.tokenizer` and is pooled at the first
 end-of-text id (causal attention, as in CLIP) or by a masked mean over non-pad ids (bidirectional
 attention with a padding mask), never at the argmax of the ids: that trick only works when eot has
 the largest id of the vocabulary, which is not true of our tokenizer.
@@ -336,7 +336,7 @@ def contrastive_loss(
     Row i's positive is its own pair, at global index i + (rows of the lower ranks). Each process
     averages over its own rows; with the gather sending gradients home, the mean of the processes'
     gradients (what DDP computes) is the gradient of the full-batch loss.
-    hard_negatives (h, e): features of captions made false (`dalle_mini_impl.clip.negatives`), gathered
+    hard_negatives (h, e): features of captions made false (`dalle_mini_impl.shapes.negatives`), gathered
     like the rest and appended to every image's candidate texts (NegCLIP); the text->image side is
     unchanged. h may differ between processes, and be 0.
     """

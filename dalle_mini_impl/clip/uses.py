@@ -1,13 +1,14 @@
 """What a trained CLIP is for: reranking samples, zero-shot labels, CLIPScore, and image search.
 
-`ClipScorer` is the one scoring interface. `load_clip(bundle)` gives one over the CLIP trained here
-(`clip/model.py`); `clip/openclip.py` gives one over pretrained OpenAI / open_clip weights. Everything
-else (`sample`'s reranking, `classify`, `clip_score`, the index) takes any `ClipScorer`.
+`ClipScorer` is the one scoring interface. `BundleClipScorer` is one over the CLIP trained here
+(`clip/model.py`; `pipeline.bundle.load_clip(bundle)` loads it); `clip/openclip.py` gives one over
+pretrained OpenAI / open_clip weights. Everything else (`sample`'s reranking, `classify`, `clip_score`,
+the index) takes any `ClipScorer`.
 
 Images are float tensors (m, 3, H, W) in [0, 1]; a scorer resizes them to its own input size
 (shortest side, then a center crop), so any size works.
 
-    scorer = load_clip("runs/shapes/bundle")
+    scorer = load_clip("runs/shapes")                                      # from dalle_mini_impl.pipeline.bundle
     keep = scorer.score(candidates, "a red circle").topk(4).indices        # rerank: best 4 of M
     probs = scorer.classify(images, ["circle", "square", "triangle"])     # (b, 3), rows sum to 1
     build_index(scorer, "photos/", "photos.index"); search(scorer, "photos.index", "a red circle", k=5)
@@ -34,10 +35,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ..bundle import load_module, load_text_tokenizer, part_path, read_bundle_config
+from ..data.images import prepare_image
 from ..errors import UserError
-from ..images import prepare_image
-from .model import CLIP, clip_from_config
+from .model import CLIP
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("{}", "a {}", "an image of a {}", "a picture of a {}")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -163,7 +163,7 @@ class BundleClipScorer(ClipScorer):
     def __init__(
         self,
         model: CLIP,
-        tokenizer,  # dalle_mini_impl.text.TextTokenizer, or anything with .encode(list[str]) -> (n, t)
+        tokenizer,  # dalle_mini_impl.text.tokenizer.TextTokenizer, or anything with .encode(list[str]) -> (n, t)
         source: str = "",
         device: str | torch.device = "cpu",
         tokenizer_digest: str = "",
@@ -198,16 +198,6 @@ class BundleClipScorer(ClipScorer):
             }
             self._fingerprint = state_fingerprint(self.model.state_dict(), extra)
         return self._fingerprint
-
-
-def load_clip(bundle: str | os.PathLike, device: str | torch.device = "cpu") -> BundleClipScorer:
-    """The CLIP of a bundle folder (config.json, text.model, clip.safetensors) as a `ClipScorer`."""
-    cfg = read_bundle_config(bundle)
-    weights = part_path(bundle, "clip")
-    tokenizer = load_text_tokenizer(bundle, cfg)
-    model = load_module(clip_from_config(cfg, tokenizer), weights, "CLIP")
-    digest = hashlib.sha256(part_path(bundle, "text").read_bytes()).hexdigest()
-    return BundleClipScorer(model, tokenizer, source=str(bundle), device=device, tokenizer_digest=digest)
 
 
 def clip_score(scorer: ClipScorer, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

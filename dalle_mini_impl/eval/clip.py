@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from ..config import ShapesConfig, apply_overrides
+from ..data.images import from_uint8
 from ..errors import UserError, run_cli
-from ..images import from_uint8
-from ..shapes import COLORS, SHAPES, WHERES, Obj, cell_of, render, sample_scene, split_seed
+from ..shapes.generator import COLORS, SHAPES, WHERES, Obj, cell_of, render, sample_scene, split_seed
 
 KS = (1, 5, 10)
 
@@ -84,8 +84,8 @@ def same_caption_ceiling(images: torch.Tensor, captions: Sequence[str]) -> float
     that the shapes judge accepts for the query alike; its R@1 is then, averaged over queries, the
     share of those images that carry the query's caption. images (n, 3, S, S) in [0, 1].
     """
-    from ..judge import find_objects, judge_found
-    from ..shapes import parse_caption
+    from ..shapes.generator import parse_caption
+    from ..shapes.judge import find_objects, judge_found
 
     pixels = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()  # (n, S, S, 3)
     found = [find_objects(image) for image in pixels]
@@ -107,7 +107,7 @@ def same_caption_ceiling(images: torch.Tensor, captions: Sequence[str]) -> float
 def one_object_scenes(cfg: ShapesConfig, image_size: int, split: str, n: int) -> tuple[torch.Tensor, list[Obj]]:
     """The first n one-object scenes of a shapes split: images (n, 3, S, S) in [0, 1] and their objects.
 
-    Scene i is the split's example i (the same seed rule as `dalle_mini_impl.shapes`); two-object
+    Scene i is the split's example i (the same seed rule as `dalle_mini_impl.shapes.generator`); two-object
     scenes are passed over. The objects carry every attribute, including what the caption left out.
     """
     seed = split_seed(cfg, split)
@@ -168,9 +168,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..bundle import read_bundle_config
-    from ..clip.uses import load_clip
-    from ..data import ExampleStream
+    from ..data.streams import ExampleStream
+    from ..pipeline.bundle import load_clip, read_bundle_config
 
     args = _parser().parse_args(argv)
     if args.limit is not None and args.limit < 2:

@@ -4,7 +4,7 @@ Each line of FILE.jsonl is {"prompt": "a small red circle above a blue square", 
 a relative path is read from the jsonl's folder. Prints one JSON object: n, overall accuracy, accuracy
 on one-object and two-object prompts, and per-attribute accuracy (color, shape, size, position,
 relation) over the prompts that state the attribute. The rules are the spec's
-(../shared/specs/shapes.md), implemented in `dalle_mini_impl.judge`.
+(../shared/specs/shapes.md), implemented in `dalle_mini_impl.shapes.judge`.
 
 Library use: `judge_rows([(prompt, uint8_image), ...])` or `summarize(verdicts)` give the same dict.
 """
@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.judge import Verdict, judge, judge_rows, summarize
-from dalle_mini_impl.shapes import CaptionError
+from dalle_mini_impl.shapes.generator import CaptionError
+from dalle_mini_impl.shapes.judge import Verdict, judge, judge_rows, summarize
 
 _ROW_HELP = 'each line must be an object like {"prompt": "a red circle", "path": "0.png"}'
 

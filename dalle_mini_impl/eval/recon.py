@@ -20,9 +20,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from dalle_mini_impl.bundle import load_vae, read_bundle_config
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.pipeline.bundle import load_vae, read_bundle_config
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -67,8 +67,8 @@ def recon_metrics(
         counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.codebook_size)
         n += x.shape[0]
         if judge_captions:
-            from dalle_mini_impl.images import to_uint8
-            from dalle_mini_impl.judge import judge
+            from dalle_mini_impl.data.images import to_uint8
+            from dalle_mini_impl.shapes.judge import judge
 
             accepted += sum(judge(image, caption).ok for image, caption in zip(to_uint8(y.cpu()), batch["caption"]))
     if n == 0:
@@ -91,7 +91,7 @@ def recon_metrics(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.data import ExampleStream, batches
+    from dalle_mini_impl.data.streams import ExampleStream, batches
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval recon", description=__doc__)
     parser.add_argument("--model", required=True, help="a run folder or bundle with vae.safetensors + vae.json")

@@ -27,10 +27,10 @@ import time
 import numpy as np
 import torch
 
+from dalle_mini_impl.data.images import to_uint8
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.images import to_uint8
-from dalle_mini_impl.judge import judge, summarize
-from dalle_mini_impl.shapes import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption
+from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption
+from dalle_mini_impl.shapes.judge import judge, summarize
 
 KINDS = ("one", "two", "heldout")
 
@@ -133,7 +133,7 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
 
 
 def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator):
-    from dalle_mini_impl.guided import refine
+    from dalle_mini_impl.pipeline.guided import refine
 
     h, w = pipe.grid
     ids, images, scores = refine(
@@ -153,7 +153,7 @@ def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator):
 
 def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.config import apply_overrides
-    from dalle_mini_impl.pipeline import Pipeline
+    from dalle_mini_impl.pipeline.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
     parser.add_argument("--model", default=None, help="bundle or run folder (default: the shipped model)")

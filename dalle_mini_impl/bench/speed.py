@@ -31,7 +31,7 @@ is that phase's own; on GPU it is torch.cuda.max_memory_allocated, reset before 
 
 The anchor-* presets reproduce the configurations of dalle-pytorch 1.6.6 that
 ../shared/anchors/dalle-pytorch/bench.py times (batch 16 training, 8 prompts x 64 image tokens, top 10% of
-ids kept as its filter_thres=0.9 does); `python -m dalle_mini_impl.compare_anchor` runs both side by side.
+ids kept as its filter_thres=0.9 does); `python -m dalle_mini_impl.bench.anchor` runs both side by side.
 Weights are random: speed, not quality, is measured. On a CPU shared with other jobs use --threads 1
 (see dalle_mini_impl/compare_anchor.py: at 2 threads an oversubscribed machine times its scheduler, not the code).
 """
@@ -59,11 +59,11 @@ import torch
 
 import vae as vae_lib
 
-from .config import load_config
-from .errors import UserError, run_cli
-from .generate import generate
-from .pipeline import DTYPES
-from .transformer import DALLE, PRESETS, DalleModelConfig, preset_config
+from ..config import load_config
+from ..errors import UserError, run_cli
+from ..model.generate import generate
+from ..model.transformer import DALLE, PRESETS, DalleModelConfig, preset_config
+from ..pipeline.pipeline import DTYPES
 
 CPU_PRESETS = ["anchor-tiny", "anchor-medium", "tiny"]
 GPU_PRESETS = ["dalle256"]

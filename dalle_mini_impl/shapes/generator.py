@@ -3,7 +3,7 @@
 Implements ../shared/specs/shapes.md (spec v1) exactly: six palette colors on white, three filled
 shapes in two sizes, one-object scenes placed in a 3x3 grid and two-object scenes in a spatial
 relation, with canonical captions that `parse_caption` reads back. Because every image comes from a
-known scene, `dalle_mini_impl.judge` can decide whether an image satisfies a caption.
+known scene, `dalle_mini_impl.shapes.judge` can decide whether an image satisfies a caption.
 
 Every example is a pure function of (the split's seed, its index): example i is
 `render(sample_scene(np.random.default_rng([split_seed(cfg, split), i]), S, cfg, split), S)`, the idea
@@ -13,7 +13,7 @@ example can be regenerated without replaying the ones before it.
 
 Usage:
     from dalle_mini_impl.config import ShapesConfig
-    from dalle_mini_impl.shapes import iter_shapes
+    from dalle_mini_impl.shapes.generator import iter_shapes
     for ex in iter_shapes(ShapesConfig(), 32, "validation", size=4):
         ex["image"], ex["caption"], ex["index"]   # uint8 (32, 32, 3), "a small red circle at the top", 0
 
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import ShapesConfig
-from .errors import UserError
+from ..config import ShapesConfig
+from ..errors import UserError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 import vae
 
-from .clip.model import clip_augment
-from .errors import UserError
+from ..clip.model import clip_augment
+from ..errors import UserError
 
 # a dVAE's start logits: the start code leads every other by this much, so Adam at lr ~0.1 can switch a
 # cell to another code within a few steps, yet the first snapped image is exactly the start image

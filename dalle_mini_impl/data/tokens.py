@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import UserError
+from ..errors import UserError
 
 SHARD_RE = re.compile(r"^shard_(\d{3})_(\d{5})\.safetensors$")
 

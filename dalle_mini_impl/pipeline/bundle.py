@@ -22,8 +22,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig, config_from_dict, config_to_dict, read_config_json, save_config
-from .errors import UserError
+from ..config import RunConfig, config_from_dict, config_to_dict, read_config_json, save_config
+from ..errors import UserError
+
+# the model `python -m sample` and `python -m dalle_mini_impl.clip` use when no --model is given
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 
 FILES = {
     "config": "config.json",
@@ -203,14 +206,14 @@ def load_vae(bundle: str | os.PathLike):
 
 def load_text_tokenizer(bundle: str | os.PathLike, cfg: RunConfig):
     """The sentencepiece tokenizer of a bundle or run folder, encoding to `cfg.text.text_len` ids."""
-    from .text import TextTokenizer
+    from ..text.tokenizer import TextTokenizer
 
     return TextTokenizer.load(part_path(bundle, "text"), cfg.text.text_len, cfg.text.lowercase)
 
 
 def load_transformer(bundle: str | os.PathLike):
     """The DALL-E transformer of a bundle or run folder (transformer.json + transformer.safetensors), in eval mode."""
-    from .transformer import DALLE, DalleModelConfig
+    from ..model.transformer import DALLE, DalleModelConfig
 
     weights = part_path(bundle, "transformer")
     path = Path(bundle) / "transformer.json"
@@ -227,3 +230,18 @@ def load_transformer(bundle: str | os.PathLike):
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise UserError(f"'{path}' is not a valid transformer config ({e}); retrain or copy the whole bundle") from None
     return load_module(model, weights, "transformer").eval()
+
+
+def load_clip(bundle: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The CLIP of a bundle folder (config.json, text.model, clip.safetensors) as a `BundleClipScorer`."""
+    import hashlib
+
+    from ..clip.model import clip_from_config
+    from ..clip.uses import BundleClipScorer
+
+    cfg = read_bundle_config(bundle)
+    weights = part_path(bundle, "clip")
+    tokenizer = load_text_tokenizer(bundle, cfg)
+    model = load_module(clip_from_config(cfg, tokenizer), weights, "CLIP")
+    digest = hashlib.sha256(part_path(bundle, "text").read_bytes()).hexdigest()
+    return BundleClipScorer(model, tokenizer, source=str(bundle), device=device, tokenizer_digest=digest)

@@ -1,7 +1,7 @@
 """(image, caption) pairs from any source, as one resumable stream per process.
 
 Sources (`data.source`, or `--data` on any command):
-    shapes                    the procedural set in `dalle_mini_impl.shapes` (no download)
+    shapes                    the procedural set in `dalle_mini_impl.shapes.generator` (no download)
     path/to/folder            Hugging Face `imagefolder`: images + metadata.jsonl/.csv, optionally in
                               train/ and validation/ subfolders (a folder of only .parquet or .tar files
                               is read with those builders instead)
@@ -17,7 +17,7 @@ Usage:
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     for batch in batches(stream, 32): ...           # {"image": (b, 3, S, S), "caption": [str] * b}
     python -m dalle_mini_impl.data grid --out shapes_grid.png --n 16
-    python -m dalle_mini_impl.data stats --data ../shared/data/emoji-noto --split validation
+    python -m dalle_mini_impl.data stats --data DATA/emoji-noto --split validation
 
 Design (after open_clip's and LlamaGen's data pipelines, written for resumable research runs):
 - Images are decoded here, never inside `datasets` (the image column is cast to
@@ -45,17 +45,11 @@ Design (after open_clip's and LlamaGen's data pipelines, written for resumable r
 
 from __future__ import annotations
 
-import argparse
 import glob
-import itertools
-import json
 import logging
-import math
 import os
 import random
-import sys
 import tarfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -68,9 +62,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import DataConfig, add_config_args, config_from_args
-from .errors import UserError, run_cli
-from .images import from_uint8, prepare_image, save_grid
+from ..config import DataConfig
+from ..errors import UserError
+from .images import from_uint8, prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +237,7 @@ def _check_column(name: str, columns: list[str], column: str, role: str, guesses
 def open_dataset(cfg: DataConfig, split: str) -> Source:
     """Open one split of `cfg.source` with the image and caption columns only, images left undecoded."""
     if cfg.source == "shapes":
-        from .shapes import shapes_length
+        from ..shapes.generator import shapes_length
 
         shapes_length(cfg.shapes, split)  # checks the split name
         return Source(name="shapes", split=split, kind="shapes")
@@ -422,7 +416,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
     def length(self) -> int | None:
         """Records in one pass for this process (skipped ones included); None when endless or unknown."""
         if self.source.kind == "shapes":
-            from .shapes import shapes_length
+            from ..shapes.generator import shapes_length
 
             total = shapes_length(self.cfg.shapes, self.split)
             return None if total is None else len(range(self.process_index, total, self.num_processes))
@@ -533,7 +527,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             yield from self._stream_pass()
 
     def _shapes_pass(self, w: int, n_workers: int) -> Iterator[dict]:
-        from .shapes import shapes_example
+        from ..shapes.generator import shapes_example
 
         # shapes are rendered at the target size: a crop would cut off what "at the top" describes
         for k in self._positions(self.length, w, n_workers):
@@ -642,7 +636,7 @@ def _caption_strings(value: Any, max_chars: int) -> list[str]:
 def iter_captions(cfg: DataConfig, split: str, limit: int) -> Iterator[str]:
     """Up to `limit` captions of a split in order, without decoding images; every caption of a list counts."""
     if cfg.source == "shapes":
-        from .shapes import sample_scene, shapes_length, split_seed
+        from ..shapes.generator import sample_scene, shapes_length, split_seed
 
         # the scene (and so the caption) of example i is drawn from this rng before any pixel is drawn
         seed, total = split_seed(cfg.shapes, split), shapes_length(cfg.shapes, split)
@@ -658,71 +652,3 @@ def iter_captions(cfg: DataConfig, split: str, limit: int) -> Iterator[str]:
                 return
             yield caption
             n += 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: grid and stats
-# ----------------------------------------------------------------------------------------------
-
-
-def _grid(cfg, args) -> int:
-    if not args.out:
-        raise UserError("grid needs --out FILE.png, the image to write")
-    if args.n < 1:
-        raise UserError(f"--n {args.n} must be at least 1")
-    stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
-    examples = list(itertools.islice(stream, args.n))
-    batch = collate(examples)
-    path = save_grid(batch["image"], args.out, nrow=math.ceil(math.sqrt(len(examples))), captions=batch["caption"])
-    print(f"wrote {path} ({len(examples)} examples of {cfg.data.source}, split {cfg.data.split})")
-    return 0
-
-
-def _stats(cfg, args) -> int:
-    stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
-    if stream.length is None and stream.source.kind == "shapes" and args.n is None:
-        raise UserError("the shapes training stream is endless; pass --n N or set data.shapes.train_size")
-    t0 = time.perf_counter()
-    n, chars, captions = 0, 0, set()
-    for example in itertools.islice(stream, args.n):
-        n += 1
-        chars += len(example["caption"])
-        captions.add(example["caption"])
-    summary = {
-        "source": cfg.data.source,
-        "split": cfg.data.split,
-        "n": n,
-        "skipped": stream.n_skipped,
-        "skipped_by_reason": dict(sorted(stream.skipped.items())),
-        "image_size": cfg.data.image_size,
-        "unique_captions": len(captions),
-        "mean_caption_chars": round(chars / max(n, 1), 2),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    print(json.dumps(summary))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.data", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    grid = commands.add_parser("grid", help="write a PNG grid of examples with their captions")
-    add_config_args(grid)
-    grid.add_argument("--n", type=int, default=16, help="number of examples (default 16)")
-    stats = commands.add_parser("stats", help="read one pass of a split and print counts as JSON")
-    add_config_args(stats)
-    stats.add_argument("--n", type=int, default=None, help="stop after N examples (default: the whole split)")
-    for action in grid._actions:
-        if action.dest == "out":
-            action.help = "the PNG file to write"
-    args = parser.parse_args(argv)
-    out = args.out
-    args.out = None  # --out names this command's output file, not a run folder
-    cfg = config_from_args(args)
-    args.out = out
-    return _grid(cfg, args) if args.command == "grid" else _stats(cfg, args)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    run_cli(main)

@@ -27,8 +27,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from .config import TextConfig
-from .errors import UserError
+from ..config import TextConfig
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

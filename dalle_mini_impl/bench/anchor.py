@@ -1,8 +1,8 @@
 """Run the anchor's benchmark (dalle-pytorch 1.6.6) and ours side by side and print the ratios the issues ask for.
 
-    python -m dalle_mini_impl.compare_anchor                          # tiny + medium, 2 rounds: ~10-15 min on 2 cores
-    python -m dalle_mini_impl.compare_anchor --configs tiny --rounds 3 --out runs/compare.json --log runs/compare.log
-    python -m dalle_mini_impl.compare_anchor --threads 1              # both sides single-threaded
+    python -m dalle_mini_impl.bench.anchor                          # tiny + medium, 2 rounds: ~10-15 min on 2 cores
+    python -m dalle_mini_impl.bench.anchor --configs tiny --rounds 3 --out runs/compare.json --log runs/compare.log
+    python -m dalle_mini_impl.bench.anchor --threads 1              # both sides single-threaded
 
 The anchor runs in its own venv (`--anchor-python`, default /tmp/anchor/bin/python; the install recipe is in
 ../shared/anchors/dalle-pytorch/README.md) through its own timing script (`--anchor-bench`, default
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ANCHOR_PYTHON = "/tmp/anchor/bin/python"
 DEFAULT_ANCHOR_BENCH = REPO.parent / "shared" / "anchors" / "dalle-pytorch" / "bench.py"
 

@@ -24,7 +24,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from ..shapes import COLORS, SHAPES
+from .generator import COLORS, SHAPES
 
 # the kinds of edit, each a word -> its possible replacements
 EDITS: dict[str, dict[str, tuple[str, ...]]] = {

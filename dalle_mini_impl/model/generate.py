@@ -11,7 +11,7 @@ sampling), the same draws in every mode, so cached and uncached decoding (`use_c
 recomputes the whole prefix every step: the reference) give the same tokens for the same seed.
 
 Usage:
-    from dalle_mini_impl.generate import generate
+    from dalle_mini_impl.model.generate import generate
     g = torch.Generator().manual_seed(0)
     ids = generate(model, text, null_text=empty, cfg_scale=3.0, top_k=64, generator=g)  # (b, n)
     images = vae.decode(ids.reshape(-1, model.cfg.grid_h, model.cfg.grid_w))

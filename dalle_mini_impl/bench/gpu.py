@@ -1,4 +1,4 @@
-"""The scale-out issue's GPU check: `PYTHONPATH=. python -m dalle_mini_impl.gpu_check` on one GPU, no network.
+"""The scale-out issue's GPU check: `PYTHONPATH=. python -m dalle_mini_impl.bench.gpu` on one GPU, no network.
 
 Runs the benchmark (`python -m dalle_mini_impl.bench`, each phase in its own process) at DALL-E's
 256 px geometry, preset dalle256 (64 text + 1024 image tokens, dim 1024, depth 12, 16 heads x 64,
@@ -17,9 +17,9 @@ import json
 import sys
 from typing import Any
 
-from .bench import run as run_bench
-from .compare_anchor import target_entry
-from .errors import run_cli
+from ..errors import run_cli
+from .anchor import target_entry
+from .speed import run as run_bench
 
 PRESET = "dalle256"
 ANCHOR_TRAIN_TOKENS_PER_S = 47_500  # dalle-pytorch 1.6.6, bf16, batch 8, on an H200 (the issue's baseline)

@@ -47,10 +47,10 @@ each position holds; every pattern is causal and every image position sees all t
   conv    image tokens in the conv_kernel x conv_kernel window centred on its own cell
 
 Usage:
-    from dalle_mini_impl.transformer import DALLE, preset_config
+    from dalle_mini_impl.model.transformer import DALLE, preset_config
     model = DALLE(preset_config("anchor-tiny"))
     loss, parts = model.loss(text, image)         # parts: {"text_loss": .., "image_loss": ..}
-    # sampling: dalle_mini_impl.generate.generate(model, text, ...)
+    # sampling: dalle_mini_impl.model.generate.generate(model, text, ...)
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vae.product import id_rows, outer_sum
 
-from .config import TransformerConfig
-from .errors import UserError
+from ..config import TransformerConfig
+from ..errors import UserError
 
 # ----------------------------------------------------------------------------------------------
 # Config and size presets

@@ -7,7 +7,7 @@ so output ranges never drift between stages. It needs only PIL, numpy, einops an
 cheap to import for `python -m sample`.
 
 Usage:
-    from dalle_mini_impl.images import prepare_image, save_grid
+    from dalle_mini_impl.data.images import prepare_image, save_grid
     x = prepare_image(Image.open("cat.png"), 64)             # (3, 64, 64) in [0, 1]
     save_grid(batch, "grid.png", nrow=4, captions=captions)  # batch (b, 3, h, w)
 

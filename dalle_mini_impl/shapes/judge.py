@@ -17,7 +17,7 @@ Coordinates are continuous pixel coordinates (pixel (i, j) covers [j, j+1) x [i,
 is the mean pixel index + 0.5 and reads back the center the renderer drew at.
 
 Usage:
-    from dalle_mini_impl.judge import judge, judge_rows
+    from dalle_mini_impl.shapes.judge import judge, judge_rows
     judge(image_uint8_SxSx3, "a small red circle above a blue square").ok
     judge_rows([(prompt, image), ...])   # {"n", "accuracy", "one", "two", "attributes"}
 The command line over a jsonl of {"prompt", "path"} rows is `python -m dalle_mini_impl.eval judge`.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .shapes import COLORS, cell_of, parse_caption
+from .generator import COLORS, cell_of, parse_caption
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 _PALETTE = np.array([*COLORS.values(), (255, 255, 255)], dtype=np.float32)  # (7, 3): six colors, white last
@@ -229,7 +229,7 @@ def _judge_two(stated: dict, found: list[Found], S: int) -> dict[str, bool]:
 def judge(image: np.ndarray, prompt: str) -> Verdict:
     """Decide whether a uint8 (S, S, 3) image satisfies a shapes prompt (rule 6).
 
-    An unparseable prompt raises `dalle_mini_impl.shapes.CaptionError`.
+    An unparseable prompt raises `dalle_mini_impl.shapes.generator.CaptionError`.
     """
     return judge_found(parse_caption(prompt), find_objects(image), image.shape[0])
 

@@ -1,6 +1,6 @@
 """The text-to-image pipeline: prompt -> transformer samples -> image tokenizer decodes -> CLIP keeps the best.
 
-    from dalle_mini_impl.pipeline import Pipeline
+    from dalle_mini_impl.pipeline.pipeline import Pipeline
     pipe = Pipeline.from_pretrained("runs/shapes")       # a bundle folder; None: the one shipped in the package
     results = pipe.generate(["a red circle"], num_images=4, candidates=16, seed=0)
     best = results[0][0]                                 # Result: prompt, image (PIL), rank, clip_score, seed, ids
@@ -36,13 +36,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .bundle import load_text_tokenizer, load_transformer, load_vae, read_bundle_config
-from .config import RunConfig, SampleConfig
-from .errors import UserError
-from .generate import DECODE_MODES, generate
-from .images import prepare_image, to_pil
+from ..config import RunConfig, SampleConfig
+from ..data.images import prepare_image, to_pil
+from ..errors import UserError
+from ..model.generate import DECODE_MODES, generate
+from .bundle import SHIPPED_MODEL, load_clip, load_text_tokenizer, load_transformer, load_vae, read_bundle_config
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
 METHODS = ("ar", "clip-guided")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images at once (and never finish on a CPU)
@@ -147,7 +146,7 @@ class Pipeline:
     ):
         if decode not in DECODE_MODES:
             raise UserError(f"decode '{decode}' is unknown; use {', '.join(DECODE_MODES)}")
-        self.decode_mode = decode  # how `generate` runs a decoding step (dalle_mini_impl.generate)
+        self.decode_mode = decode  # how `generate` runs a decoding step (dalle_mini_impl.model.generate)
         self.cfg = cfg
         self.text_tokenizer = text_tokenizer
         self.device = torch.device(device)
@@ -184,8 +183,6 @@ class Pipeline:
         image_tokenizer = load_vae(path)
         clip = None
         if (Path(path) / "clip.safetensors").is_file():
-            from .clip.uses import load_clip  # only a bundle with CLIP pays for importing it
-
             clip = load_clip(path, device=dev)
         else:
             warnings.warn(
@@ -242,7 +239,7 @@ class Pipeline:
         if isinstance(image, Image.Image):
             pixels = prepare_image(image, size)
         else:
-            from .clip.uses import read_image  # one-sentence errors for missing or unreadable files
+            from ..clip.uses import read_image  # one-sentence errors for missing or unreadable files
 
             pixels = read_image(image, size)
         with torch.inference_mode(), self._autocast():
