@@ -121,23 +121,61 @@ class VAEConfig:
 
 @dataclass
 class TransformerConfig:
-    """Architecture of the decoder-only transformer. Vocabularies and grid come from the tokenizers."""
+    """The decoder-only transformer: the run's `[transformer]` section and the bundle's transformer.json.
 
-    preset: str = "tiny"  # a size in dalle_mini_impl.model.transformer.PRESETS; dim/depth/heads > 0 override it
+    Size: `preset` names an entry of `dalle_mini_impl.model.transformer.PRESETS`; dim, depth, heads and
+    head_dim above 0 override it. Geometry (vocabularies, text length, grid, pad id) belongs to the
+    tokenizers: `train.dalle` fills it from them, so a preset leaves it 0 (a value set there must agree
+    with the tokenizers). `model.transformer.resolve_config` fills both and checks every field.
+    """
+
+    preset: str = "tiny"
     dim: int = 0
     depth: int = 0
     heads: int = 0
     head_dim: int = 0  # 0: dim // heads
-    mlp: str = "swiglu"  # gelu | swiglu
+    mlp: str = "swiglu"  # gelu | swiglu; both with hidden width mlp_ratio * dim (SwiGLU gated, like GEGLU)
     mlp_ratio: float = 4.0
     qk_norm: bool = False
+    norm: str = "layer"  # layer (LayerNorm) | rms (RMSNorm)
     pos_2d: str = "embed"  # embed (row + column embeddings) | rope (2-D rotary)
-    text_pad: str = "per_position"  # per_position (DALL-E's pad tokens, not in the loss) | mask
-    attn_patterns: list[str] = field(default_factory=lambda: ["full"])  # full | row | column | conv
-    conv_kernel: int = 5
+    text_pad: str = "per_position"  # per_position (DALL-E's pad tokens) | mask (pads masked from attention)
+    pads_in_loss: bool = False  # per_position only: whether predicting a pad counts in the text loss
+    attn_patterns: list[str] = field(default_factory=lambda: ["full"])  # full | row | column | conv, cycled
+    conv_kernel: int = 5  # odd side of the conv pattern's window
     dropout: float = 0.0
-    text_loss_weight: float = 1 / 8  # the image loss weighs 1 - this
-    caption_dropout: float = 0.1  # probability of training on the empty caption (for guidance)
+    text_loss_weight: float = 1 / 8  # loss = w * text CE + (1 - w) * image CE
+    caption_dropout: float = 0.1  # training: probability of the empty caption (what guidance contrasts with)
+    # geometry, from the tokenizers
+    text_vocab: int = 0  # text ids the tokenizer emits, pad/bos/eos included
+    image_vocab: int = 0  # the image tokenizer's codebook size
+    image_factors: list[int] = field(default_factory=list)  # product codes' group sizes; empty: [image_vocab]
+    text_len: int = 0  # text ids per caption, bos and eos included
+    grid_h: int = 0
+    grid_w: int = 0
+    pad_id: int = 0  # the text tokenizer's pad id
+
+    @property
+    def image_len(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def seq_len(self) -> int:
+        """Positions the model reads: all text and every image token but the last."""
+        return self.text_len + self.image_len - 1
+
+    @property
+    def vocab(self) -> int:
+        """Output ids: text ids first, then image ids."""
+        return self.text_vocab + self.image_vocab
+
+    @property
+    def image_rows(self) -> int:
+        """Rows of the image embedding table and image columns of the head: every factor's codes."""
+        return sum(self.image_factors)
+
+    def pattern(self, layer: int) -> str:
+        return self.attn_patterns[layer % len(self.attn_patterns)]
 
 
 @dataclass

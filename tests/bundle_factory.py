@@ -19,7 +19,7 @@ import torch
 
 import vae
 from dalle_mini_impl.clip.model import clip_from_config
-from dalle_mini_impl.config import CLIPConfig, RunConfig
+from dalle_mini_impl.config import CLIPConfig, RunConfig, config_to_dict
 from dalle_mini_impl.pipeline.bundle import save_module, write_bundle_config
 from dalle_mini_impl.text.tokenizer import TextTokenizer
 from train.dalle import build_model
@@ -83,7 +83,7 @@ def make_tiny_bundle(folder: str | Path, *, clip: bool = True, seed: int = 0, cf
     vae.save_pretrained(image, folder)
     transformer = build_model(cfg, text, image)  # as train.dalle builds it
     save_module(transformer, folder / "transformer.safetensors")
-    (folder / "transformer.json").write_text(json.dumps(transformer.cfg.to_dict(), indent=2) + "\n")
+    (folder / "transformer.json").write_text(json.dumps(config_to_dict(transformer.cfg), indent=2) + "\n")
     if clip:
         save_module(clip_from_config(cfg, text), folder / "clip.safetensors")
     write_bundle_config(cfg, folder)

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from dalle_mini_impl.model.generate import generate
-from dalle_mini_impl.model.transformer import DALLE, model_config
+from dalle_mini_impl.model.transformer import DALLE, resolve_config
 from tests.bundle_factory import tiny_config
 from train.sharded import full_state_dict, shards_weights, whole_weights
 
@@ -46,7 +46,7 @@ def main() -> int:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)
     tcfg = tiny_config().transformer
-    cfg = model_config(tcfg, text_vocab=320, image_vocab=32, text_len=12, grid_h=4, grid_w=4, pad_id=0)
+    cfg = resolve_config(tcfg, text_vocab=320, image_vocab=32, text_len=12, grid_h=4, grid_w=4, pad_id=0)
     wrapper = LossWrapper(DALLE(cfg))
     plain_before = shards_weights(wrapper)
     for block in wrapper.model.blocks:

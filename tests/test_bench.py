@@ -123,7 +123,7 @@ def test_vae_phase_prints_json(capsys):
 def test_peak_phase_and_bad_override(capsys):
     out = run_json(["--only", "peak", "--matmul-n", "64", "--matmul-reps", "2"], capsys)
     assert out["peak"]["fp32_matmul_n"] == 64
-    with pytest.raises(UserError, match="not a transformer config field"):
+    with pytest.raises(UserError, match="unknown config key .widht.; allowed keys here are: .*depth"):
         bench.main(["--only", "sample", "--set", "widht=3"])
 
 

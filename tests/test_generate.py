@@ -6,8 +6,9 @@ Tiny real models (dim 32, depth 2, a 4x4 grid, 6 text positions); run with `pyte
 import pytest
 import torch
 
+from dalle_mini_impl.config import TransformerConfig
 from dalle_mini_impl.model.generate import filter_logits, generate, sample_logits
-from dalle_mini_impl.model.transformer import DALLE, DalleModelConfig
+from dalle_mini_impl.model.transformer import DALLE
 
 PAD, BOS, EOS = 0, 1, 2
 T, TV, IV, N = 6, 20, 16, 16
@@ -16,7 +17,7 @@ T, TV, IV, N = 6, 20, 16, 16
 def make(seed=0, **kw) -> DALLE:
     cfg = dict(text_vocab=TV, image_vocab=IV, text_len=T, grid_h=4, grid_w=4, pad_id=PAD, dim=32, depth=2, heads=4)
     torch.manual_seed(seed)
-    return DALLE(DalleModelConfig(**{**cfg, **kw})).eval()
+    return DALLE(TransformerConfig(**{**cfg, **kw})).eval()
 
 
 def captions(*words: list[int]) -> torch.Tensor:

@@ -9,15 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_mini_impl.config import TransformerConfig
+from dalle_mini_impl.config import TransformerConfig, config_from_dict, config_to_dict
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.model.transformer import (
     DALLE,
     PRESETS,
-    DalleModelConfig,
-    model_config,
     pattern_mask,
     preset_config,
+    resolve_config,
 )
 
 PAD, BOS, EOS = 0, 1, 2
@@ -27,9 +26,9 @@ T, TV, IV = 6, 20, 16  # text positions, text vocabulary, image codebook
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(**kw) -> DalleModelConfig:
+def tiny(**kw) -> TransformerConfig:
     base = dict(text_vocab=TV, image_vocab=IV, text_len=T, grid_h=4, grid_w=4, pad_id=PAD, dim=32, depth=2, heads=4)
-    return DalleModelConfig(**{**base, **kw})
+    return resolve_config(TransformerConfig(**{**base, **kw}))
 
 
 def make(seed=0, **kw) -> DALLE:
@@ -249,10 +248,11 @@ def test_image_factors_must_multiply_to_the_image_vocabulary():
 
 def test_config_round_trips_through_json_and_rejects_unknown_keys():
     cfg = tiny(attn_patterns=["row", "conv"], pos_2d="rope")
-    again = DalleModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    again = config_from_dict(json.loads(json.dumps(config_to_dict(cfg))), TransformerConfig)
     assert again == cfg and again.head_dim == 8
+    assert resolve_config(again) == cfg  # resolving is idempotent
     with pytest.raises(UserError, match="nope"):
-        DalleModelConfig.from_dict({**cfg.to_dict(), "nope": 1})
+        config_from_dict({**config_to_dict(cfg), "nope": 1}, TransformerConfig)
     with pytest.raises(UserError, match="attn_patterns"):
         tiny(attn_patterns=["diagonal"])
 
@@ -273,14 +273,25 @@ def test_presets_reproduce_the_anchor_geometries():
     assert {"tiny", "small", "base", "large"} <= set(PRESETS)
 
 
-def test_model_config_takes_geometry_from_the_tokenizers_and_overrides_from_the_run():
+def test_resolve_takes_geometry_from_the_tokenizers_and_overrides_from_the_run():
     geometry = dict(text_vocab=64, image_vocab=512, text_len=16, grid_h=8, grid_w=8, pad_id=3)
-    cfg = model_config(TransformerConfig(preset="anchor-medium"), **geometry)
+    run_section = TransformerConfig(preset="anchor-medium")
+    cfg = resolve_config(run_section, **geometry)
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.head_dim) == (512, 6, 8, 64)
     assert (cfg.text_vocab, cfg.image_vocab, cfg.text_len, cfg.pad_id) == (64, 512, 16, 3)
+    assert cfg.image_factors == [512] and run_section.dim == 0  # the run's section is not written
     tcfg = TransformerConfig(preset="anchor-medium", dim=128, depth=2, pos_2d="rope", attn_patterns=["row"])
-    cfg = model_config(tcfg, **geometry)
+    cfg = resolve_config(tcfg, **geometry)
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.head_dim) == (128, 2, 8, 16)
     assert cfg.pos_2d == "rope" and cfg.attn_patterns == ["row"]
     with pytest.raises(UserError, match="preset"):
-        model_config(TransformerConfig(preset="huge"), **geometry)
+        resolve_config(TransformerConfig(preset="huge"), **geometry)
+    # a geometry value the run sets must be the tokenizers'; the same value is fine
+    with pytest.raises(UserError, match="'transformer.text_vocab' is 100 but the tokenizers give 64"):
+        resolve_config(TransformerConfig(text_vocab=100), **geometry)
+    assert resolve_config(TransformerConfig(text_vocab=64), **geometry).text_vocab == 64
+
+
+def test_a_model_needs_its_geometry():
+    with pytest.raises(UserError, match="'text_vocab' is 0; it must be a positive integer"):
+        DALLE(TransformerConfig())  # the run section alone: nothing says how many ids there are

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dalle_mini_impl.config import RunConfig
+from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.data.tokens import TokenStream, list_shards, tokens_dir
 from dalle_mini_impl.errors import run_cli
 from dalle_mini_impl.model.generate import generate
-from dalle_mini_impl.model.transformer import DALLE, model_config
+from dalle_mini_impl.model.transformer import DALLE, resolve_config
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, load_vae, save_state_dict
 from train import loop
 from train.common import adamw, example_batches, seed_everything
@@ -71,7 +71,7 @@ def token_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool, a
 
 def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer) -> DALLE:
     h, w = image_tokenizer.grid(cfg.data.image_size)
-    mcfg = model_config(
+    mcfg = resolve_config(
         cfg.transformer,
         text_vocab=text_tokenizer.vocab_size,
         image_vocab=image_tokenizer.codebook_size,
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     def export(m, state):
         out = Path(cfg.out_dir)
         save_state_dict(state, out / "transformer.safetensors")
-        (out / "transformer.json").write_text(json.dumps(m.cfg.to_dict(), indent=2) + "\n")
+        (out / "transformer.json").write_text(json.dumps(config_to_dict(m.cfg), indent=2) + "\n")
 
     stage = loop.Stage(
         name="dalle",

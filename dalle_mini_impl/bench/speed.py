@@ -59,10 +59,10 @@ import torch
 
 import vae as vae_lib
 
-from ..config import load_config
+from ..config import apply_overrides, load_config
 from ..errors import UserError, run_cli
 from ..model.generate import generate
-from ..model.transformer import DALLE, PRESETS, DalleModelConfig, preset_config
+from ..model.transformer import DALLE, GEOMETRY, PRESETS, TransformerConfig, resolve_config
 from ..pipeline.pipeline import DTYPES
 
 CPU_PRESETS = ["anchor-tiny", "anchor-medium", "tiny"]
@@ -269,11 +269,19 @@ def workload(name: str) -> dict[str, Any]:
     return dict(WORKLOADS.get(name, DEFAULT_WORKLOAD))
 
 
-def build_config(name: str, overrides: dict[str, Any]) -> DalleModelConfig:
-    return preset_config(name, **overrides)
+def build_config(name: str, overrides: list[str]) -> TransformerConfig:
+    """Preset `name` with `--set key=value` overrides of its fields, read by the config module's parser.
+
+    A preset that names only a size (tiny, small, ...) is timed at anchor-tiny's geometry.
+    """
+    cfg = apply_overrides(TransformerConfig(preset=name), overrides)
+    for key, value in PRESETS["anchor-tiny"].items():
+        if key in GEOMETRY and key not in PRESETS[name] and not getattr(cfg, key):
+            setattr(cfg, key, value)
+    return resolve_config(cfg)
 
 
-def random_batch(cfg: DalleModelConfig, b: int, g: torch.Generator, device: torch.device):
+def random_batch(cfg: TransformerConfig, b: int, g: torch.Generator, device: torch.device):
     # text ids from 1: id 0 is the pad, and a caption of pads would make the text loss empty
     text = torch.randint(1, cfg.text_vocab, (b, cfg.text_len), generator=g).to(device)
     image = torch.randint(0, cfg.image_vocab, (b, cfg.image_len), generator=g).to(device)
@@ -641,25 +649,6 @@ def phase_cli(args: argparse.Namespace) -> dict[str, Any]:
     return {**med, "extra_s": round(med["sample_command_s"] - med["import_torch_s"], 3), "reps": args.cli_reps}
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """--set key=value pairs for the transformer config; values are read as JSON when they parse."""
-    known = {f for f in DalleModelConfig.__dataclass_fields__}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise UserError(f"--set '{item}' must look like key=value, e.g. --set depth=2")
-        if key not in known:
-            raise UserError(
-                f"--set key '{key}' is not a transformer config field; use one of: {', '.join(sorted(known))}"
-            )
-        try:
-            out[key] = json.loads(text)
-        except json.JSONDecodeError:
-            out[key] = text
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m dalle_mini_impl.bench",
@@ -761,7 +750,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
             passthrough += [flag, str(value)]
     passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
     passthrough += ["--matmul-reps", str(args.matmul_reps)]
-    passthrough += [x for item in args.raw_overrides for x in ("--set", item)]
+    passthrough += [x for item in args.overrides for x in ("--set", item)]
     passthrough += [flag for flag, on in (("--no-encode", args.no_encode), ("--compile", args.compile)) if on]
     jobs: list[tuple[str, list[str]]] = [("peak", [])]
     jobs += [("train", [p]) for p in presets] + [("sample", [p]) for p in presets] + [("vae", []), ("cli", [])]
@@ -799,12 +788,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
-    args.raw_overrides = list(args.overrides)
-    args.overrides = parse_overrides(args.overrides)
     presets = args.preset or (CPU_PRESETS + (GPU_PRESETS if device.type == "cuda" else []))
     for p in presets:
         if p not in PRESETS:
             raise UserError(f"preset '{p}' is unknown; use one of: {', '.join(PRESETS)}")
+        build_config(p, args.overrides)  # a bad --set stops here, before any phase runs
 
     result: dict[str, Any] = {"meta": meta(args, device)}
     if args.only:

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,108 +82,10 @@ TEXT_PADS = ("per_position", "mask")
 PATTERNS = ("full", "row", "column", "conv")
 
 
-@dataclass
-class DalleModelConfig:
-    """Everything the transformer needs, vocabularies and grid included (it never holds a tokenizer)."""
-
-    text_vocab: int = 1000  # text ids the tokenizer emits, pad/bos/eos included
-    image_vocab: int = 512  # the image tokenizer's codebook size
-    image_factors: list[int] = field(default_factory=list)  # product codes' group sizes; empty: [image_vocab]
-    text_len: int = 16  # text ids per caption, bos and eos included
-    grid_h: int = 8
-    grid_w: int = 8
-    pad_id: int = 0  # the text tokenizer's pad id
-    dim: int = 256
-    depth: int = 4
-    heads: int = 8
-    head_dim: int = 0  # 0: dim // heads, resolved on construction
-    mlp: str = "swiglu"  # gelu | swiglu; both with hidden width mlp_ratio * dim (SwiGLU gated, like GEGLU)
-    mlp_ratio: float = 4.0
-    qk_norm: bool = False
-    norm: str = "layer"  # layer (LayerNorm) | rms (RMSNorm)
-    pos_2d: str = "embed"  # embed (row + column embeddings) | rope (2-D rotary)
-    text_pad: str = "per_position"  # per_position (DALL-E's pad tokens) | mask (pads masked from attention)
-    pads_in_loss: bool = False  # per_position only: whether predicting a pad counts in the text loss
-    attn_patterns: list[str] = field(default_factory=lambda: ["full"])  # cycled over layers
-    conv_kernel: int = 5  # odd side of the conv pattern's window
-    dropout: float = 0.0
-    text_loss_weight: float = 1 / 8  # loss = w * text CE + (1 - w) * image CE
-
-    def __post_init__(self) -> None:
-        def bad(key: str, allowed: str) -> UserError:
-            return UserError(f"transformer config '{key}' is {getattr(self, key)!r}; it must be {allowed}")
-
-        for key, allowed in (("mlp", MLPS), ("norm", NORMS), ("pos_2d", POS_2D), ("text_pad", TEXT_PADS)):
-            if getattr(self, key) not in allowed:
-                raise bad(key, " or ".join(allowed))
-        if not self.attn_patterns or any(p not in PATTERNS for p in self.attn_patterns):
-            raise bad("attn_patterns", "a non-empty list of " + ", ".join(PATTERNS))
-        for key in ("text_vocab", "image_vocab", "grid_h", "grid_w", "dim", "depth", "heads"):
-            if getattr(self, key) < 1:
-                raise bad(key, "a positive integer")
-        self.image_factors = list(self.image_factors or [self.image_vocab])
-        if any(k < 2 for k in self.image_factors) or math.prod(self.image_factors) != self.image_vocab:
-            raise bad("image_factors", f"group sizes >= 2 whose product is image_vocab {self.image_vocab}")
-        if self.text_len < 2:
-            raise bad("text_len", "at least 2 (bos plus one token)")
-        if not 0 <= self.pad_id < self.text_vocab:
-            raise bad("pad_id", f"a text id in [0, {self.text_vocab})")
-        if self.head_dim == 0:
-            if self.dim % self.heads:
-                raise bad("heads", f"a divisor of dim {self.dim}, or set head_dim")
-            self.head_dim = self.dim // self.heads
-        if self.pos_2d == "rope" and self.head_dim % 4:
-            raise bad("head_dim", "a multiple of 4 for 2-D rotary positions (half rows, half columns)")
-        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
-            raise bad("conv_kernel", "an odd positive integer")
-        if not 0.0 <= self.text_loss_weight <= 1.0:
-            raise bad("text_loss_weight", "between 0 and 1")
-        if self.text_pad == "mask" and self.pads_in_loss:
-            raise bad("pads_in_loss", "false when text_pad is 'mask' (masked pads are never targets)")
-        self.attn_patterns = list(self.attn_patterns)
-
-    @property
-    def image_len(self) -> int:
-        return self.grid_h * self.grid_w
-
-    @property
-    def seq_len(self) -> int:
-        """Positions the model reads: all text and every image token but the last."""
-        return self.text_len + self.image_len - 1
-
-    @property
-    def vocab(self) -> int:
-        """Output ids: text ids first, then image ids."""
-        return self.text_vocab + self.image_vocab
-
-    @property
-    def image_rows(self) -> int:
-        """Rows of the image embedding table and image columns of the head: every factor's codes."""
-        return sum(self.image_factors)
-
-    def pattern(self, layer: int) -> str:
-        return self.attn_patterns[layer % len(self.attn_patterns)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DalleModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(
-                f"transformer config key '{unknown[0]}' is unknown; allowed keys are: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
-
-
-_SIZE_KEYS = ("dim", "depth", "heads", "head_dim")
-
-# Sizes for `TransformerConfig.preset`. The anchor-* presets reproduce the dalle-pytorch 1.6.6
-# configurations of shared/anchors/dalle-pytorch (its GEGLU with ff_mult 4 is our default SwiGLU with
-# mlp_ratio 4), and dalle256 is DALL-E's 256 px geometry for GPU benchmarks; those three also carry
-# vocabularies and grid, which `preset_config` uses and `model_config` replaces with the tokenizers'.
+# Sizes for `TransformerConfig.preset` (LlamaGen's GPT_models). The anchor-* presets reproduce the
+# dalle-pytorch 1.6.6 configurations that `bench.anchor` compares against (its GEGLU with ff_mult 4 is our
+# default SwiGLU with mlp_ratio 4), and dalle256 is DALL-E's 256 px geometry for GPU benchmarks; those three
+# also carry vocabularies and grid, which the tokenizers' replace when a run builds its model.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=256, depth=4, heads=8),  # CPU
     "small": dict(dim=512, depth=8, heads=8),
@@ -207,60 +109,80 @@ PRESETS: dict[str, dict[str, Any]] = {
         grid_w=32,
     ),
 }
+GEOMETRY = ("text_vocab", "image_vocab", "image_factors", "text_len", "grid_h", "grid_w", "pad_id")
 
 
-def _preset(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise UserError(f"transformer preset '{name}' is unknown; use one of: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+def resolve_config(cfg: TransformerConfig, **geometry: Any) -> TransformerConfig:
+    """A copy of `cfg` that a model can be built from: size and geometry filled in, every field checked.
 
-
-def preset_config(name: str, **overrides: Any) -> DalleModelConfig:
-    """A preset as a whole config (benchmarks, tests); `overrides` set any other field."""
-    return DalleModelConfig(**{**_preset(name), **overrides})
-
-
-def model_config(
-    tcfg: TransformerConfig,
-    *,
-    text_vocab: int,
-    image_vocab: int,
-    image_factors: list[int] | tuple[int, ...] = (),
-    text_len: int,
-    grid_h: int,
-    grid_w: int,
-    pad_id: int,
-) -> DalleModelConfig:
-    """The run's transformer section resolved against its preset and the tokenizers' numbers.
-
-    Size comes from the preset, where dim/depth/heads/head_dim > 0 in `tcfg` win; vocabularies, text
-    length, grid and pad id always come from the arguments; everything else from `tcfg`.
+    A size or geometry field left 0 (or empty) takes the preset's value; `geometry` (the tokenizers' numbers:
+    text_vocab, image_vocab, image_factors, text_len, grid_h, grid_w, pad_id) is then filled in, and a
+    value the config already sets must agree with it. head_dim comes from the preset only when neither
+    dim nor heads is set (a preset's head width belongs to its dim and heads); else it is dim // heads.
+    Resolving a resolved config returns an equal one.
     """
-    size = {k: v for k, v in _preset(tcfg.preset).items() if k in _SIZE_KEYS}
-    for key in _SIZE_KEYS:
-        if getattr(tcfg, key) > 0:
-            size[key] = getattr(tcfg, key)
-    if (tcfg.dim > 0 or tcfg.heads > 0) and tcfg.head_dim <= 0:
-        size["head_dim"] = 0  # a preset's head width belongs to the preset's dim and heads
-    return DalleModelConfig(
-        text_vocab=text_vocab,
-        image_vocab=image_vocab,
-        image_factors=list(image_factors),
-        text_len=text_len,
-        grid_h=grid_h,
-        grid_w=grid_w,
-        pad_id=pad_id,
-        mlp=tcfg.mlp,
-        mlp_ratio=tcfg.mlp_ratio,
-        qk_norm=tcfg.qk_norm,
-        pos_2d=tcfg.pos_2d,
-        text_pad=tcfg.text_pad,
-        attn_patterns=list(tcfg.attn_patterns),
-        conv_kernel=tcfg.conv_kernel,
-        dropout=tcfg.dropout,
-        text_loss_weight=tcfg.text_loss_weight,
-        **size,
-    )
+    if cfg.preset not in PRESETS:
+        raise UserError(f"transformer preset '{cfg.preset}' is unknown; use one of: {', '.join(PRESETS)}")
+    unknown = sorted(set(geometry) - set(GEOMETRY))
+    if unknown:
+        raise TypeError(f"resolve_config got {unknown[0]!r}, which is not a geometry field: {', '.join(GEOMETRY)}")
+    out = dataclasses.replace(cfg, attn_patterns=list(cfg.attn_patterns), image_factors=list(cfg.image_factors))
+    preset = dict(PRESETS[cfg.preset])
+    if cfg.dim > 0 or cfg.heads > 0:
+        preset.pop("head_dim", None)
+    for key, value in preset.items():
+        if not getattr(out, key):
+            setattr(out, key, value)
+    for key, value in geometry.items():
+        value = list(value) if key == "image_factors" else value
+        if key != "pad_id" and getattr(cfg, key) and getattr(cfg, key) != value:
+            raise UserError(
+                f"config key 'transformer.{key}' is {getattr(cfg, key)!r} but the tokenizers give {value!r}; "
+                "leave it unset: it is read from them"
+            )
+        setattr(out, key, value)
+    _check(out)
+    return out
+
+
+def preset_config(name: str, **overrides: Any) -> TransformerConfig:
+    """A preset as a whole config (benchmarks, tests); `overrides` set any other field."""
+    return resolve_config(TransformerConfig(preset=name, **overrides))
+
+
+def _check(cfg: TransformerConfig) -> None:
+    """Every field of a filled-in config is usable; image_factors and head_dim are completed in place."""
+
+    def bad(key: str, allowed: str) -> UserError:
+        return UserError(f"transformer config '{key}' is {getattr(cfg, key)!r}; it must be {allowed}")
+
+    for key, allowed in (("mlp", MLPS), ("norm", NORMS), ("pos_2d", POS_2D), ("text_pad", TEXT_PADS)):
+        if getattr(cfg, key) not in allowed:
+            raise bad(key, " or ".join(allowed))
+    if not cfg.attn_patterns or any(p not in PATTERNS for p in cfg.attn_patterns):
+        raise bad("attn_patterns", "a non-empty list of " + ", ".join(PATTERNS))
+    for key in ("text_vocab", "image_vocab", "grid_h", "grid_w", "dim", "depth", "heads"):
+        if getattr(cfg, key) < 1:
+            raise bad(key, "a positive integer")
+    cfg.image_factors = list(cfg.image_factors or [cfg.image_vocab])
+    if any(k < 2 for k in cfg.image_factors) or math.prod(cfg.image_factors) != cfg.image_vocab:
+        raise bad("image_factors", f"group sizes >= 2 whose product is image_vocab {cfg.image_vocab}")
+    if cfg.text_len < 2:
+        raise bad("text_len", "at least 2 (bos plus one token)")
+    if not 0 <= cfg.pad_id < cfg.text_vocab:
+        raise bad("pad_id", f"a text id in [0, {cfg.text_vocab})")
+    if cfg.head_dim == 0:
+        if cfg.dim % cfg.heads:
+            raise bad("heads", f"a divisor of dim {cfg.dim}, or set head_dim")
+        cfg.head_dim = cfg.dim // cfg.heads
+    if cfg.pos_2d == "rope" and cfg.head_dim % 4:
+        raise bad("head_dim", "a multiple of 4 for 2-D rotary positions (half rows, half columns)")
+    if cfg.conv_kernel < 1 or cfg.conv_kernel % 2 == 0:
+        raise bad("conv_kernel", "an odd positive integer")
+    if not 0.0 <= cfg.text_loss_weight <= 1.0:
+        raise bad("text_loss_weight", "between 0 and 1")
+    if cfg.text_pad == "mask" and cfg.pads_in_loss:
+        raise bad("pads_in_loss", "false when text_pad is 'mask' (masked pads are never targets)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +190,7 @@ def model_config(
 # ----------------------------------------------------------------------------------------------
 
 
-def rope_2d_angles(cfg: DalleModelConfig, base: float = 10000.0) -> torch.Tensor:
+def rope_2d_angles(cfg: TransformerConfig, base: float = 10000.0) -> torch.Tensor:
     """Rotation angles (L, head_dim / 2) per sequence position: 0 for text, row | column for image."""
     quarter = cfg.head_dim // 4
     inv_freq = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (quarter,)
@@ -286,7 +208,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def pattern_mask(cfg: DalleModelConfig, pattern: str) -> torch.Tensor:
+def pattern_mask(cfg: TransformerConfig, pattern: str) -> torch.Tensor:
     """Which key each query may see under `pattern`: a causal boolean mask (L, L), True = visible."""
     L, t = cfg.seq_len, cfg.text_len
     mask = torch.ones(L, L, dtype=torch.bool).tril()
@@ -334,12 +256,12 @@ class KVCache:
     v: torch.Tensor
 
 
-def make_norm(cfg: DalleModelConfig, width: int) -> nn.Module:
+def make_norm(cfg: TransformerConfig, width: int) -> nn.Module:
     return nn.LayerNorm(width) if cfg.norm == "layer" else nn.RMSNorm(width)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DalleModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.heads, inner = cfg.heads, cfg.heads * cfg.head_dim
         self.qkv = Linear(cfg.dim, 3 * inner)
@@ -383,7 +305,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: DalleModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         hidden = int(cfg.mlp_ratio * cfg.dim)
         self.gated = cfg.mlp == "swiglu"
@@ -404,7 +326,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: DalleModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg, cfg.dim), Attention(cfg)
         self.norm2, self.mlp = make_norm(cfg, cfg.dim), MLP(cfg)
@@ -422,9 +344,9 @@ class Block(nn.Module):
 class DALLE(nn.Module):
     """Decoder-only transformer over [text ; image] ids (see the module docstring for the layout)."""
 
-    def __init__(self, cfg: DalleModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = resolve_config(cfg)  # checked, with the preset's size where cfg leaves it 0
         d, t = cfg.dim, cfg.text_len
         pad_tokens = t if cfg.text_pad == "per_position" else 0
         self.text_emb = nn.Embedding(cfg.text_vocab + pad_tokens, d)
@@ -688,12 +610,13 @@ class DALLE(nn.Module):
 
 __all__ = [
     "DALLE",
-    "DalleModelConfig",
-    "KVCache",
+    "GEOMETRY",
     "PRESETS",
+    "KVCache",
+    "TransformerConfig",
     "apply_rope",
-    "model_config",
     "pattern_mask",
     "preset_config",
+    "resolve_config",
     "rope_2d_angles",
 ]

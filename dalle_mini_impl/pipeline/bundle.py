@@ -4,7 +4,7 @@
       config.json              the resolved RunConfig
       text.model               the sentencepiece model
       vae.safetensors          image tokenizer weights (+ vae.json, its own config: loadable by `vae` alone)
-      transformer.safetensors  the DALL-E transformer (+ transformer.json, its DalleModelConfig)
+      transformer.safetensors  the DALL-E transformer (+ transformer.json, its resolved TransformerConfig)
       clip.safetensors         CLIP
 
 Every write goes to a temporary name first and is renamed into place, so a killed run never leaves a
@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import RunConfig, config_from_dict, config_to_dict, read_config_json, save_config
+from ..config import RunConfig, TransformerConfig, config_from_dict, config_to_dict, read_config_json, save_config
 from ..errors import UserError
 
 # the model `python -m sample` and `python -m dalle_mini_impl.clip` use when no --model is given
@@ -213,7 +213,7 @@ def load_text_tokenizer(bundle: str | os.PathLike, cfg: RunConfig):
 
 def load_transformer(bundle: str | os.PathLike):
     """The DALL-E transformer of a bundle or run folder (transformer.json + transformer.safetensors), in eval mode."""
-    from ..model.transformer import DALLE, DalleModelConfig
+    from ..model.transformer import DALLE
 
     weights = part_path(bundle, "transformer")
     path = Path(bundle) / "transformer.json"
@@ -226,7 +226,7 @@ def load_transformer(bundle: str | os.PathLike):
         if not isinstance(values, dict):
             raise ValueError("not an object")
         _check_transformer_size(values, weights, path)
-        model = DALLE(DalleModelConfig.from_dict(values))
+        model = DALLE(config_from_dict(values, TransformerConfig))
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise UserError(f"'{path}' is not a valid transformer config ({e}); retrain or copy the whole bundle") from None
     return load_module(model, weights, "transformer").eval()
