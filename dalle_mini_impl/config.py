@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,7 @@ class SampleConfig:
     num_images: int = 4
     candidates: int = 16
     batch_size: int = 64
-    cfg: float = 3.0
+    guidance_scale: float = 3.0  # classifier-free guidance on the logits (1: off)
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
@@ -322,11 +323,20 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# keys that have been renamed: a config saved with the old name (an older bundle's config.json, a preset,
+# a --set) still loads, with a one-line warning
+RENAMED = {"sample.cfg": "sample.guidance_scale"}
+
+
 def _apply(obj: Any, values: dict[str, Any], prefix: str) -> None:
     """Write a nested dict of values into a dataclass tree, checking every key and type."""
     types_ = _field_types(type(obj))
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if key in RENAMED:
+            warnings.warn(f"config key '{key}' is now '{RENAMED[key]}'; read it as that", FutureWarning, stacklevel=2)
+            key = RENAMED[key]
+            name = key.rpartition(".")[2]
         if name not in types_:
             allowed = ", ".join(sorted(types_))
             raise UserError(f"unknown config key '{key}'; allowed keys here are: {allowed}")

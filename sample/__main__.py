@@ -61,7 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="bundle folder (default: the shapes model shipped in the package)")
     p.add_argument("--num-images", type=int, default=None, help="images kept per prompt (default: the bundle's)")
     p.add_argument("--candidates", type=int, default=None, help="samples per prompt that CLIP ranks")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1: off)")
+    p.add_argument(
+        "--guidance-scale",
+        "--cfg",
+        dest="guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (1: off; default: the bundle's)",
+    )
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature, above 0")
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (0: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1: off)")
@@ -115,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts,
             num_images=args.num_images,
             candidates=args.candidates,
-            cfg_scale=args.cfg,
+            guidance_scale=args.guidance_scale,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,

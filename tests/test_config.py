@@ -92,3 +92,15 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     back = read_config_json(tmp_path / "config.json")
     assert config_to_dict(back) == config_to_dict(cfg)
     assert config_from_dict({"seed": 3}).seed == 3
+
+
+def test_an_older_configs_renamed_key_loads_with_one_warning(tmp_path):
+    values = config_to_dict(RunConfig())
+    del values["sample"]["guidance_scale"]
+    values["sample"]["cfg"] = 2.5  # the name bundles were saved with before `guidance_scale`
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.warns(FutureWarning, match="config key 'sample.cfg' is now 'sample.guidance_scale'") as seen:
+        cfg = read_config_json(tmp_path / "config.json")
+    assert cfg.sample.guidance_scale == 2.5 and len(seen) == 1
+    with pytest.warns(FutureWarning, match="sample.cfg"):  # the same for a --set
+        assert load_config("shapes", ["sample.cfg=4"]).sample.guidance_scale == 4.0

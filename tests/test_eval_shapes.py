@@ -78,9 +78,9 @@ def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_p
 def test_set_changes_the_sampling_settings_and_nothing_else(tmp_path, capsys):
     bundle = bundle_for(tmp_path / "bundle")
     args = ["--model", str(bundle), "--n", "4", "--candidates", "8"]
-    assert main([*args, "--set", "sample.cfg=3.5", "--set", "sample.temperature=0.5"]) == 0
+    assert main([*args, "--set", "sample.guidance_scale=3.5", "--set", "sample.temperature=0.5"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert (printed["cfg"], printed["temperature"]) == (3.5, 0.5)
+    assert (printed["guidance_scale"], printed["temperature"]) == (3.5, 0.5)
     with pytest.raises(UserError, match="--set data.shapes.held_out=.*only sampling settings"):
         main([*args, "--set", "data.shapes.held_out=[]"])
     with pytest.raises(UserError, match="temperature"):

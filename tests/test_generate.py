@@ -44,9 +44,9 @@ VARIANTS = [
 ]
 SAMPLING = [
     dict(),
-    dict(cfg_scale=3.0, null_text=NULL),
+    dict(guidance_scale=3.0, null_text=NULL),
     dict(top_k=4, temperature=0.7),
-    dict(top_p=0.8, cfg_scale=2.0, null_text=NULL),
+    dict(top_p=0.8, guidance_scale=2.0, null_text=NULL),
 ]
 
 
@@ -56,8 +56,8 @@ def test_cached_static_and_uncached_decoding_give_the_same_tokens(kw, sampling):
     model = make(**kw)
     for seed in (0, 1):
         ids = [
-            generate(model, TEXT, generator=torch.Generator().manual_seed(seed), use_cache=c, decode=d, **sampling)
-            for c, d in ((True, "cached"), (True, "static"), (False, "cached"))
+            generate(model, TEXT, generator=torch.Generator().manual_seed(seed), decode=d, **sampling)
+            for d in ("cached", "static", "uncached")
         ]
         assert ids[0].shape == (3, N) and ids[0].dtype == torch.long
         assert ids[0].min() >= 0 and ids[0].max() < IV
@@ -71,7 +71,7 @@ def test_the_static_step_has_the_same_shapes_at_every_position():
     generate(model, TEXT, generator=torch.Generator().manual_seed(0), decode="static")
     steps = seen[1:]  # after the prefill: one position, and the mask row over all L keys, every time
     assert len(steps) == N - 1 and set(steps) == {(torch.Size([3, 1, 32]), torch.Size([3, 1, 1, T + N - 1]))}
-    with pytest.raises(ValueError, match="decode must be one of cached, static, compiled"):
+    with pytest.raises(ValueError, match="decode must be one of uncached, cached, static, compiled"):
         generate(model, TEXT, decode="graph")
 
 
@@ -82,12 +82,12 @@ def test_compiled_decoding_gives_the_cached_tokens_and_compiles_at_most_twice():
     model = make(pos_2d="rope", text_pad="mask", attn_patterns=["conv", "full"], qk_norm=True)
     counters.clear()
     for seed in (0, 1):
-        kw = dict(null_text=NULL, cfg_scale=3.0, top_k=8, generator=torch.Generator().manual_seed(seed))
+        kw = dict(null_text=NULL, guidance_scale=3.0, top_k=8, generator=torch.Generator().manual_seed(seed))
         expected = generate(model, TEXT, **kw | dict(generator=torch.Generator().manual_seed(seed)))
         assert torch.equal(generate(model, TEXT, decode="compiled", **kw), expected)
     assert counters["stats"]["unique_graphs"] == 1  # the second call and every step reuse the first compile
     for rows in (2, 1):  # a second batch size compiles once more, with the batch symbolic; a third reuses it
-        kw = dict(null_text=NULL, cfg_scale=3.0, top_k=8)
+        kw = dict(null_text=NULL, guidance_scale=3.0, top_k=8)
         expected = generate(model, TEXT[:rows], generator=torch.Generator().manual_seed(rows), **kw)
         got = generate(model, TEXT[:rows], generator=torch.Generator().manual_seed(rows), decode="compiled", **kw)
         assert torch.equal(got, expected)
@@ -101,7 +101,7 @@ def test_the_cache_is_used_one_position_per_step():
     generate(model, TEXT, generator=torch.Generator().manual_seed(0))
     assert seen == [T] + [1] * (N - 1)  # prefill, then one position per token
     seen.clear()
-    generate(model, TEXT, generator=torch.Generator().manual_seed(0), use_cache=False)
+    generate(model, TEXT, generator=torch.Generator().manual_seed(0), decode="uncached")
     assert seen == [T + i for i in range(N)]  # the reference recomputes the prefix
 
 
@@ -115,7 +115,7 @@ def test_guidance_leaves_the_callers_tensors_and_model_mode_alone():
     model = make(text_pad="mask").train()
     text, null, prime = TEXT.clone(), NULL.clone(), torch.randint(0, IV, (3, 5))
     prime_copy = prime.clone()
-    generate(model, text, null_text=null, cfg_scale=3.0, prime=prime, generator=torch.Generator().manual_seed(0))
+    generate(model, text, null_text=null, guidance_scale=3.0, prime=prime, generator=torch.Generator().manual_seed(0))
     assert torch.equal(text, TEXT) and torch.equal(null, NULL) and torch.equal(prime, prime_copy)
     assert model.training  # put back in train mode
 
@@ -124,18 +124,18 @@ def test_guidance_changes_the_samples_and_needs_an_empty_caption():
     model = make(seed=3)
     a = generate(model, TEXT, generator=torch.Generator().manual_seed(0))
     # a fresh model barely tells captions apart, so it takes a large scale to move the samples
-    b = generate(model, TEXT, null_text=NULL, cfg_scale=100.0, generator=torch.Generator().manual_seed(0))
+    b = generate(model, TEXT, null_text=NULL, guidance_scale=100.0, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(a, b)
     with pytest.raises(ValueError, match="null_text"):
-        generate(model, TEXT, cfg_scale=3.0)
+        generate(model, TEXT, guidance_scale=3.0)
 
 
-@pytest.mark.parametrize("use_cache, decode", [(True, "cached"), (True, "static"), (False, "cached")])
-def test_priming_keeps_the_given_tokens(use_cache, decode):
+@pytest.mark.parametrize("decode", ["cached", "static", "uncached"])
+def test_priming_keeps_the_given_tokens(decode):
     model = make()
     prime = torch.randint(0, IV, (3, 6), generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(0)
-    ids = generate(model, TEXT, prime=prime, generator=g, use_cache=use_cache, decode=decode)
+    ids = generate(model, TEXT, prime=prime, generator=g, decode=decode)
     assert torch.equal(ids[:, :6], prime)
     full = torch.randint(0, IV, (3, N))
     assert torch.equal(generate(model, TEXT, prime=full), full)
@@ -188,7 +188,7 @@ def test_a_model_that_memorised_four_pairs_regenerates_them_greedily():
 def test_a_bfloat16_model_decodes_with_a_bfloat16_cache():
     model = make(pos_2d="rope", text_pad="mask").to(torch.bfloat16)
     assert model.new_cache(2)[0].k.dtype == torch.bfloat16
-    ids = generate(model, TEXT, null_text=NULL, cfg_scale=3.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    ids = generate(model, TEXT, null_text=NULL, guidance_scale=3.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
     assert ids.shape == (3, N) and ids.min() >= 0 and ids.max() < IV
 
 
@@ -196,5 +196,5 @@ def test_decoding_under_autocast_keeps_the_cache_in_the_autocast_dtype():
     model = make(attn_patterns=["row", "full"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.new_cache(2)[0].k.dtype == torch.bfloat16
-        ids = generate(model, TEXT, null_text=NULL, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+        ids = generate(model, TEXT, null_text=NULL, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert ids.shape == (3, N) and ids.min() >= 0 and ids.max() < IV

@@ -32,7 +32,7 @@ for stage in ("vae", "dalle", "clip"):
 def test_preset_trains_two_steps_of_every_stage(preset, tmp_path, imagefolder):
     torch.set_num_threads(1)
     argv = ["--config", preset, "--out", str(tmp_path)]
-    if "emoji" in preset:  # the real set lives in ../shared; tests build their own imagefolder
+    if not load_config(preset).data.source:  # a preset for data not shipped: tests build their own imagefolder
         argv += ["--data", str(imagefolder.root)]
     for item in SHRINK:
         argv += ["--set", item]
@@ -45,3 +45,16 @@ def test_preset_trains_two_steps_of_every_stage(preset, tmp_path, imagefolder):
         assert [p.name for p in list_checkpoints(tmp_path / "checkpoints" / name)] == ["step_00000002"]
     for artifact in ("text.model", "vae.safetensors", "transformer.safetensors", "clip.safetensors"):
         assert (tmp_path / artifact).is_file()
+
+
+def test_a_preset_that_names_no_data_needs_data(tmp_path, capsys):
+    from dalle_mini_impl.errors import run_cli
+
+    assert load_config("emoji64").data.source == ""
+    with pytest.raises(SystemExit) as stop:
+        run_cli(train_tokenizer.main, ["--config", "emoji64", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: this config names no data source (data.source is empty); pass --data with a folder, "
+        "*.parquet or *.tar files, or a hub name\n"
+    )

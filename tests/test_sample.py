@@ -152,7 +152,7 @@ def test_compiled_decoding_writes_the_same_pngs(bundle, tmp_path, capsys):
 
 
 def test_an_unknown_decode_mode_is_one_sentence(bundle):
-    with pytest.raises(UserError, match="decode 'graph' is unknown; use cached, static, compiled"):
+    with pytest.raises(UserError, match="decode 'graph' is unknown; use uncached, cached, static, compiled"):
         Pipeline.from_pretrained(bundle, device="cpu", decode="graph")
 
 
@@ -209,7 +209,8 @@ BAD_ARGS = [
     (["a red circle", "--top-p", "0"], "--top-p is 0.0"),
     (["a red circle", "--top-p", "1.5"], "--top-p is 1.5"),
     (["a red circle", "--top-k", "-2"], "--top-k is -2"),
-    (["a red circle", "--cfg", "nan"], "--cfg is nan"),
+    (["a red circle", "--cfg", "nan"], "--guidance-scale is nan"),
+    (["a red circle", "--guidance-scale", "inf"], "--guidance-scale is inf"),
     (["a red circle", "--keep-rows", "2"], "--keep-rows needs an image to complete"),
     (["a red circle", "--keep-rows", "0"], "--keep-rows needs an image to complete"),
     (["a red circle", "--seed", "-1"], "--seed is -1"),
@@ -479,3 +480,27 @@ def test_a_bundle_with_product_codes_samples_refines_and_checks_its_parts(tmp_pa
     vae.save_pretrained(single, bundle)
     with pytest.raises(UserError, match=r"image code groups \[4, 9\] vs \[36\]"):
         Pipeline.from_pretrained(bundle, device="cpu")
+
+
+def test_an_older_bundle_with_the_cfg_key_samples_with_a_one_line_warning(bundle, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    values = json.loads((old / "config.json").read_text())
+    values["sample"]["cfg"] = values["sample"].pop("guidance_scale")
+    (old / "config.json").write_text(json.dumps(values))
+    assert main(["a red circle", "--model", str(old), "--out", str(tmp_path / "out"), "--candidates", "2", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: config key 'sample.cfg' is now 'sample.guidance_scale'; read it as that\n" in err
+
+
+def test_an_older_transformer_json_loads_the_same_model(bundle, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    values = json.loads((old / "transformer.json").read_text())
+    for key in ("preset", "caption_dropout", "norm", "pads_in_loss"):  # absent from transformer.json files of old
+        del values[key]
+    (old / "transformer.json").write_text(json.dumps(values))
+    new, older = (Pipeline.from_pretrained(b, device="cpu") for b in (bundle, old))
+    assert older.transformer.cfg == new.transformer.cfg
+    ids = [p.generate("a red circle", candidates=2, num_images=1, progress=False)[0][0].ids for p in (new, older)]
+    assert torch.equal(ids[0], ids[1])

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
         text = text_tokenizer.encode(prompts).to(accelerator.device)
         null = text_tokenizer.encode([""]).to(accelerator.device)
-        ids = generate(m, text, null_text=null, cfg_scale=cfg.sample.cfg, top_p=0.95, generator=gen)
+        ids = generate(m, text, null_text=null, guidance_scale=cfg.sample.guidance_scale, top_p=0.95, generator=gen)
         h, w = m.cfg.grid_h, m.cfg.grid_w
         with torch.inference_mode():
             images = image_tokenizer.decode(ids.view(-1, h, w)).float().cpu()

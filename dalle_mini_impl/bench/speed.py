@@ -15,7 +15,7 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           flops_per_token * positions/s / peak (PaLM / nanoGPT); for transparency also the same step with a
           dVAE encode of random pixels in it (what the anchor times, as it re-encodes pixels every step);
           with --dtype bf16 (default on GPU) also bf16 autocast and its speed-up over fp32.
-  sample  per preset: `generate` for 8 prompts with the KV cache, without it (use_cache=False) and with
+  sample  per preset: `generate` for 8 prompts with the KV cache, without it (decode uncached) and with
           classifier-free guidance (scale 3): wall seconds, image tokens/s, guided / unguided cost; on the
           CPU the cached and guided runs again from a bf16 copy of the weights (`cached_bf16`,
           `guided_bf16`, `bf16_speedup`: what `python -m sample --dtype bf16` does); on GPU the weights are
@@ -124,7 +124,7 @@ VAE_IMAGE_SIZE = 32
 VAE_BATCH = 32
 VAE_STEPS, VAE_WARMUP = 30, 2
 
-SAMPLE_CFG_SCALE = 3.0
+SAMPLE_GUIDANCE_SCALE = 3.0
 SAMPLE_KEEP = 0.1  # the anchor's filter_thres 0.9 keeps the top 10% of ids
 
 
@@ -421,13 +421,12 @@ def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak:
 
 
 def sample_once(model, text, null, scale, top_k, decode, seed, device) -> tuple[float, torch.Tensor]:
-    """Wall seconds and ids of one `generate`; decode is a `generate` decode mode, or "uncached"."""
+    """Wall seconds and ids of one `generate` in decode mode `decode`."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     box: list[torch.Tensor] = []
-    how = dict(use_cache=False) if decode == "uncached" else dict(decode=decode)
 
     def run() -> None:
-        box.append(generate(model, text, null_text=null, cfg_scale=scale, top_k=top_k, generator=g, **how))
+        box.append(generate(model, text, null_text=null, guidance_scale=scale, top_k=top_k, generator=g, decode=decode))
 
     return timed(device, run), box[0]
 
@@ -456,19 +455,19 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
         "batch": b,
         "image_tokens_per_sample": n,
         "top_k": top_k,
-        "cfg_scale": SAMPLE_CFG_SCALE,
+        "guidance_scale": SAMPLE_GUIDANCE_SCALE,
         "dtype": dtype,
         "reps": reps,
     }
     modes = {
         "cached": (model, 1.0, "cached"),
-        "guided": (model, SAMPLE_CFG_SCALE, "cached"),
+        "guided": (model, SAMPLE_GUIDANCE_SCALE, "cached"),
         "uncached": (model, 1.0, "uncached"),
     }
     if bf16_copy is not None:
-        modes.update(cached_bf16=(bf16_copy, 1.0, "cached"), guided_bf16=(bf16_copy, SAMPLE_CFG_SCALE, "cached"))
+        modes.update(cached_bf16=(bf16_copy, 1.0, "cached"), guided_bf16=(bf16_copy, SAMPLE_GUIDANCE_SCALE, "cached"))
     if args.compile:  # the torch.compile'd static decoding step (CUDA graphs on GPUs)
-        modes.update(cached_compiled=(model, 1.0, "compiled"), guided_compiled=(model, SAMPLE_CFG_SCALE, "compiled"))
+        modes.update(cached_compiled=(model, 1.0, "compiled"), guided_compiled=(model, SAMPLE_GUIDANCE_SCALE, "compiled"))
 
     reset_memory(device)
     for mode, (m, scale, decode) in modes.items():
@@ -532,9 +531,9 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
             key = f"guided_batch{gb}" + ("_compiled" if decode == "compiled" else "")
             log(f"sample {name}: guided batch {gb}, {decode}")
             if decode == "compiled":  # compile for this batch size first, untimed
-                sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, decode, SEED, device)
+                sample_once(model, gtext, null, SAMPLE_GUIDANCE_SCALE, top_k, decode, SEED, device)
             reset_memory(device)
-            dt, _ = sample_once(model, gtext, null, SAMPLE_CFG_SCALE, top_k, decode, SEED, device)
+            dt, _ = sample_once(model, gtext, null, SAMPLE_GUIDANCE_SCALE, top_k, decode, SEED, device)
             out[key] = {"wall_s": round(dt, 3), "image_tokens_per_s": round(gb * n / dt, 2), **peak_memory(device)}
     return out
 

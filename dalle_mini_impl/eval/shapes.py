@@ -1,7 +1,7 @@
 """Does the model draw what the prompt says? The shapes judge over a fixed, seeded prompt set.
 
     python -m dalle_mini_impl.eval shapes --model RUN --n 300 --seed 0 [--candidates 8] [--guided 0]
-        [--set sample.cfg=3]    # sample with other settings than the bundle's
+        [--set sample.guidance_scale=3]    # sample with other settings than the bundle's
 
 The prompt set (`prompt_set`) is a pure function of (n, seed, held-out combinations):
   - half are one-object prompts cycling through all 8 mixes of stated and omitted size, color and
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="sample.KEY=VALUE",
-        help="sample with another setting than the bundle's, e.g. --set sample.cfg=3 (repeatable)",
+        help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=3 (repeatable)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "candidates": args.candidates,
         "held_out": pipe.cfg.data.shapes.held_out,
-        "cfg": pipe.cfg.sample.cfg,
+        "guidance_scale": pipe.cfg.sample.guidance_scale,
         "temperature": pipe.cfg.sample.temperature,
         "seconds": round(time.perf_counter() - t0, 1),
         **result,

@@ -7,13 +7,14 @@ tensors, masks precomputed once and sliced). Classifier-free guidance (Ho & Sali
 conditional and unconditional rows as one batch of 2b and mixes logits as u + scale * (c - u).
 
 Sampling draws one uniform number per row and token from the caller's `torch.Generator` (inverse-CDF
-sampling), the same draws in every mode, so cached and uncached decoding (`use_cache=False`, which
-recomputes the whole prefix every step: the reference) give the same tokens for the same seed.
+sampling), the same draws in every decoding mode, so every mode gives the same tokens for the same seed;
+`decode="uncached"`, which recomputes the whole prefix every step, is the reference the others are tested
+against.
 
 Usage:
     from dalle_mini_impl.model.generate import generate
     g = torch.Generator().manual_seed(0)
-    ids = generate(model, text, null_text=empty, cfg_scale=3.0, top_k=64, generator=g)  # (b, n)
+    ids = generate(model, text, null_text=empty, guidance_scale=3.0, top_k=64, generator=g)  # (b, n)
     images = vae.decode(ids.reshape(-1, model.cfg.grid_h, model.cfg.grid_w))
 """
 
@@ -25,7 +26,7 @@ import torch
 
 from .transformer import DALLE
 
-DECODE_MODES = ("cached", "static", "compiled")
+DECODE_MODES = ("uncached", "cached", "static", "compiled")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -136,13 +137,15 @@ def _uncached_logits(
         yield model.image_logits(h[:, -1])
 
 
-def _check_args(model, text, null_text, cfg_scale, temperature, top_k, top_p, prime) -> None:
+def _check_args(model, text, null_text, guidance_scale, temperature, top_k, top_p, prime, decode) -> None:
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
         raise ValueError(f"text must be a LongTensor (b, {c.text_len}), got {text.dtype} {tuple(text.shape)}")
-    if cfg_scale != 1.0:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if guidance_scale != 1.0:
         if null_text is None:
-            raise ValueError("cfg_scale != 1 needs null_text: the ids of the empty caption, (1, t) or (b, t)")
+            raise ValueError("guidance_scale != 1 needs null_text: the ids of the empty caption, (1, t) or (b, t)")
         if null_text.dim() != 2 or null_text.shape[0] not in (1, text.shape[0]) or null_text.shape[1] != c.text_len:
             raise ValueError(f"null_text must be (1 or b, {c.text_len}), got {tuple(null_text.shape)}")
     if temperature <= 0:
@@ -162,28 +165,26 @@ def generate(
     text: torch.Tensor,
     *,
     null_text: torch.Tensor | None = None,
-    cfg_scale: float = 1.0,
+    guidance_scale: float = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     prime: torch.Tensor | None = None,
     on_row: Callable[[int, torch.Tensor], None] | None = None,
-    use_cache: bool = True,
     decode: str = "cached",
 ) -> torch.Tensor:
     """Sample image ids (b, n), raster order, for text ids (b, t); every prompt in one batch.
 
-    null_text: the empty caption's ids, (1, t) or (b, t); needed when cfg_scale != 1.
-    cfg_scale: classifier-free guidance scale on the logits (1: off, no unconditional rows run).
+    null_text: the empty caption's ids, (1, t) or (b, t); needed when guidance_scale != 1.
+    guidance_scale: classifier-free guidance scale on the logits (1: off, no unconditional rows run).
     temperature, top_k (0: off), top_p (1: off): applied in this order to the (guided) image logits.
     generator: the source of all randomness; the same seed gives the same ids, cached or not.
     prime: (b, k) image ids that are kept as the first k tokens; generation continues after them.
     on_row(r, ids): called once per grid row r = 0 .. h-1, in order, as soon as the row is complete
         (primed rows first, before any sampling), with a copy of the ids so far, (b, (r + 1) * w).
-    use_cache: False recomputes the whole prefix every step (the slow reference, same tokens).
-    decode: how a cached step runs. "cached": one position attending to the positions so far (fastest
-        eager on CPU); "static": `DALLE.decode_step`, the same step at shapes that never change (it reads
+    decode: how a step runs. "uncached": a forward over the whole prefix every step (the slow reference);
+        "cached": the prefix's keys and values kept, one position attending to them (fastest eager on CPU); "static": `DALLE.decode_step`, the same step at shapes that never change (it reads
         all L cached positions under a mask); "compiled": that step under torch.compile, compiled on the
         first call for a model and batch size and reused after (mode reduce-overhead, i.e. CUDA graphs,
         on GPUs: eager decoding of a large model is bound by per-step kernel launches there).
@@ -191,12 +192,10 @@ def generate(
     The model runs in eval mode under inference_mode and is put back in its former mode; the caller's
     tensors are never written.
     """
-    _check_args(model, text, null_text, cfg_scale, temperature, top_k, top_p, prime)
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    _check_args(model, text, null_text, guidance_scale, temperature, top_k, top_p, prime, decode)
     c = model.cfg
     b, n, w = text.shape[0], c.image_len, c.grid_w
-    guided = cfg_scale != 1.0
+    guided = guidance_scale != 1.0
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
     out = torch.empty(b, n, dtype=torch.long, device=text.device)
     k = 0 if prime is None else prime.shape[1]
@@ -210,14 +209,14 @@ def generate(
     model.eval()
     try:
         masks = model.attn_masks(rows_text)
-        if use_cache:
-            source = _cached_logits(model, rows_text, out, k, masks, guided, decode)
-        else:
+        if decode == "uncached":
             source = _uncached_logits(model, rows_text, out, k, masks, guided)
+        else:
+            source = _cached_logits(model, rows_text, out, k, masks, guided, decode)
         for i, logits in zip(range(k, n), source):
             if guided:
                 cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_scale * (cond - uncond)
+                logits = uncond + guidance_scale * (cond - uncond)
             out[:, i] = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if on_row is not None and (i + 1) % w == 0:
                 on_row(i // w, out[:, : i + 1].clone())

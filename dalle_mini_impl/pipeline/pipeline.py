@@ -18,7 +18,7 @@ Determinism: prompt i draws all its randomness from its own CPU `torch.Generator
 seed and arguments (the number of candidates included) give the same ids on the same machine, whatever
 the other prompts are, and a prompt run alone with `seed=result.seed` gives its images again.
 
-Every default (num_images, candidates, cfg scale, temperature, top-k/p, seed, guided steps) comes from
+Every default (num_images, candidates, guidance scale, temperature, top-k/p, seed, guided steps) comes from
 the bundle's `sample` config section. Nothing here writes files: `python -m sample` does.
 """
 
@@ -105,7 +105,7 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 
 def check_settings(s: SampleConfig) -> None:
     """Numbers a sampler cannot use are UserErrors naming the command-line flag."""
-    for flag, value in (("--cfg", s.cfg), ("--temperature", s.temperature), ("--top-p", s.top_p)):
+    for flag, value in (("--guidance-scale", s.guidance_scale), ("--temperature", s.temperature), ("--top-p", s.top_p)):
         if not math.isfinite(value):
             raise UserError(f"{flag} is {value}; give a finite number")
     if s.candidates < 1:
@@ -263,7 +263,7 @@ class Pipeline:
                 self.transformer,
                 text.expand(b, -1),
                 null_text=null,
-                cfg_scale=s.cfg,
+                guidance_scale=s.guidance_scale,
                 temperature=s.temperature,
                 top_k=s.top_k,
                 top_p=s.top_p,
@@ -298,7 +298,7 @@ class Pipeline:
         *,
         num_images: int | None = None,
         candidates: int | None = None,
-        cfg_scale: float | None = None,
+        guidance_scale: float | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -318,7 +318,7 @@ class Pipeline:
         s = self.settings(
             num_images=num_images,
             candidates=candidates,
-            cfg=cfg_scale,
+            guidance_scale=guidance_scale,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
