@@ -42,7 +42,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class ShapesConfig:
-    """The procedural `shapes` data set (../shared/specs/shapes.md)."""
+    """The procedural `shapes` data set (docs/shapes.md)."""
 
     seed: int = 0  # the training stream's seed; validation uses seed + 1_000_003
     train_size: int = 0  # 0: an endless stream; N: a fixed set of N examples

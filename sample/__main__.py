@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         default="fp32",
         choices=["fp32", "bf16", "fp16"],
         help="bf16/fp16: the transformer samples from weights cast to it and the image tokenizer decodes under "
-        "autocast (on a CPU with AMX, bf16 sampled 1.9x faster at width 512 and no faster at width 256; "
-        "fp16 needs a GPU)",
+        "autocast; whether it pays on a CPU depends on its bf16 units and the model's width (time it with "
+        "python -m dalle_mini_impl.bench --only sample times both); fp16 needs a GPU",
     )
     p.add_argument(
         "--compile",

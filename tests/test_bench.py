@@ -139,7 +139,7 @@ def test_gpu_check_reads_the_targets_and_refuses_a_machine_without_gpu(capsys):
         "cached_compiled": {"image_tokens_per_s": 7_000.0},  # the faster of eager and compiled counts
         "guided_batch256": {"image_tokens_per_s": 40_000.0},
     }
-    targets = gpu_check.check({"presets": {"dalle256": {"train": train, "sample": sample}}})
+    targets = gpu_check.check({"presets": {"dalle256": {"train": train, "sample": sample}}})  # bench/anchor.json
     assert targets["train_mfu"] == {"value": 0.55, "target": ">= 0.5", "met": True}  # the faster of the two
     assert targets["train_vs_anchor"]["value"] == round(200_000 / 47_500, 2) and targets["train_vs_anchor"]["met"]
     assert targets["sample_vs_anchor"]["value"] == round(7_000 / 327, 2) and targets["sample_vs_anchor"]["met"]
@@ -149,3 +149,32 @@ def test_gpu_check_reads_the_targets_and_refuses_a_machine_without_gpu(capsys):
         with pytest.raises(SystemExit) as e:
             run_cli(gpu_check.main, [])
         assert e.value.code == 2 and "torch sees no GPU" in capsys.readouterr().err
+
+
+def test_the_anchor_figures_are_an_input(tmp_path, capsys):
+    from dalle_mini_impl.bench import anchor
+    from dalle_mini_impl.bench import gpu as gpu_check
+
+    figures = anchor.read_figures()  # the packaged bench/anchor.json
+    assert figures["tiny_vae_params"] == 561091 and figures["cpu_targets"]["medium"]["sampling_speedup"] == [">=", 25.0]
+    other = {**figures, "h200_dalle256": {"train_tokens_per_s": 100_000, "sample_16x1024_image_tokens_per_s": 1000}}
+    train = {"bf16": {"tokens_per_s": 200_000.0, "mfu": 0.3}}
+    result = {"presets": {"dalle256": {"train": train, "sample": {}}}}
+    assert gpu_check.check(result, other)["train_vs_anchor"] == {"value": 2.0, "target": ">= 4.0", "met": False}
+    ratios = anchor.compute_ratios("tiny", {}, {}, figures["cpu_targets"]["tiny"])
+    assert ratios["targets"] == {}  # nothing measured: no target reported as met or missed
+    for bad, message in (
+        (tmp_path / "none.json", "figures file '.*none.json' does not exist; pass --figures"),
+        (tmp_path / "broken.json", "figures file '.*broken.json' is not readable JSON"),
+        (tmp_path / "partial.json", "figures file '.*partial.json' has no 'tiny_vae_params'"),
+    ):
+        if bad.name == "broken.json":
+            bad.write_text("{")
+        elif bad.name == "partial.json":
+            bad.write_text("{}")
+        with pytest.raises(UserError, match=message):
+            anchor.read_figures(bad)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(anchor.main, ["--anchor-python", str(tmp_path / "nope"), "--anchor-bench", str(tmp_path / "b.py")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: --anchor-python '{tmp_path / 'nope'}' does not exist;")

@@ -188,7 +188,9 @@ def test_a_model_that_memorised_four_pairs_regenerates_them_greedily():
 def test_a_bfloat16_model_decodes_with_a_bfloat16_cache():
     model = make(pos_2d="rope", text_pad="mask").to(torch.bfloat16)
     assert model.new_cache(2)[0].k.dtype == torch.bfloat16
-    ids = generate(model, TEXT, null_text=NULL, guidance_scale=3.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    ids = generate(
+        model, TEXT, null_text=NULL, guidance_scale=3.0, top_p=0.9, generator=torch.Generator().manual_seed(0)
+    )
     assert ids.shape == (3, N) and ids.min() >= 0 and ids.max() < IV
 
 

@@ -27,11 +27,11 @@ DALLE = ["train.dalle.steps=6", "train.dalle.checkpoint_every=2", "train.dalle.k
 
 
 def run_dalle(run, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "DALLE_MINI_IMPL_KILL_AT"}
-    env["OMP_NUM_THREADS"] = "1"
-    if kill_at:
-        env["DALLE_MINI_IMPL_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "train.dalle", *args_for(run, *DALLE, *extra)]
+    """`python -m train.dalle` on `run`; with `kill_at` ("step:N" or "checkpoint:N") through `tests.kill_at`,
+    which SIGKILLs the process at that point."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    entry = ["-m", "tests.kill_at", kill_at, "train.dalle"] if kill_at else ["-m", "train.dalle"]
+    cmd = [sys.executable, *entry, *args_for(run, *DALLE, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

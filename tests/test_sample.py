@@ -488,7 +488,9 @@ def test_an_older_bundle_with_the_cfg_key_samples_with_a_one_line_warning(bundle
     values = json.loads((old / "config.json").read_text())
     values["sample"]["cfg"] = values["sample"].pop("guidance_scale")
     (old / "config.json").write_text(json.dumps(values))
-    assert main(["a red circle", "--model", str(old), "--out", str(tmp_path / "out"), "--candidates", "2", "--json"]) == 0
+    assert (
+        main(["a red circle", "--model", str(old), "--out", str(tmp_path / "out"), "--candidates", "2", "--json"]) == 0
+    )
     err = capsys.readouterr().err
     assert "warning: config key 'sample.cfg' is now 'sample.guidance_scale'; read it as that\n" in err
 

@@ -11,7 +11,7 @@ Runs, in order, each as its own process with the same config and overrides:
 RUN (`out_dir`) is then a complete bundle: `python -m sample "a red circle" --model RUN`. A stage
 whose output already exists is skipped, and a stage that was interrupted resumes from its last
 checkpoint, so rerunning the command after a kill continues the work. On several GPUs, run the same
-sequence with `accelerate launch -m train.<stage>` (README, "Scaling out"). Prints one JSON line per
+sequence with `accelerate launch -m train.<stage>` (docs/SCALING.md). Prints one JSON line per
 stage with its wall time.
 """
 

@@ -2,8 +2,8 @@
 
 Copies config.json, text.model, vae.json and transformer.json, and rewrites each safetensors file
 (vae, transformer, clip) with its floating-point tensors cast to `--dtype` (fp16 halves the size; loading
-casts back to the model's dtype). Checkpoints, logs and token shards stay behind. This is how the
-shipped model in dalle_mini_impl/assets/shapes was made from runs/shapes.
+casts back to the model's dtype). Checkpoints, logs and token shards stay behind. The shipped model in
+dalle_mini_impl/assets/shapes is such a bundle (`--dtype fp16`).
 """
 
 from __future__ import annotations

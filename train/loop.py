@@ -17,11 +17,19 @@ does the rest, the same way for every stage:
 - TensorBoard scalars and image grids, and a tqdm bar, on the main process only.
 - runs whose processes hold only shards of the weights (FSDP, DeepSpeed ZeRO-3) run the evaluation,
   image-grid and export hooks on every process with the weights gathered (`train.sharded`).
+
+Reading order: `run` is the outline. It calls `prepare` (model, optimizer, LR schedule, EMA), `resume`,
+then per step `compute_gradients` and `take_step` (or `skip_step` when not finite), and when due
+`log_scalars`, `evaluate`, `log_image_grids` and `save_checkpoint`; at the end `export`.
+
+Fault injection for tests: set `on_event` to a function of (event, step); it is called with ("step", N)
+after step N and ("checkpoint", N) in the middle of writing checkpoint N (`tests/kill_at.py` kills there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,6 +52,9 @@ from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config
 from .sharded import full_state_dict, shards_weights, whole_weights
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+
+# the test seam described in the module docstring; production code never sets it
+on_event: Callable[[str, int], None] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,20 +178,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and CKPT_RE.match(p.name))
 
 
-def _resume_dir(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
-    if getattr(args, "no_resume", False):
-        return None
-    if args.resume in (None, "", "latest"):
-        found = list_checkpoints(ckpt_root)
-        return found[-1] if found else None
-    path = Path(args.resume)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"checkpoint '{path}' is not a complete checkpoint folder; pass one under {ckpt_root}")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The loop: `run` is the outline, the steps follow in the order it calls them
 # ----------------------------------------------------------------------------------------------
 
 
@@ -191,6 +190,8 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
 
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
         raise UserError(f"mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
+    if tc.grad_accum < 1:
+        raise UserError(f"grad_accum is {tc.grad_accum}; set it to 1 (no accumulation) or more")
     return Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
@@ -202,10 +203,100 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
 
 def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argparse.Namespace) -> dict[str, float]:
     """Train `stage` for `tc.steps` optimizer steps; returns the last logged scalars."""
+    t = prepare(cfg, tc, stage, accelerator)
+    resume(t, checkpoint_to_resume(t.ckpt_root, args))
+    t.writer = open_writer(t)
+    batches: Iterator[dict] = iter(stage.batches)
+    bar = tqdm(total=tc.steps, initial=t.step, disable=not t.is_main, desc=stage.name, dynamic_ncols=True)
+    logged: dict[str, float] = {}
+    window = Throughput()
+    t.model.train()
+    while t.step < tc.steps:
+        g = compute_gradients(t, batches)
+        window.items += g.items
+        if not g.finite:
+            skip_step(t, bar)
+            continue
+        scalars = take_step(t, g)
+        bar.update(1)
+        bar.set_postfix(loss=f"{g.loss:.4f}")
+
+        if _due(t.step, tc.log_every, tc.steps):
+            logged = log_scalars(t, g, scalars, window)
+            window = Throughput()
+        if stage.evaluate is not None and _due(t.step, tc.eval_every, tc.steps):
+            logged.update(evaluate(t))
+        if stage.log_images is not None and (t.step % tc.image_every == 0 or t.step == 1):
+            log_image_grids(t)
+        if _due(t.step, tc.checkpoint_every, tc.steps):
+            save_checkpoint(t)
+        if on_event is not None:
+            on_event("step", t.step)
+    bar.close()
+    logged.update(end_of_run_scalars(t))
+    export(t)
+    close(t)
+    return logged
+
+
+@dataclass
+class Training:
+    """One run of the loop: the stage, its prepared model and optimizer, and the counters a checkpoint keeps."""
+
+    tc: TrainConfig
+    stage: Stage
+    accelerator: Any
+    out: Path  # the run folder
+    model: torch.nn.Module  # the prepared `_LossModule`: its forward is the stage's loss
+    unwrapped: torch.nn.Module  # the stage's own model, the one the hooks receive
+    optimizer: torch.optim.Optimizer  # the prepared optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sharded: bool  # each process holds only a shard of the weights (FSDP, ZeRO-3)
+    ema: EMA | None
+    writer: Any = None  # TensorBoard's SummaryWriter, on the main process only
+    step: int = 0  # optimizer steps taken
+    bad_in_row: int = 0  # non-finite steps since the last finite one
+    bad_total: int = 0  # non-finite steps skipped in the whole run, resumes included
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints" / self.stage.name
+
+
+@dataclass
+class Gradients:
+    """What one step's forward and backward passes leave for the optimizer (the gradients are in `.grad`)."""
+
+    loss: float  # this process's loss, the mean over its micro-batches
+    grad_norm: float  # before clipping; nan when accelerate reports none
+    finite: bool  # loss and gradient finite on every process
+    scalars: dict[str, float]  # the stage's scalars for the last micro-batch
+    batch: dict  # the last micro-batch
+    items: int  # items in all the micro-batches
+
+
+@dataclass
+class Throughput:
+    """Items this process trained on since the last log line, and when that window started."""
+
+    items: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (logging, evaluation, checkpoint) is due: every `every` steps, and at the last."""
+    return step % every == 0 or step == last
+
+
+def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Training:
+    """Record the stage's config in the run folder; prepare its model (wrapped with its loss) and optimizer, the LR
+    schedule and the EMA weights."""
     out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints" / stage.name
-    is_main = accelerator.is_main_process
-    if is_main:
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         record_stage_config(cfg, out, stage.name)
 
@@ -221,139 +312,225 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
             f"do not; set train.{stage.name}.ema_decay=0 or launch with DDP or ZeRO-2"
         )
     ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay > 0 else None
+    return Training(tc, stage, accelerator, out, model, unwrapped, optimizer, scheduler, sharded, ema)
 
-    step, bad_in_row, bad_total = 0, 0, 0
-    resume = _resume_dir(ckpt_root, args)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = json.loads((resume / "trainer_state.json").read_text())
-        step, bad_total = state["step"], state["bad_steps"]
-        _set_schedule_step(scheduler, step)
-        data_file = resume / f"data_{accelerator.process_index}.json"
-        if data_file.is_file():
-            stage.batches.load_state_dict(json.loads(data_file.read_text()))
-        if ema is not None and (resume / "ema.safetensors").is_file():
-            ema.shadow = {k: v.float() for k, v in load_state_dict(resume / "ema.safetensors").items()}
-        for name, obj in stage.extra_state.items():
-            path = resume / f"{name}.safetensors"
-            if path.is_file():
-                _load_extra(obj, path)
-        if is_main:
-            tqdm.write(f"resumed {stage.name} from {resume} at step {step}", file=sys.stderr)
 
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
+def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
+    """The checkpoint `--resume` names (the newest under `ckpt_root` for 'latest'), or None to start at step 0."""
+    if getattr(args, "no_resume", False):
+        return None
+    if args.resume in (None, "", "latest"):
+        found = list_checkpoints(ckpt_root)
+        return found[-1] if found else None
+    path = Path(args.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"checkpoint '{path}' is not a complete checkpoint folder; pass one under {ckpt_root}")
+    return path
 
-        writer = SummaryWriter(str(out / "logs" / stage.name))
 
-    def checkpoint() -> None:
-        _save_checkpoint(accelerator, ckpt_root, step, bad_total, stage, ema, tc.keep_checkpoints)
+def resume(t: Training, checkpoint: Path | None) -> None:
+    """Continue from `checkpoint`, if any: weights, optimizer and RNG (accelerate), the LR schedule, this process's
+    data position, the EMA weights, the stage's extra state and the step counters."""
+    if checkpoint is None:
+        return
+    t.accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    t.step, t.bad_total = state["step"], state["bad_steps"]
+    _set_schedule_step(t.scheduler, t.step)
+    data_file = checkpoint / f"data_{t.accelerator.process_index}.json"
+    if data_file.is_file():
+        t.stage.batches.load_state_dict(json.loads(data_file.read_text()))
+    if t.ema is not None and (checkpoint / "ema.safetensors").is_file():
+        t.ema.shadow = {k: v.float() for k, v in load_state_dict(checkpoint / "ema.safetensors").items()}
+    for name, obj in t.stage.extra_state.items():
+        path = checkpoint / f"{name}.safetensors"
+        if path.is_file():
+            _load_extra(obj, path)
+    if t.is_main:
+        tqdm.write(f"resumed {t.stage.name} from {checkpoint} at step {t.step}", file=sys.stderr)
 
-    it: Iterator[dict] = iter(stage.batches)
-    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc=stage.name, dynamic_ncols=True)
-    logged: dict[str, float] = {}
-    window_items, window_t0 = 0, time.perf_counter()
-    model.train()
-    while step < tc.steps:
-        scalars: dict[str, float] = {}
-        loss_sum = 0.0
-        finite = True
-        for micro in range(tc.grad_accum):
-            batch = _move(next(it), accelerator.device)
-            window_items += stage.items_per_batch(batch)
-            # only the last micro-batch synchronises gradients across processes
-            ctx = accelerator.no_sync(model) if micro < tc.grad_accum - 1 else _null()
-            with ctx, accelerator.autocast():
-                loss, scalars = model(batch, step)
-            finite &= bool(torch.isfinite(loss.detach()).all())
-            accelerator.backward(loss / tc.grad_accum)
-            loss_sum += float(loss.detach()) / tc.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e12)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        # every rank sees the same all-reduced gradient, so every rank takes the same decision here
-        finite = finite and math.isfinite(grad_norm)
-        finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "min").item())
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_row += 1
-            bad_total += 1
-            if writer is not None:
-                writer.add_scalar(f"{stage.name}/skipped_nonfinite_steps", bad_total, step)
-            if bad_in_row >= tc.max_bad_steps:
-                bar.close()
-                raise UserError(
-                    f"{stage.name} training stopped at step {step}: {bad_in_row} steps in a row had a non-finite "
-                    f"loss or gradient; lower train.{stage.name}.lr or use mixed_precision=bf16, then rerun "
-                    "to resume from the last good checkpoint"
-                )
-            continue
-        bad_in_row = 0
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if stage.after_step is not None:
-            scalars.update(stage.after_step(unwrapped, batch, step, accelerator) or {})
-        if ema is not None:
-            ema.update(unwrapped)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
 
-        if step % tc.log_every == 0 or step == tc.steps:
-            elapsed = time.perf_counter() - window_t0
-            # the loss of the global batch: the mean over processes (every rank reaches this line)
-            loss_mean = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean"))
-            logged = {"loss": loss_mean, **scalars, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-            logged[f"{stage.item_name}_per_s"] = window_items * accelerator.num_processes / max(elapsed, 1e-9)
-            skipped = getattr(stage.batches, "n_skipped", None)
-            if skipped is not None:
-                logged["data_skipped"] = skipped
-            logged["skipped_nonfinite_steps"] = bad_total
-            if writer is not None:
-                for k, v in logged.items():
-                    writer.add_scalar(f"{stage.name}/{k}", float(v), step)
-            window_items, window_t0 = 0, time.perf_counter()
-        if stage.evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
-            model.eval()
-            with accelerator.autocast(), whole_weights(model, accelerator):
-                results = stage.evaluate(unwrapped, step)
-            model.train()
-            logged.update({f"eval/{k}": v for k, v in results.items()})
-            if writer is not None:
-                for k, v in results.items():
-                    writer.add_scalar(f"{stage.name}/eval/{k}", float(v), step)
-        grid_step = step % tc.image_every == 0 or step == 1
-        if stage.log_images is not None and grid_step and (writer is not None or sharded):
-            model.eval()
-            with whole_weights(model, accelerator):
-                grids = stage.log_images(unwrapped, step)
-            model.train()
-            for tag, value in grids.items() if writer is not None else ():
-                if isinstance(value, str):
-                    writer.add_text(tag, value, step)
-                else:
-                    writer.add_image(tag, value, step)
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            checkpoint()
-        _fault_point("step", step)
-    bar.close()
-    if not sharded:  # shards differ by design; the digest compares whole weights
-        logged["ranks_in_sync"] = float(_ranks_in_sync(accelerator, unwrapped))
-    logged["num_processes"] = float(accelerator.num_processes)
+def open_writer(t: Training):
+    """A TensorBoard writer for the stage's logs (RUN/logs/<stage>) on the main process; None on the others."""
+    if not t.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
 
-    accelerator.wait_for_everyone()
-    if stage.export is not None:
-        if ema is not None:
-            ema.copy_to(unwrapped)
-        state = full_state_dict(model, accelerator, prefix="model.")  # every process joins the gather
-        if is_main:
-            stage.export(unwrapped, state)
-    if writer is not None:
-        writer.flush()
-        writer.close()
-    accelerator.wait_for_everyone()
+    return SummaryWriter(str(t.out / "logs" / t.stage.name))
+
+
+def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
+    """Forward and backward over `grad_accum` micro-batches, then clip the gradient; every process agrees on whether
+    the step is finite. Collective: every process calls it."""
+    tc, accelerator = t.tc, t.accelerator
+    scalars: dict[str, float] = {}
+    loss_sum, finite, items = 0.0, True, 0
+    for micro in range(tc.grad_accum):
+        batch = _move(next(batches), accelerator.device)
+        items += t.stage.items_per_batch(batch)
+        # only the last micro-batch synchronises gradients across processes
+        ctx = accelerator.no_sync(t.model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()
+        with ctx, accelerator.autocast():
+            loss, scalars = t.model(batch, t.step)
+        finite &= bool(torch.isfinite(loss.detach()).all())
+        accelerator.backward(loss / tc.grad_accum)
+        loss_sum += float(loss.detach()) / tc.grad_accum
+    grad_norm = accelerator.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e12)
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    # every rank sees the same all-reduced gradient, so every rank takes the same decision here
+    finite = finite and math.isfinite(grad_norm)
+    finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "min").item())
+    return Gradients(loss_sum, grad_norm, finite, scalars, batch, items)
+
+
+def skip_step(t: Training, bar) -> None:
+    """Drop a non-finite step's gradients and count it; after `max_bad_steps` in a row, stop the run."""
+    t.optimizer.zero_grad(set_to_none=True)
+    t.bad_in_row += 1
+    t.bad_total += 1
+    if t.writer is not None:
+        t.writer.add_scalar(f"{t.stage.name}/skipped_nonfinite_steps", t.bad_total, t.step)
+    if t.bad_in_row >= t.tc.max_bad_steps:
+        bar.close()
+        raise UserError(
+            f"{t.stage.name} training stopped at step {t.step}: {t.bad_in_row} steps in a row had a non-finite "
+            f"loss or gradient; lower train.{t.stage.name}.lr or use mixed_precision=bf16, then rerun "
+            "to resume from the last good checkpoint"
+        )
+
+
+def take_step(t: Training, g: Gradients) -> dict[str, float]:
+    """The optimizer and LR-schedule step, then the stage's `after_step` and the EMA; returns the step's scalars
+    (the loss's, with `after_step`'s added)."""
+    t.bad_in_row = 0
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+    scalars = g.scalars
+    if t.stage.after_step is not None:
+        scalars.update(t.stage.after_step(t.unwrapped, g.batch, t.step, t.accelerator) or {})
+    if t.ema is not None:
+        t.ema.update(t.unwrapped)
+    return scalars
+
+
+def log_scalars(t: Training, g: Gradients, scalars: dict[str, float], window: Throughput) -> dict[str, float]:
+    """The step's scalars, written to TensorBoard under <stage>/: the global batch's loss, the stage's scalars, LR,
+    gradient norm, throughput and skip counts. Collective (the loss is averaged over processes)."""
+    elapsed = time.perf_counter() - window.t0
+    # the loss of the global batch: the mean over processes (every rank reaches this line)
+    loss_mean = float(t.accelerator.reduce(torch.tensor(g.loss, device=t.accelerator.device), "mean"))
+    logged = {"loss": loss_mean, **scalars, "lr": t.scheduler.get_last_lr()[0], "grad_norm": g.grad_norm}
+    logged[f"{t.stage.item_name}_per_s"] = window.items * t.accelerator.num_processes / max(elapsed, 1e-9)
+    skipped = getattr(t.stage.batches, "n_skipped", None)
+    if skipped is not None:
+        logged["data_skipped"] = skipped
+    logged["skipped_nonfinite_steps"] = t.bad_total
+    if t.writer is not None:
+        for k, v in logged.items():
+            t.writer.add_scalar(f"{t.stage.name}/{k}", float(v), t.step)
     return logged
+
+
+def evaluate(t: Training) -> dict[str, float]:
+    """The stage's `evaluate` hook with the weights whole, written to TensorBoard and returned under eval/.
+    Collective: every process calls it."""
+    t.model.eval()
+    with t.accelerator.autocast(), whole_weights(t.model, t.accelerator):
+        results = t.stage.evaluate(t.unwrapped, t.step)
+    t.model.train()
+    if t.writer is not None:
+        for k, v in results.items():
+            t.writer.add_scalar(f"{t.stage.name}/eval/{k}", float(v), t.step)
+    return {f"eval/{k}": v for k, v in results.items()}
+
+
+def log_image_grids(t: Training) -> None:
+    """The stage's `log_images` hook, written to TensorBoard. It runs on the main process alone, or on every process
+    when the weights are sharded, since gathering them is a collective."""
+    if t.writer is None and not t.sharded:
+        return
+    t.model.eval()
+    with whole_weights(t.model, t.accelerator):
+        grids = t.stage.log_images(t.unwrapped, t.step)
+    t.model.train()
+    if t.writer is None:
+        return
+    for tag, value in grids.items():
+        if isinstance(value, str):
+            t.writer.add_text(tag, value, t.step)
+        else:
+            t.writer.add_image(tag, value, t.step)
+
+
+def save_checkpoint(t: Training) -> None:
+    """Write a checkpoint to a temporary folder, then rename it into place; keep the newest `keep_checkpoints`.
+    Collective: every process writes its part (accelerate's state, its data position)."""
+    accelerator, stage = t.accelerator, t.stage
+    final = t.ckpt_root / f"step_{t.step:08d}"
+    tmp = t.ckpt_root / f"tmp-step_{t.step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if on_event is not None:
+        on_event("checkpoint", t.step)
+    (tmp / f"data_{accelerator.process_index}.json").write_text(json.dumps(stage.batches.state_dict()))
+    if accelerator.is_main_process:
+        if t.ema is not None:
+            save_state_dict(t.ema.shadow, tmp / "ema.safetensors")
+        for name, obj in stage.extra_state.items():
+            _save_extra(obj, tmp / f"{name}.safetensors")
+        # trainer_state.json is written last: its presence marks the folder complete
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": t.step, "bad_steps": t.bad_total}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        keep = t.tc.keep_checkpoints
+        for old in list_checkpoints(t.ckpt_root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def end_of_run_scalars(t: Training) -> dict[str, float]:
+    """Whether every process ended with the same weights (unless they are sharded), and how many processes ran.
+    Collective."""
+    result: dict[str, float] = {}
+    if not t.sharded:  # shards differ by design; the digest compares whole weights
+        result["ranks_in_sync"] = float(_ranks_in_sync(t.accelerator, t.unwrapped))
+    result["num_processes"] = float(t.accelerator.num_processes)
+    return result
+
+
+def export(t: Training) -> None:
+    """Once every process has finished training: the stage's `export` hook on the main process, with the whole
+    weights (the EMA ones when kept). Collective (the weights are gathered)."""
+    t.accelerator.wait_for_everyone()
+    if t.stage.export is None:
+        return
+    if t.ema is not None:
+        t.ema.copy_to(t.unwrapped)
+    state = full_state_dict(t.model, t.accelerator, prefix="model.")  # every process joins the gather
+    if t.is_main:
+        t.stage.export(t.unwrapped, state)
+
+
+def close(t: Training) -> None:
+    """Flush and close the TensorBoard writer, then wait for every process."""
+    if t.writer is not None:
+        t.writer.flush()
+        t.writer.close()
+    t.accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of the steps above
+# ----------------------------------------------------------------------------------------------
 
 
 def _set_schedule_step(scheduler, step: int) -> None:
@@ -374,20 +551,6 @@ def _ranks_in_sync(accelerator, model: torch.nn.Module) -> bool:
     return bool((everyone == everyone[0]).all())
 
 
-def _fault_point(where: str, step: int) -> None:
-    """Fault injection for the reliability tests: DALLE_MINI_IMPL_KILL_AT=step:N or checkpoint:N.
-
-    `step:N` SIGKILLs the process right after step N; `checkpoint:N` SIGKILLs it in the middle of
-    writing checkpoint N (after the model and optimizer, before the folder is complete). Unset, it
-    does nothing.
-    """
-    target = os.environ.get("DALLE_MINI_IMPL_KILL_AT")
-    if target and target == f"{where}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _LossModule(torch.nn.Module):
     def __init__(self, stage: Stage):
         super().__init__()
@@ -396,14 +559,6 @@ class _LossModule(torch.nn.Module):
 
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return self._loss(self.model, batch, step)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_extra(obj: Any, path: Path) -> None:
@@ -419,32 +574,3 @@ def _load_extra(obj: Any, path: Path) -> None:
         obj.load_state_dict(load_state_dict(path))
     else:
         obj.load_state_dict(torch.load(path.with_suffix(".pt"), map_location="cpu", weights_only=True))
-
-
-def _save_checkpoint(accelerator, root: Path, step: int, bad_total: int, stage: Stage, ema, keep: int) -> None:
-    """Write a checkpoint to a temporary folder, then rename it into place; keep the newest `keep`."""
-    final = root / f"step_{step:08d}"
-    tmp = root / f"tmp-step_{step:08d}"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    _fault_point("checkpoint", step)
-    (tmp / f"data_{accelerator.process_index}.json").write_text(json.dumps(stage.batches.state_dict()))
-    if accelerator.is_main_process:
-        if ema is not None:
-            save_state_dict(ema.shadow, tmp / "ema.safetensors")
-        for name, obj in stage.extra_state.items():
-            _save_extra(obj, tmp / f"{name}.safetensors")
-        # trainer_state.json is written last: its presence marks the folder complete
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "bad_steps": bad_total}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = loop.make_accelerator(tc, find_unused_parameters=adversarial)
     seed_everything(cfg.seed)
     if cfg.vae.kind == "dvae":
-        # a Gumbel-softmax at low temperature leaves ~6% of its probabilities subnormal, which x86 CPUs
-        # compute slowly: flushing them to zero made a 64 px, 1024-code step at T = 1/16 10% faster
+        # a Gumbel-softmax at low temperature leaves some of its probabilities subnormal, which x86 CPUs
+        # compute slowly: they are flushed to zero
         torch.set_flush_denormal(True)
     model = build_tokenizer(cfg)
     params = model.generator_parameters() if adversarial else list(model.parameters())

@@ -21,7 +21,8 @@ all groups; `group_dropout` (nested dropout, `drop_groups`) orders them, the fir
 matters most. `group_inputs` decides the split instead: a group whose encoder reads only the ink map
 (`ink_map`, one channel) can code where things are drawn but not in which color, so with ['rgb', 'ink']
 the RGB group is left to code the color (the shapes preset: 8 color codes x 64 layout codes, whose
-transformer draws held-out color-shape pairs far more often; README, "The shipped model").
+transformer draws held-out color-shape pairs far more often: docs/RESULTS.md, "Codes that split color
+from layout").
 
 Two additions keep the codebook in use over a short run (DALL-E trained for 3M steps; here 3000):
 - the logit head starts with a wide spread (`LOGIT_INIT_GAIN`), so content, not Gumbel noise, picks
@@ -62,9 +63,10 @@ LOGIT_INIT_GAIN = 8.0  # the logit head's init std, in units of 1 / sqrt(fan_in)
 def gumbel_noise_like(logits: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise of the shape, dtype and device of `logits`.
 
-    On CPU torch's exponential_ sampler (the one F.gumbel_softmax uses) costs ~30 ms for a 32 x 512 x 8 x 8
-    batch, a fifth of a training step; numpy's PCG64 is ~6x faster. Its seed is drawn from torch's generator,
-    so torch.manual_seed still makes training reproducible.
+    On CPU numpy's PCG64 draws it several times faster than torch's exponential_ sampler (the one
+    F.gumbel_softmax uses), which costs a sizeable part of a small dVAE's training step (`python -m
+    dalle_mini_impl.bench --only vae` times that step). Its seed is drawn from torch's generator, so
+    torch.manual_seed still makes training reproducible.
     """
     if logits.device.type != "cpu":
         return torch.empty_like(logits).exponential_().log_().neg_()
@@ -100,8 +102,8 @@ def check_group_inputs(sizes: tuple[int, ...], inputs: list[str] | None) -> tupl
 def best_codes(weights: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     """Per group, the ids (b, g, h, w) of the largest entry of (b, K_1 + .. + K_G, h, w): argmax's (first of ties).
 
-    `max(dim=1).indices` rather than `argmax(dim=1)`: on CPU it takes half the time over the code
-    dimension (10 vs 25 ms for a 32 x 1024 x 16 x 16 batch).
+    `max(dim=1).indices` rather than `argmax(dim=1)`: on CPU it is the faster of the two over the code
+    dimension.
     """
     return torch.stack([group.max(dim=1).indices for group in weights.split(sizes, dim=1)], dim=1)
 

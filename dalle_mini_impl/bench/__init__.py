@@ -4,4 +4,5 @@
     anchor.py    `python -m dalle_mini_impl.bench.anchor`: the same beside dalle-pytorch's own timing script,
                  interleaved run for run, as ratios
     gpu.py       `python -m dalle_mini_impl.bench.gpu`: the benchmark at DALL-E's 256 px geometry on one GPU
+    anchor.json  the anchor's figures and the targets each comparison is checked against (`--figures`)
 """

@@ -1,36 +1,35 @@
-"""Run the anchor's benchmark (dalle-pytorch 1.6.6) and ours side by side and print the ratios the issues ask for.
+"""Run the anchor's benchmark (dalle-pytorch 1.6.6) and ours side by side, and print the ratios.
 
-    python -m dalle_mini_impl.bench.anchor                          # tiny + medium, 2 rounds: ~10-15 min on 2 cores
-    python -m dalle_mini_impl.bench.anchor --configs tiny --rounds 3 --out runs/compare.json --log runs/compare.log
-    python -m dalle_mini_impl.bench.anchor --threads 1              # both sides single-threaded
+    python -m dalle_mini_impl.bench.anchor --anchor-python VENV/bin/python --anchor-bench BENCH.py
+    python -m dalle_mini_impl.bench.anchor ... --configs tiny --rounds 3 --out runs/compare.json --log runs/compare.log
+    python -m dalle_mini_impl.bench.anchor ... --threads 1              # both sides single-threaded
 
-The anchor runs in its own venv (`--anchor-python`, default /tmp/anchor/bin/python; the install recipe is in
-../shared/anchors/dalle-pytorch/README.md) through its own timing script (`--anchor-bench`, default
-../shared/anchors/dalle-pytorch/bench.py next to the repository). Each phase of each configuration runs as
-anchor, ours, anchor, ours, ... (`--rounds` of each), every run a fresh process at the same thread count,
-so that a noisy neighbour on a shared machine hits both sides alike; each side's numbers are the median over
-its rounds, and the ratios are ratios of those medians (each round's paired ratio is listed too).
+The anchor runs in its own virtual environment (`--anchor-python`; docs/RESULTS.md gives an install that
+works beside a CPU torch) through its own timing script (`--anchor-bench`), which prints one JSON line per
+run. Each phase of each configuration runs as anchor, ours, anchor, ours, ... (`--rounds` of each), every
+run a fresh process at the same thread count, so that a noisy neighbour on a shared machine hits both
+sides alike; each side's numbers are the median over its rounds, and the ratios are ratios of those
+medians (each round's paired ratio is listed too). The targets each ratio is checked against, and the
+anchor figures the GPU check uses, are read from `--figures` (default: anchor.json beside this file).
 
 Configurations and what is compared (anchor key -> ours, in `python -m dalle_mini_impl.bench` output):
   tiny -> preset anchor-tiny, medium -> preset anchor-medium (same width, depth, heads x head size, text
   length and vocabulary, codebook size, 64 image tokens, batch 16 training, 8 prompts sampling).
   sampling speed-up   sample_generate_nocache_wall_s (generate_images, ids + dVAE decode) / our cached
-                      `generate` wall + our dVAE decode of its ids. Targets: >= 10x tiny, >= 25x medium.
-                      Reported twice: fp32 weights (`sampling_speedup`) and a bf16 copy of the weights
-                      (`sampling_speedup_bf16`, `python -m sample --dtype bf16`); the decode stays fp32.
-  guidance cost       ours only: guided (scale 3) / unguided cached wall, median of per-run ratios. Target <= 2.
+                      `generate` wall + our dVAE decode of its ids. Reported twice: fp32 weights
+                      (`sampling_speedup`) and a bf16 copy of the weights (`sampling_speedup_bf16`,
+                      `python -m sample --dtype bf16`); the decode stays fp32.
+  guidance cost       ours only: guided (scale 3) / unguided cached wall, median of per-run ratios.
   training            our fp32 tokens/s on pre-encoded ids / dalle_train_tokens_per_s_median_step (which
                       re-encodes pixels every step; our number with an encode per step is listed too).
-                      Target >= 1.2.
   dVAE training       our images/s for the dVAE whose parameter count is nearest the anchor's /
-                      vae_train_images_per_s_median_step, both at 32 px batch 32 (tiny only). Target >= 1.0.
+                      vae_train_images_per_s_median_step, both at 32 px batch 32 (tiny only).
                       Listed beside it: the anchor's constructor arguments translated, and the shapes preset.
 The last line of stdout is one JSON object; progress goes to stderr.
 
 On a CPU shared with other jobs (load above the core count) pass --threads 1: with 2 threads every
-parallel region waits for whichever thread the scheduler has parked, so both sides measure the scheduler
-(at load ~4 on 2 cores our tiny cached sampling took 0.93 s at 2 threads and 0.19 s at 1; the anchor's
-dVAE trained at 18 images/s at 2 threads and 99 at 1).
+parallel region waits for whichever thread the scheduler has parked, so both sides would time the
+scheduler rather than the code.
 """
 
 from __future__ import annotations
@@ -46,24 +45,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError, run_cli
+
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ANCHOR_PYTHON = "/tmp/anchor/bin/python"
-DEFAULT_ANCHOR_BENCH = REPO.parent / "shared" / "anchors" / "dalle-pytorch" / "bench.py"
+FIGURES = Path(__file__).resolve().parent / "anchor.json"
 
 PRESET = {"tiny": "anchor-tiny", "medium": "anchor-medium"}
-# (the anchor's phase, ours); the dVAE comparison is made at the tiny configuration only (the issue's target)
+# (the anchor's phase, ours); the dVAE comparison is made at the tiny configuration only
 PHASES = [("vae", "vae"), ("dalle", "train"), ("sample", "sample")]
-TARGETS = {
-    ("tiny", "sampling_speedup"): (">=", 10.0),
-    ("medium", "sampling_speedup"): (">=", 25.0),
-    ("tiny", "sampling_speedup_bf16"): (">=", 10.0),
-    ("medium", "sampling_speedup_bf16"): (">=", 25.0),
-    ("tiny", "guidance_cost"): ("<=", 2.0),
-    ("medium", "guidance_cost"): ("<=", 2.0),
-    ("tiny", "train_tokens_per_s"): (">=", 1.2),
-    ("medium", "train_tokens_per_s"): (">=", 1.2),
-    ("tiny", "vae_images_per_s"): (">=", 1.0),
-}
 
 # the anchor's raw keys that are read, per phase
 ANCHOR_KEYS = {
@@ -191,14 +180,31 @@ def git_commit() -> str | None:
         return None
 
 
+def read_figures(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The anchor's figures and the targets (`--figures`, default anchor.json beside this file)."""
+    path = Path(path) if path is not None else FIGURES
+    try:
+        figures = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"figures file '{path}' does not exist; pass --figures with a JSON file like {FIGURES}"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"figures file '{path}' is not readable JSON ({e}); fix it or pass another --figures") from None
+    missing = [k for k in ("tiny_vae_params", "h200_dalle256", "cpu_targets", "gpu_targets") if k not in figures]
+    if missing:
+        raise UserError(f"figures file '{path}' has no '{missing[0]}'; compare it with {FIGURES}")
+    return figures
+
+
 def target_entry(value: float | None, op: str, bound: float) -> dict[str, Any]:
     """One target as reported: {"value", "target": "op bound", "met"}; an unmeasured value is not met."""
     met = value is not None and (value >= bound if op == ">=" else value <= bound)
     return {"value": value, "target": f"{op} {bound}", "met": met}
 
 
-def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    """Ratios of the medians, and each round's paired ratio beside them."""
+def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any], targets: dict[str, list]) -> dict[str, Any]:
+    """Ratios of the medians, each round's paired ratio beside them, and `targets` (name -> [op, bound]) checked."""
 
     def med(side: dict[str, Any], key: str) -> float | None:
         return side.get(key, {}).get("median")
@@ -243,17 +249,20 @@ def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any]) -> di
             r[f"vae_{name}_images_per_s"] = ratio(med(ours, f"vae_{name}_images_per_s"), a_ips)
             r[f"vae_{name}_params"] = ratio(med(ours, f"vae_{name}_params"), med(anchor, "vae_params"))
     r["targets"] = {
-        name: target_entry(r[name], op, bound)
-        for (c, name), (op, bound) in TARGETS.items()
-        if c == cfg and r.get(name) is not None
+        name: target_entry(r[name], op, bound) for name, (op, bound) in targets.items() if r.get(name) is not None
     }
     return r
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON)
-    ap.add_argument("--anchor-bench", default=str(DEFAULT_ANCHOR_BENCH))
+    ap = argparse.ArgumentParser(
+        prog="python -m dalle_mini_impl.bench.anchor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--anchor-python", required=True, help="the python of the anchor's own virtual environment")
+    ap.add_argument("--anchor-bench", required=True, help="the anchor's timing script (prints one JSON line)")
+    ap.add_argument("--figures", default=None, help="targets and anchor figures (default: bench/anchor.json)")
     ap.add_argument("--configs", nargs="+", choices=sorted(PRESET), default=["tiny", "medium"])
     ap.add_argument("--phases", nargs="+", choices=[a for a, _ in PHASES], default=[a for a, _ in PHASES])
     ap.add_argument("--rounds", type=int, default=2, help="runs of each side, interleaved (at least 2)")
@@ -268,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     if not Path(args.anchor_python).exists():
-        ap.error(f"anchor python {args.anchor_python} does not exist; install the anchor's venv (see its README)")
+        raise UserError(
+            f"--anchor-python '{args.anchor_python}' does not exist; install the anchor's virtual environment "
+            "(docs/RESULTS.md) and pass its python"
+        )
     if not Path(args.anchor_bench).exists():
-        ap.error(f"anchor bench script {args.anchor_bench} does not exist; pass --anchor-bench")
+        raise UserError(f"--anchor-bench '{args.anchor_bench}' does not exist; pass the anchor's timing script")
+    targets = read_figures(args.figures)["cpu_targets"]
 
     t_start = time.perf_counter()
     ours_cmd = [sys.executable, "-m", "dalle_mini_impl.bench", "--threads", str(args.threads)]
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                         "anchor": anchor,
                         "ours": ours,
                         "process_wall_s": {"anchor": raw[c]["anchor_wall_s"], "ours": raw[c]["ours_wall_s"]},
-                        "ratios": compute_ratios(c, anchor, ours),
+                        "ratios": compute_ratios(c, anchor, ours, targets.get(c, {})),
                     }
                 flush()
 
@@ -358,4 +371,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

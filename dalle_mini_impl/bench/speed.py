@@ -1,6 +1,6 @@
 """Speed benchmark of the transformer (training, sampling) and the dVAE (training), printed as one JSON object.
 
-    python -m dalle_mini_impl.bench                          # every CPU preset, every phase (~2-3 min, 2 cores)
+    python -m dalle_mini_impl.bench                          # every CPU preset, every phase
     python -m dalle_mini_impl.bench --preset anchor-tiny --only sample
     python -m dalle_mini_impl.bench --dtype bf16             # adds bf16-autocast training and its speed-up
     python -m dalle_mini_impl.bench --device cuda            # adds the dalle256 preset (1024 image tokens)
@@ -29,11 +29,11 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
 Without --only each (phase, preset) runs in its own child process, so that peak memory (ru_maxrss on CPU)
 is that phase's own; on GPU it is torch.cuda.max_memory_allocated, reset before each measurement.
 
-The anchor-* presets reproduce the configurations of dalle-pytorch 1.6.6 that
-../shared/anchors/dalle-pytorch/bench.py times (batch 16 training, 8 prompts x 64 image tokens, top 10% of
-ids kept as its filter_thres=0.9 does); `python -m dalle_mini_impl.bench.anchor` runs both side by side.
-Weights are random: speed, not quality, is measured. On a CPU shared with other jobs use --threads 1
-(see dalle_mini_impl/compare_anchor.py: at 2 threads an oversubscribed machine times its scheduler, not the code).
+The anchor-* presets reproduce the configurations of dalle-pytorch 1.6.6 that its own timing script
+times (batch 16 training, 8 prompts x 64 image tokens, top 10% of ids kept as its filter_thres=0.9 does);
+`python -m dalle_mini_impl.bench.anchor` runs both side by side. Weights are random: speed, not quality,
+is measured. On a CPU shared with other jobs use --threads 1 (see `bench/anchor.py`: at 2 threads an
+oversubscribed machine times its scheduler, not the code).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from ..errors import UserError, run_cli
 from ..model.generate import generate
 from ..model.transformer import DALLE, GEOMETRY, PRESETS, TransformerConfig, resolve_config
 from ..pipeline.pipeline import DTYPES
+from .anchor import read_figures
 
 CPU_PRESETS = ["anchor-tiny", "anchor-medium", "tiny"]
 GPU_PRESETS = ["dalle256"]
@@ -110,16 +111,15 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_WORKLOAD = WORKLOADS["tiny"]
 
-# The dVAE phase: 32 px, batch 32, as the anchor's tiny config. The anchor's tiny DiscreteVAE
-# (num_tokens 512, codebook_dim 256, num_layers 2, hidden_dim 64, no res-blocks) has 561,091 parameters;
-# dalle_mini_impl/compare_anchor.py reads the live number from the anchor's own output. Three of ours are timed:
+# The dVAE phase: 32 px, batch 32, as the anchor's tiny config. The parameter count of the anchor's tiny
+# DiscreteVAE (num_tokens 512, codebook_dim 256, num_layers 2, hidden_dim 64, no res-blocks) is read from
+# `--figures` (bench.anchor reads the live number from the anchor's own output). Three of ours are timed:
 # the anchor's constructor arguments translated, the one without res-blocks whose parameter count is
-# nearest the anchor's (the issue's "equal parameter count"; found at run time, so it follows changes to
-# vae/), and the shapes preset's.
+# nearest the anchor's (equal parameters; found at run time, so it follows changes to vae/), and the
+# shapes preset's.
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
     "anchor-tiny-args": dict(codebook_size=512, factor=4, hidden=64, res_blocks=0, code_dim=256),
 }
-ANCHOR_TINY_VAE_PARAMS = 561091
 VAE_IMAGE_SIZE = 32
 VAE_BATCH = 32
 VAE_STEPS, VAE_WARMUP = 30, 2
@@ -467,7 +467,9 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
     if bf16_copy is not None:
         modes.update(cached_bf16=(bf16_copy, 1.0, "cached"), guided_bf16=(bf16_copy, SAMPLE_GUIDANCE_SCALE, "cached"))
     if args.compile:  # the torch.compile'd static decoding step (CUDA graphs on GPUs)
-        modes.update(cached_compiled=(model, 1.0, "compiled"), guided_compiled=(model, SAMPLE_GUIDANCE_SCALE, "compiled"))
+        modes.update(
+            cached_compiled=(model, 1.0, "compiled"), guided_compiled=(model, SAMPLE_GUIDANCE_SCALE, "compiled")
+        )
 
     reset_memory(device)
     for mode, (m, scale, decode) in modes.items():
@@ -597,16 +599,17 @@ def phase_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     b = args.vae_batch or VAE_BATCH
     steps = args.steps or VAE_STEPS
     warmup = VAE_WARMUP if args.warmup is None else args.warmup
+    anchor_params = read_figures(args.figures)["tiny_vae_params"]
     out: dict[str, Any] = {
         "image_size": VAE_IMAGE_SIZE,
         "batch": b,
         "warmup_steps": warmup,
         "optimizer": "AdamW",
-        "anchor_tiny_params": ANCHOR_TINY_VAE_PARAMS,
+        "anchor_tiny_params": anchor_params,
     }
     configs = dict(VAE_CONFIGS)
     configs["shapes"] = shapes_preset_vae()
-    configs["param-matched"] = param_matched_vae(ANCHOR_TINY_VAE_PARAMS)
+    configs["param-matched"] = param_matched_vae(anchor_params)
     for name, kwargs in configs.items():
         log(f"vae {name}: batch {b}, {steps} steps after {warmup} warm-up")
         reset_memory(device)
@@ -614,7 +617,7 @@ def phase_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         out[name] = {
             **dict(kwargs),
             "params": params,
-            "params_vs_anchor_tiny": round(params / ANCHOR_TINY_VAE_PARAMS, 3),
+            "params_vs_anchor_tiny": round(params / anchor_params, 3),
             **step_stats(times, b, "images"),
             "final_loss": round(loss, 5),
             **peak_memory(device),
@@ -681,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sample-batch", type=int, default=None)
     ap.add_argument("--sample-reps", type=int, default=3, help="timed repetitions of cached and guided sampling")
     ap.add_argument("--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling")
+    ap.add_argument("--figures", default=None, help="vae phase: the anchor figures file (default: bench/anchor.json)")
     ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
     ap.add_argument(
@@ -744,6 +748,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
         ("--sample-batch", args.sample_batch),
         ("--vae-batch", args.vae_batch),
         ("--matmul-n", args.matmul_n),
+        ("--figures", args.figures),
     ):
         if value is not None:
             passthrough += [flag, str(value)]

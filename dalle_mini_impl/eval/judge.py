@@ -3,8 +3,8 @@
 Each line of FILE.jsonl is {"prompt": "a small red circle above a blue square", "path": "img/0.png"};
 a relative path is read from the jsonl's folder. Prints one JSON object: n, overall accuracy, accuracy
 on one-object and two-object prompts, and per-attribute accuracy (color, shape, size, position,
-relation) over the prompts that state the attribute. The rules are the spec's
-(../shared/specs/shapes.md), implemented in `dalle_mini_impl.shapes.judge`.
+relation) over the prompts that state the attribute. The rules are the spec's (docs/shapes.md),
+implemented in `dalle_mini_impl.shapes.judge`.
 
 Library use: `judge_rows([(prompt, uint8_image), ...])` or `summarize(verdicts)` give the same dict.
 """

@@ -1,6 +1,6 @@
 """How well an image tokenizer reconstructs a data set: PSNR, SSIM, codebook usage and perplexity.
 
-    python -m dalle_mini_impl.eval recon --model RUN --data ../shared/data/emoji-noto --split validation
+    python -m dalle_mini_impl.eval recon --model RUN --data DATA/emoji-noto --split validation
 
 Prints one JSON object. PSNR is computed from the mean squared error over the whole split (pixels in
 [0, 1]), not averaged per image; SSIM is the mean over images of the Gaussian-window SSIM (Wang et al.

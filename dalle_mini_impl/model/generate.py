@@ -179,15 +179,16 @@ def generate(
     null_text: the empty caption's ids, (1, t) or (b, t); needed when guidance_scale != 1.
     guidance_scale: classifier-free guidance scale on the logits (1: off, no unconditional rows run).
     temperature, top_k (0: off), top_p (1: off): applied in this order to the (guided) image logits.
-    generator: the source of all randomness; the same seed gives the same ids, cached or not.
+    generator: the source of all randomness; the same seed gives the same ids in every decode mode.
     prime: (b, k) image ids that are kept as the first k tokens; generation continues after them.
     on_row(r, ids): called once per grid row r = 0 .. h-1, in order, as soon as the row is complete
         (primed rows first, before any sampling), with a copy of the ids so far, (b, (r + 1) * w).
     decode: how a step runs. "uncached": a forward over the whole prefix every step (the slow reference);
-        "cached": the prefix's keys and values kept, one position attending to them (fastest eager on CPU); "static": `DALLE.decode_step`, the same step at shapes that never change (it reads
-        all L cached positions under a mask); "compiled": that step under torch.compile, compiled on the
-        first call for a model and batch size and reused after (mode reduce-overhead, i.e. CUDA graphs,
-        on GPUs: eager decoding of a large model is bound by per-step kernel launches there).
+        "cached": the prefix's keys and values kept, one position attending to them (fastest eager on
+        CPU); "static": `DALLE.decode_step`, the same step at shapes that never change (it reads all L
+        cached positions under a mask); "compiled": that step under torch.compile, compiled on the first
+        call for a model and batch size and reused after (mode reduce-overhead, i.e. CUDA graphs, on
+        GPUs: eager decoding of a large model is bound by per-step kernel launches there).
 
     The model runs in eval mode under inference_mode and is put back in its former mode; the caller's
     tensors are never written.

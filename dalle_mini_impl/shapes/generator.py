@@ -1,6 +1,6 @@
 """The procedural `shapes` data set: captioned scenes of colored circles, squares and triangles.
 
-Implements ../shared/specs/shapes.md (spec v1) exactly: six palette colors on white, three filled
+Implements the shapes spec (docs/shapes.md, spec v1) exactly: six palette colors on white, three filled
 shapes in two sizes, one-object scenes placed in a 3x3 grid and two-object scenes in a spatial
 relation, with canonical captions that `parse_caption` reads back. Because every image comes from a
 known scene, `dalle_mini_impl.shapes.judge` can decide whether an image satisfies a caption.

@@ -1,4 +1,4 @@
-"""The shapes judge: does an image satisfy its shapes prompt? Rules 1-6 of ../shared/specs/shapes.md.
+"""The shapes judge: does an image satisfy its shapes prompt? Rules 1-6 of the spec, docs/shapes.md.
 
 1. A pixel belongs to palette color c when its RGB distance to c is below 80 and c is the nearest of
    the six colors and white.

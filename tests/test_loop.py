@@ -1,0 +1,103 @@
+"""The training loop on a two-weight linear model, in process: the order of its steps, the `on_event`
+test seam, skipped non-finite steps and exact resume. The stage entry points are tested in test_train."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+import torch
+
+from dalle_mini_impl.config import RunConfig, TrainConfig
+from train import loop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Numbers:
+    """An endless stream of batches of 4 random points on y = 2x - 1, with a position to checkpoint."""
+
+    def __init__(self):
+        self.position = 0
+
+    def __iter__(self):
+        while True:
+            self.position += 1
+            g = torch.Generator().manual_seed(self.position)
+            x = torch.randn(4, 1, generator=g)
+            yield {"x": x, "y": 2 * x - 1}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def train(run, steps: int, nan_at: set[int] = frozenset(), **kw) -> tuple[dict[str, float], torch.nn.Module]:
+    """`loop.run` for `steps` steps on a fresh linear model; the loss is nan at the steps in `nan_at`."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    calls = itertools.count()
+
+    def loss(m, batch, step):
+        value = torch.nn.functional.mse_loss(m(batch["x"]), batch["y"])
+        if next(calls) in nan_at:
+            value = value * float("nan")
+        return value, {"mse": float(value.detach())}
+
+    stage = loop.Stage(
+        name="dalle",
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        batches=Numbers(),
+        loss=loss,
+        item_name="points",
+    )
+    tc = TrainConfig(steps=steps, warmup_steps=1, checkpoint_every=2, log_every=1, **kw)
+    accelerator = loop.make_accelerator(tc)
+    args = argparse.Namespace(resume="latest", no_resume=False)
+    return loop.run(RunConfig(out_dir=str(run)), tc, stage, accelerator, args), model
+
+
+@pytest.fixture
+def events(monkeypatch):
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(loop, "on_event", lambda event, step: seen.append((event, step)))
+    return seen
+
+
+def test_on_event_sees_every_step_and_every_checkpoint_write(tmp_path, events):
+    logged, _ = train(tmp_path, 4)
+    assert events == [("step", 1), ("checkpoint", 2), ("step", 2), ("step", 3), ("checkpoint", 4), ("step", 4)]
+    assert list(logged)[:4] == ["loss", "mse", "lr", "grad_norm"]
+    assert logged["skipped_nonfinite_steps"] == 0 and logged["ranks_in_sync"] == 1.0
+    assert [p.name for p in loop.list_checkpoints(tmp_path / "checkpoints" / "dalle")] == [
+        "step_00000002",
+        "step_00000004",
+    ]
+
+
+def test_on_event_is_unset_by_default():
+    assert loop.on_event is None
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, events):
+    logged, model = train(tmp_path, 3, nan_at={1})
+    assert [e for e in events if e[0] == "step"] == [("step", 1), ("step", 2), ("step", 3)]
+    assert logged["skipped_nonfinite_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
+    _, straight = train(tmp_path / "straight", 4)
+    train(tmp_path / "stopped", 2)
+    _, resumed = train(tmp_path / "stopped", 4)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_below_one_is_one_sentence():
+    with pytest.raises(loop.UserError, match="grad_accum is 0; set it to 1 \\(no accumulation\\) or more"):
+        loop.make_accelerator(TrainConfig(grad_accum=0))
