@@ -120,3 +120,19 @@ def test_library_checker_resolves_relative_imports(tmp_path):
         "import dalle_mini_impl.clip.uses\nfrom dalle_mini_impl.data.images import z\n"
     )
     assert _own_imports(fake / "m.py", tmp_path) == {"pipeline", "model", "config", "clip", "data"}
+
+
+def test_the_public_api_resolves_and_importing_the_package_stays_cheap():
+    import subprocess
+    import sys
+
+    import dalle_mini_impl
+
+    for name in dalle_mini_impl.__all__:
+        assert getattr(dalle_mini_impl, name) is not None, name
+    assert dalle_mini_impl.Pipeline.__module__ == "dalle_mini_impl.pipeline.pipeline"
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        dalle_mini_impl.Nope  # noqa: B018
+    probe = "import sys, dalle_mini_impl; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"  # names are imported on first use
