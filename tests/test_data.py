@@ -379,3 +379,20 @@ def test_grid_command_writes_a_png(tmp_path, imagefolder, capsys):
     img = Image.open(out)
     assert img.format == "PNG" and img.width >= 2 * 128
     assert "3 examples" in capsys.readouterr().out
+
+
+def test_a_split_folder_is_read_alone_and_splits_join_with_plus(imagefolder, tmp_path):
+    root = tmp_path / "folder"
+    shutil.copytree(imagefolder.root, root)
+    # a test split whose metadata no reader could parse: asking for train or validation must never open it
+    (root / "test" / "images").mkdir(parents=True)
+    (root / "test" / "metadata.jsonl").write_text("{not json\n")
+    # a training image named like a split (an emoji called "train") must not split the train folder again
+    (root / "train" / "images" / "rgb_red.png").rename(root / "train" / "images" / "train.png")
+    lines = (root / "train" / "metadata.jsonl").read_text().replace("images/rgb_red.png", "images/train.png")
+    (root / "train" / "metadata.jsonl").write_text(lines)
+    assert _captions(ExampleStream(_cfg(root), "train", train=False)) == imagefolder.train_captions
+    both = _captions(ExampleStream(_cfg(root), "train+validation", train=False))
+    assert both == imagefolder.train_captions + imagefolder.validation_captions
+    with pytest.raises(UserError, match=r"split 'train\+' has an empty part"):
+        ExampleStream(_cfg(root), "train+", train=False)

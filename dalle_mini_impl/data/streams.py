@@ -3,12 +3,13 @@
 Sources (`data.source`, or `--data` on any command):
     shapes                    the procedural set in `dalle_mini_impl.shapes.generator` (no download)
     path/to/folder            Hugging Face `imagefolder`: images + metadata.jsonl/.csv, optionally in
-                              train/ and validation/ subfolders (a folder of only .parquet or .tar files
-                              is read with those builders instead)
+                              train/ and validation/ subfolders, of which only the asked split's is read
+                              (a folder of only .parquet or .tar files is read with those builders instead)
     data/*.parquet            parquet files (a glob or one file)
     shards/*.tar              webdataset shards (000.png + 000.txt ...: columns `png`, `txt`)
     user/name                 anything else: a data set on the Hugging Face hub
-A `{split}` in a path is replaced by the split name (`shards/{split}-*.tar`). `data.streaming` streams
+A `{split}` in a path is replaced by the split name (`shards/{split}-*.tar`); a split `a+b` reads split a,
+then split b, as one data set (`train+validation`). `data.streaming` streams
 instead of loading into memory; `data.image_column` / `data.caption_column` name the columns.
 
 `ExampleStream` yields {"image": float (3, S, S) in [0, 1], "caption": str}; `batches` collates it.
@@ -157,7 +158,11 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
             "give only .parquet files or only .tar (webdataset) files"
         )
     if os.path.isdir(text):
-        return _folder_builder(text), {"data_dir": text}, hf_split
+        builder, split_dir = _folder_builder(text), os.path.join(text, split)
+        if builder == "imagefolder" and "{split}" not in source and os.path.isdir(split_dir):
+            # a folder per split: list that one's files alone, so other splits are never read
+            return builder, {"data_files": {"train": os.path.join(glob.escape(split_dir), "**")}}, "train"
+        return builder, {"data_dir": text}, hf_split
     if os.path.exists(text):
         raise UserError(
             f"data source '{source}' is a file that is neither .parquet nor .tar; "
@@ -249,8 +254,14 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
 
     import datasets
 
-    path, kwargs, hf_split = _resolve(cfg.source, split)
-    ds = _load(cfg.source, split, path, kwargs, hf_split, cfg.streaming)
+    parts = [part.strip() for part in split.split("+")]  # "train+validation": the splits one after another
+    if not all(parts):
+        raise UserError(f"split '{split}' has an empty part; name splits like train or train+validation")
+    loaded = []
+    for part in parts:
+        path, kwargs, hf_split = _resolve(cfg.source, part)
+        loaded.append(_load(cfg.source, part, path, kwargs, hf_split, cfg.streaming))
+    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
     columns = _columns(ds)
     _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
     _check_column(cfg.source, columns, cfg.caption_column, "caption", _CAPTION_GUESSES)
