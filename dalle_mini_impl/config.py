@@ -261,6 +261,20 @@ class SampleConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The evaluation CLIP of `python -m train.judge`: a CLIP of its own (tokenizer, seed, size, steps), never
+    the reranker, so that reranking cannot simply please the model that grades it."""
+
+    seed: int = 1
+    splits: str = "train+validation"  # what it learns from; never the split it grades
+    vocab_size: int = 2000
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=3000, batch_size=128, lr=1e-3, weight_decay=0.1)
+    )
+
+
+@dataclass
 class RunConfig:
     name: str = "shapes"
     out_dir: str = "runs/shapes"  # the run folder: checkpoints, logs, resolved config, bundle
@@ -272,6 +286,7 @@ class RunConfig:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,6 +499,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 __all__ = [
     "CLIPConfig",
     "DataConfig",
+    "JudgeConfig",
     "RunConfig",
     "SampleConfig",
     "ShapesConfig",

@@ -506,3 +506,15 @@ def test_an_older_transformer_json_loads_the_same_model(bundle, tmp_path):
     assert older.transformer.cfg == new.transformer.cfg
     ids = [p.generate("a red circle", candidates=2, num_images=1, progress=False)[0][0].ids for p in (new, older)]
     assert torch.equal(ids[0], ids[1])
+
+
+def test_a_shipped_bundle_is_named_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
+    from dalle_mini_impl.pipeline import bundle as bundles
+
+    monkeypatch.chdir(tmp_path)
+    assert "shapes" in bundles.shipped_models()
+    assert bundles.bundle_path("shapes") == bundles.SHIPPED_MODEL and bundles.bundle_path(None) == bundles.SHIPPED_MODEL
+    (tmp_path / "shapes").mkdir()  # a folder of one's own called shapes is that folder
+    assert bundles.bundle_path("shapes") == Path("shapes")
+    with pytest.raises(UserError, match="model folder 'nope' does not exist; pass --model .* shipped one \\(.*shapes"):
+        bundles.read_bundle_config("nope")

@@ -46,6 +46,12 @@ def clip_data(cfg: RunConfig) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = loop.parse_args(argv, __doc__)
+    train_clip(cfg, args)
+    return 0
+
+
+def train_clip(cfg: RunConfig, args) -> dict[str, float]:
+    """Train CLIP as `cfg` says into `cfg.out_dir` (which holds the text tokenizer); returns the last scalars."""
     tc = cfg.train.clip
     accelerator = loop.make_accelerator(tc)
     seed_everything(cfg.seed)
@@ -121,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         export=export,
         after_step=after_step,
     )
-    loop.report("clip", loop.run(cfg, tc, stage, accelerator, args), accelerator)
-    return 0
+    result = loop.run(cfg, tc, stage, accelerator, args)
+    loop.report("clip", result, accelerator)
+    return result
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

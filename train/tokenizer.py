@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dalle_mini_impl.config import add_config_args, config_from_args
+from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import iter_captions
 from dalle_mini_impl.errors import run_cli
 from dalle_mini_impl.pipeline.bundle import record_stage_config
@@ -26,7 +26,12 @@ from dalle_mini_impl.text.tokenizer import TextTokenizer
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tokenizer", description=__doc__.split("\n")[0])
     add_config_args(parser)
-    cfg = config_from_args(parser.parse_args(argv))
+    print(json.dumps(train_tokenizer(config_from_args(parser.parse_args(argv)))))
+    return 0
+
+
+def train_tokenizer(cfg: RunConfig) -> dict:
+    """Train and write `cfg.out_dir`/text.model; returns the summary `main` prints."""
     out = Path(cfg.out_dir)
 
     t0 = time.perf_counter()
@@ -43,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "path": str(out / "text.model"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def load_scorer(args: argparse.Namespace) -> ClipScorer:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=None, help="bundle folder (default: the shipped shapes bundle)")
+    common.add_argument("--model", default=None, help="a bundle folder or a shipped bundle's name (default: shapes)")
     common.add_argument("--openclip", default=None, metavar="NAME", help="an open_clip model name, e.g. ViT-B-32")
     common.add_argument("--pretrained", default=None, help="with --openclip: a weights file or an open_clip tag")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -4,6 +4,7 @@
     recon --model DIR --data SRC --split S    image tokenizer PSNR / SSIM / codebook usage
     clip --model DIR --data SRC --split S     CLIP retrieval recall@1/5/10
     shapes --model DIR --n 300 --seed 0       judge accuracy of generated samples
+    emoji --model B --judge J --data DIR      text-to-image on emoji-styles, graded by an evaluation CLIP
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "recon": "dalle_mini_impl.eval.recon",
     "clip": "dalle_mini_impl.eval.clip",
     "shapes": "dalle_mini_impl.eval.shapes",
+    "emoji": "dalle_mini_impl.eval.emoji",
 }
 
 

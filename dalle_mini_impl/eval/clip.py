@@ -156,7 +156,11 @@ def zero_shot_shapes(scorer, images: torch.Tensor, objects: Sequence[Obj]) -> di
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval clip", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="bundle folder with config.json, text.model, clip.safetensors")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a shipped bundle's name or a folder with config.json, text.model, clip.safetensors",
+    )
     p.add_argument("--data", default=None, help="data source (default: the bundle's data.source)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the bundle's data.val_split)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

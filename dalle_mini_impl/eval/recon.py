@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.data.streams import ExampleStream, batches
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval recon", description=__doc__)
-    parser.add_argument("--model", required=True, help="a run folder or bundle with vae.safetensors + vae.json")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a shipped bundle's name, or a run folder or bundle with vae.safetensors + vae.json",
+    )
     parser.add_argument("--data", default=None, help="data source (default: the model's own)")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.pipeline.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
-    parser.add_argument("--model", default=None, help="bundle or run folder (default: the shipped model)")
+    parser.add_argument(
+        "--model", default=None, help="a shipped bundle's name or a bundle or run folder (default: shapes)"
+    )
     parser.add_argument("--n", type=int, default=300, help="number of prompts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set and of sampling")
     parser.add_argument("--candidates", type=int, default=8, help="samples per prompt: 8, or 32 for top-1 of 32")

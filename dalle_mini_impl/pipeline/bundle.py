@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from ..config import RunConfig, TransformerConfig, config_from_dict, config_to_dict, read_config_json, save_config
 from ..errors import UserError
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the bundles shipped in the package, one folder each
 # the model `python -m sample` and `python -m dalle_mini_impl.clip` use when no --model is given
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "shapes"
+SHIPPED_MODEL = ASSETS / "shapes"
 
 FILES = {
     "config": "config.json",
@@ -37,11 +38,32 @@ FILES = {
 }
 
 
+def shipped_models() -> list[str]:
+    """The names of the bundles shipped in the package (`--model NAME`)."""
+    return sorted(p.name for p in ASSETS.iterdir() if (p / FILES["config"]).is_file()) if ASSETS.is_dir() else []
+
+
+def bundle_path(model: str | os.PathLike | None) -> Path:
+    """The folder `--model` names: a folder path, the name of a shipped bundle (`emoji`), or None for shapes.
+
+    A folder that exists wins over a shipped bundle of the same name.
+    """
+    if model is None:
+        return SHIPPED_MODEL
+    path = Path(model)
+    if not path.exists() and str(model) in shipped_models():
+        return ASSETS / str(model)
+    return path
+
+
 def part_path(bundle: str | os.PathLike, part: str) -> Path:
     """The path of one part of a bundle; a missing folder or file is a one-sentence error."""
-    bundle = Path(bundle)
+    bundle = bundle_path(bundle)
     if not bundle.is_dir():
-        raise UserError(f"model folder '{bundle}' does not exist; pass --model with a trained bundle folder")
+        raise UserError(
+            f"model folder '{bundle}' does not exist; pass --model with a trained bundle folder "
+            f"or the name of a shipped one ({', '.join(shipped_models())})"
+        )
     path = bundle / FILES[part]
     if not path.is_file():
         raise UserError(
@@ -195,6 +217,7 @@ def load_vae(bundle: str | os.PathLike):
     """The image tokenizer of a bundle or run folder (vae.safetensors + vae.json), in eval mode."""
     import vae
 
+    bundle = bundle_path(bundle)
     part_path(bundle, "vae")
     if not (Path(bundle) / "vae.json").is_file():
         raise UserError(f"model folder '{bundle}' has no vae.json; it is incomplete: retrain or copy the whole bundle")
@@ -215,6 +238,7 @@ def load_transformer(bundle: str | os.PathLike):
     """The DALL-E transformer of a bundle or run folder (transformer.json + transformer.safetensors), in eval mode."""
     from ..model.transformer import DALLE
 
+    bundle = bundle_path(bundle)
     weights = part_path(bundle, "transformer")
     path = Path(bundle) / "transformer.json"
     if not path.is_file():
@@ -239,6 +263,7 @@ def load_clip(bundle: str | os.PathLike, device: str | torch.device = "cpu"):
     from ..clip.model import clip_from_config
     from ..clip.uses import BundleClipScorer
 
+    bundle = bundle_path(bundle)
     cfg = read_bundle_config(bundle)
     weights = part_path(bundle, "clip")
     tokenizer = load_text_tokenizer(bundle, cfg)

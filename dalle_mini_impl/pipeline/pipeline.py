@@ -40,7 +40,15 @@ from ..config import RunConfig, SampleConfig
 from ..data.images import prepare_image, to_pil
 from ..errors import UserError
 from ..model.generate import DECODE_MODES, generate
-from .bundle import SHIPPED_MODEL, load_clip, load_text_tokenizer, load_transformer, load_vae, read_bundle_config
+from .bundle import (
+    SHIPPED_MODEL,
+    bundle_path,
+    load_clip,
+    load_text_tokenizer,
+    load_transformer,
+    load_vae,
+    read_bundle_config,
+)
 
 METHODS = ("ar", "clip-guided")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,7 +170,7 @@ class Pipeline:
     def from_pretrained(
         cls, path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "fp32", decode: str = "cached"
     ) -> Pipeline:
-        """Load a bundle folder (None: the shapes model shipped in the package) onto `device`.
+        """Load a bundle (a folder, a shipped bundle's name such as "emoji", or None: shapes) onto `device`.
 
         dtype bf16 or fp16 casts the transformer's weights to it and runs the image tokenizer under autocast;
         CLIP stays fp32. decode "compiled" samples with a torch.compile'd decoding step (CUDA graphs on GPUs;
@@ -175,6 +183,7 @@ class Pipeline:
                     f"the shipped model is missing at '{SHIPPED_MODEL}'; pass --model RUN_FOLDER with a trained bundle"
                 )
             path = SHIPPED_MODEL
+        path = bundle_path(path)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         cfg = read_bundle_config(path)

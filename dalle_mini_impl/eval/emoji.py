@@ -1,0 +1,265 @@
+"""Does a text-to-image model draw what a caption asks, on real artwork? Graded by a CLIP that is not its own.
+
+    python -m dalle_mini_impl.eval emoji --model emoji --judge JUDGE --data DATA/emoji-styles --split test \
+        --candidates 8 --seed 0 [--n 130]
+
+Captions are `NAME, STYLE style` (the emoji-styles data set: `pizza, openmoji style`). For each caption
+of the split (or `--n` of them, drawn with the seed) the model samples N candidates (seed + the
+caption's index), and two are judged: its reranker's top-1 (`reranked`) and the first candidate
+(`first`, no reranking). The judge is an evaluation CLIP trained apart from the model
+(`python -m train.judge`), so reranking cannot simply please it. With the judge's unit-normalised
+embeddings, per judged image:
+
+  style_acc         the caption's style wins among the eight captions `NAME, S style` (every style S of train)
+  name_r1, name_r5  R-precision (AttnGAN's protocol): the true caption ranked among 100 captions, itself and
+                    99 other names drawn with the seed from DIR/train (never the true name), all in the true
+                    style; a hit at rank 1 / within 5 (a tie counts against the true caption)
+  both              style right and name at rank 1
+  cmmd              CLIP maximum mean discrepancy (Jayasumana et al. 2024, "Rethinking FID"): Gaussian kernel
+                    sigma 10, the biased estimator, times 1000, between the judged images and the real images
+                    of the same captions
+
+and the same keys for three references that need no model: `real` (the captions' real images: the
+ceiling), `same_style_random` (a random training image of the caption's style, another caption's) and
+`copy_other_style` (the same name drawn in another style, from train: right name, wrong style; only
+for captions whose name train has in another style, counted by its `n`). Prints one JSON object.
+DIR needs only `train` and the graded split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..data.images import to_uint8
+from ..errors import UserError
+
+R_PRECISION_POOL = 100  # the true caption and 99 others
+CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
+REFERENCES = ("real", "same_style_random", "copy_other_style")
+
+
+def parse_caption(caption: str) -> tuple[str, str]:
+    """`NAME, STYLE style` -> (NAME, STYLE)."""
+    name, sep, style = caption.rpartition(", ")
+    if not sep or not name or not style.endswith(" style") or style == " style":
+        raise UserError(f"caption '{caption}' is not of the form 'NAME, STYLE style'; eval emoji reads emoji-styles")
+    return name, style.removesuffix(" style")
+
+
+def style_caption(name: str, style: str) -> str:
+    return f"{name}, {style} style"
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def rprecision_names(true_name: str, names: Sequence[str], seed: int, index: int) -> list[str]:
+    """The 99 other names caption `index` is ranked against: drawn from `names` with (seed, index), never the
+    true one, each once."""
+    pool = sorted(set(names) - {true_name})
+    if len(pool) < R_PRECISION_POOL - 1:
+        raise UserError(
+            f"train has {len(pool) + 1} names; R-precision ranks each caption among {R_PRECISION_POOL}, "
+            f"so it needs at least {R_PRECISION_POOL} names"
+        )
+    rng = np.random.default_rng([seed, index])
+    return [pool[j] for j in rng.choice(len(pool), R_PRECISION_POOL - 1, replace=False)]
+
+
+def cmmd(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE) -> float:
+    """CMMD between embeddings x (m, e) and y (n, e): scale * (mean k(x, x') + mean k(y, y') - 2 mean k(x, y)),
+    k(a, b) = exp(-|a - b|^2 / (2 sigma^2)), diagonals included (the biased estimator)."""
+    x, y = x.double(), y.double()
+    gamma = 1.0 / (2 * sigma**2)
+
+    def mean_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+        return torch.exp(-gamma * sq.clamp_min(0)).mean()
+
+    return float(scale * (mean_kernel(x, x) + mean_kernel(y, y) - 2 * mean_kernel(x, y)))
+
+
+class Grader:
+    """The judge's view of one caption set: text embeddings cached, images graded against their captions."""
+
+    def __init__(self, judge, captions: Sequence[str], styles: Sequence[str], train_names: Sequence[str], seed: int):
+        self.judge = judge
+        self.parsed = [parse_caption(c) for c in captions]
+        self.styles = list(styles)
+        self.pools = [rprecision_names(name, train_names, seed, i) for i, (name, _) in enumerate(self.parsed)]
+        self._text: dict[str, torch.Tensor] = {}
+
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in self._text]
+        if new:
+            self._text.update(zip(new, self.judge.embed_texts(new)))
+        return torch.stack([self._text[t] for t in texts])
+
+    def grade(self, images: torch.Tensor, rows: Sequence[int], real: torch.Tensor) -> dict[str, float]:
+        """Metrics of images (m, 3, S, S), image j drawn for caption rows[j]; `real`: the real images' embeddings."""
+        if not len(rows):
+            return {"n": 0}
+        emb = self.judge.embed_images(images)  # (m, e)
+        style_ok, ranks = [], []
+        for j, i in enumerate(rows):
+            name, style = self.parsed[i]
+            by_style = self._embed_texts([style_caption(name, s) for s in self.styles]) @ emb[j]
+            style_ok.append(self.styles[int(by_style.argmax())] == style)
+            pool = [style_caption(name, style)] + [style_caption(other, style) for other in self.pools[i]]
+            sims = self._embed_texts(pool) @ emb[j]
+            ranks.append(1 + int((sims[1:] >= sims[0]).sum()))
+        style_ok, ranks = np.array(style_ok), np.array(ranks)
+        return {
+            "n": len(rows),
+            "style_acc": float(style_ok.mean()),
+            "name_r1": float((ranks == 1).mean()),
+            "name_r5": float((ranks <= 5).mean()),
+            "both": float((style_ok & (ranks == 1)).mean()),
+            "cmmd": cmmd(emb, real),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def read_split(data: str, split: str, image_size: int) -> tuple[list[str], torch.Tensor]:
+    """Captions and uint8 images (m, S, S, 3) of one split of an imagefolder, in order."""
+    from ..data.streams import ExampleStream
+
+    stream = ExampleStream(DataConfig(source=data, image_size=image_size), split, train=False)
+    captions, images = [], []
+    for example in stream:
+        captions.append(example["caption"])
+        images.append(to_uint8(example["image"]))
+    if not captions:
+        raise UserError(f"split '{split}' of '{data}' has no readable example")
+    return captions, torch.from_numpy(np.stack(images))
+
+
+def _floats(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (m, S, S, 3) -> float (m, 3, S, S) in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(255)
+
+
+def references(
+    captions: Sequence[str], train_captions: Sequence[str], seed: int
+) -> tuple[list[int | None], list[int | None]]:
+    """Per caption, the train index of `same_style_random` and of `copy_other_style` (None where train has none)."""
+    by_style, by_name = defaultdict(list), defaultdict(list)
+    for k, caption in enumerate(train_captions):
+        name, style = parse_caption(caption)
+        by_style[style].append(k)
+        by_name[name].append((style, k))
+    same, other = [], []
+    for i, caption in enumerate(captions):
+        name, style = parse_caption(caption)
+        rng = np.random.default_rng([seed, i, 1])
+        pool = [k for k in by_style[style] if train_captions[k] != caption]
+        same.append(pool[rng.integers(len(pool))] if pool else None)
+        elsewhere = [k for s, k in by_name[name] if s != style]
+        other.append(elsewhere[rng.integers(len(elsewhere))] if elsewhere else None)
+    return same, other
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(pipe, judge, data: str, split: str, n: int | None, seed: int, progress: bool = True) -> dict:
+    """Everything the command prints but its settings, for a loaded Pipeline and judge (a ClipScorer)."""
+    from tqdm.auto import tqdm
+
+    if pipe.clip is None:
+        raise UserError("this model has no CLIP to rerank with; eval emoji judges its reranked pick")
+    size = pipe.cfg.data.image_size
+    train_captions, train_images = read_split(data, "train", size)
+    captions, real_images = (train_captions, train_images) if split == "train" else read_split(data, split, size)
+    chosen = list(range(len(captions)))
+    if n is not None:
+        if not 1 <= n <= len(captions):
+            raise UserError(f"--n is {n}; split '{split}' has {len(captions)} captions, choose 1 to {len(captions)}")
+        chosen = sorted(np.random.default_rng([seed, 2]).choice(len(captions), n, replace=False).tolist())
+    captions = [captions[i] for i in chosen]
+    real = _floats(real_images[chosen])  # (m, 3, S, S)
+    styles = sorted({parse_caption(c)[1] for c in train_captions})
+    grader = Grader(judge, captions, styles, [parse_caption(c)[0] for c in train_captions], seed)
+    real_emb = judge.embed_images(real)
+
+    s = pipe.settings(num_images=1)
+    reranked, first = [], []
+    for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
+        generator = torch.Generator().manual_seed(s.seed + i)
+        images = pipe.decode(pipe.sample_ids(pipe.encode_prompt(caption), s, generator))  # (N, 3, S, S)
+        reranked.append(images[int(pipe.clip.score(images, caption).argmax())])
+        first.append(images[0])
+    rows = list(range(len(captions)))
+    out = {
+        "reranked": grader.grade(torch.stack(reranked), rows, real_emb),
+        "first": grader.grade(torch.stack(first), rows, real_emb),
+        "real": grader.grade(real, rows, real_emb),
+    }
+    for key, picks in zip(("same_style_random", "copy_other_style"), references(captions, train_captions, seed)):
+        kept = [i for i, k in enumerate(picks) if k is not None]
+        images = _floats(train_images[[picks[i] for i in kept]])
+        out[key] = grader.grade(images, kept, real_emb[kept])
+    return {**out, "n": len(captions), "captions": captions[:3] + (["..."] if len(captions) > 3 else [])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..pipeline.bundle import load_clip
+    from ..pipeline.pipeline import Pipeline
+
+    p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval emoji", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="emoji", help="a shipped bundle's name or a bundle folder (default: emoji)")
+    p.add_argument("--judge", required=True, help="the evaluation CLIP's folder (python -m train.judge)")
+    p.add_argument("--data", required=True, help="an emoji-styles folder: train/ and the graded split")
+    p.add_argument("--split", default="test", help="the split whose captions are drawn (default: test)")
+    p.add_argument("--candidates", type=int, default=8, help="samples per caption; the reranker keeps one")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, of --n's draw and of R-precision's names")
+    p.add_argument("--n", type=int, default=None, help="judge N captions of the split, drawn with the seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.candidates < 1:
+        raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
+    if args.judge == args.model:
+        raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
+    judge = load_clip(args.judge, device=args.device)
+    if pipe.clip is not None and judge.fingerprint() == pipe.clip.fingerprint():
+        raise UserError(
+            f"--judge '{args.judge}' is the model's own CLIP; grade with one trained by python -m train.judge"
+        )
+    t0 = time.perf_counter()
+    result = evaluate(pipe, judge, args.data, args.split, args.n, args.seed)
+    summary = {
+        "model": str(args.model),
+        "judge": str(args.judge),
+        "split": args.split,
+        "candidates": args.candidates,
+        "seed": args.seed,
+        "guidance_scale": pipe.cfg.sample.guidance_scale,
+        "temperature": pipe.cfg.sample.temperature,
+        "top_k": pipe.cfg.sample.top_k,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **result,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,147 @@
+"""`eval emoji` and `train.judge`: a tiny bundle graded by a tiny judge on a small emoji-styles-like folder.
+
+The folder has 105 names in three styles (R-precision ranks each caption among 100 names), drawn as 16 px
+squares whose color says the style and whose place and size say the name; four (name, style) cells are
+kept out of train as the test split, as in emoji-styles.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.eval import emoji
+from tests.bundle_factory import make_tiny_bundle
+from tests.test_train import TINY
+from train import judge as train_judge
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = [f"thing {k}" for k in range(105)]
+STYLES = {"alpha": (220, 40, 40), "beta": (40, 160, 60), "gamma": (40, 60, 220)}
+HELD_OUT = [(NAMES[k], "gamma") for k in range(4)]  # the test cells: their names are in train in two other styles
+JUDGE_TINY = [
+    "judge.vocab_size=320",
+    "judge.train.steps=2",
+    "judge.train.batch_size=8",
+    "judge.train.checkpoint_every=2",
+    *[item.replace("clip.", "judge.clip.", 1) for item in TINY if item.startswith("clip.")],
+    "data.image_size=16",
+    "text.text_len=16",
+]
+
+
+def _draw(name: str, style: str) -> Image.Image:
+    k = NAMES.index(name)
+    pixels = np.full((16, 16, 4), 255, np.uint8)
+    pixels[..., 3] = 0  # transparent: composited on white
+    top, left, side = k % 8, (k // 8) % 8, 4 + k % 5
+    pixels[top : top + side, left : left + side] = (*STYLES[style], 255)
+    return Image.fromarray(pixels, mode="RGBA")
+
+
+def _write(folder: Path, cells: list[tuple[str, str]]) -> None:
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for name, style in cells:
+        rel = f"images/{style}__{name.replace(' ', '-')}.png"
+        _draw(name, style).save(folder / rel)
+        lines.append(json.dumps({"file_name": rel, "text": emoji.style_caption(name, style), "name": name}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("emoji-styles")
+    cells = [(name, style) for name in NAMES for style in STYLES]
+    _write(root / "train", [c for c in cells if c not in HELD_OUT])
+    _write(root / "test", HELD_OUT)
+    return root
+
+
+@pytest.fixture(scope="module")
+def judge(folder, tmp_path_factory) -> Path:
+    """A judge trained on a copy of the folder whose test split no reader could open: it must never try."""
+    blind = tmp_path_factory.mktemp("blind") / "emoji-styles"
+    shutil.copytree(folder, blind)
+    (blind / "test" / "metadata.jsonl").write_text("{this is not json\n")
+    shutil.rmtree(blind / "test" / "images")
+    out = tmp_path_factory.mktemp("judge")
+    argv = ["--config", "emoji64", "--data", str(blind), "--out", str(out), "--set", "judge.splits=train"]
+    assert train_judge.main([*argv, *[x for item in JUDGE_TINY for x in ("--set", item)]]) == 0
+    return out
+
+
+def test_the_judge_trains_on_its_splits_alone_into_its_own_folder(judge):
+    values = json.loads((judge / "config.json").read_text())
+    assert values["data"]["split"] == values["data"]["val_split"] == "train"
+    assert values["seed"] == 1 and values["clip"]["image_width"] == 32
+    assert {p.name for p in judge.iterdir()} >= {"config.json", "text.model", "clip.safetensors"}
+
+
+def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
+    with pytest.raises(UserError, match="'judge.splits' is 'train\\+test'; the judge grades the test split"):
+        train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--set", "judge.splits=train+test"])
+    cfg = train_judge.judge_config(train_judge.loop.parse_args(["--config", "emoji64"], "")[0], "runs/x-judge")
+    assert cfg.out_dir == "runs/x-judge" and cfg.name == "emoji64-judge"
+
+
+def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "2"]
+    assert emoji.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 4 and out["candidates"] == 2 and out["split"] == "test"
+    for key in ("reranked", "first", "real", "same_style_random", "copy_other_style"):
+        entry = out[key]
+        assert entry["n"] == 4, key  # every test name is in train in another style
+        assert set(entry) == {"n", "style_acc", "name_r1", "name_r5", "both", "cmmd"}
+        for metric in ("style_acc", "name_r1", "name_r5", "both"):
+            assert 0 <= entry[metric] <= 1
+        assert entry["name_r1"] <= entry["name_r5"] and entry["both"] <= min(entry["style_acc"], entry["name_r1"])
+    assert out["real"]["cmmd"] == 0.0  # the real images against themselves
+    assert out["copy_other_style"]["cmmd"] > 0
+    # seen cells: --n captions of train, drawn with the seed
+    assert emoji.main([*argv, "--split", "train", "--n", "5"]) == 0
+    seen = json.loads(capsys.readouterr().out)
+    assert seen["n"] == 5 and seen["real"]["n"] == 5
+    with pytest.raises(UserError, match="--judge is the model itself"):
+        emoji.main([*argv[:2], "--judge", str(bundle), *argv[4:]])
+    copy = shutil.copytree(bundle, tmp_path / "copy")  # the same CLIP under another name is refused too
+    with pytest.raises(UserError, match="is the model's own CLIP"):
+        emoji.main([*argv[:2], "--judge", str(copy), *argv[4:]])
+
+
+def test_r_precision_names_are_other_names_each_once_and_the_same_for_a_seed():
+    names = NAMES * 2  # train lists a name once per style
+    drawn = emoji.rprecision_names("thing 7", names, seed=0, index=3)
+    assert len(drawn) == 99 and len(set(drawn)) == 99 and "thing 7" not in drawn
+    assert drawn == emoji.rprecision_names("thing 7", names, seed=0, index=3)
+    assert drawn != emoji.rprecision_names("thing 7", names, seed=1, index=3)
+    with pytest.raises(UserError, match="needs at least 100 names"):
+        emoji.rprecision_names("thing 7", NAMES[:50], seed=0, index=0)
+
+
+def test_cmmd_is_zero_for_identical_sets_and_positive_for_different_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(30, 8, generator=g) + 2, dim=-1)
+    assert emoji.cmmd(x, x) == 0.0
+    assert emoji.cmmd(x, y) > 0 and emoji.cmmd(x, y) == pytest.approx(emoji.cmmd(y, x))
+    # the definition: scale * (mean k(x, x') + mean k(y, y') - 2 mean k(x, y)), k = exp(-|a - b|^2 / 200)
+    k = lambda a, b: torch.exp(-torch.cdist(a.double(), b.double()) ** 2 / 200).mean()  # noqa: E731
+    assert emoji.cmmd(x, y) == pytest.approx(1000 * float(k(x, x) + k(y, y) - 2 * k(x, y)), rel=1e-9)
+
+
+def test_captions_parse_or_say_what_they_should_be():
+    assert emoji.parse_caption("pizza, openmoji style") == ("pizza", "openmoji")
+    assert emoji.parse_caption("flag: x, y, fluent flat style") == ("flag: x, y", "fluent flat")
+    with pytest.raises(UserError, match="caption 'a red circle' is not of the form 'NAME, STYLE style'"):
+        emoji.parse_caption("a red circle")

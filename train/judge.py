@@ -1,0 +1,65 @@
+"""Train the evaluation CLIP that grades generated images: `python -m train.judge --config configs/emoji.toml
+--data DIR --out JUDGE`.
+
+A judge must not be the model it grades: a bundle's own CLIP reranks its candidates, so a metric read
+off that CLIP would reward reranking for pleasing it. The judge is a CLIP of its own, built from the
+preset's `[judge]` section: its own text tokenizer (`judge.vocab_size`), its own seed, its own size and
+steps (`judge.clip`, `judge.train`; larger and longer than the reranker), trained on `judge.splits`
+(`train+validation`) and never on a split it grades: a split named `test` is refused, and no other
+split is opened. Its in-training retrieval numbers are on the last of its splits, which it has seen; its
+ceiling on unseen images is what `python -m dalle_mini_impl.eval emoji` reports for the real images.
+
+JUDGE (default: the run folder with `-judge` appended, never the run folder itself) then holds
+config.json, text.model and clip.safetensors, as a bundle's CLIP does (`pipeline.bundle.load_clip`).
+Rerunning the command resumes from the last checkpoint, as every stage does. Prints the tokenizer's
+JSON line, then the training's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from dalle_mini_impl.config import RunConfig
+from dalle_mini_impl.errors import UserError, run_cli
+from train import loop
+from train.clip import train_clip
+from train.tokenizer import train_tokenizer
+
+GRADED_SPLIT = "test"  # what `eval emoji` grades; the judge never learns from it
+
+
+def judge_config(cfg: RunConfig, out: str) -> RunConfig:
+    """The run config of the judge: the preset's data and text settings with the `[judge]` section in place."""
+    j = cfg.judge
+    parts = [part.strip() for part in j.splits.split("+")]
+    if GRADED_SPLIT in parts:
+        raise UserError(
+            f"config key 'judge.splits' is '{j.splits}'; the judge grades the {GRADED_SPLIT} split and must never "
+            "learn from it: use train+validation"
+        )
+    return dataclasses.replace(
+        cfg,
+        name=f"{cfg.name}-judge",
+        out_dir=out,
+        seed=j.seed,
+        data=dataclasses.replace(cfg.data, split=j.splits, val_split=parts[-1]),
+        text=dataclasses.replace(cfg.text, vocab_size=j.vocab_size),
+        clip=j.clip,
+        train=dataclasses.replace(cfg.train, clip=j.train),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = loop.parse_args(argv, __doc__)
+    out = args.out or f"{cfg.out_dir.rstrip('/')}-judge"
+    jcfg = judge_config(cfg, out)
+    if not (Path(out) / "text.model").is_file():  # a resumed run keeps the tokenizer its checkpoints were made with
+        print(json.dumps(train_tokenizer(jcfg)))
+    train_clip(jcfg, args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
