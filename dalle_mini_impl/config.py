@@ -68,6 +68,10 @@ class DataConfig:
     shuffle_buffer: int = 1000  # streaming shuffle buffer
     max_image_pixels: int = 40_000_000  # larger images are skipped as decompression bombs
     max_caption_chars: int = 2000  # longer captions are cut to this many characters
+    # keep only the examples whose caption matches `include` and does not match `exclude` (Python regular
+    # expressions, searched anywhere in the caption; empty: off), e.g. exclude = ", openmoji style$"
+    include: str = ""
+    exclude: str = ""
     max_examples: int = 0  # examples of the train split that train.encode encodes (0: all; set it for endless sources)
     encode_shard_size: int = 10_000  # rows per token shard
     shapes: ShapesConfig = field(default_factory=ShapesConfig)

@@ -396,3 +396,15 @@ def test_a_split_folder_is_read_alone_and_splits_join_with_plus(imagefolder, tmp
     assert both == imagefolder.train_captions + imagefolder.validation_captions
     with pytest.raises(UserError, match=r"split 'train\+' has an empty part"):
         ExampleStream(_cfg(root), "train+", train=False)
+
+
+def test_captions_filter_the_examples_before_any_image_is_read(imagefolder):
+    cfg = _cfg(imagefolder.root, include="gray|palette", exclude="noise")
+    keep = _captions(ExampleStream(cfg, "train", train=False))
+    assert keep == ["a gray card", "a palette image with a hole", "a striped palette image"]
+    stream = ExampleStream(_cfg(imagefolder.root, exclude="truncated"), "train", train=False)
+    assert _captions(stream) == imagefolder.train_captions and stream.n_skipped == 0  # the corrupt file is never read
+    with pytest.raises(UserError, match="config key 'data.exclude' is not a valid regular expression"):
+        ExampleStream(_cfg(imagefolder.root, exclude="(unclosed"), "train", train=False)
+    with pytest.raises(UserError, match="data.include and data.exclude filter a data set's captions, not shapes"):
+        ExampleStream(DataConfig(source="shapes", include="red"), "train", train=False)

@@ -50,6 +50,7 @@ import glob
 import logging
 import os
 import random
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -244,8 +245,36 @@ def _check_column(name: str, columns: list[str], column: str, role: str, guesses
     )
 
 
+class CaptionFilter:
+    """True for a caption that `data.include` matches (when set) and `data.exclude` does not (when set)."""
+
+    def __init__(self, cfg: DataConfig):
+        self.include, self.exclude = (_regex(cfg, key) for key in ("include", "exclude"))
+
+    def __call__(self, caption: Any) -> bool:
+        text = caption if isinstance(caption, str) else ""  # a non-text caption is skipped later, with its reason
+        if self.include is not None and not self.include.search(text):
+            return False
+        return self.exclude is None or not self.exclude.search(text)
+
+
+def _regex(cfg: DataConfig, key: str) -> re.Pattern | None:
+    pattern = getattr(cfg, key)
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"config key 'data.{key}' is not a valid regular expression ({e}); fix the pattern") from None
+
+
 def open_dataset(cfg: DataConfig, split: str) -> Source:
     """Open one split of `cfg.source` with the image and caption columns only, images left undecoded."""
+    if cfg.source == "shapes" and (cfg.include or cfg.exclude):
+        raise UserError(
+            "data.include and data.exclude filter a data set's captions, not shapes; "
+            "leave them empty (shapes holds out pairs with data.shapes.held_out)"
+        )
     if cfg.source == "shapes":
         from ..shapes.generator import shapes_length
 
@@ -266,6 +295,8 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
     _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
     _check_column(cfg.source, columns, cfg.caption_column, "caption", _CAPTION_GUESSES)
     ds = ds.select_columns([cfg.image_column, cfg.caption_column])
+    if cfg.include or cfg.exclude:  # on the captions alone, before any image is read
+        ds = ds.filter(CaptionFilter(cfg), input_columns=[cfg.caption_column])
     if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
         # decode ourselves: a corrupt file then reaches `_decode_image` as bytes and is skipped, not raised
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
