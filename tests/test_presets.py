@@ -7,6 +7,7 @@ import torch
 
 from dalle_mini_impl.config import available_presets, load_config
 from tests.test_train import TINY
+from train import all as train_all
 from train import clip as train_clip
 from train import dalle as train_dalle
 from train import tokenizer as train_tokenizer
@@ -54,7 +55,11 @@ def test_a_preset_that_names_no_data_needs_data(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(train_tokenizer.main, ["--config", "emoji64", "--out", str(tmp_path)])
     assert stop.value.code == 2
-    assert capsys.readouterr().err == (
+    message = (
         "error: this config names no data source (data.source is empty); pass --data with a folder, "
         "*.parquet or *.tar files, or a hub name\n"
     )
+    assert capsys.readouterr().err == message
+    with pytest.raises(SystemExit) as stop:  # train.all says it once, before starting any stage
+        run_cli(train_all.main, ["--config", "emoji", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and capsys.readouterr() == ("", message)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from dalle_mini_impl.config import add_config_args, config_from_args
+from dalle_mini_impl.data.streams import require_source
 from dalle_mini_impl.errors import UserError, run_cli
 
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)  # fail here, once, on a bad config
+    require_source(cfg.data.source)
     passthrough = ["--config", args.config] + [f"--set={o}" for o in args.overrides]
     if args.data:
         passthrough += ["--data", args.data]

@@ -136,13 +136,18 @@ def _folder_builder(folder: str) -> str:
     return "imagefolder"
 
 
-def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
-    """(the `load_dataset` path, its keyword arguments, the split name to ask it for)."""
-    if not source.strip():  # a preset for data that does not ship with the package names none
+def require_source(source: str) -> None:
+    """A preset for data that does not ship with the package names no source: `--data` must."""
+    if not source.strip():
         raise UserError(
             "this config names no data source (data.source is empty); pass --data with a folder, "
             "*.parquet or *.tar files, or a hub name"
         )
+
+
+def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
+    """(the `load_dataset` path, its keyword arguments, the split name to ask it for)."""
+    require_source(source)
     text = os.path.expanduser(source.replace("{split}", split))
     hf_split = "train" if "{split}" in source else split  # a file list is one split, named train
     if glob.has_magic(text) or Path(text).suffix.lower() in (".parquet", ".tar"):
