@@ -96,8 +96,9 @@ def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
 def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     bundle = make_tiny_bundle(tmp_path / "bundle")
     argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "2"]
-    assert emoji.main(argv) == 0
+    assert emoji.main([*argv, "--grid", str(tmp_path / "grid.png")]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert Image.open(tmp_path / "grid.png").size[0] > 4 * 128  # 4 test captions, picks above real images
     assert out["n"] == 4 and out["candidates"] == 2 and out["split"] == "test"
     for key in ("reranked", "first", "real", "same_style_random", "copy_other_style"):
         entry = out[key]

@@ -22,8 +22,9 @@ embeddings, per judged image:
 and the same keys for three references that need no model: `real` (the captions' real images: the
 ceiling), `same_style_random` (a random training image of the caption's style, another caption's) and
 `copy_other_style` (the same name drawn in another style, from train: right name, wrong style; only
-for captions whose name train has in another style, counted by its `n`). Prints one JSON object.
-DIR needs only `train` and the graded split.
+for captions whose name train has in another style, counted by its `n`). Prints one JSON object;
+`--grid PNG` also draws the first eight captions' reranked images above their real ones. DIR needs only
+`train` and the graded split.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from ..data.images import to_uint8
+from ..data.images import save_grid, to_uint8
 from ..errors import UserError
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
-REFERENCES = ("real", "same_style_random", "copy_other_style")
+GRID_COLUMNS = 8  # --grid: the first eight judged captions
 
 
 def parse_caption(caption: str) -> tuple[str, str]:
@@ -179,8 +180,13 @@ def references(
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(pipe, judge, data: str, split: str, n: int | None, seed: int, progress: bool = True) -> dict:
-    """Everything the command prints but its settings, for a loaded Pipeline and judge (a ClipScorer)."""
+def evaluate(
+    pipe, judge, data: str, split: str, n: int | None, seed: int, grid: str | None = None, progress: bool = True
+) -> dict:
+    """Everything the command prints but its settings, for a loaded Pipeline and judge (a ClipScorer).
+
+    grid: also write a PNG of the first eight captions' reranked images above their real ones.
+    """
     from tqdm.auto import tqdm
 
     if pipe.clip is None:
@@ -206,6 +212,10 @@ def evaluate(pipe, judge, data: str, split: str, n: int | None, seed: int, progr
         images = pipe.decode(pipe.sample_ids(pipe.encode_prompt(caption), s, generator))  # (N, 3, S, S)
         reranked.append(images[int(pipe.clip.score(images, caption).argmax())])
         first.append(images[0])
+    if grid:
+        k = min(GRID_COLUMNS, len(captions))
+        images = torch.cat([torch.stack(reranked[:k]), real[:k]])
+        save_grid(images, grid, nrow=k, captions=captions[:k] + ["(real)"] * k)
     rows = list(range(len(captions)))
     out = {
         "reranked": grader.grade(torch.stack(reranked), rows, real_emb),
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="judge N captions of the split, drawn with the seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--grid", default=None, metavar="PNG", help="also draw the first 8 captions' picks above the real")
     args = p.parse_args(argv)
     if args.candidates < 1:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
@@ -246,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--judge '{args.judge}' is the model's own CLIP; grade with one trained by python -m train.judge"
         )
     t0 = time.perf_counter()
-    result = evaluate(pipe, judge, args.data, args.split, args.n, args.seed)
+    result = evaluate(pipe, judge, args.data, args.split, args.n, args.seed, args.grid)
     summary = {
         "model": str(args.model),
         "judge": str(args.judge),
