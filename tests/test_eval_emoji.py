@@ -110,9 +110,11 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     assert out["real"]["cmmd"] == 0.0  # the real images against themselves
     assert out["copy_other_style"]["cmmd"] > 0
     # seen cells: --n captions of train, drawn with the seed
-    assert emoji.main([*argv, "--split", "train", "--n", "5"]) == 0
+    assert emoji.main([*argv, "--split", "train", "--n", "5", "--set", "sample.guidance_scale=1.5"]) == 0
     seen = json.loads(capsys.readouterr().out)
-    assert seen["n"] == 5 and seen["real"]["n"] == 5
+    assert seen["n"] == 5 and seen["real"]["n"] == 5 and seen["guidance_scale"] == 1.5
+    with pytest.raises(UserError, match="only sampling settings can change here"):
+        emoji.main([*argv, "--set", "transformer.dim=8"])
     with pytest.raises(UserError, match="--judge is the model itself"):
         emoji.main([*argv[:2], "--judge", str(bundle), *argv[4:]])
     copy = shutil.copytree(bundle, tmp_path / "copy")  # the same CLIP under another name is refused too

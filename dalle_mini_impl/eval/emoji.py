@@ -1,7 +1,7 @@
 """Does a text-to-image model draw what a caption asks, on real artwork? Graded by a CLIP that is not its own.
 
     python -m dalle_mini_impl.eval emoji --model emoji --judge JUDGE --data DATA/emoji-styles --split test \
-        --candidates 8 --seed 0 [--n 130]
+        --candidates 8 --seed 0 [--n 130] [--set sample.guidance_scale=2] [--grid grid.png]
 
 Captions are `NAME, STYLE style` (the emoji-styles data set: `pizza, openmoji style`). For each caption
 of the split (or `--n` of them, drawn with the seed) the model samples N candidates (seed + the
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, apply_overrides
 from ..data.images import save_grid, to_uint8
 from ..errors import UserError
 
@@ -241,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=8, help="samples per caption; the reranker keeps one")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, of --n's draw and of R-precision's names")
     p.add_argument("--n", type=int, default=None, help="judge N captions of the split, drawn with the seed")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="sample.KEY=VALUE",
+        help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=2 (repeatable)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--grid", default=None, metavar="PNG", help="also draw the first 8 captions' picks above the real")
@@ -249,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
+    for item in args.overrides:
+        if not item.startswith("sample."):
+            raise UserError(f"--set {item}: only sampling settings can change here; give a sample.KEY=VALUE")
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    apply_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
     judge = load_clip(args.judge, device=args.device)
     if pipe.clip is not None and judge.fingerprint() == pipe.clip.fingerprint():
