@@ -202,9 +202,12 @@ class CLIPConfig:
     # CLIP's own shapes captions: each optional attribute left out with this probability (< 0: use
     # data.shapes.omit_p, which the transformer trains on)
     shapes_omit_p: float = -1.0
-    # NegCLIP hard negatives: each caption with one word made false (a spatial word flipped, a size,
-    # color or shape swapped: dalle_mini_impl.shapes.negatives) is an extra negative text for every image
+    # NegCLIP hard negatives: each caption made false in one place is an extra negative text for every
+    # image. On shapes one word is made false by the caption grammar (a spatial word flipped, a size, color
+    # or shape swapped: dalle_mini_impl.shapes.negatives); on other data a caption holding one of
+    # `swap_phrases` has it replaced by another of them (emoji-styles: its styles, ", noto style", ...)
     hard_negatives: bool = False
+    swap_phrases: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -593,3 +593,27 @@ def test_eval_clip_command_prints_json(bundle, capsys):
     assert out["n"] == 12 and out["hit_rule"] == "same caption"
     assert {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"} <= set(out)
     assert out["zero_shot"]["n"] == 6 and 0 < out["t2i_R@1_ceiling"] <= 1
+
+
+def test_swap_phrase_makes_a_caption_false_in_its_own_phrase():
+    import random
+
+    from train.clip import swap_phrase
+
+    phrases = [", emojione style", ", emojione classic style", ", noto style"]
+    rng = random.Random(0)
+    made = {swap_phrase("pizza, emojione classic style", phrases, rng) for _ in range(50)}
+    assert made == {"pizza, emojione style", "pizza, noto style"}  # the longest phrase held is the one swapped
+    assert {swap_phrase("pizza, noto style", phrases, rng) for _ in range(50)} == {
+        "pizza, emojione style",
+        "pizza, emojione classic style",
+    }
+    assert swap_phrase("a red circle", phrases, rng) is None
+
+
+def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
+    from train import clip as train_clip
+
+    argv = ["--config", "emoji", "--data", str(imagefolder.root), "--out", str(tmp_path)]
+    with pytest.raises(UserError, match="clip.hard_negatives on data other than shapes needs clip.swap_phrases"):
+        train_clip.main([*argv, "--set", "clip.hard_negatives=true", "--set", "clip.swap_phrases=[]"])

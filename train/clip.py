@@ -2,9 +2,10 @@
 
 Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images get a mild random
 resized crop that keeps the caption true (no flips: captions name left and right; no color jitter:
-they name colors). With `clip.hard_negatives`, each caption with one word made false is an extra
-negative text for every image (NegCLIP; `dalle_mini_impl.shapes.negatives`). With several processes,
-features are gathered so every row sees the global batch as negatives
+they name colors). With `clip.hard_negatives`, each caption made false in one place is an extra
+negative text for every image (NegCLIP): on shapes one word, by the caption grammar
+(`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another (`swap_phrase`).
+With several processes, features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss).
 
 Evaluates during training on the held-out split: text->image and image->text recall@1/5/10 (any
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     """Train CLIP as `cfg` says into `cfg.out_dir` (which holds the text tokenizer); returns the last scalars."""
+    if cfg.clip.hard_negatives and cfg.data.source != "shapes" and len(cfg.clip.swap_phrases) < 2:
+        raise UserError(
+            "clip.hard_negatives on data other than shapes needs clip.swap_phrases, at least two phrases "
+            "a caption may hold (e.g. its styles); set them or set clip.hard_negatives=false"
+        )
     tc = cfg.train.clip
     accelerator = loop.make_accelerator(tc)
     seed_everything(cfg.seed)
@@ -73,7 +79,11 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         negatives = None
         if cfg.clip.hard_negatives:
             rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            false = [c for c in (perturb(c, rng, held_out) for c in batch["caption"]) if c is not None]
+            if cfg.data.source == "shapes":
+                made = (perturb(c, rng, held_out) for c in batch["caption"])
+            else:
+                made = (swap_phrase(c, cfg.clip.swap_phrases, rng) for c in batch["caption"])
+            false = [c for c in made if c is not None]
             negatives = m.encode_text(tokenizer.encode(false).to(device)) if false else image_feats[:0]
         value = m.loss(image_feats, text_feats, scale, negatives)
         return value, {"logit_scale": float(scale.detach())}
@@ -130,6 +140,19 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     result = loop.run(cfg, tc, stage, accelerator, args)
     loop.report("clip", result, accelerator)
     return result
+
+
+def swap_phrase(caption: str, phrases: list[str], rng: random.Random) -> str | None:
+    """`caption` with the longest of `phrases` it holds replaced by another of them, drawn; None if it holds none.
+
+    The longest match first, so that of ", emojione style" and ", emojione classic style" the one a caption
+    really holds is swapped.
+    """
+    held = max((p for p in phrases if p in caption), key=len, default=None)
+    if held is None:
+        return None
+    others = [p for p in phrases if p != held]
+    return caption.replace(held, others[rng.randrange(len(others))], 1)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
