@@ -35,11 +35,26 @@ class Numbers:
         self.position = state["position"]
 
 
-def train(run, steps: int, nan_at: set[int] = frozenset(), **kw) -> tuple[dict[str, float], torch.nn.Module]:
-    """`loop.run` for `steps` steps on a fresh linear model; the loss is nan at the steps in `nan_at`."""
+def train(
+    run, steps: int, nan_at: set[int] = frozenset(), critic=None, **kw
+) -> tuple[dict[str, float], torch.nn.Module]:
+    """`loop.run` for `steps` steps on a fresh linear model; the loss is nan at the steps in `nan_at`.
+
+    critic: a module trained by Adam after every step beside the model, checkpointed as extra state.
+    """
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1)
     calls = itertools.count()
+    extra, after_step = {}, None
+    if critic is not None:
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=0.1)
+        extra = {"critic": critic, "critic_optimizer": critic_optimizer}
+
+        def after_step(m, batch, step, accelerator):
+            critic_optimizer.zero_grad()
+            torch.nn.functional.mse_loss(critic(batch["x"]), batch["y"] * 3).backward()
+            critic_optimizer.step()
+            return {}
 
     def loss(m, batch, step):
         value = torch.nn.functional.mse_loss(m(batch["x"]), batch["y"])
@@ -54,6 +69,8 @@ def train(run, steps: int, nan_at: set[int] = frozenset(), **kw) -> tuple[dict[s
         batches=Numbers(),
         loss=loss,
         item_name="points",
+        after_step=after_step,
+        extra_state=extra,
     )
     tc = TrainConfig(steps=steps, warmup_steps=1, checkpoint_every=2, log_every=1, **kw)
     accelerator = loop.make_accelerator(tc)
@@ -95,6 +112,21 @@ def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
     train(tmp_path / "stopped", 2)
     _, resumed = train(tmp_path / "stopped", 4)
     for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_extra_state_resumes_with_its_optimizer(tmp_path):
+    critics = [torch.nn.Linear(1, 1) for _ in range(3)]
+    for c in critics:
+        c.load_state_dict(critics[0].state_dict())
+    train(tmp_path / "straight", 4, critic=critics[0])
+    train(tmp_path / "stopped", 2, critic=critics[1])
+    assert {p.name for p in (tmp_path / "stopped" / "checkpoints" / "dalle" / "step_00000002").iterdir()} >= {
+        "critic.safetensors",
+        "critic_optimizer.pt",
+    }
+    train(tmp_path / "stopped", 4, critic=critics[2])  # a fresh critic and Adam: both must come back
+    for a, b in zip(critics[0].parameters(), critics[2].parameters()):
         assert torch.equal(a, b)
 
 

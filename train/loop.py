@@ -343,7 +343,7 @@ def resume(t: Training, checkpoint: Path | None) -> None:
     if t.ema is not None and (checkpoint / "ema.safetensors").is_file():
         t.ema.shadow = {k: v.float() for k, v in load_state_dict(checkpoint / "ema.safetensors").items()}
     for name, obj in t.stage.extra_state.items():
-        path = checkpoint / f"{name}.safetensors"
+        path = _extra_path(obj, checkpoint, name)
         if path.is_file():
             _load_extra(obj, path)
     if t.is_main:
@@ -483,7 +483,7 @@ def save_checkpoint(t: Training) -> None:
         if t.ema is not None:
             save_state_dict(t.ema.shadow, tmp / "ema.safetensors")
         for name, obj in stage.extra_state.items():
-            _save_extra(obj, tmp / f"{name}.safetensors")
+            _save_extra(obj, _extra_path(obj, tmp, name))
         # trainer_state.json is written last: its presence marks the folder complete
         (tmp / "trainer_state.json").write_text(json.dumps({"step": t.step, "bad_steps": t.bad_total}))
     accelerator.wait_for_everyone()
@@ -561,16 +561,20 @@ class _LossModule(torch.nn.Module):
         return self._loss(self.model, batch, step)
 
 
+def _extra_path(obj: Any, folder: Path, name: str) -> Path:
+    """Where an extra module (safetensors) or optimizer (torch.save of tensors only) is checkpointed."""
+    return folder / (f"{name}.safetensors" if isinstance(obj, torch.nn.Module) else f"{name}.pt")
+
+
 def _save_extra(obj: Any, path: Path) -> None:
-    """Checkpoint an extra module or optimizer; optimizers go through torch.save of tensors only."""
     if isinstance(obj, torch.nn.Module):
         save_state_dict({k: v.clone() for k, v in obj.state_dict().items()}, path)
     else:
-        torch.save(obj.state_dict(), path.with_suffix(".pt"))
+        torch.save(obj.state_dict(), path)
 
 
 def _load_extra(obj: Any, path: Path) -> None:
     if isinstance(obj, torch.nn.Module):
         obj.load_state_dict(load_state_dict(path))
     else:
-        obj.load_state_dict(torch.load(path.with_suffix(".pt"), map_location="cpu", weights_only=True))
+        obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
