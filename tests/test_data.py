@@ -17,7 +17,7 @@ from PIL import Image
 from dalle_mini_impl.config import DataConfig, ShapesConfig
 from dalle_mini_impl.data.__main__ import main
 from dalle_mini_impl.data.images import make_grid, prepare_image, save_grid, to_pil, to_rgb, to_uint8
-from dalle_mini_impl.data.streams import ExampleStream, batches, collate, iter_captions, open_dataset
+from dalle_mini_impl.data.streams import CaptionFilter, ExampleStream, batches, collate, iter_captions, open_dataset
 from dalle_mini_impl.errors import UserError
 
 S = 16
@@ -404,6 +404,8 @@ def test_captions_filter_the_examples_before_any_image_is_read(imagefolder):
     assert keep == ["a gray card", "a palette image with a hole", "a striped palette image"]
     stream = ExampleStream(_cfg(imagefolder.root, exclude="truncated"), "train", train=False)
     assert _captions(stream) == imagefolder.train_captions and stream.n_skipped == 0  # the corrupt file is never read
+    both = CaptionFilter(_cfg(imagefolder.root, include="cat", exclude="dog"))
+    assert both(["a cat", "a bird"]) and not both(["a cat", "a dog"]) and not both(["a bird"]) and not both(None)
     with pytest.raises(UserError, match="config key 'data.exclude' is not a valid regular expression"):
         ExampleStream(_cfg(imagefolder.root, exclude="(unclosed"), "train", train=False)
     with pytest.raises(UserError, match="data.include and data.exclude filter a data set's captions, not shapes"):

@@ -257,10 +257,12 @@ class CaptionFilter:
         self.include, self.exclude = (_regex(cfg, key) for key in ("include", "exclude"))
 
     def __call__(self, caption: Any) -> bool:
-        text = caption if isinstance(caption, str) else ""  # a non-text caption is skipped later, with its reason
-        if self.include is not None and not self.include.search(text):
+        # a list of captions is kept when one of them is included and none is excluded; a caption that is not
+        # text counts as the empty string here and is skipped later, with its reason
+        texts = [t if isinstance(t, str) else "" for t in (caption if isinstance(caption, list) else [caption])] or [""]
+        if self.include is not None and not any(self.include.search(t) for t in texts):
             return False
-        return self.exclude is None or not self.exclude.search(text)
+        return self.exclude is None or not any(self.exclude.search(t) for t in texts)
 
 
 def _regex(cfg: DataConfig, key: str) -> re.Pattern | None:
