@@ -598,7 +598,7 @@ def test_eval_clip_command_prints_json(bundle, capsys):
 def test_swap_phrase_makes_a_caption_false_in_its_own_phrase():
     import random
 
-    from train.clip import swap_phrase
+    from dalle_mini_impl.clip.negatives import swap_phrase
 
     phrases = [", emojione style", ", emojione classic style", ", noto style"]
     rng = random.Random(0)
@@ -617,3 +617,8 @@ def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
     argv = ["--config", "emoji", "--data", str(imagefolder.root), "--out", str(tmp_path)]
     with pytest.raises(UserError, match="clip.hard_negatives on data other than shapes needs clip.swap_phrases"):
         train_clip.main([*argv, "--set", "clip.hard_negatives=true", "--set", "clip.swap_phrases=[]"])
+    from train import all as train_all
+
+    with pytest.raises(UserError, match="needs clip.swap_phrases"):  # train.all says so before any stage runs
+        train_all.main(["--config", "shapes", "--data", str(imagefolder.root), "--out", str(tmp_path / "all")])
+    assert not (tmp_path / "all").exists()

@@ -27,6 +27,7 @@ from pathlib import Path
 from dalle_mini_impl.config import add_config_args, config_from_args
 from dalle_mini_impl.data.streams import require_source
 from dalle_mini_impl.errors import UserError, run_cli
+from train.clip import check_config as check_clip_config
 
 
 def stages(cfg) -> list[tuple[str, str]]:
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)  # fail here, once, on a bad config
     require_source(cfg.data.source)
+    check_clip_config(cfg)
     passthrough = ["--config", args.config] + [f"--set={o}" for o in args.overrides]
     if args.data:
         passthrough += ["--data", args.data]

@@ -4,7 +4,8 @@ Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images
 resized crop that keeps the caption true (no flips: captions name left and right; no color jitter:
 they name colors). With `clip.hard_negatives`, each caption made false in one place is an extra
 negative text for every image (NegCLIP): on shapes one word, by the caption grammar
-(`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another (`swap_phrase`).
+(`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another
+(`dalle_mini_impl.clip.negatives`).
 With several processes, features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss).
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
+from dalle_mini_impl.clip.negatives import swap_phrase
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
 from dalle_mini_impl.data.images import make_grid
@@ -51,13 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_clip(cfg: RunConfig, args) -> dict[str, float]:
-    """Train CLIP as `cfg` says into `cfg.out_dir` (which holds the text tokenizer); returns the last scalars."""
+def check_config(cfg: RunConfig) -> None:
+    """What CLIP's training needs of the config beyond types, checked before any stage of a run starts."""
     if cfg.clip.hard_negatives and cfg.data.source != "shapes" and len(cfg.clip.swap_phrases) < 2:
         raise UserError(
             "clip.hard_negatives on data other than shapes needs clip.swap_phrases, at least two phrases "
             "a caption may hold (e.g. its styles); set them or set clip.hard_negatives=false"
         )
+
+
+def train_clip(cfg: RunConfig, args) -> dict[str, float]:
+    """Train CLIP as `cfg` says into `cfg.out_dir` (which holds the text tokenizer); returns the last scalars."""
+    check_config(cfg)
     tc = cfg.train.clip
     accelerator = loop.make_accelerator(tc)
     seed_everything(cfg.seed)
@@ -140,19 +147,6 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     result = loop.run(cfg, tc, stage, accelerator, args)
     loop.report("clip", result, accelerator)
     return result
-
-
-def swap_phrase(caption: str, phrases: list[str], rng: random.Random) -> str | None:
-    """`caption` with the longest of `phrases` it holds replaced by another of them, drawn; None if it holds none.
-
-    The longest match first, so that of ", emojione style" and ", emojione classic style" the one a caption
-    really holds is swapped.
-    """
-    held = max((p for p in phrases if p in caption), key=len, default=None)
-    if held is None:
-        return None
-    others = [p for p in phrases if p != held]
-    return caption.replace(held, others[rng.randrange(len(others))], 1)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,25 @@
+"""Hard negatives for CLIP on any captioned data: a caption made false by swapping one of a set of phrases.
+
+NegCLIP (Yuksekgonul et al. 2023) trains CLIP with captions made false in one place as extra negatives, so
+that it must read that place. On shapes the caption grammar decides what to make false
+(`dalle_mini_impl.shapes.negatives`); elsewhere `clip.swap_phrases` lists phrases of which a caption holds
+one, and that one is swapped for another: on emoji-styles its eight styles (", noto style", ...), so that
+CLIP must tell a name's styles apart and not only its names.
+"""
+
+from __future__ import annotations
+
+import random
+
+
+def swap_phrase(caption: str, phrases: list[str], rng: random.Random) -> str | None:
+    """`caption` with the longest of `phrases` it holds replaced by another of them, drawn; None if it holds none.
+
+    The longest first: of " flat style" and ", fluent flat style", a caption holding the second is swapped
+    whole, not inside it.
+    """
+    held = max((p for p in phrases if p in caption), key=len, default=None)
+    if held is None:
+        return None
+    others = [p for p in phrases if p != held]
+    return caption.replace(held, others[rng.randrange(len(others))], 1)
