@@ -437,6 +437,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return cfg
 
 
+def apply_sample_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """An evaluation's `--set sample.KEY=VALUE` on a trained bundle's config: only sampling settings may change."""
+    for item in overrides:
+        if not item.startswith("sample."):
+            raise UserError(f"--set {item}: only sampling settings can change here; give a sample.KEY=VALUE")
+    return apply_overrides(cfg, overrides)
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -517,6 +525,7 @@ __all__ = [
     "VAEConfig",
     "add_config_args",
     "apply_overrides",
+    "apply_sample_overrides",
     "config_from_args",
     "config_from_dict",
     "config_to_dict",

@@ -58,7 +58,7 @@ def unique_slugs(prompts: Sequence[str]) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n")[0])
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="what to draw; any Unicode")
-    p.add_argument("--model", default=None, help="bundle folder (default: the shapes model shipped in the package)")
+    p.add_argument("--model", default=None, help="a bundle folder, or a shipped bundle's name: shapes (default), emoji")
     p.add_argument("--num-images", type=int, default=None, help="images kept per prompt (default: the bundle's)")
     p.add_argument("--candidates", type=int, default=None, help="samples per prompt that CLIP ranks")
     p.add_argument(
@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         default="fp32",
         choices=["fp32", "bf16", "fp16"],
         help="bf16/fp16: the transformer samples from weights cast to it and the image tokenizer decodes under "
-        "autocast; whether it pays on a CPU depends on its bf16 units and the model's width (time it with "
-        "python -m dalle_mini_impl.bench --only sample times both); fp16 needs a GPU",
+        "autocast; whether it pays on a CPU depends on its bf16 units and the model's width "
+        "(python -m dalle_mini_impl.bench --only sample times both); fp16 needs a GPU",
     )
     p.add_argument(
         "--compile",

@@ -450,10 +450,11 @@ def test_cli_bad_inputs_are_one_sentence(bundle, photos, argv, message):
 def test_cli_defaults_to_the_shipped_model(tmp_path, capsys):
     from PIL import Image
 
-    from dalle_mini_impl.clip.__main__ import DEFAULT_MODEL, main
+    from dalle_mini_impl.clip.__main__ import main
+    from dalle_mini_impl.pipeline.bundle import SHIPPED_MODEL
     from dalle_mini_impl.shapes.generator import Obj, Scene, render
 
-    assert DEFAULT_MODEL.is_dir()
+    assert SHIPPED_MODEL.is_dir()
     scene = Scene(objects=[Obj("red", "circle", "large", 16.0, 16.0)], caption="a large red circle", stated={})
     Image.fromarray(render(scene, 32)).save(tmp_path / "red_circle.png")
     capsys.readouterr()

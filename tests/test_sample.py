@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.pipeline import pipeline
 from dalle_mini_impl.pipeline.guided import make_cutouts, mentions_sides, parse_weighted_prompt, random_codes, refine
 from dalle_mini_impl.pipeline.pipeline import Pipeline
 from sample.__main__ import main, slugify, unique_slugs
@@ -279,7 +278,9 @@ def test_a_missing_or_broken_model_file_is_one_sentence(bundle, tmp_path, capsys
 def test_a_missing_model_folder_and_the_missing_shipped_model(tmp_path, monkeypatch, capsys):
     code, _, stderr = run(["a red circle", "--model", str(tmp_path / "nope")], capsys)
     assert code == 2 and "does not exist; pass --model" in stderr
-    monkeypatch.setattr(pipeline, "SHIPPED_MODEL", tmp_path / "assets" / "shapes")
+    from dalle_mini_impl.pipeline import bundle as bundles
+
+    monkeypatch.setattr(bundles, "SHIPPED_MODEL", tmp_path / "assets" / "shapes")
     code, _, stderr = run(["a red circle"], capsys)
     assert code == 2 and "the shipped model is missing" in stderr and "--model RUN_FOLDER" in stderr
 

@@ -53,7 +53,12 @@ def judge_config(cfg: RunConfig, out: str) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = loop.parse_args(argv, __doc__)
+    if args.split:
+        raise UserError("train.judge reads the splits of judge.splits; set those instead of --split")
     out = args.out or f"{cfg.out_dir.rstrip('/')}-judge"
+    for part in ("vae.safetensors", "transformer.safetensors"):
+        if (Path(out) / part).is_file():
+            raise UserError(f"--out '{out}' holds a model ({part}); give the judge a folder of its own")
     jcfg = judge_config(cfg, out)
     if not (Path(out) / "text.model").is_file():  # a resumed run keeps the tokenizer its checkpoints were made with
         print(json.dumps(train_tokenizer(jcfg)))

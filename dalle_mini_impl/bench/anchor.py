@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", default=None, help="targets and anchor figures (default: bench/anchor.json)")
     ap.add_argument("--configs", nargs="+", choices=sorted(PRESET), default=["tiny", "medium"])
     ap.add_argument("--phases", nargs="+", choices=[a for a, _ in PHASES], default=[a for a, _ in PHASES])
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each side, interleaved (at least 2)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each side, interleaved (2 or more: medians)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides (the anchor's default is 2)")
     ap.add_argument(
         "--uncached-reps", type=int, default=1, help="our uncached reference runs per sample run (slow, not a target)"
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", default=None, help="append every run's command, stderr and stdout here")
     args = ap.parse_args(argv)
     if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
+        raise UserError(f"--rounds is {args.rounds}; run each side at least once")
     if not Path(args.anchor_python).exists():
         raise UserError(
             f"--anchor-python '{args.anchor_python}' does not exist; install the anchor's virtual environment "

@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, run_cli
-from ..pipeline.bundle import SHIPPED_MODEL, load_clip
+from ..pipeline.bundle import load_clip
 from .uses import DEFAULT_TEMPLATES, ClipScorer, build_index, read_image, read_index, search
-
-DEFAULT_MODEL = SHIPPED_MODEL
 
 
 def load_scorer(args: argparse.Namespace) -> ClipScorer:
@@ -29,10 +27,7 @@ def load_scorer(args: argparse.Namespace) -> ClipScorer:
         from .openclip import OpenCLIPScorer
 
         return OpenCLIPScorer(args.openclip, pretrained=args.pretrained, device=args.device)
-    model = Path(args.model) if args.model else DEFAULT_MODEL
-    if args.model is None and not DEFAULT_MODEL.is_dir():
-        raise UserError(f"no default model is shipped at '{DEFAULT_MODEL}'; pass --model with a trained bundle folder")
-    return load_clip(model, device=args.device)
+    return load_clip(args.model, device=args.device)  # None: the shipped shapes bundle
 
 
 def _parser() -> argparse.ArgumentParser:

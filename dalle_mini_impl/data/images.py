@@ -91,9 +91,9 @@ def prepare_image(
     return from_uint8(np.asarray(img))
 
 
-def from_uint8(array: np.ndarray) -> torch.Tensor:
-    """uint8 (h, w, 3) -> float tensor (3, h, w) in [0, 1]."""
-    return rearrange(torch.tensor(array, dtype=torch.float32), "h w c -> c h w").div_(255)
+def from_uint8(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (..., h, w, 3) -> a new float tensor (..., 3, h, w) in [0, 1]."""
+    return rearrange(torch.as_tensor(array).to(torch.float32, copy=True), "... h w c -> ... c h w").div_(255)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -24,7 +24,8 @@ ceiling), `same_style_random` (a random training image of the caption's style, a
 `copy_other_style` (the same name drawn in another style, from train: right name, wrong style; only
 for captions whose name train has in another style, counted by its `n`). Prints one JSON object;
 `--grid PNG` also draws the first eight captions' reranked images above their real ones. DIR needs only
-`train` and the graded split.
+`train` and the graded split. `judge_learned_from_split` says whether the judge trained on that split
+(true for `train`, the seen cells: its numbers on real images are then not a ceiling on unseen ones).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig, apply_overrides
-from ..data.images import save_grid, to_uint8
+from ..config import DataConfig, apply_sample_overrides
+from ..data.images import from_uint8, save_grid, to_uint8
 from ..errors import UserError
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
@@ -150,11 +151,6 @@ def read_split(data: str, split: str, image_size: int) -> tuple[list[str], torch
     return captions, torch.from_numpy(np.stack(images))
 
 
-def _floats(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (m, S, S, 3) -> float (m, 3, S, S) in [0, 1]."""
-    return images.permute(0, 3, 1, 2).float().div(255)
-
-
 def references(
     captions: Sequence[str], train_captions: Sequence[str], seed: int
 ) -> tuple[list[int | None], list[int | None]]:
@@ -200,7 +196,7 @@ def evaluate(
             raise UserError(f"--n is {n}; split '{split}' has {len(captions)} captions, choose 1 to {len(captions)}")
         chosen = sorted(np.random.default_rng([seed, 2]).choice(len(captions), n, replace=False).tolist())
     captions = [captions[i] for i in chosen]
-    real = _floats(real_images[chosen])  # (m, 3, S, S)
+    real = from_uint8(real_images[chosen])  # (m, 3, S, S)
     styles = sorted({parse_caption(c)[1] for c in train_captions})
     grader = Grader(judge, captions, styles, [parse_caption(c)[0] for c in train_captions], seed)
     real_emb = judge.embed_images(real)
@@ -209,8 +205,8 @@ def evaluate(
     reranked, first = [], []
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
-        images = pipe.decode(pipe.sample_ids(pipe.encode_prompt(caption), s, generator))  # (N, 3, S, S)
-        reranked.append(images[int(pipe.clip.score(images, caption).argmax())])
+        _, images, scores = pipe.candidates([(caption, 1.0)], s, generator)  # (N, 3, S, S), (N,)
+        reranked.append(images[int(scores.argmax())])
         first.append(images[0])
     if grid:
         k = min(GRID_COLUMNS, len(captions))
@@ -224,13 +220,13 @@ def evaluate(
     }
     for key, picks in zip(("same_style_random", "copy_other_style"), references(captions, train_captions, seed)):
         kept = [i for i, k in enumerate(picks) if k is not None]
-        images = _floats(train_images[[picks[i] for i in kept]])
+        images = from_uint8(train_images[[picks[i] for i in kept]])
         out[key] = grader.grade(images, kept, real_emb[kept])
     return {**out, "n": len(captions), "captions": captions[:3] + (["..."] if len(captions) > 3 else [])}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..pipeline.bundle import load_clip
+    from ..pipeline.bundle import load_clip, read_bundle_config
     from ..pipeline.pipeline import Pipeline
 
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval emoji", description=__doc__.split("\n")[0])
@@ -257,13 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
-    for item in args.overrides:
-        if not item.startswith("sample."):
-            raise UserError(f"--set {item}: only sampling settings can change here; give a sample.KEY=VALUE")
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
-    apply_overrides(pipe.cfg, args.overrides)
+    apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
     judge = load_clip(args.judge, device=args.device)
+    learned = [part.strip() for part in read_bundle_config(args.judge).data.split.split("+")]
     if pipe.clip is not None and judge.fingerprint() == pipe.clip.fingerprint():
         raise UserError(
             f"--judge '{args.judge}' is the model's own CLIP; grade with one trained by python -m train.judge"
@@ -276,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": args.split,
         "candidates": args.candidates,
         "seed": args.seed,
+        "judge_learned_from_split": args.split in learned,
         "guidance_scale": pipe.cfg.sample.guidance_scale,
         "temperature": pipe.cfg.sample.temperature,
         "top_k": pipe.cfg.sample.top_k,

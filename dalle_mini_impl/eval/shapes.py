@@ -109,15 +109,13 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
-        ids = pipe.sample_ids(pipe.encode_prompt(prompt), s, generator)  # (m, n)
-        images = pipe.decode(ids)  # (m, 3, S, S)
+        ids, images, scores = pipe.candidates([(prompt, 1.0)], s, generator)  # (m, n), (m, 3, S, S), (m,)
         pixels = to_uint8(images)  # (m, S, S, 3)
         first8 = [judge(image, prompt) for image in pixels[:8]]
         columns["random"].append(first8[0])
         columns["judge_best_of_8"].append(next((v for v in first8 if v.ok), first8[0]))
-        if pipe.clip is None:
+        if scores is None:
             raise UserError(f"model '{pipe.cfg.name}' has no CLIP; the shapes eval ranks candidates with it")
-        scores = pipe.clip.score(images, prompt)
         best8 = int(scores[:8].argmax())
         columns["clip_top1_of_8"].append(first8[best8])
         if "clip_top1_of_32" in columns:
@@ -152,7 +150,7 @@ def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.config import apply_overrides
+    from dalle_mini_impl.config import apply_sample_overrides
     from dalle_mini_impl.pipeline.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
@@ -181,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
-    for item in args.overrides:
-        if not item.startswith("sample."):
-            raise UserError(f"--set {item}: only sampling settings can change here; give a sample.KEY=VALUE")
-    apply_overrides(pipe.cfg, args.overrides)
+    apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed = args.seed
     prompts = prompt_set(args.n, args.seed, pipe.cfg.data.shapes.held_out)
     t0 = time.perf_counter()

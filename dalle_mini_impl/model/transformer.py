@@ -117,9 +117,10 @@ def resolve_config(cfg: TransformerConfig, **geometry: Any) -> TransformerConfig
 
     A size or geometry field left 0 (or empty) takes the preset's value; `geometry` (the tokenizers' numbers:
     text_vocab, image_vocab, image_factors, text_len, grid_h, grid_w, pad_id) is then filled in, and a
-    value the config already sets must agree with it. head_dim comes from the preset only when neither
-    dim nor heads is set (a preset's head width belongs to its dim and heads); else it is dim // heads.
-    Resolving a resolved config returns an equal one.
+    value the config already sets must agree with it (all but pad_id, whose 0 is a real id: the tokenizer's
+    pad id always wins). head_dim comes from the preset only when neither dim nor heads is set (a preset's
+    head width belongs to its dim and heads); else it is dim // heads. Resolving a resolved config returns
+    an equal one.
     """
     if cfg.preset not in PRESETS:
         raise UserError(f"transformer preset '{cfg.preset}' is unknown; use one of: {', '.join(PRESETS)}")

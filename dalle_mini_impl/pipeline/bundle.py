@@ -49,6 +49,10 @@ def bundle_path(model: str | os.PathLike | None) -> Path:
     A folder that exists wins over a shipped bundle of the same name.
     """
     if model is None:
+        if not SHIPPED_MODEL.is_dir():
+            raise UserError(
+                f"the shipped model is missing at '{SHIPPED_MODEL}'; pass --model RUN_FOLDER with a trained bundle"
+            )
         return SHIPPED_MODEL
     path = Path(model)
     if not path.exists() and str(model) in shipped_models():

@@ -41,7 +41,6 @@ from ..data.images import prepare_image, to_pil
 from ..errors import UserError
 from ..model.generate import DECODE_MODES, generate
 from .bundle import (
-    SHIPPED_MODEL,
     bundle_path,
     load_clip,
     load_text_tokenizer,
@@ -177,12 +176,6 @@ class Pipeline:
         the first batch pays the compile), "static" with the same step uncompiled, "cached" (default) eagerly.
         A bundle without clip.safetensors loads with a warning; its candidates are not reranked.
         """
-        if path is None:
-            if not SHIPPED_MODEL.is_dir():
-                raise UserError(
-                    f"the shipped model is missing at '{SHIPPED_MODEL}'; pass --model RUN_FOLDER with a trained bundle"
-                )
-            path = SHIPPED_MODEL
         path = bundle_path(path)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
@@ -284,6 +277,21 @@ class Pipeline:
             out.append(ids.cpu())
         return torch.cat(out)  # (m, n)
 
+    def candidates(
+        self,
+        parts: list[tuple[str, float]],
+        s: SampleConfig,
+        generator: torch.Generator,
+        prime: torch.Tensor | None = None,
+        bar: tqdm | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A (weighted) prompt's `s.candidates` samples in sample order: code ids (m, n), images (m, 3, H, W)
+        and CLIP's scores (m,), None without CLIP. Sampling reads the prompt's top-weighted part."""
+        text = self.encode_prompt(max(parts, key=lambda part: part[1])[0])
+        ids = self.sample_ids(text, s, generator, prime, bar)  # (m, n)
+        images = self.decode(ids)  # (m, 3, H, W)
+        return ids, images, self._score(images, parts)
+
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Codes (m, n) or (m, h, w) -> images (m, 3, H, W) float32 in [0, 1], on the CPU, in batches."""
         h, w = self.grid
@@ -350,11 +358,7 @@ class Pipeline:
             for i, (prompt, prompt_parts) in enumerate(zip(prompts, parts)):
                 bar.set_description(f"prompt {i + 1}/{len(prompts)}")
                 generator = torch.Generator().manual_seed(s.seed + i)
-                # sampling reads the top-weighted part of a weighted prompt
-                text = self.encode_prompt(max(prompt_parts, key=lambda part: part[1])[0])
-                ids = self.sample_ids(text, s, generator, prime, bar)  # (m, n)
-                images = self.decode(ids)  # (m, 3, H, W)
-                scores = self._score(images, prompt_parts)
+                ids, images, scores = self.candidates(prompt_parts, s, generator, prime, bar)
                 keep = torch.arange(s.num_images) if scores is None else scores.sort(descending=True, stable=True)[1]
                 keep = keep[: s.num_images]
                 ids, images = ids[keep].view(-1, h, w), images[keep]
@@ -426,4 +430,4 @@ class Pipeline:
         ]
 
 
-__all__ = ["DTYPES", "METHODS", "SHIPPED_MODEL", "Pipeline", "Result", "check_prompts", "check_settings"]
+__all__ = ["DTYPES", "METHODS", "Pipeline", "Result", "check_prompts", "check_settings"]
