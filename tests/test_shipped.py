@@ -1,4 +1,5 @@
-"""The model shipped in the package: it loads, its config matches its weights, and it draws shapes."""
+"""The models shipped in the package: they load, their configs match their weights, the shapes model draws
+shapes and the emoji model draws in the style it is asked for."""
 
 from __future__ import annotations
 
@@ -8,36 +9,43 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import dalle_mini_impl
-from dalle_mini_impl.pipeline.bundle import FILES, read_bundle_config
+from dalle_mini_impl.pipeline.bundle import FILES, read_bundle_config, shipped_models
 from dalle_mini_impl.pipeline.pipeline import Pipeline
 from dalle_mini_impl.shapes.judge import judge
 
-SHIPPED = Path(dalle_mini_impl.__file__).parent / "assets" / "shapes"
+ASSETS = Path(dalle_mini_impl.__file__).parent / "assets"
+SHIPPED = ASSETS / "shapes"
+MAX_MB = {"shapes": 25, "emoji": 30}
 
 
-def test_the_shipped_bundle_is_complete_and_small():
-    names = {p.name for p in SHIPPED.iterdir()}
-    assert set(FILES.values()) | {"vae.json", "transformer.json"} <= names
-    total = sum(p.stat().st_size for p in SHIPPED.iterdir())
-    assert total <= 25 * 2**20, f"the shipped bundle is {total / 2**20:.1f} MB, over 25 MB"
+def test_every_shipped_bundle_is_complete_and_small():
+    assert shipped_models() == sorted(MAX_MB)
+    for name, max_mb in MAX_MB.items():
+        names = {p.name for p in (ASSETS / name).iterdir()}
+        assert set(FILES.values()) | {"vae.json", "transformer.json"} <= names
+        total = sum(p.stat().st_size for p in (ASSETS / name).iterdir())
+        assert total <= max_mb * 2**20, f"the shipped bundle {name} is {total / 2**20:.1f} MB, over {max_mb} MB"
 
 
-def test_config_matches_weights():
-    cfg = read_bundle_config(SHIPPED)
-    pipe = Pipeline.from_pretrained(SHIPPED, device="cpu")  # every part loads, shapes checked one by one
+@pytest.mark.parametrize("name", sorted(MAX_MB))
+def test_config_matches_weights(name):
+    cfg = read_bundle_config(ASSETS / name)
+    pipe = Pipeline.from_pretrained(name, device="cpu")  # every part loads, shapes checked one by one
     t = pipe.transformer.cfg
     assert (t.grid_h, t.grid_w) == pipe.image_tokenizer.grid(cfg.data.image_size)
     assert t.image_vocab == pipe.image_tokenizer.codebook_size == cfg.vae.codebook_size
     assert t.text_vocab == pipe.text_tokenizer.vocab_size and t.text_len == cfg.text.text_len
     assert pipe.clip.image_size == cfg.data.image_size
-    vae_json = json.loads((SHIPPED / "vae.json").read_text())
+    vae_json = json.loads((ASSETS / name / "vae.json").read_text())
     assert vae_json["kwargs"]["codebook_size"] == cfg.vae.codebook_size
     assert vae_json["kwargs"]["factor"] == cfg.vae.factor
     groups = tuple(cfg.vae.group_sizes or [cfg.vae.codebook_size])  # product codes: the transformer predicts each
     assert tuple(t.image_factors) == pipe.image_tokenizer.group_sizes == groups
-    assert list(pipe.image_tokenizer.group_inputs) == (cfg.vae.group_inputs or ["rgb"] * len(groups))
+    if cfg.vae.kind == "dvae":  # the VQ reads RGB only
+        assert list(pipe.image_tokenizer.group_inputs) == (cfg.vae.group_inputs or ["rgb"] * len(groups))
 
 
 @pytest.mark.slow
@@ -50,3 +58,18 @@ def test_the_default_command_draws_what_it_is_asked():
         best = pipe.generate([prompt], num_images=1, seed=seed, progress=False)[0][0]
         passed += judge(np.asarray(best.image), prompt).ok
     assert passed >= 3, f"only {passed} of 4 samples of '{prompt}' pass the judge"
+
+
+def test_the_emoji_command_writes_pngs_in_the_style_asked(tmp_path, capsys):
+    from sample.__main__ import main
+
+    torch.set_num_threads(1)
+    args = ["pizza, openmoji style", "--model", "emoji", "--seed", "0", "--candidates", "4", "--num-images", "2"]
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["rank"] for r in rows] == [1, 2]
+    images = [np.asarray(Image.open(r["path"]).convert("RGB")) for r in rows]
+    assert all(im.shape == (64, 64, 3) for im in images)
+    # OpenMoji draws black outlines, which the other seven styles do not: the picks have them
+    dark = [float((im.max(axis=-1) < 64).mean()) for im in images]
+    assert min(dark) > 0.02, f"share of near-black pixels {dark}"

@@ -268,6 +268,21 @@ def test_export_writes_a_compact_bundle_that_samples(run_dir, tmp_path):
     assert results[0][0].clip_score >= results[0][1].clip_score
 
 
+def test_export_sets_sampling_defaults_and_nothing_else(run_dir, tmp_path):
+    from dalle_mini_impl.config import read_config_json
+    from dalle_mini_impl.errors import UserError
+    from train import export as train_export
+
+    bundle = tmp_path / "bundle"
+    train_export.main([str(run_dir), str(bundle), "--set", "sample.guidance_scale=2.5", "--set", "sample.top_k=7"])
+    run_cfg, cfg = read_config_json(run_dir / "config.json"), read_config_json(bundle / "config.json")
+    assert (cfg.sample.guidance_scale, cfg.sample.top_k) == (2.5, 7)
+    assert cfg.vae == run_cfg.vae and cfg.transformer == run_cfg.transformer  # the model's settings as trained
+    with pytest.raises(UserError, match="only sampling settings"):
+        train_export.main([str(run_dir), str(tmp_path / "other"), "--set", "vae.factor=8"])
+    assert not (tmp_path / "other").exists()  # refused before anything is written
+
+
 def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
     from dalle_mini_impl.eval.recon import main as recon_main
     from dalle_mini_impl.eval.recon import ssim

@@ -2,8 +2,11 @@
 
 Copies config.json, text.model, vae.json and transformer.json, and rewrites each safetensors file
 (vae, transformer, clip) with its floating-point tensors cast to `--dtype` (fp16 halves the size; loading
-casts back to the model's dtype). Checkpoints, logs and token shards stay behind. The shipped model in
-dalle_mini_impl/assets/shapes is such a bundle (`--dtype fp16`).
+casts back to the model's dtype). `--set sample.KEY=VALUE` changes the bundle's sampling defaults (the
+`[sample]` settings `python -m sample` starts from) when they were chosen after training, as
+`eval --set sample.KEY=VALUE` measures them; nothing else of a trained model's config can change.
+Checkpoints, logs and token shards stay behind. The shipped models in dalle_mini_impl/assets are such
+bundles (`--dtype fp16`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_mini_impl.config import apply_sample_overrides, read_config_json, save_config
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import FILES, load_state_dict, part_path, save_state_dict
 
@@ -22,12 +26,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDE_FILES = ("vae.json", "transformer.json")
 
 
-def export(run: Path, dest: Path, dtype: torch.dtype) -> dict:
+def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str] = ()) -> dict:
     """Write the bundle; returns {file: bytes}."""
+    cfg = apply_sample_overrides(read_config_json(part_path(run, "config")), list(sample_overrides))
     dest.mkdir(parents=True, exist_ok=True)
     sizes = {}
-    for part in ("config", "text"):
-        shutil.copyfile(part_path(run, part), dest / FILES[part])
+    save_config(cfg, dest / FILES["config"])
+    shutil.copyfile(part_path(run, "text"), dest / FILES["text"])
     for name in SIDE_FILES:
         if not (run / name).is_file():
             raise UserError(f"run folder '{run}' has no {name}; finish training every stage first")
@@ -45,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="a trained run folder (every stage done)")
     parser.add_argument("dest", help="the bundle folder to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="sample.KEY=VALUE",
+        help="change a sampling default of the bundle (repeatable); e.g. --set sample.guidance_scale=2",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    sizes = export(Path(args.run), Path(args.dest), DTYPES[args.dtype])
+    sizes = export(Path(args.run), Path(args.dest), DTYPES[args.dtype], args.overrides)
     print(json.dumps({"bundle": args.dest, "dtype": args.dtype, "bytes": sizes, "total_bytes": sum(sizes.values())}))
     return 0
 

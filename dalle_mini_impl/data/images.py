@@ -93,7 +93,13 @@ def prepare_image(
 
 def from_uint8(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (..., h, w, 3) -> a new float tensor (..., 3, h, w) in [0, 1]."""
-    return rearrange(torch.as_tensor(array).to(torch.float32, copy=True), "... h w c -> ... c h w").div_(255)
+    # a copy either way: numpy arrays read from a data set may be read-only, which torch warns about
+    x = (
+        array.to(torch.float32, copy=True)
+        if isinstance(array, torch.Tensor)
+        else torch.from_numpy(np.array(array, np.float32))
+    )
+    return rearrange(x, "... h w c -> ... c h w").div_(255)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
