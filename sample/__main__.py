@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="classifier-free guidance scale (1: off; default: the bundle's)",
     )
+    p.add_argument(
+        "--guidance-until",
+        type=float,
+        default=None,
+        help="the fraction of the image that is guided, from the top (1: all; default: the bundle's)",
+    )
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature, above 0")
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (0: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1: off)")
@@ -123,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_images=args.num_images,
             candidates=args.candidates,
             guidance_scale=args.guidance_scale,
+            guidance_until=args.guidance_until,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,

@@ -88,9 +88,10 @@ def test_sample_phase_prints_json(capsys):
     argv = ["--only", "sample", *TINY, *GRID, "--sample-reps", "2", "--uncached-reps", "1"]
     out = run_json(argv, capsys)
     sample = out["presets"]["anchor-tiny"]["sample"]
-    for mode in ("cached", "guided", "uncached"):
+    for mode in ("cached", "guided", "uncached", "guided_until"):
         assert sample[mode]["wall_s"] > 0 and sample[mode]["image_tokens_per_s"] > 0
     assert sample["guidance_cost"] > 0 and sample["cache_speedup"] > 0
+    assert sample["guidance_until"] == 0.5 and sample["guidance_until_cost"] > 0
     # on the CPU a bf16 copy of the weights is timed beside fp32
     assert sample["cached_bf16"]["image_tokens_per_s"] > 0 and sample["guided_bf16"]["wall_s"] > 0
     assert sample["bf16_speedup"] > 0 and sample["guidance_cost_bf16"] > 0

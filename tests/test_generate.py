@@ -76,6 +76,37 @@ def test_the_static_step_has_the_same_shapes_at_every_position():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(), dict(text_pad="mask", pos_2d="rope"), dict(image_factors=[2, 8])])
+@pytest.mark.parametrize("decode", ["cached", "static", "uncached"])
+def test_guidance_until_guides_the_first_tokens_then_samples_unguided_from_them(kw, decode):
+    model = make(**kw)
+    guided = dict(null_text=NULL, guidance_scale=3.0, top_k=6, decode=decode)
+    full = generate(model, TEXT, generator=torch.Generator().manual_seed(0), **guided)
+    until_end = generate(model, TEXT, generator=torch.Generator().manual_seed(0), guidance_until=1.0, **guided)
+    assert torch.equal(until_end, full)
+    unguided = generate(model, TEXT, generator=torch.Generator().manual_seed(0), top_k=6, decode=decode)
+    none = generate(model, TEXT, generator=torch.Generator().manual_seed(0), guidance_until=0.0, **guided)
+    assert torch.equal(none, unguided) and not torch.equal(full, unguided)
+    for until, stop in ((0.5, 8), (0.3, 5)):
+        half = generate(model, TEXT, generator=torch.Generator().manual_seed(0), guidance_until=until, **guided)
+        assert torch.equal(half[:, :stop], full[:, :stop])  # the same draws, the same guided logits
+        g = torch.Generator().manual_seed(0)
+        for _ in range(stop):  # the draws the guided tokens used: one per row and token
+            torch.rand(len(TEXT), 1, generator=g)
+        rest = generate(model, TEXT, generator=g, prime=half[:, :stop], top_k=6, decode=decode)
+        assert torch.equal(half, rest)  # after `stop`, unguided sampling that continues the guided start
+
+
+def test_guidance_until_drops_the_unconditional_rows():
+    model = make()
+    rows, image_logits = [], model.image_logits
+    model.image_logits = lambda h: (rows.append(h.shape[0]), image_logits(h))[1]  # rows of every step's logits
+    generate(model, TEXT, null_text=NULL, guidance_scale=3.0, guidance_until=0.25, generator=torch.Generator())
+    assert rows == [6] * 4 + [3] * 12  # 2b rows for the first quarter of the 16 tokens, b after
+    with pytest.raises(ValueError, match="guidance_until must lie in \\[0, 1\\]"):
+        generate(model, TEXT, null_text=NULL, guidance_scale=3.0, guidance_until=1.5)
+
+
 def test_compiled_decoding_gives_the_cached_tokens_and_compiles_at_most_twice():
     from torch._dynamo.utils import counters
 

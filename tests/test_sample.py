@@ -210,6 +210,8 @@ BAD_ARGS = [
     (["a red circle", "--top-k", "-2"], "--top-k is -2"),
     (["a red circle", "--cfg", "nan"], "--guidance-scale is nan"),
     (["a red circle", "--guidance-scale", "inf"], "--guidance-scale is inf"),
+    (["a red circle", "--guidance-until", "1.5"], "--guidance-until is 1.5; give the guided fraction"),
+    (["a red circle", "--guidance-until", "nan"], "--guidance-until is nan"),
     (["a red circle", "--keep-rows", "2"], "--keep-rows needs an image to complete"),
     (["a red circle", "--keep-rows", "0"], "--keep-rows needs an image to complete"),
     (["a red circle", "--seed", "-1"], "--seed is -1"),
@@ -519,3 +521,20 @@ def test_a_shipped_bundle_is_named_and_a_folder_of_that_name_wins(tmp_path, monk
     assert bundles.bundle_path("shapes") == Path("shapes")
     with pytest.raises(UserError, match="model folder 'nope' does not exist; pass --model .* shipped one \\(.*shapes"):
         bundles.read_bundle_config("nope")
+
+
+def test_guidance_until_reaches_the_sampler(bundle):
+    from dalle_mini_impl.pipeline.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    kw = dict(candidates=3, num_images=3, seed=5, progress=False)
+    ids = {
+        name: [r.ids for r in pipe.generate("a red circle", **kw, **extra)[0]]
+        for name, extra in {
+            "unguided": dict(guidance_scale=1.0),
+            "guided for none of the image": dict(guidance_scale=3.0, guidance_until=0.0),
+            "guided": dict(guidance_scale=3.0),
+        }.items()
+    }
+    assert all(torch.equal(a, b) for a, b in zip(ids["unguided"], ids["guided for none of the image"]))
+    assert not all(torch.equal(a, b) for a, b in zip(ids["unguided"], ids["guided"]))

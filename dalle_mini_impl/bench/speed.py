@@ -16,7 +16,8 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           dVAE encode of random pixels in it (what the anchor times, as it re-encodes pixels every step);
           with --dtype bf16 (default on GPU) also bf16 autocast and its speed-up over fp32.
   sample  per preset: `generate` for 8 prompts with the KV cache, without it (decode uncached) and with
-          classifier-free guidance (scale 3): wall seconds, image tokens/s, guided / unguided cost; on the
+          classifier-free guidance (scale 3): wall seconds, image tokens/s, guided / unguided cost, and guidance
+          of the first `--guidance-until` of the image only (`guided_until`, `guidance_until_cost`); on the
           CPU the cached and guided runs again from a bf16 copy of the weights (`cached_bf16`,
           `guided_bf16`, `bf16_speedup`: what `python -m sample --dtype bf16` does); on GPU the weights are
           cast to --dtype, and at dalle256 batches 64 and 256 with guidance are timed too. With --compile
@@ -420,13 +421,18 @@ def phase_train(name: str, args: argparse.Namespace, device: torch.device, peak:
     return out
 
 
-def sample_once(model, text, null, scale, top_k, decode, seed, device) -> tuple[float, torch.Tensor]:
-    """Wall seconds and ids of one `generate` in decode mode `decode`."""
+def sample_once(model, text, null, scale, top_k, decode, seed, device, until=1.0) -> tuple[float, torch.Tensor]:
+    """Wall seconds and ids of one `generate` in decode mode `decode`, guided for the first `until` of the image."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     box: list[torch.Tensor] = []
 
     def run() -> None:
-        box.append(generate(model, text, null_text=null, guidance_scale=scale, top_k=top_k, generator=g, decode=decode))
+        box.append(
+            generate(
+                model, text, null_text=null, guidance_scale=scale, guidance_until=until, top_k=top_k, generator=g,
+                decode=decode,
+            )
+        )  # fmt: skip
 
     return timed(device, run), box[0]
 
@@ -463,7 +469,10 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
         "cached": (model, 1.0, "cached"),
         "guided": (model, SAMPLE_GUIDANCE_SCALE, "cached"),
         "uncached": (model, 1.0, "uncached"),
+        "guided_until": (model, SAMPLE_GUIDANCE_SCALE, "cached"),  # guidance for the first args.guidance_until only
     }
+    until = {"guided_until": args.guidance_until}
+    out["guidance_until"] = args.guidance_until
     if bf16_copy is not None:
         modes.update(cached_bf16=(bf16_copy, 1.0, "cached"), guided_bf16=(bf16_copy, SAMPLE_GUIDANCE_SCALE, "cached"))
     if args.compile:  # the torch.compile'd static decoding step (CUDA graphs on GPUs)
@@ -475,7 +484,7 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
     for mode, (m, scale, decode) in modes.items():
         if decode != "uncached":
             log(f"sample {name}: warm-up {mode}")
-            dt, _ = sample_once(m, text, null, scale, top_k, decode, SEED, device)
+            dt, _ = sample_once(m, text, null, scale, top_k, decode, SEED, device, until.get(mode, 1.0))
             if decode == "compiled":  # the first run compiles (and captures the graphs): its own number
                 out[f"{mode}_first_run_s"] = round(dt, 2)
     times: dict[str, list[float]] = {k: [] for k in modes}
@@ -486,7 +495,7 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
             if mode == "uncached" and r >= uncached_reps:
                 continue
             log(f"sample {name}: {mode} rep {r + 1}")
-            dt, got = sample_once(m, text, null, scale, top_k, decode, SEED + r, device)
+            dt, got = sample_once(m, text, null, scale, top_k, decode, SEED + r, device, until.get(mode, 1.0))
             times[mode].append(dt)
             ids[f"{mode}_{r}"] = got
 
@@ -517,6 +526,7 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
         # the cache must not change a token: a free correctness check on the very runs that were timed
         out["cached_equals_uncached"] = bool(torch.equal(ids["cached_0"], ids["uncached_0"]))
     out["guidance_cost"] = round(out["guided"]["wall_s"] / out["cached"]["wall_s"], 3)
+    out["guidance_until_cost"] = round(out["guided_until"]["wall_s"] / out["cached"]["wall_s"], 3)
     if args.compile:
         out["compiled_speedup"] = round(out["cached"]["wall_s"] / out["cached_compiled"]["wall_s"], 3)
         out["guided_compiled_speedup"] = round(out["guided"]["wall_s"] / out["guided_compiled"]["wall_s"], 3)
@@ -683,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--sample-batch", type=int, default=None)
     ap.add_argument("--sample-reps", type=int, default=3, help="timed repetitions of cached and guided sampling")
+    ap.add_argument(
+        "--guidance-until", type=float, default=0.5, help="guided_until: the guided fraction of the image (default 0.5)"
+    )
     ap.add_argument("--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling")
     ap.add_argument("--figures", default=None, help="vae phase: the anchor figures file (default: bench/anchor.json)")
     ap.add_argument("--vae-batch", type=int, default=None)
@@ -753,6 +766,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
         if value is not None:
             passthrough += [flag, str(value)]
     passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
+    passthrough += ["--guidance-until", str(args.guidance_until)]
     passthrough += ["--matmul-reps", str(args.matmul_reps)]
     passthrough += [x for item in args.overrides for x in ("--set", item)]
     passthrough += [flag for flag, on in (("--no-encode", args.no_encode), ("--compile", args.compile)) if on]

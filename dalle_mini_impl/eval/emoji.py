@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "judge_learned_from_split": args.split in learned,
         "guidance_scale": pipe.cfg.sample.guidance_scale,
+        "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
         "top_k": pipe.cfg.sample.top_k,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "held_out": pipe.cfg.data.shapes.held_out,
         "guidance_scale": pipe.cfg.sample.guidance_scale,
+        "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
         "seconds": round(time.perf_counter() - t0, 1),
         **result,

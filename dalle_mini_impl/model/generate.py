@@ -4,7 +4,10 @@ After LlamaGen (Sun et al. 2024) and min-dalle: the text (and any primed image t
 model in one prefill forward that fills a preallocated key/value cache; then each image token costs one
 single-position forward whose keys and values are written in place at their position (no growing
 tensors, masks precomputed once and sliced). Classifier-free guidance (Ho & Salimans 2022) runs the
-conditional and unconditional rows as one batch of 2b and mixes logits as u + scale * (c - u).
+conditional and unconditional rows as one batch of 2b and mixes logits as u + scale * (c - u). With
+`guidance_until` < 1 only the first part of the image is guided: at the first unguided token the
+unconditional rows leave the batch (their cache rows are dropped), so the rest costs what unguided
+sampling costs.
 
 Sampling draws one uniform number per row and token from the caller's `torch.Generator` (inverse-CDF
 sampling), the same draws in every decoding mode, so every mode gives the same tokens for the same seed;
@@ -71,19 +74,31 @@ def _pair(ids: torch.Tensor, guided: bool) -> torch.Tensor:
     return torch.cat([ids, ids]) if guided else ids
 
 
+def _drop_unconditional(b: int, masks: list, cache: list | None = None) -> None:
+    """Keep the first b (conditional) rows of the masks and of the cache, in place: the decoding step reads both."""
+    masks[:] = [m if m is None or m.shape[0] == 1 else m[:b] for m in masks]
+    for layer in cache or []:
+        layer.k, layer.v = layer.k[:b], layer.v[:b]
+
+
 def _cached_logits(
-    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool, decode: str
+    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int, decode: str
 ) -> Iterator[torch.Tensor]:
     """Image logits predicting token i for i = k .. n-1; reads out[:, i - 1] when resumed for token i.
 
     One prefill fills the cache, then one cached step per token, run as `decode` says (`_decode_step`).
+    Rows are guided (2b: conditional, then unconditional) for tokens k .. stop - 1, and b after.
     """
-    n = model.cfg.image_len
+    n, b = model.cfg.image_len, out.shape[0]
+    guided = stop > k
     cache = model.new_cache(text.shape[0])
     step = _decode_step(model, decode, masks, cache)
     h = model.transform(model.embed(text, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, t + k, d)
     yield model.image_logits(h[:, -1])  # (B, k_image)
     for i in range(k + 1, n):
+        if guided and i == stop:
+            _drop_unconditional(b, masks, cache)
+            guided = False
         yield step(_pair(out[:, i - 1 : i], guided), i - 1)
 
 
@@ -104,12 +119,15 @@ def _decode_step(model: DALLE, decode: str, masks: list, cache: list) -> Callabl
     fixed = model.decode_step
     if decode == "compiled":
         fixed = compiled_step(model)
-        for layer in cache:  # fixed addresses: a CUDA graph replays them, and the step writes them in place
-            torch._dynamo.mark_static_address(layer.k)
-            torch._dynamo.mark_static_address(layer.v)
+    marked: set[int] = set()
     cell = torch.zeros(1, dtype=torch.long, device=cache[0].k.device)
 
     def static_step(ids: torch.Tensor, c: int) -> torch.Tensor:
+        if decode == "compiled" and ids.shape[0] not in marked:  # and again once guidance stops: new views
+            marked.add(ids.shape[0])
+            for layer in cache:  # fixed addresses: a CUDA graph replays them, and the step writes them in place
+                torch._dynamo.mark_static_address(layer.k)
+                torch._dynamo.mark_static_address(layer.v)
         cell.fill_(c)
         return fixed(ids, cell, masks, cache).clone()  # a CUDA graph's output is overwritten by its next replay
 
@@ -129,15 +147,20 @@ def compiled_step(model: DALLE) -> Callable:
 
 
 def _uncached_logits(
-    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, guided: bool
+    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int
 ) -> Iterator[torch.Tensor]:
     """The same logits as `_cached_logits`, each from a forward over the whole prefix."""
+    b = out.shape[0]
     for i in range(k, model.cfg.image_len):
+        guided = i < stop
+        if i == stop and stop > k:
+            text = text[:b]
+            _drop_unconditional(b, masks)
         h = model.transform(model.embed(text, _pair(out[:, :i], guided)), 0, masks)  # (B, t + i, d)
         yield model.image_logits(h[:, -1])
 
 
-def _check_args(model, text, null_text, guidance_scale, temperature, top_k, top_p, prime, decode) -> None:
+def _check_args(model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode):
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
         raise ValueError(f"text must be a LongTensor (b, {c.text_len}), got {text.dtype} {tuple(text.shape)}")
@@ -148,6 +171,8 @@ def _check_args(model, text, null_text, guidance_scale, temperature, top_k, top_
             raise ValueError("guidance_scale != 1 needs null_text: the ids of the empty caption, (1, t) or (b, t)")
         if null_text.dim() != 2 or null_text.shape[0] not in (1, text.shape[0]) or null_text.shape[1] != c.text_len:
             raise ValueError(f"null_text must be (1 or b, {c.text_len}), got {tuple(null_text.shape)}")
+    if not 0.0 <= guidance_until <= 1.0:
+        raise ValueError(f"guidance_until must lie in [0, 1] (the guided fraction of the image), got {guidance_until}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
@@ -166,6 +191,7 @@ def generate(
     *,
     null_text: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_until: float = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -178,6 +204,8 @@ def generate(
 
     null_text: the empty caption's ids, (1, t) or (b, t); needed when guidance_scale != 1.
     guidance_scale: classifier-free guidance scale on the logits (1: off, no unconditional rows run).
+    guidance_until: the fraction of the image's tokens that are guided, counted from the first (1: all,
+        0: none); after them the unconditional rows leave the batch. Primed tokens count, unsampled.
     temperature, top_k (0: off), top_p (1: off): applied in this order to the (guided) image logits.
     generator: the source of all randomness; the same seed gives the same ids in every decode mode.
     prime: (b, k) image ids that are kept as the first k tokens; generation continues after them.
@@ -193,13 +221,15 @@ def generate(
     The model runs in eval mode under inference_mode and is put back in its former mode; the caller's
     tensors are never written.
     """
-    _check_args(model, text, null_text, guidance_scale, temperature, top_k, top_p, prime, decode)
+    _check_args(model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode)
     c = model.cfg
     b, n, w = text.shape[0], c.image_len, c.grid_w
-    guided = guidance_scale != 1.0
+    k = 0 if prime is None else prime.shape[1]
+    # tokens k .. stop - 1 are guided
+    stop = max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
+    guided = stop > k
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
     out = torch.empty(b, n, dtype=torch.long, device=text.device)
-    k = 0 if prime is None else prime.shape[1]
     if k:
         out[:, :k] = prime
     if on_row is not None:
@@ -211,11 +241,11 @@ def generate(
     try:
         masks = model.attn_masks(rows_text)
         if decode == "uncached":
-            source = _uncached_logits(model, rows_text, out, k, masks, guided)
+            source = _uncached_logits(model, rows_text, out, k, masks, stop)
         else:
-            source = _cached_logits(model, rows_text, out, k, masks, guided, decode)
+            source = _cached_logits(model, rows_text, out, k, masks, stop, decode)
         for i, logits in zip(range(k, n), source):
-            if guided:
+            if i < stop:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond)
             out[:, i] = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

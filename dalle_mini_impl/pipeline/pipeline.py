@@ -112,7 +112,12 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 
 def check_settings(s: SampleConfig) -> None:
     """Numbers a sampler cannot use are UserErrors naming the command-line flag."""
-    for flag, value in (("--guidance-scale", s.guidance_scale), ("--temperature", s.temperature), ("--top-p", s.top_p)):
+    for flag, value in (
+        ("--guidance-scale", s.guidance_scale),
+        ("--guidance-until", s.guidance_until),
+        ("--temperature", s.temperature),
+        ("--top-p", s.top_p),
+    ):
         if not math.isfinite(value):
             raise UserError(f"{flag} is {value}; give a finite number")
     if s.candidates < 1:
@@ -125,6 +130,8 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(
             f"--num-images {s.num_images} is above --candidates {s.candidates}; ask for fewer images or more candidates"
         )
+    if not 0 <= s.guidance_until <= 1:
+        raise UserError(f"--guidance-until is {s.guidance_until}; give the guided fraction of the image, in [0, 1]")
     if s.temperature <= 0:
         raise UserError(f"--temperature is {s.temperature}; it must be above 0 (use --top-k 1 for greedy decoding)")
     if s.top_k < 0:
@@ -266,6 +273,7 @@ class Pipeline:
                 text.expand(b, -1),
                 null_text=null,
                 guidance_scale=s.guidance_scale,
+                guidance_until=s.guidance_until,
                 temperature=s.temperature,
                 top_k=s.top_k,
                 top_p=s.top_p,
@@ -316,6 +324,7 @@ class Pipeline:
         num_images: int | None = None,
         candidates: int | None = None,
         guidance_scale: float | None = None,
+        guidance_until: float | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -336,6 +345,7 @@ class Pipeline:
             num_images=num_images,
             candidates=candidates,
             guidance_scale=guidance_scale,
+            guidance_until=guidance_until,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
