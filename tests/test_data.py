@@ -102,6 +102,16 @@ def test_pil_uint8_grid_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # written through a temporary name, then renamed
 
 
+def test_distinct_first_keeps_the_first_of_each_set_of_identical_pictures():
+    from dalle_mini_impl.data.images import distinct_first
+
+    a, b = torch.randint(0, 255, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0)) / 255
+    nearly_a = a + 0.3 / 255  # rounds to a's pixels, as a PNG would store it
+    images = torch.stack([b, a, b, nearly_a, torch.zeros(3, 4, 4)])
+    assert distinct_first(images).tolist() == [0, 1, 4]
+    assert distinct_first(images[:1]).tolist() == [0]
+
+
 # ----------------------------------------------------------------------------------------------
 # the imagefolder fixture
 # ----------------------------------------------------------------------------------------------

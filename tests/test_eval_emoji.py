@@ -108,6 +108,7 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
             assert 0 <= entry[metric] <= 1
         assert entry["name_r1"] <= entry["name_r5"] and entry["both"] <= min(entry["style_acc"], entry["name_r1"])
     assert out["real"]["cmmd"] == 0.0  # the real images against themselves
+    assert out["distinct"] in (0.5, 0.625, 0.75, 0.875, 1.0)  # 4 captions of 2 candidates: 1 or 2 distinct each
     assert out["copy_other_style"]["cmmd"] > 0
     # seen cells: --n captions of train, drawn with the seed
     assert emoji.main([*argv, "--split", "train", "--n", "5", "--set", "sample.guidance_scale=1.5"]) == 0

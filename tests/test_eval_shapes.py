@@ -56,7 +56,8 @@ def test_the_prompt_set_is_fixed_by_its_seed_and_keeps_held_out_pairs_to_its_own
 def test_the_judges_best_of_8_bounds_every_pick_of_8(tmp_path):
     pipe = Pipeline.from_pretrained(bundle_for(tmp_path / "bundle"), device="cpu")
     out = evaluate(pipe, prompt_set(8, 0, HELD_OUT), candidates=8, guided=0, progress=False)
-    assert set(out) == {"random", "clip_top1_of_8", "judge_best_of_8"}
+    assert set(out) == {"random", "clip_top1_of_8", "judge_best_of_8", "distinct_of_8"}
+    assert 1 / 8 <= out["distinct_of_8"] <= 1
     for kind in ("all", "one", "two", "heldout"):
         best = out["judge_best_of_8"][kind]["accuracy"]
         assert out["random"][kind]["accuracy"] <= best and out["clip_top1_of_8"][kind]["accuracy"] <= best

@@ -538,3 +538,22 @@ def test_guidance_until_reaches_the_sampler(bundle):
     }
     assert all(torch.equal(a, b) for a, b in zip(ids["unguided"], ids["guided for none of the image"]))
     assert not all(torch.equal(a, b) for a, b in zip(ids["unguided"], ids["guided"]))
+
+
+def test_kept_images_are_distinct_and_repeats_are_the_last_resort_with_a_warning(bundle, tmp_path, capsys):
+    from dalle_mini_impl.pipeline.pipeline import MAX_EXTRA_ROUNDS, Pipeline
+
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    kept = pipe.generate("a red circle", candidates=6, num_images=4, seed=0, temperature=2.0, progress=False)[0]
+    pixels = [r.image.tobytes() for r in kept]
+    assert len(set(pixels)) == 4  # four different images, best first
+    assert [r.clip_score for r in kept] == sorted((r.clip_score for r in kept), reverse=True)
+    # greedy decoding draws one image however often it samples: more rounds, then a warning and repeats
+    argv = ["a red circle", "--top-k", "1", "--candidates", "2", "--num-images", "2", "--json"]
+    code, out, err = run([*argv, "--model", str(bundle), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["rank"] for r in rows] == [1, 2] and all(Path(r["path"]).is_file() for r in rows)
+    samples = 2 * (1 + MAX_EXTRA_ROUNDS)
+    assert f"prompt 'a red circle' gave only 1 distinct image in {samples} samples; some of its 2 images repeat" in err
+    assert Path(rows[0]["path"]).read_bytes() == Path(rows[1]["path"]).read_bytes()

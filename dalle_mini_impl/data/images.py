@@ -108,6 +108,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return rearrange(x, "... c h w -> ... h w c").numpy()
 
 
+def distinct_first(images: torch.Tensor) -> torch.Tensor:
+    """Indices, ascending, of the first of each set of identical images (m, 3, h, w): identical as uint8
+    pixels, which is what their PNGs hold (different code ids can decode to the same pixels)."""
+    pixels = torch.from_numpy(to_uint8(images)).flatten(1)  # (m, h * w * 3)
+    _, inverse = torch.unique(pixels, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(pixels), dtype=torch.long)
+    return first.scatter_reduce(0, inverse, torch.arange(len(pixels)), reduce="amin").sort()[0]
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A float image (3, h, w) in [0, 1] as an RGB PIL image."""
     if image.ndim != 3 or image.shape[0] != 3:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, apply_sample_overrides
-from ..data.images import from_uint8, save_grid, to_uint8
+from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..errors import UserError
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
@@ -202,12 +202,13 @@ def evaluate(
     real_emb = judge.embed_images(real)
 
     s = pipe.settings(num_images=1)
-    reranked, first = [], []
+    reranked, first, distinct = [], [], []
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
         _, images, scores = pipe.candidates([(caption, 1.0)], s, generator)  # (N, 3, S, S), (N,)
         reranked.append(images[int(scores.argmax())])
         first.append(images[0])
+        distinct.append(len(distinct_first(images)) / len(images))
     if grid:
         k = min(GRID_COLUMNS, len(captions))
         images = torch.cat([torch.stack(reranked[:k]), real[:k]])
@@ -222,6 +223,7 @@ def evaluate(
         kept = [i for i, k in enumerate(picks) if k is not None]
         images = from_uint8(train_images[[picks[i] for i in kept]])
         out[key] = grader.grade(images, kept, real_emb[kept])
+    out["distinct"] = sum(distinct) / len(distinct)  # the mean share of a caption's candidates that differ
     return {**out, "n": len(captions), "captions": captions[:3] + (["..."] if len(captions) > 3 else [])}
 
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from dalle_mini_impl.data.images import to_uint8
+from dalle_mini_impl.data.images import distinct_first, to_uint8
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption
 from dalle_mini_impl.shapes.judge import judge, summarize
@@ -105,12 +105,13 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": []}
     if candidates >= 32:
         columns["clip_top1_of_32"] = []
-    guided_verdicts, guided_kinds = [], []
+    guided_verdicts, guided_kinds, distinct = [], [], []
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
         ids, images, scores = pipe.candidates([(prompt, 1.0)], s, generator)  # (m, n), (m, 3, S, S), (m,)
         pixels = to_uint8(images)  # (m, S, S, 3)
+        distinct.append(len(distinct_first(images[:8])) / len(images[:8]))
         first8 = [judge(image, prompt) for image in pixels[:8]]
         columns["random"].append(first8[0])
         columns["judge_best_of_8"].append(next((v for v in first8 if v.ok), first8[0]))
@@ -125,6 +126,7 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
             guided_verdicts.append(judge(refined, prompt))
             guided_kinds.append(kind)
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items()}
+    out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
     if guided_verdicts:
         out["clip_guided"] = _by_kind(guided_verdicts, guided_kinds)
     return out

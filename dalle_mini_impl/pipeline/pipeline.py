@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, SampleConfig
-from ..data.images import prepare_image, to_pil
+from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
 from ..model.generate import DECODE_MODES, generate
 from .bundle import (
@@ -52,6 +52,9 @@ from .bundle import (
 METHODS = ("ar", "clip-guided")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images at once (and never finish on a CPU)
+# when fewer than --num-images of a prompt's candidates are distinct, up to this many more rounds of
+# candidates are sampled before a kept image is repeated (with a warning)
+MAX_EXTRA_ROUNDS = 3
 
 
 @dataclass
@@ -368,15 +371,44 @@ class Pipeline:
             for i, (prompt, prompt_parts) in enumerate(zip(prompts, parts)):
                 bar.set_description(f"prompt {i + 1}/{len(prompts)}")
                 generator = torch.Generator().manual_seed(s.seed + i)
-                ids, images, scores = self.candidates(prompt_parts, s, generator, prime, bar)
-                keep = torch.arange(s.num_images) if scores is None else scores.sort(descending=True, stable=True)[1]
+                ids, images, scores = self._distinct_candidates(prompt, prompt_parts, s, generator, prime, bar)
+                keep = torch.arange(len(ids)) if scores is None else scores.sort(descending=True, stable=True)[1]
                 keep = keep[: s.num_images]
+                if len(keep) < s.num_images:  # the last resort: repeat the best, in rank order
+                    keep = keep.repeat(math.ceil(s.num_images / len(keep)))[: s.num_images].sort(stable=True)[0]
+                    keep = keep if scores is None else scores.sort(descending=True, stable=True)[1][keep]
                 ids, images = ids[keep].view(-1, h, w), images[keep]
                 scores = None if scores is None else scores[keep]
                 if method == "clip-guided":
                     ids, images, scores = self._refine(ids, prompt_parts, s, generator, keep_rows, progress)
                 results.append(self._results(prompt, s.seed + i, ids, images, scores))
         return results
+
+    def _distinct_candidates(self, prompt, parts, s: SampleConfig, generator, prime, bar):
+        """`candidates` with identical images counted once (the first in sample order kept): identical code
+        sequences, and also different codes that decode to the same pixels (a background cell has several).
+
+        While fewer than `s.num_images` are distinct, another round of `s.candidates` is sampled (the same
+        generator, so new samples), up to MAX_EXTRA_ROUNDS; a warning says when that was not enough.
+        """
+        rounds = [self.candidates(parts, s, generator, prime, bar)]
+        while True:
+            ids, images = torch.cat([r[0] for r in rounds]), torch.cat([r[1] for r in rounds])
+            first = distinct_first(images)
+            if len(first) >= s.num_images or len(rounds) > MAX_EXTRA_ROUNDS:
+                break
+            if bar is not None:
+                bar.total += s.candidates * ids.shape[1]
+            rounds.append(self.candidates(parts, s, generator, prime, bar))
+        if len(first) < s.num_images:
+            images_word = "image" if len(first) == 1 else "images"
+            warnings.warn(
+                f"prompt '{prompt}' gave only {len(first)} distinct {images_word} in {len(ids)} samples; "
+                f"some of its {s.num_images} images repeat (raise --temperature or lower --num-images)",
+                stacklevel=3,
+            )
+        scores = None if rounds[0][2] is None else torch.cat([r[2] for r in rounds])[first]
+        return ids[first], images[first], scores
 
     def _prime(self, init_image, keep_rows: int | None) -> torch.Tensor | None:
         """The kept codes (1, keep_rows * w) of the init image (keep_rows None: half its rows), or None."""
