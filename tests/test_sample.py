@@ -557,3 +557,13 @@ def test_kept_images_are_distinct_and_repeats_are_the_last_resort_with_a_warning
     samples = 2 * (1 + MAX_EXTRA_ROUNDS)
     assert f"prompt 'a red circle' gave only 1 distinct image in {samples} samples; some of its 2 images repeat" in err
     assert Path(rows[0]["path"]).read_bytes() == Path(rows[1]["path"]).read_bytes()
+
+
+def test_kept_order_takes_the_best_and_repeats_them_in_rank_order_only_when_too_few():
+    from dalle_mini_impl.pipeline.pipeline import kept_order
+
+    order = torch.tensor([5, 3, 0, 7])  # candidate indices, best first
+    assert kept_order(order, 2).tolist() == [5, 3]
+    assert kept_order(order[:2], 4).tolist() == [5, 5, 3, 3]
+    assert kept_order(order[:3], 4).tolist() == [5, 5, 3, 0]
+    assert kept_order(order[:1], 3).tolist() == [5, 5, 5]

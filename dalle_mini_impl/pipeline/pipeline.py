@@ -57,6 +57,14 @@ MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images a
 MAX_EXTRA_ROUNDS = 3
 
 
+def kept_order(order: torch.Tensor, num_images: int) -> torch.Tensor:
+    """The first `num_images` of `order` (candidate indices, best first); when fewer exist, the last resort,
+    each repeated in rank order, the better ones first: [a, a, b, b] for two of four, [a, a, b, c] for three."""
+    if len(order) >= num_images:
+        return order[:num_images]
+    return order[torch.arange(num_images) * len(order) // num_images]
+
+
 @dataclass
 class Result:
     """One kept image of a prompt."""
@@ -372,11 +380,8 @@ class Pipeline:
                 bar.set_description(f"prompt {i + 1}/{len(prompts)}")
                 generator = torch.Generator().manual_seed(s.seed + i)
                 ids, images, scores = self._distinct_candidates(prompt, prompt_parts, s, generator, prime, bar)
-                keep = torch.arange(len(ids)) if scores is None else scores.sort(descending=True, stable=True)[1]
-                keep = keep[: s.num_images]
-                if len(keep) < s.num_images:  # the last resort: repeat the best, in rank order
-                    keep = keep.repeat(math.ceil(s.num_images / len(keep)))[: s.num_images].sort(stable=True)[0]
-                    keep = keep if scores is None else scores.sort(descending=True, stable=True)[1][keep]
+                order = torch.arange(len(ids)) if scores is None else scores.sort(descending=True, stable=True)[1]
+                keep = kept_order(order, s.num_images)
                 ids, images = ids[keep].view(-1, h, w), images[keep]
                 scores = None if scores is None else scores[keep]
                 if method == "clip-guided":
@@ -472,4 +477,4 @@ class Pipeline:
         ]
 
 
-__all__ = ["DTYPES", "METHODS", "Pipeline", "Result", "check_prompts", "check_settings"]
+__all__ = ["DTYPES", "METHODS", "Pipeline", "Result", "check_prompts", "check_settings", "kept_order"]
