@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from dalle_mini_impl.config import RunConfig
+from dalle_mini_impl.data.streams import split_parts
 from dalle_mini_impl.errors import UserError, run_cli
 from train import loop
 from train.clip import train_clip
@@ -33,7 +34,7 @@ GRADED_SPLIT = "test"  # what `eval emoji` grades; the judge never learns from i
 def judge_config(cfg: RunConfig, out: str) -> RunConfig:
     """The run config of the judge: the preset's data and text settings with the `[judge]` section in place."""
     j = cfg.judge
-    parts = [part.strip() for part in j.splits.split("+")]
+    parts = split_parts(j.splits)
     if GRADED_SPLIT in parts:
         raise UserError(
             f"config key 'judge.splits' is '{j.splits}'; the judge grades the {GRADED_SPLIT} split and must never "

@@ -145,6 +145,11 @@ def require_source(source: str) -> None:
         )
 
 
+def split_parts(split: str) -> list[str]:
+    """The splits a split name reads, one after another: "train+validation" -> ["train", "validation"]."""
+    return [part.strip() for part in split.split("+")]
+
+
 def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
     """(the `load_dataset` path, its keyword arguments, the split name to ask it for)."""
     require_source(source)
@@ -290,7 +295,7 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
 
     import datasets
 
-    parts = [part.strip() for part in split.split("+")]  # "train+validation": the splits one after another
+    parts = split_parts(split)
     if not all(parts):
         raise UserError(f"split '{split}' has an empty part; name splits like train or train+validation")
     loaded = []

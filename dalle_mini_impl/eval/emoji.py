@@ -42,6 +42,7 @@ import torch
 
 from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
+from ..data.streams import split_parts
 from ..errors import UserError
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
     judge = load_clip(args.judge, device=args.device)
-    learned = [part.strip() for part in read_bundle_config(args.judge).data.split.split("+")]
+    learned = split_parts(read_bundle_config(args.judge).data.split)
     if pipe.clip is not None and judge.fingerprint() == pipe.clip.fingerprint():
         raise UserError(
             f"--judge '{args.judge}' is the model's own CLIP; grade with one trained by python -m train.judge"
