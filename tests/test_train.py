@@ -281,6 +281,22 @@ def test_export_sets_sampling_defaults_and_nothing_else(run_dir, tmp_path):
     with pytest.raises(UserError, match="only sampling settings"):
         train_export.main([str(run_dir), str(tmp_path / "other"), "--set", "vae.factor=8"])
     assert not (tmp_path / "other").exists()  # refused before anything is written
+    assert cfg.data.source == run_cfg.data.source == "shapes"  # a source any machine has is kept
+
+
+def test_export_leaves_a_local_data_path_behind(run_dir, tmp_path):
+    from dalle_mini_impl.config import read_config_json, save_config
+    from dalle_mini_impl.data.streams import is_local_source
+    from train import export as train_export
+
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "logs", "tokens"))
+    cfg = read_config_json(run / "config.json")
+    cfg.data.source = str(tmp_path)  # the folder the run read its images from
+    save_config(cfg, run / "config.json")
+    train_export.main([str(run), str(tmp_path / "bundle")])
+    assert read_config_json(tmp_path / "bundle" / "config.json").data.source == ""
+    assert [is_local_source(s) for s in (str(tmp_path), "./data", "shards/{split}-*.tar", "x.parquet")] == [True] * 4
+    assert [is_local_source(s) for s in ("shapes", "", "user/emoji-styles", "mnist")] == [False] * 4
 
 
 def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):

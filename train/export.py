@@ -5,7 +5,9 @@ Copies config.json, text.model, vae.json and transformer.json, and rewrites each
 casts back to the model's dtype). `--set sample.KEY=VALUE` changes the bundle's sampling defaults (the
 `[sample]` settings `python -m sample` starts from) when they were chosen after training, as
 `eval --set sample.KEY=VALUE` measures them; nothing else of a trained model's config can change.
-Checkpoints, logs and token shards stay behind. The shipped models in dalle_mini_impl/assets are such
+A data source that names files on this machine is not carried into the bundle (`data.source` becomes
+empty: an evaluation of the bundle asks for `--data`); `shapes` and hub names are. Checkpoints, logs and
+token shards stay behind. The shipped models in dalle_mini_impl/assets are such
 bundles (`--dtype fp16`).
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dalle_mini_impl.config import apply_sample_overrides, read_config_json, save_config
+from dalle_mini_impl.data.streams import is_local_source
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import FILES, load_state_dict, part_path, save_state_dict
 
@@ -29,6 +32,8 @@ SIDE_FILES = ("vae.json", "transformer.json")
 def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str] = ()) -> dict:
     """Write the bundle; returns {file: bytes}."""
     cfg = apply_sample_overrides(read_config_json(part_path(run, "config")), list(sample_overrides))
+    if is_local_source(cfg.data.source):  # a path on this machine: meaningless, and private, where a bundle goes
+        cfg.data.source = ""
     dest.mkdir(parents=True, exist_ok=True)
     sizes = {}
     save_config(cfg, dest / FILES["config"])

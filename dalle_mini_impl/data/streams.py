@@ -120,6 +120,14 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or file_like
 
 
+def is_local_source(source: str) -> bool:
+    """Whether a data source names files on this machine (a folder, files, a glob), not shapes or a hub name."""
+    if source.strip() in ("", "shapes"):
+        return False
+    text = os.path.expanduser(source.replace("{split}", "train"))
+    return glob.has_magic(text) or os.path.exists(text) or _looks_like_path(text)
+
+
 def _folder_builder(folder: str) -> str:
     """imagefolder, unless the folder holds no images but parquet or tar files."""
     found = set()
