@@ -262,6 +262,9 @@ class SampleConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
+    # how a decoding step runs: cached (eager, KV cache), static, compiled (torch.compile), speculative
+    # (speculative Jacobi decoding: same distribution, fewer passes; dalle_mini_impl.model.generate)
+    decode: str = "cached"
     # clip-guided refinement (VQGAN+CLIP)
     guided_steps: int = 60
     guided_lr: float = 0.1

@@ -4,6 +4,7 @@
     python -m sample "a red circle:1 | a blue square:-0.5" --method clip-guided      # VQGAN+CLIP refinement
     python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
     python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
+    python -m sample "pizza, openmoji style" --model emoji --dtype bf16 --decode speculative   # fewer passes
 
 A thin shell over `dalle_mini_impl.pipeline.pipeline.Pipeline` (DALL-E's sample-then-rerank recipe). The model is
 a bundle folder (--model; default: the shapes bundle shipped in the package); every sampling default
@@ -98,11 +99,14 @@ def _parser() -> argparse.ArgumentParser:
         "(python -m dalle_mini_impl.bench --only sample times both); fp16 needs a GPU",
     )
     p.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode with a torch.compile'd step (CUDA graphs on GPUs); the first batch pays the compile, "
-        "so it pays off for many candidates or prompts",
+        "--decode",
+        default=None,
+        choices=["cached", "static", "compiled", "speculative"],
+        help="how a decoding step runs (default: the model's, cached): compiled = torch.compile'd step (CUDA "
+        "graphs on GPUs; the first batch pays the compile); speculative = speculative Jacobi decoding, the same "
+        "distribution in fewer, wider passes (on the CPU with --dtype bf16; fp32 decodes plainly there)",
     )
+    p.add_argument("--compile", action="store_true", help="the same as --decode compiled")
     p.add_argument("--json", action="store_true", help="print one JSON object per saved image, nothing else")
     return p
 
@@ -113,6 +117,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.compile and args.decode not in (None, "compiled"):
+        raise UserError(f"--compile is --decode compiled; it cannot go with --decode {args.decode}")
+    decode = "compiled" if args.compile else args.decode
     # imported after argument parsing: --help and argument errors answer without loading torch
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_prompts
 
@@ -122,7 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning  # one line per warning, no source line
-        decode = "compiled" if args.compile else "cached"
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, decode=decode)
         results = pipe.generate(
             prompts,

@@ -12,6 +12,7 @@ import torch
 
 from dalle_mini_impl.bench import speed as bench
 from dalle_mini_impl.errors import UserError, run_cli
+from tests.bundle_factory import make_tiny_bundle
 
 # a 1-layer, 32-wide model on a 2 x 2 grid: every phase in well under a second of compute
 TINY = ["--preset", "anchor-tiny", "--set", "dim=32", "--set", "depth=1", "--set", "heads=2", "--set", "head_dim=16"]
@@ -84,9 +85,19 @@ def test_train_phase_compiled_reports_its_speedup(capsys):
     assert math.isfinite(train["fp32_compiled"]["final_loss"])
 
 
-def test_sample_phase_prints_json(capsys):
-    argv = ["--only", "sample", *TINY, *GRID, "--sample-reps", "2", "--uncached-reps", "1"]
+def test_sample_phase_prints_json(capsys, tmp_path):
+    bundle = str(make_tiny_bundle(tmp_path / "bundle"))
+    argv = ["--only", "sample", *TINY, *GRID, "--sample-reps", "2", "--uncached-reps", "1", "--decode-models", bundle]
     out = run_json(argv, capsys)
+    # cached against speculative decoding on a trained bundle, its candidates (4, guided: 8 rows) and one
+    decode = out["decode"][bundle]
+    assert decode["image_tokens_per_sample"] == 16 and decode["prompts"] == 4
+    for key in ("fp32_batch1", "fp32_batch4", "bf16_batch1", "bf16_batch4"):
+        assert decode[key]["speedup"] > 0
+        assert decode[key]["cached"]["passes"] == 16 and decode[key]["cached"]["image_tokens_per_s"] > 0
+    assert decode["fp32_batch1"]["speculative"]["window"] == 1  # fp32 on the CPU decodes plainly
+    assert decode["bf16_batch4"]["speculative"]["window"] == 4 and decode["bf16_batch1"]["speculative"]["window"] == 16
+    assert 1 < decode["bf16_batch1"]["speculative"]["passes"] < 16
     sample = out["presets"]["anchor-tiny"]["sample"]
     for mode in ("cached", "guided", "uncached", "guided_until"):
         assert sample[mode]["wall_s"] > 0 and sample[mode]["image_tokens_per_s"] > 0
@@ -104,6 +115,7 @@ def test_sample_phase_prints_json(capsys):
 @pytest.mark.slow
 def test_sample_phase_times_compiled_decoding(capsys):
     argv = ["--only", "sample", *TINY, *GRID, "--sample-reps", "1", "--uncached-reps", "0", "--compile"]
+    argv += ["--decode-models"]
     sample = run_json(argv, capsys)["presets"]["anchor-tiny"]["sample"]
     for mode in ("cached_compiled", "guided_compiled"):
         assert sample[mode]["image_tokens_per_s"] > 0 and sample[f"{mode}_first_run_s"] > sample[mode]["wall_s"]

@@ -100,9 +100,9 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert Image.open(tmp_path / "grid.png").size[0] > 4 * 128  # 4 test captions, picks above real images
     assert out["n"] == 4 and out["candidates"] == 2 and out["split"] == "test"
-    for key in ("reranked", "first", "real", "same_style_random", "copy_other_style"):
+    for key in ("reranked", "first", "every", "real", "same_style_random", "copy_other_style"):
         entry = out[key]
-        assert entry["n"] == 4, key  # every test name is in train in another style
+        assert entry["n"] == (8 if key == "every" else 4), key  # every test name is in train in another style
         assert set(entry) == {"n", "style_acc", "name_r1", "name_r5", "both", "cmmd"}
         for metric in ("style_acc", "name_r1", "name_r5", "both"):
             assert 0 <= entry[metric] <= 1

@@ -56,12 +56,15 @@ def test_the_prompt_set_is_fixed_by_its_seed_and_keeps_held_out_pairs_to_its_own
 def test_the_judges_best_of_8_bounds_every_pick_of_8(tmp_path):
     pipe = Pipeline.from_pretrained(bundle_for(tmp_path / "bundle"), device="cpu")
     out = evaluate(pipe, prompt_set(8, 0, HELD_OUT), candidates=8, guided=0, progress=False)
-    assert set(out) == {"random", "clip_top1_of_8", "judge_best_of_8", "distinct_of_8"}
+    assert set(out) == {"random", "clip_top1_of_8", "judge_best_of_8", "every_of_8", "distinct_of_8"}
     assert 1 / 8 <= out["distinct_of_8"] <= 1
     for kind in ("all", "one", "two", "heldout"):
         best = out["judge_best_of_8"][kind]["accuracy"]
         assert out["random"][kind]["accuracy"] <= best and out["clip_top1_of_8"][kind]["accuracy"] <= best
         assert out["random"][kind]["n"] == out["judge_best_of_8"][kind]["n"] > 0
+        # every one of the 8 is judged: 8 times the prompts, and no better than the judge's best of them
+        assert out["every_of_8"][kind]["n"] == 8 * out["random"][kind]["n"]
+        assert out["every_of_8"][kind]["accuracy"] <= best
 
 
 def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_path, capsys):

@@ -151,8 +151,26 @@ def test_compiled_decoding_writes_the_same_pngs(bundle, tmp_path, capsys):
 
 
 def test_an_unknown_decode_mode_is_one_sentence(bundle):
-    with pytest.raises(UserError, match="decode 'graph' is unknown; use uncached, cached, static, compiled"):
+    with pytest.raises(UserError, match="decode 'graph' is unknown; use uncached, cached, static, compiled, spec"):
         Pipeline.from_pretrained(bundle, device="cpu", decode="graph")
+
+
+def test_speculative_decoding_samples_in_bf16_and_says_when_it_runs_plainly(bundle, tmp_path, capsys):
+    base = ["a red circle", "--model", str(bundle), "--candidates", "4", "--num-images", "4", "--json"]
+    code, out, err = run([*base, "--decode", "speculative", "--dtype", "bf16", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0 and len(out.splitlines()) == 4 and "warning" not in err
+    assert len(list((tmp_path / "b").glob("*_r*.png"))) == 4
+    # fp32 on the CPU: the window is 1 cell, so the tokens are the cached sampler's and a warning says why
+    code, _, err = run([*base, "--decode", "speculative", "--out", str(tmp_path / "fp32")], capsys)
+    assert code == 0 and err.count("speculative decoding runs as plain cached decoding for 8 model rows") == 1
+    code, _, _ = run([*base, "--out", str(tmp_path / "cached")], capsys)
+    pngs = lambda d: [p.read_bytes() for p in sorted((tmp_path / d).iterdir())]  # noqa: E731
+    assert code == 0 and pngs("fp32") == pngs("cached")
+
+
+def test_compile_is_decode_compiled_and_goes_with_no_other_mode(capsys):
+    code, _, err = run(["a red circle", "--compile", "--decode", "speculative"], capsys)
+    assert code == 2 and "--compile is --decode compiled; it cannot go with --decode speculative" in err
 
 
 def test_a_prompt_gives_the_same_ids_alone_with_its_seed(pipe):

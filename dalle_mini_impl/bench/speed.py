@@ -23,6 +23,9 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           cast to --dtype, and at dalle256 batches 64 and 256 with guidance are timed too. With --compile
           also the torch.compile'd decoding step (`cached_compiled`, `guided_compiled`, their first run
           with the compile apart, `compiled_speedup`; CUDA graphs on GPUs: `python -m sample --compile`).
+          Then, under "decode", plain cached against speculative decoding on the trained bundles of
+          `--decode-models` (default: the shipped shapes and emoji) with their own sampling settings, at one
+          candidate and at the default command's candidates: tokens/s, sequential passes, `speedup`.
   vae     dVAE training images/s at 32 px, batch 32: a configuration with the constructor arguments of the
           anchor's tiny dVAE (512 codes, code width 256, two stride-2 levels, hidden 64, no res-blocks),
           the same with the hidden width that matches the anchor's parameter count, and the shapes
@@ -550,6 +553,97 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
     return out
 
 
+# Prompts of the decoding comparison on trained bundles (`--decode-models`): the README's for shapes, and held-out
+# name-style cells of emoji-styles' test split for emoji; any other bundle gets the shapes ones.
+DECODE_PROMPTS = {
+    "shapes": [
+        "a large red circle in the center",
+        "a small blue square in the top left corner",
+        "a green triangle at the bottom",
+        "a yellow circle to the left of a purple square",
+    ],
+    "emoji": [
+        "pizza, openmoji style",
+        "grinning face, noto style",
+        "red apple, twemoji style",
+        "rocket, fluentui style",
+    ],
+}
+
+
+def decode_once(model, texts, null, s, b: int, mode: str, seed: int, device) -> tuple[float, int]:
+    """Wall seconds and summed sequential passes of sampling b candidates for each prompt's text ids (1, t)."""
+    passes = 0
+
+    def work() -> None:
+        nonlocal passes
+        for i, text in enumerate(texts):
+            stats: dict[str, int] = {}
+            generate(
+                model, text.expand(b, -1), null_text=null, guidance_scale=s.guidance_scale,
+                guidance_until=s.guidance_until, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                generator=torch.Generator().manual_seed(seed + i), decode=mode, stats=stats,
+            )  # fmt: skip
+            passes += stats["passes"]
+
+    return timed(device, work), passes
+
+
+def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Plain cached against speculative decoding on one trained bundle, with its own sampling settings.
+
+    Per weight dtype (fp32; bf16 on the CPU too, as `--dtype bf16` casts them) and batch (one candidate, and
+    the bundle's candidates: the default command's batch): wall seconds for the prompts, image tokens/s,
+    `passes` (sequential forward passes per batch, prefill included: what one image waits for), the window
+    and `speedup` = cached wall over speculative wall in the same run; runs interleaved, medians of
+    `--sample-reps`. Trained weights matter here: how many drafts are accepted depends on how sure the model
+    is, which random weights are not.
+    """
+    from ..model.generate import window_width
+    from ..pipeline.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(name, device=device.type)
+    s = pipe.cfg.sample
+    prompts = DECODE_PROMPTS.get(name, DECODE_PROMPTS["shapes"])
+    texts = [pipe.encode_prompt(p) for p in prompts]
+    null = pipe.text_tokenizer.null_ids()[None].to(device)
+    dtypes = ["fp32", "bf16"] if device.type == "cpu" else [args.dtype]
+    models = {d: copy.deepcopy(pipe.transformer).to(DTYPES[d]) for d in dtypes}
+    n = pipe.transformer.cfg.image_len
+    out: dict[str, Any] = {
+        "image_tokens_per_sample": n,
+        "guidance_scale": s.guidance_scale,
+        "guidance_until": s.guidance_until,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "prompts": len(prompts),
+    }
+    runs = [(d, b, mode) for d in dtypes for b in (1, s.candidates) for mode in ("cached", "speculative")]
+    for d, b, mode in runs:  # warm-up: the first pass of each shape pays one-off kernel selection
+        log(f"decode {name}: warm-up {d} batch {b} {mode}")
+        decode_once(models[d], texts, null, s, b, mode, SEED, device)
+    times: dict[tuple, list[float]] = {run: [] for run in runs}
+    passes: dict[tuple, int] = {}
+    for r in range(args.sample_reps):  # interleaved, so that a noisy neighbour hits every run alike
+        for d, b, mode in runs:
+            log(f"decode {name}: {d} batch {b} {mode} rep {r + 1}")
+            dt, passes[(d, b, mode)] = decode_once(models[d], texts, null, s, b, mode, SEED + 100 * (r + 1), device)
+            times[(d, b, mode)].append(dt)
+    for d, b, mode in runs:
+        med = statistics.median(times[(d, b, mode)])
+        rows = b * (2 if s.guidance_scale != 1.0 else 1)
+        out.setdefault(f"{d}_batch{b}", {})[mode] = {
+            "wall_s": round(med, 4),
+            "image_tokens_per_s": round(len(prompts) * b * n / med, 1),
+            "passes": round(passes[(d, b, mode)] / len(prompts), 1),
+            "window": window_width(rows, device, DTYPES[d]) if mode == "speculative" else 1,
+        }
+    for pair in out.values():
+        if isinstance(pair, dict):
+            pair["speedup"] = round(pair["cached"]["wall_s"] / pair["speculative"]["wall_s"], 3)
+    return out
+
+
 def vae_params(kwargs: dict[str, Any]) -> int:
     return sum(p.numel() for p in vae_lib.build("dvae", **kwargs).parameters())
 
@@ -697,6 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-until", type=float, default=0.5, help="guided_until: the guided fraction of the image (default 0.5)"
     )
     ap.add_argument("--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling")
+    ap.add_argument(
+        "--decode-models",
+        nargs="*",
+        default=["shapes", "emoji"],
+        help="sample phase: trained bundles whose cached and speculative decoding are compared (none: skip)",
+    )
     ap.add_argument("--figures", default=None, help="vae phase: the anchor figures file (default: bench/anchor.json)")
     ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
@@ -740,6 +840,8 @@ def run_phase(phase: str, args: argparse.Namespace, device: torch.device, preset
         else:
             entry["sample"] = phase_sample(name, args, device)
         res["presets"][name] = entry
+    if phase == "sample" and args.decode_models:
+        res["decode"] = {name: decode_bundle(name, args, device) for name in args.decode_models}
     return res
 
 
@@ -766,7 +868,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
         if value is not None:
             passthrough += [flag, str(value)]
     passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
-    passthrough += ["--guidance-until", str(args.guidance_until)]
+    passthrough += ["--guidance-until", str(args.guidance_until), "--decode-models", *args.decode_models]
     passthrough += ["--matmul-reps", str(args.matmul_reps)]
     passthrough += [x for item in args.overrides for x in ("--set", item)]
     passthrough += [flag for flag, on in (("--no-encode", args.no_encode), ("--compile", args.compile)) if on]

@@ -203,12 +203,13 @@ def evaluate(
     real_emb = judge.embed_images(real)
 
     s = pipe.settings(num_images=1)
-    reranked, first, distinct = [], [], []
+    reranked, first, every, distinct = [], [], [], []
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
         _, images, scores = pipe.candidates([(caption, 1.0)], s, generator)  # (N, 3, S, S), (N,)
         reranked.append(images[int(scores.argmax())])
         first.append(images[0])
+        every.append(images)
         distinct.append(len(distinct_first(images)) / len(images))
     if grid:
         k = min(GRID_COLUMNS, len(captions))
@@ -218,6 +219,8 @@ def evaluate(
     out = {
         "reranked": grader.grade(torch.stack(reranked), rows, real_emb),
         "first": grader.grade(torch.stack(first), rows, real_emb),
+        # every candidate, unranked: the sampler's own quality over N times the captions (decoders compared)
+        "every": grader.grade(torch.cat(every), [i for i in rows for _ in range(s.candidates)], real_emb),
         "real": grader.grade(real, rows, real_emb),
     }
     for key, picks in zip(("same_style_random", "copy_other_style"), references(captions, train_captions, seed)):
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=2 (repeatable)",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--grid", default=None, metavar="PNG", help="also draw the first 8 captions' picks above the real")
     args = p.parse_args(argv)
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
     judge = load_clip(args.judge, device=args.device)
@@ -278,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
         "top_k": pipe.cfg.sample.top_k,
+        "decode": pipe.cfg.sample.decode,
+        "dtype": args.dtype,
+        "batch_size": pipe.cfg.sample.batch_size,
         "seconds": round(time.perf_counter() - t0, 1),
         **result,
     }

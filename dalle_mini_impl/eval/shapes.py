@@ -102,7 +102,7 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     from tqdm.auto import tqdm
 
     s = pipe.settings(candidates=candidates, num_images=1)
-    columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": []}
+    columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": [], "every_of_8": []}
     if candidates >= 32:
         columns["clip_top1_of_32"] = []
     guided_verdicts, guided_kinds, distinct = [], [], []
@@ -114,6 +114,7 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
         distinct.append(len(distinct_first(images[:8])) / len(images[:8]))
         first8 = [judge(image, prompt) for image in pixels[:8]]
         columns["random"].append(first8[0])
+        columns["every_of_8"].extend(first8)  # all 8, unranked: the sampler's own accuracy over 8x the prompts
         columns["judge_best_of_8"].append(next((v for v in first8 if v.ok), first8[0]))
         if scores is None:
             raise UserError(f"model '{pipe.cfg.name}' has no CLIP; the shapes eval ranks candidates with it")
@@ -125,7 +126,8 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
             refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator)
             guided_verdicts.append(judge(refined, prompt))
             guided_kinds.append(kind)
-    out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items()}
+    out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
+    out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
     out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
     if guided_verdicts:
         out["clip_guided"] = _by_kind(guided_verdicts, guided_kinds)
@@ -172,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=3 (repeatable)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.n < 4:
         raise UserError(f"--n is {args.n}; use at least 4 prompts so every kind is drawn")
     if args.candidates < 8:
         raise UserError(f"--candidates is {args.candidates}; CLIP's top-1 of 8 needs at least 8")
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     apply_sample_overrides(pipe.cfg, args.overrides)
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_scale": pipe.cfg.sample.guidance_scale,
         "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
+        "decode": pipe.cfg.sample.decode,
+        "dtype": args.dtype,
+        "batch_size": pipe.cfg.sample.batch_size,
         "seconds": round(time.perf_counter() - t0, 1),
         **result,
     }

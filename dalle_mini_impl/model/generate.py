@@ -14,6 +14,21 @@ sampling), the same draws in every decoding mode, so every mode gives the same t
 `decode="uncached"`, which recomputes the whole prefix every step, is the reference the others are tested
 against.
 
+`decode="speculative"` is speculative Jacobi decoding (Teng et al. 2025, "Accelerating Auto-regressive
+Text-to-Image Generation with Training-free Speculative Jacobi Decoding"): one forward pass feeds the last
+accepted token and a window of drafted ones, which gives the model's distribution p at every cell of the
+window at once. Each draft d, drawn from a distribution q, is accepted with probability min(1, p(d) / q(d)),
+in order; the first one refused is redrawn from the residual max(0, p - q) (normalised) and the cells after
+it are redrafted from this pass's p (the Jacobi step: a guess conditioned on the refused draft, verified
+next pass). That is speculative sampling's rule (Leviathan et al. 2023; Chen et al. 2023), so every token
+has exactly the plain sampler's distribution whatever the drafts, and at least one token is accepted per
+pass. Cells that no pass has reached yet are drafted from the row above (one-hot q) or at random
+(uniform q). It draws other random numbers than the plain sampler, so the same seed gives other (equally
+distributed) images; with top_k=1 it gives the plain sampler's tokens. A batch shares one window, starting
+at its least advanced row; the window narrows as the batch grows (a pass over rows x window positions
+costs about its size once it is compute-bound; `window_width`) and at one position it is plain cached
+decoding.
+
 Usage:
     from dalle_mini_impl.model.generate import generate
     g = torch.Generator().manual_seed(0)
@@ -29,7 +44,18 @@ import torch
 
 from .transformer import DALLE
 
-DECODE_MODES = ("uncached", "cached", "static", "compiled")
+DECODE_MODES = ("uncached", "cached", "static", "compiled", "speculative")
+DRAFTS = ("above", "random")  # how speculative decoding drafts a cell no pass has reached yet
+# Speculative decoding's window: the widest with rows x window <= the budget of positions per pass (the model
+# rows: twice the batch under guidance), at most MAX_WINDOW cells; narrower than MIN_WINDOW it decodes plainly.
+# The budget is where a pass stays bound by its fixed cost rather than arithmetic, measured with
+# `python -m dalle_mini_impl.bench --only sample` (docs/RESULTS.md): on this project's 2-core CPU a bf16
+# pass (AMX) over 32 positions costs 1.3-1.6x a pass over one, an fp32 pass over 8 already 2-3x, so fp32 on
+# the CPU decodes plainly. The GPU budget is not measured yet (no GPU was lent): eager decoding of models this
+# size is bound by kernel launches there up to thousands of positions per pass.
+MAX_WINDOW, MIN_WINDOW = 16, 4
+WINDOW_TOKENS_CPU = {torch.bfloat16: 32}  # any other dtype: 0, plain decoding
+WINDOW_TOKENS_GPU = 256
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -60,13 +86,25 @@ def sample_logits(
     Inverse-CDF sampling with one uniform number per row: a (b, k) draw of Gumbel or exponential noise
     would cost more than the whole tiny-model step on a CPU.
     """
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (b, k)
-    device = generator.device if generator is not None else logits.device
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=device)  # (b, 1)
+    return draw(final_probs(logits, temperature, top_k, top_p), generator)
+
+
+def final_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a sampler draws from: softmax(filtered logits / temperature), (b, k) float32."""
+    return filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of probs (b, k) -> (b,), by inverse CDF from one uniform number per row.
+
+    The weights need not sum to 1 (a residual distribution of speculative decoding does not).
+    """
+    cdf = probs.cumsum(dim=-1)  # (b, k)
+    device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=device)  # (b, 1)
     # the first id whose cdf exceeds u * total: never an id of probability 0, whose cdf step is flat
     ids = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)  # (b, 1)
-    return ids.clamp_(max=logits.shape[-1] - 1).squeeze(1)
+    return ids.clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 
 def _pair(ids: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -160,12 +198,130 @@ def _uncached_logits(
         yield model.image_logits(h[:, -1])
 
 
-def _check_args(model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode):
+def window_width(rows: int, device: torch.device, dtype: torch.dtype, window: int = 0) -> int:
+    """Speculative decoding's window in cells for a pass over `rows` model rows of weights in `dtype` on
+    `device`: `window` if given (> 0), else by the budget above; 1 means plain decoding."""
+    if window > 0:
+        return window
+    budget = WINDOW_TOKENS_CPU.get(dtype, 0) if device.type == "cpu" else WINDOW_TOKENS_GPU
+    width = min(MAX_WINDOW, budget // rows)
+    return width if width >= MIN_WINDOW else 1
+
+
+def _new_drafts(out: torch.Tensor, first: int, end: int, draft: str, w: int, k_image: int, generator) -> torch.Tensor:
+    """Draft cells first .. end - 1 of every row into out; returns the distributions they came from (b, m, K).
+
+    "above": the id of the cell above (itself accepted or drafted), one-hot; cells of the first row, and
+    every cell under "random", a uniformly drawn id.
+    """
+    b, device = out.shape[0], out.device
+    q = torch.empty(b, end - first, k_image, device=device)
+    gen_device = generator.device if generator is not None else device
+    for c in range(first, end):
+        if draft == "above" and c >= w:
+            out[:, c] = out[:, c - w]
+            q[:, c - first] = torch.nn.functional.one_hot(out[:, c], k_image)
+        else:
+            out[:, c] = torch.randint(k_image, (b,), generator=generator, device=gen_device).to(device)
+            q[:, c - first] = 1.0 / k_image
+    return q
+
+
+def _speculative(
+    model: DALLE,
+    text: torch.Tensor,
+    out: torch.Tensor,
+    k: int,
+    masks: list,
+    stop: int,
+    guidance_scale: float,
+    probs_of: Callable[[torch.Tensor], torch.Tensor],
+    generator: torch.Generator | None,
+    width: int,
+    draft: str,
+    on_row: Callable[[int, torch.Tensor], None] | None,
+) -> int:
+    """Fill out[:, k:] by speculative Jacobi decoding (module docstring); returns the forward passes run.
+
+    out holds, per row, its accepted ids (cells < acc) and then its drafts; q (b, W, K) the distribution
+    each draft of the window (cells s0 .. s0 + W - 1, s0 = the least advanced row's acc) was drawn from.
+    """
+    c = model.cfg
+    b, n, t, w, k_image = out.shape[0], c.image_len, c.text_len, c.grid_w, c.image_vocab
+    guided = stop > k
+    device = out.device
+    gen_device = generator.device if generator is not None else device
+    cache = model.new_cache(text.shape[0])
+    x_text = model.embed_text(text)  # (B, t, d)
+    # prefill every input but the last known one (the last text position, or the last primed cell), which
+    # opens the first window: positions 0 .. t + k - 2
+    model.transform(model.embed(text, _pair(out[:, :k], guided))[:, : t + k - 1], 0, masks, cache)
+    passes, rows_done = 1, k // w
+    acc = torch.full((b,), k, device=device)  # accepted ids per row
+    s0 = k
+    q = _new_drafts(out, s0, s0 + min(width, n - s0), draft, w, k_image, generator)
+    while s0 < n:
+        W = q.shape[1]
+        if guided and s0 >= stop:
+            _drop_unconditional(b, masks, cache)
+            x_text, guided = x_text[:b], False
+        if s0 == 0:  # the last text position, then the drafts of cells 0 .. W - 2
+            x = torch.cat([x_text[:, -1:], model.embed_image(_pair(out[:, : W - 1], guided), 0)], dim=1)
+        else:
+            x = model.embed_image(_pair(out[:, s0 - 1 : s0 + W - 1], guided), s0 - 1)
+        logits = model.image_logits(model.transform(x, t + s0 - 1, masks, cache))  # (B, W, K): cells s0 ..
+        passes += 1
+        cells = torch.arange(s0, s0 + W, device=device)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = torch.where((cells < stop)[:, None], uncond + guidance_scale * (cond - uncond), cond)
+        p = probs_of(logits.reshape(b * W, k_image)).view(b, W, k_image)
+
+        # accept each draft with probability min(1, p / q), in order; a row's accepted cells pass
+        drafts = out[:, s0 : s0 + W]
+        p_d = p.gather(-1, drafts[..., None]).squeeze(-1)  # (b, W)
+        q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
+        u = torch.rand(b, W, generator=generator, device=gen_device).to(device)
+        refused = (u * q_d >= p_d) & (cells[None] >= acc[:, None])
+        first = torch.where(refused.any(dim=1), refused.int().argmax(dim=1), W)  # (b,): W = all accepted
+        rows = (first < W).nonzero().squeeze(1)
+        if rows.numel():  # the first refused draft is redrawn from the residual max(0, p - q)
+            p_f, q_f = p[rows, first[rows]], q[rows, first[rows]]  # (r, K)
+            residual = (p_f - q_f).clamp_(min=0)
+            residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_f)  # p == q: nothing refused
+            out[rows, s0 + first[rows]] = draw(residual, generator)
+        acc = torch.where(first < W, s0 + first + 1, s0 + W)
+        # the Jacobi step: the cells after it are redrafted from this pass's distributions
+        later = torch.arange(W, device=device)[None] > first[:, None]  # (b, W)
+        if later.any():
+            redrafted = draw(p.view(b * W, k_image), generator).view(b, W)
+            out[:, s0 : s0 + W] = torch.where(later, redrafted, drafts)
+            q = torch.where(later[..., None], p, q)
+
+        s0_next = int(acc.min())
+        while on_row is not None and rows_done < s0_next // w:
+            on_row(rows_done, out[:, : (rows_done + 1) * w].clone())
+            rows_done += 1
+        end = min(s0_next + width, n)
+        q = q[:, s0_next - s0 :]  # cells s0_next .. s0 + W - 1
+        if end > s0 + W:
+            q = torch.cat([q, _new_drafts(out, s0 + W, end, draft, w, k_image, generator)], dim=1)
+        s0 = s0_next
+    return passes
+
+
+def _check_args(
+    model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode, window, draft
+):
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
         raise ValueError(f"text must be a LongTensor (b, {c.text_len}), got {text.dtype} {tuple(text.shape)}")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if window < 0 or draft not in DRAFTS:
+        raise ValueError(
+            f"window must be >= 0 (0: chosen by the batch) and draft one of {DRAFTS}, got {window}, {draft!r}"
+        )
     if guidance_scale != 1.0:
         if null_text is None:
             raise ValueError("guidance_scale != 1 needs null_text: the ids of the empty caption, (1, t) or (b, t)")
@@ -199,6 +355,9 @@ def generate(
     prime: torch.Tensor | None = None,
     on_row: Callable[[int, torch.Tensor], None] | None = None,
     decode: str = "cached",
+    window: int = 0,
+    draft: str = "above",
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Sample image ids (b, n), raster order, for text ids (b, t); every prompt in one batch.
 
@@ -216,12 +375,20 @@ def generate(
         CPU); "static": `DALLE.decode_step`, the same step at shapes that never change (it reads all L
         cached positions under a mask); "compiled": that step under torch.compile, compiled on the first
         call for a model and batch size and reused after (mode reduce-overhead, i.e. CUDA graphs, on
-        GPUs: eager decoding of a large model is bound by per-step kernel launches there).
+        GPUs: eager decoding of a large model is bound by per-step kernel launches there); "speculative":
+        speculative Jacobi decoding (module docstring), cached passes over a window of drafted tokens.
+    window: speculative decoding's window in cells (0: `window_width` of the batch, device and dtype; 1:
+        plain decoding).
+    draft: how speculative decoding drafts a cell no pass has reached: "above" (the cell above's id) or
+        "random".
+    stats: a dict that receives "passes", the sequential forward passes the batch took (prefill included).
 
     The model runs in eval mode under inference_mode and is put back in its former mode; the caller's
     tensors are never written.
     """
-    _check_args(model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode)
+    _check_args(
+        model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode, window, draft
+    )
     c = model.cfg
     b, n, w = text.shape[0], c.image_len, c.grid_w
     k = 0 if prime is None else prime.shape[1]
@@ -240,20 +407,45 @@ def generate(
     model.eval()
     try:
         masks = model.attn_masks(rows_text)
-        if decode == "uncached":
-            source = _uncached_logits(model, rows_text, out, k, masks, stop)
+        weight = model.head.weight
+        width = window_width(rows_text.shape[0], weight.device, weight.dtype, window) if decode == "speculative" else 1
+        passes = n - k
+        if width > 1 and k < n:
+            probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
+            passes = _speculative(
+                model, rows_text, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row
+            )
         else:
-            source = _cached_logits(model, rows_text, out, k, masks, stop, decode)
-        for i, logits in zip(range(k, n), source):
-            if i < stop:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance_scale * (cond - uncond)
-            out[:, i] = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if on_row is not None and (i + 1) % w == 0:
-                on_row(i // w, out[:, : i + 1].clone())
+            if decode == "uncached":
+                source = _uncached_logits(model, rows_text, out, k, masks, stop)
+            else:  # speculative at a window of 1 cell is plain cached decoding
+                source = _cached_logits(
+                    model, rows_text, out, k, masks, stop, "cached" if decode == "speculative" else decode
+                )
+            for i, logits in zip(range(k, n), source):
+                if i < stop:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + guidance_scale * (cond - uncond)
+                out[:, i] = sample_logits(
+                    logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                )
+                if on_row is not None and (i + 1) % w == 0:
+                    on_row(i // w, out[:, : i + 1].clone())
+        if stats is not None:
+            stats["passes"] = passes
     finally:
         model.train(was_training)
     return out
 
 
-__all__ = ["DECODE_MODES", "compiled_step", "filter_logits", "generate", "sample_logits"]
+__all__ = [
+    "DECODE_MODES",
+    "DRAFTS",
+    "compiled_step",
+    "draw",
+    "filter_logits",
+    "final_probs",
+    "generate",
+    "sample_logits",
+    "window_width",
+]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, SampleConfig
 from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
-from ..model.generate import DECODE_MODES, generate
+from ..model.generate import DECODE_MODES, MIN_WINDOW, WINDOW_TOKENS_CPU, generate, window_width
 from .bundle import (
     bundle_path,
     load_clip,
@@ -55,6 +55,9 @@ MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images a
 # when fewer than --num-images of a prompt's candidates are distinct, up to this many more rounds of
 # candidates are sampled before a kept image is repeated (with a warning)
 MAX_EXTRA_ROUNDS = 3
+
+
+MAX_SPECULATIVE_ROWS_CPU = WINDOW_TOKENS_CPU[torch.bfloat16] // MIN_WINDOW
 
 
 def kept_order(order: torch.Tensor, num_images: int) -> torch.Tensor:
@@ -153,6 +156,8 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"--seed is {s.seed}; use a non-negative integer below 2**62")
     if s.batch_size < 1:
         raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
+    if s.decode not in DECODE_MODES:
+        raise UserError(f"decode '{s.decode}' is unknown; use {', '.join(DECODE_MODES)}")
 
 
 class Pipeline:
@@ -167,12 +172,12 @@ class Pipeline:
         clip=None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        decode: str = "cached",
+        decode: str | None = None,
     ):
-        if decode not in DECODE_MODES:
-            raise UserError(f"decode '{decode}' is unknown; use {', '.join(DECODE_MODES)}")
-        self.decode_mode = decode  # how `generate` runs a decoding step (dalle_mini_impl.model.generate)
         self.cfg = cfg
+        if decode is not None:  # how `generate` runs a decoding step; None: the bundle's sample.decode
+            self.cfg.sample = dataclasses.replace(cfg.sample, decode=decode)
+            check_settings(self.cfg.sample)
         self.text_tokenizer = text_tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
@@ -181,17 +186,24 @@ class Pipeline:
         self.transformer = transformer.to(self.device, dtype=dtype).eval()
         self.image_tokenizer = image_tokenizer.to(self.device).eval()
         self.clip = clip  # a ClipScorer, or None: candidates stay in sample order
+        self._warned_plain = False  # speculative decoding fell back to plain decoding (warned once)
         self._check_parts_agree()
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "fp32", decode: str = "cached"
+        cls,
+        path: str | os.PathLike | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+        decode: str | None = None,
     ) -> Pipeline:
         """Load a bundle (a folder, a shipped bundle's name such as "emoji", or None: shapes) onto `device`.
 
         dtype bf16 or fp16 casts the transformer's weights to it and runs the image tokenizer under autocast;
-        CLIP stays fp32. decode "compiled" samples with a torch.compile'd decoding step (CUDA graphs on GPUs;
-        the first batch pays the compile), "static" with the same step uncompiled, "cached" (default) eagerly.
+        CLIP stays fp32. decode (None: the bundle's sample.decode) "compiled" samples with a torch.compile'd
+        decoding step (CUDA graphs on GPUs; the first batch pays the compile), "static" with the same step
+        uncompiled, "cached" eagerly, "speculative" by speculative Jacobi decoding (fewer, wider passes; on
+        the CPU only in bf16, fp32 decodes plainly there: `generate.window_width`).
         A bundle without clip.safetensors loads with a warning; its candidates are not reranked.
         """
         path = bundle_path(path)
@@ -279,6 +291,8 @@ class Pipeline:
         out = []
         for start in range(0, s.candidates, s.batch_size):
             b = min(s.batch_size, s.candidates - start)
+            if s.decode == "speculative":
+                self._check_window(b * (2 if s.guidance_scale != 1.0 else 1))
             ids = generate(
                 self.transformer,
                 text.expand(b, -1),
@@ -291,10 +305,24 @@ class Pipeline:
                 generator=generator,
                 prime=None if prime is None else prime.to(self.device).expand(b, -1),
                 on_row=None if bar is None else (lambda r, so_far: bar.update(so_far.shape[0] * w)),
-                decode=self.decode_mode,
+                decode=s.decode,
             )
             out.append(ids.cpu())
         return torch.cat(out)  # (m, n)
+
+    def _check_window(self, rows: int) -> None:
+        """Warn once when speculative decoding would run plainly: its window is 1 cell for this batch here."""
+        if self._warned_plain or window_width(rows, self.device, self.dtype) > 1:
+            return
+        self._warned_plain = True
+        dtype = str(self.dtype).removeprefix("torch.")
+        warnings.warn(
+            f"speculative decoding runs as plain cached decoding for {rows} model rows in {dtype} on "
+            f"{self.device.type}: a wider pass would cost more than it saves here (on the CPU it pays in bf16, "
+            f"--dtype bf16, for at most {MAX_SPECULATIVE_ROWS_CPU} model rows per batch; a candidate is one row, two "
+            "under guidance)",
+            stacklevel=4,
+        )
 
     def candidates(
         self,
@@ -340,6 +368,7 @@ class Pipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        decode: str | None = None,
         method: str = "ar",
         init_image: str | os.PathLike | Image.Image | None = None,
         keep_rows: int | None = None,
@@ -361,6 +390,7 @@ class Pipeline:
             top_k=top_k,
             top_p=top_p,
             seed=seed,
+            decode=decode,
         )
         if method not in METHODS:
             raise UserError(f"method '{method}' is unknown; use ar or clip-guided")
