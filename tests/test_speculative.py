@@ -45,6 +45,21 @@ def test_greedy_speculative_decoding_gives_the_cached_tokens(kw, sampling):
         assert 1 < stats["passes"] <= TEXT.shape[1] + 1 + 16
 
 
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_transform_rows_gives_every_row_its_own_positions_hidden_states(kw):
+    # the whole sequence in one forward, then each row's window re-fed at its own positions from the cache
+    model = make(**kw).double()
+    image = torch.randint(0, IV, (3, 16), generator=torch.Generator().manual_seed(1))
+    x = model.embed(TEXT, image[:, :-1])  # (3, t + 15, d)
+    masks = model.attn_masks(TEXT)
+    cache = model.new_cache(3)
+    with torch.no_grad():
+        full = model.transform(x, 0, masks, cache)
+        pos = torch.tensor([9, 13, 6])[:, None] + torch.arange(5)  # rows at different positions
+        rows = model.transform_rows(x[torch.arange(3)[:, None], pos], pos, masks, cache)
+    torch.testing.assert_close(rows, full[torch.arange(3)[:, None], pos])
+
+
 def test_greedy_speculative_decoding_takes_fewer_passes_than_tokens():
     model = make().double()
     stats = {}

@@ -24,10 +24,10 @@ next pass). That is speculative sampling's rule (Leviathan et al. 2023; Chen et 
 has exactly the plain sampler's distribution whatever the drafts, and at least one token is accepted per
 pass. Cells that no pass has reached yet are drafted from the row above (one-hot q) or at random
 (uniform q). It draws other random numbers than the plain sampler, so the same seed gives other (equally
-distributed) images; with top_k=1 it gives the plain sampler's tokens. A batch shares one window, starting
-at its least advanced row; the window narrows as the batch grows (a pass over rows x window positions
-costs about its size once it is compute-bound; `window_width`) and at one position it is plain cached
-decoding.
+distributed) images; with top_k=1 it gives the plain sampler's tokens. Every row of a batch has its own
+window at its own positions (`DALLE.transform_rows`), so a row that accepted more is not held back by one
+that accepted less; the window narrows as the batch grows (a pass over rows x window positions costs
+about its size once it is compute-bound; `window_width`) and at one cell it is plain cached decoding.
 
 Usage:
     from dalle_mini_impl.model.generate import generate
@@ -208,23 +208,23 @@ def window_width(rows: int, device: torch.device, dtype: torch.dtype, window: in
     return width if width >= MIN_WINDOW else 1
 
 
-def _new_drafts(out: torch.Tensor, first: int, end: int, draft: str, w: int, k_image: int, generator) -> torch.Tensor:
-    """Draft cells first .. end - 1 of every row into out; returns the distributions they came from (b, m, K).
+def _new_drafts(
+    out: torch.Tensor, cells: torch.Tensor, fresh: torch.Tensor, draft: str, w: int, k_image: int, generator
+) -> torch.Tensor:
+    """Draft the `fresh` (b, W) of each row's window cells (b, W) into out; returns the distributions they
+    came from, (b, W, K) (rows of cells that are not fresh are meaningless).
 
-    "above": the id of the cell above (itself accepted or drafted), one-hot; cells of the first row, and
-    every cell under "random", a uniformly drawn id.
+    "above": the id of the cell above (itself accepted or drafted), one-hot; cells of the first grid row,
+    and every cell under "random", a uniformly drawn id.
     """
-    b, device = out.shape[0], out.device
-    q = torch.empty(b, end - first, k_image, device=device)
-    gen_device = generator.device if generator is not None else device
-    for c in range(first, end):
-        if draft == "above" and c >= w:
-            out[:, c] = out[:, c - w]
-            q[:, c - first] = torch.nn.functional.one_hot(out[:, c], k_image)
-        else:
-            out[:, c] = torch.randint(k_image, (b,), generator=generator, device=gen_device).to(device)
-            q[:, c - first] = 1.0 / k_image
-    return q
+    gen_device = generator.device if generator is not None else out.device
+    drawn = torch.randint(k_image, cells.shape, generator=generator, device=gen_device).to(out.device)
+    above = fresh & (cells >= w) if draft == "above" else torch.zeros_like(fresh)
+    for _ in range(-(-cells.shape[1] // w)):  # a window wider than a grid row reads cells it drafts itself
+        ids = torch.where(above, out.gather(1, (cells - w).clamp(min=0)), drawn)
+        out.scatter_(1, cells, torch.where(fresh, ids, out.gather(1, cells)))
+    one_hot = torch.nn.functional.one_hot(ids, k_image).float()
+    return torch.where(above[..., None], one_hot, torch.full_like(one_hot, 1.0 / k_image))
 
 
 def _speculative(
@@ -237,14 +237,16 @@ def _speculative(
     guidance_scale: float,
     probs_of: Callable[[torch.Tensor], torch.Tensor],
     generator: torch.Generator | None,
-    width: int,
+    W: int,
     draft: str,
     on_row: Callable[[int, torch.Tensor], None] | None,
 ) -> int:
-    """Fill out[:, k:] by speculative Jacobi decoding (module docstring); returns the forward passes run.
+    """Fill out[:, k:] by speculative Jacobi decoding (module docstring) with windows of W cells, 2 <= W < n - k
+    (or W = n - k with k >= 1); returns the forward passes run.
 
-    out holds, per row, its accepted ids (cells < acc) and then its drafts; q (b, W, K) the distribution
-    each draft of the window (cells s0 .. s0 + W - 1, s0 = the least advanced row's acc) was drawn from.
+    out holds, per row, its accepted ids (cells < acc) and then its drafts. Every row has its own window,
+    cells (b, W) from its first unaccepted cell (held back so that it ends by the last cell; it then
+    re-reads accepted cells, which pass), and q (b, W, K) holds the distribution each draft was drawn from.
     """
     c = model.cfg
     b, n, t, w, k_image = out.shape[0], c.image_len, c.text_len, c.grid_w, c.image_vocab
@@ -257,56 +259,66 @@ def _speculative(
     # opens the first window: positions 0 .. t + k - 2
     model.transform(model.embed(text, _pair(out[:, :k], guided))[:, : t + k - 1], 0, masks, cache)
     passes, rows_done = 1, k // w
+    span = torch.arange(W, device=device)
     acc = torch.full((b,), k, device=device)  # accepted ids per row
-    s0 = k
-    q = _new_drafts(out, s0, s0 + min(width, n - s0), draft, w, k_image, generator)
-    while s0 < n:
-        W = q.shape[1]
+    start = acc.clone()  # each row's window: cells start .. start + W - 1
+    cells = start[:, None] + span
+    q = _new_drafts(out, cells, torch.ones_like(cells, dtype=torch.bool), draft, w, k_image, generator)
+    while int(acc.min()) < n:
+        s0 = int(start.min())
         if guided and s0 >= stop:
             _drop_unconditional(b, masks, cache)
             x_text, guided = x_text[:b], False
-        if s0 == 0:  # the last text position, then the drafts of cells 0 .. W - 2
-            x = torch.cat([x_text[:, -1:], model.embed_image(_pair(out[:, : W - 1], guided), 0)], dim=1)
-        else:
-            x = model.embed_image(_pair(out[:, s0 - 1 : s0 + W - 1], guided), s0 - 1)
-        logits = model.image_logits(model.transform(x, t + s0 - 1, masks, cache))  # (B, W, K): cells s0 ..
+        if s0 == int(start.max()):  # one window for all rows: contiguous positions
+            if s0 == 0:  # the last text position, then the drafts of cells 0 .. W - 2
+                x = torch.cat([x_text[:, -1:], model.embed_image(_pair(out[:, : W - 1], guided), 0)], dim=1)
+            else:
+                x = model.embed_image(_pair(out[:, s0 - 1 : s0 + W - 1], guided), s0 - 1)
+            h = model.transform(x, t + s0 - 1, masks, cache)
+        else:  # every row at its own cells: the inputs are the cells before them
+            fed = _pair(cells - 1, guided)
+            x = model.embed_image(_pair(out.gather(1, cells - 1), guided), fed)
+            h = model.transform_rows(x, t + fed, masks, cache)
+        logits = model.image_logits(h)  # (B, W, K): the distributions of `cells`
         passes += 1
-        cells = torch.arange(s0, s0 + W, device=device)
         if guided:
             cond, uncond = logits.chunk(2)
-            logits = torch.where((cells < stop)[:, None], uncond + guidance_scale * (cond - uncond), cond)
+            logits = torch.where((cells < stop)[..., None], uncond + guidance_scale * (cond - uncond), cond)
         p = probs_of(logits.reshape(b * W, k_image)).view(b, W, k_image)
 
         # accept each draft with probability min(1, p / q), in order; a row's accepted cells pass
-        drafts = out[:, s0 : s0 + W]
-        p_d = p.gather(-1, drafts[..., None]).squeeze(-1)  # (b, W)
+        drafts = out.gather(1, cells)  # (b, W)
+        p_d = p.gather(-1, drafts[..., None]).squeeze(-1)
         q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
         u = torch.rand(b, W, generator=generator, device=gen_device).to(device)
-        refused = (u * q_d >= p_d) & (cells[None] >= acc[:, None])
+        refused = (u * q_d >= p_d) & (cells >= acc[:, None])
         first = torch.where(refused.any(dim=1), refused.int().argmax(dim=1), W)  # (b,): W = all accepted
         rows = (first < W).nonzero().squeeze(1)
         if rows.numel():  # the first refused draft is redrawn from the residual max(0, p - q)
             p_f, q_f = p[rows, first[rows]], q[rows, first[rows]]  # (r, K)
             residual = (p_f - q_f).clamp_(min=0)
             residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_f)  # p == q: nothing refused
-            out[rows, s0 + first[rows]] = draw(residual, generator)
-        acc = torch.where(first < W, s0 + first + 1, s0 + W)
+            drafts[rows, first[rows]] = draw(residual, generator)
         # the Jacobi step: the cells after it are redrafted from this pass's distributions
-        later = torch.arange(W, device=device)[None] > first[:, None]  # (b, W)
+        later = span[None] > first[:, None]  # (b, W)
         if later.any():
-            redrafted = draw(p.view(b * W, k_image), generator).view(b, W)
-            out[:, s0 : s0 + W] = torch.where(later, redrafted, drafts)
+            drafts = torch.where(later, draw(p.view(b * W, k_image), generator).view(b, W), drafts)
             q = torch.where(later[..., None], p, q)
+        out.scatter_(1, cells, drafts)
+        acc = torch.maximum(acc, start + torch.clamp(first + 1, max=W))
 
-        s0_next = int(acc.min())
-        while on_row is not None and rows_done < s0_next // w:
+        while on_row is not None and rows_done < int(acc.min()) // w:
             on_row(rows_done, out[:, : (rows_done + 1) * w].clone())
             rows_done += 1
-        end = min(s0_next + width, n)
-        q = q[:, s0_next - s0 :]  # cells s0_next .. s0 + W - 1
-        if end > s0 + W:
-            q = torch.cat([q, _new_drafts(out, s0 + W, end, draft, w, k_image, generator)], dim=1)
-        s0 = s0_next
+        # the next windows: the cells still in this one keep their drafts, the new ones are drafted
+        shift = acc.clamp(max=n - W) - start  # (b,) in 0 .. W
+        start = start + shift
+        cells = start[:, None] + span
+        moved = span[None] + shift[:, None]  # (b, W): each next cell's index in this window
+        kept = moved < W
+        q = q.gather(1, moved.clamp(max=W - 1)[..., None].expand(-1, -1, k_image))
+        if not kept.all():
+            q = torch.where(kept[..., None], q, _new_drafts(out, cells, ~kept, draft, w, k_image, generator))
     return passes
 
 
@@ -409,8 +421,9 @@ def generate(
         masks = model.attn_masks(rows_text)
         weight = model.head.weight
         width = window_width(rows_text.shape[0], weight.device, weight.dtype, window) if decode == "speculative" else 1
+        width = min(width, n - max(k, 1))  # a window never reaches back to the text: it starts at cell 1 or later
         passes = n - k
-        if width > 1 and k < n:
+        if width > 1:
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
                 model, rows_text, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row

@@ -284,13 +284,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         # x (b, s, d) holds sequence positions start .. start + s - 1; a tensor start (1,) is one position
         # of a static-shape decoding step: its key and value are written there and the query reads the
-        # whole cache, the mask hiding the positions after it
+        # whole cache, the mask hiding the positions after it; a tensor start (b, s) gives every row its
+        # own positions (speculative decoding's windows), and the query reads the cache up to the mask's width
         q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if isinstance(start, torch.Tensor):
+        if isinstance(start, torch.Tensor) and start.dim() == 2:
+            index = start[:, None, :, None].expand_as(k)  # (b, h, s, e)
+            cache.k.scatter_(2, index, k)
+            cache.v.scatter_(2, index, v)
+            k, v = cache.k[:, :, : mask.shape[-1]], cache.v[:, :, : mask.shape[-1]]
+        elif isinstance(start, torch.Tensor):
             cache.k.index_copy_(2, start, k)
             cache.v.index_copy_(2, start, v)
             k, v = cache.k, cache.v  # (b, h, L, e)
@@ -498,6 +504,31 @@ class DALLE(nn.Module):
             # the query's row of the layer's mask over all L keys: (b or 1, 1, 1, L), or (1, L) plain causal
             row = self.causal[pos] if mask is None else mask.index_select(-2, pos)
             x = block(x, pos, row, False, rope, layer_cache)
+        return self.norm(x)
+
+    def transform_rows(
+        self, x: torch.Tensor, pos: torch.Tensor, masks: list[torch.Tensor | None] | None, cache: list[KVCache]
+    ) -> torch.Tensor:
+        """`transform` with every row at its own positions pos (b, s), each row's consecutive: (b, s, d) -> (b, s, d).
+
+        Keys and values are written at each row's positions; a query attends to the cached positions up to
+        the largest one under its own row of the layer's mask (speculative decoding's per-row windows).
+        """
+        if cache is None or pos.shape != x.shape[:2]:
+            raise ValueError(f"transform_rows needs a cache and positions (b, s) = {tuple(x.shape[:2])}")
+        rope = None
+        if self.cfg.pos_2d == "rope":
+            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))  # (b, 1, s, e)
+        width = int(pos.max()) + 1  # keys 0 .. width - 1
+        rows = torch.arange(x.shape[0], device=pos.device)[:, None]  # (b, 1)
+        masks = masks if masks is not None else [None] * self.cfg.depth
+        shared: dict[int, torch.Tensor] = {}
+        for block, mask, layer_cache in zip(self.blocks, masks, cache):
+            key = id(mask)
+            if key not in shared:  # each query's row of the mask: (b, 1, s, width)
+                full = self.causal[None] if mask is None else mask[:, 0]  # (1 or b, L, L)
+                shared[key] = full[rows if full.shape[0] > 1 else 0, pos][..., :width][:, None]
+            x = block(x, pos, shared[key], False, rope, layer_cache)
         return self.norm(x)
 
     def decode_step(
