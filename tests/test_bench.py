@@ -98,6 +98,9 @@ def test_sample_phase_prints_json(capsys, tmp_path):
     assert decode["fp32_batch1"]["speculative"]["window"] == 1  # fp32 on the CPU decodes plainly
     assert decode["bf16_batch4"]["speculative"]["window"] == 4 and decode["bf16_batch1"]["speculative"]["window"] == 16
     assert 1 < decode["bf16_batch1"]["speculative"]["passes"] < 16
+    assert 1 < decode["bf16_batch1"]["speculative"]["passes_random_drafts"] < 16
+    assert set(decode["fp32_pass_ms"]) == {f"rows{r}_window{w}" for r in (1, 8, 32) for w in (1, 4)}  # 16: no room
+    assert all(ms > 0 for ms in decode["bf16_pass_ms"].values())
     sample = out["presets"]["anchor-tiny"]["sample"]
     for mode in ("cached", "guided", "uncached", "guided_until"):
         assert sample[mode]["wall_s"] > 0 and sample[mode]["image_tokens_per_s"] > 0

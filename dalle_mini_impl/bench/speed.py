@@ -47,6 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -589,6 +590,31 @@ def decode_once(model, texts, null, s, b: int, mode: str, seed: int, device) -> 
     return timed(device, work), passes
 
 
+def _one_pass(model, x: torch.Tensor, start: int, masks: list, cache: list) -> torch.Tensor:
+    return model.image_logits(model.transform(x, start, masks, cache))
+
+
+def pass_costs(model, device: torch.device, reps: int = 20) -> dict[str, float]:
+    """Milliseconds (median of `reps`) of one cached forward pass over rows x window positions at mid-image,
+    logits included: where a pass stops being bound by its fixed cost, which sets speculative decoding's
+    window budget (`generate.WINDOW_TOKENS_CPU` / `_GPU`)."""
+    c = model.cfg
+    at = max(0, min(c.image_len // 2, c.image_len - 17))  # the first fed cell: mid-image, if 16 cells fit after it
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for rows in (1, 8, 32):
+            text = torch.full((rows, c.text_len), c.pad_id, dtype=torch.long, device=device)
+            masks, cache = model.attn_masks(text), model.new_cache(rows)
+            model.transform(model.embed(text, torch.zeros(rows, at, dtype=torch.long, device=device)), 0, masks, cache)
+            for width in (w for w in (1, 4, 16) if at + w <= c.image_len - 1):  # fed cells end by n - 2
+                x = model.embed_image(torch.zeros(rows, width, dtype=torch.long, device=device), at)
+                step = functools.partial(_one_pass, model, x, c.text_len + at, masks, cache)
+                step()
+                ms = 1e3 * statistics.median(timed(device, step) for _ in range(reps))
+                out[f"rows{rows}_window{width}"] = round(ms, 3)
+    return out
+
+
 def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Plain cached against speculative decoding on one trained bundle, with its own sampling settings.
 
@@ -597,7 +623,8 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     `passes` (sequential forward passes per batch, prefill included: what one image waits for), the window
     and `speedup` = cached wall over speculative wall in the same run; runs interleaved, medians of
     `--sample-reps`. Trained weights matter here: how many drafts are accepted depends on how sure the model
-    is, which random weights are not.
+    is, which random weights are not. Also per dtype the cost of one pass by rows x window (`pass_costs`),
+    and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`).
     """
     from ..model.generate import window_width
     from ..pipeline.pipeline import Pipeline
@@ -641,6 +668,20 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     for pair in out.values():
         if isinstance(pair, dict):
             pair["speedup"] = round(pair["cached"]["wall_s"] / pair["speculative"]["wall_s"], 3)
+    for d in dtypes:
+        log(f"decode {name}: {d} pass costs")
+        out[f"{d}_pass_ms"] = pass_costs(models[d], device)
+        if f"{d}_batch1" in out and out[f"{d}_batch1"]["speculative"]["window"] > 1:
+            random_passes = 0
+            for i, text in enumerate(texts):
+                stats: dict[str, int] = {}
+                generate(
+                    models[d], text, null_text=null, guidance_scale=s.guidance_scale, guidance_until=s.guidance_until,
+                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, decode="speculative", draft="random",
+                    generator=torch.Generator().manual_seed(SEED + 100 + i), stats=stats,
+                )  # fmt: skip
+                random_passes += stats["passes"]
+            out[f"{d}_batch1"]["speculative"]["passes_random_drafts"] = round(random_passes / len(texts), 1)
     return out
 
 
