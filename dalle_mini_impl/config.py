@@ -269,6 +269,9 @@ class SampleConfig:
     guided_steps: int = 60
     guided_lr: float = 0.1
     guided_cutouts: int = 16
+    # the transformer's log-likelihood of the refined codes given the prompt, times this, joins CLIP's
+    # similarity in the objective (0: CLIP alone, VQGAN+CLIP as published)
+    guided_prior_weight: float = 0.0
 
 
 @dataclass

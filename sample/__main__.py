@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         default="ar",
         help="ar: sample and rerank; clip-guided: then refine with CLIP (prompt may be 'text:1 | other:-0.5')",
     )
+    p.add_argument(
+        "--guided-prior-weight",
+        type=float,
+        default=None,
+        help="clip-guided: add this times the transformer's log-likelihood of the codes to CLIP's objective "
+        "(0: CLIP alone; default: the bundle's)",
+    )
     p.add_argument("--init-image", default=None, metavar="PNG", help="complete this image from its top rows")
     p.add_argument("--keep-rows", type=int, default=None, help="rows of --init-image's codes to keep (default: half)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -140,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
+            guided_prior_weight=args.guided_prior_weight,
             method=args.method,
             init_image=args.init_image,
             keep_rows=args.keep_rows,

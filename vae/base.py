@@ -127,6 +127,11 @@ class ImageTokenizer(nn.Module, metaclass=abc.ABCMeta):
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Decoder input (b, d, h, w) -> images (b, 3, H, W) in [0, 1], differentiable."""
 
+    def code_weights(self, free: torch.Tensor) -> torch.Tensor:
+        """A free latent -> the one-hot of each group's snapped code (b, K_1 + .. + K_G, h, w), straight-through
+        to a softmax over the codes: what a prior over the codes (the transformer) reads differentiably."""
+        raise VAEError(f"{type(self).__name__} gives no code weights; a prior over its codes needs a dVAE or a VQ")
+
     # -- training ----------------------------------------------------------------------------------
 
     @abc.abstractmethod

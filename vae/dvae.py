@@ -225,6 +225,12 @@ class DiscreteVAE(ImageTokenizer):
         hard = one_hot_like(probs, factors, self.group_sizes)
         return self.mix(hard + (probs - probs.detach())), self.flat_ids(factors)
 
+    def code_weights(self, free: torch.Tensor) -> torch.Tensor:
+        """Logits (b, K_1 + .. + K_G, h, w) -> one-hot of the argmax per group, straight-through to the softmax."""
+        probs = group_softmax(free, self.group_sizes)
+        hard = one_hot_like(probs, best_codes(free, self.group_sizes), self.group_sizes)
+        return hard + (probs - probs.detach())
+
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (b, h, w) -> codebook vectors (b, d, h, w): the one-hot end of the relaxation."""
         if self.groups == 1:

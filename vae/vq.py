@@ -49,6 +49,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# code_weights' softmax over cosine similarities in [-1, 1]: at 0.1 a code 0.1 nearer weighs e times more
+CODE_WEIGHT_TEMPERATURE = 0.1
+
 class CosineCodebook(nn.Module):
     """`codebook_size` unit vectors of width `dim`; nearest-code lookup by cosine; EMA and restarts.
 
@@ -188,6 +191,15 @@ class VQ(ImageTokenizer):
             h=z.shape[2],
         )
         return self.lookup(ids).detach() + (z - z.detach()), ids
+
+    def code_weights(self, free: torch.Tensor) -> torch.Tensor:
+        """Latents (b, l, h, w) -> one-hot of the nearest code (b, K, h, w), straight-through to a softmax over
+        the cosine similarities to the codes at temperature CODE_WEIGHT_TEMPERATURE."""
+        z = F.normalize(free, dim=1)
+        sims = torch.einsum("blhw,kl->bkhw", z, self.quantizer.codes().detach())
+        probs = (sims / CODE_WEIGHT_TEMPERATURE).softmax(dim=1)
+        hard = torch.zeros_like(probs).scatter_(1, sims.detach().argmax(dim=1, keepdim=True), 1.0)
+        return hard + (probs - probs.detach())
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (b, h, w) -> unit codes (b, lookup_dim, h, w), the decoder's input."""

@@ -399,13 +399,23 @@ class DALLE(nn.Module):
         return self.text_emb(text) + self.text_pos.weight
 
     def embed_image(self, image: torch.Tensor, first: int | torch.Tensor = 0) -> torch.Tensor:
-        """Image ids (b, m) of grid cells first .. first + m - 1 -> (b, m, d); a tensor `first` (1,) takes m = 1."""
+        """Image ids (b, m) of grid cells first .. first + m - 1 -> (b, m, d); a tensor `first` (1,) takes m = 1,
+        and a tensor (b, m) gives every id its own cell."""
         if len(self.cfg.image_factors) == 1:
             x = self.image_emb(image)
         else:  # the sum of the factors' embeddings, (b, m, g, d) -> (b, m, d)
             x = self.image_emb(id_rows(image, self.cfg.image_factors)).sum(dim=-2)
+        return self._add_cells(x, first)
+
+    def embed_code_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weights over each group's codes (b, m, K_1 + .. + K_G) of cells 0 .. m - 1 -> (b, m, d): the weighted
+        sum of the code embeddings (one-hot weights: `embed_image` of their ids), differentiable in them."""
+        return self._add_cells(weights.to(self.image_emb.weight.dtype) @ self.image_emb.weight, 0)
+
+    def _add_cells(self, x: torch.Tensor, first: int | torch.Tensor) -> torch.Tensor:
+        """Image embeddings (b, m, d) of cells first .. first + m - 1 plus their position (under pos_2d "embed")."""
         if self.cfg.pos_2d == "embed":
-            cells = first if isinstance(first, torch.Tensor) else slice(first, first + image.shape[1])
+            cells = first if isinstance(first, torch.Tensor) else slice(first, first + x.shape[1])
             x = x + self.row_pos(self.cell_row[cells]) + self.col_pos(self.cell_col[cells])
         return x
 
@@ -554,6 +564,22 @@ class DALLE(nn.Module):
         """Hidden states (..., d) -> logits over image ids only (..., image_vocab)."""
         logits = h @ self.head.weight[:, self.cfg.text_vocab :]  # (..., K_1 + .. + K_G)
         return logits if len(self.cfg.image_factors) == 1 else outer_sum(logits, self.cfg.image_factors)
+
+    def code_log_likelihood(self, text: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Mean log-likelihood per image (b,) of codes given as weights over each group's codes (b, n, K_1 + ..
+        + K_G), raster order, given text (b, t): per cell, the weights times each group's log-softmax.
+
+        One-hot weights give the model's log-likelihood of those ids (minus `loss`'s image part, per image).
+        Differentiable in the weights through the inputs and the targets: straight-through one-hots (hard
+        forward, soft backward) carry its gradient to whatever made them (VQGAN+CLIP's latents).
+        """
+        c = self.cfg
+        x = torch.cat([self.embed_text(text), self.embed_code_weights(weights[:, :-1])], dim=1)
+        h = self.transform(x, 0, self.attn_masks(text))[:, c.text_len - 1 :]  # (b, n, d): predict cells 0 .. n-1
+        logits = h @ self.head.weight[:, c.text_vocab :]  # (b, n, K_1 + .. + K_G)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32 for the softmax
+        log_p = torch.cat([group.log_softmax(dim=-1) for group in logits.split(c.image_factors, dim=-1)], dim=-1)
+        return (weights.to(log_p.dtype) * log_p).sum(dim=-1).mean(dim=-1)
 
     # --- training -----------------------------------------------------------------------------
 

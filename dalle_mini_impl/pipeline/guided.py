@@ -8,8 +8,13 @@ random crops of the decoded image ("cutouts"). What comes out is always a grid o
 
 Here the latents start at the codes of a sample (the transformer's, or `random_codes`), so refinement
 begins from exactly that image; of every snapped image seen on the way (the start included), the one
-with the highest similarity on the whole, un-augmented image is returned, so refinement never hands
-back something CLIP likes less than its start.
+with the highest objective on the whole, un-augmented image is returned, so refinement never hands
+back something it scores lower than its start (and returns the start itself when no step is better).
+
+The prior term: CLIP alone finds images a small CLIP likes and the prompt does not describe (adversarial
+images). `prior` adds `prior_weight` times the transformer's mean log-likelihood of the snapped codes
+given the prompt (`DALLE.code_log_likelihood` of the tokenizer's straight-through `code_weights`), which
+knows what real images look like, to the objective that is optimised and to the one that picks the result.
 
 Cutouts are random resized crops (`clip.model.clip_augment`, the augmentation CLIP was trained with,
 at a wider scale range) and, only when no prompt part mentions left or right, random horizontal flips:
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -151,15 +156,22 @@ def refine(
     generator: torch.Generator | None = None,
     keep_rows: int = 0,
     progress: bool = True,
+    prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prior_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raise CLIP's weighted similarity of the images of `start_ids` (b, h, w) by optimising their latents.
 
     scorer: a ClipScorer over a CLIP module it exposes as `.model` (the bundle's own, `load_clip`).
     keep_rows: the top rows of codes that stay as they are (completion).
-    Returns the best snapped (ids (b, h, w), images (b, 3, H, W) in [0, 1], scores (b,)), on the CPU.
-    Only the latents get gradients; the models' weights are never touched.
+    prior: code weights (b, n, K_1 + .. + K_G), raster order -> mean log-likelihood per image (b,) (the
+        transformer's, given the prompt); prior_weight times it joins the objective (0: CLIP alone).
+    Returns the snapped images of the best objective seen (ids (b, h, w), images (b, 3, H, W) in [0, 1],
+    CLIP scores (b,)), on the CPU. Only the latents get gradients; the models' weights are never touched.
     """
     _check(steps, lr, cutouts)
+    if prior_weight < 0 or not math.isfinite(prior_weight):
+        raise UserError(f"config key 'sample.guided_prior_weight' is {prior_weight}; set it to 0 (off) or more")
+    use_prior = prior is not None and prior_weight > 0
     if not 0 <= keep_rows < start_ids.shape[1]:
         raise UserError(f"keep_rows is {keep_rows}; keep fewer rows than the grid's {start_ids.shape[1]}")
     model = getattr(scorer, "model", None)
@@ -176,8 +188,9 @@ def refine(
     with torch.enable_grad():
         free = start_latent(tokenizer, start_ids).detach().requires_grad_(True)
         kept = tokenizer.embed_ids(start_ids).detach()  # (b, d, h, w)
+        kept_weights = tokenizer.code_weights(free).detach() if use_prior else None  # the start's codes, one-hot
         optimizer = torch.optim.Adam([free], lr=lr)
-        best_ids = best_images = best = None
+        best_ids = best_images = best = best_score = None
         bar = tqdm(range(steps + 1), desc="clip-guided", unit="step", leave=False, disable=None if progress else True)
         for step in bar:
             latent, ids = tokenizer.snap(free)
@@ -186,8 +199,16 @@ def refine(
                 ids = torch.cat([start_ids[:, :r], ids[:, r:]], dim=1)
             images = tokenizer.decode_latent(latent)  # (b, 3, H, W)
             score = scorer.embed_images(images.detach()).to(device) @ direction  # (b,)
-            better = torch.ones_like(score, dtype=torch.bool) if best is None else score > best
-            best = _where(better, score, best)
+            log_likelihood = torch.zeros_like(score)
+            if use_prior:
+                weights = tokenizer.code_weights(free)  # (b, K, h, w), straight-through one-hots
+                if r:
+                    weights = torch.cat([kept_weights[:, :, :r], weights[:, :, r:]], dim=2)
+                log_likelihood = prior(rearrange(weights, "b k h w -> b (h w) k")).to(device)  # (b,)
+            objective = score + prior_weight * log_likelihood.detach()
+            better = torch.ones_like(score, dtype=torch.bool) if best is None else objective > best
+            best = _where(better, objective, best)
+            best_score = _where(better, score, best_score)
             best_ids = _where(better, ids, best_ids)
             best_images = _where(better, images.detach(), best_images)
             bar.set_postfix(score=f"{float(score.mean()):.4f}", best=f"{float(best.mean()):.4f}")
@@ -195,11 +216,11 @@ def refine(
                 break  # the last snap is scored, not optimised
             crops = make_cutouts(images, cutouts, model.image_size, generator, flips)  # (n b, 3, S, S)
             sims = rearrange(model.encode_image(crops) @ direction, "(n b) -> n b", n=cutouts)
-            loss = -sims.mean(0).sum()
+            loss = -(sims.mean(0) + prior_weight * log_likelihood).sum() if use_prior else -sims.mean(0).sum()
             (grad,) = torch.autograd.grad(loss, [free])
             free.grad = grad
             optimizer.step()
-    return best_ids.cpu(), best_images.float().cpu(), best.float().cpu()
+    return best_ids.cpu(), best_images.float().cpu(), best_score.float().cpu()
 
 
 __all__ = [

@@ -156,6 +156,8 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"--seed is {s.seed}; use a non-negative integer below 2**62")
     if s.batch_size < 1:
         raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
+    if not (math.isfinite(s.guided_prior_weight) and s.guided_prior_weight >= 0):
+        raise UserError(f"--guided-prior-weight is {s.guided_prior_weight}; use 0 (CLIP alone) or a positive weight")
     if s.decode not in DECODE_MODES:
         raise UserError(f"decode '{s.decode}' is unknown; use {', '.join(DECODE_MODES)}")
 
@@ -369,6 +371,7 @@ class Pipeline:
         top_p: float | None = None,
         seed: int | None = None,
         decode: str | None = None,
+        guided_prior_weight: float | None = None,
         method: str = "ar",
         init_image: str | os.PathLike | Image.Image | None = None,
         keep_rows: int | None = None,
@@ -391,6 +394,7 @@ class Pipeline:
             top_p=top_p,
             seed=seed,
             decode=decode,
+            guided_prior_weight=guided_prior_weight,
         )
         if method not in METHODS:
             raise UserError(f"method '{method}' is unknown; use ar or clip-guided")
@@ -474,6 +478,17 @@ class Pipeline:
 
         return weighted_score(self.clip, images, parts)
 
+    def prior(self, prompt: str):
+        """Code weights (b, n, K_1 + .. + K_G) -> the transformer's mean log-likelihood of them given `prompt`
+        (b,): refinement's prior term (`guided.refine`)."""
+        text = self.encode_prompt(prompt)  # (1, t)
+
+        def log_likelihood(weights: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.transformer.code_log_likelihood(text.expand(weights.shape[0], -1), weights.to(self.device))
+
+        return log_likelihood
+
     def _refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int, progress: bool):
         from .guided import refine
 
@@ -488,6 +503,8 @@ class Pipeline:
             generator=generator,
             keep_rows=keep_rows,
             progress=progress,
+            prior=self.prior(max(parts, key=lambda part: part[1])[0]) if s.guided_prior_weight > 0 else None,
+            prior_weight=s.guided_prior_weight,
         )
         order = scores.sort(descending=True, stable=True)[1]
         return ids[order], images[order], scores[order]

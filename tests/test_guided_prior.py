@@ -1,0 +1,123 @@
+"""CLIP-guided refinement with the transformer's prior: the log-likelihood term, its gradient, and the rule
+that refinement never hands back an image it scores below its start.
+
+Tiny random bundles with a dVAE and with a VQ (tests/bundle_factory.py); run with
+`pytest tests/test_guided_prior.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+
+from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.pipeline.guided import random_codes, refine, start_latent
+from dalle_mini_impl.pipeline.pipeline import Pipeline
+from tests.bundle_factory import make_tiny_bundle, tiny_config
+from tests.test_generate import TEXT, VARIANTS, make
+from vae.product import id_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module", params=["dvae", "vq"])
+def pipe(request, tmp_path_factory) -> Pipeline:
+    cfg = tiny_config()
+    cfg.vae.kind = request.param
+    return Pipeline.from_pretrained(make_tiny_bundle(tmp_path_factory.mktemp(request.param), cfg=cfg), device="cpu")
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_the_log_likelihood_of_one_hot_codes_is_the_models_image_loss(kw):
+    model = make(**kw).double()
+    ids = torch.randint(0, model.cfg.image_vocab, (3, 16), generator=torch.Generator().manual_seed(0))
+    factors = model.cfg.image_factors
+    one_hot = torch.zeros(3, 16, sum(factors), dtype=torch.double).scatter_(-1, id_rows(ids, factors), 1.0)
+    with torch.no_grad():
+        per_image = model.code_log_likelihood(TEXT, one_hot)
+        _, parts = model.loss(TEXT, ids)
+    assert per_image.shape == (3,)
+    torch.testing.assert_close(per_image.mean(), -parts["image_loss"].double(), atol=1e-5, rtol=0)  # loss: fp32
+
+
+def test_code_weights_are_one_hots_of_the_snapped_codes_and_carry_the_priors_gradient(pipe):
+    tok = pipe.image_tokenizer
+    h, w = pipe.grid
+    ids = random_codes(tok.codebook_size, 2, h, w, torch.Generator().manual_seed(1))
+    free = (start_latent(tok, ids) + 0.3 * torch.randn(2, *start_latent(tok, ids).shape[1:])).requires_grad_(True)
+    weights = tok.code_weights(free)
+    _, snapped = tok.snap(free)
+    expected = pipe.transformer.embed_image(snapped.flatten(1))
+    got = pipe.transformer.embed_code_weights(rearrange(weights, "b k h w -> b (h w) k"))
+    torch.testing.assert_close(got, expected)  # forward: exactly the snapped codes
+    log_likelihood = pipe.prior(PROMPT)(rearrange(weights, "b k h w -> b (h w) k"))
+    (grad,) = torch.autograd.grad(log_likelihood.sum(), [free])
+    assert grad.abs().sum() > 0  # backward: the prior's gradient reaches the latents
+
+
+def test_a_prior_weight_of_zero_is_clip_alone(pipe):
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 2, h, w, torch.Generator().manual_seed(2))
+    kw = dict(steps=6, lr=0.1, cutouts=4, progress=False)
+    plain = refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator(), **kw)
+    zero = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator(),
+        prior=pipe.prior(PROMPT), prior_weight=0.0, **kw,
+    )  # fmt: skip
+    for a, b in zip(plain, zero):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weight", [0.5, 50.0])
+def test_refinement_never_returns_less_than_its_start_by_the_combined_objective(pipe, weight):
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 3, h, w, torch.Generator().manual_seed(3))
+    prior = pipe.prior(PROMPT)
+
+    def objective(ids: torch.Tensor) -> torch.Tensor:
+        one_hot = pipe.image_tokenizer.code_weights(start_latent(pipe.image_tokenizer, ids))
+        with torch.no_grad():
+            return pipe.clip.score(pipe.decode(ids), PROMPT) + weight * prior(
+                rearrange(one_hot, "b k h w -> b (h w) k")
+            )
+
+    ids, _, scores = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, steps=8, lr=0.2, cutouts=4,
+        generator=torch.Generator().manual_seed(0), progress=False, prior=prior, prior_weight=weight,
+    )  # fmt: skip
+    assert (objective(ids) >= objective(start) - 1e-5).all()
+    torch.testing.assert_close(scores, pipe.clip.score(pipe.decode(ids), PROMPT), atol=1e-5, rtol=0)
+
+
+def test_refinement_returns_its_start_when_no_step_beats_it(pipe):
+    # a prior that rewards only the start's own codes and gives no gradient: the steps are CLIP's alone (they
+    # move, as the first refinement shows), but every one that changes a code scores lower than the start
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 2, h, w, torch.Generator().manual_seed(4))
+    start_weights = rearrange(
+        pipe.image_tokenizer.code_weights(start_latent(pipe.image_tokenizer, start)), "b k h w -> b (h w) k"
+    ).detach()
+
+    def same_codes(weights: torch.Tensor) -> torch.Tensor:
+        return (weights.detach() * start_weights).sum(dim=-1).mean(dim=-1)  # the share of cells at the start's code
+
+    kw = dict(steps=8, lr=0.2, cutouts=4, progress=False)
+    moved, _, _ = refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator(), **kw)
+    assert (moved != start).any()
+    kept, images, _ = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator(),
+        prior=same_codes, prior_weight=10.0, **kw,
+    )  # fmt: skip
+    assert torch.equal(kept, start)
+    torch.testing.assert_close(images, pipe.decode(start))
+
+
+def test_a_negative_prior_weight_is_one_sentence(pipe):
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 1, h, w)
+    with pytest.raises(UserError, match="guided_prior_weight' is -1.0; set it to 0"):
+        refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, steps=1, lr=0.1, cutouts=1, prior_weight=-1.0)
+    with pytest.raises(UserError, match="--guided-prior-weight is -1.0"):
+        pipe.generate([PROMPT], guided_prior_weight=-1.0, progress=False)
