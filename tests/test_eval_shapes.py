@@ -67,6 +67,14 @@ def test_the_judges_best_of_8_bounds_every_pick_of_8(tmp_path):
         assert out["every_of_8"][kind]["accuracy"] <= best
 
 
+def test_guided_refinement_is_judged_with_and_without_the_prior_beside_the_unrefined_top1(tmp_path):
+    pipe = Pipeline.from_pretrained(bundle_for(tmp_path / "bundle"), device="cpu")
+    pipe.cfg.sample.guided_steps, pipe.cfg.sample.guided_cutouts, pipe.cfg.sample.guided_prior_weight = 2, 2, 0.5
+    out = evaluate(pipe, prompt_set(4, 0, HELD_OUT), candidates=8, guided=3, progress=False)
+    for key in ("clip_guided", "clip_guided_prior", "top1_of_8_same_prompts"):
+        assert out[key]["all"]["n"] == 3, key  # the first 3 prompts
+
+
 def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_path, capsys):
     bundle = bundle_for(tmp_path / "bundle")
     assert main(["--model", str(bundle), "--n", "4", "--candidates", "8", "--out", str(tmp_path / "e.json")]) == 0

@@ -167,6 +167,10 @@ def test_the_window_falls_back_to_plain_decoding_where_wide_passes_do_not_pay():
     )
 
 
+def test_an_empty_batch_gives_no_images():
+    assert generate(make(), TEXT[:0], decode="speculative", window=4).shape == (0, 16)
+
+
 def test_bad_window_or_draft_is_refused():
     with pytest.raises(ValueError, match="window must be >= 0"):
         generate(make(), TEXT, decode="speculative", window=-1)

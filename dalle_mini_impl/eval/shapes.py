@@ -98,14 +98,17 @@ def _by_kind(verdicts: list, kinds: list[str]) -> dict:
 
 
 def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int, progress: bool = True) -> dict:
-    """Judge the random candidate, CLIP's top-1 of 8 (and of 32), and optionally CLIP-guided refinement."""
+    """Judge the random candidate, CLIP's top-1 of 8 (and of 32), and optionally CLIP-guided refinement of that
+    top-1 for the first `guided` prompts: by CLIP alone (`clip_guided`) and, when the settings'
+    guided_prior_weight is above 0, with the transformer's prior too (`clip_guided_prior`), beside the
+    unrefined top-1 on the same prompts (`top1_of_8_same_prompts`)."""
     from tqdm.auto import tqdm
 
     s = pipe.settings(candidates=candidates, num_images=1)
     columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": [], "every_of_8": []}
     if candidates >= 32:
         columns["clip_top1_of_32"] = []
-    guided_verdicts, guided_kinds, distinct = [], [], []
+    guided_verdicts, prior_verdicts, guided_kinds, distinct = [], [], [], []
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
@@ -123,18 +126,24 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
         if "clip_top1_of_32" in columns:
             columns["clip_top1_of_32"].append(judge(pixels[int(scores[:32].argmax())], prompt))
         if i < guided:
-            refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator)
+            refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator, 0.0)
             guided_verdicts.append(judge(refined, prompt))
             guided_kinds.append(kind)
+            if s.guided_prior_weight > 0:  # the same start refined with the transformer's prior in the objective
+                refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator, s.guided_prior_weight)
+                prior_verdicts.append(judge(refined, prompt))
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
     out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
     out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
     if guided_verdicts:
         out["clip_guided"] = _by_kind(guided_verdicts, guided_kinds)
+        out["top1_of_8_same_prompts"] = _by_kind(columns["clip_top1_of_8"][: len(guided_kinds)], guided_kinds)
+    if prior_verdicts:
+        out["clip_guided_prior"] = _by_kind(prior_verdicts, guided_kinds)
     return out
 
 
-def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator):
+def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator, prior_weight: float):
     from dalle_mini_impl.pipeline.guided import refine
 
     h, w = pipe.grid
@@ -149,6 +158,8 @@ def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator):
         generator=generator,
         keep_rows=0,
         progress=False,
+        prior=pipe.prior(prompt) if prior_weight > 0 else None,
+        prior_weight=prior_weight,
     )
     return to_uint8(images[int(scores.argmax())]), ids
 
@@ -198,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_scale": pipe.cfg.sample.guidance_scale,
         "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
+        "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
         "decode": pipe.cfg.sample.decode,
         "dtype": args.dtype,
         "batch_size": pipe.cfg.sample.batch_size,

@@ -24,7 +24,8 @@ next pass). That is speculative sampling's rule (Leviathan et al. 2023; Chen et 
 has exactly the plain sampler's distribution whatever the drafts, and at least one token is accepted per
 pass. Cells that no pass has reached yet are drafted from the row above (one-hot q) or at random
 (uniform q). It draws other random numbers than the plain sampler, so the same seed gives other (equally
-distributed) images; with top_k=1 it gives the plain sampler's tokens. Every row of a batch has its own
+distributed) images; with top_k=1 it gives the plain sampler's tokens in exact arithmetic (float64 in the
+tests; in bf16 a window pass and a one-token pass can round a near-tie differently). Every row of a batch has its own
 window at its own positions (`DALLE.transform_rows`), so a row that accepted more is not held back by one
 that accepted less; the window narrows as the batch grows (a pass over rows x window positions costs
 about its size once it is compute-bound; `window_width`) and at one cell it is plain cached decoding.
@@ -196,6 +197,11 @@ def _uncached_logits(
             _drop_unconditional(b, masks)
         h = model.transform(model.embed(text, _pair(out[:, :i], guided)), 0, masks)  # (B, t + i, d)
         yield model.image_logits(h[:, -1])
+
+
+def guided_until_cell(n: int, k: int, guidance_scale: float, guidance_until: float) -> int:
+    """The first unguided cell of n when k are primed: cells k .. stop - 1 are guided (stop == k: none)."""
+    return max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
 
 
 def window_width(rows: int, device: torch.device, dtype: torch.dtype, window: int = 0) -> int:
@@ -390,7 +396,7 @@ def generate(
         GPUs: eager decoding of a large model is bound by per-step kernel launches there); "speculative":
         speculative Jacobi decoding (module docstring), cached passes over a window of drafted tokens.
     window: speculative decoding's window in cells (0: `window_width` of the batch, device and dtype; 1:
-        plain decoding).
+        plain decoding); read only when decode is "speculative".
     draft: how speculative decoding drafts a cell no pass has reached: "above" (the cell above's id) or
         "random".
     stats: a dict that receives "passes", the sequential forward passes the batch took (prefill included).
@@ -405,7 +411,7 @@ def generate(
     b, n, w = text.shape[0], c.image_len, c.grid_w
     k = 0 if prime is None else prime.shape[1]
     # tokens k .. stop - 1 are guided
-    stop = max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
+    stop = guided_until_cell(n, k, guidance_scale, guidance_until)
     guided = stop > k
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
     out = torch.empty(b, n, dtype=torch.long, device=text.device)
@@ -422,8 +428,10 @@ def generate(
         weight = model.head.weight
         width = window_width(rows_text.shape[0], weight.device, weight.dtype, window) if decode == "speculative" else 1
         width = min(width, n - max(k, 1))  # a window never reaches back to the text: it starts at cell 1 or later
+        if window == 0 and width < MIN_WINDOW:  # a chosen window cut short by the image's end: plain decoding
+            width = 1
         passes = n - k
-        if width > 1:
+        if width > 1 and b > 0:
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
                 model, rows_text, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row
@@ -459,6 +467,7 @@ __all__ = [
     "filter_logits",
     "final_probs",
     "generate",
+    "guided_until_cell",
     "sample_logits",
     "window_width",
 ]

@@ -285,7 +285,8 @@ class Attention(nn.Module):
         # x (b, s, d) holds sequence positions start .. start + s - 1; a tensor start (1,) is one position
         # of a static-shape decoding step: its key and value are written there and the query reads the
         # whole cache, the mask hiding the positions after it; a tensor start (b, s) gives every row its
-        # own positions (speculative decoding's windows), and the query reads the cache up to the mask's width
+        # own positions (speculative decoding's windows), and the query reads the cache up to the width of
+        # its mask, which that path always gives (`DALLE.transform_rows`)
         q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -519,10 +520,11 @@ class DALLE(nn.Module):
     def transform_rows(
         self, x: torch.Tensor, pos: torch.Tensor, masks: list[torch.Tensor | None] | None, cache: list[KVCache]
     ) -> torch.Tensor:
-        """`transform` with every row at its own positions pos (b, s), each row's consecutive: (b, s, d) -> (b, s, d).
+        """`transform` with every row at its own positions pos (b, s): (b, s, d) -> (b, s, d), for sampling.
 
         Keys and values are written at each row's positions; a query attends to the cached positions up to
-        the largest one under its own row of the layer's mask (speculative decoding's per-row windows).
+        the largest one under its own row of the layer's mask (speculative decoding's per-row windows, whose
+        positions are consecutive; any positions work whose earlier ones are in the cache). No dropout.
         """
         if cache is None or pos.shape != x.shape[:2]:
             raise ValueError(f"transform_rows needs a cache and positions (b, s) = {tuple(x.shape[:2])}")

@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, SampleConfig
 from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
-from ..model.generate import DECODE_MODES, MIN_WINDOW, WINDOW_TOKENS_CPU, generate, window_width
+from ..model.generate import (
+    DECODE_MODES,
+    MIN_WINDOW,
+    WINDOW_TOKENS_CPU,
+    generate,
+    guided_until_cell,
+    window_width,
+)
 from .bundle import (
     bundle_path,
     load_clip,
@@ -294,7 +301,9 @@ class Pipeline:
         for start in range(0, s.candidates, s.batch_size):
             b = min(s.batch_size, s.candidates - start)
             if s.decode == "speculative":
-                self._check_window(b * (2 if s.guidance_scale != 1.0 else 1))
+                n, k = self.grid[0] * w, 0 if prime is None else prime.shape[1]
+                guided = guided_until_cell(n, k, s.guidance_scale, s.guidance_until) > k
+                self._check_window(b * (2 if guided else 1))
             ids = generate(
                 self.transformer,
                 text.expand(b, -1),
