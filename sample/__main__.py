@@ -2,6 +2,7 @@
 
     python -m sample "a red circle" "a small blue square on the left" --num-images 4 --candidates 16
     python -m sample "a red circle:1 | a blue square:-0.5" --method clip-guided      # VQGAN+CLIP refinement
+    python -m sample "a red circle" --method clip-guided --init random --guided-prior-weight 0.1   # from noise
     python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
     python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
     python -m sample "pizza, openmoji style" --model emoji --dtype bf16 --decode speculative   # fewer passes
@@ -88,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         help="ar: sample and rerank; clip-guided: then refine with CLIP (prompt may be 'text:1 | other:-0.5')",
     )
     p.add_argument(
+        "--init",
+        choices=["samples", "random"],
+        default="samples",
+        help="clip-guided: start from the kept samples, or from random codes (VQGAN+CLIP as Pixray runs it)",
+    )
+    p.add_argument(
         "--guided-prior-weight",
         type=float,
         default=None,
@@ -149,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             guided_prior_weight=args.guided_prior_weight,
             method=args.method,
+            init=args.init,
             init_image=args.init_image,
             keep_rows=args.keep_rows,
             progress=True,

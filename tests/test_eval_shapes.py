@@ -71,7 +71,8 @@ def test_guided_refinement_is_judged_with_and_without_the_prior_beside_the_unref
     pipe = Pipeline.from_pretrained(bundle_for(tmp_path / "bundle"), device="cpu")
     pipe.cfg.sample.guided_steps, pipe.cfg.sample.guided_cutouts, pipe.cfg.sample.guided_prior_weight = 2, 2, 0.5
     out = evaluate(pipe, prompt_set(4, 0, HELD_OUT), candidates=8, guided=3, progress=False)
-    for key in ("clip_guided", "clip_guided_prior", "top1_of_8_same_prompts"):
+    keys = ("clip_guided", "clip_guided_prior", "top1_of_8_same_prompts")
+    for key in (*keys, "random_codes_guided", "random_codes_guided_prior"):
         assert out[key]["all"]["n"] == 3, key  # the first 3 prompts
 
 

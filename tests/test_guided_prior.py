@@ -121,3 +121,16 @@ def test_a_negative_prior_weight_is_one_sentence(pipe):
         refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, steps=1, lr=0.1, cutouts=1, prior_weight=-1.0)
     with pytest.raises(UserError, match="--guided-prior-weight is -1.0"):
         pipe.generate([PROMPT], guided_prior_weight=-1.0, progress=False)
+
+
+def test_generation_from_random_codes_samples_nothing_and_writes_its_images(pipe):
+    results = pipe.generate([PROMPT], method="clip-guided", init="random", guided_prior_weight=0.5, progress=False)
+    assert len(results[0]) == pipe.cfg.sample.num_images
+    scores = [r.clip_score for r in results[0]]
+    assert scores == sorted(scores, reverse=True)
+    again = pipe.generate([PROMPT], method="clip-guided", init="random", guided_prior_weight=0.5, progress=False)
+    assert [r.image.tobytes() for r in again[0]] == [r.image.tobytes() for r in results[0]]  # seeded
+    with pytest.raises(UserError, match="--init random starts CLIP-guided generation from random codes"):
+        pipe.generate([PROMPT], init="random", progress=False)
+    with pytest.raises(UserError, match="init 'noise' is unknown; use samples or random"):
+        pipe.generate([PROMPT], method="clip-guided", init="noise", progress=False)

@@ -168,6 +168,14 @@ def test_speculative_decoding_samples_in_bf16_and_says_when_it_runs_plainly(bund
     assert code == 0 and pngs("fp32") == pngs("cached")
 
 
+def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, tmp_path, capsys):
+    args = ["a red circle", "--model", str(bundle), "--method", "clip-guided", "--init", "random"]
+    code, out, _ = run([*args, "--guided-prior-weight", "0.5", "--out", str(tmp_path), "--json"], capsys)
+    assert code == 0 and len(out.splitlines()) == 2 and len(list(tmp_path.glob("*_r*.png"))) == 2
+    code, _, err = run([*args[:3], "--init", "random"], capsys)
+    assert code == 2 and "use it with --method clip-guided" in err
+
+
 def test_compile_is_decode_compiled_and_goes_with_no_other_mode(capsys):
     code, _, err = run(["a red circle", "--compile", "--decode", "speculative"], capsys)
     assert code == 2 and "--compile is --decode compiled; it cannot go with --decode speculative" in err

@@ -101,14 +101,18 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     """Judge the random candidate, CLIP's top-1 of 8 (and of 32), and optionally CLIP-guided refinement of that
     top-1 for the first `guided` prompts: by CLIP alone (`clip_guided`) and, when the settings'
     guided_prior_weight is above 0, with the transformer's prior too (`clip_guided_prior`), beside the
-    unrefined top-1 on the same prompts (`top1_of_8_same_prompts`)."""
+    unrefined top-1 on the same prompts (`top1_of_8_same_prompts`); and generation from random codes
+    (`random_codes_guided`, `random_codes_guided_prior`)."""
     from tqdm.auto import tqdm
+
+    from dalle_mini_impl.pipeline.guided import random_codes
 
     s = pipe.settings(candidates=candidates, num_images=1)
     columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": [], "every_of_8": []}
     if candidates >= 32:
         columns["clip_top1_of_32"] = []
     guided_verdicts, prior_verdicts, guided_kinds, distinct = [], [], [], []
+    random_verdicts, random_prior_verdicts = [], []
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
@@ -132,6 +136,12 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
             if s.guided_prior_weight > 0:  # the same start refined with the transformer's prior in the objective
                 refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator, s.guided_prior_weight)
                 prior_verdicts.append(judge(refined, prompt))
+            # VQGAN+CLIP from random codes (Pixray's start), with and without the prior
+            noise = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
+            for weight, verdicts in ((0.0, random_verdicts), (s.guided_prior_weight, random_prior_verdicts)):
+                if weight > 0 or verdicts is random_verdicts:
+                    refined, _ = _refine(pipe, prompt, noise, s, generator, weight)
+                    verdicts.append(judge(refined, prompt))
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
     out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
     out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
@@ -140,6 +150,10 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
         out["top1_of_8_same_prompts"] = _by_kind(columns["clip_top1_of_8"][: len(guided_kinds)], guided_kinds)
     if prior_verdicts:
         out["clip_guided_prior"] = _by_kind(prior_verdicts, guided_kinds)
+    if random_verdicts:
+        out["random_codes_guided"] = _by_kind(random_verdicts, guided_kinds)
+    if random_prior_verdicts:
+        out["random_codes_guided_prior"] = _by_kind(random_prior_verdicts, guided_kinds)
     return out
 
 

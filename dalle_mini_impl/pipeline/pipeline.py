@@ -57,6 +57,7 @@ from .bundle import (
 )
 
 METHODS = ("ar", "clip-guided")
+INITS = ("samples", "random")  # what clip-guided refinement starts from
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images at once (and never finish on a CPU)
 # when fewer than --num-images of a prompt's candidates are distinct, up to this many more rounds of
@@ -382,6 +383,7 @@ class Pipeline:
         decode: str | None = None,
         guided_prior_weight: float | None = None,
         method: str = "ar",
+        init: str = "samples",
         init_image: str | os.PathLike | Image.Image | None = None,
         keep_rows: int | None = None,
         progress: bool = True,
@@ -389,6 +391,8 @@ class Pipeline:
         """For each prompt, its best `num_images` of `candidates` samples, best first (None: bundle default).
 
         method: "ar" (sample and rerank) or "clip-guided" (then refine the kept ones with CLIP).
+        init: what clip-guided refinement starts from: "samples" (the kept samples) or "random" (uniformly
+            random codes, no sampling: VQGAN+CLIP as Pixray runs it).
         init_image, keep_rows: complete an image from its top keep_rows rows of codes (1 .. h-1; None: h // 2).
         progress: tqdm bars on stderr over prompts and tokens (and guided steps).
         """
@@ -409,6 +413,13 @@ class Pipeline:
             raise UserError(f"method '{method}' is unknown; use ar or clip-guided")
         if method == "clip-guided" and self.clip is None:
             raise UserError("clip-guided generation needs a bundle with clip.safetensors; use --method ar")
+        if init not in INITS:
+            raise UserError(f"init '{init}' is unknown; use {' or '.join(INITS)}")
+        if init == "random" and (method != "clip-guided" or init_image is not None):
+            raise UserError(
+                "--init random starts CLIP-guided generation from random codes; use it with "
+                "--method clip-guided and without --init-image"
+            )
         prime = self._prime(init_image, keep_rows)
         keep_rows = 0 if prime is None else prime.shape[1] // self.grid[1]
         parts = [self._parts(p, method) for p in prompts]
@@ -422,6 +433,13 @@ class Pipeline:
             for i, (prompt, prompt_parts) in enumerate(zip(prompts, parts)):
                 bar.set_description(f"prompt {i + 1}/{len(prompts)}")
                 generator = torch.Generator().manual_seed(s.seed + i)
+                if init == "random":
+                    from .guided import random_codes
+
+                    ids = random_codes(self.image_tokenizer.codebook_size, s.num_images, h, w, generator)
+                    ids, images, scores = self._refine(ids, prompt_parts, s, generator, 0, progress)
+                    results.append(self._results(prompt, s.seed + i, ids, images, scores))
+                    continue
                 ids, images, scores = self._distinct_candidates(prompt, prompt_parts, s, generator, prime, bar)
                 order = torch.arange(len(ids)) if scores is None else scores.sort(descending=True, stable=True)[1]
                 keep = kept_order(order, s.num_images)
@@ -533,4 +551,4 @@ class Pipeline:
         ]
 
 
-__all__ = ["DTYPES", "METHODS", "Pipeline", "Result", "check_prompts", "check_settings", "kept_order"]
+__all__ = ["DTYPES", "INITS", "METHODS", "Pipeline", "Result", "check_prompts", "check_settings", "kept_order"]
