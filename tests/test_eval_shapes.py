@@ -74,6 +74,7 @@ def test_guided_refinement_is_judged_with_and_without_the_prior_beside_the_unref
     keys = ("clip_guided", "clip_guided_prior", "top1_of_8_same_prompts")
     for key in (*keys, "random_codes_guided", "random_codes_guided_prior"):
         assert out[key]["all"]["n"] == 3, key  # the first 3 prompts
+        assert -1 <= out["clip_score"][key] <= 1
 
 
 def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_path, capsys):

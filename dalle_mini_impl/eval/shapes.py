@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -111,8 +112,9 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": [], "every_of_8": []}
     if candidates >= 32:
         columns["clip_top1_of_32"] = []
-    guided_verdicts, prior_verdicts, guided_kinds, distinct = [], [], [], []
-    random_verdicts, random_prior_verdicts = [], []
+    guided_kinds, distinct = [], []
+    refined: dict[str, list] = defaultdict(list)  # verdicts of the refined images, per column
+    refined_scores: dict[str, list] = defaultdict(list)  # and their CLIP scores
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
@@ -130,30 +132,30 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
         if "clip_top1_of_32" in columns:
             columns["clip_top1_of_32"].append(judge(pixels[int(scores[:32].argmax())], prompt))
         if i < guided:
-            refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator, 0.0)
-            guided_verdicts.append(judge(refined, prompt))
             guided_kinds.append(kind)
-            if s.guided_prior_weight > 0:  # the same start refined with the transformer's prior in the objective
-                refined, _ = _refine(pipe, prompt, ids[best8 : best8 + 1], s, generator, s.guided_prior_weight)
-                prior_verdicts.append(judge(refined, prompt))
+            refined_scores["top1_of_8_same_prompts"].append(float(scores[best8]))
+            top1 = ids[best8 : best8 + 1]
+            for name, weight in (("clip_guided", 0.0), ("clip_guided_prior", s.guided_prior_weight)):
+                if name == "clip_guided" or weight > 0:
+                    image, score = _refine(pipe, prompt, top1, s, generator, weight)
+                    refined[name].append(judge(image, prompt))
+                    refined_scores[name].append(score)
             # VQGAN+CLIP from random codes (Pixray's start), with and without the prior
             noise = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
-            for weight, verdicts in ((0.0, random_verdicts), (s.guided_prior_weight, random_prior_verdicts)):
-                if weight > 0 or verdicts is random_verdicts:
-                    refined, _ = _refine(pipe, prompt, noise, s, generator, weight)
-                    verdicts.append(judge(refined, prompt))
+            for name, weight in (("random_codes_guided", 0.0), ("random_codes_guided_prior", s.guided_prior_weight)):
+                if name == "random_codes_guided" or weight > 0:
+                    image, score = _refine(pipe, prompt, noise, s, generator, weight)
+                    refined[name].append(judge(image, prompt))
+                    refined_scores[name].append(score)
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
     out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
     out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
-    if guided_verdicts:
-        out["clip_guided"] = _by_kind(guided_verdicts, guided_kinds)
-        out["top1_of_8_same_prompts"] = _by_kind(columns["clip_top1_of_8"][: len(guided_kinds)], guided_kinds)
-    if prior_verdicts:
-        out["clip_guided_prior"] = _by_kind(prior_verdicts, guided_kinds)
-    if random_verdicts:
-        out["random_codes_guided"] = _by_kind(random_verdicts, guided_kinds)
-    if random_prior_verdicts:
-        out["random_codes_guided_prior"] = _by_kind(random_prior_verdicts, guided_kinds)
+    if guided_kinds:
+        refined["top1_of_8_same_prompts"] = columns["clip_top1_of_8"][: len(guided_kinds)]
+        for name, verdicts in refined.items():
+            out[name] = _by_kind(verdicts, guided_kinds)
+        # CLIP's own score of each column's images, mean over the refined prompts
+        out["clip_score"] = {name: sum(v) / len(v) for name, v in refined_scores.items()}
     return out
 
 
@@ -175,7 +177,8 @@ def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator, prior_weig
         prior=pipe.prior(prompt) if prior_weight > 0 else None,
         prior_weight=prior_weight,
     )
-    return to_uint8(images[int(scores.argmax())]), ids
+    best = int(scores.argmax())
+    return to_uint8(images[best]), float(scores[best])
 
 
 def main(argv: list[str] | None = None) -> int:
