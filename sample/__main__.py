@@ -2,7 +2,7 @@
 
     python -m sample "a red circle" "a small blue square on the left" --num-images 4 --candidates 16
     python -m sample "a red circle:1 | a blue square:-0.5" --method clip-guided      # VQGAN+CLIP refinement
-    python -m sample "a red circle" --method clip-guided --init random --guided-prior-weight 0.1   # from noise
+    python -m sample "a red circle" --method clip-guided --init random --guided-prior-weight 0.3   # from noise
     python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
     python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
     python -m sample "pizza, openmoji style" --model emoji --dtype bf16 --decode speculative   # fewer passes
