@@ -110,6 +110,13 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     assert out["real"]["cmmd"] == 0.0  # the real images against themselves
     assert out["distinct"] in (0.5, 0.625, 0.75, 0.875, 1.0)  # 4 captions of 2 candidates: 1 or 2 distinct each
     assert out["copy_other_style"]["cmmd"] > 0
+    # refinement of the first 2 picks, by CLIP alone and with the prior, beside the same unrefined picks
+    guided = [*argv, "--guided", "2", "--set", "sample.guided_prior_weight=0.5", "--set", "sample.guided_steps=2"]
+    assert emoji.main(guided) == 0
+    refined = json.loads(capsys.readouterr().out)
+    assert refined["guided_prior_weight"] == 0.5 and refined["reranked"] == out["reranked"]  # unrefined: the same
+    for key in ("reranked_same", "clip_guided", "clip_guided_prior"):
+        assert refined[key]["n"] == 2 and 0 <= refined[key]["style_acc"] <= 1, key
     # seen cells: --n captions of train, drawn with the seed
     assert emoji.main([*argv, "--split", "train", "--n", "5", "--set", "sample.guidance_scale=1.5"]) == 0
     seen = json.loads(capsys.readouterr().out)
@@ -140,7 +147,7 @@ def test_cmmd_is_zero_for_identical_sets_and_positive_for_different_ones():
     assert emoji.cmmd(x, x) == 0.0
     assert emoji.cmmd(x, y) > 0 and emoji.cmmd(x, y) == pytest.approx(emoji.cmmd(y, x))
     # the definition: scale * (mean k(x, x') + mean k(y, y') - 2 mean k(x, y)), k = exp(-|a - b|^2 / 200)
-    k = lambda a, b: torch.exp(-torch.cdist(a.double(), b.double()) ** 2 / 200).mean()  # noqa: E731
+    k = lambda a, b: torch.exp(-(torch.cdist(a.double(), b.double()) ** 2) / 200).mean()  # noqa: E731
     assert emoji.cmmd(x, y) == pytest.approx(1000 * float(k(x, x) + k(y, y) - 2 * k(x, y)), rel=1e-9)
 
 

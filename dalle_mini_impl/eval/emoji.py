@@ -178,11 +178,22 @@ def references(
 
 
 def evaluate(
-    pipe, judge, data: str, split: str, n: int | None, seed: int, grid: str | None = None, progress: bool = True
+    pipe,
+    judge,
+    data: str,
+    split: str,
+    n: int | None,
+    seed: int,
+    grid: str | None = None,
+    progress: bool = True,
+    guided: int = 0,
 ) -> dict:
     """Everything the command prints but its settings, for a loaded Pipeline and judge (a ClipScorer).
 
     grid: also write a PNG of the first eight captions' reranked images above their real ones.
+    guided: also refine the reranked pick of the first `guided` captions with CLIP (VQGAN+CLIP), alone
+        (`clip_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
+        (`clip_guided_prior`), graded beside the unrefined picks of the same captions (`reranked_same`).
     """
     from tqdm.auto import tqdm
 
@@ -204,10 +215,16 @@ def evaluate(
 
     s = pipe.settings(num_images=1)
     reranked, first, every, distinct = [], [], [], []
+    refined: dict[str, list] = {"clip_guided": [], "clip_guided_prior": []}
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
-        _, images, scores = pipe.candidates([(caption, 1.0)], s, generator)  # (N, 3, S, S), (N,)
-        reranked.append(images[int(scores.argmax())])
+        ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator)  # (N, n), (N, 3, S, S), (N,)
+        best = int(scores.argmax())
+        if i < guided:
+            for name, weight in (("clip_guided", 0.0), ("clip_guided_prior", s.guided_prior_weight)):
+                if name == "clip_guided" or weight > 0:
+                    refined[name].append(_refine(pipe, caption, ids[best : best + 1], s, generator, weight))
+        reranked.append(images[best])
         first.append(images[0])
         every.append(images)
         distinct.append(len(distinct_first(images)) / len(images))
@@ -228,7 +245,26 @@ def evaluate(
         images = from_uint8(train_images[[picks[i] for i in kept]])
         out[key] = grader.grade(images, kept, real_emb[kept])
     out["distinct"] = sum(distinct) / len(distinct)  # the mean share of a caption's candidates that differ
+    if guided:
+        rows = list(range(min(guided, len(captions))))
+        out["reranked_same"] = grader.grade(torch.stack(reranked[: len(rows)]), rows, real_emb)
+        for name, images in refined.items():
+            if images:
+                out[name] = grader.grade(torch.stack(images), rows, real_emb)
     return {**out, "n": len(captions), "captions": captions[:3] + (["..."] if len(captions) > 3 else [])}
+
+
+def _refine(pipe, caption: str, start_ids: torch.Tensor, s, generator, prior_weight: float) -> torch.Tensor:
+    """The refined image (3, S, S) of one start (1, n) by CLIP, with the prior at prior_weight (0: CLIP alone)."""
+    from ..pipeline.guided import refine
+
+    h, w = pipe.grid
+    _, images, _ = refine(
+        pipe.image_tokenizer, pipe.clip, [(caption, 1.0)], start_ids.view(-1, h, w), steps=s.guided_steps,
+        lr=s.guided_lr, cutouts=s.guided_cutouts, generator=generator, progress=False,
+        prior=pipe.prior(caption) if prior_weight > 0 else None, prior_weight=prior_weight,
+    )  # fmt: skip
+    return images[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="sample.KEY=VALUE",
         help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=2 (repeatable)",
     )
+    p.add_argument("--guided", type=int, default=0, help="refine the pick of the first K captions with CLIP")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -270,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--judge '{args.judge}' is the model's own CLIP; grade with one trained by python -m train.judge"
         )
     t0 = time.perf_counter()
-    result = evaluate(pipe, judge, args.data, args.split, args.n, args.seed, args.grid)
+    result = evaluate(pipe, judge, args.data, args.split, args.n, args.seed, args.grid, guided=args.guided)
     summary = {
         "model": str(args.model),
         "judge": str(args.judge),
@@ -282,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
         "top_k": pipe.cfg.sample.top_k,
+        "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
         "decode": pipe.cfg.sample.decode,
         "dtype": args.dtype,
         "batch_size": pipe.cfg.sample.batch_size,
