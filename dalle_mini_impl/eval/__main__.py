@@ -1,10 +1,10 @@
 """`python -m dalle_mini_impl.eval COMMAND ...`: dispatch to one evaluation module.
 
-judge FILE.jsonl                         the shapes judge over rows {"prompt", "path"}
-recon --model DIR --data SRC --split S    image tokenizer PSNR / SSIM / codebook usage
-clip --model DIR --data SRC --split S     CLIP retrieval recall@1/5/10
-shapes --model DIR --n 300 --seed 0       judge accuracy of generated samples
-emoji --model B --judge J --data DIR      text-to-image on emoji-styles, graded by an evaluation CLIP
+    judge FILE.jsonl                         the shapes judge over rows {"prompt", "path"}
+    recon --model DIR --data SRC --split S    image tokenizer PSNR / SSIM / codebook usage
+    clip --model DIR --data SRC --split S     CLIP retrieval recall@1/5/10
+    shapes --model DIR --n 300 --seed 0       judge accuracy of generated samples
+    emoji --model B --judge J --data DIR      text-to-image on emoji-styles, graded by an evaluation CLIP
 """
 
 from __future__ import annotations
