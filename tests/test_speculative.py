@@ -147,7 +147,7 @@ def test_a_bfloat16_model_decodes_speculatively_with_the_window_its_batch_allows
     stats = {}
     ids = generate(model, TEXT, temperature=0.7, decode="speculative", generator=torch.Generator(), stats=stats)
     assert ids.shape == (3, 16) and 0 <= int(ids.min()) and int(ids.max()) < IV
-    assert stats["passes"] < 16  # a window of 32 // 3 = 10 cells on the CPU in bf16
+    assert stats["passes"] < 16 and stats["window"] == 10  # a window of 32 // 3 = 10 cells on the CPU in bf16
 
 
 def test_the_window_falls_back_to_plain_decoding_where_wide_passes_do_not_pay():
@@ -160,7 +160,7 @@ def test_the_window_falls_back_to_plain_decoding_where_wide_passes_do_not_pay():
     model = make()
     stats = {}
     generate(model, TEXT, decode="speculative", generator=torch.Generator().manual_seed(0), stats=stats)
-    assert stats["passes"] == 16  # plain: one pass per token
+    assert stats["passes"] == 16 and stats["window"] == 1 and stats["rows"] == 3  # plain: one pass per token
     expected = generate(model, TEXT, generator=torch.Generator().manual_seed(0))
     assert torch.equal(
         generate(model, TEXT, decode="speculative", generator=torch.Generator().manual_seed(0)), expected

@@ -572,22 +572,25 @@ DECODE_PROMPTS = {
 }
 
 
-def decode_once(model, texts, null, s, b: int, mode: str, seed: int, device) -> tuple[float, int]:
-    """Wall seconds and summed sequential passes of sampling b candidates for each prompt's text ids (1, t)."""
-    passes = 0
+def decode_once(
+    model, texts, null, s, b: int, mode: str, seed: int, device, draft: str = "above"
+) -> tuple[float, int, int]:
+    """Wall seconds, summed sequential passes and the window of sampling b candidates for each prompt's text
+    ids (1, t)."""
+    passes, window = 0, 1
 
     def work() -> None:
-        nonlocal passes
+        nonlocal passes, window
         for i, text in enumerate(texts):
             stats: dict[str, int] = {}
             generate(
                 model, text.expand(b, -1), null_text=null, guidance_scale=s.guidance_scale,
                 guidance_until=s.guidance_until, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                generator=torch.Generator().manual_seed(seed + i), decode=mode, stats=stats,
+                generator=torch.Generator().manual_seed(seed + i), decode=mode, draft=draft, stats=stats,
             )  # fmt: skip
-            passes += stats["passes"]
+            passes, window = passes + stats["passes"], stats["window"]
 
-    return timed(device, work), passes
+    return timed(device, work), passes, window
 
 
 def _one_pass(model, x: torch.Tensor, start: int, masks: list, cache: list) -> torch.Tensor:
@@ -626,7 +629,6 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     is, which random weights are not. Also per dtype the cost of one pass by rows x window (`pass_costs`),
     and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`).
     """
-    from ..model.generate import window_width
     from ..pipeline.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(name, device=device.type)
@@ -651,19 +653,20 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         decode_once(models[d], texts, null, s, b, mode, SEED, device)
     times: dict[tuple, list[float]] = {run: [] for run in runs}
     passes: dict[tuple, int] = {}
+    windows: dict[tuple, int] = {}
     for r in range(args.sample_reps):  # interleaved, so that a noisy neighbour hits every run alike
         for d, b, mode in runs:
             log(f"decode {name}: {d} batch {b} {mode} rep {r + 1}")
-            dt, passes[(d, b, mode)] = decode_once(models[d], texts, null, s, b, mode, SEED + 100 * (r + 1), device)
-            times[(d, b, mode)].append(dt)
+            run, seed = (d, b, mode), SEED + 100 * (r + 1)
+            dt, passes[run], windows[run] = decode_once(models[d], texts, null, s, b, mode, seed, device)
+            times[run].append(dt)
     for d, b, mode in runs:
         med = statistics.median(times[(d, b, mode)])
-        rows = b * (2 if s.guidance_scale != 1.0 else 1)
         out.setdefault(f"{d}_batch{b}", {})[mode] = {
             "wall_s": round(med, 4),
             "image_tokens_per_s": round(len(prompts) * b * n / med, 1),
             "passes": round(passes[(d, b, mode)] / len(prompts), 1),
-            "window": window_width(rows, device, DTYPES[d]) if mode == "speculative" else 1,
+            "window": windows[(d, b, mode)],
         }
     for pair in out.values():
         if isinstance(pair, dict):
@@ -671,16 +674,8 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     for d in dtypes:
         log(f"decode {name}: {d} pass costs")
         out[f"{d}_pass_ms"] = pass_costs(models[d], device)
-        if f"{d}_batch1" in out and out[f"{d}_batch1"]["speculative"]["window"] > 1:
-            random_passes = 0
-            for i, text in enumerate(texts):
-                stats: dict[str, int] = {}
-                generate(
-                    models[d], text, null_text=null, guidance_scale=s.guidance_scale, guidance_until=s.guidance_until,
-                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, decode="speculative", draft="random",
-                    generator=torch.Generator().manual_seed(SEED + 100 + i), stats=stats,
-                )  # fmt: skip
-                random_passes += stats["passes"]
+        if out[f"{d}_batch1"]["speculative"]["window"] > 1:
+            _, random_passes, _ = decode_once(models[d], texts, null, s, 1, "speculative", SEED + 100, device, "random")
             out[f"{d}_batch1"]["speculative"]["passes_random_drafts"] = round(random_passes / len(texts), 1)
     return out
 

@@ -113,6 +113,12 @@ def _pair(ids: torch.Tensor, guided: bool) -> torch.Tensor:
     return torch.cat([ids, ids]) if guided else ids
 
 
+def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Guided logits of the conditional rows from (2b, ...) logits, conditional rows first: u + scale * (c - u)."""
+    cond, uncond = logits.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
 def _drop_unconditional(b: int, masks: list, cache: list | None = None) -> None:
     """Keep the first b (conditional) rows of the masks and of the cache, in place: the decoding step reads both."""
     masks[:] = [m if m is None or m.shape[0] == 1 else m[:b] for m in masks]
@@ -199,18 +205,14 @@ def _uncached_logits(
         yield model.image_logits(h[:, -1])
 
 
-def guided_until_cell(n: int, k: int, guidance_scale: float, guidance_until: float) -> int:
-    """The first unguided cell of n when k are primed: cells k .. stop - 1 are guided (stop == k: none)."""
-    return max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
-
-
-def window_width(rows: int, device: torch.device, dtype: torch.dtype, window: int = 0) -> int:
+def window_width(rows: int, device: torch.device, dtype: torch.dtype, window: int = 0, cells: int = MAX_WINDOW) -> int:
     """Speculative decoding's window in cells for a pass over `rows` model rows of weights in `dtype` on
-    `device`: `window` if given (> 0), else by the budget above; 1 means plain decoding."""
+    `device`, with `cells` left to draw: `window` if given (> 0), else by the budget above; never more than
+    `cells`; 1 means plain decoding."""
     if window > 0:
-        return window
+        return max(1, min(window, cells))
     budget = WINDOW_TOKENS_CPU.get(dtype, 0) if device.type == "cpu" else WINDOW_TOKENS_GPU
-    width = min(MAX_WINDOW, budget // rows)
+    width = min(MAX_WINDOW, budget // rows, cells)
     return width if width >= MIN_WINDOW else 1
 
 
@@ -288,8 +290,7 @@ def _speculative(
         logits = model.image_logits(h)  # (B, W, K): the distributions of `cells`
         passes += 1
         if guided:
-            cond, uncond = logits.chunk(2)
-            logits = torch.where((cells < stop)[..., None], uncond + guidance_scale * (cond - uncond), cond)
+            logits = torch.where((cells < stop)[..., None], _guide(logits, guidance_scale), logits[:b])
         p = probs_of(logits.reshape(b * W, k_image)).view(b, W, k_image)
 
         # accept each draft with probability min(1, p / q), in order; a row's accepted cells pass
@@ -399,7 +400,8 @@ def generate(
         plain decoding); read only when decode is "speculative".
     draft: how speculative decoding drafts a cell no pass has reached: "above" (the cell above's id) or
         "random".
-    stats: a dict that receives "passes", the sequential forward passes the batch took (prefill included).
+    stats: a dict that receives "passes", the sequential forward passes the batch took (prefill included),
+        "window", the cells per pass (1: plain decoding), and "rows", the model rows (2b under guidance).
 
     The model runs in eval mode under inference_mode and is put back in its former mode; the caller's
     tensors are never written.
@@ -411,7 +413,7 @@ def generate(
     b, n, w = text.shape[0], c.image_len, c.grid_w
     k = 0 if prime is None else prime.shape[1]
     # tokens k .. stop - 1 are guided
-    stop = guided_until_cell(n, k, guidance_scale, guidance_until)
+    stop = max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
     guided = stop > k
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
     out = torch.empty(b, n, dtype=torch.long, device=text.device)
@@ -425,11 +427,10 @@ def generate(
     model.eval()
     try:
         masks = model.attn_masks(rows_text)
-        weight = model.head.weight
-        width = window_width(rows_text.shape[0], weight.device, weight.dtype, window) if decode == "speculative" else 1
-        width = min(width, n - max(k, 1))  # a window never reaches back to the text: it starts at cell 1 or later
-        if window == 0 and width < MIN_WINDOW:  # a chosen window cut short by the image's end: plain decoding
-            width = 1
+        width = 1
+        if decode == "speculative":  # a window never reaches back to the text: it starts at cell 1 or later
+            weight = model.head.weight
+            width = window_width(rows_text.shape[0], weight.device, weight.dtype, window, n - max(k, 1))
         passes = n - k
         if width > 1 and b > 0:
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
@@ -445,15 +446,14 @@ def generate(
                 )
             for i, logits in zip(range(k, n), source):
                 if i < stop:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + guidance_scale * (cond - uncond)
+                    logits = _guide(logits, guidance_scale)
                 out[:, i] = sample_logits(
                     logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
                 )
                 if on_row is not None and (i + 1) % w == 0:
                     on_row(i // w, out[:, : i + 1].clone())
         if stats is not None:
-            stats["passes"] = passes
+            stats.update(passes=passes, window=width if b > 0 else 1, rows=rows_text.shape[0])
     finally:
         model.train(was_training)
     return out
@@ -467,7 +467,6 @@ __all__ = [
     "filter_logits",
     "final_probs",
     "generate",
-    "guided_until_cell",
     "sample_logits",
     "window_width",
 ]

@@ -39,14 +39,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, SampleConfig
 from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
-from ..model.generate import (
-    DECODE_MODES,
-    MIN_WINDOW,
-    WINDOW_TOKENS_CPU,
-    generate,
-    guided_until_cell,
-    window_width,
-)
+from ..model.generate import DECODE_MODES, MIN_WINDOW, WINDOW_TOKENS_CPU, generate
 from .bundle import (
     bundle_path,
     load_clip,
@@ -301,10 +294,7 @@ class Pipeline:
         out = []
         for start in range(0, s.candidates, s.batch_size):
             b = min(s.batch_size, s.candidates - start)
-            if s.decode == "speculative":
-                n, k = self.grid[0] * w, 0 if prime is None else prime.shape[1]
-                guided = guided_until_cell(n, k, s.guidance_scale, s.guidance_until) > k
-                self._check_window(b * (2 if guided else 1))
+            stats: dict[str, int] = {}
             ids = generate(
                 self.transformer,
                 text.expand(b, -1),
@@ -318,13 +308,16 @@ class Pipeline:
                 prime=None if prime is None else prime.to(self.device).expand(b, -1),
                 on_row=None if bar is None else (lambda r, so_far: bar.update(so_far.shape[0] * w)),
                 decode=s.decode,
+                stats=stats,
             )
+            if s.decode == "speculative" and stats["window"] == 1:
+                self._warn_plain(stats["rows"])
             out.append(ids.cpu())
         return torch.cat(out)  # (m, n)
 
-    def _check_window(self, rows: int) -> None:
-        """Warn once when speculative decoding would run plainly: its window is 1 cell for this batch here."""
-        if self._warned_plain or window_width(rows, self.device, self.dtype) > 1:
+    def _warn_plain(self, rows: int) -> None:
+        """Warn once that speculative decoding ran plainly: its window was 1 cell for a batch of `rows` here."""
+        if self._warned_plain:
             return
         self._warned_plain = True
         dtype = str(self.dtype).removeprefix("torch.")
