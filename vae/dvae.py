@@ -220,16 +220,17 @@ class DiscreteVAE(ImageTokenizer):
 
     def snap(self, free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (b, K_1 + .. + K_G, h, w) -> (codebook vectors of the argmaxes, straight-through; ids)."""
-        probs = group_softmax(free, self.group_sizes)
         factors = best_codes(free, self.group_sizes)  # (b, g, h, w)
-        hard = one_hot_like(probs, factors, self.group_sizes)
-        return self.mix(hard + (probs - probs.detach())), self.flat_ids(factors)
+        return self.mix(self._straight_through(free, factors)), self.flat_ids(factors)
 
     def code_weights(self, free: torch.Tensor) -> torch.Tensor:
         """Logits (b, K_1 + .. + K_G, h, w) -> one-hot of the argmax per group, straight-through to the softmax."""
+        return self._straight_through(free, best_codes(free, self.group_sizes))
+
+    def _straight_through(self, free: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """One-hot per group of `factors` (b, g, h, w) forward, the gradient of the groups' softmax of `free`."""
         probs = group_softmax(free, self.group_sizes)
-        hard = one_hot_like(probs, best_codes(free, self.group_sizes), self.group_sizes)
-        return hard + (probs - probs.detach())
+        return one_hot_like(probs, factors, self.group_sizes) + (probs - probs.detach())
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (b, h, w) -> codebook vectors (b, d, h, w): the one-hot end of the relaxation."""

@@ -52,6 +52,7 @@ def _distributed() -> bool:
 # code_weights' softmax over cosine similarities in [-1, 1]: at 0.1 a code 0.1 nearer weighs e times more
 CODE_WEIGHT_TEMPERATURE = 0.1
 
+
 class CosineCodebook(nn.Module):
     """`codebook_size` unit vectors of width `dim`; nearest-code lookup by cosine; EMA and restarts.
 

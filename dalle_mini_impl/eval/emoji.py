@@ -31,6 +31,7 @@ for captions whose name train has in another style, counted by its `n`). Prints 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -223,7 +224,9 @@ def evaluate(
         if i < guided:
             for name, weight in (("clip_guided", 0.0), ("clip_guided_prior", s.guided_prior_weight)):
                 if name == "clip_guided" or weight > 0:
-                    refined[name].append(_refine(pipe, caption, ids[best : best + 1], s, generator, weight))
+                    settings = dataclasses.replace(s, guided_prior_weight=weight)
+                    start = ids[best : best + 1].view(-1, *pipe.grid)
+                    refined[name].append(pipe.refine(start, [(caption, 1.0)], settings, generator)[1][0])
         reranked.append(images[best])
         first.append(images[0])
         every.append(images)
@@ -252,19 +255,6 @@ def evaluate(
             if images:
                 out[name] = grader.grade(torch.stack(images), rows, real_emb)
     return {**out, "n": len(captions), "captions": captions[:3] + (["..."] if len(captions) > 3 else [])}
-
-
-def _refine(pipe, caption: str, start_ids: torch.Tensor, s, generator, prior_weight: float) -> torch.Tensor:
-    """The refined image (3, S, S) of one start (1, n) by CLIP, with the prior at prior_weight (0: CLIP alone)."""
-    from ..pipeline.guided import refine
-
-    h, w = pipe.grid
-    _, images, _ = refine(
-        pipe.image_tokenizer, pipe.clip, [(caption, 1.0)], start_ids.view(-1, h, w), steps=s.guided_steps,
-        lr=s.guided_lr, cutouts=s.guided_cutouts, generator=generator, progress=False,
-        prior=pipe.prior(caption) if prior_weight > 0 else None, prior_weight=prior_weight,
-    )  # fmt: skip
-    return images[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ with CLIP-guided optimisation (VQGAN+CLIP) for the first K prompts and reports `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -134,19 +135,13 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
         if i < guided:
             guided_kinds.append(kind)
             refined_scores["top1_of_8_same_prompts"].append(float(scores[best8]))
-            top1 = ids[best8 : best8 + 1]
-            for name, weight in (("clip_guided", 0.0), ("clip_guided_prior", s.guided_prior_weight)):
-                if name == "clip_guided" or weight > 0:
-                    image, score = _refine(pipe, prompt, top1, s, generator, weight)
-                    refined[name].append(judge(image, prompt))
-                    refined_scores[name].append(score)
-            # VQGAN+CLIP from random codes (Pixray's start), with and without the prior
+            done = _refine_both(pipe, "clip_guided", ids[best8 : best8 + 1], prompt, s, generator)
+            # VQGAN+CLIP from random codes (Pixray's start), drawn after the top-1's refinements
             noise = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
-            for name, weight in (("random_codes_guided", 0.0), ("random_codes_guided_prior", s.guided_prior_weight)):
-                if name == "random_codes_guided" or weight > 0:
-                    image, score = _refine(pipe, prompt, noise, s, generator, weight)
-                    refined[name].append(judge(image, prompt))
-                    refined_scores[name].append(score)
+            done += _refine_both(pipe, "random_codes_guided", noise, prompt, s, generator)
+            for column, verdict, score in done:
+                refined[column].append(verdict)
+                refined_scores[column].append(score)
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
     out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
     out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
@@ -159,26 +154,16 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     return out
 
 
-def _refine(pipe, prompt: str, start_ids: torch.Tensor, s, generator, prior_weight: float):
-    from dalle_mini_impl.pipeline.guided import refine
-
-    h, w = pipe.grid
-    ids, images, scores = refine(
-        pipe.image_tokenizer,
-        pipe.clip,
-        [(prompt, 1.0)],
-        start_ids.view(-1, h, w),
-        steps=s.guided_steps,
-        lr=s.guided_lr,
-        cutouts=s.guided_cutouts,
-        generator=generator,
-        keep_rows=0,
-        progress=False,
-        prior=pipe.prior(prompt) if prior_weight > 0 else None,
-        prior_weight=prior_weight,
-    )
-    best = int(scores.argmax())
-    return to_uint8(images[best]), float(scores[best])
+def _refine_both(pipe, name: str, start: torch.Tensor, prompt: str, s, generator) -> list[tuple[str, object, float]]:
+    """(column, judge's verdict, CLIP score) of one start (1, n) refined by CLIP alone (`name`) and, when the
+    settings' guided_prior_weight is above 0, with the transformer's prior (`name`_prior)."""
+    out = []
+    for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
+        if column == name or weight > 0:
+            settings = dataclasses.replace(s, guided_prior_weight=weight)
+            _, images, scores = pipe.refine(start.view(-1, *pipe.grid), [(prompt, 1.0)], settings, generator)
+            out.append((column, judge(to_uint8(images[0]), prompt), float(scores[0])))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,13 +135,15 @@ def _where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None) -> t
     return torch.where(rows.view(-1, *[1] * (new.dim() - 1)), new, old)
 
 
-def _check(steps: int, lr: float, cutouts: int) -> None:
+def _check(steps: int, lr: float, cutouts: int, prior_weight: float) -> None:
     if steps < 0:
         raise UserError(f"config key 'sample.guided_steps' is {steps}; set it to 0 or more")
     if not lr > 0:
         raise UserError(f"config key 'sample.guided_lr' is {lr}; set it to a positive number, e.g. 0.1")
     if cutouts < 1:
         raise UserError(f"config key 'sample.guided_cutouts' is {cutouts}; set it to 1 or more")
+    if prior_weight < 0 or not math.isfinite(prior_weight):
+        raise UserError(f"config key 'sample.guided_prior_weight' is {prior_weight}; set it to 0 (off) or more")
 
 
 def refine(
@@ -168,9 +170,7 @@ def refine(
     Returns the snapped images of the best objective seen (ids (b, h, w), images (b, 3, H, W) in [0, 1],
     CLIP scores (b,)), on the CPU. Only the latents get gradients; the models' weights are never touched.
     """
-    _check(steps, lr, cutouts)
-    if prior_weight < 0 or not math.isfinite(prior_weight):
-        raise UserError(f"config key 'sample.guided_prior_weight' is {prior_weight}; set it to 0 (off) or more")
+    _check(steps, lr, cutouts, prior_weight)
     use_prior = prior is not None and prior_weight > 0
     if not 0 <= keep_rows < start_ids.shape[1]:
         raise UserError(f"keep_rows is {keep_rows}; keep fewer rows than the grid's {start_ids.shape[1]}")
@@ -216,7 +216,7 @@ def refine(
                 break  # the last snap is scored, not optimised
             crops = make_cutouts(images, cutouts, model.image_size, generator, flips)  # (n b, 3, S, S)
             sims = rearrange(model.encode_image(crops) @ direction, "(n b) -> n b", n=cutouts)
-            loss = -(sims.mean(0) + prior_weight * log_likelihood).sum() if use_prior else -sims.mean(0).sum()
+            loss = -(sims.mean(0) + prior_weight * log_likelihood).sum()  # log_likelihood 0 without the prior
             (grad,) = torch.autograd.grad(loss, [free])
             free.grad = grad
             optimizer.step()

@@ -509,10 +509,12 @@ class Pipeline:
 
         return log_likelihood
 
-    def _refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int, progress: bool):
+    def refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int = 0, progress: bool = False):
+        """CLIP-guided refinement (`guided.refine`) of codes (m, h, w) with the settings' steps, lr, cutouts and
+        prior weight (the prior given the top-weighted part): (ids, images, CLIP scores), in the starts' order."""
         from .guided import refine
 
-        ids, images, scores = refine(
+        return refine(
             self.image_tokenizer,
             self.clip,
             parts,
@@ -526,6 +528,10 @@ class Pipeline:
             prior=self.prior(max(parts, key=lambda part: part[1])[0]) if s.guided_prior_weight > 0 else None,
             prior_weight=s.guided_prior_weight,
         )
+
+    def _refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int, progress: bool):
+        """`refine`, best CLIP score first."""
+        ids, images, scores = self.refine(ids, parts, s, generator, keep_rows, progress)
         order = scores.sort(descending=True, stable=True)[1]
         return ids[order], images[order], scores[order]
 
