@@ -151,6 +151,11 @@ class TransformerConfig:
     dropout: float = 0.0
     text_loss_weight: float = 1 / 8  # loss = w * text CE + (1 - w) * image CE
     caption_dropout: float = 0.1  # training: probability of the empty caption (what guidance contrasts with)
+    # unCLIP's decoder (DALL-E 2): a CLIP image embedding of cond_dim numbers, projected to cond_len positions
+    # before the text; 0 and 0: no embedding (the DALL-E transformer). The zero vector is the dropped embedding
+    cond_dim: int = 0
+    cond_len: int = 0
+    cond_dropout: float = 0.1  # training: probability of the dropped (zero) embedding
     # geometry, from the tokenizers
     text_vocab: int = 0  # text ids the tokenizer emits, pad/bos/eos included
     image_vocab: int = 0  # the image tokenizer's codebook size
@@ -165,9 +170,14 @@ class TransformerConfig:
         return self.grid_h * self.grid_w
 
     @property
+    def prefix_len(self) -> int:
+        """Positions before the first image token: the embedding's (unCLIP) and the text's."""
+        return self.cond_len + self.text_len
+
+    @property
     def seq_len(self) -> int:
-        """Positions the model reads: all text and every image token but the last."""
-        return self.text_len + self.image_len - 1
+        """Positions the model reads: the prefix and every image token but the last."""
+        return self.prefix_len + self.image_len - 1
 
     @property
     def vocab(self) -> int:
@@ -239,6 +249,38 @@ class TrainConfig:
 
 
 @dataclass
+class PriorConfig:
+    """unCLIP's prior: a caption (its text ids and CLIP text embedding) -> a CLIP image embedding."""
+
+    kind: str = "diffusion"  # diffusion (predicts the clean embedding, DALL-E 2) | regression (one deterministic guess)
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    timesteps: int = 1000  # diffusion: noise levels in training (cosine schedule)
+    sample_steps: int = 64  # diffusion: DDIM steps when sampling
+    # classifier-free guidance on the prior: the caption (ids and text embedding) dropped this often in training
+    text_dropout: float = 0.1
+    guidance_scale: float = 1.0  # sampling: 1 is off
+
+
+@dataclass
+class UnclipConfig:
+    """DALL-E 2's recipe (Ramesh et al. 2022): a prior from captions to CLIP image embeddings and a decoder from
+    them, the decoder being this project's transformer (the `transformer` section's size) with the embedding as
+    a prefix. `train.unclip` and `train.prior` build them; `train.all` runs both when `enabled`."""
+
+    enabled: bool = False
+    cond_len: int = 4  # decoder positions the embedding is projected to
+    # the decoder starts from the run's trained transformer (RUN/transformer.safetensors, the same size): it can
+    # already draw from captions and learns to read the embedding; false: from random weights
+    init_from_transformer: bool = True
+    embedding_dropout: float = 0.1  # the paper: the embedding dropped 10% of the time ...
+    caption_dropout: float = 0.5  # ... and the caption 50%
+    text_diff_scale: float = 0.3  # --text-diff: how far to turn the image embedding toward the caption difference
+    prior: PriorConfig = field(default_factory=PriorConfig)
+
+
+@dataclass
 class TrainSection:
     vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, warmup_steps=100))
     dalle: TrainConfig = field(
@@ -246,6 +288,12 @@ class TrainSection:
     )
     clip: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=2000, batch_size=128, lr=1e-3, weight_decay=0.1)
+    )
+    unclip: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, warmup_steps=200, weight_decay=0.05)
+    )
+    prior: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=2000, batch_size=128, lr=5e-4, warmup_steps=100, weight_decay=0.05)
     )
 
 
@@ -301,6 +349,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleConfig = field(default_factory=SampleConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    unclip: UnclipConfig = field(default_factory=UnclipConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,6 +571,7 @@ __all__ = [
     "CLIPConfig",
     "DataConfig",
     "JudgeConfig",
+    "PriorConfig",
     "RunConfig",
     "SampleConfig",
     "ShapesConfig",
@@ -529,6 +579,7 @@ __all__ = [
     "TrainConfig",
     "TrainSection",
     "TransformerConfig",
+    "UnclipConfig",
     "VAEConfig",
     "add_config_args",
     "apply_overrides",

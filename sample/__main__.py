@@ -6,14 +6,21 @@
     python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
     python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
     python -m sample "pizza, openmoji style" --model emoji --dtype bf16 --decode speculative   # fewer passes
+    python -m sample "a red circle" --method unclip      # DALL-E 2: prior -> CLIP image embedding -> decoder
+    python -m sample --variations circle.png --num-images 4                    # images from an image's embedding
+    python -m sample --interpolate a.png b.png --steps 5                       # along the path between two
+    python -m sample --variations circle.png --text-diff "a red circle" "a blue circle"   # edit by a caption diff
 
 A thin shell over `dalle_mini_impl.pipeline.pipeline.Pipeline` (DALL-E's sample-then-rerank recipe). The model is
 a bundle folder (--model; default: the shapes bundle shipped in the package); every sampling default
 comes from its `sample` config section. For each prompt the best N images are written to --out
 (default samples/) at the model's native resolution as SLUG_sSEED_rRANK.png, plus SLUG_sSEED_grid.png;
 the slug is the prompt in ASCII (made unique within a run), the seed is the prompt's own (seed + its
-index), so `python -m sample PROMPT --seed S` with a file's S gives that file again. Nothing is written
-anywhere else. Progress bars and warnings go to stderr; with --json stdout holds only the JSON lines.
+index), so `python -m sample PROMPT --seed S` with a file's S gives that file again. Variations take no
+prompt and are written as variation-SLUG_sSEED_rRANK.png (SLUG: the image's file name), an interpolation
+as interpolate-SLUG-SLUG_sSEED_stepK_rRANK.png with one grid of every step's best; they need a bundle with
+unCLIP's decoder and prior (the shipped shapes bundle has them). Nothing is written anywhere else.
+Progress bars and warnings go to stderr; with --json stdout holds only the JSON lines.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ def unique_slugs(prompts: Sequence[str]) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sample", description=__doc__.split("\n")[0])
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="what to draw; any Unicode")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="what to draw; any Unicode")
     p.add_argument("--model", default=None, help="a bundle folder, or a shipped bundle's name: shapes (default), emoji")
     p.add_argument("--num-images", type=int, default=None, help="images kept per prompt (default: the bundle's)")
     p.add_argument("--candidates", type=int, default=None, help="samples per prompt that CLIP ranks")
@@ -84,9 +91,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples", help="folder for the PNGs (default: samples/)")
     p.add_argument(
         "--method",
-        choices=["ar", "clip-guided"],
+        choices=["ar", "clip-guided", "unclip"],
         default="ar",
-        help="ar: sample and rerank; clip-guided: then refine with CLIP (prompt may be 'text:1 | other:-0.5')",
+        help="ar: sample and rerank; clip-guided: then refine with CLIP (prompt may be 'text:1 | other:-0.5'); "
+        "unclip: DALL-E 2's prior to CLIP image embeddings and a decoder from them, then rerank",
+    )
+    p.add_argument(
+        "--variations",
+        nargs="+",
+        default=None,
+        metavar="IMAGE",
+        help="draw new images from each image's CLIP embedding",
+    )
+    p.add_argument(
+        "--interpolate", nargs=2, default=None, metavar=("A", "B"), help="draw images along the path from A to B"
+    )
+    p.add_argument("--steps", type=int, default=None, help="--interpolate: images along the path, ends included (5)")
+    p.add_argument(
+        "--text-diff",
+        nargs=2,
+        default=None,
+        metavar=("FROM", "TO"),
+        help="--variations: turn each image's embedding toward the difference of two captions' (FROM -> TO)",
+    )
+    p.add_argument(
+        "--text-diff-scale", type=float, default=None, help="--text-diff: how far to turn, in [0, 1] (bundle's default)"
     )
     p.add_argument(
         "--init",
@@ -129,57 +158,111 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+def check_uses(args: argparse.Namespace) -> None:
+    """The options that pick what to draw agree with each other: one sentence for each way they can clash."""
+    unclip_use = "--variations" if args.variations else "--interpolate" if args.interpolate else None
+    if args.variations and args.interpolate:
+        raise UserError("--variations and --interpolate are two different uses; give one of them")
+    if unclip_use and args.prompts:
+        raise UserError(f"{unclip_use} draws from images and takes no prompt; leave out {args.prompts[0]!r}")
+    if unclip_use and (args.method != "ar" or args.init_image or args.init != "samples"):
+        raise UserError(f"{unclip_use} cannot go with --method, --init or --init-image; leave them out")
+    if args.text_diff is not None and not args.variations:
+        raise UserError("--text-diff edits the images of --variations; give --variations IMAGE too")
+    if args.text_diff_scale is not None and args.text_diff is None:
+        raise UserError("--text-diff-scale sets how far --text-diff turns an image; give --text-diff FROM TO too")
+    if args.steps is not None and not args.interpolate:
+        raise UserError("--steps counts the images of --interpolate; give --interpolate A B too")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.compile and args.decode not in (None, "compiled"):
         raise UserError(f"--compile is --decode compiled; it cannot go with --decode {args.decode}")
     decode = "compiled" if args.compile else args.decode
+    check_uses(args)
     # imported after argument parsing: --help and argument errors answer without loading torch
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_prompts
 
-    prompts = check_prompts(args.prompts)
+    prompts = [] if args.variations or args.interpolate else check_prompts(args.prompts)
     out = Path(args.out)
     check_out(out)  # before sampling: a bad --out would otherwise fail only after all the work
+    settings = dict(
+        num_images=args.num_images,
+        candidates=args.candidates,
+        guidance_scale=args.guidance_scale,
+        guidance_until=args.guidance_until,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning  # one line per warning, no source line
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, decode=decode)
-        results = pipe.generate(
-            prompts,
-            num_images=args.num_images,
-            candidates=args.candidates,
-            guidance_scale=args.guidance_scale,
-            guidance_until=args.guidance_until,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            guided_prior_weight=args.guided_prior_weight,
-            method=args.method,
-            init=args.init,
-            init_image=args.init_image,
-            keep_rows=args.keep_rows,
-            progress=True,
-        )
+        if args.variations:
+            groups = pipe.variations(
+                args.variations, text_diff=args.text_diff, text_diff_scale=args.text_diff_scale, **settings
+            )
+            sources = [str(v) for v in args.variations]
+            stems = [f"variation-{slug}_s{kept[0].seed}" for slug, kept in zip(unique_slugs(_stems(sources)), groups)]
+        elif args.interpolate:
+            steps = pipe.interpolate(*args.interpolate, 5 if args.steps is None else args.steps, **settings)
+            slug = "-".join(unique_slugs(_stems(args.interpolate)))
+            groups, sources = steps, [None] * len(steps)
+            stems = [f"interpolate-{slug}_s{kept[0].seed - k}_step{k}" for k, kept in enumerate(steps)]
+        else:
+            groups = pipe.generate(
+                prompts,
+                **settings,
+                guided_prior_weight=args.guided_prior_weight,
+                method=args.method,
+                init=args.init,
+                init_image=args.init_image,
+                keep_rows=args.keep_rows,
+                progress=True,
+            )
+            sources = [None] * len(groups)
+            stems = [f"{slug}_s{kept[0].seed}" for slug, kept in zip(unique_slugs(prompts), groups)]
 
-    for slug, kept in zip(unique_slugs(prompts), results):
-        try:
-            paths, grid = save_results(kept, out, f"{slug}_s{kept[0].seed}")
-        except OSError as e:  # no permission, a full disk
-            raise UserError(
-                f"cannot write the PNGs to --out '{out}' ({e.strerror or e}); pass a folder you can write to"
-            ) from None
+    written = 0
+    for stem, kept, source in zip(stems, groups, sources):
+        paths, grid = _save(kept, out, stem)
+        written += len(paths) + 1
         if not args.json:
             print(f"{kept[0].prompt!r}: {paths[0].name} .. {paths[-1].name} and {grid.name}")
             continue
         for r, path in zip(kept, paths):
             record = {"prompt": r.prompt, "path": str(path), "rank": r.rank, "clip_score": r.clip_score, "seed": r.seed}
+            record |= {} if source is None else {"source": source}
+            record |= {} if r.t is None else {"t": r.t}
             # a path holding bytes that are not UTF-8 (lone surrogates) cannot be printed as is: escape it
             print(json.dumps(record, ensure_ascii=not _is_utf8(str(path))), flush=True)
+    if args.interpolate:  # the path at a glance: every step's best, in order
+        best = [kept[0] for kept in groups]
+        path_grid = _save_grid(best, out, stems[0].rsplit("_step", 1)[0] + "_path", [f"t={r.t:.2f}" for r in best])
+        written += 1
+        if not args.json:
+            print(f"the path: {path_grid.name}")
     if not args.json:
         shown = f"{out}{os.sep}".encode("utf-8", "backslashreplace").decode()
-        print(f"wrote {sum(len(k) + 1 for k in results)} PNGs to {shown}")
+        print(f"wrote {written} PNGs to {shown}")
     return 0
+
+
+def _stems(paths: Sequence[str]) -> list[str]:
+    """Image file names without folder and suffix, to name what was drawn from them."""
+    return [Path(p).stem or "image" for p in paths]
+
+
+def _save(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
+    try:
+        return save_results(kept, out, stem)
+    except OSError as e:  # no permission, a full disk
+        raise UserError(
+            f"cannot write the PNGs to --out '{out}' ({e.strerror or e}); pass a folder you can write to"
+        ) from None
 
 
 def _is_utf8(text: str) -> bool:
@@ -202,19 +285,24 @@ def check_out(out: Path) -> None:
 
 def save_results(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
     """One prompt's Results as STEM_rRANK.png each and STEM_grid.png (captioned with rank and score)."""
-    import numpy as np
-    import torch
-
-    from dalle_mini_impl.data.images import from_uint8, save_grid
-
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for r in kept:
         paths.append(out / f"{stem}_r{r.rank}.png")
         r.image.save(paths[-1], format="PNG")
-    images = torch.stack([from_uint8(np.asarray(r.image)) for r in kept])  # (N, 3, H, W)
     captions = [f"#{r.rank}" + ("" if r.clip_score is None else f" {r.clip_score:.3f}") for r in kept]
-    return paths, save_grid(images, out / f"{stem}_grid.png", nrow=len(kept), captions=captions)
+    return paths, _save_grid(kept, out, f"{stem}_grid", captions)
+
+
+def _save_grid(kept: list, out: Path, name: str, captions: list[str]) -> Path:
+    """Results side by side, captioned, as NAME.png."""
+    import numpy as np
+    import torch
+
+    from dalle_mini_impl.data.images import from_uint8, save_grid
+
+    images = torch.stack([from_uint8(np.asarray(r.image)) for r in kept])  # (N, 3, H, W)
+    return save_grid(images, out / f"{name}.png", nrow=len(kept), captions=captions)
 
 
 if __name__ == "__main__":

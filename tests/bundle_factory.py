@@ -23,6 +23,7 @@ from dalle_mini_impl.config import CLIPConfig, RunConfig, config_to_dict
 from dalle_mini_impl.pipeline.bundle import save_module, write_bundle_config
 from dalle_mini_impl.text.tokenizer import TextTokenizer
 from train.dalle import build_model
+from train.prior import build_prior, prior_geometry
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "gray")
 SHAPES = ("circle", "square", "triangle")
@@ -66,11 +67,19 @@ def tiny_config() -> RunConfig:
     cfg.sample.candidates = 4
     cfg.sample.guided_steps = 8
     cfg.sample.guided_cutouts = 4
+    cfg.unclip.cond_len = 2
+    cfg.unclip.prior.dim = 32
+    cfg.unclip.prior.depth = 1
+    cfg.unclip.prior.heads = 2
+    cfg.unclip.prior.sample_steps = 4
     return cfg
 
 
-def make_tiny_bundle(folder: str | Path, *, clip: bool = True, seed: int = 0, cfg: RunConfig | None = None) -> Path:
-    """Write a complete bundle of random models into `folder` (created); without clip.safetensors if not clip.
+def make_tiny_bundle(
+    folder: str | Path, *, clip: bool = True, seed: int = 0, cfg: RunConfig | None = None, unclip: bool = False
+) -> Path:
+    """Write a complete bundle of random models into `folder` (created); without clip.safetensors if not clip;
+    with unCLIP's decoder and prior (unclip.*, prior.*) if unclip.
 
     cfg: the sizes (default `tiny_config()`); e.g. `load_config("shapes")` gives the shipped model's sizes.
     """
@@ -86,5 +95,12 @@ def make_tiny_bundle(folder: str | Path, *, clip: bool = True, seed: int = 0, cf
     (folder / "transformer.json").write_text(json.dumps(config_to_dict(transformer.cfg), indent=2) + "\n")
     if clip:
         save_module(clip_from_config(cfg, text), folder / "clip.safetensors")
+    if unclip:  # as train.unclip and train.prior build them
+        decoder = build_model(cfg, text, image, cond_dim=cfg.clip.embed_dim)
+        save_module(decoder, folder / "unclip.safetensors")
+        (folder / "unclip.json").write_text(json.dumps(config_to_dict(decoder.cfg), indent=2) + "\n")
+        prior = build_prior(cfg, text, cfg.clip.embed_dim)
+        save_module(prior, folder / "prior.safetensors")
+        (folder / "prior.json").write_text(json.dumps(prior_geometry(prior), indent=2) + "\n")
     write_bundle_config(cfg, folder)
     return folder

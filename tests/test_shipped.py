@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import dalle_mini_impl
-from dalle_mini_impl.pipeline.bundle import FILES, read_bundle_config, shipped_models
+from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, read_bundle_config, shipped_models
 from dalle_mini_impl.pipeline.pipeline import Pipeline
 from dalle_mini_impl.shapes.judge import judge
 
@@ -25,7 +25,11 @@ def test_every_shipped_bundle_is_complete_and_small():
     assert shipped_models() == sorted(MAX_MB)
     for name, max_mb in MAX_MB.items():
         names = {p.name for p in (ASSETS / name).iterdir()}
-        assert set(FILES.values()) | {"vae.json", "transformer.json"} <= names
+        required = {f for part, f in FILES.items() if part not in UNCLIP_PARTS} | {"vae.json", "transformer.json"}
+        assert required <= names
+        # unCLIP's parts come together, each with its json, or not at all
+        unclip = {FILES[part] for part in UNCLIP_PARTS} | {f"{part}.json" for part in UNCLIP_PARTS}
+        assert unclip <= names or not unclip & names
         total = sum(p.stat().st_size for p in (ASSETS / name).iterdir())
         assert total <= max_mb * 2**20, f"the shipped bundle {name} is {total / 2**20:.1f} MB, over {max_mb} MB"
 

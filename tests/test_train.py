@@ -328,3 +328,60 @@ def test_a_bundle_loaded_into_the_wrong_preset_is_one_sentence(run_dir, tmp_path
     message = str(e.value)
     assert "does not fit the CLIP built from this config" in message and "\n" not in message
     assert "load it with the config.json saved beside it, not another preset" in message
+
+
+def test_unclip_stages_train_export_and_draw_variations(run_dir, tmp_path, capsys):
+    """train.unclip and train.prior on the tiny run: the CLIP embeddings beside the shards are computed once (and
+    again for another CLIP), both losses fall, resume works, and the exported bundle draws variations."""
+    from dalle_mini_impl.pipeline.pipeline import Pipeline
+    from train import export as train_export
+    from train import prior as train_prior
+    from train import unclip as train_unclip
+
+    run = copy_run(run_dir, tmp_path / "run")
+    unclip = [
+        f"train.{s}.{k}"
+        for s in ("unclip", "prior")
+        for k in (
+            "batch_size=8",
+            "warmup_steps=2",
+            "log_every=1",
+            "eval_every=1000",
+            "image_every=1000",
+            "eval_batches=1",
+        )
+    ]
+    unclip += ["unclip.cond_len=2", "unclip.prior.dim=32", "unclip.prior.depth=1", "unclip.prior.heads=2",
+               "unclip.prior.sample_steps=4", "train.unclip.lr=3e-3", "train.prior.lr=3e-3"]  # fmt: skip
+    train_encode.main(args_for(run))
+    train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    train_clip.main(args_for(run, "train.clip.steps=2"))
+    capsys.readouterr()
+    train_unclip.main(args_for(run, *unclip, "train.unclip.steps=4", "train.unclip.checkpoint_every=2"))
+    first = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    embeddings = tokens_dir(run, "train") / "clip.safetensors"
+    stamp = embeddings.stat().st_mtime_ns
+    # resumed from step 4 to 12: the embeddings are read, not recomputed
+    train_unclip.main(args_for(run, *unclip, "train.unclip.steps=12", "train.unclip.checkpoint_every=4"))
+    assert embeddings.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (run / "checkpoints" / "unclip").iterdir())[-1].endswith("12")
+    train_prior.main(args_for(run, *unclip, "train.prior.steps=12"))
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert logged[0]["stage"] == "unclip" and logged[0]["loss"] < first[0]["loss"]
+    assert logged[1]["stage"] == "prior" and math.isfinite(logged[1]["eval/val_cosine"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["unclip"]["cond_len"] == 2 and config["unclip"]["prior"]["dim"] == 32
+    assert json.loads((run / "unclip.json").read_text())["cond_dim"] == 16  # the tiny CLIP's embed_dim
+
+    bundle = tmp_path / "bundle"
+    train_export.main([str(run), str(bundle)])
+    assert {"unclip.safetensors", "unclip.json", "prior.safetensors", "prior.json"} <= {
+        p.name for p in bundle.iterdir()
+    }
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    image = pipe.decode(torch.zeros(1, 16, dtype=torch.long))[0]
+    from dalle_mini_impl.data.images import to_pil
+
+    kept = pipe.variations([to_pil(image)], num_images=2, candidates=3, progress=False)[0]
+    assert [r.rank for r in kept] == [1, 2] and kept[0].clip_score >= kept[1].clip_score
+    assert pipe.generate(["a red circle"], method="unclip", num_images=1, candidates=2, progress=False)[0][0].rank == 1

@@ -7,6 +7,8 @@ Runs, in order, each as its own process with the same config and overrides:
     python -m train.encode      the data set, once, into token ids -> RUN/tokens/
     python -m train.dalle       the transformer                    -> RUN/transformer.safetensors
     python -m train.clip        CLIP, for reranking                -> RUN/clip.safetensors
+    python -m train.unclip      unCLIP's decoder (unclip.enabled)  -> RUN/unclip.safetensors
+    python -m train.prior       unCLIP's prior (unclip.enabled)    -> RUN/prior.safetensors
 
 RUN (`out_dir`) is then a complete bundle: `python -m sample "a red circle" --model RUN`. A stage
 whose output already exists is skipped, and a stage that was interrupted resumes from its last
@@ -31,14 +33,15 @@ from train.clip import check_config as check_clip_config
 
 
 def stages(cfg) -> list[tuple[str, str]]:
-    """(stage module, the path in the run folder that marks it done), in order."""
+    """(stage module, the path in the run folder that marks it done), in order; unCLIP's two when enabled."""
+    unclip = [("train.unclip", "unclip.safetensors"), ("train.prior", "prior.safetensors")]
     return [
         ("train.tokenizer", "text.model"),
         ("train.vae", "vae.safetensors"),
         ("train.encode", "tokens/manifest.json"),
         ("train.dalle", "transformer.safetensors"),
         ("train.clip", "clip.safetensors"),
-    ]
+    ] + (unclip if cfg.unclip.enabled else [])
 
 
 def main(argv: list[str] | None = None) -> int:

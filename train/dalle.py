@@ -13,6 +13,7 @@ gradient norm, tokens/s, validation loss, and sample grids for fixed prompts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.data.tokens import TokenStream, list_shards, tokens_dir
-from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.model.generate import generate
 from dalle_mini_impl.model.transformer import DALLE, resolve_config
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, load_vae, save_state_dict
@@ -54,7 +55,11 @@ class EncodedOnTheFly:
         self.batches.load_state_dict(state)
 
 
-def token_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool, accelerator, image_tokenizer):
+def token_batches(
+    cfg: RunConfig, split: str, batch_size: int, *, train: bool, accelerator, image_tokenizer, extra=None
+):
+    """Token batches of a split: from its shards, else encoded on the fly. `extra` (per-row tensors beside the
+    shards, keyed as the batches will carry them) needs the shards."""
     folder = tokens_dir(cfg.out_dir, split)
     if list_shards(folder):
         return TokenStream(
@@ -64,15 +69,30 @@ def token_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool, a
             seed=cfg.seed,
             process_index=accelerator.process_index,
             num_processes=accelerator.num_processes,
+            extra=extra,
         )
+    if extra:
+        raise UserError(f"no token shards in '{folder}'; run `python -m train.encode` with the same config first")
     batches = example_batches(cfg, split, batch_size, train=train, accelerator=accelerator)
     return EncodedOnTheFly(batches, image_tokenizer, accelerator.device)
 
 
-def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer) -> DALLE:
+def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer, cond_dim: int = 0) -> DALLE:
+    """The run's transformer; with cond_dim > 0, unCLIP's decoder: the same size, fed CLIP embeddings of
+    cond_dim numbers as `unclip.cond_len` prefix positions, trained with the `unclip` section's dropouts."""
     h, w = image_tokenizer.grid(cfg.data.image_size)
+    tcfg = cfg.transformer
+    if cond_dim:
+        u = cfg.unclip
+        tcfg = dataclasses.replace(
+            tcfg,
+            cond_dim=cond_dim,
+            cond_len=u.cond_len,
+            cond_dropout=u.embedding_dropout,
+            caption_dropout=u.caption_dropout,
+        )
     mcfg = resolve_config(
-        cfg.transformer,
+        tcfg,
         text_vocab=text_tokenizer.vocab_size,
         image_vocab=image_tokenizer.codebook_size,
         image_factors=image_tokenizer.group_sizes,
@@ -84,34 +104,89 @@ def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer) -> DALLE:
     return DALLE(mcfg)
 
 
+def start_from_transformer(decoder: DALLE, run: Path) -> None:
+    """Load the run's trained transformer into unCLIP's decoder in place: every weight but the embedding's own
+    (its projection and position vectors, which keep their initialisation). A checkpoint resumed later wins."""
+    from dalle_mini_impl.pipeline.bundle import load_state_dict, part_path
+
+    path = part_path(run, "transformer")
+    state = load_state_dict(path)
+    own = decoder.state_dict()
+    wrong = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if wrong or set(own) - set(state) != {"cond_proj.weight", "cond_pos.weight"}:
+        raise UserError(
+            f"'{path}' is not a transformer of the decoder's size ('{(wrong or sorted(set(own) - set(state)))[0]}' "
+            "differs); set unclip.init_from_transformer=false or train the transformer with this config"
+        )
+    decoder.load_state_dict(state, strict=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, args = loop.parse_args(argv, __doc__)
-    tc = cfg.train.dalle
+    return train(cfg, args, "dalle")
+
+
+def train(cfg: RunConfig, args, stage: str) -> int:
+    """Train the DALL-E transformer (stage "dalle"), or unCLIP's decoder (stage "unclip", `train.unclip`): the
+    same model and loop, the decoder also reading each row's CLIP image embedding (`train.embed`)."""
+    tc = getattr(cfg.train, stage)
     accelerator = loop.make_accelerator(tc)
     seed_everything(cfg.seed)
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     image_tokenizer = load_vae(cfg.out_dir).to(accelerator.device)
-    model = build_model(cfg, text_tokenizer, image_tokenizer)
+    extra = {}
+    if stage == "unclip":
+        from train.embed import shared_embeddings
+
+        extra = {
+            split: {"embedding": shared_embeddings(cfg.out_dir, split, accelerator)["image"]}
+            for split in (cfg.data.split, cfg.data.val_split)
+        }
+    cond_dim = extra[cfg.data.split]["embedding"].shape[1] if extra else 0
+    model = build_model(cfg, text_tokenizer, image_tokenizer, cond_dim)
+    if stage == "unclip" and cfg.unclip.init_from_transformer:
+        start_from_transformer(model, Path(cfg.out_dir))
     model.gradient_checkpointing = tc.grad_checkpointing
     optimizer = adamw(model.param_groups(tc.weight_decay), tc, accelerator)
     batches = token_batches(
-        cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator, image_tokenizer=image_tokenizer
+        cfg,
+        cfg.data.split,
+        tc.batch_size,
+        train=True,
+        accelerator=accelerator,
+        image_tokenizer=image_tokenizer,
+        extra=extra.get(cfg.data.split),
     )
-    null_caption_p = cfg.transformer.caption_dropout
+    null_caption_p, null_cond_p = model.cfg.caption_dropout, model.cfg.cond_dropout
     rank = accelerator.process_index
-    seq_len = model.cfg.text_len + model.cfg.grid_h * model.cfg.grid_w
+    seq_len = model.cfg.seq_len + 1
+
+    def dropped(n: int, step: int | None, p: float, which: int) -> np.ndarray:
+        """Which of n rows drop their caption (which 0) or embedding (1) at a training step (None: none)."""
+        if step is None or p <= 0:
+            return np.zeros(n, dtype=bool)
+        # seeded by (seed, step, rank, which) so a resumed run drops the same ones; the caption's draw keeps
+        # the seeding the DALL-E stage always had
+        key = [cfg.seed, step, rank] + ([which] if which else [])
+        return np.random.default_rng(key).random(n) < p
 
     def text_ids(captions: list[str], step: int | None) -> torch.Tensor:
-        if step is not None and null_caption_p > 0:
-            # seeded by (seed, step, rank) so a resumed run drops the same captions
-            drop = np.random.default_rng([cfg.seed, step, rank]).random(len(captions)) < null_caption_p
-            captions = ["" if d else c for c, d in zip(captions, drop)]
+        drop = dropped(len(captions), step, null_caption_p, 0)
+        captions = ["" if d else c for c, d in zip(captions, drop)]
         return text_tokenizer.encode(captions).to(accelerator.device)
+
+    def cond_of(batch: dict, step: int | None) -> torch.Tensor | None:
+        """The batch's embeddings with the dropped ones zeroed, or None for the DALL-E transformer."""
+        if "embedding" not in batch:
+            return None
+        cond = batch["embedding"].to(accelerator.device)
+        keep = torch.from_numpy(~dropped(cond.shape[0], step, null_cond_p, 1)).to(cond.device)
+        return cond * keep[:, None].to(cond.dtype)
 
     def loss(m, batch, step):
         text = text_ids(batch["caption"], step)
         image = batch["image_ids"].flatten(1)  # (b, n)
-        value, parts = m.loss(text, image)
+        value, parts = m.loss(text, image, cond_of(batch, step))
         return value, {k: float(v) for k, v in parts.items()}
 
     validation_batches = loop.replay(
@@ -122,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             train=False,
             accelerator=accelerator,
             image_tokenizer=image_tokenizer,
+            extra=extra.get(cfg.data.val_split),
         ),
         tc.eval_batches,
     )
@@ -131,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         sums = torch.zeros(4, device=accelerator.device)  # loss, text, image, batches
         for batch in validation_batches():
             image = batch["image_ids"].to(accelerator.device).flatten(1)
-            value, parts = m.loss(text_ids(batch["caption"], None), image)
+            value, parts = m.loss(text_ids(batch["caption"], None), image, cond_of(batch, None))
             sums += torch.stack(
                 [value.float(), parts["text_loss"].float(), parts["image_loss"].float(), sums.new_ones(())]
             )
@@ -143,25 +219,36 @@ def main(argv: list[str] | None = None) -> int:
             "val_image_loss": float(sums[2]) / n,
         }
 
-    prompts = fixed_prompts(cfg)
+    prompts, sources, cond = fixed_prompts(cfg), None, None
+    if extra:  # unCLIP: variations of the first validation images (caption dropped), shown above them
+        val = next(iter(validation_batches()))
+        sources, cond = val["image_ids"][: len(prompts)], val["embedding"][: len(prompts)].to(accelerator.device)
+        prompts = [""] * cond.shape[0]
 
     def log_images(m, step):
         gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
         text = text_tokenizer.encode(prompts).to(accelerator.device)
         null = text_tokenizer.encode([""]).to(accelerator.device)
-        ids = generate(m, text, null_text=null, guidance_scale=cfg.sample.guidance_scale, top_p=0.95, generator=gen)
+        ids = generate(
+            m, text, cond=cond, null_text=null, guidance_scale=cfg.sample.guidance_scale, top_p=0.95, generator=gen
+        )
         h, w = m.cfg.grid_h, m.cfg.grid_w
+        if sources is not None:
+            ids = torch.cat([sources.to(ids.device).flatten(1), ids])
         with torch.inference_mode():
             images = image_tokenizer.decode(ids.view(-1, h, w)).float().cpu()
-        return {"dalle/samples": make_grid(images, nrow=len(prompts)), "dalle/prompts": " | ".join(prompts)}
+        shown = "sources (top) and their variations" if sources is not None else " | ".join(prompts)
+        return {f"{stage}/samples": make_grid(images, nrow=len(prompts)), f"{stage}/prompts": shown}
+
+    name = "transformer" if stage == "dalle" else "unclip"
 
     def export(m, state):
         out = Path(cfg.out_dir)
-        save_state_dict(state, out / "transformer.safetensors")
-        (out / "transformer.json").write_text(json.dumps(config_to_dict(m.cfg), indent=2) + "\n")
+        save_state_dict(state, out / f"{name}.safetensors")
+        (out / f"{name}.json").write_text(json.dumps(config_to_dict(m.cfg), indent=2) + "\n")
 
-    stage = loop.Stage(
-        name="dalle",
+    stage_ = loop.Stage(
+        name=stage,
         model=model,
         optimizer=optimizer,
         batches=batches,
@@ -172,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         log_images=log_images,
         export=export,
     )
-    loop.report("dalle", loop.run(cfg, tc, stage, accelerator, args), accelerator)
+    loop.report(stage, loop.run(cfg, tc, stage_, accelerator, args), accelerator)
     return 0
 
 

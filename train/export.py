@@ -1,10 +1,11 @@
 """Copy a trained run folder into a compact bundle: `python -m train.export RUN DEST [--dtype fp16]`.
 
-Copies config.json, text.model, vae.json and transformer.json, and rewrites each safetensors file
-(vae, transformer, clip) with its floating-point tensors cast to `--dtype` (fp16 halves the size; loading
-casts back to the model's dtype). `--set sample.KEY=VALUE` changes the bundle's sampling defaults (the
-`[sample]` settings `python -m sample` starts from) when they were chosen after training, as
-`eval --set sample.KEY=VALUE` measures them; nothing else of a trained model's config can change.
+Copies config.json, text.model, vae.json and transformer.json (and unclip.json, prior.json when the run has
+unCLIP's parts), and rewrites each safetensors file (vae, transformer, clip, unclip, prior) with its
+floating-point tensors cast to `--dtype` (fp16 halves the size; loading casts back to the model's dtype).
+`--set sample.KEY=VALUE` changes the bundle's sampling defaults (the `[sample]` settings `python -m sample`
+starts from) when they were chosen after training, as `eval --set sample.KEY=VALUE` measures them; nothing
+else of a trained model's config can change.
 A data source that names files on this machine is not carried into the bundle (`data.source` becomes
 empty: an evaluation of the bundle asks for `--data`); `shapes` and hub names are. Checkpoints, logs and
 token shards stay behind. The shipped models in dalle_mini_impl/assets are such
@@ -23,7 +24,7 @@ import torch
 from dalle_mini_impl.config import apply_sample_overrides, read_config_json, save_config
 from dalle_mini_impl.data.streams import is_local_source
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.pipeline.bundle import FILES, load_state_dict, part_path, save_state_dict
+from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, load_state_dict, part_path, save_state_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDE_FILES = ("vae.json", "transformer.json")
@@ -42,7 +43,12 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
         if not (run / name).is_file():
             raise UserError(f"run folder '{run}' has no {name}; finish training every stage first")
         shutil.copyfile(run / name, dest / name)
-    for part in ("vae", "transformer", "clip"):
+    parts = ["vae", "transformer", "clip"] + [p for p in UNCLIP_PARTS if (run / FILES[p]).is_file()]
+    for part in parts:
+        if part in UNCLIP_PARTS:
+            if not (run / f"{part}.json").is_file():
+                raise UserError(f"run folder '{run}' has {FILES[part]} but no {part}.json; retrain that stage")
+            shutil.copyfile(run / f"{part}.json", dest / f"{part}.json")
         state = load_state_dict(part_path(run, part))
         save_state_dict(state, dest / FILES[part], dtype=dtype)
     for path in sorted(dest.iterdir()):

@@ -611,7 +611,7 @@ def pass_costs(model, device: torch.device, reps: int = 20) -> dict[str, float]:
             model.transform(model.embed(text, torch.zeros(rows, at, dtype=torch.long, device=device)), 0, masks, cache)
             for width in (w for w in (1, 4, 16) if at + w <= c.image_len - 1):  # fed cells end by n - 2
                 x = model.embed_image(torch.zeros(rows, width, dtype=torch.long, device=device), at)
-                step = functools.partial(_one_pass, model, x, c.text_len + at, masks, cache)
+                step = functools.partial(_one_pass, model, x, c.prefix_len + at, masks, cache)
                 step()
                 ms = 1e3 * statistics.median(timed(device, step) for _ in range(reps))
                 out[f"rows{rows}_window{width}"] = round(ms, 3)

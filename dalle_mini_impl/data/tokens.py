@@ -6,9 +6,11 @@
                                                            + metadata: captions (a JSON list), grid
 
 Each shard is written under a temporary name and renamed, so an interrupted encode resumes at the
-first missing shard. `TokenStream` reads every shard of a split, splits the rows across processes,
-and yields shuffled batches forever (training) or once in order (evaluation), with an exact data
-position for resume (after LlamaGen, which also trains on pre-extracted codes).
+first missing shard. unCLIP's stages add RUN/tokens/<split>/clip.safetensors beside the shards: the bundle
+CLIP's image embedding of every row's image and text embedding of its caption (`train.embed`).
+`TokenStream` reads every shard of a split, splits the rows across processes, and yields shuffled
+batches forever (training) or once in order (evaluation), with an exact data position for resume (after
+LlamaGen, which also trains on pre-extracted codes).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def read_shards(folder: Path) -> tuple[torch.Tensor, list[str]]:
 
 
 class TokenStream:
-    """Batches of {"image_ids": (b, h, w), "caption": list[str]} from token shards, split across processes.
+    """Batches of {"image_ids": (b, h, w), "caption": list[str]} from token shards, split across processes;
+    `extra` tensors with one row per shard row (CLIP embeddings) join every batch under their own keys.
 
     Every process draws the same global order (a permutation from (seed, epoch) for training, the file
     order for evaluation) and takes its own slice of each global batch of `batch_size * num_processes`
@@ -91,8 +94,16 @@ class TokenStream:
         seed: int = 0,
         process_index: int = 0,
         num_processes: int = 1,
+        extra: dict[str, torch.Tensor] | None = None,
     ):
         self.image_ids, self.captions = read_shards(folder)
+        self.extra = dict(extra or {})
+        for key, rows in self.extra.items():
+            if rows.shape[0] != len(self.captions):
+                raise UserError(
+                    f"'{key}' beside the token shards in '{folder}' has {rows.shape[0]} rows for "
+                    f"{len(self.captions)} shard rows; delete {folder / 'clip.safetensors'} to recompute it"
+                )
         self.global_batch = batch_size * num_processes
         if train and len(self.captions) < self.global_batch:
             raise UserError(
@@ -122,7 +133,8 @@ class TokenStream:
                 idx = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
                 if len(idx) == 0:
                     continue
-                yield {"image_ids": self.image_ids[idx], "caption": [self.captions[i] for i in idx]}
+                batch = {"image_ids": self.image_ids[idx], "caption": [self.captions[i] for i in idx]}
+                yield batch | {key: rows[idx] for key, rows in self.extra.items()}
             if not self.train:
                 return
             self.epoch, self.position = self.epoch + 1, 0

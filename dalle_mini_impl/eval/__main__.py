@@ -3,7 +3,8 @@
     judge FILE.jsonl                         the shapes judge over rows {"prompt", "path"}
     recon --model DIR --data SRC --split S    image tokenizer PSNR / SSIM / codebook usage
     clip --model DIR --data SRC --split S     CLIP retrieval recall@1/5/10
-    shapes --model DIR --n 300 --seed 0       judge accuracy of generated samples
+    shapes --model DIR --n 300 --seed 0       judge accuracy of generated samples (--method unclip: DALL-E 2's)
+    unclip --model DIR --n 300 --seed 0       judge accuracy of unCLIP's variations, text diffs, interpolations
     emoji --model B --judge J --data DIR      text-to-image on emoji-styles, graded by an evaluation CLIP
 """
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "clip": "dalle_mini_impl.eval.clip",
     "shapes": "dalle_mini_impl.eval.shapes",
     "emoji": "dalle_mini_impl.eval.emoji",
+    "unclip": "dalle_mini_impl.eval.unclip",
 }
 
 

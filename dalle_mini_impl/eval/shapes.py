@@ -1,6 +1,7 @@
 """Does the model draw what the prompt says? The shapes judge over a fixed, seeded prompt set.
 
     python -m dalle_mini_impl.eval shapes --model RUN --n 300 --seed 0 [--candidates 8] [--guided 0]
+        [--method unclip]                    # candidates from DALL-E 2's prior and decoder instead
         [--set sample.guidance_scale=3]    # sample with other settings than the bundle's
 
 The prompt set (`prompt_set`) is a pure function of (n, seed, held-out combinations):
@@ -16,6 +17,8 @@ first 8; `judge_best_of_8`, a candidate the judge itself accepts if any of the f
 ceiling of any reranker of 8: how often the sampler draws a right image at all); and, with
 `--candidates 32`, `clip_top1_of_32`. `--guided K` also refines CLIP's best of 8
 with CLIP-guided optimisation (VQGAN+CLIP) for the first K prompts and reports `clip_guided`.
+`--method unclip` draws every candidate through unCLIP's prior (a CLIP image embedding per candidate) and
+decoder, with the same prompts, seeds and reranking, so its columns compare with the default method's.
 """
 
 from __future__ import annotations
@@ -99,7 +102,9 @@ def _by_kind(verdicts: list, kinds: list[str]) -> dict:
     return out
 
 
-def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int, progress: bool = True) -> dict:
+def evaluate(
+    pipe, prompts: list[tuple[str, str]], candidates: int, guided: int, progress: bool = True, method: str = "ar"
+) -> dict:
     """Judge the random candidate, CLIP's top-1 of 8 (and of 32), and optionally CLIP-guided refinement of that
     top-1 for the first `guided` prompts: by CLIP alone (`clip_guided`) and, when the settings'
     guided_prior_weight is above 0, with the transformer's prior too (`clip_guided_prior`), beside the
@@ -119,7 +124,9 @@ def evaluate(pipe, prompts: list[tuple[str, str]], candidates: int, guided: int,
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
-        ids, images, scores = pipe.candidates([(prompt, 1.0)], s, generator)  # (m, n), (m, 3, S, S), (m,)
+        ids, images, scores = pipe.candidates(
+            [(prompt, 1.0)], s, generator, method=method
+        )  # (m, n), (m, 3, S, S), (m,)
         pixels = to_uint8(images)  # (m, S, S, 3)
         distinct.append(len(distinct_first(images[:8])) / len(images[:8]))
         first8 = [judge(image, prompt) for image in pixels[:8]]
@@ -179,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=8, help="samples per prompt: 8, or 32 for top-1 of 32")
     parser.add_argument("--guided", type=int, default=0, help="refine with CLIP guidance for the first K prompts")
     parser.add_argument(
+        "--method", default="ar", choices=["ar", "unclip"], help="ar: the transformer; unclip: the prior and decoder"
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -195,18 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates < 8:
         raise UserError(f"--candidates is {args.candidates}; CLIP's top-1 of 8 needs at least 8")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.method == "unclip":
+        pipe.require_unclip("--method unclip", prior=True)
+        if args.guided:
+            raise UserError("--guided refines the default method's top-1; leave it out with --method unclip")
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed = args.seed
     prompts = prompt_set(args.n, args.seed, pipe.cfg.data.shapes.held_out)
     t0 = time.perf_counter()
-    result = evaluate(pipe, prompts, args.candidates, args.guided)
+    result = evaluate(pipe, prompts, args.candidates, args.guided, method=args.method)
     summary = {
         "model": str(args.model or "shipped"),
         "n": len(prompts),
         "seed": args.seed,
         "candidates": args.candidates,
+        "method": args.method,
         "held_out": pipe.cfg.data.shapes.held_out,
         "guidance_scale": pipe.cfg.sample.guidance_scale,
         "guidance_until": pipe.cfg.sample.guidance_until,

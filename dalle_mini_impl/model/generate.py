@@ -126,19 +126,25 @@ def _drop_unconditional(b: int, masks: list, cache: list | None = None) -> None:
         layer.k, layer.v = layer.k[:b], layer.v[:b]
 
 
+def _with_image(model: DALLE, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The embedded prefix (B, P, d) followed by the embedded image ids of cells 0 .. m - 1 (B, m)."""
+    return torch.cat([prefix, model.embed_image(ids)], dim=1)
+
+
 def _cached_logits(
-    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int, decode: str
+    model: DALLE, prefix: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int, decode: str
 ) -> Iterator[torch.Tensor]:
     """Image logits predicting token i for i = k .. n-1; reads out[:, i - 1] when resumed for token i.
 
-    One prefill fills the cache, then one cached step per token, run as `decode` says (`_decode_step`).
-    Rows are guided (2b: conditional, then unconditional) for tokens k .. stop - 1, and b after.
+    One prefill of the embedded prefix (B, P, d) and the primed cells fills the cache, then one cached step
+    per token, run as `decode` says (`_decode_step`). Rows are guided (2b: conditional, then unconditional)
+    for tokens k .. stop - 1, and b after.
     """
     n, b = model.cfg.image_len, out.shape[0]
     guided = stop > k
-    cache = model.new_cache(text.shape[0])
+    cache = model.new_cache(prefix.shape[0])
     step = _decode_step(model, decode, masks, cache)
-    h = model.transform(model.embed(text, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, t + k, d)
+    h = model.transform(_with_image(model, prefix, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, P + k, d)
     yield model.image_logits(h[:, -1])  # (B, k_image)
     for i in range(k + 1, n):
         if guided and i == stop:
@@ -154,7 +160,7 @@ def _decode_step(model: DALLE, decode: str, masks: list, cache: list) -> Callabl
     shapes never change; "compiled": that step under torch.compile.
     """
     if decode == "cached":
-        t = model.cfg.text_len
+        t = model.cfg.prefix_len
 
         def step(ids: torch.Tensor, c: int) -> torch.Tensor:
             h = model.transform(model.embed_image(ids, c), t + c, masks, cache)  # (B, 1, d) at position t + c
@@ -192,16 +198,16 @@ def compiled_step(model: DALLE) -> Callable:
 
 
 def _uncached_logits(
-    model: DALLE, text: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int
+    model: DALLE, prefix: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int
 ) -> Iterator[torch.Tensor]:
-    """The same logits as `_cached_logits`, each from a forward over the whole prefix."""
+    """The same logits as `_cached_logits`, each from a forward over the whole sequence so far."""
     b = out.shape[0]
     for i in range(k, model.cfg.image_len):
         guided = i < stop
         if i == stop and stop > k:
-            text = text[:b]
+            prefix = prefix[:b]
             _drop_unconditional(b, masks)
-        h = model.transform(model.embed(text, _pair(out[:, :i], guided)), 0, masks)  # (B, t + i, d)
+        h = model.transform(_with_image(model, prefix, _pair(out[:, :i], guided)), 0, masks)  # (B, P + i, d)
         yield model.image_logits(h[:, -1])
 
 
@@ -237,7 +243,7 @@ def _new_drafts(
 
 def _speculative(
     model: DALLE,
-    text: torch.Tensor,
+    prefix: torch.Tensor,
     out: torch.Tensor,
     k: int,
     masks: list,
@@ -257,15 +263,15 @@ def _speculative(
     re-reads accepted cells, which pass), and q (b, W, K) holds the distribution each draft was drawn from.
     """
     c = model.cfg
-    b, n, t, w, k_image = out.shape[0], c.image_len, c.text_len, c.grid_w, c.image_vocab
+    b, n, t, w, k_image = out.shape[0], c.image_len, c.prefix_len, c.grid_w, c.image_vocab
     guided = stop > k
     device = out.device
     gen_device = generator.device if generator is not None else device
-    cache = model.new_cache(text.shape[0])
-    x_text = model.embed_text(text)  # (B, t, d)
-    # prefill every input but the last known one (the last text position, or the last primed cell), which
-    # opens the first window: positions 0 .. t + k - 2
-    model.transform(model.embed(text, _pair(out[:, :k], guided))[:, : t + k - 1], 0, masks, cache)
+    cache = model.new_cache(prefix.shape[0])
+    x_text = prefix  # (B, P, d)
+    # prefill every input but the last known one (the last prefix position, or the last primed cell), which
+    # opens the first window: positions 0 .. P + k - 2
+    model.transform(_with_image(model, prefix, _pair(out[:, :k], guided))[:, : t + k - 1], 0, masks, cache)
     passes, rows_done = 1, k // w
     span = torch.arange(W, device=device)
     acc = torch.full((b,), k, device=device)  # accepted ids per row
@@ -278,7 +284,7 @@ def _speculative(
             _drop_unconditional(b, masks, cache)
             x_text, guided = x_text[:b], False
         if s0 == int(start.max()):  # one window for all rows: contiguous positions
-            if s0 == 0:  # the last text position, then the drafts of cells 0 .. W - 2
+            if s0 == 0:  # the last prefix position, then the drafts of cells 0 .. W - 2
                 x = torch.cat([x_text[:, -1:], model.embed_image(_pair(out[:, : W - 1], guided), 0)], dim=1)
             else:
                 x = model.embed_image(_pair(out[:, s0 - 1 : s0 + W - 1], guided), s0 - 1)
@@ -330,11 +336,26 @@ def _speculative(
 
 
 def _check_args(
-    model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode, window, draft
+    model,
+    text,
+    cond,
+    null_text,
+    guidance_scale,
+    guidance_until,
+    temperature,
+    top_k,
+    top_p,
+    prime,
+    decode,
+    window,
+    draft,
 ):
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
         raise ValueError(f"text must be a LongTensor (b, {c.text_len}), got {text.dtype} {tuple(text.shape)}")
+    if cond is not None and (not c.cond_len or cond.shape != (text.shape[0], c.cond_dim)):
+        want = f"({text.shape[0]}, {c.cond_dim})" if c.cond_len else "None: this transformer takes no embedding"
+        raise ValueError(f"cond must be {want}, got {tuple(cond.shape)}")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     if window < 0 or draft not in DRAFTS:
@@ -364,6 +385,7 @@ def generate(
     model: DALLE,
     text: torch.Tensor,
     *,
+    cond: torch.Tensor | None = None,
     null_text: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     guidance_until: float = 1.0,
@@ -380,7 +402,9 @@ def generate(
 ) -> torch.Tensor:
     """Sample image ids (b, n), raster order, for text ids (b, t); every prompt in one batch.
 
-    null_text: the empty caption's ids, (1, t) or (b, t); needed when guidance_scale != 1.
+    cond: an unCLIP decoder's CLIP image embeddings (b, cond_dim) (None: dropped, as in the unconditional rows).
+    null_text: the empty caption's ids, (1, t) or (b, t); needed when guidance_scale != 1. The unconditional
+        rows read it and, for an unCLIP decoder, the dropped (zero) embedding.
     guidance_scale: classifier-free guidance scale on the logits (1: off, no unconditional rows run).
     guidance_until: the fraction of the image's tokens that are guided, counted from the first (1: all,
         0: none); after them the unconditional rows leave the batch. Primed tokens count, unsampled.
@@ -407,7 +431,19 @@ def generate(
     tensors are never written.
     """
     _check_args(
-        model, text, null_text, guidance_scale, guidance_until, temperature, top_k, top_p, prime, decode, window, draft
+        model,
+        text,
+        cond,
+        null_text,
+        guidance_scale,
+        guidance_until,
+        temperature,
+        top_k,
+        top_p,
+        prime,
+        decode,
+        window,
+        draft,
     )
     c = model.cfg
     b, n, w = text.shape[0], c.image_len, c.grid_w
@@ -416,6 +452,8 @@ def generate(
     stop = max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
     guided = stop > k
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
+    if cond is not None and guided:
+        cond = torch.cat([cond, torch.zeros_like(cond)])  # the unconditional rows: the embedding dropped
     out = torch.empty(b, n, dtype=torch.long, device=text.device)
     if k:
         out[:, :k] = prime
@@ -427,6 +465,7 @@ def generate(
     model.eval()
     try:
         masks = model.attn_masks(rows_text)
+        prefix = model.embed_prefix(rows_text, None if cond is None else cond.to(text.device))  # (B, P, d)
         width = 1
         if decode == "speculative":  # a window never reaches back to the text: it starts at cell 1 or later
             weight = model.head.weight
@@ -435,14 +474,14 @@ def generate(
         if width > 1 and b > 0:
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
-                model, rows_text, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row
+                model, prefix, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row
             )
         else:
             if decode == "uncached":
-                source = _uncached_logits(model, rows_text, out, k, masks, stop)
+                source = _uncached_logits(model, prefix, out, k, masks, stop)
             else:  # speculative at a window of 1 cell is plain cached decoding
                 source = _cached_logits(
-                    model, rows_text, out, k, masks, stop, "cached" if decode == "speculative" else decode
+                    model, prefix, out, k, masks, stop, "cached" if decode == "speculative" else decode
                 )
             for i, logits in zip(range(k, n), source):
                 if i < stop:

@@ -18,6 +18,12 @@ the pad or eos token that sits there), and image position t+i predicts image[i+1
 token is never fed. One output head covers text_vocab + image_vocab ids; a position that predicts text
 puts -inf on every image id and vice versa, and the per-position pad tokens are input-only.
 
+unCLIP's decoder (DALL-E 2; `cond_dim`, `cond_len` > 0): a CLIP image embedding (b, cond_dim) is projected to
+cond_len positions before the text, [embedding ; text ; image], so every offset above moves by cond_len
+(`prefix_len` = cond_len + text_len is where the image starts). The zero vector is the dropped embedding
+(its positions then hold only their learned position vectors): what training feeds with probability
+`cond_dropout` and what classifier-free guidance contrasts with.
+
 Product image codes (`image_factors = [K_1, .., K_G]`, for a tokenizer whose ids are tuples of one code
 from each of G groups: the dVAE with `group_sizes`, whose flat ids `vae.product` defines): an image id is
 embedded as the sum of its factors' embeddings, and the head gives one logit per factor code, a tuple's
@@ -184,6 +190,10 @@ def _check(cfg: TransformerConfig) -> None:
         raise bad("text_loss_weight", "between 0 and 1")
     if cfg.text_pad == "mask" and cfg.pads_in_loss:
         raise bad("pads_in_loss", "false when text_pad is 'mask' (masked pads are never targets)")
+    if cfg.cond_dim < 0 or cfg.cond_len < 0 or (cfg.cond_dim > 0) != (cfg.cond_len > 0):
+        raise bad("cond_len", f"0 with cond_dim 0 (no embedding) or positive with cond_dim {cfg.cond_dim} > 0")
+    if not 0.0 <= cfg.cond_dropout <= 1.0:
+        raise bad("cond_dropout", "between 0 and 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,14 +202,14 @@ def _check(cfg: TransformerConfig) -> None:
 
 
 def rope_2d_angles(cfg: TransformerConfig, base: float = 10000.0) -> torch.Tensor:
-    """Rotation angles (L, head_dim / 2) per sequence position: 0 for text, row | column for image."""
+    """Rotation angles (L, head_dim / 2) per sequence position: 0 for the prefix, row | column for image."""
     quarter = cfg.head_dim // 4
     inv_freq = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (quarter,)
     cell = torch.arange(cfg.image_len - 1)  # grid cells of the image tokens that are fed
     rows = (cell // cfg.grid_w).double()[:, None] * inv_freq
     cols = (cell % cfg.grid_w).double()[:, None] * inv_freq
     image = torch.cat([rows, cols], dim=-1)  # (n - 1, head_dim / 2)
-    text = torch.zeros(cfg.text_len, 2 * quarter, dtype=torch.float64)
+    text = torch.zeros(cfg.prefix_len, 2 * quarter, dtype=torch.float64)
     return torch.cat([text, image]).float()  # (L, head_dim / 2)
 
 
@@ -211,7 +221,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def pattern_mask(cfg: TransformerConfig, pattern: str) -> torch.Tensor:
     """Which key each query may see under `pattern`: a causal boolean mask (L, L), True = visible."""
-    L, t = cfg.seq_len, cfg.text_len
+    L, t = cfg.seq_len, cfg.prefix_len
     mask = torch.ones(L, L, dtype=torch.bool).tril()
     if pattern == "full":
         return mask
@@ -224,7 +234,7 @@ def pattern_mask(cfg: TransformerConfig, pattern: str) -> torch.Tensor:
     else:
         reach = cfg.conv_kernel // 2
         near = ((r[:, None] - r[None, :]).abs() <= reach) & ((c[:, None] - c[None, :]).abs() <= reach)
-    mask[t:, t:] &= near  # image queries keep all text keys; image keys only in the pattern
+    mask[t:, t:] &= near  # image queries keep all prefix keys; image keys only in the pattern
     return mask
 
 
@@ -360,6 +370,9 @@ class DALLE(nn.Module):
         self.text_emb = nn.Embedding(cfg.text_vocab + pad_tokens, d)
         self.image_emb = nn.Embedding(cfg.image_rows, d)
         self.text_pos = nn.Embedding(t, d)
+        if cfg.cond_len:  # unCLIP: the embedding's positions, a projection plus a learned vector each
+            self.cond_proj = Linear(cfg.cond_dim, cfg.cond_len * d)
+            self.cond_pos = nn.Embedding(cfg.cond_len, d)
         if cfg.pos_2d == "embed":
             self.row_pos = nn.Embedding(cfg.grid_h, d)
             self.col_pos = nn.Embedding(cfg.grid_w, d)
@@ -399,6 +412,22 @@ class DALLE(nn.Module):
             text = torch.where(text == self.cfg.pad_id, self.pad_token, text)
         return self.text_emb(text) + self.text_pos.weight
 
+    def embed_prefix(self, text: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The positions before the image: [embedding ; text] (b, prefix_len, d) from text ids (b, t) and, for
+        an unCLIP decoder, CLIP image embeddings cond (b, cond_dim) (None or zero rows: dropped)."""
+        x = self.embed_text(text)
+        if not self.cfg.cond_len:
+            if cond is not None:
+                raise ValueError("this transformer takes no embedding (cond_dim 0); pass cond=None")
+            return x
+        b, c = text.shape[0], self.cfg
+        if cond is None:
+            cond = x.new_zeros(b, c.cond_dim)
+        if cond.shape != (b, c.cond_dim):
+            raise ValueError(f"cond must be ({b}, {c.cond_dim}) embeddings, got {tuple(cond.shape)}")
+        e = self.cond_proj(cond.to(x.dtype)).view(b, c.cond_len, c.dim) + self.cond_pos.weight
+        return torch.cat([e, x], dim=1)
+
     def embed_image(self, image: torch.Tensor, first: int | torch.Tensor = 0) -> torch.Tensor:
         """Image ids (b, m) of grid cells first .. first + m - 1 -> (b, m, d); a tensor `first` (1,) takes m = 1,
         and a tensor (b, m) gives every id its own cell."""
@@ -420,9 +449,10 @@ class DALLE(nn.Module):
             x = x + self.row_pos(self.cell_row[cells]) + self.col_pos(self.cell_col[cells])
         return x
 
-    def embed(self, text: torch.Tensor, image_in: torch.Tensor) -> torch.Tensor:
-        """The first t + m positions: text (b, t) and the image ids fed so far (b, m) -> (b, t + m, d)."""
-        return torch.cat([self.embed_text(text), self.embed_image(image_in)], dim=1)
+    def embed(self, text: torch.Tensor, image_in: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The first P + m positions: the prefix (`embed_prefix` of text (b, t) and cond) and the image ids fed
+        so far (b, m) -> (b, P + m, d)."""
+        return torch.cat([self.embed_prefix(text, cond), self.embed_image(image_in)], dim=1)
 
     # --- attention plumbing -----------------------------------------------------------------
 
@@ -433,9 +463,9 @@ class DALLE(nn.Module):
         """
         key_ok = None
         if self.cfg.text_pad == "mask":
-            L, t = self.cfg.seq_len, self.cfg.text_len
+            L, k, t = self.cfg.seq_len, self.cfg.cond_len, self.cfg.text_len
             key_ok = torch.ones(text.shape[0], L, dtype=torch.bool, device=text.device)
-            key_ok[:, :t] = text != self.cfg.pad_id
+            key_ok[:, k : k + t] = text != self.cfg.pad_id
             key_ok = key_ok[:, None, None, :] | torch.eye(L, dtype=torch.bool, device=text.device)
         shared: dict[str, torch.Tensor | None] = {}
         for p in set(self.cfg.attn_patterns):
@@ -553,7 +583,7 @@ class DALLE(nn.Module):
         one torch.compile of this function serves every step, and its CUDA-graph capture replays.
         """
         x = self.embed_image(ids, cell)
-        h = self._transform_one(x, cell + self.cfg.text_len, masks, cache)
+        h = self._transform_one(x, cell + self.cfg.prefix_len, masks, cache)
         return self.image_logits(h[:, -1])
 
     # --- heads --------------------------------------------------------------------------------
@@ -567,7 +597,9 @@ class DALLE(nn.Module):
         logits = h @ self.head.weight[:, self.cfg.text_vocab :]  # (..., K_1 + .. + K_G)
         return logits if len(self.cfg.image_factors) == 1 else outer_sum(logits, self.cfg.image_factors)
 
-    def code_log_likelihood(self, text: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def code_log_likelihood(
+        self, text: torch.Tensor, weights: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean log-likelihood per image (b,) of codes given as weights over each group's codes (b, n, K_1 + ..
         + K_G), raster order, given text (b, t): per cell, the weights times each group's log-softmax.
 
@@ -576,8 +608,8 @@ class DALLE(nn.Module):
         forward, soft backward) carry its gradient to whatever made them (VQGAN+CLIP's latents).
         """
         c = self.cfg
-        x = torch.cat([self.embed_text(text), self.embed_code_weights(weights[:, :-1])], dim=1)
-        h = self.transform(x, 0, self.attn_masks(text))[:, c.text_len - 1 :]  # (b, n, d): predict cells 0 .. n-1
+        x = torch.cat([self.embed_prefix(text, cond), self.embed_code_weights(weights[:, :-1])], dim=1)
+        h = self.transform(x, 0, self.attn_masks(text))[:, c.prefix_len - 1 :]  # (b, n, d): predict cells 0 .. n-1
         logits = h @ self.head.weight[:, c.text_vocab :]  # (b, n, K_1 + .. + K_G)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32 for the softmax
         log_p = torch.cat([group.log_softmax(dim=-1) for group in logits.split(c.image_factors, dim=-1)], dim=-1)
@@ -592,39 +624,43 @@ class DALLE(nn.Module):
         if image.dim() != 2 or image.shape[0] != b or not 1 <= image.shape[1] <= n:
             raise ValueError(f"image must be ({b}, 1..{n}) ids, got shape {tuple(image.shape)}")
 
-    def hidden(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Text (b, t) and image targets (b, m) -> hidden states (b, t + m - 1, d) of [text ; image[:-1]]."""
+    def hidden(self, text: torch.Tensor, image: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Text (b, t), image targets (b, m) and any embedding cond (b, cond_dim) -> hidden states
+        (b, P + m - 1, d) of [prefix ; image[:-1]]."""
         self._check(text, image)
-        return self.transform(self.embed(text, image[:, :-1]), 0, self.attn_masks(text))
+        return self.transform(self.embed(text, image[:, :-1], cond), 0, self.attn_masks(text))
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Logits (b, t + m - 1, text_vocab + image_vocab); position j predicts token j + 1.
+    def forward(self, text: torch.Tensor, image: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (b, P + m - 1, text_vocab + image_vocab); position j predicts token j + 1.
 
-        Positions 0 .. t-2 predict text and carry -inf on image ids; positions t-1 .. predict image
-        and carry -inf on text ids.
+        Positions 0 .. P-2 predict text (the embedding's positions too: nothing is read from them) and carry
+        -inf on image ids; positions P-1 .. predict image and carry -inf on text ids.
         """
-        h = self.hidden(text, image)
+        h = self.hidden(text, image, cond)
         if len(self.cfg.image_factors) == 1:
             logits = self.head(h)  # (b, s, k)
         else:
             logits = torch.cat([self.text_logits(h), self.image_logits(h)], dim=-1)
         tv = self.cfg.text_vocab
-        predicts_text = torch.arange(logits.shape[1], device=logits.device) < self.cfg.text_len - 1
+        predicts_text = torch.arange(logits.shape[1], device=logits.device) < self.cfg.prefix_len - 1
         is_text_id = torch.arange(logits.shape[2], device=logits.device) < tv
         wrong = predicts_text[:, None] != is_text_id[None, :]  # (s, k)
         return logits.masked_fill(wrong, float("-inf"))
 
-    def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, text: torch.Tensor, image: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """text_loss_weight * text CE + (1 - text_loss_weight) * image CE, and both parts (detached).
 
         The text CE averages over the t - 1 text targets, leaving out pad targets unless pads_in_loss;
         the image CE averages over all n image targets. Each softmax runs over its own segment's ids,
-        which equals a softmax over the -inf-restricted logits of `forward`.
+        which equals a softmax over the -inf-restricted logits of `forward`. cond: an unCLIP decoder's
+        embeddings (b, cond_dim), zero rows dropped (None: all dropped).
         """
-        t = self.cfg.text_len
-        h = self.hidden(text, image)  # (b, t + n - 1, d)
-        text_logits = self.text_logits(h[:, : t - 1])  # (b, t - 1, k)
-        image_logits = self.image_logits(h[:, t - 1 :])  # (b, n, k)
+        k, P = self.cfg.cond_len, self.cfg.prefix_len
+        h = self.hidden(text, image, cond)  # (b, P + n - 1, d)
+        text_logits = self.text_logits(h[:, k : P - 1])  # (b, t - 1, k)
+        image_logits = self.image_logits(h[:, P - 1 :])  # (b, n, k)
         targets = text[:, 1:]  # (b, t - 1)
         text_ce = F.cross_entropy(rearrange(text_logits, "b t k -> b k t").float(), targets, reduction="none")
         if self.cfg.pads_in_loss:

@@ -6,6 +6,8 @@
       vae.safetensors          image tokenizer weights (+ vae.json, its own config: loadable by `vae` alone)
       transformer.safetensors  the DALL-E transformer (+ transformer.json, its resolved TransformerConfig)
       clip.safetensors         CLIP
+      unclip.safetensors       optional: unCLIP's decoder, a transformer reading CLIP image embeddings (+ unclip.json)
+      prior.safetensors        optional: unCLIP's prior, captions to CLIP image embeddings (+ prior.json)
 
 Every write goes to a temporary name first and is renamed into place, so a killed run never leaves a
 half-written file behind. Every read checks that the file exists, parses, and fits the model built from
@@ -35,7 +37,10 @@ FILES = {
     "vae": "vae.safetensors",
     "transformer": "transformer.safetensors",
     "clip": "clip.safetensors",
+    "unclip": "unclip.safetensors",
+    "prior": "prior.safetensors",
 }
+UNCLIP_PARTS = ("unclip", "prior")  # optional: a bundle without them refuses unCLIP's uses in one sentence
 
 
 def shipped_models() -> list[str]:
@@ -91,6 +96,15 @@ STAGE_SECTIONS = {
     "encode": ("data",),
     "dalle": ("transformer", "train.dalle", "sample"),
     "clip": ("clip", "train.clip"),
+    "unclip": (
+        "unclip.enabled",
+        "unclip.cond_len",
+        "unclip.init_from_transformer",
+        "unclip.embedding_dropout",
+        "unclip.caption_dropout",
+        "train.unclip",
+    ),
+    "prior": ("unclip.prior", "train.prior"),
 }
 
 
@@ -238,17 +252,23 @@ def load_text_tokenizer(bundle: str | os.PathLike, cfg: RunConfig):
     return TextTokenizer.load(part_path(bundle, "text"), cfg.text.text_len, cfg.text.lowercase)
 
 
-def load_transformer(bundle: str | os.PathLike):
-    """The DALL-E transformer of a bundle or run folder (transformer.json + transformer.safetensors), in eval mode."""
+def _side_json(bundle: Path, part: str) -> Path:
+    path = bundle / f"{part}.json"
+    if not path.is_file():
+        raise UserError(
+            f"model folder '{bundle}' has no {path.name}; it is incomplete: retrain or copy the whole bundle"
+        )
+    return path
+
+
+def load_transformer(bundle: str | os.PathLike, part: str = "transformer"):
+    """The DALL-E transformer of a bundle or run folder (transformer.json + transformer.safetensors), in eval mode;
+    part "unclip": unCLIP's decoder (unclip.json + unclip.safetensors)."""
     from ..model.transformer import DALLE
 
     bundle = bundle_path(bundle)
-    weights = part_path(bundle, "transformer")
-    path = Path(bundle) / "transformer.json"
-    if not path.is_file():
-        raise UserError(
-            f"model folder '{bundle}' has no transformer.json; it is incomplete: retrain or copy the whole bundle"
-        )
+    weights = part_path(bundle, part)
+    path = _side_json(Path(bundle), part)
     try:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
@@ -257,7 +277,24 @@ def load_transformer(bundle: str | os.PathLike):
         model = DALLE(config_from_dict(values, TransformerConfig))
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise UserError(f"'{path}' is not a valid transformer config ({e}); retrain or copy the whole bundle") from None
-    return load_module(model, weights, "transformer").eval()
+    return load_module(model, weights, "transformer" if part == "transformer" else "unCLIP decoder").eval()
+
+
+def load_prior(bundle: str | os.PathLike):
+    """unCLIP's prior of a bundle or run folder (prior.json + prior.safetensors), in eval mode."""
+    from ..config import PriorConfig
+    from ..model.prior import EmbeddingPrior
+
+    bundle = bundle_path(bundle)
+    weights = part_path(bundle, "prior")
+    path = _side_json(Path(bundle), "prior")
+    try:
+        values = json.loads(path.read_text())
+        geometry = {k: int(values[k]) for k in ("embed_dim", "text_vocab", "text_len", "pad_id")}
+        model = EmbeddingPrior(config_from_dict(values["prior"], PriorConfig), **geometry)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"'{path}' is not a valid prior config ({e!r}); retrain or copy the whole bundle") from None
+    return load_module(model, weights, "unCLIP prior").eval()
 
 
 def load_clip(bundle: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -7,11 +7,18 @@
     best.image.save("a-red-circle.png")
 
 DALL-E's recipe (Ramesh et al. 2021, section 2.5): sample many candidates for a prompt, score them with
-CLIP, keep the best. Two more ways to use the same parts:
+CLIP, keep the best. More ways to use the same parts:
   method="clip-guided"   VQGAN+CLIP refinement of the kept candidates (`guided.py`); the prompt may be
                          weighted, "a red circle:1 | a blue square:-0.5" (sampling uses its top part)
   init_image, keep_rows  completion, DALL-E's image-prompt trick: the image's top `keep_rows` rows of
                          codes are given to the transformer, which samples the rest; they stay exactly
+and DALL-E 2's (Ramesh et al. 2022, unCLIP), with a bundle that has its decoder and prior (`train.unclip`,
+`train.prior`): the decoder draws images from a CLIP image embedding, so
+  method="unclip"        the prior turns the prompt into one image embedding per candidate, the decoder
+                         draws each (with the prompt), CLIP reranks as above
+  variations(images)     images drawn from each image's own embedding, ranked by CLIP image similarity
+  interpolate(a, b)      images drawn along the spherical path between two images' embeddings
+  text_diff=(from, to)   variations of an image moved toward the difference of two captions' embeddings
 
 Determinism: prompt i draws all its randomness from its own CPU `torch.Generator` seeded with seed + i
 (reported as the result's `seed`), its candidates sampled in batches of `sample.batch_size`. So the same
@@ -25,6 +32,7 @@ the bundle's `sample` config section. Nothing here writes files: `python -m samp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -41,15 +49,17 @@ from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
 from ..model.generate import DECODE_MODES, MIN_WINDOW, WINDOW_TOKENS_CPU, generate
 from .bundle import (
+    FILES,
     bundle_path,
     load_clip,
+    load_prior,
     load_text_tokenizer,
     load_transformer,
     load_vae,
     read_bundle_config,
 )
 
-METHODS = ("ar", "clip-guided")
+METHODS = ("ar", "clip-guided", "unclip")
 INITS = ("samples", "random")  # what clip-guided refinement starts from
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images at once (and never finish on a CPU)
@@ -79,6 +89,9 @@ class Result:
     clip_score: float | None  # cosine similarity to the prompt (weighted sum under clip-guided); None without CLIP
     seed: int  # the prompt's own seed: generating it alone with this seed gives the same images
     ids: torch.Tensor  # (h, w) the image's codes
+    # variations, interpolations, text diffs: clip_score is the CLIP image similarity they were ranked by, and
+    # t the interpolation's position (0: the first image, 1: the second); prompt names the source
+    t: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +189,8 @@ class Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         decode: str | None = None,
+        unclip=None,
+        prior=None,
     ):
         self.cfg = cfg
         if decode is not None:  # how `generate` runs a decoding step; None: the bundle's sample.decode
@@ -189,6 +204,9 @@ class Pipeline:
         self.transformer = transformer.to(self.device, dtype=dtype).eval()
         self.image_tokenizer = image_tokenizer.to(self.device).eval()
         self.clip = clip  # a ClipScorer, or None: candidates stay in sample order
+        # unCLIP's decoder (a DALLE reading CLIP image embeddings) and prior, or None: a bundle without them
+        self.unclip = None if unclip is None else unclip.to(self.device, dtype=dtype).eval()
+        self.unclip_prior = None if prior is None else prior.to(self.device).eval()
         self._warned_plain = False  # speculative decoding fell back to plain decoding (warned once)
         self._check_parts_agree()
 
@@ -225,10 +243,22 @@ class Pipeline:
                 "and clip_score is None",
                 stacklevel=2,
             )
-        return cls(cfg, text_tokenizer, transformer, image_tokenizer, clip, dev, torch_dtype, decode)
+        unclip = load_transformer(path, "unclip") if (Path(path) / FILES["unclip"]).is_file() else None
+        prior = load_prior(path) if (Path(path) / FILES["prior"]).is_file() else None
+        return cls(cfg, text_tokenizer, transformer, image_tokenizer, clip, dev, torch_dtype, decode, unclip, prior)
 
     def _check_parts_agree(self) -> None:
-        m, text, image = self.transformer.cfg, self.text_tokenizer, self.image_tokenizer
+        for model in (self.transformer, self.unclip):
+            if model is not None:
+                self._check_model_fits(model.cfg, "transformer" if model is self.transformer else "unCLIP decoder")
+        if self.unclip is not None and self.clip is not None and self.unclip.cfg.cond_dim != self.clip.embed_dim():
+            raise UserError(
+                f"the unCLIP decoder reads {self.unclip.cfg.cond_dim}-number embeddings but this bundle's CLIP gives "
+                f"{self.clip.embed_dim()}; use a bundle whose parts were trained together"
+            )
+
+    def _check_model_fits(self, m, what: str) -> None:
+        text, image = self.text_tokenizer, self.image_tokenizer
         grid = image.grid(self.cfg.data.image_size)
         problems = [
             (m.text_len != text.text_len, f"text length {m.text_len} vs {text.text_len}"),
@@ -243,7 +273,7 @@ class Pipeline:
         for bad, detail in problems:
             if bad:
                 raise UserError(
-                    f"the transformer does not fit this bundle's tokenizers ({detail}); "
+                    f"the {what} does not fit this bundle's tokenizers ({detail}); "
                     "use a bundle whose parts were trained together"
                 )
 
@@ -287,17 +317,21 @@ class Pipeline:
         generator: torch.Generator,
         prime: torch.Tensor | None = None,
         bar: tqdm | None = None,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`s.candidates` image code sequences (m, n) for one prompt's text ids (1, t), in batches."""
+        """`s.candidates` image code sequences (m, n) for one prompt's text ids (1, t), in batches; with cond,
+        one CLIP image embedding per candidate (m, e), drawn by unCLIP's decoder."""
         null = self.text_tokenizer.null_ids()[None].to(self.device)  # (1, t)
         w = self.grid[1]
+        model = self.transformer if cond is None else self.unclip
         out = []
         for start in range(0, s.candidates, s.batch_size):
             b = min(s.batch_size, s.candidates - start)
             stats: dict[str, int] = {}
             ids = generate(
-                self.transformer,
+                model,
                 text.expand(b, -1),
+                cond=None if cond is None else cond[start : start + b].to(self.device),
                 null_text=null,
                 guidance_scale=s.guidance_scale,
                 guidance_until=s.guidance_until,
@@ -336,11 +370,15 @@ class Pipeline:
         generator: torch.Generator,
         prime: torch.Tensor | None = None,
         bar: tqdm | None = None,
+        method: str = "ar",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A (weighted) prompt's `s.candidates` samples in sample order: code ids (m, n), images (m, 3, H, W)
-        and CLIP's scores (m,), None without CLIP. Sampling reads the prompt's top-weighted part."""
-        text = self.encode_prompt(max(parts, key=lambda part: part[1])[0])
-        ids = self.sample_ids(text, s, generator, prime, bar)  # (m, n)
+        and CLIP's scores (m,), None without CLIP. Sampling reads the prompt's top-weighted part; under method
+        "unclip" through the prior (one image embedding per candidate) and the decoder."""
+        prompt = max(parts, key=lambda part: part[1])[0]
+        text = self.encode_prompt(prompt)
+        cond = self.prior_embeddings(prompt, s.candidates, generator, text) if method == "unclip" else None
+        ids = self.sample_ids(text, s, generator, prime, bar, cond)  # (m, n)
         images = self.decode(ids)  # (m, 3, H, W)
         return ids, images, self._score(images, parts)
 
@@ -383,7 +421,8 @@ class Pipeline:
     ) -> list[list[Result]]:
         """For each prompt, its best `num_images` of `candidates` samples, best first (None: bundle default).
 
-        method: "ar" (sample and rerank) or "clip-guided" (then refine the kept ones with CLIP).
+        method: "ar" (sample and rerank), "clip-guided" (then refine the kept ones with CLIP) or "unclip" (the
+            prior's image embeddings drawn by unCLIP's decoder, then reranked).
         init: what clip-guided refinement starts from: "samples" (the kept samples) or "random" (uniformly
             random codes, no sampling: VQGAN+CLIP as Pixray runs it).
         init_image, keep_rows: complete an image from its top keep_rows rows of codes (1 .. h-1; None: h // 2).
@@ -403,9 +442,13 @@ class Pipeline:
             guided_prior_weight=guided_prior_weight,
         )
         if method not in METHODS:
-            raise UserError(f"method '{method}' is unknown; use ar or clip-guided")
+            raise UserError(f"method '{method}' is unknown; use {', '.join(METHODS)}")
         if method == "clip-guided" and self.clip is None:
             raise UserError("clip-guided generation needs a bundle with clip.safetensors; use --method ar")
+        if method == "unclip":
+            self.require_unclip("--method unclip", prior=True)
+            if init_image is not None:
+                raise UserError("--method unclip does not complete images; leave out --init-image or use --method ar")
         if init not in INITS:
             raise UserError(f"init '{init}' is unknown; use {' or '.join(INITS)}")
         if init == "random" and (method != "clip-guided" or init_image is not None):
@@ -433,7 +476,8 @@ class Pipeline:
                     ids, images, scores = self._refine(ids, prompt_parts, s, generator, 0, progress)
                     results.append(self._results(prompt, s.seed + i, ids, images, scores))
                     continue
-                ids, images, scores = self._distinct_candidates(prompt, prompt_parts, s, generator, prime, bar)
+                draw = functools.partial(self.candidates, prompt_parts, s, generator, prime, bar, method)
+                ids, images, scores = self._distinct(prompt, draw, s, bar)
                 order = torch.arange(len(ids)) if scores is None else scores.sort(descending=True, stable=True)[1]
                 keep = kept_order(order, s.num_images)
                 ids, images = ids[keep].view(-1, h, w), images[keep]
@@ -443,14 +487,15 @@ class Pipeline:
                 results.append(self._results(prompt, s.seed + i, ids, images, scores))
         return results
 
-    def _distinct_candidates(self, prompt, parts, s: SampleConfig, generator, prime, bar):
-        """`candidates` with identical images counted once (the first in sample order kept): identical code
-        sequences, and also different codes that decode to the same pixels (a background cell has several).
+    def _distinct(self, prompt: str, draw, s: SampleConfig, bar):
+        """The (ids, images, scores) of `draw()` (one round of candidates) with identical images counted once (the
+        first in sample order kept): identical code sequences, and also different codes that decode to the same
+        pixels (a background cell has several).
 
-        While fewer than `s.num_images` are distinct, another round of `s.candidates` is sampled (the same
-        generator, so new samples), up to MAX_EXTRA_ROUNDS; a warning says when that was not enough.
+        While fewer than `s.num_images` are distinct, another round is drawn (the same generator, so new
+        samples), up to MAX_EXTRA_ROUNDS; a warning names `prompt` when that was not enough.
         """
-        rounds = [self.candidates(parts, s, generator, prime, bar)]
+        rounds = [draw()]
         while True:
             ids, images = torch.cat([r[0] for r in rounds]), torch.cat([r[1] for r in rounds])
             first = distinct_first(images)
@@ -458,7 +503,7 @@ class Pipeline:
                 break
             if bar is not None:
                 bar.total += s.candidates * ids.shape[1]
-            rounds.append(self.candidates(parts, s, generator, prime, bar))
+            rounds.append(draw())
         if len(first) < s.num_images:
             images_word = "image" if len(first) == 1 else "images"
             warnings.warn(
@@ -534,6 +579,140 @@ class Pipeline:
         ids, images, scores = self.refine(ids, parts, s, generator, keep_rows, progress)
         order = scores.sort(descending=True, stable=True)[1]
         return ids[order], images[order], scores[order]
+
+    # -- unCLIP (DALL-E 2): images from CLIP image embeddings ------------------------------------------
+
+    def require_unclip(self, what: str, prior: bool = False) -> None:
+        parts = (("unclip", self.unclip), ("prior", self.unclip_prior if prior else 0))
+        missing = [name for name, part in parts if part is None]
+        if self.clip is None:
+            missing.append("clip")
+        if missing:
+            files = " and ".join(FILES[name] for name in missing)
+            raise UserError(
+                f"{what} needs unCLIP's parts, and this bundle has no {files}; train them with "
+                "`python -m train.unclip` and `python -m train.prior`, or use a bundle that has them (shapes)"
+            )
+
+    def prior_embeddings(
+        self, prompt: str, n: int, generator: torch.Generator, text: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """n CLIP image embeddings (n, e) the prior draws for a prompt (each its own sample), on the CPU; text: the
+        prompt's ids (1, t) when the caller has them."""
+        text = (self.encode_prompt(prompt) if text is None else text).expand(n, -1)
+        text_emb = self.clip.embed_texts([prompt]).to(self.device).expand(n, -1)
+        return self.unclip_prior.sample(text, text_emb, generator=generator).cpu()
+
+    def image_embeddings(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
+        """CLIP image embeddings (m, e) of image files or PIL images, at the model's resolution."""
+        size = self.cfg.data.image_size
+        if not images:
+            raise UserError("no image was given; pass at least one PNG or JPEG file")
+        from ..clip.uses import read_image
+
+        pixels = [prepare_image(im, size) if isinstance(im, Image.Image) else read_image(im, size) for im in images]
+        return self.clip.embed_images(torch.stack(pixels))
+
+    def _from_embedding(self, cond: torch.Tensor, targets: torch.Tensor, s: SampleConfig, generator, bar):
+        """One round of `s.candidates` images drawn by the decoder from one embedding cond (e,), without a caption:
+        (ids, images, scores), the score of an image its best CLIP image similarity to the rows of targets (r, e)."""
+        null = self.text_tokenizer.null_ids()[None].to(self.device)
+        ids = self.sample_ids(null, s, generator, bar=bar, cond=cond[None].expand(s.candidates, -1))
+        images = self.decode(ids)
+        scores = (self.clip.embed_images(images) @ targets.T).max(dim=1).values
+        return ids, images, scores
+
+    def _kept(self, label: str, seed: int, draw, s: SampleConfig, bar, t: float | None = None) -> list[Result]:
+        """The best `s.num_images` distinct images of the rounds `draw` gives, best first."""
+        ids, images, scores = self._distinct(label, draw, s, bar)
+        keep = kept_order(scores.sort(descending=True, stable=True)[1], s.num_images)
+        h, w = self.grid
+        results = self._results(label, seed, ids[keep].view(-1, h, w), images[keep], scores[keep])
+        for r in results:
+            r.t = t
+        return results
+
+    def _embedding_settings(self, what: str, overrides: dict) -> SampleConfig:
+        self.require_unclip(what)
+        return self.settings(**overrides)
+
+    def variations(
+        self,
+        images: Sequence[str | os.PathLike | Image.Image],
+        *,
+        text_diff: tuple[str, str] | None = None,
+        text_diff_scale: float | None = None,
+        progress: bool = True,
+        **overrides,
+    ) -> list[list[Result]]:
+        """For each image, `num_images` new images drawn from its CLIP embedding (unCLIP's variations), the best
+        of `candidates` by CLIP image similarity to that embedding, best first. Image i uses seed + i.
+
+        text_diff=(a, b): a text diff (DALL-E 2, section 3.3): the image's embedding is first turned toward the
+        difference of the captions' text embeddings, slerp(image, normalise(text(b) - text(a)), text_diff_scale)
+        (None: the bundle's `unclip.text_diff_scale`), and the images are drawn from and ranked by that.
+        overrides: sampling settings as in `generate` (num_images, candidates, guidance_scale, temperature, seed ..).
+        """
+        s = self._embedding_settings("--variations", overrides)
+        sources = self.image_embeddings(list(images))
+        if text_diff is not None:
+            scale = self.cfg.unclip.text_diff_scale if text_diff_scale is None else text_diff_scale
+            if not (math.isfinite(scale) and 0 <= scale <= 1):
+                raise UserError(f"--text-diff-scale is {scale}; give how far to turn the image, in [0, 1]")
+            if any(not str(c).strip() for c in text_diff):
+                raise UserError("--text-diff needs two non-empty captions, from and to: 'a red circle' 'a blue circle'")
+            from ..model.prior import slerp
+
+            a, b = self.clip.embed_texts(list(text_diff))
+            sources = slerp(sources, torch.nn.functional.normalize(b - a, dim=-1).expand_as(sources), scale)
+        names = [getattr(im, "filename", None) or (im if not isinstance(im, Image.Image) else f"image {i + 1}")
+                 for i, im in enumerate(images)]  # fmt: skip
+        h, w = self.grid
+        bar = tqdm(
+            total=len(names) * s.candidates * h * w, unit="tok", desc="variations", disable=None if progress else True
+        )
+        out = []
+        with bar:
+            for i, (name, cond) in enumerate(zip(names, sources)):
+                generator = torch.Generator().manual_seed(s.seed + i)
+                label = f"variation of {Path(str(name)).name}"
+                draw = functools.partial(self._from_embedding, cond, cond[None], s, generator, bar)
+                out.append(self._kept(label, s.seed + i, draw, s, bar))
+        return out
+
+    def interpolate(
+        self,
+        first: str | os.PathLike | Image.Image,
+        second: str | os.PathLike | Image.Image,
+        steps: int = 5,
+        *,
+        progress: bool = True,
+        **overrides,
+    ) -> list[list[Result]]:
+        """Images drawn from `steps` embeddings on the spherical path between two images' CLIP embeddings (unCLIP's
+        interpolations), t = 0 .. 1 evenly; per step the best `num_images` of `candidates` by CLIP image similarity
+        to the nearer end (both ends at the middle). Step k uses seed + k."""
+        s = self._embedding_settings("--interpolate", overrides)
+        if steps < 2:
+            raise UserError(f"--steps is {steps}; an interpolation needs at least 2 (its two ends)")
+        ends = self.image_embeddings([first, second])
+        from ..model.prior import slerp
+
+        h, w = self.grid
+        bar = tqdm(
+            total=steps * s.candidates * h * w, unit="tok", desc="interpolate", disable=None if progress else True
+        )
+        out = []
+        with bar:
+            for k in range(steps):
+                t = k / (steps - 1)
+                cond = slerp(ends[0], ends[1], t)
+                targets = ends[:1] if t < 0.5 else ends[1:] if t > 0.5 else ends
+                generator = torch.Generator().manual_seed(s.seed + k)
+                label = f"interpolation t={t:.2f}"
+                draw = functools.partial(self._from_embedding, cond, targets, s, generator, bar)
+                out.append(self._kept(label, s.seed + k, draw, s, bar, t=t))
+        return out
 
     @staticmethod
     def _results(prompt: str, seed: int, ids, images, scores) -> list[Result]:

@@ -1,0 +1,390 @@
+"""DALL-E 2's recipe (unCLIP): the decoder that reads CLIP image embeddings, the prior that makes them, and their
+uses (variations, interpolations, text diffs, --method unclip), on tiny models the tests build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dalle_mini_impl.config import PriorConfig
+from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.model.generate import generate
+from dalle_mini_impl.model.prior import EmbeddingPrior, slerp
+from dalle_mini_impl.model.transformer import DALLE, preset_config
+from dalle_mini_impl.pipeline.pipeline import Pipeline
+from sample.__main__ import main
+from tests.bundle_factory import make_tiny_bundle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+E = 8  # embedding width of the models built here
+
+
+def decoder(**overrides) -> DALLE:
+    torch.manual_seed(0)
+    cfg = dict(dim=32, depth=2, heads=2, text_len=6, text_vocab=20, image_vocab=12, grid_h=3, grid_w=3)
+    return DALLE(preset_config("tiny", **(cfg | dict(cond_dim=E, cond_len=2) | overrides)))
+
+
+def prior(kind: str = "diffusion") -> EmbeddingPrior:
+    torch.manual_seed(0)
+    cfg = PriorConfig(kind=kind, dim=32, depth=2, heads=2, timesteps=100, sample_steps=8)
+    return EmbeddingPrior(cfg, embed_dim=E, text_vocab=20, text_len=6, pad_id=0)
+
+
+def batch(b: int = 16, seed: int = 0):
+    """Text ids, image ids and unit embeddings where the image is a function of the embedding."""
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(b, E, generator=g), dim=-1)
+    text = torch.randint(1, 20, (1, 6), generator=g).expand(b, -1)  # one caption: it says nothing of the image
+    image = (emb[:, :1] > 0).long().expand(b, 9) * 5 + torch.arange(9) % 3  # its first cell: the embedding's sign
+    return text, image, emb
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_decoder_trains_and_learns_from_the_embedding():
+    model = decoder()
+    text, image, emb = batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss, parts = model.loss(text, image, emb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else parts["image_loss"].item()
+    with torch.no_grad():
+        with_emb = model.loss(text, image, emb)[1]["image_loss"].item()
+        dropped = model.loss(text, image, torch.zeros_like(emb))[1]["image_loss"].item()
+    assert with_emb < 0.5 * first  # it learned ...
+    # ... and what it learned needs the embedding: without it the first cell is a coin toss, log(2) / 9 cells
+    assert dropped - with_emb > 0.05
+
+
+def test_the_embedding_moves_the_image_after_its_positions():
+    model = decoder(pos_2d="rope", attn_patterns=["full", "row"])
+    c = model.cfg
+    assert c.prefix_len == 8 and c.seq_len == 8 + 9 - 1
+    text, image, emb = batch(b=2)
+    h = model.hidden(text, image, emb)
+    assert h.shape == (2, c.seq_len, c.dim)
+    logits = model(text, image, emb)  # the image's logits start at the last prefix position
+    assert torch.isinf(logits[:, : c.prefix_len - 1, c.text_vocab :]).all()
+    assert torch.isfinite(logits[:, c.prefix_len - 1 :, c.text_vocab :]).all()
+
+
+def test_none_and_the_zero_vector_are_the_same_dropped_embedding():
+    model = decoder()
+    text, _, emb = batch(b=3)
+    assert torch.equal(model.embed_prefix(text, None), model.embed_prefix(text, torch.zeros_like(emb)))
+    assert not torch.equal(model.embed_prefix(text, emb), model.embed_prefix(text, None))
+
+
+@pytest.mark.parametrize("decode", ["uncached", "cached", "static", "speculative"])
+def test_guidance_contrasts_with_the_caption_and_the_embedding_both_dropped(decode):
+    """Greedy guided decoding equals a reference that runs the full model on (caption, embedding) and on (empty
+    caption, no embedding) and mixes u + s (c - u) at every step."""
+    model = decoder().eval()
+    text, _, emb = batch(b=2, seed=1)
+    null = torch.zeros(1, 6, dtype=torch.long)
+    null[0, 0] = 1
+    ids = generate(
+        model, text, cond=emb, null_text=null, guidance_scale=3.0, top_k=1, decode=decode, window=3, generator=None
+    )
+    ref = torch.empty(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(9):
+            feed = torch.cat([ref, ref.new_zeros(2, 1)], dim=1)  # the last id is a placeholder, never fed
+            c = model(text, feed, emb)[:, -1, model.cfg.text_vocab :]
+            u = model(null.expand(2, -1), feed, None)[:, -1, model.cfg.text_vocab :]
+            ref = torch.cat([ref, (u + 3.0 * (c - u)).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ids, ref)
+
+
+def test_an_embedding_for_a_model_without_one_is_refused():
+    plain = decoder(cond_dim=0, cond_len=0)
+    text, _, emb = batch(b=2)
+    with pytest.raises(ValueError, match="takes no embedding"):
+        generate(plain, text, cond=emb)
+    with pytest.raises(ValueError, match=r"cond must be \(2, 8\)"):
+        generate(decoder(), text, cond=emb[:, :4])
+    with pytest.raises(UserError, match="cond_len"):
+        decoder(cond_len=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The prior
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "regression"])
+def test_the_prior_trains_and_its_samples_approach_the_image_embeddings(kind):
+    model = prior(kind)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 20, (4, 6), generator=g).repeat(8, 1)  # four captions, eight times each
+    image_emb = F.normalize(torch.randn(4, E, generator=g), dim=-1).repeat(8, 1)
+    text_emb = F.normalize(torch.randn(4, E, generator=g), dim=-1).repeat(8, 1)
+    before = F.cosine_similarity(model.sample(text, text_emb, generator=g), image_emb).mean()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss, _ = model.loss(text, text_emb, image_emb, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    after = F.cosine_similarity(model.sample(text, text_emb, generator=g), image_emb).mean()
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    assert after > 0.8 > before
+
+
+def test_prior_samples_are_unit_seeded_and_guided_samples_differ():
+    model = prior()
+    text, _, text_emb = batch(b=3)
+    a = model.sample(text, text_emb, generator=torch.Generator().manual_seed(5))
+    b = model.sample(text, text_emb, generator=torch.Generator().manual_seed(5))
+    c = model.sample(text, text_emb, generator=torch.Generator().manual_seed(6))
+    guided = model.sample(text, text_emb, generator=torch.Generator().manual_seed(5), guidance_scale=3.0)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(3))
+    assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, guided)
+    regression = prior("regression")
+    assert torch.equal(regression.sample(text, text_emb), regression.sample(text, text_emb))
+
+
+def test_slerp_keeps_unit_length_and_its_ends():
+    a, b = F.normalize(torch.randn(2, E), dim=-1)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    assert torch.allclose(mid.norm(), torch.tensor(1.0)) and torch.allclose(mid @ a, mid @ b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The uses: library and command line
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("unclip-bundle"), unclip=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, color in enumerate([(220, 30, 30), (30, 30, 220)]):
+        im = Image.new("RGB", (16, 16), (255, 255, 255))
+        im.paste(color, (4 + i, 4, 12, 12))
+        paths.append(folder / f"square{i}.png")
+        im.save(paths[-1])
+    return paths
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.strip().splitlines()]
+
+
+def test_variations_write_the_files_they_announce(bundle, images, tmp_path, capsys):
+    code, out, _ = run(
+        ["--model", str(bundle), "--variations", *map(str, images), "--num-images", "2", "--candidates", "3",
+         "--out", str(tmp_path), "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0
+    records = json_lines(out)
+    assert [(r["source"], r["rank"]) for r in records] == [(str(images[0]), 1), (str(images[0]), 2),
+                                                          (str(images[1]), 1), (str(images[1]), 2)]  # fmt: skip
+    assert [r["seed"] for r in records] == [0, 0, 1, 1]
+    for r in records:
+        assert Path(r["path"]).is_file() and Path(r["path"]).name.startswith(f"variation-square{r['seed']}_s")
+        assert r["prompt"] == f"variation of square{r['seed']}.png"
+    assert records[0]["clip_score"] >= records[1]["clip_score"]  # ranked by similarity to the source
+    assert sorted(p.name for p in tmp_path.glob("*_grid.png")) == ["variation-square0_s0_grid.png",
+                                                                  "variation-square1_s1_grid.png"]  # fmt: skip
+
+
+def test_interpolation_writes_every_step_and_the_path(bundle, images, tmp_path, capsys):
+    code, out, _ = run(
+        ["--model", str(bundle), "--interpolate", *map(str, images), "--steps", "3", "--num-images", "1",
+         "--candidates", "2", "--out", str(tmp_path), "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0
+    records = json_lines(out)
+    assert [r["t"] for r in records] == [0.0, 0.5, 1.0]
+    assert all(Path(r["path"]).is_file() for r in records)
+    assert (tmp_path / "interpolate-square0-square1_s0_path.png").is_file()
+    with Image.open(tmp_path / "interpolate-square0-square1_s0_path.png") as grid:
+        assert grid.width > 3 * 16  # three images side by side
+
+
+def test_text_diff_and_method_unclip_write_their_files(bundle, images, tmp_path, capsys):
+    code, out, _ = run(
+        ["--model", str(bundle), "--variations", str(images[0]), "--text-diff", "a red square", "a blue square",
+         "--text-diff-scale", "0.5", "--num-images", "1", "--candidates", "2", "--out", str(tmp_path / "d"),
+         "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0 and Path(json_lines(out)[0]["path"]).is_file()
+    code, out, _ = run(
+        ["--model", str(bundle), "a red circle", "--method", "unclip", "--num-images", "2", "--candidates", "3",
+         "--out", str(tmp_path / "u"), "--json"], capsys,
+    )  # fmt: skip
+    records = json_lines(out)
+    assert code == 0 and [r["rank"] for r in records] == [1, 2] and all(Path(r["path"]).is_file() for r in records)
+    assert records[0]["clip_score"] >= records[1]["clip_score"]
+
+
+def test_text_diff_turns_the_embedding_the_decoder_reads(bundle, images):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    seen = []
+    decode = pipe.sample_ids
+
+    def spy(text, s, generator, prime=None, bar=None, cond=None):
+        seen.append(cond[0].clone())
+        return decode(text, s, generator, prime, bar, cond)
+
+    pipe.sample_ids = spy
+    kw = dict(num_images=1, candidates=1, progress=False)
+    pipe.variations([images[0]], **kw)
+    pipe.variations([images[0]], text_diff=("a red square", "a blue square"), text_diff_scale=0.0, **kw)
+    pipe.variations([images[0]], text_diff=("a red square", "a blue square"), text_diff_scale=1.0, **kw)
+    a, b = pipe.clip.embed_texts(["a red square", "a blue square"])
+    assert torch.allclose(seen[0], pipe.image_embeddings([images[0]])[0], atol=1e-6)
+    assert torch.allclose(seen[1], seen[0], atol=1e-5)  # scale 0: the image itself
+    assert torch.allclose(seen[2], F.normalize(b - a, dim=-1), atol=1e-5)  # scale 1: the caption difference
+
+
+def test_the_same_seed_gives_the_same_variations(bundle, images):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    kw = dict(num_images=2, candidates=3, seed=4, progress=False)
+    one, two = pipe.variations([images[0]], **kw)[0], pipe.variations([images[0]], **kw)[0]
+    assert all(torch.equal(x.ids, y.ids) for x, y in zip(one, two))
+
+
+def test_a_bundle_without_unclip_refuses_its_uses_in_one_sentence(images, tmp_path, capsys):
+    plain = make_tiny_bundle(tmp_path / "plain")
+    for argv in (
+        ["--variations", str(images[0])],
+        ["--interpolate", *map(str, images)],
+        ["a circle", "--method", "unclip"],
+    ):
+        code, _, err = run(["--model", str(plain), "--out", str(tmp_path / "o"), *argv], capsys)
+        assert code == 2 and "this bundle has no unclip.safetensors" in err and err.count("\n") == 1
+        assert "train.unclip" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([""], "prompt 1 is empty"),
+        ([], "no prompt was given"),
+        (["a circle", "--variations", "IMG"], "takes no prompt"),
+        (["--variations", "IMG", "--interpolate", "IMG", "IMG"], "two different uses"),
+        (["--variations", "IMG", "--method", "clip-guided"], "cannot go with --method"),
+        (["a circle", "--text-diff", "a", "b"], "give --variations IMAGE too"),
+        (["--variations", "IMG", "--text-diff-scale", "0.5"], "give --text-diff FROM TO too"),
+        (["a circle", "--steps", "3"], "give --interpolate A B too"),
+        (["--interpolate", "IMG", "IMG", "--steps", "1"], "at least 2"),
+        (["--variations", "IMG", "--text-diff", "a", "b", "--text-diff-scale", "2"], "in [0, 1]"),
+        (["--variations", "missing.png"], "image 'missing.png' does not exist"),
+    ],
+)
+def test_bad_unclip_arguments_are_one_sentence_and_exit_2(bundle, images, tmp_path, capsys, argv, message):
+    argv = [str(images[0]) if a == "IMG" else a for a in argv]
+    code, _, err = run(["--model", str(bundle), "--out", str(tmp_path), *argv], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluations
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_second_renderer_draws_what_the_judge_accepts():
+    from dalle_mini_impl.config import ShapesConfig
+    from dalle_mini_impl.eval.unclip import sources
+    from dalle_mini_impl.shapes.judge import judge
+
+    srcs = sources(60, 3, ShapesConfig(), 32)
+    assert [w for _, _, w in srcs[:4]] == ["ours", "pil", "ours", "pil"]
+    assert all(judge(image, caption).ok for caption, image, _ in srcs)
+    ours, pil = srcs[0][1], sources(2, 3, ShapesConfig(), 32)[1][1]
+    assert set(np.unique(pil)) - set(np.unique(ours)) or not np.array_equal(pil, ours)  # another rasteriser
+
+
+def test_flip_relation_turns_only_the_relation_around():
+    from dalle_mini_impl.eval.unclip import flip_relation
+
+    assert flip_relation("a red circle to the left of a small blue square") == (
+        "a red circle to the right of a small blue square"
+    )
+    assert (
+        flip_relation("a large green triangle below a purple circle") == "a large green triangle above a purple circle"
+    )
+
+
+def test_eval_unclip_and_eval_shapes_method_unclip_print_their_numbers(bundle, tmp_path, capsys):
+    from dalle_mini_impl.eval import shapes, unclip
+
+    argv = [
+        "--model",
+        str(bundle),
+        "--n",
+        "4",
+        "--diffs",
+        "2",
+        "--pairs",
+        "1",
+        "--candidates",
+        "2",
+        "--num-images",
+        "2",
+    ]
+    assert unclip.main([*argv, "--text-diff-scales", "0.2,0.5", "--out", str(tmp_path / "u.json")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((tmp_path / "u.json").read_text())
+    v = result["variations"]
+    assert v["n"] == 4 and 0 <= v["top1"]["all"] <= 100 and 0 <= v["codes_changed_percent"] <= 100
+    assert 0 <= v["clip_prefers_true_relation"] <= 100
+    assert set(result["text_diffs"]) == {"n", "scale_0.2", "scale_0.5"}
+    assert list(result["interpolations"]["nearer_end_by_step"]) == ["t=0.00", "t=0.25", "t=0.50", "t=0.75", "t=1.00"]
+    assert shapes.main(["--model", str(bundle), "--n", "4", "--method", "unclip"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "unclip"
+    plain = make_tiny_bundle(tmp_path / "plain")
+    with pytest.raises(UserError, match="no unclip.safetensors and prior.safetensors"):
+        shapes.main(["--model", str(plain), "--n", "4", "--method", "unclip"])
+    with pytest.raises(UserError, match="no unclip.safetensors"):
+        unclip.main(["--model", str(plain), "--n", "4"])
+
+
+def test_the_decoder_starts_from_the_trained_transformer(bundle, tmp_path):
+    from dalle_mini_impl.config import read_config_json
+    from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, load_transformer, load_vae
+    from train.dalle import build_model, start_from_transformer
+
+    cfg = read_config_json(bundle / "config.json")
+    text, image = load_text_tokenizer(bundle, cfg), load_vae(bundle)
+    fresh = build_model(cfg, text, image, cond_dim=16)
+    cond = fresh.cond_proj.weight.clone()
+    start_from_transformer(fresh, bundle)
+    trained = load_transformer(bundle).state_dict()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
+    assert torch.equal(fresh.cond_proj.weight, cond)  # the embedding's own weights keep their initialisation
+    cfg.transformer.dim = 48  # another size: refused in one sentence that names the way out
+    with pytest.raises(UserError, match="init_from_transformer=false"):
+        start_from_transformer(build_model(cfg, text, image, cond_dim=16), bundle)
