@@ -258,9 +258,9 @@ class PriorConfig:
     heads: int = 4
     timesteps: int = 1000  # diffusion: noise levels in training (cosine schedule)
     sample_steps: int = 64  # diffusion: DDIM steps when sampling
-    # classifier-free guidance on the prior: the caption (ids and text embedding) dropped this often in training
+    # classifier-free guidance on the prior (`sample.prior_guidance_scale`): the caption (ids and text embedding)
+    # dropped this often in training
     text_dropout: float = 0.1
-    guidance_scale: float = 1.0  # sampling: 1 is off
 
 
 @dataclass
@@ -276,7 +276,6 @@ class UnclipConfig:
     init_from_transformer: bool = True
     embedding_dropout: float = 0.1  # the paper: the embedding dropped 10% of the time ...
     caption_dropout: float = 0.5  # ... and the caption 50%
-    text_diff_scale: float = 0.3  # --text-diff: how far to turn the image embedding toward the caption difference
     prior: PriorConfig = field(default_factory=PriorConfig)
 
 
@@ -320,6 +319,11 @@ class SampleConfig:
     # the transformer's log-likelihood of the refined codes given the prompt, times this, joins CLIP's
     # similarity in the objective (0: CLIP alone, VQGAN+CLIP as published)
     guided_prior_weight: float = 0.0
+    # unCLIP's --text-diff: how far (0 .. 1, a spherical interpolation) the image's embedding turns toward the
+    # difference of the two captions' embeddings
+    text_diff_scale: float = 0.3
+    prior_guidance_scale: float = 1.0  # --method unclip: classifier-free guidance on unCLIP's prior (1: off)
+    prior_samples: int = 1  # --method unclip: prior embeddings per candidate, the one nearest the caption's kept
 
 
 @dataclass

@@ -130,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
         help="clip-guided: add this times the transformer's log-likelihood of the codes to CLIP's objective "
         "(0: CLIP alone; default: the bundle's)",
     )
+    p.add_argument(
+        "--prior-guidance-scale",
+        type=float,
+        default=None,
+        help="--method unclip: classifier-free guidance on the prior's embeddings (1: off; default: the bundle's)",
+    )
     p.add_argument("--init-image", default=None, metavar="PNG", help="complete this image from its top rows")
     p.add_argument("--keep-rows", type=int, default=None, help="rows of --init-image's codes to keep (default: half)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -217,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prompts,
                 **settings,
                 guided_prior_weight=args.guided_prior_weight,
+                prior_guidance_scale=args.prior_guidance_scale,
                 method=args.method,
                 init=args.init,
                 init_image=args.init_image,

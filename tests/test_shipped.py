@@ -77,3 +77,21 @@ def test_the_emoji_command_writes_pngs_in_the_style_asked(tmp_path, capsys):
     # OpenMoji draws black outlines, which the other seven styles do not: the picks have them
     dark = [float((im.max(axis=-1) < 64).mean()) for im in images]
     assert min(dark) > 0.02, f"share of near-black pixels {dark}"
+
+
+@pytest.mark.slow
+def test_the_shapes_bundle_draws_variations_text_diffs_and_unclip_samples_the_judge_accepts():
+    from dalle_mini_impl.shapes.generator import Obj, Scene, render
+
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    scene = Scene([Obj("red", "circle", "large", 16.0, 16.0)], "a large red circle in the center")
+    source = Image.fromarray(render(scene, 32))
+    kept = pipe.variations([source], num_images=2, candidates=8, seed=0, progress=False)[0]
+    assert all(judge(np.asarray(r.image), scene.caption).ok for r in kept)
+    assert not torch.equal(kept[0].ids, pipe.encode_image(source))  # a new image, not the source's own codes
+    edit = ("a large red circle in the center", "a large blue circle in the center")
+    moved = pipe.variations([source], text_diff=edit, num_images=1, candidates=8, seed=0, progress=False)[0][0]
+    assert judge(np.asarray(moved.image), edit[1]).ok
+    best = pipe.generate(["a small green square"], method="unclip", num_images=1, progress=False)[0][0]
+    assert judge(np.asarray(best.image), "a small green square").ok

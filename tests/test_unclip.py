@@ -269,6 +269,13 @@ def test_text_diff_turns_the_embedding_the_decoder_reads(bundle, images):
     assert torch.allclose(seen[2], F.normalize(b - a, dim=-1), atol=1e-5)  # scale 1: the caption difference
 
 
+def test_prior_guidance_reaches_the_prior(bundle):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    draw = lambda **kw: pipe.prior_embeddings("a red circle", 2, torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    assert torch.equal(draw(), draw(guidance_scale=1.0))  # the bundle's default: off
+    assert not torch.allclose(draw(), draw(guidance_scale=3.0))
+
+
 def test_the_same_seed_gives_the_same_variations(bundle, images):
     pipe = Pipeline.from_pretrained(bundle, device="cpu")
     kw = dict(num_images=2, candidates=3, seed=4, progress=False)
@@ -302,6 +309,7 @@ def test_a_bundle_without_unclip_refuses_its_uses_in_one_sentence(images, tmp_pa
         (["--interpolate", "IMG", "IMG", "--steps", "1"], "at least 2"),
         (["--variations", "IMG", "--text-diff", "a", "b", "--text-diff-scale", "2"], "in [0, 1]"),
         (["--variations", "missing.png"], "image 'missing.png' does not exist"),
+        (["a circle", "--method", "unclip", "--prior-guidance-scale", "nan"], "--prior-guidance-scale is nan"),
     ],
 )
 def test_bad_unclip_arguments_are_one_sentence_and_exit_2(bundle, images, tmp_path, capsys, argv, message):

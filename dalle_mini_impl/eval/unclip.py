@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     apply_sample_overrides(pipe.cfg, args.overrides)
-    scales = [pipe.cfg.unclip.text_diff_scale]
+    scales = [pipe.cfg.sample.text_diff_scale]
     if args.text_diff_scales:
         try:
             scales = [float(x) for x in args.text_diff_scales.split(",")]

@@ -69,8 +69,6 @@ def check_prior_config(cfg: PriorConfig) -> None:
         raise bad("sample_steps", f"at most timesteps ({cfg.timesteps})")
     if not 0.0 <= cfg.text_dropout < 1.0:
         raise bad("text_dropout", "in [0, 1)")
-    if not math.isfinite(cfg.guidance_scale):
-        raise bad("guidance_scale", "a finite number")
 
 
 class EmbeddingPrior(nn.Module):
@@ -179,14 +177,14 @@ class EmbeddingPrior(nn.Module):
         text_emb: torch.Tensor,
         generator: torch.Generator | None = None,
         steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """Unit image embeddings (b, e) for caption ids (b, t) and their CLIP text embeddings (b, e): DDIM over
         `steps` levels (None: the config's sample_steps) from N(0, I) drawn from `generator`; one forward pass
-        for a regression prior."""
+        for a regression prior. guidance_scale: classifier-free guidance on the caption (1: off)."""
         self._check(text, text_emb)
         steps = self.cfg.sample_steps if steps is None else steps
-        scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        scale = guidance_scale
         if not 1 <= steps <= self.cfg.timesteps:
             raise ValueError(f"steps must lie in 1 .. {self.cfg.timesteps}, got {steps}")
         was_training = self.training

@@ -172,6 +172,12 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
     if not (math.isfinite(s.guided_prior_weight) and s.guided_prior_weight >= 0):
         raise UserError(f"--guided-prior-weight is {s.guided_prior_weight}; use 0 (CLIP alone) or a positive weight")
+    if s.prior_samples < 1:
+        raise UserError(f"config key 'sample.prior_samples' is {s.prior_samples}; draw at least 1 embedding")
+    if not math.isfinite(s.prior_guidance_scale):
+        raise UserError(f"--prior-guidance-scale is {s.prior_guidance_scale}; give a finite number (1: off)")
+    if not (math.isfinite(s.text_diff_scale) and 0 <= s.text_diff_scale <= 1):
+        raise UserError(f"--text-diff-scale is {s.text_diff_scale}; give how far to turn the image, in [0, 1]")
     if s.decode not in DECODE_MODES:
         raise UserError(f"decode '{s.decode}' is unknown; use {', '.join(DECODE_MODES)}")
 
@@ -377,7 +383,9 @@ class Pipeline:
         "unclip" through the prior (one image embedding per candidate) and the decoder."""
         prompt = max(parts, key=lambda part: part[1])[0]
         text = self.encode_prompt(prompt)
-        cond = self.prior_embeddings(prompt, s.candidates, generator, text) if method == "unclip" else None
+        cond = None
+        if method == "unclip":
+            cond = self.prior_embeddings(prompt, s.candidates, generator, text, s.prior_guidance_scale, s.prior_samples)
         ids = self.sample_ids(text, s, generator, prime, bar, cond)  # (m, n)
         images = self.decode(ids)  # (m, 3, H, W)
         return ids, images, self._score(images, parts)
@@ -413,6 +421,7 @@ class Pipeline:
         seed: int | None = None,
         decode: str | None = None,
         guided_prior_weight: float | None = None,
+        prior_guidance_scale: float | None = None,
         method: str = "ar",
         init: str = "samples",
         init_image: str | os.PathLike | Image.Image | None = None,
@@ -440,6 +449,7 @@ class Pipeline:
             seed=seed,
             decode=decode,
             guided_prior_weight=guided_prior_weight,
+            prior_guidance_scale=prior_guidance_scale,
         )
         if method not in METHODS:
             raise UserError(f"method '{method}' is unknown; use {', '.join(METHODS)}")
@@ -595,13 +605,26 @@ class Pipeline:
             )
 
     def prior_embeddings(
-        self, prompt: str, n: int, generator: torch.Generator, text: torch.Tensor | None = None
+        self,
+        prompt: str,
+        n: int,
+        generator: torch.Generator,
+        text: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        samples: int | None = None,
     ) -> torch.Tensor:
-        """n CLIP image embeddings (n, e) the prior draws for a prompt (each its own sample), on the CPU; text: the
-        prompt's ids (1, t) when the caller has them."""
-        text = (self.encode_prompt(prompt) if text is None else text).expand(n, -1)
-        text_emb = self.clip.embed_texts([prompt]).to(self.device).expand(n, -1)
-        return self.unclip_prior.sample(text, text_emb, generator=generator).cpu()
+        """n CLIP image embeddings (n, e) the prior draws for a prompt, on the CPU; text: the prompt's ids (1, t)
+        when the caller has them. guidance_scale: on the prior; samples: embeddings drawn per one returned, the
+        one nearest the prompt's text embedding kept (DALL-E 2 draws 2); None: the bundle's
+        sample.prior_guidance_scale and sample.prior_samples."""
+        scale = self.cfg.sample.prior_guidance_scale if guidance_scale is None else guidance_scale
+        k = self.cfg.sample.prior_samples if samples is None else samples
+        text = (self.encode_prompt(prompt) if text is None else text).expand(n * k, -1)
+        text_emb = self.clip.embed_texts([prompt]).to(self.device)  # (1, e)
+        drawn = self.unclip_prior.sample(text, text_emb.expand(n * k, -1), generator=generator, guidance_scale=scale)
+        drawn = drawn.view(k, n, -1)  # sample j of candidate i at [j, i]: k = 1 draws what it always drew
+        best = (drawn @ text_emb[0].to(drawn.dtype)).argmax(dim=0)  # (n,)
+        return drawn[best, torch.arange(n)].cpu()
 
     def image_embeddings(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
         """CLIP image embeddings (m, e) of image files or PIL images, at the model's resolution."""
@@ -650,21 +673,18 @@ class Pipeline:
 
         text_diff=(a, b): a text diff (DALL-E 2, section 3.3): the image's embedding is first turned toward the
         difference of the captions' text embeddings, slerp(image, normalise(text(b) - text(a)), text_diff_scale)
-        (None: the bundle's `unclip.text_diff_scale`), and the images are drawn from and ranked by that.
+        (None: the bundle's `sample.text_diff_scale`), and the images are drawn from and ranked by that.
         overrides: sampling settings as in `generate` (num_images, candidates, guidance_scale, temperature, seed ..).
         """
-        s = self._embedding_settings("--variations", overrides)
+        s = self._embedding_settings("--variations", overrides | {"text_diff_scale": text_diff_scale})
         sources = self.image_embeddings(list(images))
         if text_diff is not None:
-            scale = self.cfg.unclip.text_diff_scale if text_diff_scale is None else text_diff_scale
-            if not (math.isfinite(scale) and 0 <= scale <= 1):
-                raise UserError(f"--text-diff-scale is {scale}; give how far to turn the image, in [0, 1]")
             if any(not str(c).strip() for c in text_diff):
                 raise UserError("--text-diff needs two non-empty captions, from and to: 'a red circle' 'a blue circle'")
             from ..model.prior import slerp
 
             a, b = self.clip.embed_texts(list(text_diff))
-            sources = slerp(sources, torch.nn.functional.normalize(b - a, dim=-1).expand_as(sources), scale)
+            sources = slerp(sources, torch.nn.functional.normalize(b - a, dim=-1).expand_as(sources), s.text_diff_scale)
         names = [getattr(im, "filename", None) or (im if not isinstance(im, Image.Image) else f"image {i + 1}")
                  for i, im in enumerate(images)]  # fmt: skip
         h, w = self.grid
