@@ -4,6 +4,8 @@
     python -m sample "a red circle:1 | a blue square:-0.5" --method clip-guided      # VQGAN+CLIP refinement
     python -m sample "a red circle" --method clip-guided --init random --guided-prior-weight 0.3   # from noise
     python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
+    python -m sample "a blue square on the right" --init-image img.png --mask right.png   # redraw the white part
+    python -m sample "a red circle to the left of a blue square" --init-image a.png --extend right   # outpaint
     python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
     python -m sample "pizza, openmoji style" --model emoji --dtype bf16 --decode speculative   # fewer passes
     python -m sample "a red circle" --method unclip      # DALL-E 2: prior -> CLIP image embedding -> decoder
@@ -138,6 +140,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init-image", default=None, metavar="PNG", help="complete this image from its top rows")
     p.add_argument("--keep-rows", type=int, default=None, help="rows of --init-image's codes to keep (default: half)")
+    p.add_argument(
+        "--mask",
+        default=None,
+        metavar="PNG",
+        help="redraw the white part of --init-image (a mask of its size; black is kept exactly)",
+    )
+    p.add_argument(
+        "--extend",
+        default=None,
+        choices=["left", "right", "top", "bottom"],
+        help="outpaint: move --init-image by half its size away from this side and draw the new half",
+    )
+    p.add_argument(
+        "--likelihood-weight",
+        type=float,
+        default=None,
+        help="--mask/--extend: rank by CLIP plus this times the transformer's log-likelihood of the kept cells "
+        "after the redrawn ones (0: CLIP alone; default: the bundle's)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument(
         "--dtype",
@@ -179,6 +200,17 @@ def check_uses(args: argparse.Namespace) -> None:
         raise UserError("--text-diff-scale sets how far --text-diff turns an image; give --text-diff FROM TO too")
     if args.steps is not None and not args.interpolate:
         raise UserError("--steps counts the images of --interpolate; give --interpolate A B too")
+    edit = "--mask" if args.mask else "--extend" if args.extend else None
+    if args.mask and args.extend:
+        raise UserError("--mask redraws a painted part and --extend a new half; give one of them")
+    if edit and not args.init_image:
+        raise UserError(f"{edit} redraws part of an image; give --init-image PNG too")
+    if edit and args.keep_rows is not None:
+        raise UserError(f"--keep-rows keeps the top rows and {edit} the unmasked cells; give one of them")
+    if edit and (args.method != "ar" or args.init != "samples"):
+        raise UserError(f"{edit} samples with the transformer and ranks with CLIP; leave out --method and --init")
+    if args.likelihood_weight is not None and not edit:
+        raise UserError("--likelihood-weight ranks the edits of --mask or --extend; give one of them too")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,6 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             slug = "-".join(unique_slugs(_stems(args.interpolate)))
             groups, sources = steps, [None] * len(steps)
             stems = [f"interpolate-{slug}_s{kept[0].seed - k}_step{k}" for k, kept in enumerate(steps)]
+        elif args.mask or args.extend:
+            image, mask = args.init_image, args.mask
+            if args.extend:
+                from dalle_mini_impl.pipeline.edit import extend_canvas, open_image
+
+                image, mask = extend_canvas(open_image(image, "--init-image"), args.extend)
+            groups = pipe.edit(prompts, image, mask, likelihood_weight=args.likelihood_weight, **settings)
+            sources = [None] * len(groups)
+            stems = [f"{slug}_s{kept[0].seed}" for slug, kept in zip(unique_slugs(prompts), groups)]
         else:
             groups = pipe.generate(
                 prompts,

@@ -4,6 +4,7 @@ uses (variations, interpolations, text diffs, --method unclip), on tiny models t
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -396,3 +397,16 @@ def test_the_decoder_starts_from_the_trained_transformer(bundle, tmp_path):
     cfg.transformer.dim = 48  # another size: refused in one sentence that names the way out
     with pytest.raises(UserError, match="init_from_transformer=false"):
         start_from_transformer(build_model(cfg, text, image, cond_dim=16), bundle)
+
+
+def test_when_an_embedding_pins_one_image_down_the_extra_rounds_loosen_the_temperature(bundle, images):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    near_greedy = dict(num_images=2, candidates=2, temperature=1e-4, seed=0)
+    cond = pipe.image_embeddings([images[0]])[0]
+    generator = torch.Generator().manual_seed(0)
+    ids, _, _ = pipe._from_embedding(cond, cond[None], pipe.settings(**near_greedy), generator, None)
+    assert torch.equal(ids[0], ids[1])  # one round as asked gives one image twice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "gave only 1 distinct image": the extra rounds drew at temperature 1
+        kept = pipe.variations([images[0]], **near_greedy, progress=False)[0]
+    assert len(kept) == 2 and not torch.equal(kept[0].ids, kept[1].ids)

@@ -60,14 +60,22 @@ def to_rgb(pil: Image.Image) -> Image.Image:
     return pil.convert("RGB")  # L, 1, P, CMYK, YCbCr
 
 
-def _resize_shorter_side(pil: Image.Image, size: int) -> Image.Image:
+def _resize_shorter_side(pil: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
     w, h = pil.size
     scale = size / min(w, h)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
     if new == (w, h):
         return pil
     # reducing_gap: a cheap box reduction first, then bicubic; same quality, far faster on big photos
-    return pil.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return pil.resize(new, resample, reducing_gap=None if resample == Image.Resampling.BOX else 3.0)
+
+
+def center_square(pil: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """The image's shorter side resized to `size` (by `resample`), then its center size x size crop: the
+    geometry `prepare_image` gives an image without random crop (editing maps a mask through it too)."""
+    img = _resize_shorter_side(pil, size, resample)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 def prepare_image(
@@ -80,15 +88,12 @@ def prepare_image(
     """
     if size < 1:
         raise ValueError(f"image size must be positive, got {size}")
+    if not random_crop:
+        return from_uint8(np.asarray(center_square(to_rgb(pil), size)))
     img = _resize_shorter_side(to_rgb(pil), size)
-    w, h = img.size
-    if random_crop:
-        rng = rng or random
-        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
-    else:
-        left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return from_uint8(np.asarray(img))
+    rng = rng or random
+    left, top = rng.randint(0, img.size[0] - size), rng.randint(0, img.size[1] - size)
+    return from_uint8(np.asarray(img.crop((left, top, left + size, top + size))))
 
 
 def from_uint8(array: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -227,6 +232,7 @@ def save_grid(
 
 
 __all__ = [
+    "center_square",
     "from_uint8",
     "make_grid",
     "prepare_image",

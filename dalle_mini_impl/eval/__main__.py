@@ -5,6 +5,7 @@
     clip --model DIR --data SRC --split S     CLIP retrieval recall@1/5/10
     shapes --model DIR --n 300 --seed 0       judge accuracy of generated samples (--method unclip: DALL-E 2's)
     unclip --model DIR --n 300 --seed 0       judge accuracy of unCLIP's variations, text diffs, interpolations
+    edit --model DIR --n 200 --seed 0         judge accuracy of masked edits (one object of two redrawn)
     emoji --model B --judge J --data DIR      text-to-image on emoji-styles, graded by an evaluation CLIP
 """
 
@@ -22,6 +23,7 @@ COMMANDS = {
     "shapes": "dalle_mini_impl.eval.shapes",
     "emoji": "dalle_mini_impl.eval.emoji",
     "unclip": "dalle_mini_impl.eval.unclip",
+    "edit": "dalle_mini_impl.eval.edit",
 }
 
 

@@ -349,6 +349,8 @@ def _check_args(
     decode,
     window,
     draft,
+    keep=None,
+    redraw=None,
 ):
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
@@ -378,6 +380,17 @@ def _check_args(
             raise ValueError(f"prime must be (b, k) image ids with k <= {c.image_len}, got {tuple(prime.shape)}")
         if prime.numel() and not (0 <= int(prime.min()) and int(prime.max()) < c.image_vocab):
             raise ValueError(f"prime ids must lie in [0, {c.image_vocab})")
+    if (keep is None) != (redraw is None) or (redraw is not None and prime is not None):
+        raise ValueError("keep and redraw go together, and without prime (a prime is kept leading cells already)")
+    if redraw is not None:
+        if redraw.shape != (c.image_len,) or redraw.dtype != torch.bool or not bool(redraw.any()):
+            raise ValueError(f"redraw must be a bool mask ({c.image_len},) with at least one True cell")
+        if keep.shape != (text.shape[0], c.image_len):
+            raise ValueError(f"keep must be ({text.shape[0]}, {c.image_len}) image ids, got {tuple(keep.shape)}")
+        if not (0 <= int(keep.min()) and int(keep.max()) < c.image_vocab):
+            raise ValueError(f"keep ids must lie in [0, {c.image_vocab})")
+        if decode == "speculative":
+            raise ValueError("decode='speculative' cannot keep cells inside the image; use cached")
 
 
 @torch.inference_mode()
@@ -399,6 +412,8 @@ def generate(
     window: int = 0,
     draft: str = "above",
     stats: dict | None = None,
+    keep: torch.Tensor | None = None,
+    redraw: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample image ids (b, n), raster order, for text ids (b, t); every prompt in one batch.
 
@@ -424,6 +439,10 @@ def generate(
         plain decoding); read only when decode is "speculative".
     draft: how speculative decoding drafts a cell no pass has reached: "above" (the cell above's id) or
         "random".
+    keep, redraw: editing (inpainting): ids (b, n) and a bool mask (n,); the cells where redraw is False keep
+        their ids from keep, the others are sampled in raster order, each seeing the kept cells before it (the
+        kept cells before the first redrawn one are a prime; none after the last redrawn one is run).
+        Not with prime, nor with decode "speculative".
     stats: a dict that receives "passes", the sequential forward passes the batch took (prefill included),
         "window", the cells per pass (1: plain decoding), and "rows", the model rows (2b under guidance).
 
@@ -444,9 +463,16 @@ def generate(
         decode,
         window,
         draft,
+        keep,
+        redraw,
     )
     c = model.cfg
     b, n, w = text.shape[0], c.image_len, c.grid_w
+    end = n  # cells k .. end - 1 are run
+    if redraw is not None:
+        drawn = redraw.nonzero().squeeze(1)
+        prime, end = keep[:, : int(drawn[0])], int(drawn[-1]) + 1
+        redraw = redraw.tolist()
     k = 0 if prime is None else prime.shape[1]
     # tokens k .. stop - 1 are guided
     stop = max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
@@ -455,7 +481,9 @@ def generate(
     if cond is not None and guided:
         cond = torch.cat([cond, torch.zeros_like(cond)])  # the unconditional rows: the embedding dropped
     out = torch.empty(b, n, dtype=torch.long, device=text.device)
-    if k:
+    if keep is not None:
+        out.copy_(keep)
+    elif k:
         out[:, :k] = prime
     if on_row is not None:
         for r in range(k // w):
@@ -470,7 +498,7 @@ def generate(
         if decode == "speculative":  # a window never reaches back to the text: it starts at cell 1 or later
             weight = model.head.weight
             width = window_width(rows_text.shape[0], weight.device, weight.dtype, window, n - max(k, 1))
-        passes = n - k
+        passes = end - k
         if width > 1 and b > 0:
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
@@ -483,14 +511,17 @@ def generate(
                 source = _cached_logits(
                     model, prefix, out, k, masks, stop, "cached" if decode == "speculative" else decode
                 )
-            for i, logits in zip(range(k, n), source):
-                if i < stop:
-                    logits = _guide(logits, guidance_scale)
-                out[:, i] = sample_logits(
-                    logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-                )
+            for i, logits in zip(range(k, end), source):
+                if redraw is None or redraw[i]:  # else a kept cell: its id is in out already
+                    if i < stop:
+                        logits = _guide(logits, guidance_scale)
+                    out[:, i] = sample_logits(
+                        logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                    )
                 if on_row is not None and (i + 1) % w == 0:
                     on_row(i // w, out[:, : i + 1].clone())
+            for r in range(end // w, n // w if on_row is not None else 0):  # the kept rows after the last redrawn
+                on_row(r, out[:, : (r + 1) * w].clone())
         if stats is not None:
             stats.update(passes=passes, window=width if b > 0 else 1, rows=rows_text.shape[0])
     finally:

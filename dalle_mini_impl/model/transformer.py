@@ -615,6 +615,16 @@ class DALLE(nn.Module):
         log_p = torch.cat([group.log_softmax(dim=-1) for group in logits.split(c.image_factors, dim=-1)], dim=-1)
         return (weights.to(log_p.dtype) * log_p).sum(dim=-1).mean(dim=-1)
 
+    def cell_log_likelihoods(
+        self, text: torch.Tensor, image: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The log-probability of every image id given the text and the ids before it, (b, n) float32, for
+        text (b, t) and image ids (b, n): what editing ranks candidates by (a redrawn region should make the
+        kept cells after it likely)."""
+        h = self.hidden(text, image, cond)[:, self.cfg.prefix_len - 1 :]  # (b, n, d): predict cells 0 .. n-1
+        log_p = self.image_logits(h).float().log_softmax(dim=-1)  # (b, n, image_vocab)
+        return log_p.gather(-1, image[..., None]).squeeze(-1)
+
     # --- training -----------------------------------------------------------------------------
 
     def _check(self, text: torch.Tensor, image: torch.Tensor) -> None:

@@ -170,6 +170,8 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"--seed is {s.seed}; use a non-negative integer below 2**62")
     if s.batch_size < 1:
         raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
+    if not (math.isfinite(s.edit_likelihood_weight) and s.edit_likelihood_weight >= 0):
+        raise UserError(f"--likelihood-weight is {s.edit_likelihood_weight}; use 0 (CLIP alone) or a positive weight")
     if not (math.isfinite(s.guided_prior_weight) and s.guided_prior_weight >= 0):
         raise UserError(f"--guided-prior-weight is {s.guided_prior_weight}; use 0 (CLIP alone) or a positive weight")
     if s.prior_samples < 1:
@@ -324,9 +326,12 @@ class Pipeline:
         prime: torch.Tensor | None = None,
         bar: tqdm | None = None,
         cond: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        redraw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`s.candidates` image code sequences (m, n) for one prompt's text ids (1, t), in batches; with cond,
-        one CLIP image embedding per candidate (m, e), drawn by unCLIP's decoder."""
+        one CLIP image embedding per candidate (m, e), drawn by unCLIP's decoder; with keep (1, n) and redraw
+        (n,) bool, only the redrawn cells sampled (`generate`)."""
         null = self.text_tokenizer.null_ids()[None].to(self.device)  # (1, t)
         w = self.grid[1]
         model = self.transformer if cond is None else self.unclip
@@ -346,6 +351,8 @@ class Pipeline:
                 top_p=s.top_p,
                 generator=generator,
                 prime=None if prime is None else prime.to(self.device).expand(b, -1),
+                keep=None if keep is None else keep.to(self.device).expand(b, -1),
+                redraw=None if redraw is None else redraw.to(self.device),
                 on_row=None if bar is None else (lambda r, so_far: bar.update(so_far.shape[0] * w)),
                 decode=s.decode,
                 stats=stats,
@@ -497,13 +504,13 @@ class Pipeline:
                 results.append(self._results(prompt, s.seed + i, ids, images, scores))
         return results
 
-    def _distinct(self, prompt: str, draw, s: SampleConfig, bar):
+    def _distinct(self, prompt: str, draw, s: SampleConfig, bar, again=None):
         """The (ids, images, scores) of `draw()` (one round of candidates) with identical images counted once (the
         first in sample order kept): identical code sequences, and also different codes that decode to the same
         pixels (a background cell has several).
 
-        While fewer than `s.num_images` are distinct, another round is drawn (the same generator, so new
-        samples), up to MAX_EXTRA_ROUNDS; a warning names `prompt` when that was not enough.
+        While fewer than `s.num_images` are distinct, another round is drawn by `again()` (None: `draw()`; the
+        same generator, so new samples), up to MAX_EXTRA_ROUNDS; a warning names `prompt` when that was not enough.
         """
         rounds = [draw()]
         while True:
@@ -513,7 +520,7 @@ class Pipeline:
                 break
             if bar is not None:
                 bar.total += s.candidates * ids.shape[1]
-            rounds.append(draw())
+            rounds.append((again or draw)())
         if len(first) < s.num_images:
             images_word = "image" if len(first) == 1 else "images"
             warnings.warn(
@@ -590,6 +597,79 @@ class Pipeline:
         order = scores.sort(descending=True, stable=True)[1]
         return ids[order], images[order], scores[order]
 
+    # -- editing: redraw the masked cells of an image -------------------------------------------------
+
+    def edit(
+        self,
+        prompts: Sequence[str] | str,
+        image: str | os.PathLike | Image.Image,
+        mask: str | os.PathLike | Image.Image,
+        *,
+        likelihood_weight: float | None = None,
+        progress: bool = True,
+        **overrides,
+    ) -> list[list[Result]]:
+        """For each prompt, `image` with the cells under `mask`'s white part redrawn (inpainting; outpainting
+        with `edit.extend_canvas`): its best `num_images` of `candidates`, best first. mask: an image of the
+        image's size, white (>= 128) where to redraw; a cell of the code grid is redrawn when any of its pixels
+        is white, the others keep the image's codes and, in the result, its exact pixels.
+
+        The transformer samples the redrawn cells in raster order, each seeing the kept cells before it (the
+        kept ones forced). A redrawn cell cannot see the kept cells after it, so candidates are ranked by CLIP
+        plus likelihood_weight (None: the bundle's sample.edit_likelihood_weight) times the transformer's mean
+        log-likelihood of those later kept cells given the rest: a region that agrees with what follows it.
+        Result.clip_score is CLIP's part. overrides: sampling settings as in `generate` (not decode speculative).
+        """
+        prompts = check_prompts(prompts)
+        s = self.settings(edit_likelihood_weight=likelihood_weight, **overrides)
+        if s.decode == "speculative":
+            raise UserError("editing samples the masked cells one pass at a time; use --decode cached, not speculative")
+        source, redraw = self.edit_source(image, mask)
+        h, w = self.grid
+        bar = tqdm(
+            total=len(prompts) * s.candidates * h * w, unit="tok", desc="edit", disable=None if progress else True
+        )
+        results = []
+        with bar:
+            for i, prompt in enumerate(prompts):
+                bar.set_description(f"edit {i + 1}/{len(prompts)}")
+                generator = torch.Generator().manual_seed(s.seed + i)
+                draw = functools.partial(self.edit_candidates, prompt, source, redraw, s, generator, bar)
+                ids, images, terms = self._distinct(prompt, draw, s, bar)
+                score = terms[:, 0] + s.edit_likelihood_weight * terms[:, 1]
+                keep = kept_order(score.sort(descending=True, stable=True)[1], s.num_images)
+                clip = None if self.clip is None else terms[keep, 0]
+                results.append(self._results(prompt, s.seed + i, ids[keep].view(-1, h, w), images[keep], clip))
+        return results
+
+    def edit_source(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the image (3, S, S) at the model's resolution, the cells (h, w) bool that the mask redraws)."""
+        from .edit import mask_cells, open_image
+
+        pil = open_image(image, "image")
+        cells = mask_cells(open_image(mask, "mask"), pil, self.cfg.data.image_size, self.grid)
+        return prepare_image(pil, self.cfg.data.image_size), cells
+
+    def edit_candidates(self, prompt: str, source, redraw, s: SampleConfig, generator, bar=None):
+        """One round of `s.candidates` edits of source (3, S, S) whose cells redraw (h, w) are sampled: ids (m, n),
+        images (m, 3, S, S) with the source pasted over the kept cells, and the ranking's two terms (m, 2): CLIP's
+        score (0 without CLIP) and the transformer's mean log-likelihood of the kept cells after the first
+        redrawn one given the prompt (0 when there is none)."""
+        from .edit import later_log_likelihood, paste_kept
+
+        text = self.encode_prompt(prompt)
+        with torch.inference_mode(), self._autocast():
+            keep = self.image_tokenizer.encode(source[None].to(self.device)).reshape(1, -1).cpu()
+        cells = redraw.reshape(-1)
+        ids = self.sample_ids(text, s, generator, bar=bar, keep=keep, redraw=cells)  # (m, n)
+        images = paste_kept(self.decode(ids), source, redraw)
+        terms = torch.zeros(len(ids), 2)
+        if self.clip is not None:
+            terms[:, 0] = self.clip.score(images, prompt)
+        with torch.inference_mode(), self._autocast():
+            terms[:, 1] = later_log_likelihood(self.transformer, text.expand(len(ids), -1), ids.to(self.device), cells)
+        return ids, images, terms
+
     # -- unCLIP (DALL-E 2): images from CLIP image embeddings ------------------------------------------
 
     def require_unclip(self, what: str, prior: bool = False) -> None:
@@ -645,9 +725,14 @@ class Pipeline:
         scores = (self.clip.embed_images(images) @ targets.T).max(dim=1).values
         return ids, images, scores
 
-    def _kept(self, label: str, seed: int, draw, s: SampleConfig, bar, t: float | None = None) -> list[Result]:
-        """The best `s.num_images` distinct images of the rounds `draw` gives, best first."""
-        ids, images, scores = self._distinct(label, draw, s, bar)
+    def _kept(self, label: str, seed: int, cond, targets, s: SampleConfig, generator, bar, t=None) -> list[Result]:
+        """The best `s.num_images` distinct images the decoder draws from the embedding cond (`_from_embedding`),
+        best first. When a round gives fewer distinct images (an embedding can pin a simple image down), the
+        extra rounds draw at temperature 1 at least: a variation is a new image, not the same one again."""
+        draw = functools.partial(self._from_embedding, cond, targets, s, generator, bar)
+        looser = dataclasses.replace(s, temperature=max(1.0, s.temperature))
+        again = functools.partial(self._from_embedding, cond, targets, looser, generator, bar)
+        ids, images, scores = self._distinct(label, draw, s, bar, again)
         keep = kept_order(scores.sort(descending=True, stable=True)[1], s.num_images)
         h, w = self.grid
         results = self._results(label, seed, ids[keep].view(-1, h, w), images[keep], scores[keep])
@@ -696,8 +781,7 @@ class Pipeline:
             for i, (name, cond) in enumerate(zip(names, sources)):
                 generator = torch.Generator().manual_seed(s.seed + i)
                 label = f"variation of {Path(str(name)).name}"
-                draw = functools.partial(self._from_embedding, cond, cond[None], s, generator, bar)
-                out.append(self._kept(label, s.seed + i, draw, s, bar))
+                out.append(self._kept(label, s.seed + i, cond, cond[None], s, generator, bar))
         return out
 
     def interpolate(
@@ -730,8 +814,7 @@ class Pipeline:
                 targets = ends[:1] if t < 0.5 else ends[1:] if t > 0.5 else ends
                 generator = torch.Generator().manual_seed(s.seed + k)
                 label = f"interpolation t={t:.2f}"
-                draw = functools.partial(self._from_embedding, cond, targets, s, generator, bar)
-                out.append(self._kept(label, s.seed + k, draw, s, bar, t=t))
+                out.append(self._kept(label, s.seed + k, cond, targets, s, generator, bar, t=t))
         return out
 
     @staticmethod
