@@ -728,10 +728,15 @@ class Pipeline:
     def _kept(self, label: str, seed: int, cond, targets, s: SampleConfig, generator, bar, t=None) -> list[Result]:
         """The best `s.num_images` distinct images the decoder draws from the embedding cond (`_from_embedding`),
         best first. When a round gives fewer distinct images (an embedding can pin a simple image down), the
-        extra rounds draw at temperature 1 at least: a variation is a new image, not the same one again."""
+        extra rounds draw looser, at temperatures 1, 1.25, 1.5 (or the settings' own, if higher): a variation is
+        a new image, not the same one again, and CLIP's ranking keeps the looser draws only where needed."""
         draw = functools.partial(self._from_embedding, cond, targets, s, generator, bar)
-        looser = dataclasses.replace(s, temperature=max(1.0, s.temperature))
-        again = functools.partial(self._from_embedding, cond, targets, looser, generator, bar)
+        temperatures = iter(max(1.0, s.temperature) + 0.25 * j for j in range(MAX_EXTRA_ROUNDS))
+
+        def again():
+            looser = dataclasses.replace(s, temperature=next(temperatures))
+            return self._from_embedding(cond, targets, looser, generator, bar)
+
         ids, images, scores = self._distinct(label, draw, s, bar, again)
         keep = kept_order(scores.sort(descending=True, stable=True)[1], s.num_images)
         h, w = self.grid
