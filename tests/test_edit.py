@@ -223,3 +223,29 @@ def test_the_cli_refuses_edits_it_cannot_do_in_one_sentence(bundle, pictures, tm
     code, _, err = run(["a red square", "--model", str(bundle), "--out", str(tmp_path), *extra], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert re.search(match, err)
+
+
+def test_the_edit_evaluation_masks_the_second_object_and_changes_one_of_its_attributes():
+    from dalle_mini_impl.config import ShapesConfig
+    from dalle_mini_impl.eval.edit import SECOND_HALF, sources
+    from dalle_mini_impl.shapes.generator import parse_caption
+    from dalle_mini_impl.shapes.judge import find_objects
+
+    cfg = ShapesConfig()
+    edits = sources(16, 0, cfg, 32)
+    assert [parse_caption(e["caption"])["relation"] for e in edits[:4]] == list(SECOND_HALF)
+    assert {e["renderer"] for e in edits} == {"ours", "pil"}
+    for e in edits:
+        before, after = parse_caption(e["caption"]), parse_caption(e["edit"])
+        assert before["objects"][0] == after["objects"][0] and before["relation"] == after["relation"]
+        changed = {k for k in ("color", "shape") if before["objects"][1][k] != after["objects"][1][k]}
+        assert (
+            len(changed) == 1 and f"{after['objects'][1]['color']} {after['objects'][1]['shape']}" not in cfg.held_out
+        )
+        mask = np.asarray(e["mask"]) > 0
+        found = find_objects(e["image"])
+        assert len(found) == 2
+        for o in found:  # the second object wholly under the mask, the first wholly outside it
+            x0, y0, x1, y1 = o.bbox
+            covered = mask[y0:y1, x0:x1]
+            assert covered.all() if o.color == before["objects"][1]["color"] else not covered.any()
