@@ -23,9 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from .base import ImageTokenizer, VAEError
 from .dvae import DiscreteVAE
+from .imported import IMPORTED_KINDS
 from .vq import VQ
 
 KINDS: dict[str, type[ImageTokenizer]] = {"dvae": DiscreteVAE, "vq": VQ}
+# what a saved tokenizer may be: one trained here, or one converted by `python -m vae.convert` (vae.imported)
+LOADABLE_KINDS: dict[str, type[ImageTokenizer]] = {**KINDS, **IMPORTED_KINDS}
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "vae.safetensors"
 CONFIG_FILE = "vae.json"
@@ -53,19 +56,19 @@ def model_kwargs(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build(kind: str, **kwargs: Any) -> ImageTokenizer:
-    """A fresh tokenizer of `kind` ('dvae' or 'vq'); unknown kinds and arguments are one-sentence errors."""
+    """A fresh tokenizer of `kind` (see LOADABLE_KINDS); unknown kinds and arguments are one-sentence errors."""
     unknown = sorted(set(kwargs) - set(constructor_fields(kind)))
     if unknown:
         raise VAEError(
             f"unknown argument {unknown[0]!r} for the {kind} tokenizer; allowed: {', '.join(constructor_fields(kind))}"
         )
-    return KINDS[kind](**kwargs)
+    return LOADABLE_KINDS[kind](**kwargs)
 
 
 def _tokenizer_class(kind: str) -> type[ImageTokenizer]:
-    if kind not in KINDS:
-        raise VAEError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(KINDS)}")
-    return KINDS[kind]
+    if kind not in LOADABLE_KINDS:
+        raise VAEError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(LOADABLE_KINDS)}")
+    return LOADABLE_KINDS[kind]
 
 
 def _write_atomic(path: Path, write) -> None:
