@@ -1,0 +1,368 @@
+"""The web app's server (`python -m sample.app`) through its HTTP endpoints, with urllib, on a tiny random bundle.
+
+What the page relies on: PNG data URLs of the model's size with CLIP scores, the same images the Pipeline gives,
+bad input answered 400 with one sentence, oversized and undecodable uploads refused in one, a server that keeps
+answering after a failure and serves two requests at once, and search that only ever reads the folders named at
+start. The page itself is driven in a real browser by tests/test_app_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle_mini_impl.errors import run_cli
+from sample.app import MAX_BODY, PAGE, App, AppServer, load_models, main, png_url
+from tests.bundle_factory import make_tiny_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 16  # the tiny bundle's images (tests/bundle_factory.py)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@contextmanager
+def running(app: App):
+    """The app's server on a free port of 127.0.0.1, in a thread; yields its address."""
+    server = AppServer(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def make_search_folder(folder: Path) -> Path:
+    """Three solid-color PNGs (one in a subfolder) and a file that is not an image."""
+    (folder / "more").mkdir(parents=True)
+    Image.new("RGB", (20, 16), "red").save(folder / "red.png")
+    Image.new("RGB", (16, 16), "blue").save(folder / "blue.png")
+    Image.new("RGB", (16, 24), "green").save(folder / "more" / "green.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def app(bundle, tmp_path_factory) -> App:
+    root = tmp_path_factory.mktemp("app")
+    return App(load_models([str(bundle)], device="cpu"), [make_search_folder(root / "pictures")], root / "indexes")
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with running(app) as address:
+        yield address
+
+
+def post(url: str, path: str, body: dict | bytes) -> tuple[int, dict]:
+    """POST JSON (a dict, or raw bytes as they are): (status, the answer's JSON)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + path.lstrip("/"), data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str, path: str) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(url + path.lstrip("/"), timeout=60) as answer:
+            return answer.status, answer.read(), dict(answer.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def decode_png(data_url: str) -> Image.Image:
+    header, _, payload = data_url.partition(",")
+    assert header == "data:image/png;base64"
+    data = base64.b64decode(payload)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def assert_one_sentence(status: int, answer: dict, expected_status: int = 400, *words: str) -> None:
+    assert status == expected_status, answer
+    message = answer["error"]
+    assert "Traceback" not in message and "\n" not in message and message.count("; ") <= 2, message
+    for word in words:
+        assert word in message, message
+
+
+# ----------------------------------------------------------------------------------------------
+# The page and what it is told
+# ----------------------------------------------------------------------------------------------
+
+
+def test_page_is_served_with_a_policy_that_allows_only_this_server(url):
+    status, html, headers = get(url, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b"<title>dalle-mini-impl</title>" in html
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    # nothing on the page names another host: no external font, script, style or image
+    assert b"http://" not in html and b"https://" not in html and b"//cdn" not in html
+
+
+def test_info_offers_the_bundle_defaults_methods_and_search_folders(url, app):
+    status, body, _ = get(url, "/api/info")
+    info = json.loads(body)
+    assert status == 200
+    [model] = info["models"]
+    sample = app.models[0].pipe.cfg.sample
+    assert model["image_size"] == SIZE and model["clip"] is True
+    assert model["defaults"] == {
+        "num_images": sample.num_images,
+        "candidates": sample.candidates,
+        "guidance_scale": sample.guidance_scale,
+        "guidance_until": sample.guidance_until,
+        "temperature": sample.temperature,
+        "top_k": sample.top_k,
+        "top_p": sample.top_p,
+        "seed": sample.seed,
+    }
+    assert model["methods"] == ["ar", "clip-guided"]  # no unCLIP parts in this bundle
+    assert info["folders"] == [{"name": "pictures", "images": 3}]  # notes.txt is not an image
+    assert info["prompt"] == "a red circle"
+
+
+def test_unknown_paths_are_404_with_a_sentence(url):
+    for path in ("/nothing", "/static/app.html", "/../../etc/passwd", "/api/info/../../sample/app.py"):
+        status, body, _ = get(url, path)
+        assert status == 404 and "error" in json.loads(body), path
+    assert post(url, "/api/nothing", {})[0] == 404
+
+
+def test_requests_a_page_elsewhere_could_make_are_refused(url):
+    # a page on another site that points its own name at 127.0.0.1 (DNS rebinding) to read the answers
+    request = urllib.request.Request(url + "api/info", headers={"Host": "evil.example:7860"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 403 and "evil.example" in json.loads(refused.value.read())["error"]
+    # a form or no-cors fetch from another site can send text/plain without asking CORS first; JSON needs to ask
+    body = json.dumps({"model": 0, "prompt": "a red circle"}).encode()
+    request = urllib.request.Request(url + "api/generate", data=body, headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 415 and "application/json" in json.loads(refused.value.read())["error"]
+    localhost = urllib.request.Request(url.replace("127.0.0.1", "localhost") + "api/info")
+    assert urllib.request.urlopen(localhost, timeout=60).status == 200
+
+
+# ----------------------------------------------------------------------------------------------
+# Generating and editing
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_answers_pngs_of_the_models_size_the_pipeline_would_give(url, app):
+    status, answer = post(
+        url, "/api/generate", {"model": 0, "prompt": "a red circle", "num_images": 3, "candidates": "5", "seed": 7}
+    )
+    assert status == 200, answer
+    images = answer["images"]
+    assert [r["rank"] for r in images] == [1, 2, 3] and {r["seed"] for r in images} == {7}
+    scores = [r["clip_score"] for r in images]
+    assert all(isinstance(s, float) for s in scores) and scores == sorted(scores, reverse=True)
+    direct = app.models[0].pipe.generate(["a red circle"], num_images=3, candidates=5, seed=7, progress=False)[0]
+    for r, expected in zip(images, direct):
+        image = decode_png(r["png"])
+        assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), np.asarray(expected.image))
+        assert r["clip_score"] == pytest.approx(expected.clip_score)
+
+
+def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
+    cases = [
+        ({"prompt": "a red circle", "temperature": 0}, "temperature"),
+        ({"prompt": "a red circle", "temperature": "-1"}, "temperature"),
+        ({"prompt": "a red circle", "top_p": "1.5"}, "top-p"),
+        ({"prompt": "a red circle", "num_images": 9, "candidates": 2}, "candidates"),
+        ({"prompt": "a red circle", "candidates": "many"}, "candidates"),
+        ({"prompt": "a red circle", "num_images": "2.5"}, "whole number"),
+        ({"prompt": "a red circle", "method": "magic"}, "method"),
+        ({"prompt": "   "}, "empty"),
+        ({"prompt": ["a", "list"]}, "prompt"),
+    ]
+    for body, word in cases:
+        assert_one_sentence(*post(url, "/api/generate", {"model": 0, **body}), 400, word)
+    for model in ("/etc", "0", 1, -1, True, None):  # the page picks models by index, never by path
+        assert_one_sentence(*post(url, "/api/generate", {"model": model, "prompt": "a red circle"}), 400, "model")
+    assert_one_sentence(*post(url, "/api/generate", b"{not json"), 400, "JSON")
+    assert_one_sentence(*post(url, "/api/generate", b"[1, 2]"), 400, "JSON")
+
+
+def test_edit_redraws_only_the_masked_half(url):
+    source = np.zeros((SIZE, SIZE, 3), np.uint8)
+    source[:, : SIZE // 2] = (220, 30, 30)
+    source[:, SIZE // 2 :] = (30, 30, 220)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2 :] = 255  # white: redraw the right half
+    body = {
+        "model": 0,
+        "prompt": "a green square",
+        "num_images": 2,
+        "candidates": 4,
+        "image": png_url(Image.fromarray(source)),
+        "mask": png_url(Image.fromarray(mask)),
+    }
+    status, answer = post(url, "/api/edit", body)
+    assert status == 200, answer
+    assert len(answer["images"]) == 2
+    for r in answer["images"]:
+        edited = np.asarray(decode_png(r["png"]))
+        assert edited.shape == (SIZE, SIZE, 3)
+        assert np.array_equal(edited[:, : SIZE // 2], source[:, : SIZE // 2])  # the kept half, exactly
+        assert isinstance(r["clip_score"], float)
+    black = png_url(Image.new("L", (SIZE, SIZE), 0))
+    assert_one_sentence(*post(url, "/api/edit", {**body, "mask": black}), 400, "white")
+    small = png_url(Image.new("L", (8, 8), 255))
+    assert_one_sentence(*post(url, "/api/edit", {**body, "mask": small}), 400, "size")
+
+
+# ----------------------------------------------------------------------------------------------
+# Uploads: size and decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def test_an_oversized_request_is_refused_in_one_sentence_and_the_server_carries_on(url):
+    payload = base64.b64encode(b"\0" * MAX_BODY).decode()  # 4/3 of the limit once in base64
+    body = json.dumps({"model": 0, "image": "data:image/png;base64," + payload, "labels": "a, b"}).encode()
+    assert_one_sentence(*post(url, "/api/classify", body), 413, "MB")
+    assert post(url, "/api/generate", {"model": 0, "prompt": "a red circle"})[0] == 200
+
+
+def test_an_undecodable_upload_is_one_sentence(url, imagefolder):
+    truncated = (imagefolder.root / "train" / imagefolder.files[imagefolder.corrupt_caption]).read_bytes()
+    uploads = {
+        "not an image": "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode(),
+        "truncated": "data:image/png;base64," + base64.b64encode(truncated).decode(),
+        "empty": "data:image/png;base64,",
+        "not base64": "data:image/png;base64,@@@@",
+        "not a data URL": "/etc/passwd",
+        "missing": None,
+    }
+    for what, image in uploads.items():
+        status, answer = post(url, "/api/classify", {"model": 0, "image": image, "labels": "circle, square"})
+        assert_one_sentence(status, answer, 400, "image")
+        assert "upload" in answer["error"], what
+
+
+def test_labels_are_probabilities_best_first(url):
+    image = png_url(Image.new("RGBA", (30, 20), (200, 0, 0, 128)))  # any size and mode, as training data
+    status, answer = post(url, "/api/classify", {"model": 0, "image": image, "labels": " circle, square,, triangle "})
+    assert status == 200, answer
+    labels = answer["labels"]
+    assert sorted(label for label, _ in labels) == ["circle", "square", "triangle"]
+    probs = [p for _, p in labels]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)
+    assert_one_sentence(*post(url, "/api/classify", {"model": 0, "image": image, "labels": " , "}), 400, "labels")
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures, concurrency, search
+# ----------------------------------------------------------------------------------------------
+
+
+def test_an_internal_failure_is_500_in_one_sentence_and_the_server_carries_on(url, app, monkeypatch, capsys):
+    # no input makes the Pipeline fail unexpectedly (it checks them all), so a failure is injected here
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(app.models[0].pipe, "generate", broken)
+    assert_one_sentence(*post(url, "/api/generate", {"model": 0, "prompt": "a red circle"}), 500, "RuntimeError")
+    assert "out of memory, say" in capsys.readouterr().err  # the traceback goes to the log
+    monkeypatch.undo()
+    assert post(url, "/api/generate", {"model": 0, "prompt": "a red circle"})[0] == 200
+
+
+def test_two_requests_at_once_both_get_their_results(url):
+    bodies = [{"model": 0, "prompt": "a red circle", "seed": 1}, {"model": 0, "prompt": "a blue square", "seed": 2}]
+    answers: list = [None, None]
+
+    def ask(i):
+        answers[i] = post(url, "/api/generate", bodies[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for (status, answer), body in zip(answers, bodies):
+        assert status == 200, answer
+        # the same images as the request alone gives: the lock kept the two from mixing their state
+        assert answer == post(url, "/api/generate", body)[1]
+
+
+def test_search_finds_indexed_images_and_reads_nothing_else(url, app):
+    Image.new("RGB", (16, 16), "red").save(app.folders[0].parent / "beside.png")  # outside the folder
+    Image.new("RGB", (16, 16), "red").save(app.folders[0] / "later.png")  # added after the index was built
+    status, answer = post(url, "/api/search", {"model": 0, "folder": 0, "query": "a red square", "k": 10})
+    assert status == 200, answer
+    names = [r["name"] for r in answer["results"]]
+    assert sorted(names) == ["blue.png", "more/green.png", "red.png"]  # every indexed image, nothing else
+    for r in answer["results"]:
+        assert max(decode_png(r["png"]).size) <= 128 and isinstance(r["score"], float)
+    top1 = post(url, "/api/search", {"model": 0, "folder": 0, "query": "a red square", "k": "1"})[1]["results"]
+    assert [r["name"] for r in top1] == names[:1]
+    for folder in (1, -1, "0", str(app.folders[0]), "/etc", "../", None, 0.0):
+        body = {"model": 0, "folder": folder, "query": "a red square"}
+        assert_one_sentence(*post(url, "/api/search", body), 400, "folder")
+    for k in (0, "x", 2.5):
+        assert post(url, "/api/search", {"model": 0, "folder": 0, "query": "red", "k": k})[0] == 400
+    assert_one_sentence(*post(url, "/api/search", {"model": 0, "folder": 0, "query": " "}), 400, "query")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_command_prints_its_address_and_serves_every_model(bundle):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "sample.app", "--model", str(bundle), "--port", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        address = proc.stdout.readline().strip()
+        assert address.startswith("http://127.0.0.1:") and address.endswith("/"), proc.stderr.read()
+        status, body, _ = get(address, "/api/info")
+        assert status == 200
+        assert [m["name"] for m in json.loads(body)["models"]] == ["shapes", "emoji", str(bundle)]
+        assert get(address, "/")[1] == PAGE.read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_bad_command_lines_are_one_sentence(tmp_path, capsys):
+    for argv, word in (
+        (["--model", str(tmp_path / "missing")], "does not exist"),
+        (["--search-dir", str(tmp_path / "nowhere"), "--port", "0"], "does not exist"),
+        (["--port", "70000"], "--port"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and word in err, err
+        assert "Traceback" not in err and err.count("\n") == 1, err
