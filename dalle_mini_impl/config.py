@@ -246,6 +246,9 @@ class TrainConfig:
     eval_batches: int = 8
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
     num_workers: int = 0
+    # parameter groups not trained (requires_grad off, left out of the optimizer), e.g. ["embeddings", "blocks.0"];
+    # each model's group names are in train/finetune.py and docs/TRAINING.md
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass

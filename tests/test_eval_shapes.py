@@ -99,3 +99,14 @@ def test_set_changes_the_sampling_settings_and_nothing_else(tmp_path, capsys):
         main([*args, "--set", "data.shapes.held_out=[]"])
     with pytest.raises(UserError, match="temperature"):
         main([*args, "--set", "sample.temperature=-1"])
+
+
+def test_held_out_names_the_pairs_of_a_model_fine_tuned_on_every_pair(tmp_path, capsys):
+    bundle = bundle_for(tmp_path / "bundle")
+    args = ["--model", str(bundle), "--n", "4", "--candidates", "8"]
+    assert main([*args, "--held-out", "green circle, Red Square"]) == 0
+    assert json.loads(capsys.readouterr().out)["held_out"] == ["green circle", "red square"]
+    with pytest.raises(UserError, match="'pink blob' is not '<color> <shape>'"):
+        main([*args, "--held-out", "pink blob"])
+    with pytest.raises(UserError, match="holds out no color-shape pair"):
+        main([*args, "--held-out", " , "])

@@ -15,6 +15,10 @@ whose output already exists is skipped, and a stage that was interrupted resumes
 checkpoint, so rerunning the command after a kill continues the work. On several GPUs, run the same
 sequence with `accelerate launch -m train.<stage>` (docs/SCALING.md). Prints one JSON line per
 stage with its wall time.
+
+`--init-from BUNDLE_OR_RUN` fine-tunes a trained model instead of starting from nothing: the tokenizer stage
+copies its text.model, and every later stage but encode starts from its weights (train.finetune);
+`train.<stage>.steps=0` keeps a stage's part as the source has it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dalle_mini_impl.config import add_config_args, config_from_args
 from dalle_mini_impl.data.streams import require_source
 from dalle_mini_impl.errors import UserError, run_cli
 from train.clip import check_config as check_clip_config
+from train.finetune import checked_source
 
 
 def stages(cfg) -> list[tuple[str, str]]:
@@ -49,10 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     parser.add_argument("--only", default=None, help="comma list of stages to run, e.g. vae,encode")
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="BUNDLE_OR_RUN",
+        help="fine-tune: every stage but encode starts from this model's weights and keeps its text tokenizer",
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(args)  # fail here, once, on a bad config
     require_source(cfg.data.source)
     check_clip_config(cfg)
+    if args.init_from:
+        checked_source(args.init_from)
     passthrough = ["--config", args.config] + [f"--set={o}" for o in args.overrides]
     if args.data:
         passthrough += ["--data", args.data]
@@ -71,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"stage": name, "skipped": f"{out / marker} exists"}), flush=True)
             continue
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", module, *passthrough])
+        init = ["--init-from", args.init_from] if args.init_from and name != "encode" else []
+        proc = subprocess.run([sys.executable, "-m", module, *passthrough, *init])
         if proc.returncode != 0:
             raise UserError(f"stage {module} failed with exit code {proc.returncode}; fix it and rerun to resume")
         print(json.dumps({"stage": name, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)

@@ -7,7 +7,9 @@ negative text for every image (NegCLIP): on shapes one word, by the caption gram
 (`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another
 (`dalle_mini_impl.clip.negatives`).
 With several processes, features are gathered so every row sees the global batch as negatives
-(dalle_mini_impl.clip.model.contrastive_loss).
+(dalle_mini_impl.clip.model.contrastive_loss). `--init-from BUNDLE_OR_RUN` starts from that model's CLIP and
+text tokenizer instead of random weights, and `train.clip.freeze` leaves parameter groups untrained:
+image_tower, text_tower, projections, logit_scale (train.finetune).
 
 Evaluates during training on the held-out split: text->image and image->text recall@1/5/10 (any
 retrieved item with the query's caption counts as a hit) and, on shapes, zero-shot accuracy on color,
@@ -32,7 +34,7 @@ from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero_shot_shapes
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
 from dalle_mini_impl.shapes.negatives import perturb
-from train import loop
+from train import finetune, loop
 from train.common import adamw, example_batches, seed_everything
 
 
@@ -68,8 +70,14 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     tc = cfg.train.clip
     accelerator = loop.make_accelerator(tc)
     seed_everything(cfg.seed)
+    source = finetune.init_source(cfg, args, "clip")
+    if source is not None:
+        finetune.adopt_text_tokenizer(source, cfg, accelerator)
     tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     model = clip_from_config(cfg, tokenizer)
+    if source is not None:
+        finetune.start_from(model, source, "clip", "CLIP", cfg, "clip")
+    finetune.freeze(model, "clip", tc.freeze, "clip")
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = adamw(_param_groups(model, tc.weight_decay), tc, accelerator)

@@ -28,11 +28,22 @@ def effective_lr(tc: TrainConfig, accelerator) -> float:
 
 
 def adamw(params, tc: TrainConfig, accelerator) -> torch.optim.AdamW:
-    """AdamW with the stage's betas and LR; the fused kernel on GPUs."""
+    """AdamW with the stage's betas and LR over the parameters (or groups of them) that require gradients, which
+    leaves out those `train.<stage>.freeze` froze; the fused kernel on GPUs."""
     fused = accelerator.device.type == "cuda"
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**group, "params": trainable(group["params"])} for group in params]
+    else:
+        params = trainable(params)
     return torch.optim.AdamW(
         params, lr=effective_lr(tc, accelerator), betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=fused
     )
+
+
+def trainable(params) -> list[torch.nn.Parameter]:
+    """The parameters that require gradients."""
+    return [p for p in params if p.requires_grad]
 
 
 def seed_everything(seed: int) -> None:

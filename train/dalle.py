@@ -6,6 +6,10 @@ pixels are encoded once), and otherwise encodes each batch on the fly with the f
 tokenizer. Caption dropout (the empty caption with probability `transformer.caption_dropout`)
 teaches the unconditional model that classifier-free guidance needs.
 
+`--init-from BUNDLE_OR_RUN` starts from that model's transformer instead of random weights (fine-tuning;
+a run folder without the tokenizers gets the source's copied in), and `train.dalle.freeze` leaves parameter
+groups untrained: embeddings, condition (unCLIP's decoder), blocks or blocks.N, norm, head (train.finetune).
+
 Writes RUN/transformer.safetensors (+ transformer.json, the model config), checkpoints under
 RUN/checkpoints/dalle/, and TensorBoard logs under RUN/logs/dalle/ (text and image losses, LR,
 gradient norm, tokens/s, validation loss, and sample grids for fixed prompts).
@@ -26,9 +30,12 @@ from dalle_mini_impl.data.tokens import TokenStream, list_shards, tokens_dir
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.model.generate import generate
 from dalle_mini_impl.model.transformer import DALLE, resolve_config
-from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, load_vae, save_state_dict
-from train import loop
+from dalle_mini_impl.pipeline.bundle import FILES, load_text_tokenizer, load_vae, part_path, save_state_dict
+from train import finetune, loop
 from train.common import adamw, example_batches, seed_everything
+
+# the unCLIP decoder's weights a transformer has not: the CLIP embedding's projection and position vectors
+DECODER_OWN = ("cond_proj.weight", "cond_pos.weight")
 
 
 class EncodedOnTheFly:
@@ -107,18 +114,24 @@ def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer, cond_dim: int =
 def start_from_transformer(decoder: DALLE, run: Path) -> None:
     """Load the run's trained transformer into unCLIP's decoder in place: every weight but the embedding's own
     (its projection and position vectors, which keep their initialisation). A checkpoint resumed later wins."""
-    from dalle_mini_impl.pipeline.bundle import load_state_dict, part_path
+    finetune.load_weights(
+        decoder,
+        part_path(run, "transformer"),
+        "unCLIP decoder",
+        keep_own=DECODER_OWN,
+        fix="set unclip.init_from_transformer=false or train the transformer with this config",
+    )
 
-    path = part_path(run, "transformer")
-    state = load_state_dict(path)
-    own = decoder.state_dict()
-    wrong = [k for k in state if k not in own or own[k].shape != state[k].shape]
-    if wrong or set(own) - set(state) != {"cond_proj.weight", "cond_pos.weight"}:
-        raise UserError(
-            f"'{path}' is not a transformer of the decoder's size ('{(wrong or sorted(set(own) - set(state)))[0]}' "
-            "differs); set unclip.init_from_transformer=false or train the transformer with this config"
-        )
-    decoder.load_state_dict(state, strict=False)
+
+def start_from_source(model: DALLE, source: Path, cfg: RunConfig, stage: str) -> None:
+    """`--init-from`: the source's transformer, or for unCLIP's decoder the source's decoder; from a source
+    without one, its transformer, as `unclip.init_from_transformer` starts from the run's."""
+    if stage == "dalle":
+        finetune.start_from(model, source, "transformer", "transformer", cfg, stage)
+    elif (source / FILES["unclip"]).is_file():
+        finetune.start_from(model, source, "unclip", "unCLIP decoder", cfg, stage)
+    else:
+        finetune.start_from(model, source, "transformer", "unCLIP decoder", cfg, stage, keep_own=DECODER_OWN)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +145,10 @@ def train(cfg: RunConfig, args, stage: str) -> int:
     tc = getattr(cfg.train, stage)
     accelerator = loop.make_accelerator(tc)
     seed_everything(cfg.seed)
+    source = finetune.init_source(cfg, args, stage)
+    if source is not None:  # its weights read its tokenizers' ids: the run keeps them
+        finetune.adopt_text_tokenizer(source, cfg, accelerator)
+        finetune.adopt_image_tokenizer(source, cfg, accelerator)
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     image_tokenizer = load_vae(cfg.out_dir).to(accelerator.device)
     extra = {}
@@ -144,8 +161,11 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         }
     cond_dim = extra[cfg.data.split]["embedding"].shape[1] if extra else 0
     model = build_model(cfg, text_tokenizer, image_tokenizer, cond_dim)
-    if stage == "unclip" and cfg.unclip.init_from_transformer:
+    if source is not None:
+        start_from_source(model, source, cfg, stage)
+    elif stage == "unclip" and cfg.unclip.init_from_transformer:
         start_from_transformer(model, Path(cfg.out_dir))
+    finetune.freeze(model, "transformer", tc.freeze, stage)
     model.gradient_checkpointing = tc.grad_checkpointing
     optimizer = adamw(model.param_groups(tc.weight_decay), tc, accelerator)
     batches = token_batches(

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = loop.parse_args(argv, __doc__)
     if args.split:
         raise UserError("train.judge reads the splits of judge.splits; set those instead of --split")
+    if args.init_from:
+        raise UserError("train.judge trains a CLIP of its own, never from a model's weights; leave out --init-from")
     out = args.out or f"{cfg.out_dir.rstrip('/')}-judge"
     for part in ("vae.safetensors", "transformer.safetensors"):
         if (Path(out) / part).is_file():

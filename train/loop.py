@@ -14,6 +14,9 @@ does the rest, the same way for every stage:
   RNG) plus the data position, EMA weights and counters, written to a temporary folder and renamed
   into place, so a run killed at any moment resumes from the last complete one. The last
   `keep_checkpoints` are kept. A restarted command resumes from the latest by default.
+- fine-tuning is the stage's business before `run`: it loads the weights `--init-from` names into its model
+  when there is no checkpoint to resume, and freezes the groups `freeze` names (`train.finetune`); the
+  optimizer it gives holds only what trains.
 - TensorBoard scalars and image grids, and a tqdm bar, on the main process only.
 - runs whose processes hold only shards of the weights (FSDP, DeepSpeed ZeRO-3) run the evaluation,
   image-grid and export hooks on every process with the weights gathered (`train.sharded`).
@@ -63,7 +66,7 @@ on_event: Callable[[str, int], None] | None = None
 
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[RunConfig, argparse.Namespace]:
-    """The arguments every training entry point takes: config, overrides, data, resume."""
+    """The arguments every training entry point takes: config, overrides, data, resume, the weights to start from."""
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
     parser.add_argument(
@@ -73,6 +76,13 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[RunConfig, arg
         help="checkpoint folder to resume from; 'latest' (default) resumes the newest one if any",
     )
     parser.add_argument("--no-resume", action="store_true", help="start from step 0 even if checkpoints exist")
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="BUNDLE_OR_RUN",
+        help="start from this bundle's or run's weights for the stage (a folder, or a shipped model's name); "
+        "read only when the run has no checkpoint of its own (train.finetune)",
+    )
     args = parser.parse_args(argv)
     return config_from_args(args), args
 

@@ -11,6 +11,10 @@ RUN/prior.safetensors (+ prior.json: its config and geometry), checkpoints under
 TensorBoard logs under RUN/logs/prior/: the loss, and on the validation split the cosine of a sampled embedding
 to the image's own (`val_cosine`) beside the cosine of the caption's text embedding to it (`val_text_cosine`,
 what a decoder fed the text embedding directly would get).
+
+`--init-from BUNDLE_OR_RUN` starts from that model's prior and text tokenizer instead of random weights, and
+`train.prior.freeze` leaves parameter groups untrained: embeddings, inputs, blocks or blocks.N, norm, head
+(train.finetune).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.errors import run_cli
 from dalle_mini_impl.model.prior import EmbeddingPrior
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
-from train import loop
+from train import finetune, loop
 from train.common import adamw, seed_everything
 from train.dalle import token_batches
 
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     tc = cfg.train.prior
     accelerator = loop.make_accelerator(tc)
     seed_everything(cfg.seed)
+    source = finetune.init_source(cfg, args, "prior")
+    if source is not None:
+        finetune.adopt_text_tokenizer(source, cfg, accelerator)
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     rank = accelerator.process_index
 
@@ -71,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = stream(cfg.data.split, True, tc.batch_size)
     model = build_prior(cfg, text_tokenizer, batches.extra["image_emb"].shape[1])
+    if source is not None:
+        finetune.start_from(model, source, "prior", "unCLIP prior", cfg, "prior")
+    finetune.freeze(model, "prior", tc.freeze, "prior")
     optimizer = adamw(model.parameters(), tc, accelerator)
     drop_p = cfg.unclip.prior.text_dropout
     device = accelerator.device

@@ -6,6 +6,9 @@ Reads up to `text.max_train_captions` captions of `data.split` (captions only: n
 trains `dalle_mini_impl.text.tokenizer.TextTokenizer` (BPE with byte fallback, see that module), and writes
 OUT/text.model and the resolved config OUT/config.json, OUT being `out_dir` (or --out). Prints one line
 of JSON. The first stage of the pipeline: everything after it reads text ids from this model.
+
+With `--init-from BUNDLE_OR_RUN` it trains nothing: it copies that model's text.model (fine-tuning keeps the
+tokenizer whose ids the model's weights read; train.finetune).
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from pathlib import Path
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import iter_captions
 from dalle_mini_impl.errors import run_cli
-from dalle_mini_impl.pipeline.bundle import record_stage_config
+from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, record_stage_config
 from dalle_mini_impl.text.tokenizer import TextTokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tokenizer", description=__doc__.split("\n")[0])
     add_config_args(parser)
-    print(json.dumps(train_tokenizer(config_from_args(parser.parse_args(argv)))))
+    parser.add_argument(
+        "--init-from", default=None, metavar="BUNDLE_OR_RUN", help="copy this model's text.model instead of training"
+    )
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    summary = copy_tokenizer(cfg, args.init_from) if args.init_from else train_tokenizer(cfg)
+    print(json.dumps(summary))
     return 0
 
 
@@ -49,6 +58,18 @@ def train_tokenizer(cfg: RunConfig) -> dict:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return summary
+
+
+def copy_tokenizer(cfg: RunConfig, init_from: str) -> dict:
+    """Fine-tuning keeps the source's tokenizer: copy its text.model into `cfg.out_dir`; returns the summary."""
+    from train.finetune import adopt_text_tokenizer, checked_source
+
+    source = checked_source(init_from)
+    if source.resolve() != Path(cfg.out_dir).resolve():
+        (Path(cfg.out_dir) / "text.model").unlink(missing_ok=True)  # replaced, as training would
+    adopt_text_tokenizer(source, cfg)
+    tok = load_text_tokenizer(cfg.out_dir, cfg)
+    return {"vocab_size": tok.vocab_size, "copied_from": str(source), "path": str(Path(cfg.out_dir) / "text.model")}
 
 
 if __name__ == "__main__":

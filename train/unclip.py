@@ -9,6 +9,8 @@ once), the embedding dropped with probability `unclip.embedding_dropout` and the
 and the decoder draws from an embedding alone (variations, interpolations). With
 `unclip.init_from_transformer` (the default) it starts from the run's trained transformer, which can already
 draw from captions, and learns to read the embedding (fine-tuning, rather than training from nothing).
+`--init-from BUNDLE_OR_RUN` starts from that model's decoder instead (or its transformer, when it has no decoder),
+and `train.unclip.freeze` leaves parameter groups untrained, as `train.dalle`'s (train.finetune).
 
 Needs the text tokenizer, the image tokenizer, the token shards, CLIP and (to start from it) the transformer in
 the run folder. Writes

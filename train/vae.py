@@ -10,6 +10,10 @@ Writes RUN/vae.safetensors + RUN/vae.json (loadable by `vae.load_pretrained` alo
 RUN/checkpoints/vae/ and TensorBoard logs under RUN/logs/vae/: losses, temperature, KL weight, PSNR,
 codebook usage (% of codes used over the last `vae.usage_window` batches) and perplexity, validation
 PSNR/SSIM/usage, and a grid of originals over reconstructions.
+
+`--init-from BUNDLE_OR_RUN` starts from that model's image tokenizer (the same kind and sizes) instead of
+random weights, and `train.vae.freeze` leaves parameter groups untrained: encoder, codebook, decoder,
+discriminator (train.finetune).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import vae
 from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.recon import recon_metrics
-from train import loop
-from train.common import adamw, example_batches, seed_everything
+from train import finetune, loop
+from train.common import adamw, example_batches, seed_everything, trainable
 
 
 def build_tokenizer(cfg) -> vae.ImageTokenizer:
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         # compute slowly: they are flushed to zero
         torch.set_flush_denormal(True)
     model = build_tokenizer(cfg)
+    source = finetune.init_source(cfg, args, "vae")
+    if source is not None:
+        finetune.start_from(model, source, "vae", "image tokenizer", cfg, "vae")
+    finetune.freeze(model, "vae", tc.freeze, "vae")
     params = model.generator_parameters() if adversarial else list(model.parameters())
     optimizer = adamw(params, tc, accelerator)
     batches = example_batches(cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
@@ -68,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
     extra_state = {}
     after_step = None
-    if adversarial:
-        critic_opt = torch.optim.AdamW(model.discriminator.parameters(), lr=tc.lr, betas=(0.5, 0.9))
+    # a frozen critic (train.vae.freeze = ["discriminator"]) still judges the reconstructions but is not trained
+    if adversarial and trainable(model.discriminator.parameters()):
+        critic_opt = torch.optim.AdamW(trainable(model.discriminator.parameters()), lr=tc.lr, betas=(0.5, 0.9))
         extra_state = {"discriminator_optimizer": critic_opt}
 
         def after_step(m, batch, step, acc):

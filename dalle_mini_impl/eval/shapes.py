@@ -34,7 +34,7 @@ import torch
 
 from dalle_mini_impl.data.images import distinct_first, to_uint8
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption
+from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
 KINDS = ("one", "two", "heldout")
@@ -196,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="sample.KEY=VALUE",
         help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=3 (repeatable)",
     )
+    parser.add_argument(
+        "--held-out",
+        default=None,
+        metavar="PAIRS",
+        help="comma list of the color-shape pairs the held-out prompts name, e.g. 'purple triangle,yellow square' "
+        "(default: the bundle's data.shapes.held_out; a model fine-tuned on every pair has none of its own)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -213,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed = args.seed
+    if args.held_out is not None:
+        pairs = parse_held_out([pair for pair in args.held_out.split(",") if pair.strip()])  # one sentence if bad
+        pipe.cfg.data.shapes.held_out = [f"{color} {shape}" for color, shape in pairs]
+    if not pipe.cfg.data.shapes.held_out:
+        raise UserError("this model holds out no color-shape pair; name those to test: --held-out 'purple triangle'")
     prompts = prompt_set(args.n, args.seed, pipe.cfg.data.shapes.held_out)
     t0 = time.perf_counter()
     result = evaluate(pipe, prompts, args.candidates, args.guided, method=args.method)

@@ -234,7 +234,8 @@ def _check_split(split: str) -> None:
         raise UserError(f"unknown shapes split '{split}'; choose one of: {', '.join(SPLITS)}")
 
 
-def _parse_held_out(held_out: list[str]) -> list[tuple[str, str]]:
+def parse_held_out(held_out: list[str]) -> list[tuple[str, str]]:
+    """["purple triangle", ...] -> [("purple", "triangle"), ...]; anything else is a one-sentence UserError."""
     combos = []
     for item in held_out:
         words = item.lower().split()
@@ -251,7 +252,7 @@ def _combos(cfg: ShapesConfig, split: str) -> list[tuple[str, str]]:
     """The (color, shape) combinations a split may draw, in a fixed order."""
     _check_split(split)
     every = [(c, s) for c in COLORS for s in SHAPES]
-    held = set(_parse_held_out(cfg.held_out))
+    held = set(parse_held_out(cfg.held_out))
     if split == "train":
         combos = [x for x in every if x not in held]
         if not combos:
