@@ -32,7 +32,7 @@ import torch
 
 from .base import ImageTokenizer, VAEError
 from .imported import LlamaGenVQ, OpenAIDVAE, TamingVQGAN
-from .io import load_pretrained, save_pretrained
+from .io import copy_state, load_pretrained, save_pretrained
 from .unpickle import Inert, load_untrusted, module_tensors
 
 SOURCES = {
@@ -47,22 +47,7 @@ SOURCES = {
 
 def load_into(model: ImageTokenizer, tensors: dict[str, torch.Tensor], source: str) -> ImageTokenizer:
     """Copy converted tensors into `model`; a missing, extra or mis-shaped tensor is a one-sentence error."""
-    own = model.state_dict()
-    for name, tensor in own.items():
-        if name not in tensors:
-            raise VAEError(f"{source} lacks '{name}', which the {model.kind} architecture needs; is it the right file?")
-        if tuple(tensors[name].shape) != tuple(tensor.shape):
-            raise VAEError(
-                f"{source} has '{name}' of shape {tuple(tensors[name].shape)} where the architecture read from "
-                f"its config and shapes needs {tuple(tensor.shape)}; pass the files that belong together"
-            )
-    extra = sorted(set(tensors) - set(own))
-    if extra:
-        raise VAEError(f"{source} has '{extra[0]}', which the {model.kind} architecture lacks; is it the right file?")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            tensor.copy_(tensors[name].to(tensor.dtype))
-    return model.eval()
+    return copy_state(model, tensors, source, "pass the files that belong together").eval()
 
 
 def _pickled_module(path: str, expected: str) -> Inert:

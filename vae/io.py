@@ -139,18 +139,24 @@ def load_weights(model: ImageTokenizer, path: str | os.PathLike) -> ImageTokeniz
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
         raise VAEError(f"weights file '{path}' is corrupt or not safetensors ({reason}); save it again") from None
+    return copy_state(model, state, f"weights file '{path}'", "load it with the vae.json saved beside it")
+
+
+def copy_state(model: ImageTokenizer, state: dict[str, torch.Tensor], source: str, fix: str) -> ImageTokenizer:
+    """Copy tensors into `model` in place; a tensor `source` lacks, has extra or of another shape is a
+    one-sentence VAEError ending in `fix`."""
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in state:
-            raise VAEError(f"weights file '{path}' lacks '{name}'; it was saved from a different tokenizer config")
+            raise VAEError(f"{source} lacks '{name}', which the {model.kind} tokenizer needs; {fix}")
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise VAEError(
-                f"weights file '{path}' has '{name}' of shape {tuple(state[name].shape)} but the model expects "
-                f"{tuple(tensor.shape)}; load it with the vae.json saved beside it"
+                f"{source} has '{name}' of shape {tuple(state[name].shape)} where the {model.kind} tokenizer "
+                f"needs {tuple(tensor.shape)}; {fix}"
             )
     extra = sorted(set(state) - set(own))
     if extra:
-        raise VAEError(f"weights file '{path}' has '{extra[0]}' that the model lacks; it belongs to another config")
+        raise VAEError(f"{source} has '{extra[0]}', which the {model.kind} tokenizer lacks; {fix}")
     with torch.no_grad():
         for name, tensor in own.items():
             tensor.copy_(state[name].to(tensor.dtype))
