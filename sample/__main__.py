@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.mask or args.extend:
             image, mask = args.init_image, args.mask
             if args.extend:
-                from dalle_mini_impl.pipeline.edit import extend_canvas, open_image
+                from dalle_mini_impl.clip.uses import open_image
+                from dalle_mini_impl.pipeline.edit import extend_canvas
 
                 image, mask = extend_canvas(open_image(image, "--init-image"), args.extend)
             groups = pipe.edit(prompts, image, mask, likelihood_weight=args.likelihood_weight, **settings)

@@ -213,17 +213,33 @@ def clip_score(scorer: ClipScorer, images: torch.Tensor, prompts: Sequence[str])
 # ----------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """An image file as (3, size, size) in [0, 1]; a missing or unreadable file is a UserError."""
-    path = Path(path)
+def open_image(image: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
+    """A PIL image from a file path (a PIL image as it is); a missing or unreadable file is a UserError naming
+    `what` ("image", "mask" ...)."""
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
     if not path.is_file():
-        raise UserError(f"image '{path}' does not exist; check the path")
+        raise UserError(f"{what} '{path}' does not exist; check the path")
     try:
         with Image.open(path) as pil:
             pil.load()
-            return prepare_image(pil, size)
+            return pil
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"'{path}' is not a readable image ({type(e).__name__}); pass a PNG or JPEG file") from None
+        raise UserError(_unreadable(what, path, e)) from None
+
+
+def read_image(image: str | os.PathLike | Image.Image, size: int, what: str = "image") -> torch.Tensor:
+    """An image file (or PIL image) as (3, size, size) in [0, 1]; a missing or unreadable file is a UserError."""
+    pil = open_image(image, what)
+    try:
+        return prepare_image(pil, size)
+    except (OSError, ValueError) as e:
+        raise UserError(_unreadable(what, image, e)) from None
+
+
+def _unreadable(what: str, image, error: Exception) -> str:
+    return f"{what} '{image}' is not a readable image ({type(error).__name__}); pass a PNG or JPEG file"
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

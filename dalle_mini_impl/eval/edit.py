@@ -104,9 +104,9 @@ def evaluate(pipe, edits: list[dict], weights: list[float], s, progress: bool = 
     top1 = {w: [] for w in weights}
     first, ceiling, floor = [], [], []
     for i, e in enumerate(tqdm(edits, desc="eval edit", disable=None if progress else True)):
-        source, redraw = pipe.edit_source(Image.fromarray(e["image"]), e["mask"])
+        source = pipe.edit_source(Image.fromarray(e["image"]), e["mask"])
         generator = torch.Generator().manual_seed(s.seed + i)
-        _, images, terms = pipe.edit_candidates(e["edit"], source, redraw, s, generator)
+        _, images, terms = pipe.edit_candidates(e["edit"], source, s, generator)
         ok = [judge(image, e["edit"]).ok for image in to_uint8(images)]
         for w in weights:
             top1[w].append(ok[int((terms[:, 0] + w * terms[:, 1]).argmax())])

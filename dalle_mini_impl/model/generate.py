@@ -520,8 +520,9 @@ def generate(
                     )
                 if on_row is not None and (i + 1) % w == 0:
                     on_row(i // w, out[:, : i + 1].clone())
-            for r in range(end // w, n // w if on_row is not None else 0):  # the kept rows after the last redrawn
-                on_row(r, out[:, : (r + 1) * w].clone())
+            if on_row is not None:  # the kept rows after the last redrawn cell's row, complete already
+                for r in range(end // w, n // w):
+                    on_row(r, out[:, : (r + 1) * w].clone())
         if stats is not None:
             stats.update(passes=passes, window=width if b > 0 else 1, rows=rows_text.shape[0])
     finally:

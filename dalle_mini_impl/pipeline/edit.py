@@ -13,30 +13,14 @@ pixels an output pixel covers, so a covered white pixel leaves it above zero.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..data.images import center_square, to_rgb
 from ..errors import UserError
 
 SIDES = ("left", "right", "top", "bottom")
-
-
-def open_image(image: str | os.PathLike | Image.Image, what: str) -> Image.Image:
-    """A PIL image from a file path or a PIL image; a missing or unreadable file is a UserError naming `what`."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as pil:
-            pil.load()
-            return pil
-    except FileNotFoundError:
-        raise UserError(f"{what} '{image}' does not exist; check the path") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{what} '{image}' is not a readable image ({type(e).__name__}); pass a PNG file") from None
 
 
 def mask_cells(mask: Image.Image, image: Image.Image, size: int, grid: tuple[int, int], name: str = "the mask"):
@@ -95,4 +79,4 @@ def paste_kept(images: torch.Tensor, source: torch.Tensor, cells: torch.Tensor) 
     return torch.where(redrawn, images, source.to(images.dtype))
 
 
-__all__ = ["SIDES", "extend_canvas", "later_log_likelihood", "mask_cells", "open_image", "paste_kept"]
+__all__ = ["SIDES", "extend_canvas", "later_log_likelihood", "mask_cells", "paste_kept"]

@@ -94,6 +94,16 @@ class Result:
     t: float | None = None
 
 
+@dataclass
+class EditSource:
+    """What every round of an edit reads: the image (3, S, S) at the model's resolution, its codes (1, n), and
+    the cells (h, w) bool that the mask redraws."""
+
+    pixels: torch.Tensor
+    ids: torch.Tensor
+    cells: torch.Tensor
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' (cuda > mps > cpu), 'cpu', 'cuda' or 'mps' as a device that exists on this machine."""
     mps = getattr(torch.backends, "mps", None)
@@ -308,13 +318,12 @@ class Pipeline:
 
     def encode_image(self, image: str | os.PathLike | Image.Image) -> torch.Tensor:
         """An image (file path or PIL) as codes (h, w) at the model's resolution, on the CPU."""
-        size = self.cfg.data.image_size
-        if isinstance(image, Image.Image):
-            pixels = prepare_image(image, size)
-        else:
-            from ..clip.uses import read_image  # one-sentence errors for missing or unreadable files
+        from ..clip.uses import read_image  # one-sentence errors for missing or unreadable files
 
-            pixels = read_image(image, size)
+        return self._encode_pixels(read_image(image, self.cfg.data.image_size))
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """An image (3, S, S) in [0, 1] at the model's resolution as codes (h, w), on the CPU."""
         with torch.inference_mode(), self._autocast():
             return self.image_tokenizer.encode(pixels[None].to(self.device))[0].cpu()
 
@@ -624,7 +633,7 @@ class Pipeline:
         s = self.settings(edit_likelihood_weight=likelihood_weight, **overrides)
         if s.decode == "speculative":
             raise UserError("editing samples the masked cells one pass at a time; use --decode cached, not speculative")
-        source, redraw = self.edit_source(image, mask)
+        source = self.edit_source(image, mask)
         h, w = self.grid
         bar = tqdm(
             total=len(prompts) * s.candidates * h * w, unit="tok", desc="edit", disable=None if progress else True
@@ -634,7 +643,7 @@ class Pipeline:
             for i, prompt in enumerate(prompts):
                 bar.set_description(f"edit {i + 1}/{len(prompts)}")
                 generator = torch.Generator().manual_seed(s.seed + i)
-                draw = functools.partial(self.edit_candidates, prompt, source, redraw, s, generator, bar)
+                draw = functools.partial(self.edit_candidates, prompt, source, s, generator, bar)
                 ids, images, terms = self._distinct(prompt, draw, s, bar)
                 score = terms[:, 0] + s.edit_likelihood_weight * terms[:, 1]
                 keep = kept_order(score.sort(descending=True, stable=True)[1], s.num_images)
@@ -642,27 +651,27 @@ class Pipeline:
                 results.append(self._results(prompt, s.seed + i, ids[keep].view(-1, h, w), images[keep], clip))
         return results
 
-    def edit_source(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the image (3, S, S) at the model's resolution, the cells (h, w) bool that the mask redraws)."""
-        from .edit import mask_cells, open_image
+    def edit_source(self, image, mask) -> EditSource:
+        """The image at the model's resolution, its codes and the cells the mask redraws (`EditSource`)."""
+        from ..clip.uses import open_image
+        from .edit import mask_cells
 
         pil = open_image(image, "image")
         cells = mask_cells(open_image(mask, "mask"), pil, self.cfg.data.image_size, self.grid)
-        return prepare_image(pil, self.cfg.data.image_size), cells
+        pixels = prepare_image(pil, self.cfg.data.image_size)
+        return EditSource(pixels, self._encode_pixels(pixels).reshape(1, -1), cells)
 
-    def edit_candidates(self, prompt: str, source, redraw, s: SampleConfig, generator, bar=None):
-        """One round of `s.candidates` edits of source (3, S, S) whose cells redraw (h, w) are sampled: ids (m, n),
-        images (m, 3, S, S) with the source pasted over the kept cells, and the ranking's two terms (m, 2): CLIP's
+    def edit_candidates(self, prompt: str, source: EditSource, s: SampleConfig, generator, bar=None):
+        """One round of `s.candidates` edits of `source`, its redrawn cells sampled: ids (m, n), images
+        (m, 3, S, S) with the source pasted over the kept cells, and the ranking's two terms (m, 2): CLIP's
         score (0 without CLIP) and the transformer's mean log-likelihood of the kept cells after the first
         redrawn one given the prompt (0 when there is none)."""
         from .edit import later_log_likelihood, paste_kept
 
         text = self.encode_prompt(prompt)
-        with torch.inference_mode(), self._autocast():
-            keep = self.image_tokenizer.encode(source[None].to(self.device)).reshape(1, -1).cpu()
-        cells = redraw.reshape(-1)
-        ids = self.sample_ids(text, s, generator, bar=bar, keep=keep, redraw=cells)  # (m, n)
-        images = paste_kept(self.decode(ids), source, redraw)
+        cells = source.cells.reshape(-1)
+        ids = self.sample_ids(text, s, generator, bar=bar, keep=source.ids, redraw=cells)  # (m, n)
+        images = paste_kept(self.decode(ids), source.pixels, source.cells)
         terms = torch.zeros(len(ids), 2)
         if self.clip is not None:
             terms[:, 0] = self.clip.score(images, prompt)
@@ -713,8 +722,7 @@ class Pipeline:
             raise UserError("no image was given; pass at least one PNG or JPEG file")
         from ..clip.uses import read_image
 
-        pixels = [prepare_image(im, size) if isinstance(im, Image.Image) else read_image(im, size) for im in images]
-        return self.clip.embed_images(torch.stack(pixels))
+        return self.clip.embed_images(torch.stack([read_image(im, size) for im in images]))
 
     def _from_embedding(self, cond: torch.Tensor, targets: torch.Tensor, s: SampleConfig, generator, bar):
         """One round of `s.candidates` images drawn by the decoder from one embedding cond (e,), without a caption:
@@ -837,4 +845,14 @@ class Pipeline:
         ]
 
 
-__all__ = ["DTYPES", "INITS", "METHODS", "Pipeline", "Result", "check_prompts", "check_settings", "kept_order"]
+__all__ = [
+    "DTYPES",
+    "INITS",
+    "METHODS",
+    "EditSource",
+    "Pipeline",
+    "Result",
+    "check_prompts",
+    "check_settings",
+    "kept_order",
+]
