@@ -46,7 +46,7 @@ from PIL import Image
 
 from dalle_mini_impl.clip.uses import build_index, search
 from dalle_mini_impl.data.images import prepare_image, to_rgb
-from dalle_mini_impl.data.streams import SKIP_REASONS, _decode_image, _Skip
+from dalle_mini_impl.data.streams import SKIP_REASONS, UnusableRecord, decode_image
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import bundle_path
 from dalle_mini_impl.pipeline.pipeline import Pipeline
@@ -144,8 +144,8 @@ def read_upload(body: dict, key: str, max_pixels: int) -> Image.Image:
     except (binascii.Error, ValueError):
         raise UserError(f"the {key} is not a base64 data URL; upload the file again") from None
     try:
-        return _decode_image(data, max_pixels)
-    except _Skip as e:
+        return decode_image(data, max_pixels)
+    except UnusableRecord as e:
         raise UserError(f"the {key} cannot be used ({SKIP_REASONS[e.reason]}); upload a PNG or JPEG image") from None
 
 
@@ -258,8 +258,8 @@ class App:
         results = []
         for path, score in found:  # paths the index holds, under the folder given at start
             try:
-                thumb = to_rgb(_decode_image(path, model.pipe.cfg.data.max_image_pixels))
-            except _Skip:  # removed or changed since the index was built
+                thumb = to_rgb(decode_image(path, model.pipe.cfg.data.max_image_pixels))
+            except UnusableRecord:  # removed or changed since the index was built
                 continue
             thumb.thumbnail((THUMB, THUMB))
             results.append(

@@ -213,8 +213,8 @@ def test_each_bad_record_is_skipped_with_its_reason_and_counted(loaded):
 @pytest.mark.parametrize("caption", list(bad_images()))
 def test_one_bad_file_gives_exactly_its_reason(caption):
     name, content, reason = bad_images()[caption]
-    with pytest.raises(data._Skip) as skip:
-        data._decode_image({"bytes": content, "path": name}, MAX_PIXELS)
+    with pytest.raises(data.UnusableRecord) as skip:
+        data.decode_image({"bytes": content, "path": name}, MAX_PIXELS)
     assert skip.value.reason == reason
 
 
@@ -222,8 +222,8 @@ def test_a_bomb_is_too_large_even_under_the_default_limit():
     before = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = DataConfig().max_image_pixels  # as ExampleStream sets it
     try:
-        with pytest.raises(data._Skip) as skip:
-            data._decode_image(bomb_png(), DataConfig().max_image_pixels)
+        with pytest.raises(data.UnusableRecord) as skip:
+            data.decode_image(bomb_png(), DataConfig().max_image_pixels)
     finally:
         Image.MAX_IMAGE_PIXELS = before
     assert skip.value.reason == "too_large"

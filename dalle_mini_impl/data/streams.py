@@ -89,7 +89,7 @@ _IMAGE_GUESSES = ("image", "img", "png", "jpg", "jpeg", "webp")
 _CAPTION_GUESSES = ("text", "caption", "txt", "captions", "prompt", "sentence")
 
 
-class _Skip(Exception):
+class UnusableRecord(Exception):
     """A record that cannot be used; `reason` is a key of SKIP_REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -318,7 +318,7 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
     if cfg.include or cfg.exclude:  # on the captions alone, before any image is read
         ds = ds.filter(CaptionFilter(cfg), input_columns=[cfg.caption_column])
     if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
-        # decode ourselves: a corrupt file then reaches `_decode_image` as bytes and is skipped, not raised
+        # decode ourselves: a corrupt file then reaches `decode_image` as bytes and is skipped, not raised
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     kind = "stream" if isinstance(ds, datasets.IterableDataset) else "map"
     return Source(cfg.source, split, kind, ds, cfg.image_column, cfg.caption_column)
@@ -338,11 +338,13 @@ def _read_bytes(value: Any) -> tuple[bytes, str]:
     elif isinstance(value, (str, os.PathLike)):
         data, path = None, os.fspath(value)
     else:
-        raise _Skip("missing_image" if value is None else "unreadable", f"value of type {type(value).__name__}")
+        raise UnusableRecord(
+            "missing_image" if value is None else "unreadable", f"value of type {type(value).__name__}"
+        )
     where = path or "<bytes>"
     if data is None:
         if not path:
-            raise _Skip("missing_image", "neither bytes nor a path")
+            raise UnusableRecord("missing_image", "neither bytes nor a path")
         if os.path.isfile(path):
             data = Path(path).read_bytes()
         elif "://" in path:
@@ -352,16 +354,16 @@ def _read_bytes(value: Any) -> tuple[bytes, str]:
                 with xopen(path, "rb") as f:
                     data = f.read()
             except Exception as e:
-                raise _Skip("missing_image", f"{path}: {e}") from None
+                raise UnusableRecord("missing_image", f"{path}: {e}") from None
         else:
-            raise _Skip("missing_image", path)
+            raise UnusableRecord("missing_image", path)
     if len(data) == 0:
-        raise _Skip("empty_file", where)
+        raise UnusableRecord("empty_file", where)
     return bytes(data), where
 
 
-def _decode_image(value: Any, max_pixels: int) -> Image.Image:
-    """A fully loaded PIL image from a record's image value; raises `_Skip` with the reason otherwise."""
+def decode_image(value: Any, max_pixels: int) -> Image.Image:
+    """A fully loaded PIL image from a record's image value; raises `UnusableRecord` with the reason otherwise."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, np.ndarray):
@@ -373,21 +375,21 @@ def _decode_image(value: Any, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             pil = Image.open(BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _Skip("too_large", f"{where}: {e}") from None
+        raise UnusableRecord("too_large", f"{where}: {e}") from None
     except UnidentifiedImageError:
-        raise _Skip("not_an_image", where) from None
+        raise UnusableRecord("not_an_image", where) from None
     except Exception as e:
-        raise _Skip("unreadable", f"{where}: {e}") from None
+        raise UnusableRecord("unreadable", f"{where}: {e}") from None
     w, h = pil.size
     if w * h > max_pixels:
-        raise _Skip("too_large", f"{where}: {w}x{h} > {max_pixels} pixels")
+        raise UnusableRecord("too_large", f"{where}: {w}x{h} > {max_pixels} pixels")
     try:
         pil.load()
     except OSError as e:
         reason = "truncated" if "truncated" in str(e) or "broken data stream" in str(e) else "unreadable"
-        raise _Skip(reason, f"{where}: {e}") from None
+        raise UnusableRecord(reason, f"{where}: {e}") from None
     except Exception as e:
-        raise _Skip("unreadable", f"{where}: {e}") from None
+        raise UnusableRecord("unreadable", f"{where}: {e}") from None
     try:
         return ImageOps.exif_transpose(pil)  # photos taken sideways
     except Exception:
@@ -397,21 +399,21 @@ def _decode_image(value: Any, max_pixels: int) -> Image.Image:
 def _clean_caption(value: Any, max_chars: int, rng: random.Random) -> str:
     """One caption: a string, or one of a list chosen by `rng`; spaces collapsed, cut to `max_chars`."""
     if value is None:
-        raise _Skip("missing_caption")
+        raise UnusableRecord("missing_caption")
     if isinstance(value, (list, tuple)):
         if not all(isinstance(v, str) for v in value):
-            raise _Skip("bad_caption", f"a list holding {sorted({type(v).__name__ for v in value})}")
+            raise UnusableRecord("bad_caption", f"a list holding {sorted({type(v).__name__ for v in value})}")
         options = [" ".join(v.split()) for v in value]
         options = [v for v in options if v]
         if not options:
-            raise _Skip("empty_caption")
+            raise UnusableRecord("empty_caption")
         text = rng.choice(options)
     elif isinstance(value, str):
         text = " ".join(value.split())
         if not text:
-            raise _Skip("empty_caption")
+            raise UnusableRecord("empty_caption")
     else:
-        raise _Skip("bad_caption", f"a {type(value).__name__}")
+        raise UnusableRecord("bad_caption", f"a {type(value).__name__}")
     return text[:max_chars]
 
 
@@ -451,7 +453,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.position = 0  # records of this epoch consumed by this process, skipped ones included
         self.skipped: Counter[str] = Counter()
-        # PIL's own bomb check; `_decode_image` turns its warning into a skip as well
+        # PIL's own bomb check; `decode_image` turns its warning into a skip as well
         Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
         self.source = open_dataset(cfg, split)
         self._dataset = self._this_process(self.source)
@@ -628,17 +630,17 @@ class ExampleStream(torch.utils.data.IterableDataset):
         rng = self._rng()
         try:
             caption = _clean_caption(record[self.source.caption_column], self.cfg.max_caption_chars, rng)
-            pil = _decode_image(record[self.source.image_column], self.cfg.max_image_pixels)
+            pil = decode_image(record[self.source.image_column], self.cfg.max_image_pixels)
             try:
                 image = prepare_image(pil, self.cfg.image_size, self.cfg.random_crop and self.train, rng)
             except Exception as e:  # an exotic mode PIL cannot convert
-                raise _Skip("unreadable", str(e)) from None
-        except _Skip as skip:
+                raise UnusableRecord("unreadable", str(e)) from None
+        except UnusableRecord as skip:
             self._count(skip, where)
             return None
         return {"image": image, "caption": caption}
 
-    def _count(self, skip: _Skip, where: str) -> None:
+    def _count(self, skip: UnusableRecord, where: str) -> None:
         self.skipped[skip.reason] += 1
         level = logging.WARNING if self.skipped[skip.reason] <= _WARN_PER_REASON else logging.DEBUG
         log.log(
