@@ -198,6 +198,10 @@ class CLIPConfig:
     """The CLIP model trained here: ViT image encoder + transformer text encoder."""
 
     patch_size: int = 4
+    # how pixels become the ViT's patch tokens: "patch", one strided convolution (ViT's patchify); "conv",
+    # a stack of 3x3 stride-2 convolutions, one per halving (patch_size a power of two), then a 1x1
+    # (Xiao et al. 2021, "Early Convolutions Help Transformers See Better": steadier, faster to fit)
+    stem: str = "patch"
     image_width: int = 192
     image_depth: int = 4
     image_heads: int = 4

@@ -33,9 +33,10 @@ from tests.bundle_factory import TINY_CLIP as TINY
 COLORS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 20)}
 
 
-def tiny_clip(pool: str = "eot", vocab: int = 50, text_len: int = 8, seed: int = 0) -> CLIP:
+def tiny_clip(pool: str = "eot", vocab: int = 50, text_len: int = 8, seed: int = 0, stem: str = "patch") -> CLIP:
     torch.manual_seed(seed)
-    return CLIP(CLIPConfig(**TINY, pool=pool), image_size=16, text_vocab=vocab, text_len=text_len, pad_id=0, eos_id=3)
+    cfg = CLIPConfig(**TINY, pool=pool, stem=stem)
+    return CLIP(cfg, image_size=16, text_vocab=vocab, text_len=text_len, pad_id=0, eos_id=3)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +119,9 @@ def test_perturb_never_names_a_held_out_combination():
     assert perturb("a red square", random.Random(0), every_edit) is None
 
 
-def test_training_a_few_steps_matches_pairs():
-    model = tiny_clip(vocab=20, text_len=6)
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_training_a_few_steps_matches_pairs(stem):
+    model = tiny_clip(vocab=20, text_len=6, stem=stem)
     colors = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]).float()
     images = colors[:, :, None, None].expand(-1, 3, 16, 16).clone()
     ids = torch.tensor([[2, 4 + i, 3, 0, 0, 0] for i in range(4)])
@@ -157,6 +159,19 @@ def test_embeddings_are_normalised():
     assert img.shape == txt.shape == (3, 16)
     assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_conv_stem_halves_once_per_factor_of_two_and_makes_the_patch_grid(patch):
+    from dalle_mini_impl.clip.model import conv_stem
+
+    stem = conv_stem(patch, 32)
+    strided = [m for m in stem if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == patch.bit_length() - 1
+    assert [m.out_channels for m in strided][-1] == 32  # the channels double up to the width
+    assert stem(torch.rand(2, 3, 16, 16)).shape == (2, 32, 16 // patch, 16 // patch)
+    model = tiny_clip(stem="conv")
+    assert model.encode_image(torch.rand(3, 3, 16, 16)).shape == (3, 16)  # as many tokens as the patchify gives
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +214,17 @@ def test_mean_pooling_ignores_padding():
 def test_bad_config_is_one_sentence():
     with pytest.raises(UserError, match="clip.patch_size"):
         CLIP(CLIPConfig(**{**TINY, "patch_size": 5}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
+    with pytest.raises(UserError, match="clip.stem"):
+        CLIP(CLIPConfig(**{**TINY, "stem": "resnet"}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
+    with pytest.raises(UserError, match="power of two"):  # 12 divides 24, but no stack of halvings makes 12
+        CLIP(
+            CLIPConfig(**{**TINY, "patch_size": 12, "stem": "conv"}),
+            image_size=24,
+            text_vocab=10,
+            text_len=4,
+            pad_id=0,
+            eos_id=3,
+        )
     with pytest.raises(UserError, match="clip.image_heads"):
         CLIP(CLIPConfig(**{**TINY, "image_heads": 3}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
 
@@ -301,10 +327,11 @@ def _bundle_config() -> RunConfig:
     return cfg
 
 
-def _make_bundle(folder, train_steps: int, seed: int) -> None:
+def _make_bundle(folder, train_steps: int, seed: int, stem: str = "patch") -> None:
     from dalle_mini_impl.text.tokenizer import TextTokenizer
 
     cfg = _bundle_config()
+    cfg.clip.stem = stem
     captions = [f"a {c} square" for c in COLORS] + [f"a {c} circle on the left" for c in COLORS] * 3
     tokenizer = TextTokenizer.train(captions, cfg.text, folder / "text.model")
     torch.manual_seed(seed)
@@ -376,6 +403,19 @@ def test_load_clip_scores_and_classifies(bundle, photos):
         scorer.classify(images, [])
     with pytest.raises(UserError, match="template"):
         scorer.classify(images, ["red"], templates=["no slot"])
+
+
+def test_a_conv_stem_bundle_loads_with_its_stem(tmp_path, photos):
+    from dalle_mini_impl.clip.uses import read_image
+    from dalle_mini_impl.pipeline.bundle import load_clip
+
+    _make_bundle(tmp_path, train_steps=40, seed=0, stem="conv")
+    scorer = load_clip(tmp_path)
+    assert scorer.model.cfg.stem == "conv"
+    # trained on the four squares, it matches each photo to its own color, as the patchify one does
+    images = torch.stack([read_image(photos / f"{name}.png", 16) for name in COLORS])
+    sims = scorer.embed_images(images) @ scorer.embed_texts([f"a {c} square" for c in COLORS]).T
+    assert sims.argmax(1).tolist() == [0, 1, 2, 3]
 
 
 def test_index_and_search(bundle, other_bundle, photos, tmp_path):

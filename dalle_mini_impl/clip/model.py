@@ -95,13 +95,39 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class ImageEncoder(nn.Module):
-    """ViT: patch embedding, class token + learned positions, pre-norm blocks, the class token out."""
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """Pixels (b, 3, S, S) -> (b, width, S / p, S / p) by log2(p) 3x3 stride-2 convolutions and a 1x1.
 
-    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, embed_dim: int):
+    Xiao et al. 2021 ("Early Convolutions Help Transformers See Better"): each halving doubles the
+    channels, up to `width` at the last; GroupNorm and GELU between. It costs a few percent of the ViT
+    after it (measured: about what one of the emoji judge's blocks costs), and the paper reports that
+    it optimises more steadily and generalises better than one strided patchify.
+    """
+    halvings = patch_size.bit_length() - 1
+    channels = [3] + [max(width >> (halvings - 1 - i), 8) for i in range(halvings)]
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(channels, channels[1:]):
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(math.gcd(8, c_out), c_out),
+            nn.GELU(),
+        ]
+    return nn.Sequential(*layers, nn.Conv2d(channels[-1], width, 1))
+
+
+class ImageEncoder(nn.Module):
+    """ViT: patch embedding (one strided convolution, or a convolutional stem), class token + learned
+    positions, pre-norm blocks, the class token out."""
+
+    def __init__(
+        self, image_size: int, patch_size: int, width: int, depth: int, heads: int, embed_dim: int, stem: str = "patch"
+    ):
         super().__init__()
         grid = image_size // patch_size
-        self.patch = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        if stem == "conv":
+            self.patch = conv_stem(patch_size, width)
+        else:
+            self.patch = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.cls = nn.Parameter(torch.randn(width) * width**-0.5)
         self.pos = nn.Parameter(torch.randn(1 + grid * grid, width) * 0.01)
         self.ln_pre = nn.LayerNorm(width)
@@ -181,6 +207,13 @@ class TokenizerLike(Protocol):
 def _check(cfg: CLIPConfig, image_size: int) -> None:
     if cfg.pool not in ("eot", "mean"):
         raise UserError(f"config key 'clip.pool' is '{cfg.pool}'; set it to eot or mean")
+    if cfg.stem not in ("patch", "conv"):
+        raise UserError(f"config key 'clip.stem' is '{cfg.stem}'; set it to patch or conv")
+    if cfg.stem == "conv" and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
+        raise UserError(
+            f"config key 'clip.patch_size' ({cfg.patch_size}) is not a power of two, which clip.stem=conv "
+            "needs (one stride-2 convolution per halving); pick 2, 4, 8 or 16, or set clip.stem=patch"
+        )
     if image_size % cfg.patch_size:
         raise UserError(
             f"config key 'clip.patch_size' ({cfg.patch_size}) does not divide the image size ({image_size}); "
@@ -206,7 +239,7 @@ class CLIP(nn.Module):
         self.image_size, self.text_vocab, self.text_len = image_size, text_vocab, text_len
         self.pad_id, self.eos_id = pad_id, eos_id
         self.visual = ImageEncoder(
-            image_size, cfg.patch_size, cfg.image_width, cfg.image_depth, cfg.image_heads, cfg.embed_dim
+            image_size, cfg.patch_size, cfg.image_width, cfg.image_depth, cfg.image_heads, cfg.embed_dim, cfg.stem
         )
         self.text = TextEncoder(
             text_vocab,
@@ -233,7 +266,7 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (b, 3, S, S) in [0, 1] -> l2-normalised embeddings (b, e)."""
         pixels = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        return F.normalize(self.visual(pixels.to(self.visual.patch.weight.dtype)), dim=-1)
+        return F.normalize(self.visual(pixels.to(self.visual.proj.dtype)), dim=-1)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text ids (b, t) from the sentencepiece tokenizer -> l2-normalised embeddings (b, e)."""
