@@ -128,6 +128,23 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     copy = shutil.copytree(bundle, tmp_path / "copy")  # the same CLIP under another name is refused too
     with pytest.raises(UserError, match="is the model's own CLIP"):
         emoji.main([*argv[:2], "--judge", str(copy), *argv[4:]])
+    with pytest.raises(UserError, match="--method unclip"):  # a bundle without unCLIP's parts
+        emoji.main([*argv, "--method", "unclip"])
+
+
+def test_eval_emoji_grades_unclip_candidates_on_the_same_captions(folder, judge, tmp_path, capsys):
+    bundle = make_tiny_bundle(tmp_path / "bundle", unclip=True)
+    argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "2"]
+    assert emoji.main(argv) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert emoji.main([*argv, "--method", "unclip"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (ar["method"], out["method"]) == ("ar", "unclip") and out["captions"] == ar["captions"]
+    assert out["real"] == ar["real"] and out["copy_other_style"] == ar["copy_other_style"]  # the same references
+    assert out["reranked"]["n"] == 4 and out["every"]["n"] == 8
+    assert out["every"] != ar["every"]  # other candidates: drawn through the prior and the decoder
+    with pytest.raises(UserError, match="--guided refines the default method"):
+        emoji.main([*argv, "--method", "unclip", "--guided", "1"])
 
 
 def test_r_precision_names_are_other_names_each_once_and_the_same_for_a_seed():

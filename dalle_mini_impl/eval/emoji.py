@@ -2,6 +2,7 @@
 
     python -m dalle_mini_impl.eval emoji --model emoji --judge JUDGE --data DATA/emoji-styles --split test \
         --candidates 8 --seed 0 [--n 130] [--set sample.guidance_scale=2] [--grid grid.png]
+        [--method unclip]                    # candidates from DALL-E 2's prior and decoder instead
 
 Captions are `NAME, STYLE style` (the emoji-styles data set: `pizza, openmoji style`). For each caption
 of the split (or `--n` of them, drawn with the seed) the model samples N candidates (seed + the
@@ -188,6 +189,7 @@ def evaluate(
     grid: str | None = None,
     progress: bool = True,
     guided: int = 0,
+    method: str = "ar",
 ) -> dict:
     """Everything the command prints but its settings, for a loaded Pipeline and judge (a ClipScorer).
 
@@ -195,6 +197,7 @@ def evaluate(
     guided: also refine the reranked pick of the first `guided` captions with CLIP (VQGAN+CLIP), alone
         (`clip_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
         (`clip_guided_prior`), graded beside the unrefined picks of the same captions (`reranked_same`).
+    method: "ar" (the transformer) or "unclip" (DALL-E 2's prior and decoder), as `python -m sample --method`.
     """
     from tqdm.auto import tqdm
 
@@ -219,7 +222,9 @@ def evaluate(
     refined: dict[str, list] = {"clip_guided": [], "clip_guided_prior": []}
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
-        ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator)  # (N, n), (N, 3, S, S), (N,)
+        ids, images, scores = pipe.candidates(
+            [(caption, 1.0)], s, generator, method=method
+        )  # (N, n), (N, 3, S, S), (N,)
         best = int(scores.argmax())
         if i < guided:
             for name, weight in (("clip_guided", 0.0), ("clip_guided_prior", s.guided_prior_weight)):
@@ -278,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=2 (repeatable)",
     )
     p.add_argument("--guided", type=int, default=0, help="refine the pick of the first K captions with CLIP")
+    p.add_argument(
+        "--method", default="ar", choices=["ar", "unclip"], help="ar: the transformer; unclip: the prior and decoder"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -288,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.method == "unclip":
+        pipe.require_unclip("--method unclip", prior=True)
+        if args.guided:
+            raise UserError("--guided refines the default method's top-1; leave it out with --method unclip")
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
     judge = load_clip(args.judge, device=args.device)
@@ -297,9 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             f"--judge '{args.judge}' is the model's own CLIP; grade with one trained by python -m train.judge"
         )
     t0 = time.perf_counter()
-    result = evaluate(pipe, judge, args.data, args.split, args.n, args.seed, args.grid, guided=args.guided)
+    result = evaluate(
+        pipe, judge, args.data, args.split, args.n, args.seed, args.grid, guided=args.guided, method=args.method
+    )
     summary = {
         "model": str(args.model),
+        "method": args.method,
         "judge": str(args.judge),
         "split": args.split,
         "candidates": args.candidates,
