@@ -46,6 +46,7 @@ from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
+from . import add_method_argument, check_method
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
@@ -222,9 +223,8 @@ def evaluate(
     refined: dict[str, list] = {"clip_guided": [], "clip_guided_prior": []}
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
-        ids, images, scores = pipe.candidates(
-            [(caption, 1.0)], s, generator, method=method
-        )  # (N, n), (N, 3, S, S), (N,)
+        # ids (N, n), images (N, 3, S, S), CLIP's scores (N,)
+        ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator, method=method)
         best = int(scores.argmax())
         if i < guided:
             for name, weight in (("clip_guided", 0.0), ("clip_guided_prior", s.guided_prior_weight)):
@@ -283,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=2 (repeatable)",
     )
     p.add_argument("--guided", type=int, default=0, help="refine the pick of the first K captions with CLIP")
-    p.add_argument(
-        "--method", default="ar", choices=["ar", "unclip"], help="ar: the transformer; unclip: the prior and decoder"
-    )
+    add_method_argument(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -296,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    if args.method == "unclip":
-        pipe.require_unclip("--method unclip", prior=True)
-        if args.guided:
-            raise UserError("--guided refines the default method's top-1; leave it out with --method unclip")
+    check_method(pipe, args.method, args.guided)
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
     judge = load_clip(args.judge, device=args.device)

@@ -37,6 +37,8 @@ from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
+from . import add_method_argument, check_method
+
 KINDS = ("one", "two", "heldout")
 
 
@@ -185,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set and of sampling")
     parser.add_argument("--candidates", type=int, default=8, help="samples per prompt: 8, or 32 for top-1 of 32")
     parser.add_argument("--guided", type=int, default=0, help="refine with CLIP guidance for the first K prompts")
-    parser.add_argument(
-        "--method", default="ar", choices=["ar", "unclip"], help="ar: the transformer; unclip: the prior and decoder"
-    )
+    add_method_argument(parser)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates < 8:
         raise UserError(f"--candidates is {args.candidates}; CLIP's top-1 of 8 needs at least 8")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    if args.method == "unclip":
-        pipe.require_unclip("--method unclip", prior=True)
-        if args.guided:
-            raise UserError("--guided refines the default method's top-1; leave it out with --method unclip")
+    check_method(pipe, args.method, args.guided)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     apply_sample_overrides(pipe.cfg, args.overrides)
