@@ -283,6 +283,12 @@ class UnclipConfig:
     init_from_transformer: bool = True
     embedding_dropout: float = 0.1  # the paper: the embedding dropped 10% of the time ...
     caption_dropout: float = 0.5  # ... and the caption 50%
+    # > 0: the decoder also reads CLIP's spatial features, the image tower's patch tokens pooled to grid x grid
+    # (`CLIP.image_grid`), after the embedding in the same projection; variations give their source's, every other
+    # use (the prior's embeddings, interpolations, text diffs) zeros, and training drops them `grid_dropout` of the
+    # time so the decoder draws from the embedding alone too. 0: the embedding alone, as DALL-E 2's decoder
+    grid: int = 0
+    grid_dropout: float = 0.5
     prior: PriorConfig = field(default_factory=PriorConfig)
 
 

@@ -96,7 +96,8 @@ def make_tiny_bundle(
     if clip:
         save_module(clip_from_config(cfg, text), folder / "clip.safetensors")
     if unclip:  # as train.unclip and train.prior build them
-        decoder = build_model(cfg, text, image, cond_dim=cfg.clip.embed_dim)
+        grid = cfg.unclip.grid**2 * cfg.clip.image_width  # unclip.grid: CLIP's spatial features after the embedding
+        decoder = build_model(cfg, text, image, cond_dim=cfg.clip.embed_dim + grid)
         save_module(decoder, folder / "unclip.safetensors")
         (folder / "unclip.json").write_text(json.dumps(config_to_dict(decoder.cfg), indent=2) + "\n")
         prior = build_prior(cfg, text, cfg.clip.embed_dim)

@@ -385,3 +385,37 @@ def test_unclip_stages_train_export_and_draw_variations(run_dir, tmp_path, capsy
     kept = pipe.variations([to_pil(image)], num_images=2, candidates=3, progress=False)[0]
     assert [r.rank for r in kept] == [1, 2] and kept[0].clip_score >= kept[1].clip_score
     assert pipe.generate(["a red circle"], method="unclip", num_images=1, candidates=2, progress=False)[0][0].rank == 1
+
+
+def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path):
+    """unclip.grid: the embeddings file gains CLIP's spatial features (computed again, the file's grid differs),
+    and `--init-from` a decoder that reads the embedding alone widens its projection (train.dalle.widen_to_grid)."""
+    from safetensors import safe_open
+
+    from dalle_mini_impl.pipeline.pipeline import Pipeline
+    from train import export as train_export
+    from train import unclip as train_unclip
+
+    run = copy_run(run_dir, tmp_path / "run")
+    small = ["unclip.cond_len=2", "train.unclip.batch_size=8", "train.unclip.eval_every=1000",
+             "train.unclip.image_every=1000", "train.unclip.eval_batches=1"]  # fmt: skip
+    train_encode.main(args_for(run))
+    train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    train_clip.main(args_for(run, "train.clip.steps=1"))
+    train_unclip.main(args_for(run, *small, "train.unclip.steps=1"))
+    plain = tmp_path / "plain"
+    train_export.main([str(run), str(plain)])
+    wide = copy_run(run, tmp_path / "wide")
+    train_unclip.main([*args_for(wide, *small, "unclip.grid=2", "train.unclip.steps=2"), "--init-from", str(plain)])
+    with safe_open(str(tokens_dir(wide, "train") / "clip.safetensors"), framework="pt") as f:
+        assert f.metadata()["grid"] == "2" and f.get_slice("grid").get_shape()[1] == 2 * 2 * 32
+    assert json.loads((wide / "unclip.json").read_text())["cond_dim"] == 16 + 2 * 2 * 32
+    assert json.loads((wide / "logs" / "unclip" / "init_from.json").read_text())["source"] == str(plain)
+    bundle = tmp_path / "bundle"
+    train_export.main([str(wide), str(bundle)])
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    assert pipe.cfg.unclip.grid == 2
+    image = pipe.decode(torch.zeros(1, 16, dtype=torch.long))
+    from dalle_mini_impl.data.images import to_pil
+
+    assert len(pipe.variations([to_pil(image[0])], num_images=1, candidates=2, progress=False)[0]) == 1

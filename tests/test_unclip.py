@@ -410,3 +410,92 @@ def test_when_an_embedding_pins_one_image_down_the_extra_rounds_loosen_the_tempe
         warnings.simplefilter("error")  # no "gave only 1 distinct image": the extra rounds drew at temperature 1 and up
         kept = pipe.variations([images[0]], **near_greedy, progress=False)[0]
     assert len(kept) == 2 and not torch.equal(kept[0].ids, kept[1].ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP's spatial features beside the embedding (unclip.grid)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_clip_grid_features_are_unit_positions_and_a_side_past_the_patches_is_one_sentence():
+    from dalle_mini_impl.clip.model import CLIP
+    from dalle_mini_impl.config import CLIPConfig
+    from tests.bundle_factory import TINY_CLIP
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(**(TINY_CLIP | dict(image_depth=2))), image_size=16, text_vocab=20, text_len=6,
+                pad_id=0, eos_id=1).eval()  # fmt: skip
+    images = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        grid = clip.image_grid(images, 2)
+        assert grid.shape == (3, 2 * 2 * 32)
+        assert torch.allclose(grid.view(3, 4, 32).norm(dim=-1), torch.ones(3, 4), atol=1e-4)
+        assert torch.equal(grid, clip.image_grid(images, 2))
+        # unlike the embedding of a bag of patches, the grid depends on where things are: the same patches in
+        # another order give another grid
+        swapped = images.view(3, 3, 4, 4, 4, 4).flip(2).reshape(3, 3, 16, 16)  # rows of 4x4 patches, bottom up
+        assert not torch.allclose(clip.image_grid(swapped, 2), grid, atol=1e-3)
+    with pytest.raises(UserError, match=r"'unclip.grid' is 5; set it between 1 and CLIP's patch grid \(4\)"):
+        clip.image_grid(images, 5)
+
+
+def test_a_decoder_widened_to_read_a_grid_draws_what_it_drew_until_trained():
+    from train.dalle import widen_to_grid
+
+    narrow, wide = decoder(), decoder(cond_dim=E + 12)
+    wide.load_state_dict(widen_to_grid(narrow.state_dict(), wide))
+    text, image, emb = batch(b=3)
+    grid = torch.randn(3, 12)
+    with torch.no_grad():
+        assert torch.allclose(narrow(text, image, emb), wide(text, image, torch.cat([emb, grid], 1)), atol=1e-5)
+    assert widen_to_grid(narrow.state_dict(), narrow) is not None  # same width: unchanged
+    assert torch.equal(widen_to_grid(narrow.state_dict(), narrow)["cond_proj.weight"], narrow.cond_proj.weight)
+
+
+@pytest.fixture(scope="module")
+def grid_bundle(tmp_path_factory) -> Path:
+    from tests.bundle_factory import tiny_config
+
+    cfg = tiny_config()
+    cfg.unclip.grid = 2
+    return make_tiny_bundle(tmp_path_factory.mktemp("unclip-grid-bundle"), unclip=True, cfg=cfg)
+
+
+def test_only_variations_give_the_decoder_a_grid(grid_bundle, images):
+    """With unclip.grid, a variation's decoder input is [embedding ; its source's spatial features]; the prior's
+    embeddings, interpolations and text diffs give zeros after the embedding (the dropped grid)."""
+    pipe = Pipeline.from_pretrained(grid_bundle, device="cpu")
+    e, g = pipe.clip.embed_dim(), pipe.clip.grid_dim(2)
+    assert pipe.unclip.cfg.cond_dim == e + g == 16 + 4 * 32
+    seen = []
+    decode = pipe.sample_ids
+
+    def spy(text, s, generator, prime=None, bar=None, cond=None):
+        seen.append(cond.clone())
+        return decode(text, s, generator, prime, bar, cond)
+
+    pipe.sample_ids = spy
+    few = dict(num_images=1, candidates=2, progress=False)
+    pipe.variations([images[0]], **few)
+    pixels = pipe._read_images([images[0]])
+    assert torch.allclose(seen[-1][0, :e], pipe.clip.embed_images(pixels)[0])
+    assert torch.allclose(seen[-1][0, e:], pipe.clip.embed_image_grid(pixels, 2)[0]) and seen[-1][0, e:].abs().sum() > 0
+    pipe.variations([images[0]], text_diff=("a red square", "a blue square"), **few)
+    pipe.interpolate(images[0], images[1], 2, **few)
+    pipe.generate(["a red circle"], method="unclip", **few)
+    assert len(seen) == 5 and all(torch.equal(c[:, e:], torch.zeros_like(c[:, e:])) for c in seen[1:])
+    assert all(c[:, :e].abs().sum() > 0 for c in seen[1:])
+
+
+def test_a_decoder_that_reads_no_grid_in_a_bundle_that_says_it_does_is_one_sentence(bundle, tmp_path):
+    import shutil
+
+    from dalle_mini_impl.config import read_config_json
+    from dalle_mini_impl.pipeline.bundle import write_bundle_config
+
+    folder = Path(shutil.copytree(bundle, tmp_path / "b"))
+    cfg = read_config_json(folder / "config.json")
+    cfg.unclip.grid = 2
+    write_bundle_config(cfg, folder)
+    with pytest.raises(UserError, match=r"reads 16 numbers but this bundle's CLIP gives 16 and a 2x2 grid of 128"):
+        Pipeline.from_pretrained(folder, device="cpu")

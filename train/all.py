@@ -34,6 +34,7 @@ from dalle_mini_impl.config import add_config_args, config_from_args
 from dalle_mini_impl.data.streams import require_source
 from dalle_mini_impl.errors import UserError, run_cli
 from train.clip import check_config as check_clip_config
+from train.dalle import check_unclip
 from train.finetune import checked_source
 
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)  # fail here, once, on a bad config
     require_source(cfg.data.source)
     check_clip_config(cfg)
+    check_unclip(cfg)
     if args.init_from:
         checked_source(args.init_from)
     passthrough = ["--config", args.config] + [f"--set={o}" for o in args.overrides]

@@ -111,6 +111,29 @@ def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer, cond_dim: int =
     return DALLE(mcfg)
 
 
+def check_unclip(cfg: RunConfig) -> None:
+    """What unCLIP's decoder needs of the `unclip` section beyond types (CLIP checks the grid against its patches)."""
+    u = cfg.unclip
+    if u.grid < 0:
+        raise UserError(f"config key 'unclip.grid' is {u.grid}; set it to 0 (the embedding alone) or a grid side")
+    for key in ("embedding_dropout", "caption_dropout", "grid_dropout"):
+        if not 0 <= getattr(u, key) <= 1:
+            raise UserError(f"config key 'unclip.{key}' is {getattr(u, key)}; set it between 0 and 1")
+
+
+def widen_to_grid(state: dict[str, torch.Tensor], model: DALLE) -> dict[str, torch.Tensor]:
+    """A decoder's weights for `model` when it reads CLIP's spatial features (`unclip.grid`) and they do not: the
+    projection's new input rows start at zero, so the widened decoder draws exactly what the source drew
+    until training teaches it to read the grid. Any other state is returned as it is."""
+    name = "cond_proj.weight"  # (in, out): an input per row
+    theirs, ours = state.get(name), model.state_dict().get(name)
+    if theirs is None or ours is None or theirs.shape[1] != ours.shape[1] or theirs.shape[0] >= ours.shape[0]:
+        return state
+    wide = theirs.new_zeros(ours.shape)
+    wide[: theirs.shape[0]] = theirs
+    return state | {name: wide}
+
+
 def start_from_transformer(decoder: DALLE, run: Path) -> None:
     """Load the run's trained transformer into unCLIP's decoder in place: every weight but the embedding's own
     (its projection and position vectors, which keep their initialisation). A checkpoint resumed later wins."""
@@ -128,8 +151,8 @@ def start_from_source(model: DALLE, source: Path, cfg: RunConfig, stage: str) ->
     without one, its transformer, as `unclip.init_from_transformer` starts from the run's."""
     if stage == "dalle":
         finetune.start_from(model, source, "transformer", "transformer", cfg, stage)
-    elif (source / FILES["unclip"]).is_file():
-        finetune.start_from(model, source, "unclip", "unCLIP decoder", cfg, stage)
+    elif (source / FILES["unclip"]).is_file():  # a decoder without the grid starts one with it
+        finetune.start_from(model, source, "unclip", "unCLIP decoder", cfg, stage, adapt=widen_to_grid)
     else:
         finetune.start_from(model, source, "transformer", "unCLIP decoder", cfg, stage, keep_own=DECODER_OWN)
 
@@ -151,14 +174,17 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         finetune.adopt_image_tokenizer(source, cfg, accelerator)
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     image_tokenizer = load_vae(cfg.out_dir).to(accelerator.device)
-    extra = {}
+    extra, embed_dim = {}, 0
     if stage == "unclip":
         from train.embed import shared_embeddings
 
-        extra = {
-            split: {"embedding": shared_embeddings(cfg.out_dir, split, accelerator)["image"]}
-            for split in (cfg.data.split, cfg.data.val_split)
-        }
+        check_unclip(cfg)
+        for split in (cfg.data.split, cfg.data.val_split):
+            found = shared_embeddings(cfg.out_dir, split, accelerator, cfg.unclip.grid)
+            # the decoder's input: the embedding, then (unclip.grid) the spatial features
+            extra[split] = {"embedding": torch.cat([found["image"], found["grid"].float()], 1) if cfg.unclip.grid
+                            else found["image"]}  # fmt: skip
+            embed_dim = found["image"].shape[1]
     cond_dim = extra[cfg.data.split]["embedding"].shape[1] if extra else 0
     model = build_model(cfg, text_tokenizer, image_tokenizer, cond_dim)
     if source is not None:
@@ -177,12 +203,16 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         image_tokenizer=image_tokenizer,
         extra=extra.get(cfg.data.split),
     )
-    null_caption_p, null_cond_p = model.cfg.caption_dropout, model.cfg.cond_dropout
+    null_caption_p, null_cond_p, null_grid_p = (
+        model.cfg.caption_dropout,
+        model.cfg.cond_dropout,
+        cfg.unclip.grid_dropout,
+    )
     rank = accelerator.process_index
     seq_len = model.cfg.seq_len + 1
 
     def dropped(n: int, step: int | None, p: float, which: int) -> np.ndarray:
-        """Which of n rows drop their caption (which 0) or embedding (1) at a training step (None: none)."""
+        """Which of n rows drop their caption (which 0), embedding (1) or grid (2) at a training step (None: none)."""
         if step is None or p <= 0:
             return np.zeros(n, dtype=bool)
         # seeded by (seed, step, rank, which) so a resumed run drops the same ones; the caption's draw keeps
@@ -196,12 +226,17 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         return text_tokenizer.encode(captions).to(accelerator.device)
 
     def cond_of(batch: dict, step: int | None) -> torch.Tensor | None:
-        """The batch's embeddings with the dropped ones zeroed, or None for the DALL-E transformer."""
+        """The batch's embeddings with the dropped ones zeroed (a dropped embedding drops its grid too; the grid is
+        also dropped alone), or None for the DALL-E transformer."""
         if "embedding" not in batch:
             return None
         cond = batch["embedding"].to(accelerator.device)
         keep = torch.from_numpy(~dropped(cond.shape[0], step, null_cond_p, 1)).to(cond.device)
-        return cond * keep[:, None].to(cond.dtype)
+        cond = cond * keep[:, None].to(cond.dtype)
+        if cond.shape[1] > embed_dim:
+            keep_grid = torch.from_numpy(~dropped(cond.shape[0], step, null_grid_p, 2)).to(cond.device)
+            cond[:, embed_dim:] *= keep_grid[:, None].to(cond.dtype)
+        return cond
 
     def loss(m, batch, step):
         text = text_ids(batch["caption"], step)

@@ -2,7 +2,9 @@
 `train.prior`.
 
     RUN/tokens/<split>/clip.safetensors   image (N, e), text (N, e): l2-normalised float32, one row per
-                                          shard row in `read_shards` order; metadata: the CLIP's fingerprint
+                                          shard row in `read_shards` order; with `unclip.grid` > 0 also grid
+                                          (N, G) float16, CLIP's spatial features (`CLIP.image_grid`); metadata:
+                                          the CLIP's fingerprint and the grid's side
 
 The image embedding is of the row's image as the run's image tokenizer decodes its ids: what the decoder can
 draw, and all a token shard keeps. The text embedding is of its caption. A file made by another CLIP (another
@@ -23,48 +25,54 @@ from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, save_state_dict
 FILE = "clip.safetensors"
 
 
-def _read(path, fingerprint: str, rows: int) -> dict[str, torch.Tensor] | None:
-    """The file's embeddings when it was made by this CLIP for `rows` rows, else None."""
+def _read(path, fingerprint: str, rows: int, grid: int) -> dict[str, torch.Tensor] | None:
+    """The file's embeddings when it was made by this CLIP for `rows` rows with a grid of side `grid`, else None."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("clip") != fingerprint or int(meta.get("rows", -1)) != rows:
+            made = (meta.get("clip"), int(meta.get("rows", -1)), int(meta.get("grid", 0)))
+            if made != (fingerprint, rows, grid):
                 return None
-            return {k: f.get_tensor(k) for k in ("image", "text")}
+            return {k: f.get_tensor(k) for k in ("image", "text", "grid") if k != "grid" or grid}
     except Exception:  # noqa: BLE001 - unreadable: recompute it
         return None
 
 
-def clip_embeddings(run_dir, split: str, device: torch.device, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """{"image": (N, e), "text": (N, e)} for the token shards of `split` in the run folder, computed once."""
+def clip_embeddings(
+    run_dir, split: str, device: torch.device, batch_size: int = 256, grid: int = 0
+) -> dict[str, torch.Tensor]:
+    """{"image": (N, e), "text": (N, e)} for the token shards of `split` in the run folder, computed once; with
+    grid > 0 also "grid" (N, G), CLIP's spatial features pooled to grid x grid (`CLIP.image_grid`)."""
     folder = tokens_dir(run_dir, split)
     ids, captions = read_shards(folder)  # a missing split is a one-sentence error
     clip = load_clip(run_dir, device=device)
     path = folder / FILE
-    found = _read(path, clip.fingerprint(), len(captions))
+    found = _read(path, clip.fingerprint(), len(captions), grid)
     if found is not None:
         return found
     vae = load_vae(run_dir).to(device)
-    images, texts = [], []
+    out = {"image": [], "text": [], "grid": []}
     for start in tqdm(range(0, len(captions), batch_size), desc=f"CLIP embeddings {split}", dynamic_ncols=True):
         with torch.inference_mode():
             pixels = vae.decode(ids[start : start + batch_size].to(device)).float()
-        images.append(clip.embed_images(pixels))
-        texts.append(clip.embed_texts(captions[start : start + batch_size]))
-    out = {"image": torch.cat(images).float(), "text": torch.cat(texts).float()}
-    meta = {"clip": clip.fingerprint(), "rows": str(len(captions)), "source": json.dumps(str(run_dir))}
-    save_state_dict(out, path, metadata=meta)
+        out["image"].append(clip.embed_images(pixels))
+        out["text"].append(clip.embed_texts(captions[start : start + batch_size]))
+        if grid:  # float16: 64,000 rows of a 4 x 4 grid of width 128 take 262 MB
+            out["grid"].append(clip.embed_image_grid(pixels, grid).half())
+    out = {k: torch.cat(v) for k, v in out.items() if v}
+    meta = {"clip": clip.fingerprint(), "rows": str(len(captions)), "grid": str(grid)}
+    save_state_dict(out, path, metadata=meta | {"source": json.dumps(str(run_dir))})
     return out
 
 
-def shared_embeddings(run_dir, split: str, accelerator) -> dict[str, torch.Tensor]:
+def shared_embeddings(run_dir, split: str, accelerator, grid: int = 0) -> dict[str, torch.Tensor]:
     """`clip_embeddings` computed by the main process while the others wait, then read by every process."""
     if accelerator.is_main_process:
-        clip_embeddings(run_dir, split, accelerator.device)
+        clip_embeddings(run_dir, split, accelerator.device, grid=grid)
     accelerator.wait_for_everyone()
-    return clip_embeddings(run_dir, split, accelerator.device)
+    return clip_embeddings(run_dir, split, accelerator.device, grid=grid)
 
 
 __all__ = ["FILE", "clip_embeddings", "shared_embeddings"]

@@ -116,12 +116,15 @@ def checked_source(given: str) -> Path:
 
 
 def load_weights(
-    model: torch.nn.Module, path: Path, what: str, *, keep_own: tuple[str, ...] = (), fix: str = FIX
+    model: torch.nn.Module, path: Path, what: str, *, keep_own: tuple[str, ...] = (), fix: str = FIX, adapt=None
 ) -> None:
     """Copy a safetensors file into `model` in place, each tensor cast to the model's dtype. Every tensor of the
     model must be in the file with its shape, but those in `keep_own`, which keep their initialisation when the
-    file lacks them; the file may hold nothing else. A difference is one sentence naming the tensor, and `fix`."""
+    file lacks them; the file may hold nothing else. A difference is one sentence naming the tensor, and `fix`.
+    adapt(state, model) -> state: a change of the file's tensors first (e.g. `train.dalle.widen_to_grid`)."""
     state = load_state_dict(path)
+    if adapt is not None:
+        state = adapt(state, model)
     own = model.state_dict()
     for name, tensor in own.items():
         if name in state and tuple(state[name].shape) != tuple(tensor.shape):

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = accelerator.process_index
 
     def stream(split: str, train: bool, batch_size: int):
-        emb = shared_embeddings(cfg.out_dir, split, accelerator)
+        emb = shared_embeddings(cfg.out_dir, split, accelerator, cfg.unclip.grid)  # the decoder's file: one for both
         extra = {"image_emb": emb["image"], "text_emb": emb["text"]}
         return token_batches(
             cfg, split, batch_size, train=train, accelerator=accelerator, image_tokenizer=None, extra=extra

@@ -135,12 +135,27 @@ class ImageEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (b, 3, S, S) -> the blocks' input: the class token and the patches, positioned (b, 1 + n, d)."""
         x = rearrange(self.patch(pixels), "b d h w -> b (h w) d")  # (b, n, d)
         cls = repeat(self.cls, "d -> b 1 d", b=x.shape[0])
-        x = torch.cat([cls, x], dim=1) + self.pos  # (b, 1 + n, d)
-        x = self.transformer(self.ln_pre(x))
+        return self.ln_pre(torch.cat([cls, x], dim=1) + self.pos)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.transformer(self.tokens(pixels))
         return self.ln_post(x[:, 0]) @ self.proj  # (b, e)
+
+    def grid_features(self, pixels: torch.Tensor, side: int) -> torch.Tensor:
+        """Where things are, which the class token's embedding loses: the patch tokens that the last block's
+        class token reads (after all blocks but the last), average-pooled to a side x side grid, each position
+        layer-normalised and scaled to unit length. Pixels (b, 3, S, S) -> (b, side * side * width)."""
+        x = self.tokens(pixels)
+        for block in self.transformer.blocks[:-1]:
+            x = block(x)
+        g = math.isqrt(x.shape[1] - 1)
+        grid = F.adaptive_avg_pool2d(rearrange(x[:, 1:], "b (h w) d -> b d h w", h=g), side)
+        grid = rearrange(grid, "b d h w -> b (h w) d")
+        return (F.layer_norm(grid, grid.shape[-1:]) * grid.shape[-1] ** -0.5).flatten(1)
 
 
 def pool_positions(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -267,6 +282,17 @@ class CLIP(nn.Module):
         """Images (b, 3, S, S) in [0, 1] -> l2-normalised embeddings (b, e)."""
         pixels = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         return F.normalize(self.visual(pixels.to(self.visual.proj.dtype)), dim=-1)
+
+    def image_grid(self, images: torch.Tensor, side: int) -> torch.Tensor:
+        """Images (b, 3, S, S) in [0, 1] -> CLIP's spatial features (b, side * side * image_width): what unCLIP's
+        decoder reads beside the embedding with `unclip.grid` (`ImageEncoder.grid_features`)."""
+        if not 1 <= side <= self.image_size // self.cfg.patch_size:
+            raise UserError(
+                f"config key 'unclip.grid' is {side}; set it between 1 and CLIP's patch grid "
+                f"({self.image_size // self.cfg.patch_size}), or to 0 for the embedding alone"
+            )
+        pixels = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        return self.visual.grid_features(pixels.to(self.visual.proj.dtype), side)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text ids (b, t) from the sentencepiece tokenizer -> l2-normalised embeddings (b, e)."""

@@ -179,6 +179,20 @@ class BundleClipScorer(ClipScorer):
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
+    @torch.no_grad()
+    def embed_image_grid(self, images: torch.Tensor, side: int) -> torch.Tensor:
+        """Images (m, 3, H, W) in [0, 1] -> CLIP's spatial features (m, `grid_dim(side)`), on the CPU
+        (`CLIP.image_grid`: unCLIP's decoder reads them beside the embedding when `unclip.grid` is side)."""
+        out = [
+            self.model.image_grid(_fit(chunk.to(self.device, torch.float32), self.image_size), side).float().cpu()
+            for chunk in images.split(self.batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, self.grid_dim(side))
+
+    def grid_dim(self, side: int) -> int:
+        """The size of `embed_image_grid`'s rows: side * side positions of the image tower's width."""
+        return side * side * self.model.cfg.image_width if side else 0
+
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer.encode(texts).to(self.device))
 

@@ -15,7 +15,8 @@ one (PIL's ImageDraw: hard edges, the spec's geometry), so the numbers do not re
                  a variation of another source (the floor: an image of the data that ignores its source),
                  and how often CLIP's embedding of a two-object source is nearer its caption than the same
                  caption with the relation flipped (`clip_prefers_true_relation`: what the embedding the
-                 decoder reads knows of which object is where; 50 is chance).
+                 decoder reads knows of which object is where; 50 is chance). A bundle with `unclip.grid`
+                 also gives the decoder CLIP's spatial features of the source (`Pipeline.variations`).
   text diffs     `--diffs` one-object sources whose caption states the color: the image's embedding turned
                  toward text(caption with another color) - text(caption), at each scale; the top-1 judged
                  under the edited caption (and, for reference, under the source's).

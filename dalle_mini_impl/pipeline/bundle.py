@@ -102,6 +102,8 @@ STAGE_SECTIONS = {
         "unclip.init_from_transformer",
         "unclip.embedding_dropout",
         "unclip.caption_dropout",
+        "unclip.grid",
+        "unclip.grid_dropout",
         "train.unclip",
     ),
     "prior": ("unclip.prior", "train.prior"),

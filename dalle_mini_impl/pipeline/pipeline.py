@@ -269,11 +269,17 @@ class Pipeline:
         for model in (self.transformer, self.unclip):
             if model is not None:
                 self._check_model_fits(model.cfg, "transformer" if model is self.transformer else "unCLIP decoder")
-        if self.unclip is not None and self.clip is not None and self.unclip.cfg.cond_dim != self.clip.embed_dim():
-            raise UserError(
-                f"the unCLIP decoder reads {self.unclip.cfg.cond_dim}-number embeddings but this bundle's CLIP gives "
-                f"{self.clip.embed_dim()}; use a bundle whose parts were trained together"
-            )
+        if self.unclip is not None and self.clip is not None:
+            side = self.cfg.unclip.grid
+            gives = self.clip.embed_dim() + self.clip.grid_dim(side)
+            if self.unclip.cfg.cond_dim != gives:
+                what = f"{self.clip.embed_dim()}" + (
+                    f" and a {side}x{side} grid of {self.clip.grid_dim(side)}" if side else ""
+                )
+                raise UserError(
+                    f"the unCLIP decoder reads {self.unclip.cfg.cond_dim} numbers but this bundle's CLIP gives {what} "
+                    "(unclip.grid in config.json); use a bundle whose parts were trained together"
+                )
 
     def _check_model_fits(self, m, what: str) -> None:
         text, image = self.text_tokenizer, self.image_tokenizer
@@ -401,7 +407,10 @@ class Pipeline:
         text = self.encode_prompt(prompt)
         cond = None
         if method == "unclip":
-            cond = self.prior_embeddings(prompt, s.candidates, generator, text, s.prior_guidance_scale, s.prior_samples)
+            drawn = self.prior_embeddings(
+                prompt, s.candidates, generator, text, s.prior_guidance_scale, s.prior_samples
+            )
+            cond = self.decoder_input(drawn)
         ids = self.sample_ids(text, s, generator, prime, bar, cond)  # (m, n)
         images = self.decode(ids)  # (m, 3, H, W)
         return ids, images, self._score(images, parts)
@@ -715,18 +724,32 @@ class Pipeline:
         best = (drawn @ text_emb[0].to(drawn.dtype)).argmax(dim=0)  # (n,)
         return drawn[best, torch.arange(n)].cpu()
 
-    def image_embeddings(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
-        """CLIP image embeddings (m, e) of image files or PIL images, at the model's resolution."""
-        size = self.cfg.data.image_size
+    def _read_images(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
+        """Image files or PIL images as pixels (m, 3, S, S) in [0, 1] at the model's resolution."""
         if not images:
             raise UserError("no image was given; pass at least one PNG or JPEG file")
         from ..clip.uses import read_image
 
-        return self.clip.embed_images(torch.stack([read_image(im, size) for im in images]))
+        return torch.stack([read_image(im, self.cfg.data.image_size) for im in images])
+
+    def image_embeddings(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
+        """CLIP image embeddings (m, e) of image files or PIL images, at the model's resolution."""
+        return self.clip.embed_images(self._read_images(images))
+
+    def decoder_input(self, embeddings: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """What the unCLIP decoder reads for CLIP image embeddings (m, e): the embeddings, and with `unclip.grid`
+        CLIP's spatial features after them (m, G); grid None: zeros, the dropped grid (every use but variations)."""
+        side = self.cfg.unclip.grid
+        if not side:
+            return embeddings
+        if grid is None:
+            grid = embeddings.new_zeros(embeddings.shape[0], self.clip.grid_dim(side))
+        return torch.cat([embeddings, grid.to(embeddings.dtype)], dim=1)
 
     def _from_embedding(self, cond: torch.Tensor, targets: torch.Tensor, s: SampleConfig, generator, bar):
-        """One round of `s.candidates` images drawn by the decoder from one embedding cond (e,), without a caption:
-        (ids, images, scores), the score of an image its best CLIP image similarity to the rows of targets (r, e)."""
+        """One round of `s.candidates` images drawn by the decoder from one input cond (`decoder_input`), without a
+        caption: (ids, images, scores), the score of an image its best CLIP image similarity to the rows of targets
+        (r, e)."""
         null = self.text_tokenizer.null_ids()[None].to(self.device)
         ids = self.sample_ids(null, s, generator, bar=bar, cond=cond[None].expand(s.candidates, -1))
         images = self.decode(ids)
@@ -775,7 +798,13 @@ class Pipeline:
         overrides: sampling settings as in `generate` (num_images, candidates, guidance_scale, temperature, seed ..).
         """
         s = self._embedding_settings("--variations", overrides | {"text_diff_scale": text_diff_scale})
-        sources = self.image_embeddings(list(images))
+        pixels = self._read_images(list(images))
+        sources = self.clip.embed_images(pixels)
+        # with unclip.grid, a variation keeps where things are: the decoder reads the source's spatial features too;
+        # a text diff changes what the grid shows (a color, a shape), so it reads the embedding alone
+        grid = (
+            self.clip.embed_image_grid(pixels, self.cfg.unclip.grid) if self.cfg.unclip.grid and not text_diff else None
+        )
         if text_diff is not None:
             if any(not str(c).strip() for c in text_diff):
                 raise UserError("--text-diff needs two non-empty captions, from and to: 'a red circle' 'a blue circle'")
@@ -791,10 +820,11 @@ class Pipeline:
         )
         out = []
         with bar:
-            for i, (name, cond) in enumerate(zip(names, sources)):
+            conds = self.decoder_input(sources, grid)
+            for i, (name, source, cond) in enumerate(zip(names, sources, conds)):
                 generator = torch.Generator().manual_seed(s.seed + i)
                 label = f"variation of {Path(str(name)).name}"
-                out.append(self._kept(label, s.seed + i, cond, cond[None], s, generator, bar))
+                out.append(self._kept(label, s.seed + i, cond, source[None], s, generator, bar))
         return out
 
     def interpolate(
@@ -823,7 +853,7 @@ class Pipeline:
         with bar:
             for k in range(steps):
                 t = k / (steps - 1)
-                cond = slerp(ends[0], ends[1], t)
+                cond = self.decoder_input(slerp(ends[0], ends[1], t)[None])[0]
                 targets = ends[:1] if t < 0.5 else ends[1:] if t > 0.5 else ends
                 generator = torch.Generator().manual_seed(s.seed + k)
                 label = f"interpolation t={t:.2f}"
