@@ -336,6 +336,9 @@ class SampleConfig:
     # difference of the two captions' embeddings
     text_diff_scale: float = 0.3
     prior_guidance_scale: float = 1.0  # --method unclip: classifier-free guidance on unCLIP's prior (1: off)
+    # --variations without --text-diff: classifier-free guidance on unCLIP's decoder (0: sample.guidance_scale); a
+    # decoder that reads the source's grid (unclip.grid) follows it best unguided (docs/RESULTS.md)
+    variation_guidance_scale: float = 0.0
     prior_samples: int = 1  # --method unclip: prior embeddings per candidate, the one nearest the caption's kept
     # editing (--mask): candidates are ranked by CLIP plus this times the transformer's mean log-likelihood of
     # the kept cells after the first redrawn one (a redrawn region should agree with what follows it)

@@ -499,3 +499,28 @@ def test_a_decoder_that_reads_no_grid_in_a_bundle_that_says_it_does_is_one_sente
     write_bundle_config(cfg, folder)
     with pytest.raises(UserError, match=r"reads 16 numbers but this bundle's CLIP gives 16 and a 2x2 grid of 128"):
         Pipeline.from_pretrained(folder, device="cpu")
+
+
+def test_variations_take_their_own_guidance_unless_one_is_given(grid_bundle, images):
+    pipe = Pipeline.from_pretrained(grid_bundle, device="cpu")
+    pipe.cfg.sample.guidance_scale, pipe.cfg.sample.variation_guidance_scale = 3.0, 1.0
+    scales = []
+    decode = pipe.sample_ids
+
+    def spy(text, s, generator, prime=None, bar=None, cond=None):
+        scales.append(s.guidance_scale)
+        return decode(text, s, generator, prime, bar, cond)
+
+    pipe.sample_ids = spy
+    few = dict(num_images=1, candidates=2, progress=False)
+    pipe.variations([images[0]], **few)  # the variations' own
+    pipe.variations([images[0]], guidance_scale=2.0, **few)  # asked for: wins
+    pipe.variations([images[0]], text_diff=("a red square", "a blue square"), **few)  # text diffs: the bundle's
+    pipe.interpolate(images[0], images[1], 2, **few)
+    assert scales == [1.0, 2.0, 3.0, 3.0, 3.0]
+    pipe.cfg.sample.variation_guidance_scale = 0.0  # 0: the bundle's guidance_scale
+    pipe.variations([images[0]], **few)
+    assert scales[-1] == 3.0
+    pipe.cfg.sample.variation_guidance_scale = float("nan")
+    with pytest.raises(UserError, match="sample.variation_guidance_scale is nan; give a finite number >= 0"):
+        pipe.variations([images[0]], **few)

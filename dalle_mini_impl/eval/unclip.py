@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = {"model": str(args.model or "shipped"), "seed": args.seed, **settings}
     result["guidance_scale"], result["temperature"] = pipe.cfg.sample.guidance_scale, pipe.cfg.sample.temperature
+    result["variation_guidance_scale"] = pipe.cfg.sample.variation_guidance_scale or pipe.cfg.sample.guidance_scale
     if args.n:
         result["variations"] = variations(pipe, sources(args.n, args.seed, cfg, S), settings, progress=True)
     if args.diffs:

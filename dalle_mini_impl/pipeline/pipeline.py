@@ -188,6 +188,11 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"config key 'sample.prior_samples' is {s.prior_samples}; draw at least 1 embedding")
     if not math.isfinite(s.prior_guidance_scale):
         raise UserError(f"--prior-guidance-scale is {s.prior_guidance_scale}; give a finite number (1: off)")
+    if not (math.isfinite(s.variation_guidance_scale) and s.variation_guidance_scale >= 0):
+        raise UserError(
+            f"sample.variation_guidance_scale is {s.variation_guidance_scale}; give a finite number >= 0 "
+            "(0: sample.guidance_scale)"
+        )
     if not (math.isfinite(s.text_diff_scale) and 0 <= s.text_diff_scale <= 1):
         raise UserError(f"--text-diff-scale is {s.text_diff_scale}; give how far to turn the image, in [0, 1]")
     if s.decode not in DECODE_MODES:
@@ -795,8 +800,12 @@ class Pipeline:
         text_diff=(a, b): a text diff (DALL-E 2, section 3.3): the image's embedding is first turned toward the
         difference of the captions' text embeddings, slerp(image, normalise(text(b) - text(a)), text_diff_scale)
         (None: the bundle's `sample.text_diff_scale`), and the images are drawn from and ranked by that.
-        overrides: sampling settings as in `generate` (num_images, candidates, guidance_scale, temperature, seed ..).
+        overrides: sampling settings as in `generate` (num_images, candidates, guidance_scale, temperature, seed ..);
+        without a guidance_scale, variations (not text diffs) are guided by `sample.variation_guidance_scale`.
         """
+        own = self.cfg.sample.variation_guidance_scale
+        if overrides.get("guidance_scale") is None and text_diff is None and own > 0:
+            overrides = overrides | {"guidance_scale": own}
         s = self._embedding_settings("--variations", overrides | {"text_diff_scale": text_diff_scale})
         pixels = self._read_images(list(images))
         sources = self.clip.embed_images(pixels)
