@@ -351,8 +351,9 @@ def test_unclip_stages_train_export_and_draw_variations(run_dir, tmp_path, capsy
             "eval_batches=1",
         )
     ]
-    unclip += ["unclip.cond_len=2", "unclip.prior.dim=32", "unclip.prior.depth=1", "unclip.prior.heads=2",
-               "unclip.prior.sample_steps=4", "train.unclip.lr=3e-3", "train.prior.lr=3e-3"]  # fmt: skip
+    unclip += ["unclip.cond_len=2", "unclip.grid=0", "unclip.prior.dim=32", "unclip.prior.depth=1",
+               "unclip.prior.heads=2", "unclip.prior.sample_steps=4", "train.unclip.lr=3e-3",
+               "train.prior.lr=3e-3"]  # fmt: skip
     train_encode.main(args_for(run))
     train_dalle.main(args_for(run, "train.dalle.steps=1"))
     train_clip.main(args_for(run, "train.clip.steps=2"))
@@ -397,7 +398,7 @@ def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path)
     from train import unclip as train_unclip
 
     run = copy_run(run_dir, tmp_path / "run")
-    small = ["unclip.cond_len=2", "train.unclip.batch_size=8", "train.unclip.eval_every=1000",
+    small = ["unclip.cond_len=2", "unclip.grid=0", "train.unclip.batch_size=8", "train.unclip.eval_every=1000",
              "train.unclip.image_every=1000", "train.unclip.eval_batches=1"]  # fmt: skip
     train_encode.main(args_for(run))
     train_dalle.main(args_for(run, "train.dalle.steps=1"))
