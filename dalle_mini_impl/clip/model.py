@@ -280,8 +280,12 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (b, 3, S, S) in [0, 1] -> l2-normalised embeddings (b, e)."""
+        return F.normalize(self.visual(self._pixels(images)), dim=-1)
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] standardised by CLIP's pixel statistics, in the image tower's dtype."""
         pixels = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        return F.normalize(self.visual(pixels.to(self.visual.proj.dtype)), dim=-1)
+        return pixels.to(self.visual.proj.dtype)
 
     def image_grid(self, images: torch.Tensor, side: int) -> torch.Tensor:
         """Images (b, 3, S, S) in [0, 1] -> CLIP's spatial features (b, side * side * image_width): what unCLIP's
@@ -291,8 +295,7 @@ class CLIP(nn.Module):
                 f"config key 'unclip.grid' is {side}; set it between 1 and CLIP's patch grid "
                 f"({self.image_size // self.cfg.patch_size}), or to 0 for the embedding alone"
             )
-        pixels = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        return self.visual.grid_features(pixels.to(self.visual.proj.dtype), side)
+        return self.visual.grid_features(self._pixels(images), side)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text ids (b, t) from the sentencepiece tokenizer -> l2-normalised embeddings (b, e)."""

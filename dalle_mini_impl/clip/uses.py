@@ -105,11 +105,15 @@ class ClipScorer:
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (m, 3, H, W) in [0, 1] -> l2-normalised embeddings (m, e), on the CPU."""
-        out = []
-        for chunk in images.split(self.batch_size):
-            chunk = _fit(chunk.to(self.device, torch.float32), self.image_size)
-            out.append(F.normalize(self._encode_images(chunk).float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim())
+        return self._in_batches(images, lambda x: F.normalize(self._encode_images(x).float(), dim=-1), self.embed_dim())
+
+    def _in_batches(self, images: torch.Tensor, encode, width: int) -> torch.Tensor:
+        """encode(images fitted to the model's size) batch by batch: (m, width) float32 on the CPU."""
+        out = [
+            encode(_fit(chunk.to(self.device, torch.float32), self.image_size)).float().cpu()
+            for chunk in images.split(self.batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, width)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -183,11 +187,7 @@ class BundleClipScorer(ClipScorer):
     def embed_image_grid(self, images: torch.Tensor, side: int) -> torch.Tensor:
         """Images (m, 3, H, W) in [0, 1] -> CLIP's spatial features (m, `grid_dim(side)`), on the CPU
         (`CLIP.image_grid`: unCLIP's decoder reads them beside the embedding when `unclip.grid` is side)."""
-        out = [
-            self.model.image_grid(_fit(chunk.to(self.device, torch.float32), self.image_size), side).float().cpu()
-            for chunk in images.split(self.batch_size)
-        ]
-        return torch.cat(out) if out else torch.zeros(0, self.grid_dim(side))
+        return self._in_batches(images, lambda x: self.model.image_grid(x, side), self.grid_dim(side))
 
     def grid_dim(self, side: int) -> int:
         """The size of `embed_image_grid`'s rows: side * side positions of the image tower's width."""

@@ -812,7 +812,9 @@ class Pipeline:
         # with unclip.grid, a variation keeps where things are: the decoder reads the source's spatial features too;
         # a text diff changes what the grid shows (a color, a shape), so it reads the embedding alone
         grid = (
-            self.clip.embed_image_grid(pixels, self.cfg.unclip.grid) if self.cfg.unclip.grid and not text_diff else None
+            self.clip.embed_image_grid(pixels, self.cfg.unclip.grid)
+            if self.cfg.unclip.grid and text_diff is None
+            else None
         )
         if text_diff is not None:
             if any(not str(c).strip() for c in text_diff):
