@@ -265,9 +265,54 @@ def test_text_diff_turns_the_embedding_the_decoder_reads(bundle, images):
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), text_diff_scale=0.0, **kw)
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), text_diff_scale=1.0, **kw)
     a, b = pipe.clip.embed_texts(["a red square", "a blue square"])
-    assert torch.allclose(seen[0], pipe.image_embeddings([images[0]])[0], atol=1e-6)
+    assert torch.allclose(seen[0], pipe.clip.embed_images(pipe._as_drawn(pipe._read_images([images[0]])))[0], atol=1e-6)
     assert torch.allclose(seen[1], seen[0], atol=1e-5)  # scale 0: the image itself
     assert torch.allclose(seen[2], F.normalize(b - a, dim=-1), atol=1e-5)  # scale 1: the caption difference
+
+
+def test_variations_and_interpolations_read_their_sources_as_the_tokenizer_draws_them(bundle, images):
+    # the decoder trained on embeddings of images drawn by the tokenizer (train.embed): a source is drawn so first
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    given = pipe._read_images([images[0], images[1]])
+    drawn = pipe._as_drawn(given)
+    assert torch.equal(drawn[0], pipe.decode(pipe.encode_image(images[0])[None])[0])
+    assert (drawn - given).abs().max() > 0.05  # the tiny tokenizer redraws it visibly
+    seen = []
+    decode = pipe.sample_ids
+
+    def spy(text, s, generator, prime=None, bar=None, cond=None):
+        seen.append(cond[0].clone())
+        return decode(text, s, generator, prime, bar, cond)
+
+    pipe.sample_ids = spy
+    pipe.interpolate(images[0], images[1], 2, num_images=1, candidates=1, progress=False)
+    ends = pipe.clip.embed_images(drawn)
+    assert torch.allclose(seen[0], ends[0], atol=1e-6) and torch.allclose(seen[1], ends[1], atol=1e-5)
+    assert not torch.allclose(seen[0], pipe.image_embeddings([images[0]])[0], atol=1e-3)
+    # ranked against the images as given: scored by the drawn source, its own codes would always come first
+    ranked = []
+    pipe._kept = lambda label, seed, cond, targets, *args, **kw: ranked.append(targets) or []
+    pipe.variations([images[0]], num_images=1, candidates=1, progress=False)
+    pipe.interpolate(images[0], images[1], 2, num_images=1, candidates=1, progress=False)
+    given_embeddings = pipe.clip.embed_images(given)
+    assert torch.allclose(ranked[0], given_embeddings[:1]) and torch.allclose(ranked[1], given_embeddings[:1])
+    assert torch.allclose(ranked[2], given_embeddings[1:])
+
+
+def test_a_variation_is_never_its_source_as_the_tokenizer_draws_it(bundle, images):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    source = pipe._as_drawn(pipe._read_images([images[0]]))  # (1, 3, S, S)
+    other = pipe._as_drawn(pipe._read_images([images[1]]))
+    ids, scores = torch.tensor([[1], [2], [3]]), torch.tensor([1.0, 0.5, 0.9])
+    drawn = torch.cat([source, other, source])
+    one = pipe.settings(num_images=1)
+    kept = pipe._distinct("v", lambda: (ids, drawn, scores), one, None, exclude=source)
+    assert torch.equal(kept[0], ids[1:2]) and torch.equal(kept[2], scores[1:2])  # the source's copies are left out
+    assert torch.equal(pipe._distinct("v", lambda: (ids, drawn, scores), one, None)[0], ids[:2])  # without: kept
+    only = pipe._distinct("v", lambda: (ids[:1], drawn[:1], scores[:1]), one, None, exclude=source)
+    assert torch.equal(only[0], ids[:1])  # nothing else was drawn: the copy rather than no image at all
+    two = pipe._distinct("v", lambda: (ids, drawn, scores), pipe.settings(num_images=2), None, exclude=source)
+    assert torch.equal(two[0], ids[:2]) and two[2][0] < two[2][1]  # too few others: the copy fills, ranked last
 
 
 def test_prior_guidance_reaches_the_prior(bundle):
@@ -478,7 +523,7 @@ def test_only_variations_give_the_decoder_a_grid(grid_bundle, images):
     pipe.sample_ids = spy
     few = dict(num_images=1, candidates=2, progress=False)
     pipe.variations([images[0]], **few)
-    pixels = pipe._read_images([images[0]])
+    pixels = pipe._as_drawn(pipe._read_images([images[0]]))
     assert torch.allclose(seen[-1][0, :e], pipe.clip.embed_images(pixels)[0])
     assert torch.allclose(seen[-1][0, e:], pipe.clip.embed_image_grid(pixels, 2)[0]) and seen[-1][0, e:].abs().sum() > 0
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), **few)

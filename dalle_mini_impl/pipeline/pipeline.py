@@ -527,23 +527,32 @@ class Pipeline:
                 results.append(self._results(prompt, s.seed + i, ids, images, scores))
         return results
 
-    def _distinct(self, prompt: str, draw, s: SampleConfig, bar, again=None):
+    def _distinct(self, prompt: str, draw, s: SampleConfig, bar, again=None, exclude=None):
         """The (ids, images, scores) of `draw()` (one round of candidates) with identical images counted once (the
         first in sample order kept): identical code sequences, and also different codes that decode to the same
         pixels (a background cell has several).
 
         While fewer than `s.num_images` are distinct, another round is drawn by `again()` (None: `draw()`; the
         same generator, so new samples), up to MAX_EXTRA_ROUNDS; a warning names `prompt` when that was not enough.
+        exclude: images (r, 3, H, W) that do not count as new (a variation's source as the tokenizer draws it):
+        rounds are drawn until `s.num_images` others differ, and a copy of one is kept only when too few others
+        came, scored below all of them.
         """
         rounds = [draw()]
         while True:
             ids, images = torch.cat([r[0] for r in rounds]), torch.cat([r[1] for r in rounds])
             first = distinct_first(images)
-            if len(first) >= s.num_images or len(rounds) > MAX_EXTRA_ROUNDS:
+            copies = torch.zeros(len(first), dtype=torch.bool)  # which of first are copies of an excluded image
+            if exclude is not None:
+                new = distinct_first(torch.cat([exclude, images])) - len(exclude)
+                copies = ~torch.isin(first, new)
+            if len(first) - int(copies.sum()) >= s.num_images or len(rounds) > MAX_EXTRA_ROUNDS:
                 break
             if bar is not None:
                 bar.total += s.candidates * ids.shape[1]
             rounds.append((again or draw)())
+        if len(first) - int(copies.sum()) >= s.num_images:
+            first, copies = first[~copies], copies[~copies]
         if len(first) < s.num_images:
             images_word = "image" if len(first) == 1 else "images"
             warnings.warn(
@@ -551,7 +560,11 @@ class Pipeline:
                 f"some of its {s.num_images} images repeat (raise --temperature or lower --num-images)",
                 stacklevel=3,
             )
-        scores = None if rounds[0][2] is None else torch.cat([r[2] for r in rounds])[first]
+        if rounds[0][2] is None:
+            return ids[first], images[first], None
+        scores = torch.cat([r[2] for r in rounds])[first]
+        if copies.any():  # kept only to fill: ranked after every new image
+            scores = torch.where(copies, scores - (scores.max() - scores.min()) - 1, scores)
         return ids[first], images[first], scores
 
     def _prime(self, init_image, keep_rows: int | None) -> torch.Tensor | None:
@@ -741,6 +754,15 @@ class Pipeline:
         """CLIP image embeddings (m, e) of image files or PIL images, at the model's resolution."""
         return self.clip.embed_images(self._read_images(images))
 
+    def _as_drawn(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (m, 3, S, S) in [0, 1] as the image tokenizer draws them (encode, decode): what the unCLIP decoder
+        reads of a source. Its training embeddings are of images drawn so (`train.embed`), and CLIP's features of a
+        source drawn another way (hard edges, another palette) read to the decoder as another image. Candidates are
+        still ranked against the source as given: against its drawn self, the source's own codes would always win."""
+        with torch.inference_mode(), self._autocast():
+            ids = self.image_tokenizer.encode(pixels.to(self.device))
+        return self.decode(ids)
+
     def decoder_input(self, embeddings: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """What the unCLIP decoder reads for CLIP image embeddings (m, e): the embeddings, and with `unclip.grid`
         CLIP's spatial features after them (m, G); grid None: zeros, the dropped grid (every use but variations)."""
@@ -761,11 +783,15 @@ class Pipeline:
         scores = (self.clip.embed_images(images) @ targets.T).max(dim=1).values
         return ids, images, scores
 
-    def _kept(self, label: str, seed: int, cond, targets, s: SampleConfig, generator, bar, t=None) -> list[Result]:
+    def _kept(
+        self, label: str, seed: int, cond, targets, s: SampleConfig, generator, bar, t=None, source=None
+    ) -> list[Result]:
         """The best `s.num_images` distinct images the decoder draws from the embedding cond (`_from_embedding`),
         best first. When a round gives fewer distinct images (an embedding can pin a simple image down), the
         extra rounds draw looser, at temperatures 1, 1.25, 1.5 (or the settings' own, if higher): a variation is
-        a new image, not the same one again, and CLIP's ranking keeps the looser draws only where needed."""
+        a new image, not the same one again, and CLIP's ranking keeps the looser draws only where needed.
+        source: a variation's source as the tokenizer draws it (1, 3, H, W); a candidate identical to it is no
+        variation and is left out."""
         draw = functools.partial(self._from_embedding, cond, targets, s, generator, bar)
         temperatures = iter(max(1.0, s.temperature) + 0.25 * j for j in range(MAX_EXTRA_ROUNDS))
 
@@ -773,7 +799,7 @@ class Pipeline:
             looser = dataclasses.replace(s, temperature=next(temperatures))
             return self._from_embedding(cond, targets, looser, generator, bar)
 
-        ids, images, scores = self._distinct(label, draw, s, bar, again)
+        ids, images, scores = self._distinct(label, draw, s, bar, again, exclude=source)
         keep = kept_order(scores.sort(descending=True, stable=True)[1], s.num_images)
         h, w = self.grid
         results = self._results(label, seed, ids[keep].view(-1, h, w), images[keep], scores[keep])
@@ -795,7 +821,8 @@ class Pipeline:
         **overrides,
     ) -> list[list[Result]]:
         """For each image, `num_images` new images drawn from its CLIP embedding (unCLIP's variations), the best
-        of `candidates` by CLIP image similarity to that embedding, best first. Image i uses seed + i.
+        of `candidates` by CLIP image similarity to that embedding, best first. Image i uses seed + i. The
+        embedding is of the image as the image tokenizer draws it (`_as_drawn`), as in the decoder's training.
 
         text_diff=(a, b): a text diff (DALL-E 2, section 3.3): the image's embedding is first turned toward the
         difference of the captions' text embeddings, slerp(image, normalise(text(b) - text(a)), text_diff_scale)
@@ -807,8 +834,10 @@ class Pipeline:
         if overrides.get("guidance_scale") is None and text_diff is None and own > 0:
             overrides = overrides | {"guidance_scale": own}
         s = self._embedding_settings("--variations", overrides | {"text_diff_scale": text_diff_scale})
-        pixels = self._read_images(list(images))
+        given = self._read_images(list(images))
+        pixels = self._as_drawn(given)
         sources = self.clip.embed_images(pixels)
+        targets = self.clip.embed_images(given)  # what candidates are ranked by (text diffs: the moved embedding)
         # with unclip.grid, a variation keeps where things are: the decoder reads the source's spatial features too;
         # a text diff changes what the grid shows (a color, a shape), so it reads the embedding alone
         grid = (
@@ -823,6 +852,7 @@ class Pipeline:
 
             a, b = self.clip.embed_texts(list(text_diff))
             sources = slerp(sources, torch.nn.functional.normalize(b - a, dim=-1).expand_as(sources), s.text_diff_scale)
+            targets = sources
         names = [getattr(im, "filename", None) or (im if not isinstance(im, Image.Image) else f"image {i + 1}")
                  for i, im in enumerate(images)]  # fmt: skip
         h, w = self.grid
@@ -832,10 +862,12 @@ class Pipeline:
         out = []
         with bar:
             conds = self.decoder_input(sources, grid)
-            for i, (name, source, cond) in enumerate(zip(names, sources, conds)):
+            for i, (name, target, cond) in enumerate(zip(names, targets, conds)):
                 generator = torch.Generator().manual_seed(s.seed + i)
                 label = f"variation of {Path(str(name)).name}"
-                out.append(self._kept(label, s.seed + i, cond, source[None], s, generator, bar))
+                out.append(
+                    self._kept(label, s.seed + i, cond, target[None], s, generator, bar, source=pixels[i : i + 1])
+                )
         return out
 
     def interpolate(
@@ -847,13 +879,15 @@ class Pipeline:
         progress: bool = True,
         **overrides,
     ) -> list[list[Result]]:
-        """Images drawn from `steps` embeddings on the spherical path between two images' CLIP embeddings (unCLIP's
-        interpolations), t = 0 .. 1 evenly; per step the best `num_images` of `candidates` by CLIP image similarity
-        to the nearer end (both ends at the middle). Step k uses seed + k."""
+        """Images drawn from `steps` embeddings on the spherical path between two images' CLIP embeddings (of the
+        images as the tokenizer draws them, `_as_drawn`; unCLIP's interpolations), t = 0 .. 1 evenly; per step the
+        best `num_images` of `candidates` by CLIP image similarity to the nearer end (both ends at the middle).
+        Step k uses seed + k."""
         s = self._embedding_settings("--interpolate", overrides)
         if steps < 2:
             raise UserError(f"--steps is {steps}; an interpolation needs at least 2 (its two ends)")
-        ends = self.image_embeddings([first, second])
+        given = self._read_images([first, second])
+        ends, targets = self.clip.embed_images(self._as_drawn(given)), self.clip.embed_images(given)
         from ..model.prior import slerp
 
         h, w = self.grid
@@ -865,10 +899,10 @@ class Pipeline:
             for k in range(steps):
                 t = k / (steps - 1)
                 cond = self.decoder_input(slerp(ends[0], ends[1], t)[None])[0]
-                targets = ends[:1] if t < 0.5 else ends[1:] if t > 0.5 else ends
+                nearer = targets[:1] if t < 0.5 else targets[1:] if t > 0.5 else targets
                 generator = torch.Generator().manual_seed(s.seed + k)
                 label = f"interpolation t={t:.2f}"
-                out.append(self._kept(label, s.seed + k, cond, targets, s, generator, bar, t=t))
+                out.append(self._kept(label, s.seed + k, cond, nearer, s, generator, bar, t=t))
         return out
 
     @staticmethod
