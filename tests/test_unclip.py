@@ -191,6 +191,19 @@ def images(tmp_path_factory) -> list[Path]:
     return paths
 
 
+def record_sampling(pipe) -> list[tuple]:
+    """(settings, cond) of every call `pipe` makes to its sampler from now on; the samples are drawn as before."""
+    calls = []
+    sample_ids = pipe.sample_ids
+
+    def spy(text, s, generator, prime=None, bar=None, cond=None):
+        calls.append((s, None if cond is None else cond.clone()))
+        return sample_ids(text, s, generator, prime, bar, cond)
+
+    pipe.sample_ids = spy
+    return calls
+
+
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, argv)
@@ -252,18 +265,12 @@ def test_text_diff_and_method_unclip_write_their_files(bundle, images, tmp_path,
 
 def test_text_diff_turns_the_embedding_the_decoder_reads(bundle, images):
     pipe = Pipeline.from_pretrained(bundle, device="cpu")
-    seen = []
-    decode = pipe.sample_ids
-
-    def spy(text, s, generator, prime=None, bar=None, cond=None):
-        seen.append(cond[0].clone())
-        return decode(text, s, generator, prime, bar, cond)
-
-    pipe.sample_ids = spy
+    calls = record_sampling(pipe)
     kw = dict(num_images=1, candidates=1, progress=False)
     pipe.variations([images[0]], **kw)
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), text_diff_scale=0.0, **kw)
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), text_diff_scale=1.0, **kw)
+    seen = [cond[0] for _, cond in calls]
     a, b = pipe.clip.embed_texts(["a red square", "a blue square"])
     assert torch.allclose(seen[0], pipe.clip.embed_images(pipe._as_drawn(pipe._read_images([images[0]])))[0], atol=1e-6)
     assert torch.allclose(seen[1], seen[0], atol=1e-5)  # scale 0: the image itself
@@ -277,15 +284,9 @@ def test_variations_and_interpolations_read_their_sources_as_the_tokenizer_draws
     drawn = pipe._as_drawn(given)
     assert torch.equal(drawn[0], pipe.decode(pipe.encode_image(images[0])[None])[0])
     assert (drawn - given).abs().max() > 0.05  # the tiny tokenizer redraws it visibly
-    seen = []
-    decode = pipe.sample_ids
-
-    def spy(text, s, generator, prime=None, bar=None, cond=None):
-        seen.append(cond[0].clone())
-        return decode(text, s, generator, prime, bar, cond)
-
-    pipe.sample_ids = spy
+    calls = record_sampling(pipe)
     pipe.interpolate(images[0], images[1], 2, num_images=1, candidates=1, progress=False)
+    seen = [cond[0] for _, cond in calls]
     ends = pipe.clip.embed_images(drawn)
     assert torch.allclose(seen[0], ends[0], atol=1e-6) and torch.allclose(seen[1], ends[1], atol=1e-5)
     assert not torch.allclose(seen[0], pipe.image_embeddings([images[0]])[0], atol=1e-3)
@@ -513,22 +514,17 @@ def test_only_variations_give_the_decoder_a_grid(grid_bundle, images):
     pipe = Pipeline.from_pretrained(grid_bundle, device="cpu")
     e, g = pipe.clip.embed_dim(), pipe.clip.grid_dim(2)
     assert pipe.unclip.cfg.cond_dim == e + g == 16 + 4 * 32
-    seen = []
-    decode = pipe.sample_ids
-
-    def spy(text, s, generator, prime=None, bar=None, cond=None):
-        seen.append(cond.clone())
-        return decode(text, s, generator, prime, bar, cond)
-
-    pipe.sample_ids = spy
+    calls = record_sampling(pipe)
     few = dict(num_images=1, candidates=2, progress=False)
     pipe.variations([images[0]], **few)
     pixels = pipe._as_drawn(pipe._read_images([images[0]]))
-    assert torch.allclose(seen[-1][0, :e], pipe.clip.embed_images(pixels)[0])
-    assert torch.allclose(seen[-1][0, e:], pipe.clip.embed_image_grid(pixels, 2)[0]) and seen[-1][0, e:].abs().sum() > 0
+    cond = calls[-1][1]
+    assert torch.allclose(cond[0, :e], pipe.clip.embed_images(pixels)[0])
+    assert torch.allclose(cond[0, e:], pipe.clip.embed_image_grid(pixels, 2)[0]) and cond[0, e:].abs().sum() > 0
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), **few)
     pipe.interpolate(images[0], images[1], 2, **few)
     pipe.generate(["a red circle"], method="unclip", **few)
+    seen = [cond for _, cond in calls]
     assert len(seen) == 5 and all(torch.equal(c[:, e:], torch.zeros_like(c[:, e:])) for c in seen[1:])
     assert all(c[:, :e].abs().sum() > 0 for c in seen[1:])
 
@@ -550,23 +546,16 @@ def test_a_decoder_that_reads_no_grid_in_a_bundle_that_says_it_does_is_one_sente
 def test_variations_take_their_own_guidance_unless_one_is_given(grid_bundle, images):
     pipe = Pipeline.from_pretrained(grid_bundle, device="cpu")
     pipe.cfg.sample.guidance_scale, pipe.cfg.sample.variation_guidance_scale = 3.0, 1.0
-    scales = []
-    decode = pipe.sample_ids
-
-    def spy(text, s, generator, prime=None, bar=None, cond=None):
-        scales.append(s.guidance_scale)
-        return decode(text, s, generator, prime, bar, cond)
-
-    pipe.sample_ids = spy
+    calls = record_sampling(pipe)
     few = dict(num_images=1, candidates=2, progress=False)
     pipe.variations([images[0]], **few)  # the variations' own
     pipe.variations([images[0]], guidance_scale=2.0, **few)  # asked for: wins
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), **few)  # text diffs: the bundle's
     pipe.interpolate(images[0], images[1], 2, **few)
-    assert scales == [1.0, 2.0, 3.0, 3.0, 3.0]
+    assert [s.guidance_scale for s, _ in calls] == [1.0, 2.0, 3.0, 3.0, 3.0]
     pipe.cfg.sample.variation_guidance_scale = 0.0  # 0: the bundle's guidance_scale
     pipe.variations([images[0]], **few)
-    assert scales[-1] == 3.0
+    assert calls[-1][0].guidance_scale == 3.0
     pipe.cfg.sample.variation_guidance_scale = float("nan")
     with pytest.raises(UserError, match="sample.variation_guidance_scale is nan; give a finite number >= 0"):
         pipe.variations([images[0]], **few)

@@ -546,12 +546,13 @@ class Pipeline:
             if exclude is not None:
                 new = distinct_first(torch.cat([exclude, images])) - len(exclude)
                 copies = ~torch.isin(first, new)
-            if len(first) - int(copies.sum()) >= s.num_images or len(rounds) > MAX_EXTRA_ROUNDS:
+            enough = len(first) - int(copies.sum()) >= s.num_images
+            if enough or len(rounds) > MAX_EXTRA_ROUNDS:
                 break
             if bar is not None:
                 bar.total += s.candidates * ids.shape[1]
             rounds.append((again or draw)())
-        if len(first) - int(copies.sum()) >= s.num_images:
+        if enough:  # the copies are not needed
             first, copies = first[~copies], copies[~copies]
         if len(first) < s.num_images:
             images_word = "image" if len(first) == 1 else "images"
@@ -837,7 +838,6 @@ class Pipeline:
         given = self._read_images(list(images))
         pixels = self._as_drawn(given)
         sources = self.clip.embed_images(pixels)
-        targets = self.clip.embed_images(given)  # what candidates are ranked by (text diffs: the moved embedding)
         # with unclip.grid, a variation keeps where things are: the decoder reads the source's spatial features too;
         # a text diff changes what the grid shows (a color, a shape), so it reads the embedding alone
         grid = (
@@ -852,7 +852,8 @@ class Pipeline:
 
             a, b = self.clip.embed_texts(list(text_diff))
             sources = slerp(sources, torch.nn.functional.normalize(b - a, dim=-1).expand_as(sources), s.text_diff_scale)
-            targets = sources
+        # what candidates are ranked by: the source as given (text diffs: the moved embedding)
+        targets = sources if text_diff is not None else self.clip.embed_images(given)
         names = [getattr(im, "filename", None) or (im if not isinstance(im, Image.Image) else f"image {i + 1}")
                  for i, im in enumerate(images)]  # fmt: skip
         h, w = self.grid
