@@ -195,10 +195,13 @@ class TransformerConfig:
 
 @dataclass
 class CLIPConfig:
-    """The CLIP model trained here: ViT image encoder + transformer text encoder."""
+    """The CLIP model trained here: ViT (or ResNet) image encoder + transformer text encoder."""
 
     patch_size: int = 4
-    # how pixels become the ViT's patch tokens: "patch", one strided convolution (ViT's patchify); "conv",
+    # "vit", or "resnet": residual convolutions, one stride-2 block per halving of patch_size (a power of two),
+    # image_depth more blocks at the last resolution, CLIP's attention pooling with image_heads (clip.model)
+    image_tower: str = "vit"
+    # how pixels become a ViT's patch tokens: "patch", one strided convolution (ViT's patchify); "conv",
     # a stack of 3x3 stride-2 convolutions, one per halving (patch_size a power of two), then a 1x1
     # (Xiao et al. 2021, "Early Convolutions Help Transformers See Better": steadier, faster to fit)
     stem: str = "patch"

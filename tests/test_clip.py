@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 
 from dalle_mini_impl.clip.model import (
@@ -33,9 +34,11 @@ from tests.bundle_factory import TINY_CLIP as TINY
 COLORS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 20)}
 
 
-def tiny_clip(pool: str = "eot", vocab: int = 50, text_len: int = 8, seed: int = 0, stem: str = "patch") -> CLIP:
+def tiny_clip(
+    pool: str = "eot", vocab: int = 50, text_len: int = 8, seed: int = 0, stem: str = "patch", tower: str = "vit"
+) -> CLIP:
     torch.manual_seed(seed)
-    cfg = CLIPConfig(**TINY, pool=pool, stem=stem)
+    cfg = CLIPConfig(**TINY, pool=pool, stem=stem, image_tower=tower)
     return CLIP(cfg, image_size=16, text_vocab=vocab, text_len=text_len, pad_id=0, eos_id=3)
 
 
@@ -119,9 +122,9 @@ def test_perturb_never_names_a_held_out_combination():
     assert perturb("a red square", random.Random(0), every_edit) is None
 
 
-@pytest.mark.parametrize("stem", ["patch", "conv"])
-def test_training_a_few_steps_matches_pairs(stem):
-    model = tiny_clip(vocab=20, text_len=6, stem=stem)
+@pytest.mark.parametrize("stem,tower", [("patch", "vit"), ("conv", "vit"), ("patch", "resnet")])
+def test_training_a_few_steps_matches_pairs(stem, tower):
+    model = tiny_clip(vocab=20, text_len=6, stem=stem, tower=tower)
     colors = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]).float()
     images = colors[:, :, None, None].expand(-1, 3, 16, 16).clone()
     ids = torch.tensor([[2, 4 + i, 3, 0, 0, 0] for i in range(4)])
@@ -174,6 +177,38 @@ def test_conv_stem_halves_once_per_factor_of_two_and_makes_the_patch_grid(patch)
     assert model.encode_image(torch.rand(3, 3, 16, 16)).shape == (3, 16)  # as many tokens as the patchify gives
 
 
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_resnet_tower_halves_once_per_factor_of_two_and_its_grid_is_the_last_map(patch):
+    from dalle_mini_impl.clip.model import ResidualBlock
+
+    torch.manual_seed(0)
+    model = CLIP(
+        CLIPConfig(**{**TINY, "patch_size": patch, "image_depth": 2}, image_tower="resnet"),
+        image_size=16,
+        text_vocab=10,
+        text_len=4,
+        pad_id=0,
+        eos_id=3,
+    )
+    blocks = [m for m in model.visual.stages if isinstance(m, ResidualBlock)]
+    strides = [b.body[0].stride[0] for b in blocks]
+    assert strides == [2] * (patch.bit_length() - 1) + [1, 1]  # one halving per factor of two, then image_depth
+    assert blocks[-1].body[0].out_channels == 32  # the channels double up to the width
+    images = torch.rand(3, 3, 16, 16)
+    pixels = model._pixels(images)
+    assert model.visual.feature_map(pixels).shape == (3, 32, 16 // patch, 16 // patch)
+    assert model.encode_image(images).shape == (3, 16)
+    grid = model.image_grid(images, 16 // patch).view(3, -1, 32)
+    # each cell of the grid is the last map's cell, layer-normalised to unit length
+    cells = rearrange(model.visual.feature_map(pixels), "b d h w -> b (h w) d")
+    assert torch.allclose(grid, F.layer_norm(cells, (32,)) * 32**-0.5, atol=1e-5)
+    assert torch.allclose(grid.norm(dim=-1), torch.ones(3, (16 // patch) ** 2), atol=1e-4)
+    # the attention pool reads the whole map: a change in one corner cell moves the embedding
+    moved = images.clone()
+    moved[:, :, :patch, :patch] = 1 - moved[:, :, :patch, :patch]
+    assert not torch.allclose(model.encode_image(images), model.encode_image(moved), atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pooling
 # ----------------------------------------------------------------------------------------------
@@ -211,22 +246,21 @@ def test_mean_pooling_ignores_padding():
     assert torch.allclose(alone, together, atol=1e-5)
 
 
-def test_bad_config_is_one_sentence():
-    with pytest.raises(UserError, match="clip.patch_size"):
-        CLIP(CLIPConfig(**{**TINY, "patch_size": 5}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
-    with pytest.raises(UserError, match="clip.stem"):
-        CLIP(CLIPConfig(**{**TINY, "stem": "resnet"}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
-    with pytest.raises(UserError, match="power of two"):  # 12 divides 24, but no stack of halvings makes 12
-        CLIP(
-            CLIPConfig(**{**TINY, "patch_size": 12, "stem": "conv"}),
-            image_size=24,
-            text_vocab=10,
-            text_len=4,
-            pad_id=0,
-            eos_id=3,
-        )
-    with pytest.raises(UserError, match="clip.image_heads"):
-        CLIP(CLIPConfig(**{**TINY, "image_heads": 3}), image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
+@pytest.mark.parametrize(
+    "changes,image_size,message",
+    [
+        ({"patch_size": 5}, 16, "clip.patch_size"),
+        ({"stem": "resnet"}, 16, "clip.stem"),
+        ({"patch_size": 12, "stem": "conv"}, 24, "power of two"),  # 12 divides 24, but no stack of halvings makes 12
+        ({"image_heads": 3}, 16, "clip.image_heads"),
+        ({"image_tower": "cnn"}, 16, "clip.image_tower' is 'cnn'; set it to vit or resnet"),
+        ({"image_tower": "resnet", "stem": "conv"}, 16, "only a ViT has"),  # a stem the ResNet would ignore
+        ({"image_tower": "resnet", "patch_size": 3}, 24, "clip.image_tower=resnet needs"),
+    ],
+)
+def test_bad_config_is_one_sentence(changes, image_size, message):
+    with pytest.raises(UserError, match=message):
+        CLIP(CLIPConfig(**{**TINY, **changes}), image_size=image_size, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,11 +361,11 @@ def _bundle_config() -> RunConfig:
     return cfg
 
 
-def _make_bundle(folder, train_steps: int, seed: int, stem: str = "patch") -> None:
+def _make_bundle(folder, train_steps: int, seed: int, stem: str = "patch", tower: str = "vit") -> None:
     from dalle_mini_impl.text.tokenizer import TextTokenizer
 
     cfg = _bundle_config()
-    cfg.clip.stem = stem
+    cfg.clip.stem, cfg.clip.image_tower = stem, tower
     captions = [f"a {c} square" for c in COLORS] + [f"a {c} circle on the left" for c in COLORS] * 3
     tokenizer = TextTokenizer.train(captions, cfg.text, folder / "text.model")
     torch.manual_seed(seed)
@@ -405,13 +439,14 @@ def test_load_clip_scores_and_classifies(bundle, photos):
         scorer.classify(images, ["red"], templates=["no slot"])
 
 
-def test_a_conv_stem_bundle_loads_with_its_stem(tmp_path, photos):
+@pytest.mark.parametrize("stem,tower", [("conv", "vit"), ("patch", "resnet")])
+def test_a_bundle_loads_with_its_image_tower(tmp_path, photos, stem, tower):
     from dalle_mini_impl.clip.uses import read_image
     from dalle_mini_impl.pipeline.bundle import load_clip
 
-    _make_bundle(tmp_path, train_steps=40, seed=0, stem="conv")
+    _make_bundle(tmp_path, train_steps=40, seed=0, stem=stem, tower=tower)
     scorer = load_clip(tmp_path)
-    assert scorer.model.cfg.stem == "conv"
+    assert (scorer.model.cfg.stem, scorer.model.cfg.image_tower) == (stem, tower)
     # trained on the four squares, it matches each photo to its own color, as the patchify one does
     images = torch.stack([read_image(photos / f"{name}.png", 16) for name in COLORS])
     sims = scorer.embed_images(images) @ scorer.embed_texts([f"a {c} square" for c in COLORS]).T

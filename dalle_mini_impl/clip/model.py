@@ -1,4 +1,4 @@
-"""CLIP trained from scratch: a ViT image encoder, a transformer text encoder, a symmetric InfoNCE loss.
+"""CLIP trained from scratch: a ViT (or ResNet) image encoder, a transformer text encoder, a symmetric InfoNCE loss.
 
 Follows Radford et al. 2021 ("Learning Transferable Visual Models From Natural Language Supervision"):
 both encoders end in a linear projection to a shared `embed_dim` and are l2-normalised; the logits
@@ -213,6 +213,93 @@ class TextEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def _groups(channels: int) -> int:
+    return math.gcd(8, channels)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm, added to the input (a 1x1 projection where the shape changes), GELU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.GroupNorm(_groups(c_out), c_out),
+            nn.GELU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(c_out), c_out),
+        )
+        self.skip = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(_groups(c_out), c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.body(x) + self.skip(x))
+
+
+class AttentionPool(nn.Module):
+    """CLIP's ResNet pooling (Radford et al. 2021): the mean of the feature map, with learned positions on it
+    and on every cell, attends once to all of them; its output is the image's feature."""
+
+    def __init__(self, cells: int, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.pos = nn.Parameter(torch.randn(1 + cells, width) * width**-0.5)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rearrange(x, "b d h w -> b (h w) d")
+        x = torch.cat([x.mean(1, keepdim=True), x], dim=1) + self.pos  # (b, 1 + n, d)
+        q = rearrange(self.q(x[:, :1]), "b n (h e) -> b h n e", h=self.heads)
+        k, v = rearrange(self.kv(x), "b n (two h e) -> two b h n e", two=2, h=self.heads)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(rearrange(y, "b h n e -> b (n h e)"))
+
+
+class ResNetEncoder(nn.Module):
+    """A convolutional image tower (`clip.image_tower = "resnet"`): a 3x3 convolution at full resolution, one
+    residual block of stride 2 per halving of `patch_size` (the channels double up to `width` at the last),
+    `depth` more residual blocks at the last resolution, CLIP's attention pooling, a linear projection.
+
+    Convolutions see a style in every cell of the image at once (stroke width, outline, shading), which a ViT
+    on 8x8 patches of a few thousand images learns slowly; the patch grid is the last feature map, so
+    `grid_features` means what the ViT's does."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, embed_dim: int):
+        super().__init__()
+        halvings = patch_size.bit_length() - 1
+        channels = [max(width >> (halvings - 1 - i), 16) for i in range(halvings)]
+        stem = max(channels[0] // 2, 16)
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.GroupNorm(_groups(stem), stem), nn.GELU()
+        )
+        self.stages = nn.Sequential(
+            *(ResidualBlock(c_in, c_out, 2) for c_in, c_out in zip([stem] + channels, channels)),
+            *(ResidualBlock(width, width, 1) for _ in range(depth)),
+        )
+        grid = image_size // patch_size
+        self.pool = AttentionPool(grid * grid, width, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (b, 3, S, S) -> the last stage's map (b, width, S / p, S / p)."""
+        return self.stages(self.stem(pixels))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self.pool(self.feature_map(pixels))) @ self.proj  # (b, e)
+
+    def grid_features(self, pixels: torch.Tensor, side: int) -> torch.Tensor:
+        """The last feature map average-pooled to side x side, each position layer-normalised and scaled to unit
+        length, as the ViT's (b, side * side * width)."""
+        grid = rearrange(F.adaptive_avg_pool2d(self.feature_map(pixels), side), "b d h w -> b (h w) d")
+        return (F.layer_norm(grid, grid.shape[-1:]) * grid.shape[-1] ** -0.5).flatten(1)
+
+
 class TokenizerLike(Protocol):
     vocab_size: int
     pad_id: int
@@ -222,12 +309,22 @@ class TokenizerLike(Protocol):
 def _check(cfg: CLIPConfig, image_size: int) -> None:
     if cfg.pool not in ("eot", "mean"):
         raise UserError(f"config key 'clip.pool' is '{cfg.pool}'; set it to eot or mean")
+    if cfg.image_tower not in ("vit", "resnet"):
+        raise UserError(f"config key 'clip.image_tower' is '{cfg.image_tower}'; set it to vit or resnet")
     if cfg.stem not in ("patch", "conv"):
         raise UserError(f"config key 'clip.stem' is '{cfg.stem}'; set it to patch or conv")
-    if cfg.stem == "conv" and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
+    if cfg.image_tower == "resnet" and cfg.stem != "patch":
         raise UserError(
-            f"config key 'clip.patch_size' ({cfg.patch_size}) is not a power of two, which clip.stem=conv "
-            "needs (one stride-2 convolution per halving); pick 2, 4, 8 or 16, or set clip.stem=patch"
+            f"config key 'clip.stem' is '{cfg.stem}', which only a ViT has; with clip.image_tower=resnet "
+            "leave it at patch"
+        )
+    halving = cfg.image_tower == "resnet" or cfg.stem == "conv"
+    if halving and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
+        needs = "clip.image_tower=resnet" if cfg.image_tower == "resnet" else "clip.stem=conv"
+        fix = "" if cfg.image_tower == "resnet" else ", or set clip.stem=patch"
+        raise UserError(
+            f"config key 'clip.patch_size' ({cfg.patch_size}) is not a power of two, which {needs} "
+            f"needs (one stride-2 convolution per halving); pick 2, 4, 8 or 16{fix}"
         )
     if image_size % cfg.patch_size:
         raise UserError(
@@ -253,9 +350,11 @@ class CLIP(nn.Module):
         self.cfg = cfg
         self.image_size, self.text_vocab, self.text_len = image_size, text_vocab, text_len
         self.pad_id, self.eos_id = pad_id, eos_id
-        self.visual = ImageEncoder(
-            image_size, cfg.patch_size, cfg.image_width, cfg.image_depth, cfg.image_heads, cfg.embed_dim, cfg.stem
-        )
+        tower = (cfg.patch_size, cfg.image_width, cfg.image_depth, cfg.image_heads, cfg.embed_dim)
+        if cfg.image_tower == "resnet":
+            self.visual = ResNetEncoder(image_size, *tower)
+        else:
+            self.visual = ImageEncoder(image_size, *tower, cfg.stem)
         self.text = TextEncoder(
             text_vocab,
             text_len,
@@ -275,7 +374,8 @@ class CLIP(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.visual.transformer.grad_checkpointing = enabled
+        if isinstance(self.visual, ImageEncoder):  # a ResNet tower's activations are small: nothing to recompute
+            self.visual.transformer.grad_checkpointing = enabled
         self.text.transformer.grad_checkpointing = enabled
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
