@@ -225,6 +225,8 @@ class CLIPConfig:
     # `swap_phrases` has it replaced by another of them (emoji-styles: its styles, ", noto style", ...)
     hard_negatives: bool = False
     swap_phrases: list[str] = field(default_factory=list)
+    # how many other swap_phrases each caption's phrase is swapped for, one negative each (1 .. phrases - 1)
+    swaps_per_caption: int = 1
 
 
 @dataclass

@@ -687,12 +687,37 @@ def test_swap_phrase_makes_a_caption_false_in_its_own_phrase():
     assert swap_phrase("a red circle", phrases, rng) is None
 
 
+def test_swapped_captions_are_distinct_and_one_is_swap_phrases_draw():
+    import random
+
+    from dalle_mini_impl.clip.negatives import swap_phrase, swapped_captions
+
+    phrases = [", noto style", ", twemoji style", ", blob style", ", fluent style"]
+    every = swapped_captions("pizza, blob style", phrases, 3, random.Random(0))
+    assert sorted(every) == [
+        "pizza, fluent style",
+        "pizza, noto style",
+        "pizza, twemoji style",
+    ]  # the caption in every other
+    two = swapped_captions("pizza, blob style", phrases, 2, random.Random(1))
+    assert len(set(two)) == 2 and "pizza, blob style" not in two
+    # one swap draws exactly what swap_phrase draws, so runs with the default are the runs of before
+    assert swapped_captions("pizza, noto style", phrases, 1, random.Random(5)) == [
+        swap_phrase("pizza, noto style", phrases, random.Random(5))
+    ]
+    assert swapped_captions("a red circle", phrases, 2, random.Random(0)) == []
+
+
 def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
     from train import clip as train_clip
 
     argv = ["--config", "emoji", "--data", str(imagefolder.root), "--out", str(tmp_path)]
     with pytest.raises(UserError, match="clip.hard_negatives on data other than shapes needs clip.swap_phrases"):
         train_clip.main([*argv, "--set", "clip.hard_negatives=true", "--set", "clip.swap_phrases=[]"])
+    with pytest.raises(UserError, match="swapped for 1 to 7 others of clip.swap_phrases"):  # emoji's eight styles
+        train_clip.main([*argv, "--set", "clip.swaps_per_caption=8"])
+    with pytest.raises(UserError, match="on shapes the caption grammar makes one negative"):
+        train_clip.main(["--config", "shapes", "--out", str(tmp_path / "s"), "--set", "clip.swaps_per_caption=2"])
     from train import all as train_all
 
     with pytest.raises(UserError, match="needs clip.swap_phrases"):  # train.all says so before any stage runs

@@ -4,8 +4,8 @@ Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images
 resized crop that keeps the caption true (no flips: captions name left and right; no color jitter:
 they name colors). With `clip.hard_negatives`, each caption made false in one place is an extra
 negative text for every image (NegCLIP): on shapes one word, by the caption grammar
-(`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another
-(`dalle_mini_impl.clip.negatives`).
+(`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another, or for
+`clip.swaps_per_caption` others (`dalle_mini_impl.clip.negatives`).
 With several processes, features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss). `--init-from BUNDLE_OR_RUN` starts from that model's CLIP and
 text tokenizer instead of random weights, and `train.clip.freeze` leaves parameter groups untrained:
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
-from dalle_mini_impl.clip.negatives import swap_phrase
+from dalle_mini_impl.clip.negatives import swapped_captions
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
 from dalle_mini_impl.data.images import make_grid
@@ -62,6 +62,17 @@ def check_config(cfg: RunConfig) -> None:
             "clip.hard_negatives on data other than shapes needs clip.swap_phrases, at least two phrases "
             "a caption may hold (e.g. its styles); set them or set clip.hard_negatives=false"
         )
+    count, phrases = cfg.clip.swaps_per_caption, len(cfg.clip.swap_phrases)
+    if cfg.data.source == "shapes" and count != 1:
+        raise UserError(
+            f"config key 'clip.swaps_per_caption' is {count}; on shapes the caption grammar makes one negative "
+            "per caption: leave it at 1"
+        )
+    if cfg.data.source != "shapes" and cfg.clip.hard_negatives and not 1 <= count <= phrases - 1:
+        raise UserError(
+            f"config key 'clip.swaps_per_caption' is {count}; a caption's phrase can be swapped for 1 to "
+            f"{phrases - 1} others of clip.swap_phrases: set it in that range"
+        )
 
 
 def train_clip(cfg: RunConfig, args) -> dict[str, float]:
@@ -95,10 +106,10 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         if cfg.clip.hard_negatives:
             rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
             if cfg.data.source == "shapes":
-                made = (perturb(c, rng, held_out) for c in batch["caption"])
+                false = [c for c in (perturb(c, rng, held_out) for c in batch["caption"]) if c is not None]
             else:
-                made = (swap_phrase(c, cfg.clip.swap_phrases, rng) for c in batch["caption"])
-            false = [c for c in made if c is not None]
+                count = cfg.clip.swaps_per_caption
+                false = [f for c in batch["caption"] for f in swapped_captions(c, cfg.clip.swap_phrases, count, rng)]
             negatives = m.encode_text(tokenizer.encode(false).to(device)) if false else image_feats[:0]
         value = m.loss(image_feats, text_feats, scale, negatives)
         return value, {"logit_scale": float(scale.detach())}

@@ -4,7 +4,9 @@ NegCLIP (Yuksekgonul et al. 2023) trains CLIP with captions made false in one pl
 that it must read that place. On shapes the caption grammar decides what to make false
 (`dalle_mini_impl.shapes.negatives`); elsewhere `clip.swap_phrases` lists phrases of which a caption holds
 one, and that one is swapped for another: on emoji-styles its eight styles (", noto style", ...), so that
-CLIP must tell a name's styles apart and not only its names.
+CLIP must tell a name's styles apart and not only its names. `clip.swaps_per_caption` swaps it for that many
+others, each one extra negative: with all seven, every image is scored against its caption in every style,
+which is the choice `eval emoji`'s style_acc grades.
 """
 
 from __future__ import annotations
@@ -23,3 +25,16 @@ def swap_phrase(caption: str, phrases: list[str], rng: random.Random) -> str | N
         return None
     others = [p for p in phrases if p != held]
     return caption.replace(held, others[rng.randrange(len(others))], 1)
+
+
+def swapped_captions(caption: str, phrases: list[str], count: int, rng: random.Random) -> list[str]:
+    """`count` distinct false captions of `caption`, each with its phrase swapped for another, drawn ([] if it
+    holds none). One is `swap_phrase`'s, drawn the same way."""
+    if count == 1:
+        made = swap_phrase(caption, phrases, rng)
+        return [] if made is None else [made]
+    held = max((p for p in phrases if p in caption), key=len, default=None)
+    if held is None:
+        return []
+    others = rng.sample([p for p in phrases if p != held], count)
+    return [caption.replace(held, other, 1) for other in others]
