@@ -26,7 +26,7 @@ from dalle_mini_impl.clip.model import (
     gather_features,
     pool_positions,
 )
-from dalle_mini_impl.config import CLIPConfig, RunConfig, save_config
+from dalle_mini_impl.config import CLIPConfig, RunConfig, load_config, save_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.pipeline.bundle import save_module
 from tests.bundle_factory import TINY_CLIP as TINY
@@ -716,6 +716,12 @@ def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
         train_clip.main([*argv, "--set", "clip.hard_negatives=true", "--set", "clip.swap_phrases=[]"])
     with pytest.raises(UserError, match="swapped for 1 to 7 others of clip.swap_phrases"):  # emoji's eight styles
         train_clip.main([*argv, "--set", "clip.swaps_per_caption=8"])
+    with pytest.raises(UserError, match="clip.hard_negatives is off and makes no negative to swap"):
+        train_clip.main([*argv, "--set", "clip.hard_negatives=false", "--set", "clip.swaps_per_caption=2"])
+    # without hard negatives nothing is swapped, and no phrases are needed
+    plain = load_config("emoji")
+    plain.data.source, plain.clip.hard_negatives, plain.clip.swap_phrases = str(imagefolder.root), False, []
+    train_clip.check_config(plain)
     with pytest.raises(UserError, match="on shapes the caption grammar makes one negative"):
         train_clip.main(["--config", "shapes", "--out", str(tmp_path / "s"), "--set", "clip.swaps_per_caption=2"])
     from train import all as train_all

@@ -63,6 +63,11 @@ def check_config(cfg: RunConfig) -> None:
             "a caption may hold (e.g. its styles); set them or set clip.hard_negatives=false"
         )
     count, phrases = cfg.clip.swaps_per_caption, len(cfg.clip.swap_phrases)
+    if not cfg.clip.hard_negatives and count != 1:
+        raise UserError(
+            f"config key 'clip.swaps_per_caption' is {count}, but clip.hard_negatives is off and makes no "
+            "negative to swap: set clip.hard_negatives=true or leave it at 1"
+        )
     if cfg.data.source == "shapes" and count != 1:
         raise UserError(
             f"config key 'clip.swaps_per_caption' is {count}; on shapes the caption grammar makes one negative "

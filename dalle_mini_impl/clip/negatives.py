@@ -20,11 +20,16 @@ def swap_phrase(caption: str, phrases: list[str], rng: random.Random) -> str | N
     The longest first: of " flat style" and ", fluent flat style", a caption holding the second is swapped
     whole, not inside it.
     """
-    held = max((p for p in phrases if p in caption), key=len, default=None)
+    held = _held(caption, phrases)
     if held is None:
         return None
     others = [p for p in phrases if p != held]
     return caption.replace(held, others[rng.randrange(len(others))], 1)
+
+
+def _held(caption: str, phrases: list[str]) -> str | None:
+    """The longest of `phrases` that `caption` holds, or None."""
+    return max((p for p in phrases if p in caption), key=len, default=None)
 
 
 def swapped_captions(caption: str, phrases: list[str], count: int, rng: random.Random) -> list[str]:
@@ -33,7 +38,7 @@ def swapped_captions(caption: str, phrases: list[str], count: int, rng: random.R
     if count == 1:
         made = swap_phrase(caption, phrases, rng)
         return [] if made is None else [made]
-    held = max((p for p in phrases if p in caption), key=len, default=None)
+    held = _held(caption, phrases)
     if held is None:
         return []
     others = rng.sample([p for p in phrases if p != held], count)
