@@ -111,7 +111,8 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         if cfg.clip.hard_negatives:
             rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
             if cfg.data.source == "shapes":
-                false = [c for c in (perturb(c, rng, held_out) for c in batch["caption"]) if c is not None]
+                made = (perturb(c, rng, held_out) for c in batch["caption"])
+                false = [c for c in made if c is not None]
             else:
                 count = cfg.clip.swaps_per_caption
                 false = [f for c in batch["caption"] for f in swapped_captions(c, cfg.clip.swap_phrases, count, rng)]

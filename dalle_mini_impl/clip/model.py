@@ -95,6 +95,23 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def _groups(channels: int) -> int:
+    """GroupNorm's group count for `channels`: 8 where they divide, fewer where not."""
+    return math.gcd(8, channels)
+
+
+def _doubling_channels(patch_size: int, width: int, least: int) -> list[int]:
+    """The channels of one stride-2 stage per halving of `patch_size`, doubling up to `width` at the last (never
+    under `least`)."""
+    halvings = patch_size.bit_length() - 1
+    return [max(width >> (halvings - 1 - i), least) for i in range(halvings)]
+
+
+def _unit_cells(grid: torch.Tensor) -> torch.Tensor:
+    """Grid features (b, cells, d), each cell layer-normalised and scaled to unit length, flattened (b, cells * d)."""
+    return (F.layer_norm(grid, grid.shape[-1:]) * grid.shape[-1] ** -0.5).flatten(1)
+
+
 def conv_stem(patch_size: int, width: int) -> nn.Sequential:
     """Pixels (b, 3, S, S) -> (b, width, S / p, S / p) by log2(p) 3x3 stride-2 convolutions and a 1x1.
 
@@ -103,13 +120,12 @@ def conv_stem(patch_size: int, width: int) -> nn.Sequential:
     after it (measured: about what one of the emoji judge's blocks costs), and the paper reports that
     it optimises more steadily and generalises better than one strided patchify.
     """
-    halvings = patch_size.bit_length() - 1
-    channels = [3] + [max(width >> (halvings - 1 - i), 8) for i in range(halvings)]
+    channels = [3] + _doubling_channels(patch_size, width, 8)
     layers: list[nn.Module] = []
     for c_in, c_out in zip(channels, channels[1:]):
         layers += [
             nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-            nn.GroupNorm(math.gcd(8, c_out), c_out),
+            nn.GroupNorm(_groups(c_out), c_out),
             nn.GELU(),
         ]
     return nn.Sequential(*layers, nn.Conv2d(channels[-1], width, 1))
@@ -155,7 +171,7 @@ class ImageEncoder(nn.Module):
         g = math.isqrt(x.shape[1] - 1)
         grid = F.adaptive_avg_pool2d(rearrange(x[:, 1:], "b (h w) d -> b d h w", h=g), side)
         grid = rearrange(grid, "b d h w -> b (h w) d")
-        return (F.layer_norm(grid, grid.shape[-1:]) * grid.shape[-1] ** -0.5).flatten(1)
+        return _unit_cells(grid)
 
 
 def pool_positions(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -213,10 +229,6 @@ class TextEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _groups(channels: int) -> int:
-    return math.gcd(8, channels)
-
-
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions with GroupNorm, added to the input (a 1x1 projection where the shape changes), GELU."""
 
@@ -271,8 +283,7 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, embed_dim: int):
         super().__init__()
-        halvings = patch_size.bit_length() - 1
-        channels = [max(width >> (halvings - 1 - i), 16) for i in range(halvings)]
+        channels = _doubling_channels(patch_size, width, 16)
         stem = max(channels[0] // 2, 16)
         self.stem = nn.Sequential(
             nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.GroupNorm(_groups(stem), stem), nn.GELU()
@@ -297,7 +308,7 @@ class ResNetEncoder(nn.Module):
         """The last feature map average-pooled to side x side, each position layer-normalised and scaled to unit
         length, as the ViT's (b, side * side * width)."""
         grid = rearrange(F.adaptive_avg_pool2d(self.feature_map(pixels), side), "b d h w -> b (h w) d")
-        return (F.layer_norm(grid, grid.shape[-1:]) * grid.shape[-1] ** -0.5).flatten(1)
+        return _unit_cells(grid)
 
 
 class TokenizerLike(Protocol):
