@@ -216,6 +216,10 @@ class CLIPConfig:
     init_temperature: float = 1 / 0.07  # the logit scale starts here ...
     max_logit_scale: float = 100.0  # ... and is clamped here
     crop_scale_min: float = 0.85  # random resized crop keeps at least this fraction of the side
+    # a shift of whole pixels, up to this fraction of the side each way, and a left-right flip with this
+    # probability (clip.model.clip_augment); off on shapes, whose captions name places and sides
+    shift_max: float = 0.0
+    flip_p: float = 0.0
     # CLIP's own shapes captions: each optional attribute left out with this probability (< 0: use
     # data.shapes.omit_p, which the transformer trains on)
     shapes_omit_p: float = -1.0

@@ -341,6 +341,55 @@ def test_clip_augment_is_a_mild_crop_that_keeps_the_cell():
         clip_augment(images, 0.0)
 
 
+
+def test_clip_augment_shifts_whole_pixels_and_flips_without_resampling():
+    images = torch.rand(64, 3, 16, 16)
+    out = clip_augment(images, 1.0, torch.Generator().manual_seed(0), shift_max=0.25, flip_p=0.5)
+    flips = shifts = 0
+    for x, y in zip(images, out):
+        # every output is its image, maybe mirrored, moved by whole pixels (at most 4 of 16), edges repeated
+        found = None
+        for mirrored in (False, True):
+            src = x.flip(-1) if mirrored else x
+            for dy in range(-4, 5):
+                for dx in range(-4, 5):
+                    moved = src[:, 4 + dy : 12 + dy, 4 + dx : 12 + dx]
+                    if torch.allclose(y[:, 4:12, 4:12], moved, atol=1e-5):
+                        found = (mirrored, dy, dx)
+        assert found is not None
+        flips += found[0]
+        shifts += found[1:] != (0, 0)
+    assert 16 < flips < 48 and shifts > 48  # about half mirrored; most moved
+    again = clip_augment(images, 1.0, torch.Generator().manual_seed(0), shift_max=0.25, flip_p=0.5)
+    assert torch.equal(out, again)
+    # off, they draw no random number: a run without them crops exactly as before they existed
+    assert torch.equal(
+        clip_augment(images, 0.85, torch.Generator().manual_seed(3)),
+        clip_augment(images, 0.85, torch.Generator().manual_seed(3), shift_max=0.0, flip_p=0.0),
+    )
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("clip.shift_max=0.5", "'clip.shift_max' is 0.5; set it in \\[0, 0.5\\)"),
+        ("clip.flip_p=1.5", "'clip.flip_p' is 1.5; set it in \\[0, 1\\]"),
+    ],
+)
+def test_clip_augment_settings_out_of_range_are_refused(imagefolder, tmp_path, setting, message):
+    from train import clip as train_clip
+
+    argv = ["--config", "emoji", "--data", str(imagefolder.root), "--out", str(tmp_path), "--set", setting]
+    with pytest.raises(UserError, match=message):
+        train_clip.main(argv)
+
+
+def test_flips_are_refused_on_shapes(tmp_path):
+    from train import clip as train_clip
+
+    with pytest.raises(UserError, match="shapes captions name left and right"):
+        train_clip.main(["--config", "shapes", "--out", str(tmp_path), "--set", "clip.flip_p=0.5"])
+
 # ----------------------------------------------------------------------------------------------
 # A tiny bundle trained on four colored squares
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Train CLIP from scratch: `accelerate launch -m train.clip --config configs/shapes.toml`.
 
 Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images get a mild random
-resized crop that keeps the caption true (no flips: captions name left and right; no color jitter:
-they name colors). With `clip.hard_negatives`, each caption made false in one place is an extra
+resized crop that keeps the caption true (no color jitter: captions name colors); where captions
+name no places (emoji-styles), `clip.shift_max` and `clip.flip_p` add whole-pixel shifts and
+left-right flips (a flip makes a few captions false, `left arrow`; the judge still gained from them). With `clip.hard_negatives`, each caption made false in one place is an extra
 negative text for every image (NegCLIP): on shapes one word, by the caption grammar
 (`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another, or for
 `clip.swaps_per_caption` others (`dalle_mini_impl.clip.negatives`).
@@ -62,6 +63,16 @@ def check_config(cfg: RunConfig) -> None:
             "clip.hard_negatives on data other than shapes needs clip.swap_phrases, at least two phrases "
             "a caption may hold (e.g. its styles); set them or set clip.hard_negatives=false"
         )
+    shift, flip = cfg.clip.shift_max, cfg.clip.flip_p
+    if not 0 <= shift < 0.5:
+        raise UserError(f"config key 'clip.shift_max' is {shift}; set it in [0, 0.5), e.g. 0.0625 (4 pixels of 64)")
+    if not 0 <= flip <= 1:
+        raise UserError(f"config key 'clip.flip_p' is {flip}; set it in [0, 1], e.g. 0.5")
+    if cfg.data.source == "shapes" and flip > 0:
+        raise UserError(
+            f"config key 'clip.flip_p' is {flip}, but shapes captions name left and right, which a flip makes "
+            "false: leave it at 0"
+        )
     count, phrases = cfg.clip.swaps_per_caption, len(cfg.clip.swap_phrases)
     if not cfg.clip.hard_negatives and count != 1:
         raise UserError(
@@ -101,10 +112,13 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     device = accelerator.device
     held_out = cfg.data.shapes.held_out if cfg.data.source == "shapes" else []  # never named, not even as false
 
+    def augment(images, gen):
+        return clip_augment(images, cfg.clip.crop_scale_min, gen, cfg.clip.shift_max, cfg.clip.flip_p)
+
     def loss(m, batch, step):
         # one generator per (seed, step, rank): a resumed run crops exactly as an uninterrupted one
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
-        images = clip_augment(batch["image"], cfg.clip.crop_scale_min, gen)
+        images = augment(batch["image"], gen)
         ids = tokenizer.encode(batch["caption"]).to(device)
         image_feats, text_feats, scale = m(images, ids)
         negatives = None
@@ -152,7 +166,7 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         batch = next(validation_batches())
         images = batch["image"][:8]
         gen = torch.Generator().manual_seed(0)
-        augmented = clip_augment(images, cfg.clip.crop_scale_min, gen)
+        augmented = augment(images, gen)
         return {"clip/augmented": make_grid(torch.cat([images, augmented]), nrow=8)}
 
     def export(m, state):

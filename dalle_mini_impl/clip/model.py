@@ -534,21 +534,38 @@ def contrastive_loss(
 # ----------------------------------------------------------------------------------------------
 
 
-def clip_augment(images: torch.Tensor, scale_min: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def clip_augment(
+    images: torch.Tensor,
+    scale_min: float,
+    generator: torch.Generator | None = None,
+    shift_max: float = 0.0,
+    flip_p: float = 0.0,
+) -> torch.Tensor:
     """A mild random resized crop (b, 3, S, S) -> (b, 3, S, S), one per image, square, inside the image.
 
     The crop keeps a side fraction in [scale_min, 1] and is resized back, so an object stays in its
-    3x3 cell and keeps its color and orientation: no flips (left/right are in the captions), no
-    color jitter (colors are too).
+    3x3 cell and keeps its color and orientation: no color jitter (captions name colors). Two options
+    for data whose captions name neither sides nor places (emoji-styles): a shift of a whole number of
+    pixels, up to `shift_max` of the side each way, filled with the border's color; and a left-right
+    flip with probability `flip_p`. Both change no stroke's width or color, which a style is made of;
+    at 0 (the default) they draw no random number, so a run without them crops as it always did.
     """
     if not 0 < scale_min <= 1:
         raise UserError(f"config key 'clip.crop_scale_min' is {scale_min}; set it in (0, 1], e.g. 0.85")
-    b = images.shape[0]
+    b, size = images.shape[0], images.shape[-1]
     u = torch.rand(b, 3, generator=generator).to(images.device, images.dtype)  # (b, 3)
     side = scale_min + (1 - scale_min) * u[:, 0]
     # the crop's center in [-1, 1] coordinates, chosen so the crop stays inside the image
     cx, cy = ((2 * u[:, 1:] - 1) * (1 - side).unsqueeze(1)).unbind(1)
+    if shift_max > 0:
+        most = int(shift_max * size)  # whole pixels: an image shifted without a crop is not resampled
+        pixels = torch.randint(-most, most + 1, (b, 2), generator=generator).to(images.device, images.dtype)
+        cx, cy = cx + 2 * pixels[:, 0] / size, cy + 2 * pixels[:, 1] / size
+    x_scale = side
+    if flip_p > 0:
+        flip = torch.rand(b, generator=generator).to(images.device) < flip_p
+        x_scale = torch.where(flip, -side, side)
     zero = torch.zeros_like(side)
-    theta = torch.stack([torch.stack([side, zero, cx], 1), torch.stack([zero, side, cy], 1)], 1)  # (b, 2, 3)
+    theta = torch.stack([torch.stack([x_scale, zero, cx], 1), torch.stack([zero, side, cy], 1)], 1)  # (b, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
