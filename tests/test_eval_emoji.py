@@ -132,6 +132,24 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
         emoji.main([*argv, "--method", "unclip"])
 
 
+def test_references_only_grades_the_judge_alone_as_the_full_run_does(folder, judge, tmp_path, capsys):
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    argv = ["--judge", str(judge), "--data", str(folder), "--seed", "3"]
+    assert emoji.main([*argv, "--model", str(bundle), "--candidates", "1"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert emoji.main([*argv, "--references-only", "--out", str(tmp_path / "refs.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "refs.json").read_text()) == out
+    assert "reranked" not in out and "model" not in out and out["judge_learned_from_split"] is False
+    for key in ("real", "same_style_random", "copy_other_style"):
+        assert out[key] == full[key], key  # the same captions, references and numbers without sampling
+    picks = out["real_style_picks"]
+    assert set(picks) == {style for _, style in HELD_OUT}  # the true styles of the 4 test captions
+    assert sum(sum(row.values()) for row in picks.values()) == 4
+    right = sum(row.get(style, 0) for style, row in picks.items())
+    assert right / 4 == out["real"]["style_acc"]  # the diagonal is the style accuracy
+
+
 def test_eval_emoji_grades_unclip_candidates_on_the_same_captions(folder, judge, tmp_path, capsys):
     bundle = make_tiny_bundle(tmp_path / "bundle", unclip=True)
     argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "2"]

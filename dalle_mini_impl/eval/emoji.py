@@ -27,6 +27,10 @@ for captions whose name train has in another style, counted by its `n`). Prints 
 `--grid PNG` also draws the first eight captions' reranked images above their real ones. DIR needs only
 `train` and the graded split. `judge_learned_from_split` says whether the judge trained on that split
 (true for `train`, the seen cells: its numbers on real images are then not a ceiling on unseen ones).
+
+`--references-only` loads no model and samples nothing: it prints the three references alone and the
+styles the judge picks for the real images (`real_style_picks`), which is how a judge is compared with
+another (a minute, where sampling takes several).
 """
 
 from __future__ import annotations
@@ -112,16 +116,34 @@ class Grader:
             self._text.update(zip(new, self.judge.embed_texts(new)))
         return torch.stack([self._text[t] for t in texts])
 
+    def style_picks(self, emb: torch.Tensor, rows: Sequence[int]) -> list[str]:
+        """The style the judge picks for image embedding emb[j] among the eight `NAME, S style` of caption rows[j]."""
+        picks = []
+        for j, i in enumerate(rows):
+            name = self.parsed[i][0]
+            by_style = self._embed_texts([style_caption(name, s) for s in self.styles]) @ emb[j]
+            picks.append(self.styles[int(by_style.argmax())])
+        return picks
+
+    def confusion(self, images: torch.Tensor, rows: Sequence[int]) -> dict[str, dict[str, int]]:
+        """{true style: {picked style: count}} over images (m, 3, S, S), image j of caption rows[j]."""
+        picks = self.style_picks(self.judge.embed_images(images), rows)
+        table: dict[str, dict[str, int]] = {s: {} for s in sorted({self.parsed[i][1] for i in rows})}
+        for pick, i in zip(picks, rows):
+            counts = table[self.parsed[i][1]]
+            counts[pick] = counts.get(pick, 0) + 1
+        return table
+
     def grade(self, images: torch.Tensor, rows: Sequence[int], real: torch.Tensor) -> dict[str, float]:
         """Metrics of images (m, 3, S, S), image j drawn for caption rows[j]; `real`: the real images' embeddings."""
         if not len(rows):
             return {"n": 0}
         emb = self.judge.embed_images(images)  # (m, e)
+        picks = self.style_picks(emb, rows)
         style_ok, ranks = [], []
         for j, i in enumerate(rows):
             name, style = self.parsed[i]
-            by_style = self._embed_texts([style_caption(name, s) for s in self.styles]) @ emb[j]
-            style_ok.append(self.styles[int(by_style.argmax())] == style)
+            style_ok.append(picks[j] == style)
             pool = [style_caption(name, style)] + [style_caption(other, style) for other in self.pools[i]]
             sims = self._embed_texts(pool) @ emb[j]
             ranks.append(1 + int((sims[1:] >= sims[0]).sum()))
@@ -175,6 +197,41 @@ def references(
     return same, other
 
 
+class GradedSplit:
+    """The captions of one split (all, or n drawn with the seed), their real images and the judge's grader."""
+
+    def __init__(self, judge, data: str, split: str, n: int | None, seed: int, image_size: int):
+        self.seed = seed
+        self.train_captions, self.train_images = read_split(data, "train", image_size)
+        captions, images = (
+            (self.train_captions, self.train_images) if split == "train" else read_split(data, split, image_size)
+        )
+        chosen = list(range(len(captions)))
+        if n is not None:
+            if not 1 <= n <= len(captions):
+                raise UserError(f"--n is {n}; split '{split}' has {len(captions)} captions, choose 1 to {len(captions)}")
+            chosen = sorted(np.random.default_rng([seed, 2]).choice(len(captions), n, replace=False).tolist())
+        self.captions = [captions[i] for i in chosen]
+        self.real = from_uint8(images[chosen])  # (m, 3, S, S)
+        styles = sorted({parse_caption(c)[1] for c in self.train_captions})
+        self.grader = Grader(judge, self.captions, styles, [parse_caption(c)[0] for c in self.train_captions], seed)
+        self.real_emb = judge.embed_images(self.real)
+
+    def references(self) -> dict[str, dict]:
+        """The three references that need no model: real (the ceiling), same_style_random, copy_other_style."""
+        rows = list(range(len(self.captions)))
+        out = {"real": self.grader.grade(self.real, rows, self.real_emb)}
+        picks_of = references(self.captions, self.train_captions, self.seed)
+        for key, picks in zip(("same_style_random", "copy_other_style"), picks_of):
+            kept = [i for i, k in enumerate(picks) if k is not None]
+            images = from_uint8(self.train_images[[picks[i] for i in kept]])
+            out[key] = self.grader.grade(images, kept, self.real_emb[kept])
+        return out
+
+    def shown(self) -> dict:
+        return {"n": len(self.captions), "captions": self.captions[:3] + (["..."] if len(self.captions) > 3 else [])}
+
+
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------
@@ -204,19 +261,8 @@ def evaluate(
 
     if pipe.clip is None:
         raise UserError("this model has no CLIP to rerank with; eval emoji judges its reranked pick")
-    size = pipe.cfg.data.image_size
-    train_captions, train_images = read_split(data, "train", size)
-    captions, real_images = (train_captions, train_images) if split == "train" else read_split(data, split, size)
-    chosen = list(range(len(captions)))
-    if n is not None:
-        if not 1 <= n <= len(captions):
-            raise UserError(f"--n is {n}; split '{split}' has {len(captions)} captions, choose 1 to {len(captions)}")
-        chosen = sorted(np.random.default_rng([seed, 2]).choice(len(captions), n, replace=False).tolist())
-    captions = [captions[i] for i in chosen]
-    real = from_uint8(real_images[chosen])  # (m, 3, S, S)
-    styles = sorted({parse_caption(c)[1] for c in train_captions})
-    grader = Grader(judge, captions, styles, [parse_caption(c)[0] for c in train_captions], seed)
-    real_emb = judge.embed_images(real)
+    split_data = GradedSplit(judge, data, split, n, seed, pipe.cfg.data.image_size)
+    captions, real, real_emb, grader = split_data.captions, split_data.real, split_data.real_emb, split_data.grader
 
     s = pipe.settings(num_images=1)
     reranked, first, every, distinct = [], [], [], []
@@ -246,12 +292,8 @@ def evaluate(
         "first": grader.grade(torch.stack(first), rows, real_emb),
         # every candidate, unranked: the sampler's own quality over N times the captions (decoders compared)
         "every": grader.grade(torch.cat(every), [i for i in rows for _ in range(s.candidates)], real_emb),
-        "real": grader.grade(real, rows, real_emb),
+        **split_data.references(),
     }
-    for key, picks in zip(("same_style_random", "copy_other_style"), references(captions, train_captions, seed)):
-        kept = [i for i, k in enumerate(picks) if k is not None]
-        images = from_uint8(train_images[[picks[i] for i in kept]])
-        out[key] = grader.grade(images, kept, real_emb[kept])
     out["distinct"] = sum(distinct) / len(distinct)  # the mean share of a caption's candidates that differ
     if guided:
         rows = list(range(min(guided, len(captions))))
@@ -259,7 +301,7 @@ def evaluate(
         for name, images in refined.items():
             if images:
                 out[name] = grader.grade(torch.stack(images), rows, real_emb)
-    return {**out, "n": len(captions), "captions": captions[:3] + (["..."] if len(captions) > 3 else [])}
+    return {**out, **split_data.shown()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--grid", default=None, metavar="PNG", help="also draw the first 8 captions' picks above the real")
+    p.add_argument(
+        "--references-only",
+        action="store_true",
+        help="grade only the real images and the two references (no model sampled): the judge's own numbers",
+    )
     args = p.parse_args(argv)
+    if args.references_only:
+        return print_references(args)
     if args.candidates < 1:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
     if args.judge == args.model:
@@ -326,7 +375,35 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         **result,
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    return emit(summary, args.out)
+
+
+def print_references(args) -> int:
+    """--references-only: the judge on the split's real images, same_style_random and copy_other_style, with
+    the styles it picks for the real images (`real_style_picks`: {true style: {picked style: count}})."""
+    from ..pipeline.bundle import load_clip, read_bundle_config
+
+    judge_cfg = read_bundle_config(args.judge)
+    judge = load_clip(args.judge, device=args.device)
+    t0 = time.perf_counter()
+    split_data = GradedSplit(judge, args.data, args.split, args.n, args.seed, judge_cfg.data.image_size)
+    summary = {
+        "judge": str(args.judge),
+        "split": args.split,
+        "seed": args.seed,
+        "judge_learned_from_split": args.split in split_parts(judge_cfg.data.split),
+        **split_data.references(),
+        "real_style_picks": split_data.grader.confusion(split_data.real, list(range(len(split_data.captions)))),
+        **split_data.shown(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return emit(summary, args.out)
+
+
+def emit(summary: dict, out: str | None) -> int:
+    """Print the summary as one JSON line and, with --out, write it indented too."""
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
+
