@@ -19,7 +19,7 @@ from PIL import Image
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import emoji
 from tests.bundle_factory import make_tiny_bundle
-from tests.test_train import TINY
+from tests.test_train import TINY, compiled_graphs, forget_compiled
 from train import judge as train_judge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +84,24 @@ def test_the_judge_trains_on_its_splits_alone_into_its_own_folder(judge):
     assert values["data"]["split"] == values["data"]["val_split"] == "train"
     assert values["seed"] == 1 and values["clip"]["image_width"] == 32
     assert {p.name for p in judge.iterdir()} >= {"config.json", "text.model", "clip.safetensors"}
+
+
+@pytest.mark.slow
+def test_the_presets_judge_compiles_with_its_hard_negatives_shifts_and_flips(folder, tmp_path, capsys):
+    # the seeded augmentation and the swapped captions run eagerly inside the compiled loss: from the third step
+    # (when the step number becomes a symbol) they once stopped torch.compile with a traceback
+    tiny = [item for item in JUDGE_TINY if item != "judge.train.steps=2"]
+    swaps = "judge.clip.swap_phrases=[', alpha style', ', beta style', ', gamma style']"
+    losses = {}
+    for flag in ("false", "true"):
+        forget_compiled()
+        argv = ["--config", "emoji", "--data", str(folder), "--out", str(tmp_path / flag), "--set", swaps]
+        settings = [*tiny, "judge.splits=train", "judge.train.steps=3", f"judge.train.compile={flag}"]
+        settings.append("judge.train.mixed_precision=no")  # fp32: compiled and eager steps agree to rounding
+        assert train_judge.main([*argv, *[x for item in settings for x in ("--set", item)]]) == 0
+        losses[flag] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+        assert bool(compiled_graphs()) == (flag == "true")
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 
 def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):

@@ -73,6 +73,17 @@ def encoded_run(run) -> object:
     return run
 
 
+def forget_compiled() -> None:
+    """Drop what torch.compile has compiled and counted in this process."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has captured since the last forget_compiled()."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def copy_run(base, dest):
     """A copy of a run folder without its checkpoints and logs, to train from the same start again."""
     return shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
@@ -177,15 +188,18 @@ def test_dalle_runs_stops_and_resumes(run_dir):
 
 @pytest.mark.slow
 def test_compile_flag_trains_the_same_step_as_eager(run_dir, tmp_path, capsys):
-    # train.<stage>.compile = true goes through accelerate's torch.compile (inductor) wrapper
+    # train.<stage>.compile = true runs the loss module through torch.compile (inductor), also in a process whose
+    # earlier stages did not compile (train.all's: accelerate's own switch would keep the first stage's choice)
     losses = {}
     for flag in ("false", "true"):
         run = copy_run(run_dir, tmp_path / flag)
         if not (run / "tokens").is_dir():
             train_encode.main(args_for(run))
         capsys.readouterr()
+        forget_compiled()
         train_dalle.main(args_for(run, "train.dalle.steps=1", f"train.dalle.compile={flag}"))
         losses[flag] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+        assert bool(compiled_graphs()) == (flag == "true")
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
     # the compiled run's bundle has the plain model's keys (no torch.compile wrapper prefix)
     keys = {flag: sorted(load_file(str(tmp_path / flag / "transformer.safetensors"))) for flag in losses}

@@ -115,22 +115,30 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     def augment(images, gen):
         return clip_augment(images, cfg.clip.crop_scale_min, gen, cfg.clip.shift_max, cfg.clip.flip_p)
 
-    def loss(m, batch, step):
+    @torch.compiler.disable  # seeded generators and string work: eager, also under train.clip.compile
+    def inputs(batch, step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A step's augmented images, caption ids and hard negatives' ids (None without hard negatives)."""
         # one generator per (seed, step, rank): a resumed run crops exactly as an uninterrupted one
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
-        images = augment(batch["image"], gen)
+        images = augment(batch["image"], gen).to(device)
         ids = tokenizer.encode(batch["caption"]).to(device)
+        if not cfg.clip.hard_negatives:
+            return images, ids, None
+        rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        if cfg.data.source == "shapes":
+            made = (perturb(c, rng, held_out) for c in batch["caption"])
+            false = [c for c in made if c is not None]
+        else:
+            count = cfg.clip.swaps_per_caption
+            false = [f for c in batch["caption"] for f in swapped_captions(c, cfg.clip.swap_phrases, count, rng)]
+        return images, ids, tokenizer.encode(false).to(device) if false else ids[:0]
+
+    def loss(m, batch, step):
+        images, ids, false_ids = inputs(batch, step)
         image_feats, text_feats, scale = m(images, ids)
         negatives = None
-        if cfg.clip.hard_negatives:
-            rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            if cfg.data.source == "shapes":
-                made = (perturb(c, rng, held_out) for c in batch["caption"])
-                false = [c for c in made if c is not None]
-            else:
-                count = cfg.clip.swaps_per_caption
-                false = [f for c in batch["caption"] for f in swapped_captions(c, cfg.clip.swap_phrases, count, rng)]
-            negatives = m.encode_text(tokenizer.encode(false).to(device)) if false else image_feats[:0]
+        if false_ids is not None:
+            negatives = m.encode_text(false_ids) if len(false_ids) else image_feats[:0]
         value = m.loss(image_feats, text_feats, scale, negatives)
         return value, {"logit_scale": float(scale.detach())}
 

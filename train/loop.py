@@ -205,8 +205,9 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
     return Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
-        # compile = true: accelerate wraps the prepared loss module in torch.compile (inductor)
-        dynamo_backend="inductor" if tc.compile else "no",
+        # never accelerate's compile: its state is shared by every Accelerator of a process, so train.all's later
+        # stages would keep the first one's choice; `prepare` compiles (train.<stage>.compile)
+        dynamo_backend="no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
 
@@ -258,6 +259,7 @@ class Training:
     accelerator: Any
     out: Path  # the run folder
     model: torch.nn.Module  # the prepared `_LossModule`: its forward is the stage's loss
+    forward: Callable  # what a step calls: the model, or (train.<stage>.compile) the model through torch.compile
     unwrapped: torch.nn.Module  # the stage's own model, the one the hooks receive
     optimizer: torch.optim.Optimizer  # the prepared optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -315,6 +317,7 @@ def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Train
     # not prepared: accelerate would step it once per process per step; the LR is a function of the step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     unwrapped = accelerator.unwrap_model(model).model
+    forward = torch.compile(model) if tc.compile else model  # inductor, over the DDP/FSDP wrapper as accelerate does
     sharded = shards_weights(model, accelerator)
     if sharded and tc.ema_decay > 0:
         raise UserError(
@@ -322,7 +325,7 @@ def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Train
             f"do not; set train.{stage.name}.ema_decay=0 or launch with DDP or ZeRO-2"
         )
     ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay > 0 else None
-    return Training(tc, stage, accelerator, out, model, unwrapped, optimizer, scheduler, sharded, ema)
+    return Training(tc, stage, accelerator, out, model, forward, unwrapped, optimizer, scheduler, sharded, ema)
 
 
 def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
@@ -381,7 +384,7 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
         # only the last micro-batch synchronises gradients across processes
         ctx = accelerator.no_sync(t.model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()
         with ctx, accelerator.autocast():
-            loss, scalars = t.model(batch, t.step)
+            loss, scalars = t.forward(batch, t.step)
         finite &= bool(torch.isfinite(loss.detach()).all())
         accelerator.backward(loss / tc.grad_accum)
         loss_sum += float(loss.detach()) / tc.grad_accum
