@@ -133,3 +133,19 @@ def test_extra_state_resumes_with_its_optimizer(tmp_path):
 def test_gradient_accumulation_below_one_is_one_sentence():
     with pytest.raises(loop.UserError, match="grad_accum is 0; set it to 1 \\(no accumulation\\) or more"):
         loop.make_accelerator(TrainConfig(grad_accum=0))
+
+
+def test_the_math_attention_kernel_records_matmul_and_softmax_for_the_backward():
+    q = torch.rand(2, 4, 65, 32, requires_grad=True)
+    kernels = {}
+    for name in loop.ATTENTION_KERNELS:
+        with loop.attention_kernel(name):
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        kernels[name] = type(out.grad_fn).__name__
+        out.sum().backward()
+    assert "Attention" in kernels["auto"] and "Attention" not in kernels["math"]  # no fused kernel, its backward
+    with loop.attention_kernel("math"):
+        math = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(math, torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    with pytest.raises(loop.UserError, match="attention is 'flash'; use auto or math"):
+        loop.make_accelerator(TrainConfig(attention="flash"))

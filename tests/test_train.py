@@ -254,6 +254,15 @@ def test_clip_trains_with_hard_negatives(run_dir, tmp_path, capsys):
     assert (run / "clip.safetensors").is_file()
 
 
+def test_clip_trains_the_same_step_with_the_math_attention_kernel(run_dir, tmp_path, capsys):
+    losses = {}
+    for kernel in ("auto", "math"):
+        run = copy_run(run_dir, tmp_path / kernel)
+        train_clip.main(args_for(run, "train.clip.steps=2", "clip.hard_negatives=true", f"train.clip.attention={kernel}"))
+        losses[kernel] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-4)
+
+
 def test_clip_trains_and_exports(run_dir):
     train_clip.main(args_for(run_dir, "train.clip.steps=2", "train.clip.checkpoint_every=2"))
     assert (run_dir / "clip.safetensors").is_file()

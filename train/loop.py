@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args
@@ -54,6 +55,7 @@ from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config
 
 from .sharded import full_state_dict, shards_weights, whole_weights
 
+ATTENTION_KERNELS = ("auto", "math")  # train.<stage>.attention
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 
 # the test seam described in the module docstring; production code never sets it
@@ -202,6 +204,8 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
         raise UserError(f"mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
     if tc.grad_accum < 1:
         raise UserError(f"grad_accum is {tc.grad_accum}; set it to 1 (no accumulation) or more")
+    if tc.attention not in ATTENTION_KERNELS:
+        raise UserError(f"attention is '{tc.attention}'; use {' or '.join(ATTENTION_KERNELS)}")
     return Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
@@ -372,6 +376,14 @@ def open_writer(t: Training):
     return SummaryWriter(str(t.out / "logs" / t.stage.name))
 
 
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """`train.<stage>.attention`: PyTorch's choice of kernel ("auto"), or matmul and softmax ("math"), whose
+    autograd records them so that the backward is theirs too."""
+    if name == "math":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
     """Forward and backward over `grad_accum` micro-batches, then clip the gradient; every process agrees on whether
     the step is finite. Collective: every process calls it."""
@@ -383,7 +395,7 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
         items += t.stage.items_per_batch(batch)
         # only the last micro-batch synchronises gradients across processes
         ctx = accelerator.no_sync(t.model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()
-        with ctx, accelerator.autocast():
+        with ctx, accelerator.autocast(), attention_kernel(tc.attention):
             loss, scalars = t.forward(batch, t.step)
         finite &= bool(torch.isfinite(loss.detach()).all())
         accelerator.backward(loss / tc.grad_accum)
