@@ -250,8 +250,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False
-    # the attention kernel of training steps: auto (PyTorch's choice) | math (matmul and softmax, whose backward is
-    # about twice as fast as the CPU's flash kernel on CLIP's short sequences; docs/RESULTS.md)
+    # the attention kernel of training steps: auto (PyTorch's choice) | math (matmul and softmax, forward and
+    # backward: faster on the CPU for CLIP's short sequences, slower for the emoji transformer's; docs/RESULTS.md)
     attention: str = "auto"
     ema_decay: float = 0.0  # 0: no EMA weights
     checkpoint_every: int = 500
