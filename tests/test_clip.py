@@ -341,7 +341,6 @@ def test_clip_augment_is_a_mild_crop_that_keeps_the_cell():
         clip_augment(images, 0.0)
 
 
-
 def test_clip_augment_shifts_whole_pixels_and_flips_without_resampling():
     images = torch.rand(64, 3, 16, 16)
     out = clip_augment(images, 1.0, torch.Generator().manual_seed(0), shift_max=0.25, flip_p=0.5)
@@ -389,6 +388,7 @@ def test_flips_are_refused_on_shapes(tmp_path):
 
     with pytest.raises(UserError, match="shapes captions name left and right"):
         train_clip.main(["--config", "shapes", "--out", str(tmp_path), "--set", "clip.flip_p=0.5"])
+
 
 # ----------------------------------------------------------------------------------------------
 # A tiny bundle trained on four colored squares

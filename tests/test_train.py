@@ -258,7 +258,9 @@ def test_clip_trains_the_same_step_with_the_math_attention_kernel(run_dir, tmp_p
     losses = {}
     for kernel in ("auto", "math"):
         run = copy_run(run_dir, tmp_path / kernel)
-        train_clip.main(args_for(run, "train.clip.steps=2", "clip.hard_negatives=true", f"train.clip.attention={kernel}"))
+        train_clip.main(
+            args_for(run, "train.clip.steps=2", "clip.hard_negatives=true", f"train.clip.attention={kernel}")
+        )
         losses[kernel] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
     assert losses["math"] == pytest.approx(losses["auto"], rel=1e-4)
 

@@ -3,10 +3,11 @@
 Needs the text tokenizer in the run folder (`python -m train.tokenizer`). Images get a mild random
 resized crop that keeps the caption true (no color jitter: captions name colors); where captions
 name no places (emoji-styles), `clip.shift_max` and `clip.flip_p` add whole-pixel shifts and
-left-right flips (a flip makes a few captions false, `left arrow`; the judge still gained from them). With `clip.hard_negatives`, each caption made false in one place is an extra
-negative text for every image (NegCLIP): on shapes one word, by the caption grammar
-(`dalle_mini_impl.shapes.negatives`); elsewhere one of `clip.swap_phrases` for another, or for
-`clip.swaps_per_caption` others (`dalle_mini_impl.clip.negatives`).
+left-right flips (a flip makes a few captions false, `left arrow`; the judge still gained from them).
+With `clip.hard_negatives`, each caption made false in one place is an extra negative text for every
+image (NegCLIP): on shapes one word, by the caption grammar (`dalle_mini_impl.shapes.negatives`);
+elsewhere one of `clip.swap_phrases` for another, or for `clip.swaps_per_caption` others
+(`dalle_mini_impl.clip.negatives`).
 With several processes, features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss). `--init-from BUNDLE_OR_RUN` starts from that model's CLIP and
 text tokenizer instead of random weights, and `train.clip.freeze` leaves parameter groups untrained:
@@ -120,7 +121,7 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         """A step's augmented images, caption ids and hard negatives' ids (None without hard negatives)."""
         # one generator per (seed, step, rank): a resumed run crops exactly as an uninterrupted one
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
-        images = augment(batch["image"], gen).to(device)
+        images = augment(batch["image"], gen)
         ids = tokenizer.encode(batch["caption"]).to(device)
         if not cfg.clip.hard_negatives:
             return images, ids, None

@@ -125,9 +125,9 @@ class Grader:
             picks.append(self.styles[int(by_style.argmax())])
         return picks
 
-    def confusion(self, images: torch.Tensor, rows: Sequence[int]) -> dict[str, dict[str, int]]:
-        """{true style: {picked style: count}} over images (m, 3, S, S), image j of caption rows[j]."""
-        picks = self.style_picks(self.judge.embed_images(images), rows)
+    def confusion(self, emb: torch.Tensor, rows: Sequence[int]) -> dict[str, dict[str, int]]:
+        """{true style: {picked style: count}} over image embeddings emb (m, e), image j of caption rows[j]."""
+        picks = self.style_picks(emb, rows)
         table: dict[str, dict[str, int]] = {s: {} for s in sorted({self.parsed[i][1] for i in rows})}
         for pick, i in zip(picks, rows):
             counts = table[self.parsed[i][1]]
@@ -209,7 +209,9 @@ class GradedSplit:
         chosen = list(range(len(captions)))
         if n is not None:
             if not 1 <= n <= len(captions):
-                raise UserError(f"--n is {n}; split '{split}' has {len(captions)} captions, choose 1 to {len(captions)}")
+                raise UserError(
+                    f"--n is {n}; split '{split}' has {len(captions)} captions, choose 1 to {len(captions)}"
+                )
             chosen = sorted(np.random.default_rng([seed, 2]).choice(len(captions), n, replace=False).tolist())
         self.captions = [captions[i] for i in chosen]
         self.real = from_uint8(images[chosen])  # (m, 3, S, S)
@@ -393,7 +395,7 @@ def print_references(args) -> int:
         "seed": args.seed,
         "judge_learned_from_split": args.split in split_parts(judge_cfg.data.split),
         **split_data.references(),
-        "real_style_picks": split_data.grader.confusion(split_data.real, list(range(len(split_data.captions)))),
+        "real_style_picks": split_data.grader.confusion(split_data.real_emb, range(len(split_data.captions))),
         **split_data.shown(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -406,4 +408,3 @@ def emit(summary: dict, out: str | None) -> int:
         Path(out).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
-
