@@ -485,6 +485,29 @@ def test_clip_grid_features_are_unit_positions_and_a_side_past_the_patches_is_on
         clip.image_grid(images, 5)
 
 
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
+def test_the_embedding_and_the_grid_from_one_pass_are_the_two_passes_values(tower):
+    from dalle_mini_impl.clip.model import CLIP
+    from dalle_mini_impl.clip.uses import BundleClipScorer
+    from dalle_mini_impl.config import CLIPConfig
+    from tests.bundle_factory import TINY_CLIP
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(**(TINY_CLIP | dict(image_depth=2, image_tower=tower, patch_size=4)))
+    clip = CLIP(cfg, image_size=16, text_vocab=20, text_len=6, pad_id=0, eos_id=1).eval()
+    images = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        embedding, grid = clip.image_features(images, 2)
+        assert torch.equal(embedding, clip.encode_image(images)) and torch.equal(grid, clip.image_grid(images, 2))
+    scorer = BundleClipScorer(clip, tokenizer=None)
+    scorer.batch_size = 2  # batches of 2, 2 and 1
+    one_pass = scorer.embed_images_and_grid(images, 2)
+    assert torch.equal(one_pass[0], scorer.embed_images(images))
+    assert torch.equal(one_pass[1], scorer.embed_image_grid(images, 2))
+    with pytest.raises(UserError, match="'unclip.grid' is 5; set it between 1 and CLIP's patch grid"):
+        clip.image_features(images, 5)
+
+
 def test_a_decoder_widened_to_read_a_grid_draws_what_it_drew_until_trained():
     from train.dalle import widen_to_grid
 

@@ -57,10 +57,13 @@ def clip_embeddings(
     for start in tqdm(range(0, len(captions), batch_size), desc=f"CLIP embeddings {split}", dynamic_ncols=True):
         with torch.inference_mode():
             pixels = vae.decode(ids[start : start + batch_size].to(device)).float()
-        out["image"].append(clip.embed_images(pixels))
-        out["text"].append(clip.embed_texts(captions[start : start + batch_size]))
         if grid:  # float16: 64,000 rows of a 4 x 4 grid of width 128 take 262 MB
-            out["grid"].append(clip.embed_image_grid(pixels, grid).half())
+            image, spatial = clip.embed_images_and_grid(pixels, grid)
+            out["image"].append(image)
+            out["grid"].append(spatial.half())
+        else:
+            out["image"].append(clip.embed_images(pixels))
+        out["text"].append(clip.embed_texts(captions[start : start + batch_size]))
     out = {k: torch.cat(v) for k, v in out.items() if v}
     meta = {"clip": clip.fingerprint(), "rows": str(len(captions)), "grid": str(grid)}
     save_state_dict(out, path, metadata=meta | {"source": json.dumps(str(run_dir))})

@@ -168,10 +168,23 @@ class ImageEncoder(nn.Module):
         x = self.tokens(pixels)
         for block in self.transformer.blocks[:-1]:
             x = block(x)
+        return self._pooled_grid(x, side)
+
+    def embed_and_grid(self, pixels: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` and `grid_features` of the same pixels in one pass: (b, e), (b, side * side * width)."""
+        x = self.tokens(pixels)
+        for block in self.transformer.blocks[:-1]:
+            x = block(x)
+        grid = self._pooled_grid(x, side)
+        x = self.transformer.blocks[-1](x)
+        return self.ln_post(x[:, 0]) @ self.proj, grid
+
+    @staticmethod
+    def _pooled_grid(x: torch.Tensor, side: int) -> torch.Tensor:
+        """Blocks' tokens (b, 1 + g * g, d), the class token first -> the patches pooled to side x side, unit cells."""
         g = math.isqrt(x.shape[1] - 1)
         grid = F.adaptive_avg_pool2d(rearrange(x[:, 1:], "b (h w) d -> b d h w", h=g), side)
-        grid = rearrange(grid, "b d h w -> b (h w) d")
-        return _unit_cells(grid)
+        return _unit_cells(rearrange(grid, "b d h w -> b (h w) d"))
 
 
 def pool_positions(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -307,8 +320,17 @@ class ResNetEncoder(nn.Module):
     def grid_features(self, pixels: torch.Tensor, side: int) -> torch.Tensor:
         """The last feature map average-pooled to side x side, each position layer-normalised and scaled to unit
         length, as the ViT's (b, side * side * width)."""
-        grid = rearrange(F.adaptive_avg_pool2d(self.feature_map(pixels), side), "b d h w -> b (h w) d")
-        return _unit_cells(grid)
+        return self._pooled_grid(self.feature_map(pixels), side)
+
+    def embed_and_grid(self, pixels: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` and `grid_features` of the same pixels from one feature map: (b, e), (b, side * side * width)."""
+        features = self.feature_map(pixels)
+        return self.ln_post(self.pool(features)) @ self.proj, self._pooled_grid(features, side)
+
+    @staticmethod
+    def _pooled_grid(features: torch.Tensor, side: int) -> torch.Tensor:
+        """A feature map (b, d, h, w) average-pooled to side x side, unit cells (b, side * side * d)."""
+        return _unit_cells(rearrange(F.adaptive_avg_pool2d(features, side), "b d h w -> b (h w) d"))
 
 
 class TokenizerLike(Protocol):
@@ -401,12 +423,21 @@ class CLIP(nn.Module):
     def image_grid(self, images: torch.Tensor, side: int) -> torch.Tensor:
         """Images (b, 3, S, S) in [0, 1] -> CLIP's spatial features (b, side * side * image_width): what unCLIP's
         decoder reads beside the embedding with `unclip.grid` (`ImageEncoder.grid_features`)."""
+        self._check_grid(side)
+        return self.visual.grid_features(self._pixels(images), side)
+
+    def image_features(self, images: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_image` and `image_grid` of the same images, in one pass of the image tower."""
+        self._check_grid(side)
+        embedding, grid = self.visual.embed_and_grid(self._pixels(images), side)
+        return F.normalize(embedding, dim=-1), grid
+
+    def _check_grid(self, side: int) -> None:
         if not 1 <= side <= self.image_size // self.cfg.patch_size:
             raise UserError(
                 f"config key 'unclip.grid' is {side}; set it between 1 and CLIP's patch grid "
                 f"({self.image_size // self.cfg.patch_size}), or to 0 for the embedding alone"
             )
-        return self.visual.grid_features(self._pixels(images), side)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text ids (b, t) from the sentencepiece tokenizer -> l2-normalised embeddings (b, e)."""

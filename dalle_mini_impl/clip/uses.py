@@ -189,6 +189,18 @@ class BundleClipScorer(ClipScorer):
         (`CLIP.image_grid`: unCLIP's decoder reads them beside the embedding when `unclip.grid` is side)."""
         return self._in_batches(images, lambda x: self.model.image_grid(x, side), self.grid_dim(side))
 
+    @torch.no_grad()
+    def embed_images_and_grid(self, images: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embed_images` and `embed_image_grid` of the same images, the same values from one pass of the tower."""
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            embedding, grid = self.model.image_features(x, side)
+            return torch.cat([F.normalize(embedding.float(), dim=-1), grid.float()], dim=1)
+
+        e = self.embed_dim()
+        both = self._in_batches(images, encode, e + self.grid_dim(side))
+        return both[:, :e], both[:, e:]
+
     def grid_dim(self, side: int) -> int:
         """The size of `embed_image_grid`'s rows: side * side positions of the image tower's width."""
         return side * side * self.model.cfg.image_width if side else 0

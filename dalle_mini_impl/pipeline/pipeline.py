@@ -837,14 +837,12 @@ class Pipeline:
         s = self._embedding_settings("--variations", overrides | {"text_diff_scale": text_diff_scale})
         given = self._read_images(list(images))
         pixels = self._as_drawn(given)
-        sources = self.clip.embed_images(pixels)
         # with unclip.grid, a variation keeps where things are: the decoder reads the source's spatial features too;
         # a text diff changes what the grid shows (a color, a shape), so it reads the embedding alone
-        grid = (
-            self.clip.embed_image_grid(pixels, self.cfg.unclip.grid)
-            if self.cfg.unclip.grid and text_diff is None
-            else None
-        )
+        if self.cfg.unclip.grid and text_diff is None:
+            sources, grid = self.clip.embed_images_and_grid(pixels, self.cfg.unclip.grid)
+        else:
+            sources, grid = self.clip.embed_images(pixels), None
         if text_diff is not None:
             if any(not str(c).strip() for c in text_diff):
                 raise UserError("--text-diff needs two non-empty captions, from and to: 'a red circle' 'a blue circle'")
