@@ -231,6 +231,9 @@ class CLIPConfig:
     swap_phrases: list[str] = field(default_factory=list)
     # how many other swap_phrases each caption's phrase is swapped for, one negative each (1 .. phrases - 1)
     swaps_per_caption: int = 1
+    # that many more negatives per caption the other way round: its phrase kept, the rest taken from another
+    # caption of the batch (emoji-styles: the same style, another name; dalle_mini_impl.clip.negatives)
+    rest_swaps: int = 0
 
 
 @dataclass

@@ -757,6 +757,26 @@ def test_swapped_captions_are_distinct_and_one_is_swap_phrases_draw():
     assert swapped_captions("a red circle", phrases, 2, random.Random(0)) == []
 
 
+def test_rest_swaps_keep_the_phrase_take_another_captions_rest_and_never_a_true_caption():
+    import random
+
+    from dalle_mini_impl.clip.negatives import rest_swapped_captions
+
+    phrases = [", noto style", ", blob style", ", fluent style"]
+    batch = ["pizza, noto style", "apple, blob style", "apple, noto style", "cat, fluent style", "a red circle"]
+    made = rest_swapped_captions(batch, phrases, 5, random.Random(0))
+    # the noto captions can only take cat (apple in noto is a true caption); apple in blob takes pizza or cat;
+    # cat in fluent takes pizza, and apple once though two captions hold it; the circle holds no phrase
+    assert sorted(made) == sorted(
+        ["cat, noto style", "pizza, blob style", "cat, blob style", "cat, noto style", "pizza, fluent style"]
+        + ["apple, fluent style"]
+    )
+    assert not set(made) & set(batch)
+    one = rest_swapped_captions(batch, phrases, 1, random.Random(3))
+    assert len(one) == 4 and one == rest_swapped_captions(batch, phrases, 1, random.Random(3))  # seeded
+    assert rest_swapped_captions(batch, phrases, 0, random.Random(0)) == []
+
+
 def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
     from train import clip as train_clip
 
@@ -767,6 +787,10 @@ def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
         train_clip.main([*argv, "--set", "clip.swaps_per_caption=8"])
     with pytest.raises(UserError, match="clip.hard_negatives is off and makes no negative to swap"):
         train_clip.main([*argv, "--set", "clip.hard_negatives=false", "--set", "clip.swaps_per_caption=2"])
+    with pytest.raises(UserError, match="'clip.rest_swaps' is 1; it keeps a caption's phrase .* needs clip.hard_neg"):
+        train_clip.main([*argv, "--set", "clip.hard_negatives=false", "--set", "clip.rest_swaps=1"])
+    with pytest.raises(UserError, match="'clip.rest_swaps' is -1; set it to 0 \\(none\\) or a count per caption"):
+        train_clip.main([*argv, "--set", "clip.rest_swaps=-1"])
     # without hard negatives nothing is swapped, and no phrases are needed
     plain = load_config("emoji")
     plain.data.source, plain.clip.hard_negatives, plain.clip.swap_phrases = str(imagefolder.root), False, []

@@ -104,6 +104,18 @@ def test_the_presets_judge_compiles_with_its_hard_negatives_shifts_and_flips(fol
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 
+def test_rest_swaps_add_same_style_negatives_to_the_judges_first_step(folder, tmp_path, capsys):
+    # the same first step but for more negative texts per image: InfoNCE's image side can only grow
+    swaps = "judge.clip.swap_phrases=[', alpha style', ', beta style', ', gamma style']"
+    losses = []
+    for rest in (0, 2):
+        argv = ["--config", "emoji", "--data", str(folder), "--out", str(tmp_path / str(rest)), "--set", swaps]
+        settings = [*JUDGE_TINY, "judge.splits=train", "judge.train.steps=1", f"judge.clip.rest_swaps={rest}"]
+        assert train_judge.main([*argv, *[x for item in settings for x in ("--set", item)]]) == 0
+        losses.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
+    assert losses[1] > losses[0] + 0.01
+
+
 def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
     with pytest.raises(UserError, match="'judge.splits' is 'train\\+test'; the judge grades the test split"):
         train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--set", "judge.splits=train+test"])

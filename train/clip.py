@@ -7,7 +7,8 @@ left-right flips (a flip makes a few captions false, `left arrow`; the judge sti
 With `clip.hard_negatives`, each caption made false in one place is an extra negative text for every
 image (NegCLIP): on shapes one word, by the caption grammar (`dalle_mini_impl.shapes.negatives`);
 elsewhere one of `clip.swap_phrases` for another, or for `clip.swaps_per_caption` others
-(`dalle_mini_impl.clip.negatives`).
+(`dalle_mini_impl.clip.negatives`); `clip.rest_swaps` adds negatives that keep a caption's phrase and take
+the rest from another caption of the batch (the same style, another name).
 With several processes, features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss). `--init-from BUNDLE_OR_RUN` starts from that model's CLIP and
 text tokenizer instead of random weights, and `train.clip.freeze` leaves parameter groups untrained:
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
-from dalle_mini_impl.clip.negatives import swapped_captions
+from dalle_mini_impl.clip.negatives import rest_swapped_captions, swapped_captions
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
 from dalle_mini_impl.data.images import make_grid
@@ -90,6 +91,14 @@ def check_config(cfg: RunConfig) -> None:
             f"config key 'clip.swaps_per_caption' is {count}; a caption's phrase can be swapped for 1 to "
             f"{phrases - 1} others of clip.swap_phrases: set it in that range"
         )
+    rest = cfg.clip.rest_swaps
+    if rest < 0:
+        raise UserError(f"config key 'clip.rest_swaps' is {rest}; set it to 0 (none) or a count per caption")
+    if rest and (cfg.data.source == "shapes" or not cfg.clip.hard_negatives):
+        raise UserError(
+            f"config key 'clip.rest_swaps' is {rest}; it keeps a caption's phrase of clip.swap_phrases and swaps the "
+            "rest, which needs clip.hard_negatives=true on data other than shapes: set that, or leave it at 0"
+        )
 
 
 def train_clip(cfg: RunConfig, args) -> dict[str, float]:
@@ -132,6 +141,8 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         else:
             count = cfg.clip.swaps_per_caption
             false = [f for c in batch["caption"] for f in swapped_captions(c, cfg.clip.swap_phrases, count, rng)]
+            if cfg.clip.rest_swaps:  # drawn after the swaps above: runs without them draw as before
+                false += rest_swapped_captions(batch["caption"], cfg.clip.swap_phrases, cfg.clip.rest_swaps, rng)
         return images, ids, tokenizer.encode(false).to(device) if false else ids[:0]
 
     def loss(m, batch, step):

@@ -6,7 +6,9 @@ that it must read that place. On shapes the caption grammar decides what to make
 one, and that one is swapped for another: on emoji-styles its eight styles (", noto style", ...), so that
 CLIP must tell a name's styles apart and not only its names. `clip.swaps_per_caption` swaps it for that many
 others, each one extra negative: with all seven, every image is scored against its caption in every style,
-which is the choice `eval emoji`'s style_acc grades.
+which is the choice `eval emoji`'s style_acc grades. `clip.rest_swaps` makes negatives the other way round: the
+caption's phrase kept and the rest taken from another caption of the batch (emoji-styles: the same style,
+another name, the choice `eval emoji`'s name R-precision grades).
 """
 
 from __future__ import annotations
@@ -43,3 +45,29 @@ def swapped_captions(caption: str, phrases: list[str], count: int, rng: random.R
         return []
     others = rng.sample([p for p in phrases if p != held], count)
     return [caption.replace(held, other, 1) for other in others]
+
+
+def rest_swapped_captions(captions: list[str], phrases: list[str], count: int, rng: random.Random) -> list[str]:
+    """For each caption holding one of `phrases`, up to `count` false captions that keep its phrase and take the
+    rest from other captions of the batch: another caption with its own phrase replaced by this one's
+    ("apple, noto style" for "pizza, openmoji style" gives "apple, openmoji style"). Never a caption of the
+    batch (that is some image's own), never the same one twice for a caption; fewer when the batch has too few
+    others. The donors are drawn in an order shuffled by `rng`."""
+    held = [_held(c, phrases) for c in captions]
+    truth = set(captions)
+    donors = [j for j, p in enumerate(held) if p is not None]
+    out: list[str] = []
+    for phrase in held:
+        if phrase is None or count < 1:
+            continue
+        order = donors.copy()
+        rng.shuffle(order)
+        made: list[str] = []
+        for j in order:
+            false = captions[j].replace(held[j], phrase, 1)
+            if false not in truth and false not in made:
+                made.append(false)
+                if len(made) == count:
+                    break
+        out += made
+    return out
