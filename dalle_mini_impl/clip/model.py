@@ -165,19 +165,22 @@ class ImageEncoder(nn.Module):
         """Where things are, which the class token's embedding loses: the patch tokens that the last block's
         class token reads (after all blocks but the last), average-pooled to a side x side grid, each position
         layer-normalised and scaled to unit length. Pixels (b, 3, S, S) -> (b, side * side * width)."""
-        x = self.tokens(pixels)
-        for block in self.transformer.blocks[:-1]:
-            x = block(x)
-        return self._pooled_grid(x, side)
+        return self._pooled_grid(self._before_last_block(pixels), side)
 
     def embed_and_grid(self, pixels: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` and `grid_features` of the same pixels in one pass: (b, e), (b, side * side * width)."""
+        x = self._before_last_block(pixels)
+        grid = self._pooled_grid(x, side)
+        for block in self.transformer.blocks[-1:]:
+            x = block(x)
+        return self.ln_post(x[:, 0]) @ self.proj, grid
+
+    def _before_last_block(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The tokens (b, 1 + n, d) after every block but the last."""
         x = self.tokens(pixels)
         for block in self.transformer.blocks[:-1]:
             x = block(x)
-        grid = self._pooled_grid(x, side)
-        x = self.transformer.blocks[-1](x)
-        return self.ln_post(x[:, 0]) @ self.proj, grid
+        return x
 
     @staticmethod
     def _pooled_grid(x: torch.Tensor, side: int) -> torch.Tensor:
