@@ -112,6 +112,11 @@ def _unit_cells(grid: torch.Tensor) -> torch.Tensor:
     return (F.layer_norm(grid, grid.shape[-1:]) * grid.shape[-1] ** -0.5).flatten(1)
 
 
+def _pooled_cells(features: torch.Tensor, side: int) -> torch.Tensor:
+    """A feature map (b, d, h, w) average-pooled to side x side, unit cells (b, side * side * d): both towers' grid."""
+    return _unit_cells(rearrange(F.adaptive_avg_pool2d(features, side), "b d h w -> b (h w) d"))
+
+
 def conv_stem(patch_size: int, width: int) -> nn.Sequential:
     """Pixels (b, 3, S, S) -> (b, width, S / p, S / p) by log2(p) 3x3 stride-2 convolutions and a 1x1.
 
@@ -185,9 +190,7 @@ class ImageEncoder(nn.Module):
     @staticmethod
     def _pooled_grid(x: torch.Tensor, side: int) -> torch.Tensor:
         """Blocks' tokens (b, 1 + g * g, d), the class token first -> the patches pooled to side x side, unit cells."""
-        g = math.isqrt(x.shape[1] - 1)
-        grid = F.adaptive_avg_pool2d(rearrange(x[:, 1:], "b (h w) d -> b d h w", h=g), side)
-        return _unit_cells(rearrange(grid, "b d h w -> b (h w) d"))
+        return _pooled_cells(rearrange(x[:, 1:], "b (h w) d -> b d h w", h=math.isqrt(x.shape[1] - 1)), side)
 
 
 def pool_positions(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -323,17 +326,12 @@ class ResNetEncoder(nn.Module):
     def grid_features(self, pixels: torch.Tensor, side: int) -> torch.Tensor:
         """The last feature map average-pooled to side x side, each position layer-normalised and scaled to unit
         length, as the ViT's (b, side * side * width)."""
-        return self._pooled_grid(self.feature_map(pixels), side)
+        return _pooled_cells(self.feature_map(pixels), side)
 
     def embed_and_grid(self, pixels: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` and `grid_features` of the same pixels from one feature map: (b, e), (b, side * side * width)."""
         features = self.feature_map(pixels)
-        return self.ln_post(self.pool(features)) @ self.proj, self._pooled_grid(features, side)
-
-    @staticmethod
-    def _pooled_grid(features: torch.Tensor, side: int) -> torch.Tensor:
-        """A feature map (b, d, h, w) average-pooled to side x side, unit cells (b, side * side * d)."""
-        return _unit_cells(rearrange(F.adaptive_avg_pool2d(features, side), "b d h w -> b (h w) d"))
+        return self.ln_post(self.pool(features)) @ self.proj, _pooled_cells(features, side)
 
 
 class TokenizerLike(Protocol):

@@ -53,12 +53,14 @@ def rest_swapped_captions(captions: list[str], phrases: list[str], count: int, r
     ("apple, noto style" for "pizza, openmoji style" gives "apple, openmoji style"). Never a caption of the
     batch (that is some image's own), never the same one twice for a caption; fewer when the batch has too few
     others. The donors are drawn in an order shuffled by `rng`."""
+    if count < 1:
+        return []
     held = [_held(c, phrases) for c in captions]
     truth = set(captions)
     donors = [j for j, p in enumerate(held) if p is not None]
     out: list[str] = []
     for phrase in held:
-        if phrase is None or count < 1:
+        if phrase is None:
             continue
         order = donors.copy()
         rng.shuffle(order)
