@@ -413,12 +413,15 @@ def test_unclip_stages_train_export_and_draw_variations(run_dir, tmp_path, capsy
     assert pipe.generate(["a red circle"], method="unclip", num_images=1, candidates=2, progress=False)[0][0].rank == 1
 
 
-def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path):
-    """unclip.grid: the embeddings file gains CLIP's spatial features (computed again, the file's grid differs),
-    and `--init-from` a decoder that reads the embedding alone widens its projection (train.dalle.widen_to_grid)."""
+def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path, capsys):
+    """unclip.grid: the embeddings file gains CLIP's spatial features (computed again by `train.embed`, the file's
+    grid differs), and `--init-from` a decoder that reads the embedding alone widens its projection
+    (train.dalle.widen_to_grid)."""
     from safetensors import safe_open
 
+    from dalle_mini_impl.data.tokens import read_shards
     from dalle_mini_impl.pipeline.pipeline import Pipeline
+    from train import embed as train_embed
     from train import export as train_export
     from train import unclip as train_unclip
 
@@ -432,8 +435,17 @@ def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path)
     plain = tmp_path / "plain"
     train_export.main([str(run), str(plain)])
     wide = copy_run(run, tmp_path / "wide")
+    # computed ahead by `python -m train.embed` with the grid, then read by train.unclip, not computed again
+    capsys.readouterr()
+    train_embed.main(args_for(wide, *small, "unclip.grid=2"))
+    printed = json.loads(capsys.readouterr().out)
+    embeddings = tokens_dir(wide, "train") / "clip.safetensors"
+    assert printed["grid"] == 2 and printed["splits"]["train"]["file"] == str(embeddings)
+    assert printed["splits"]["train"]["rows"] == len(read_shards(tokens_dir(wide, "train"))[1])
+    stamp = embeddings.stat().st_mtime_ns
     train_unclip.main([*args_for(wide, *small, "unclip.grid=2", "train.unclip.steps=2"), "--init-from", str(plain)])
-    with safe_open(str(tokens_dir(wide, "train") / "clip.safetensors"), framework="pt") as f:
+    assert embeddings.stat().st_mtime_ns == stamp
+    with safe_open(str(embeddings), framework="pt") as f:
         assert f.metadata()["grid"] == "2" and f.get_slice("grid").get_shape()[1] == 2 * 2 * 32
     assert json.loads((wide / "unclip.json").read_text())["cond_dim"] == 16 + 2 * 2 * 32
     assert json.loads((wide / "logs" / "unclip" / "init_from.json").read_text())["source"] == str(plain)

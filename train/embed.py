@@ -1,5 +1,7 @@
 """CLIP embeddings beside the token shards, for unCLIP's stages: computed once, read by `train.unclip` and
-`train.prior`.
+`train.prior` (which compute them when they are missing), or ahead of them:
+
+    python -m train.embed --config configs/shapes.toml --out RUN      # data.split and data.val_split
 
     RUN/tokens/<split>/clip.safetensors   image (N, e), text (N, e): l2-normalised float32, one row per
                                           shard row in `read_shards` order; with `unclip.grid` > 0 also grid
@@ -14,6 +16,7 @@ fingerprint) or for other rows is recomputed; an interrupted write leaves only a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -78,4 +81,32 @@ def shared_embeddings(run_dir, split: str, accelerator, grid: int = 0) -> dict[s
     return clip_embeddings(run_dir, split, accelerator.device, grid=grid)
 
 
-__all__ = ["FILE", "clip_embeddings", "shared_embeddings"]
+def main(argv: list[str] | None = None) -> int:
+    """The embeddings (and with `unclip.grid` the grids) of RUN's token shards of the training and validation
+    splits, computed unless a file made by RUN's CLIP for them is there; prints one JSON line: rows and file."""
+    import argparse
+
+    from accelerate import PartialState
+
+    from dalle_mini_impl.config import add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    state = PartialState()  # the main process computes, the others wait (`shared_embeddings`)
+    splits = {}
+    for split in (cfg.data.split, cfg.data.val_split):
+        found = shared_embeddings(cfg.out_dir, split, state, cfg.unclip.grid)
+        splits[split] = {"rows": len(found["image"]), "file": str(tokens_dir(cfg.out_dir, split) / FILE)}
+    if state.is_main_process:
+        print(json.dumps({"run": str(Path(cfg.out_dir)), "grid": cfg.unclip.grid, "splits": splits}))
+    return 0
+
+
+__all__ = ["FILE", "clip_embeddings", "main", "shared_embeddings"]
+
+
+if __name__ == "__main__":
+    from dalle_mini_impl.errors import run_cli
+
+    run_cli(main)
