@@ -155,6 +155,11 @@ class TransformerConfig:
     # before the text; 0 and 0: no embedding (the DALL-E transformer). The zero vector is the dropped embedding
     cond_dim: int = 0
     cond_len: int = 0
+    # of the cond_len positions, the last cond_tokens are one each of the last cond_tokens slices of cond_token_dim
+    # numbers (unCLIP's grid cells with `unclip.grid_tokens`), through one shared projection; 0: all cond_len from
+    # one projection of the whole embedding
+    cond_tokens: int = 0
+    cond_token_dim: int = 0
     cond_dropout: float = 0.1  # training: probability of the dropped (zero) embedding
     # geometry, from the tokenizers
     text_vocab: int = 0  # text ids the tokenizer emits, pad/bos/eos included
@@ -304,6 +309,10 @@ class UnclipConfig:
     # time so the decoder draws from the embedding alone too. 0: the embedding alone, as DALL-E 2's decoder
     grid: int = 0
     grid_dropout: float = 0.5
+    # true: each of the grid's grid x grid cells is a decoder position of its own (one shared projection of a cell's
+    # features, a learned vector per position), after the embedding's cond_len: image cells attend to where in the
+    # source a feature was (IP-Adapter-Plus's tokens); false: the grid joins the embedding's projection
+    grid_tokens: bool = False
     prior: PriorConfig = field(default_factory=PriorConfig)
 
 

@@ -522,6 +522,44 @@ def test_a_decoder_widened_to_read_a_grid_draws_what_it_drew_until_trained():
     assert torch.equal(widen_to_grid(state, narrow)["cond_proj.weight"], narrow.cond_proj.weight)
 
 
+def test_grid_cells_as_positions_of_their_own_move_only_their_position():
+    """cond_tokens (unclip.grid_tokens): the embedding at the first cond_len - T positions, each of the T grid cells
+    at one more through one shared projection; zeros are the dropped grid, and a bad split is one sentence."""
+    T, W = 4, 3  # a 2 x 2 grid of width 3 after the embedding
+    model = decoder(cond_dim=E + T * W, cond_len=2 + T, cond_tokens=T, cond_token_dim=W)
+    text, _, emb = batch(b=2)
+    grid = torch.randn(2, T * W)
+    base = model.embed_prefix(text, torch.cat([emb, grid], 1))
+    moved = grid.clone()
+    moved[:, W : 2 * W] += 1.0  # the second cell's features
+    after = model.embed_prefix(text, torch.cat([emb, moved], 1))
+    changed = (after - base).abs().amax(dim=(0, 2)) > 0  # per prefix position
+    assert changed.tolist() == [False, False, False, True, False, False] + [False] * 6  # 2 + 4 cells, 6 text
+    cells = base[:, 2:6] - model.cond_pos.weight[2:6]
+    assert torch.allclose(cells, grid.view(2, T, W) @ model.cond_token_proj.weight, atol=1e-6)
+    dropped = model.embed_prefix(text, torch.cat([emb, torch.zeros_like(grid)], 1))[:, 2:6]
+    assert torch.allclose(dropped, model.cond_pos.weight[2:6].expand(2, -1, -1))
+    with pytest.raises(UserError, match="transformer config 'cond_tokens' is 6; it must be below cond_len 6"):
+        decoder(cond_dim=E + 6 * W, cond_len=6, cond_tokens=6, cond_token_dim=W)
+
+
+def test_a_decoder_without_a_grid_starts_one_with_grid_cells_as_positions():
+    from train.dalle import widen_to_grid
+
+    narrow = decoder()
+    with torch.no_grad():  # weights that a decoder built from the same seed would not have
+        for weight in (narrow.cond_proj.weight, narrow.cond_pos.weight, narrow.blocks[0].attn.qkv.weight):
+            weight.add_(1.0)
+    cells = decoder(cond_dim=E + 4 * 3, cond_len=2 + 4, cond_tokens=4, cond_token_dim=3)
+    own = {k: v.clone() for k, v in cells.state_dict().items()}
+    cells.load_state_dict(widen_to_grid(narrow.state_dict(), cells))  # strict: every weight is there
+    assert torch.equal(cells.cond_proj.weight, narrow.cond_proj.weight)
+    assert torch.equal(cells.cond_pos.weight[:2], narrow.cond_pos.weight)  # the source's positions first
+    assert torch.equal(cells.cond_pos.weight[2:], own["cond_pos.weight"][2:])  # the cells' own, new
+    assert torch.equal(cells.cond_token_proj.weight, own["cond_token_proj.weight"])
+    assert torch.equal(cells.blocks[0].attn.qkv.weight, narrow.blocks[0].attn.qkv.weight)
+
+
 @pytest.fixture(scope="module")
 def grid_bundle(tmp_path_factory) -> Path:
     from tests.bundle_factory import tiny_config
@@ -566,6 +604,18 @@ def test_a_decoder_that_reads_no_grid_in_a_bundle_that_says_it_does_is_one_sente
         Pipeline.from_pretrained(folder, device="cpu")
 
 
+def test_a_bundle_whose_decoder_reads_grid_cells_as_positions_draws_variations(tmp_path, images):
+    from tests.bundle_factory import tiny_config
+
+    cfg = tiny_config()
+    cfg.unclip.grid, cfg.unclip.grid_tokens = 2, True
+    pipe = Pipeline.from_pretrained(make_tiny_bundle(tmp_path / "b", unclip=True, cfg=cfg), device="cpu")
+    c = pipe.unclip.cfg
+    assert (c.cond_len, c.cond_tokens, c.cond_token_dim, c.cond_dim) == (2 + 4, 4, 32, 16 + 4 * 32)
+    kept = pipe.variations([images[0]], num_images=2, candidates=3, progress=False)[0]
+    assert len(kept) == 2 and not torch.equal(kept[0].ids, kept[1].ids)
+
+
 def test_variations_take_their_own_guidance_unless_one_is_given(grid_bundle, images):
     pipe = Pipeline.from_pretrained(grid_bundle, device="cpu")
     pipe.cfg.sample.guidance_scale, pipe.cfg.sample.variation_guidance_scale = 3.0, 1.0
@@ -582,3 +632,21 @@ def test_variations_take_their_own_guidance_unless_one_is_given(grid_bundle, ima
     pipe.cfg.sample.variation_guidance_scale = float("nan")
     with pytest.raises(UserError, match="sample.variation_guidance_scale is nan; give a finite number >= 0"):
         pipe.variations([images[0]], **few)
+
+
+def test_the_unclip_section_is_checked_in_one_sentence():
+    from tests.bundle_factory import tiny_config
+    from train.dalle import check_unclip
+
+    for key, value, message in [
+        ("grid", -1, "'unclip.grid' is -1; set it to 0 (the embedding alone) or a grid side"),
+        ("grid_dropout", 1.5, "'unclip.grid_dropout' is 1.5; set it between 0 and 1"),
+        ("grid_tokens", True, "'unclip.grid_tokens' is true with unclip.grid 0; set unclip.grid to a grid side"),
+    ]:
+        cfg = tiny_config()
+        setattr(cfg.unclip, key, value)
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_unclip(cfg)
+    cfg = tiny_config()
+    cfg.unclip.grid, cfg.unclip.grid_tokens = 2, True
+    check_unclip(cfg)  # a grid of cells as positions: fine

@@ -35,7 +35,7 @@ from train import finetune, loop
 from train.common import adamw, example_batches, seed_everything
 
 # the unCLIP decoder's weights a transformer has not: the CLIP embedding's projection and position vectors
-DECODER_OWN = ("cond_proj.weight", "cond_pos.weight")
+DECODER_OWN = ("cond_proj.weight", "cond_pos.weight", "cond_token_proj.weight")
 
 
 class EncodedOnTheFly:
@@ -94,7 +94,9 @@ def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer, cond_dim: int =
         tcfg = dataclasses.replace(
             tcfg,
             cond_dim=cond_dim,
-            cond_len=u.cond_len,
+            cond_len=u.cond_len + (u.grid**2 if u.grid_tokens else 0),
+            cond_tokens=u.grid**2 if u.grid_tokens else 0,
+            cond_token_dim=(cond_dim - cfg.clip.embed_dim) // u.grid**2 if u.grid_tokens else 0,
             cond_dropout=u.embedding_dropout,
             caption_dropout=u.caption_dropout,
         )
@@ -116,6 +118,8 @@ def check_unclip(cfg: RunConfig) -> None:
     u = cfg.unclip
     if u.grid < 0:
         raise UserError(f"config key 'unclip.grid' is {u.grid}; set it to 0 (the embedding alone) or a grid side")
+    if u.grid_tokens and not u.grid:
+        raise UserError("config key 'unclip.grid_tokens' is true with unclip.grid 0; set unclip.grid to a grid side")
     for key in ("embedding_dropout", "caption_dropout", "grid_dropout"):
         if not 0 <= getattr(u, key) <= 1:
             raise UserError(f"config key 'unclip.{key}' is {getattr(u, key)}; set it between 0 and 1")
@@ -124,14 +128,21 @@ def check_unclip(cfg: RunConfig) -> None:
 def widen_to_grid(state: dict[str, torch.Tensor], model: DALLE) -> dict[str, torch.Tensor]:
     """A decoder's weights for `model` when it reads CLIP's spatial features (`unclip.grid`) and they do not: the
     projection's new input rows start at zero, so the widened decoder draws exactly what the source drew
-    until training teaches it to read the grid. Any other state is returned as it is."""
+    until training teaches it to read the grid. With the grid's cells as positions of their own
+    (`unclip.grid_tokens`), the source's positions come first and the cells' positions and projection are
+    `model`'s own initialisation (new positions change what the decoder draws: not exactly the source's). Any
+    other state is returned as it is."""
+    ours, out = model.state_dict(), dict(state)
     name = "cond_proj.weight"  # (in, out): an input per row
-    theirs, ours = state.get(name), model.state_dict().get(name)
-    if theirs is None or ours is None or theirs.shape[1] != ours.shape[1] or theirs.shape[0] >= ours.shape[0]:
-        return state
-    wide = theirs.new_zeros(ours.shape)
-    wide[: theirs.shape[0]] = theirs
-    return state | {name: wide}
+    theirs, mine = state.get(name), ours.get(name)
+    if theirs is not None and mine is not None and theirs.shape[1] == mine.shape[1] and theirs.shape[0] < mine.shape[0]:
+        out[name] = torch.cat([theirs, theirs.new_zeros(mine.shape[0] - theirs.shape[0], mine.shape[1])])
+    name = "cond_pos.weight"
+    theirs, mine = state.get(name), ours.get(name)
+    if theirs is not None and mine is not None and theirs.shape[0] < mine.shape[0] and "cond_token_proj.weight" in ours:
+        out[name] = torch.cat([theirs, mine[theirs.shape[0] :].to(theirs.dtype)])
+        out.setdefault("cond_token_proj.weight", ours["cond_token_proj.weight"].to(theirs.dtype))
+    return out if out.keys() != state.keys() or any(out[k] is not state[k] for k in state) else state
 
 
 def start_from_transformer(decoder: DALLE, run: Path) -> None:

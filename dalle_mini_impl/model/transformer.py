@@ -192,6 +192,12 @@ def _check(cfg: TransformerConfig) -> None:
         raise bad("pads_in_loss", "false when text_pad is 'mask' (masked pads are never targets)")
     if cfg.cond_dim < 0 or cfg.cond_len < 0 or (cfg.cond_dim > 0) != (cfg.cond_len > 0):
         raise bad("cond_len", f"0 with cond_dim 0 (no embedding) or positive with cond_dim {cfg.cond_dim} > 0")
+    if cfg.cond_tokens < 0 or cfg.cond_token_dim < 0 or (cfg.cond_tokens > 0) != (cfg.cond_token_dim > 0):
+        raise bad("cond_tokens", "0 with cond_token_dim 0, or both positive")
+    if cfg.cond_tokens and (cfg.cond_tokens >= cfg.cond_len or cfg.cond_tokens * cfg.cond_token_dim >= cfg.cond_dim):
+        raise bad(
+            "cond_tokens", f"below cond_len {cfg.cond_len}, its slices within cond_dim {cfg.cond_dim} and leaving some"
+        )
     if not 0.0 <= cfg.cond_dropout <= 1.0:
         raise bad("cond_dropout", "between 0 and 1")
 
@@ -371,8 +377,11 @@ class DALLE(nn.Module):
         self.image_emb = nn.Embedding(cfg.image_rows, d)
         self.text_pos = nn.Embedding(t, d)
         if cfg.cond_len:  # unCLIP: the embedding's positions, a projection plus a learned vector each
-            self.cond_proj = Linear(cfg.cond_dim, cfg.cond_len * d)
+            lead = cfg.cond_dim - cfg.cond_tokens * cfg.cond_token_dim
+            self.cond_proj = Linear(lead, (cfg.cond_len - cfg.cond_tokens) * d)
             self.cond_pos = nn.Embedding(cfg.cond_len, d)
+            if cfg.cond_tokens:  # one position per slice (a grid cell), one projection for all of them
+                self.cond_token_proj = Linear(cfg.cond_token_dim, d)
         if cfg.pos_2d == "embed":
             self.row_pos = nn.Embedding(cfg.grid_h, d)
             self.col_pos = nn.Embedding(cfg.grid_w, d)
@@ -425,7 +434,13 @@ class DALLE(nn.Module):
             cond = x.new_zeros(b, c.cond_dim)
         if cond.shape != (b, c.cond_dim):
             raise ValueError(f"cond must be ({b}, {c.cond_dim}) embeddings, got {tuple(cond.shape)}")
-        e = self.cond_proj(cond.to(x.dtype)).view(b, c.cond_len, c.dim) + self.cond_pos.weight
+        cond, T = cond.to(x.dtype), c.cond_tokens
+        lead = cond[:, : c.cond_dim - T * c.cond_token_dim]
+        e = self.cond_proj(lead).view(b, c.cond_len - T, c.dim)
+        if T:
+            cells = self.cond_token_proj(cond[:, lead.shape[1] :].view(b, T, c.cond_token_dim))
+            e = torch.cat([e, cells], dim=1)
+        e = e + self.cond_pos.weight
         return torch.cat([e, x], dim=1)
 
     def embed_image(self, image: torch.Tensor, first: int | torch.Tensor = 0) -> torch.Tensor:

@@ -104,6 +104,7 @@ STAGE_SECTIONS = {
         "unclip.caption_dropout",
         "unclip.grid",
         "unclip.grid_dropout",
+        "unclip.grid_tokens",
         "train.unclip",
     ),
     "prior": ("unclip.prior", "train.prior"),
