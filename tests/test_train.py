@@ -171,6 +171,27 @@ def test_encode_resumes_and_reuses_shards(run_dir):
     assert before == after  # complete shards are not written again
 
 
+def test_encode_to_more_examples_encodes_the_short_last_shard_again(run_dir, tmp_path):
+    """An encode that stopped at a smaller data.max_examples left a short last shard: a longer encode writes it
+    again in full, so its rows are the rows a fresh encode of the longer stream has (none are skipped)."""
+    from dalle_mini_impl.data.tokens import shard_rows
+
+    shards = "data.encode_shard_size=64"
+    fresh, grown = copy_run(run_dir, tmp_path / "fresh"), copy_run(run_dir, tmp_path / "grown")
+    for run in (fresh, grown):
+        shutil.rmtree(run / "tokens", ignore_errors=True)
+    train_encode.main(args_for(grown, shards, "data.max_examples=160"))  # 64 + 64 + 32 rows
+    short = tokens_dir(grown, "train") / "shard_000_00002.safetensors"
+    assert read_shards(tokens_dir(grown, "train"))[0].shape[0] == 160
+    first = (tokens_dir(grown, "train") / "shard_000_00000.safetensors").stat().st_mtime_ns
+    train_encode.main(args_for(grown, shards, "data.max_examples=192"))
+    train_encode.main(args_for(fresh, shards, "data.max_examples=192"))
+    (ids, captions), (want_ids, want_captions) = (read_shards(tokens_dir(r, "train")) for r in (grown, fresh))
+    assert ids.shape[0] == 192 and torch.equal(ids, want_ids) and captions == want_captions
+    assert (tokens_dir(grown, "train") / "shard_000_00000.safetensors").stat().st_mtime_ns == first  # full: reused
+    assert shard_rows(short) == 64  # written again, whole
+
+
 def test_dalle_runs_stops_and_resumes(run_dir):
     train_dalle.main(args_for(run_dir, "train.dalle.steps=2", "train.dalle.checkpoint_every=2"))
     ckpts = list_checkpoints(run_dir / "checkpoints" / "dalle")

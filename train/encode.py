@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import ExampleStream
-from dalle_mini_impl.data.tokens import shard_path, tokens_dir, write_shard
+from dalle_mini_impl.data.tokens import shard_path, shard_rows, tokens_dir, write_shard
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import load_vae, record_stage_config
 
@@ -37,7 +37,9 @@ def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, w
     def flush() -> None:
         nonlocal images, captions, index, written, reused
         path = shard_path(folder, rank, index)
-        if path.exists():  # written by an earlier, interrupted run
+        # written by an earlier run: reused when it holds these rows; the last shard of an encode that stopped at a
+        # smaller data.max_examples holds fewer, and is encoded again (else the rows after it would be lost)
+        if path.exists() and shard_rows(path) == len(images):
             reused += 1
             bar.update(len(images))
         else:

@@ -50,6 +50,15 @@ def write_shard(path: Path, image_ids: torch.Tensor, captions: list[str]) -> Non
     os.replace(tmp, path)
 
 
+def shard_rows(path: Path) -> int:
+    """The rows a shard holds (read from its header), or -1 when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("image_ids").get_shape()[0]
+    except Exception:  # noqa: BLE001 - unreadable: not a shard to reuse
+        return -1
+
+
 def list_shards(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
