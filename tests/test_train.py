@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import vae
 from dalle_mini_impl.config import load_config
 from dalle_mini_impl.data.streams import ExampleStream
-from dalle_mini_impl.data.tokens import read_shards, tokens_dir
+from dalle_mini_impl.data.tokens import read_shards, shard_rows, tokens_dir
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.pipeline.bundle import load_vae
 from train import clip as train_clip
@@ -174,8 +174,6 @@ def test_encode_resumes_and_reuses_shards(run_dir):
 def test_encode_to_more_examples_encodes_the_short_last_shard_again(run_dir, tmp_path):
     """An encode that stopped at a smaller data.max_examples left a short last shard: a longer encode writes it
     again in full, so its rows are the rows a fresh encode of the longer stream has (none are skipped)."""
-    from dalle_mini_impl.data.tokens import shard_rows
-
     shards = "data.encode_shard_size=64"
     fresh, grown = copy_run(run_dir, tmp_path / "fresh"), copy_run(run_dir, tmp_path / "grown")
     for run in (fresh, grown):
@@ -440,7 +438,6 @@ def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path,
     (train.dalle.widen_to_grid)."""
     from safetensors import safe_open
 
-    from dalle_mini_impl.data.tokens import read_shards
     from dalle_mini_impl.pipeline.pipeline import Pipeline
     from train import embed as train_embed
     from train import export as train_export

@@ -4,6 +4,7 @@ uses (variations, interpolations, text diffs, --method unclip), on tiny models t
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -645,7 +646,7 @@ def test_the_unclip_section_is_checked_in_one_sentence():
     ]:
         cfg = tiny_config()
         setattr(cfg.unclip, key, value)
-        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(UserError, match=re.escape(message)):
             check_unclip(cfg)
     cfg = tiny_config()
     cfg.unclip.grid, cfg.unclip.grid_tokens = 2, True

@@ -91,12 +91,13 @@ def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer, cond_dim: int =
     tcfg = cfg.transformer
     if cond_dim:
         u = cfg.unclip
+        cells = u.grid**2 if u.grid_tokens else 0  # the grid's cells as positions of their own, after cond_len
         tcfg = dataclasses.replace(
             tcfg,
             cond_dim=cond_dim,
-            cond_len=u.cond_len + (u.grid**2 if u.grid_tokens else 0),
-            cond_tokens=u.grid**2 if u.grid_tokens else 0,
-            cond_token_dim=(cond_dim - cfg.clip.embed_dim) // u.grid**2 if u.grid_tokens else 0,
+            cond_len=u.cond_len + cells,
+            cond_tokens=cells,
+            cond_token_dim=(cond_dim - cfg.clip.embed_dim) // cells if cells else 0,
             cond_dropout=u.embedding_dropout,
             caption_dropout=u.caption_dropout,
         )
@@ -132,17 +133,18 @@ def widen_to_grid(state: dict[str, torch.Tensor], model: DALLE) -> dict[str, tor
     (`unclip.grid_tokens`), the source's positions come first and the cells' positions and projection are
     `model`'s own initialisation (new positions change what the decoder draws: not exactly the source's). Any
     other state is returned as it is."""
-    ours, out = model.state_dict(), dict(state)
+    ours, changes = model.state_dict(), {}
     name = "cond_proj.weight"  # (in, out): an input per row
     theirs, mine = state.get(name), ours.get(name)
     if theirs is not None and mine is not None and theirs.shape[1] == mine.shape[1] and theirs.shape[0] < mine.shape[0]:
-        out[name] = torch.cat([theirs, theirs.new_zeros(mine.shape[0] - theirs.shape[0], mine.shape[1])])
+        changes[name] = torch.cat([theirs, theirs.new_zeros(mine.shape[0] - theirs.shape[0], mine.shape[1])])
     name = "cond_pos.weight"
     theirs, mine = state.get(name), ours.get(name)
     if theirs is not None and mine is not None and theirs.shape[0] < mine.shape[0] and "cond_token_proj.weight" in ours:
-        out[name] = torch.cat([theirs, mine[theirs.shape[0] :].to(theirs.dtype)])
-        out.setdefault("cond_token_proj.weight", ours["cond_token_proj.weight"].to(theirs.dtype))
-    return out if out.keys() != state.keys() or any(out[k] is not state[k] for k in state) else state
+        changes[name] = torch.cat([theirs, mine[theirs.shape[0] :].to(theirs.dtype)])
+        if "cond_token_proj.weight" not in state:
+            changes["cond_token_proj.weight"] = ours["cond_token_proj.weight"].to(theirs.dtype)
+    return state | changes if changes else state
 
 
 def start_from_transformer(decoder: DALLE, run: Path) -> None:

@@ -434,12 +434,11 @@ class DALLE(nn.Module):
             cond = x.new_zeros(b, c.cond_dim)
         if cond.shape != (b, c.cond_dim):
             raise ValueError(f"cond must be ({b}, {c.cond_dim}) embeddings, got {tuple(cond.shape)}")
-        cond, T = cond.to(x.dtype), c.cond_tokens
-        lead = cond[:, : c.cond_dim - T * c.cond_token_dim]
+        T = c.cond_tokens
+        lead, cells = cond.to(x.dtype).split([c.cond_dim - T * c.cond_token_dim, T * c.cond_token_dim], dim=1)
         e = self.cond_proj(lead).view(b, c.cond_len - T, c.dim)
-        if T:
-            cells = self.cond_token_proj(cond[:, lead.shape[1] :].view(b, T, c.cond_token_dim))
-            e = torch.cat([e, cells], dim=1)
+        if T:  # one position per cell (`cond_tokens`)
+            e = torch.cat([e, self.cond_token_proj(cells.view(b, T, c.cond_token_dim))], dim=1)
         e = e + self.cond_pos.weight
         return torch.cat([e, x], dim=1)
 
