@@ -231,17 +231,15 @@ def test_the_edit_evaluation_masks_the_second_object_and_changes_one_of_its_attr
     from dalle_mini_impl.shapes.generator import parse_caption
     from dalle_mini_impl.shapes.judge import find_objects
 
-    cfg = ShapesConfig()
-    edits = sources(16, 0, cfg, 32)
+    held_out = ShapesConfig().held_out
+    edits = sources(16, 0, held_out, 32)
     assert [parse_caption(e["caption"])["relation"] for e in edits[:4]] == list(SECOND_HALF)
     assert {e["renderer"] for e in edits} == {"ours", "pil"}
     for e in edits:
         before, after = parse_caption(e["caption"]), parse_caption(e["edit"])
         assert before["objects"][0] == after["objects"][0] and before["relation"] == after["relation"]
         changed = {k for k in ("color", "shape") if before["objects"][1][k] != after["objects"][1][k]}
-        assert (
-            len(changed) == 1 and f"{after['objects'][1]['color']} {after['objects'][1]['shape']}" not in cfg.held_out
-        )
+        assert len(changed) == 1 and f"{after['objects'][1]['color']} {after['objects'][1]['shape']}" not in held_out
         mask = np.asarray(e["mask"]) > 0
         found = find_objects(e["image"])
         assert len(found) == 2

@@ -20,6 +20,7 @@ from dalle_mini_impl.model.generate import generate
 from dalle_mini_impl.model.prior import EmbeddingPrior, slerp
 from dalle_mini_impl.model.transformer import DALLE, preset_config
 from dalle_mini_impl.pipeline.pipeline import Pipeline
+from dalle_mini_impl.shapes.generator import parse_caption
 from sample.__main__ import main
 from tests.bundle_factory import make_tiny_bundle
 
@@ -376,11 +377,34 @@ def test_the_second_renderer_draws_what_the_judge_accepts():
     from dalle_mini_impl.eval.unclip import sources
     from dalle_mini_impl.shapes.judge import judge
 
-    srcs = sources(60, 3, ShapesConfig(), 32)
+    srcs = sources(60, 3, ShapesConfig().held_out, 32)
     assert [w for _, _, w in srcs[:4]] == ["ours", "pil", "ours", "pil"]
     assert all(judge(image, caption).ok for caption, image, _ in srcs)
-    ours, pil = srcs[0][1], sources(2, 3, ShapesConfig(), 32)[1][1]
+    ours, pil = srcs[0][1], sources(2, 3, ShapesConfig().held_out, 32)[1][1]
     assert set(np.unique(pil)) - set(np.unique(ours)) or not np.array_equal(pil, ours)  # another rasteriser
+
+
+def test_eval_unclip_grades_a_bundle_trained_on_another_scene_mix_on_the_same_sources(bundle, tmp_path, monkeypatch):
+    import shutil
+
+    from dalle_mini_impl.eval import unclip
+
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["data"]["shapes"].update(two_object_p=1.0, omit_p=0.0)  # trained on two-object scenes only
+    (other / "config.json").write_text(json.dumps(cfg))
+    graded = {}
+
+    def record(pipe, srcs, settings, progress=True):
+        graded[len(graded)] = [caption for caption, _, _ in srcs]
+        return {}
+
+    monkeypatch.setattr(unclip, "variations", record)
+    for model in (bundle, other):
+        assert unclip.main(["--model", str(model), "--n", "6", "--diffs", "0", "--pairs", "0"]) == 0
+    assert graded[0] == graded[1]
+    assert {parse_caption(c)["kind"] for c in graded[0]} == {"one", "two"}  # the spec's mix, not the bundle's
 
 
 def test_flip_relation_turns_only_the_relation_around():

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.data.images import to_uint8
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval.unclip import _by_renderer, _share, render_pil
@@ -69,8 +70,12 @@ def edit_caption(stated: dict, rng: np.random.Generator, held_out: list[str]) ->
     return format_caption(dict(stated, objects=[first, options[int(rng.integers(len(options)))]]))
 
 
-def sources(n: int, seed: int, cfg, S: int) -> list[dict]:
-    """n edits of validation renders, the relations in turn: {caption, edit, image (uint8), mask (PIL), renderer}."""
+def sources(n: int, seed: int, held_out: list[str], S: int) -> list[dict]:
+    """n edits of validation renders, the relations in turn: {caption, edit, image (uint8), mask (PIL), renderer}.
+
+    A function of (n, seed, held-out pairs, S) alone: the spec's scene mix, not the one a bundle was trained on.
+    """
+    cfg = ShapesConfig(held_out=list(held_out))
     rng = np.random.default_rng([seed, 53])
     relations = list(SECOND_HALF)
     out, i = [], 0
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise UserError(f"--weights '{args.weights}' is not a comma list of numbers") from None
     t0 = time.perf_counter()
-    edits = sources(args.n, args.seed, pipe.cfg.data.shapes, pipe.cfg.data.image_size)
+    edits = sources(args.n, args.seed, pipe.cfg.data.shapes.held_out, pipe.cfg.data.image_size)
     result = {"model": str(args.model or "shipped"), "seed": args.seed, "n": len(edits), "candidates": s.candidates}
     result |= {k: getattr(s, k) for k in ("guidance_scale", "guidance_until", "temperature")}
     result |= evaluate(pipe, edits, weights, s)

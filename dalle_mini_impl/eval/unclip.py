@@ -3,9 +3,10 @@
     python -m dalle_mini_impl.eval unclip --model shapes --n 300 --seed 0 [--diffs 100] [--pairs 50]
         [--text-diff-scales 0.2,0.3,0.4]      # text diffs at each scale (default: the bundle's)
 
-Sources are renders of scenes from the `validation` split (one- and two-object, as the split draws them),
-half drawn by this project's renderer (antialiased, `shapes.generator.render`) and half by an independent
-one (PIL's ImageDraw: hard edges, the spec's geometry), so the numbers do not rest on one renderer's pixels.
+Sources are renders of scenes from the `validation` split (one- and two-object in the spec's mix, whatever
+mix the bundle was trained on), half drawn by this project's renderer (antialiased, `shapes.generator.render`)
+and half by an independent one (PIL's ImageDraw: hard edges, the spec's geometry), so the numbers do not rest
+on one renderer's pixels.
 
   variations     each of n sources: `--num-images` (4) variations, the best of `--candidates` (8) by CLIP
                  image similarity. Reported: the judge's acceptance of the top-1 and of every kept
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, extent, format_caption, parse_caption, render, sample_scene
 from dalle_mini_impl.shapes.judge import judge
@@ -65,8 +67,15 @@ def render_pil(scene, S: int) -> np.ndarray:
     return np.asarray(im)
 
 
-def sources(n: int, seed: int, cfg, S: int, one_object_with_color: bool = False) -> list[tuple[str, np.ndarray, str]]:
-    """n (caption, uint8 image, renderer) of validation scenes; alternately rendered by ours and PIL's."""
+def sources(
+    n: int, seed: int, held_out: list[str], S: int, one_object_with_color: bool = False
+) -> list[tuple[str, np.ndarray, str]]:
+    """n (caption, uint8 image, renderer) of validation scenes; alternately rendered by ours and PIL's.
+
+    A function of (n, seed, held-out pairs, S) alone, like `eval shapes`' prompts: the spec's scene mix, not
+    the one a bundle was trained on (a decoder trained on more two-object scenes is graded on the same sources).
+    """
+    cfg = ShapesConfig(held_out=list(held_out))
     out, i = [], 0
     while len(out) < n:
         scene = sample_scene(np.random.default_rng([seed, 31, i]), S, cfg, "validation")
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             scales = [float(x) for x in args.text_diff_scales.split(",")]
         except ValueError:
             raise UserError(f"--text-diff-scales '{args.text_diff_scales}' is not a comma list of numbers") from None
-    S, cfg = pipe.cfg.data.image_size, pipe.cfg.data.shapes
+    S, held_out = pipe.cfg.data.image_size, pipe.cfg.data.shapes.held_out
     settings = dict(num_images=args.num_images, candidates=args.candidates, seed=args.seed)
     one = dict(settings, num_images=1)
     t0 = time.perf_counter()
@@ -204,12 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     result["guidance_scale"], result["temperature"] = pipe.cfg.sample.guidance_scale, pipe.cfg.sample.temperature
     result["variation_guidance_scale"] = pipe.cfg.sample.variation_guidance_scale or pipe.cfg.sample.guidance_scale
     if args.n:
-        result["variations"] = variations(pipe, sources(args.n, args.seed, cfg, S), settings, progress=True)
+        result["variations"] = variations(pipe, sources(args.n, args.seed, held_out, S), settings, progress=True)
     if args.diffs:
-        srcs = sources(args.diffs, args.seed + 1, cfg, S, one_object_with_color=True)
+        srcs = sources(args.diffs, args.seed + 1, held_out, S, one_object_with_color=True)
         result["text_diffs"] = text_diffs(pipe, srcs, scales, one, args.seed, progress=True)
     if args.pairs:
-        srcs = sources(2 * args.pairs, args.seed + 2, cfg, S, one_object_with_color=True)
+        srcs = sources(2 * args.pairs, args.seed + 2, held_out, S, one_object_with_color=True)
         result["interpolations"] = interpolations(pipe, srcs, one, progress=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(result)
