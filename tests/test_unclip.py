@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -385,8 +386,6 @@ def test_the_second_renderer_draws_what_the_judge_accepts():
 
 
 def test_eval_unclip_grades_a_bundle_trained_on_another_scene_mix_on_the_same_sources(bundle, tmp_path, monkeypatch):
-    import shutil
-
     from dalle_mini_impl.eval import unclip
 
     other = tmp_path / "other"
@@ -394,10 +393,10 @@ def test_eval_unclip_grades_a_bundle_trained_on_another_scene_mix_on_the_same_so
     cfg = json.loads((other / "config.json").read_text())
     cfg["data"]["shapes"].update(two_object_p=1.0, omit_p=0.0)  # trained on two-object scenes only
     (other / "config.json").write_text(json.dumps(cfg))
-    graded = {}
+    graded = []  # the captions of each run's sources
 
     def record(pipe, srcs, settings, progress=True):
-        graded[len(graded)] = [caption for caption, _, _ in srcs]
+        graded.append([caption for caption, _, _ in srcs])
         return {}
 
     monkeypatch.setattr(unclip, "variations", record)
@@ -616,8 +615,6 @@ def test_only_variations_give_the_decoder_a_grid(grid_bundle, images):
 
 
 def test_a_decoder_that_reads_no_grid_in_a_bundle_that_says_it_does_is_one_sentence(bundle, tmp_path):
-    import shutil
-
     from dalle_mini_impl.config import read_config_json
     from dalle_mini_impl.pipeline.bundle import write_bundle_config
 
