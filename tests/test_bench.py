@@ -96,6 +96,9 @@ def test_sample_phase_prints_json(capsys, tmp_path):
         assert decode[key]["speedup"] > 0
         assert decode[key]["cached"]["passes"] == 16 and decode[key]["cached"]["image_tokens_per_s"] > 0
     assert decode["fp32_batch1"]["speculative"]["window"] == 1  # fp32 on the CPU decodes plainly
+    for key in ("fp32_batch4", "bf16_batch4"):  # the bundle guides: at its candidates, what guidance costs
+        assert decode[key]["unguided"]["passes"] == 16 and decode[key]["guidance_cost"] > 0
+    assert "unguided" not in decode["fp32_batch1"]
     # the window each run used: 32 positions over 8 rows; at one row 16, cut to the 15 cells after the first
     assert decode["bf16_batch4"]["speculative"]["window"] == 4 and decode["bf16_batch1"]["speculative"]["window"] == 15
     assert 1 < decode["bf16_batch1"]["speculative"]["passes"] < 16

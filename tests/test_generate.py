@@ -136,6 +136,42 @@ def test_the_cache_is_used_one_position_per_step():
     assert seen == [T + i for i in range(N)]  # the reference recomputes the prefix
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(text_pad="mask", pos_2d="rope")])
+def test_rows_with_the_same_prefix_prefill_it_once_and_sample_as_if_apart(kw):
+    model = make(**kw)
+    text = TEXT[[0, 1, 0, 0, 2, 1]]  # three prompts, two of them repeated: a prompt's candidates
+    prefills = []  # (rows, positions) of every forward from position 0
+
+    def watch(m: DALLE) -> None:
+        def hook(_, args):
+            if isinstance(args[1], int) and args[1] == 0:  # start: an int, or a tensor of per-row positions
+                prefills.append(args[0].shape[:2])
+
+        m.blocks[0].register_forward_pre_hook(hook)
+
+    watch(model)
+    sampling = dict(null_text=NULL, guidance_scale=3.0, top_k=6, guidance_until=0.5)
+    for prime in (None, torch.randint(0, IV, (6, 5), generator=torch.Generator().manual_seed(1))[[0, 1, 0, 3, 4, 5]]):
+        prefills.clear()
+        ids = [
+            generate(model, text, generator=torch.Generator().manual_seed(0), prime=prime, decode=d, **sampling)
+            for d in ("cached", "uncached")  # the reference runs every row of every position
+        ]
+        assert torch.equal(ids[0], ids[1])
+        # cached: 3 prompts and the empty caption once each; with primes, 5 distinct (prompt, prime) rows and
+        # 5 distinct (empty caption, prime) ones; uncached: all 12 rows, every step
+        want = [(4, T)] if prime is None else [(10, T + 5)]
+        assert prefills[:1] == want and prefills[1][0] == 12
+    # speculative decoding shares its prefill too, and greedy it gives the plain sampler's tokens
+    wide = make(**kw).double()
+    watch(wide)
+    greedy = dict(null_text=NULL, guidance_scale=3.0, top_k=1)
+    plain = generate(wide, text, generator=torch.Generator().manual_seed(0), **greedy)
+    prefills.clear()
+    spec = generate(wide, text, generator=torch.Generator().manual_seed(0), decode="speculative", window=4, **greedy)
+    assert torch.equal(spec, plain) and prefills == [(4, T - 1)]  # it feeds the last text position itself
+
+
 def test_the_same_seed_gives_the_same_images_and_another_seed_others():
     model = make()
     a, b, c = (generate(model, TEXT, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1))

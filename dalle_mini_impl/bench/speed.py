@@ -25,7 +25,8 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           with the compile apart, `compiled_speedup`; CUDA graphs on GPUs: `python -m sample --compile`).
           Then, under "decode", plain cached against speculative decoding on the trained bundles of
           `--decode-models` (default: the shipped shapes and emoji) with their own sampling settings, at one
-          candidate and at the default command's candidates: tokens/s, sequential passes, `speedup`.
+          candidate and at the default command's candidates: tokens/s, sequential passes, `speedup`; at the
+          candidates also unguided (`unguided`) and the bundle's guidance against none (`guidance_cost`).
   vae     dVAE training images/s at 32 px, batch 32: a configuration with the constructor arguments of the
           anchor's tiny dVAE (512 codes, code width 256, two stride-2 levels, hidden 64, no res-blocks),
           the same with the hidden width that matches the anchor's parameter count, and the shapes
@@ -627,7 +628,10 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     and `speedup` = cached wall over speculative wall in the same run; runs interleaved, medians of
     `--sample-reps`. Trained weights matter here: how many drafts are accepted depends on how sure the model
     is, which random weights are not. Also per dtype the cost of one pass by rows x window (`pass_costs`),
-    and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`).
+    and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`). At
+    the candidates, a bundle that guides is timed unguided too (`unguided`, plain cached decoding):
+    `guidance_cost` = its cached wall over that, the cost of guidance as the default command pays it (one
+    prompt's candidates, the bundle's guidance_until).
     """
     from ..pipeline.pipeline import Pipeline
 
@@ -648,9 +652,18 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         "prompts": len(prompts),
     }
     runs = [(d, b, mode) for d in dtypes for b in (1, s.candidates) for mode in ("cached", "speculative")]
+    if s.guidance_scale != 1.0:  # the default command's batch unguided: what its guidance costs
+        runs += [(d, s.candidates, "unguided") for d in dtypes]
+    unguided = dataclasses.replace(s, guidance_scale=1.0)
+
+    def once(d: str, b: int, mode: str, seed: int) -> tuple[float, int, int]:
+        if mode == "unguided":
+            return decode_once(models[d], texts, null, unguided, b, "cached", seed, device)
+        return decode_once(models[d], texts, null, s, b, mode, seed, device)
+
     for d, b, mode in runs:  # warm-up: the first pass of each shape pays one-off kernel selection
         log(f"decode {name}: warm-up {d} batch {b} {mode}")
-        decode_once(models[d], texts, null, s, b, mode, SEED, device)
+        once(d, b, mode, SEED)
     times: dict[tuple, list[float]] = {run: [] for run in runs}
     passes: dict[tuple, int] = {}
     windows: dict[tuple, int] = {}
@@ -658,7 +671,7 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         for d, b, mode in runs:
             log(f"decode {name}: {d} batch {b} {mode} rep {r + 1}")
             run, seed = (d, b, mode), SEED + 100 * (r + 1)
-            dt, passes[run], windows[run] = decode_once(models[d], texts, null, s, b, mode, seed, device)
+            dt, passes[run], windows[run] = once(d, b, mode, seed)
             times[run].append(dt)
     for d, b, mode in runs:
         med = statistics.median(times[(d, b, mode)])
@@ -671,6 +684,10 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     for pair in out.values():
         if isinstance(pair, dict):
             pair["speedup"] = round(pair["cached"]["wall_s"] / pair["speculative"]["wall_s"], 3)
+    for d in dtypes if s.guidance_scale != 1.0 else []:  # the bundle's guidance against none, plain decoding:
+        b = s.candidates  # the median of the interleaved repetitions' ratios, which a slow stretch hits alike
+        ratios = [g / u for g, u in zip(times[(d, b, "cached")], times[(d, b, "unguided")])]
+        out[f"{d}_batch{b}"]["guidance_cost"] = round(statistics.median(ratios), 3)
     for d in dtypes:
         log(f"decode {name}: {d} pass costs")
         out[f"{d}_pass_ms"] = pass_costs(models[d], device)

@@ -3,7 +3,9 @@
 After LlamaGen (Sun et al. 2024) and min-dalle: the text (and any primed image tokens) go through the
 model in one prefill forward that fills a preallocated key/value cache; then each image token costs one
 single-position forward whose keys and values are written in place at their position (no growing
-tensors, masks precomputed once and sliced). Classifier-free guidance (Ho & Salimans 2022) runs the
+tensors, masks precomputed once and sliced); rows with the same prefix (a prompt's candidates, the
+unconditional rows) prefill it once and copy its keys and values, as parallel sampling shares a prompt's
+cache in LLM servers (vLLM). Classifier-free guidance (Ho & Salimans 2022) runs the
 conditional and unconditional rows as one batch of 2b and mixes logits as u + scale * (c - u). With
 `guidance_until` < 1 only the first part of the image is guided: at the first unguided token the
 unconditional rows leave the batch (their cache rows are dropped), so the rest costs what unguided
@@ -43,7 +45,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .transformer import DALLE
+from .transformer import DALLE, KVCache
 
 DECODE_MODES = ("uncached", "cached", "static", "compiled", "speculative")
 DRAFTS = ("above", "random")  # how speculative decoding drafts a cell no pass has reached yet
@@ -126,25 +128,55 @@ def _drop_unconditional(b: int, masks: list, cache: list | None = None) -> None:
         layer.k, layer.v = layer.k[:b], layer.v[:b]
 
 
+def _distinct_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For the rows of key (B, m): (first, inverse), one row index per distinct row and each row's distinct
+    row, or None when no two rows are equal."""
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if distinct.shape[0] == key.shape[0]:
+        return None
+    rows = torch.arange(key.shape[0], device=key.device)
+    first = torch.full((distinct.shape[0],), key.shape[0], device=key.device)
+    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+
+
+def _prefill(model: DALLE, x: torch.Tensor, masks: list, cache: list, shared) -> torch.Tensor:
+    """`model.transform(x, 0, masks, cache)` that runs each distinct row of x (B, s, d) once.
+
+    `shared` is `_distinct_rows` of the rows' inputs (None: all differ). The candidates of one prompt, and
+    the unconditional rows of every prompt, start from the same prefix: its keys and values are computed
+    for one row and copied into the others' cache rows, and its hidden states are repeated.
+    """
+    if shared is None:
+        return model.transform(x, 0, masks, cache)
+    first, inverse = shared
+    s = x.shape[1]
+    part = [KVCache(*(torch.empty_like(t[first, :, :s]) for t in (layer.k, layer.v))) for layer in cache]
+    h = model.transform(x[first], 0, [m if m is None or m.shape[0] == 1 else m[first] for m in masks], part)
+    for layer, small in zip(cache, part):
+        layer.k[:, :, :s] = small.k[inverse]
+        layer.v[:, :, :s] = small.v[inverse]
+    return h[inverse]
+
+
 def _with_image(model: DALLE, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The embedded prefix (B, P, d) followed by the embedded image ids of cells 0 .. m - 1 (B, m)."""
     return torch.cat([prefix, model.embed_image(ids)], dim=1)
 
 
 def _cached_logits(
-    model: DALLE, prefix: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int, decode: str
+    model: DALLE, prefix: torch.Tensor, out: torch.Tensor, k: int, masks: list, stop: int, decode: str, shared
 ) -> Iterator[torch.Tensor]:
     """Image logits predicting token i for i = k .. n-1; reads out[:, i - 1] when resumed for token i.
 
-    One prefill of the embedded prefix (B, P, d) and the primed cells fills the cache, then one cached step
-    per token, run as `decode` says (`_decode_step`). Rows are guided (2b: conditional, then unconditional)
-    for tokens k .. stop - 1, and b after.
+    One prefill of the embedded prefix (B, P, d) and the primed cells fills the cache (`_prefill`, with
+    `shared`), then one cached step per token, run as `decode` says (`_decode_step`). Rows are guided (2b:
+    conditional, then unconditional) for tokens k .. stop - 1, and b after.
     """
     n, b = model.cfg.image_len, out.shape[0]
     guided = stop > k
     cache = model.new_cache(prefix.shape[0])
     step = _decode_step(model, decode, masks, cache)
-    h = model.transform(_with_image(model, prefix, _pair(out[:, :k], guided)), 0, masks, cache)  # (B, P + k, d)
+    h = _prefill(model, _with_image(model, prefix, _pair(out[:, :k], guided)), masks, cache, shared)  # (B, P + k, d)
     yield model.image_logits(h[:, -1])  # (B, k_image)
     for i in range(k + 1, n):
         if guided and i == stop:
@@ -254,9 +286,10 @@ def _speculative(
     W: int,
     draft: str,
     on_row: Callable[[int, torch.Tensor], None] | None,
+    shared,
 ) -> int:
     """Fill out[:, k:] by speculative Jacobi decoding (module docstring) with windows of W cells, 2 <= W < n - k
-    (or W = n - k with k >= 1); returns the forward passes run.
+    (or W = n - k with k >= 1); returns the forward passes run. `shared`: `_prefill`'s.
 
     out holds, per row, its accepted ids (cells < acc) and then its drafts. Every row has its own window,
     cells (b, W) from its first unaccepted cell (held back so that it ends by the last cell; it then
@@ -271,7 +304,7 @@ def _speculative(
     x_text = prefix  # (B, P, d)
     # prefill every input but the last known one (the last prefix position, or the last primed cell), which
     # opens the first window: positions 0 .. P + k - 2
-    model.transform(_with_image(model, prefix, _pair(out[:, :k], guided))[:, : t + k - 1], 0, masks, cache)
+    _prefill(model, _with_image(model, prefix, _pair(out[:, :k], guided))[:, : t + k - 1], masks, cache, shared)
     passes, rows_done = 1, k // w
     span = torch.arange(W, device=device)
     acc = torch.full((b,), k, device=device)  # accepted ids per row
@@ -494,6 +527,9 @@ def generate(
     try:
         masks = model.attn_masks(rows_text)
         prefix = model.embed_prefix(rows_text, None if cond is None else cond.to(text.device))  # (B, P, d)
+        # rows whose prefill inputs are equal (a prompt's candidates, the unconditional rows) share its work
+        inputs = [rows_text, _pair(out[:, :k], guided)] + ([] if cond is None else [cond.to(text.device)])
+        shared = _distinct_rows(torch.cat([t.double() for t in inputs], dim=1))
         width = 1
         if decode == "speculative":  # a window never reaches back to the text: it starts at cell 1 or later
             weight = model.head.weight
@@ -502,14 +538,14 @@ def generate(
         if width > 1 and b > 0:
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
-                model, prefix, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row
+                model, prefix, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row, shared
             )
         else:
             if decode == "uncached":
                 source = _uncached_logits(model, prefix, out, k, masks, stop)
             else:  # speculative at a window of 1 cell is plain cached decoding
                 source = _cached_logits(
-                    model, prefix, out, k, masks, stop, "cached" if decode == "speculative" else decode
+                    model, prefix, out, k, masks, stop, "cached" if decode == "speculative" else decode, shared
                 )
             for i, logits in zip(range(k, end), source):
                 if redraw is None or redraw[i]:  # else a kept cell: its id is in out already
