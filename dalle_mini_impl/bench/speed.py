@@ -630,8 +630,8 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     is, which random weights are not. Also per dtype the cost of one pass by rows x window (`pass_costs`),
     and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`). At
     the candidates, a bundle that guides is timed unguided too (`unguided`, plain cached decoding):
-    `guidance_cost` = its cached wall over that, the cost of guidance as the default command pays it (one
-    prompt's candidates, the bundle's guidance_until).
+    `guidance_cost` = the median over the repetitions of its cached wall over that, the cost of guidance as
+    the default command pays it (one prompt's candidates, the bundle's guidance_until).
     """
     from ..pipeline.pipeline import Pipeline
 
@@ -684,10 +684,10 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     for pair in out.values():
         if isinstance(pair, dict):
             pair["speedup"] = round(pair["cached"]["wall_s"] / pair["speculative"]["wall_s"], 3)
-    for d in dtypes if s.guidance_scale != 1.0 else []:  # the bundle's guidance against none, plain decoding:
-        b = s.candidates  # the median of the interleaved repetitions' ratios, which a slow stretch hits alike
-        ratios = [g / u for g, u in zip(times[(d, b, "cached")], times[(d, b, "unguided")])]
-        out[f"{d}_batch{b}"]["guidance_cost"] = round(statistics.median(ratios), 3)
+    for d, b, mode in runs:  # the bundle's guidance against none, plain decoding: the median of the
+        if mode == "unguided":  # interleaved repetitions' ratios, which a slow stretch hits alike
+            ratios = [g / u for g, u in zip(times[(d, b, "cached")], times[(d, b, mode)])]
+            out[f"{d}_batch{b}"]["guidance_cost"] = round(statistics.median(ratios), 3)
     for d in dtypes:
         log(f"decode {name}: {d} pass costs")
         out[f"{d}_pass_ms"] = pass_costs(models[d], device)

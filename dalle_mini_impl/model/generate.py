@@ -150,7 +150,9 @@ def _prefill(model: DALLE, x: torch.Tensor, masks: list, cache: list, shared) ->
         return model.transform(x, 0, masks, cache)
     first, inverse = shared
     s = x.shape[1]
-    part = [KVCache(*(torch.empty_like(t[first, :, :s]) for t in (layer.k, layer.v))) for layer in cache]
+    part = [
+        KVCache(*(t.new_empty(len(first), t.shape[1], s, t.shape[3]) for t in (layer.k, layer.v))) for layer in cache
+    ]
     h = model.transform(x[first], 0, [m if m is None or m.shape[0] == 1 else m[first] for m in masks], part)
     for layer, small in zip(cache, part):
         layer.k[:, :, :s] = small.k[inverse]
@@ -513,6 +515,8 @@ def generate(
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
     if cond is not None and guided:
         cond = torch.cat([cond, torch.zeros_like(cond)])  # the unconditional rows: the embedding dropped
+    if cond is not None:
+        cond = cond.to(text.device)
     out = torch.empty(b, n, dtype=torch.long, device=text.device)
     if keep is not None:
         out.copy_(keep)
@@ -526,9 +530,9 @@ def generate(
     model.eval()
     try:
         masks = model.attn_masks(rows_text)
-        prefix = model.embed_prefix(rows_text, None if cond is None else cond.to(text.device))  # (B, P, d)
+        prefix = model.embed_prefix(rows_text, cond)  # (B, P, d)
         # rows whose prefill inputs are equal (a prompt's candidates, the unconditional rows) share its work
-        inputs = [rows_text, _pair(out[:, :k], guided)] + ([] if cond is None else [cond.to(text.device)])
+        inputs = [rows_text, _pair(out[:, :k], guided)] + ([] if cond is None else [cond])
         shared = _distinct_rows(torch.cat([t.double() for t in inputs], dim=1))
         width = 1
         if decode == "speculative":  # a window never reaches back to the text: it starts at cell 1 or later
