@@ -333,6 +333,11 @@ class TrainSection:
     )
 
 
+# how CLIP-guided refinement moves (`sample.guided_optimizer`, dalle_mini_impl.pipeline.guided); "auto": jacobi
+# from random codes with the prior on, adam otherwise
+GUIDED_OPTIMIZERS = ("auto", "adam", "jacobi")
+
+
 @dataclass
 class SampleConfig:
     """Defaults of `python -m sample`."""
@@ -356,6 +361,12 @@ class SampleConfig:
     # the transformer's log-likelihood of the refined codes given the prompt, times this, joins CLIP's
     # similarity in the objective (0: CLIP alone, VQGAN+CLIP as published)
     guided_prior_weight: float = 0.0
+    # how refinement moves: "adam" (Adam on the latents, VQGAN+CLIP as published), "jacobi" (every cell to the
+    # prior's most likely code given the cells before it, tilted by guided_jacobi_lr times CLIP's gradient;
+    # needs guided_prior_weight above 0) or "auto": jacobi from random codes, adam from samples, each where it
+    # was measured best (docs/RESULTS.md#2026-12-04-vqganclip-from-random-codes-by-jacobi-steps-of-the-prior)
+    guided_optimizer: str = "auto"
+    guided_jacobi_lr: float = 10.0
     # unCLIP's --text-diff: how far (0 .. 1, a spherical interpolation) the image's embedding turns toward the
     # difference of the two captions' embeddings
     text_diff_scale: float = 0.3

@@ -133,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         "(0: CLIP alone; default: the bundle's)",
     )
     p.add_argument(
+        "--guided-optimizer",
+        choices=["auto", "adam", "jacobi"],
+        default=None,
+        help="clip-guided: adam (on the latents, as published), jacobi (the transformer's predictions tilted by "
+        "CLIP; needs the prior weight above 0) or auto (jacobi from random codes, adam from samples); default: "
+        "the bundle's",
+    )
+    p.add_argument(
         "--prior-guidance-scale",
         type=float,
         default=None,
@@ -265,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prompts,
                 **settings,
                 guided_prior_weight=args.guided_prior_weight,
+                guided_optimizer=args.guided_optimizer,
                 prior_guidance_scale=args.prior_guidance_scale,
                 method=args.method,
                 init=args.init,

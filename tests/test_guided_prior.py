@@ -1,5 +1,5 @@
-"""CLIP-guided refinement with the transformer's prior: the log-likelihood term, its gradient, and the rule
-that refinement never hands back an image it scores below its start.
+"""CLIP-guided refinement with the transformer's prior: the log-likelihood term, its gradient, the rule
+that refinement never hands back an image it scores below its start, and the Jacobi optimiser.
 
 Tiny random bundles with a dVAE and with a VQ (tests/bundle_factory.py); run with
 `pytest tests/test_guided_prior.py`.
@@ -12,7 +12,8 @@ import torch
 from einops import rearrange
 
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.pipeline.guided import random_codes, refine, start_latent
+from dalle_mini_impl.model.generate import generate
+from dalle_mini_impl.pipeline.guided import code_vectors, jacobi_update, random_codes, refine, start_latent
 from dalle_mini_impl.pipeline.pipeline import Pipeline
 from tests.bundle_factory import make_tiny_bundle, tiny_config
 from tests.test_generate import TEXT, VARIANTS, make
@@ -134,3 +135,87 @@ def test_generation_from_random_codes_samples_nothing_and_writes_its_images(pipe
         pipe.generate([PROMPT], init="random", progress=False)
     with pytest.raises(UserError, match="init 'noise' is unknown; use samples or random"):
         pipe.generate([PROMPT], method="clip-guided", init="noise", progress=False)
+
+
+def test_code_vectors_are_each_codes_decoder_input(pipe):
+    tok = pipe.image_tokenizer
+    ids = random_codes(tok.codebook_size, 2, *pipe.grid, torch.Generator().manual_seed(5))
+    vectors = code_vectors(tok)  # (K, d)
+    assert vectors.shape[0] == tok.codebook_size
+    torch.testing.assert_close(rearrange(vectors[ids], "b h w d -> b d h w"), tok.embed_ids(ids))
+
+
+def test_jacobi_iterations_from_noise_reach_greedy_decoding(pipe):
+    # with no pull from CLIP (lr 0), every Jacobi step fixes at least the first cell that differs from the
+    # greedy decode, so within n steps the codes are a fixed point, and that fixed point is greedy decoding
+    h, w = pipe.grid
+    log_probs = pipe.cell_log_probs(PROMPT)
+    ids = random_codes(pipe.image_tokenizer.codebook_size, 3, h, w, torch.Generator().manual_seed(6)).flatten(1)
+    for _ in range(h * w):
+        with torch.no_grad():
+            scores = log_probs(ids)
+        new = jacobi_update(scores, torch.zeros_like(scores), lr=0.0)
+        if torch.equal(new, ids):
+            break
+        ids = new
+    assert torch.equal(jacobi_update(scores, torch.zeros_like(scores), 0.0), ids)  # a fixed point
+    with torch.no_grad():
+        greedy = generate(pipe.transformer, pipe.encode_prompt(PROMPT).expand(3, -1), top_k=1)
+    assert torch.equal(ids, greedy)
+
+
+def test_jacobi_refinement_never_scores_below_its_start_and_keeps_the_kept_rows(pipe):
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 2, h, w, torch.Generator().manual_seed(7))
+    weight, prior, log_probs = 0.5, pipe.prior(PROMPT), pipe.cell_log_probs(PROMPT)
+    text = pipe.encode_prompt(PROMPT)
+
+    def objective(ids):
+        with torch.no_grad():
+            log_likelihood = pipe.transformer.cell_log_likelihoods(text.expand(len(ids), -1), ids.flatten(1))
+            return pipe.clip.score(pipe.decode(ids), PROMPT) + weight * log_likelihood.mean(-1)
+
+    kw = dict(steps=6, lr=5.0, cutouts=2, progress=False, prior=prior, prior_weight=weight)
+    ids, _, scores = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator().manual_seed(0),
+        optimizer="jacobi", cell_log_probs=log_probs, **kw,
+    )  # fmt: skip
+    assert (ids != start).any()  # it moved
+    assert (objective(ids) >= objective(start) - 1e-5).all()
+    torch.testing.assert_close(scores, pipe.clip.score(pipe.decode(ids), PROMPT), atol=1e-5, rtol=0)
+    kept, _, _ = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator().manual_seed(0),
+        optimizer="jacobi", cell_log_probs=log_probs, keep_rows=1, **kw,
+    )  # fmt: skip
+    assert torch.equal(kept[:, :1], start[:, :1])
+
+
+def test_the_jacobi_optimiser_without_the_prior_and_an_unknown_one_are_one_sentence(pipe):
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 1, h, w)
+    kw = dict(steps=1, lr=0.1, cutouts=1, progress=False)
+    with pytest.raises(UserError, match="jacobi optimiser moves along the transformer's predictions; give it"):
+        refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, optimizer="jacobi", **kw)
+    with pytest.raises(UserError, match="'sample.guided_optimizer' is 'sgd'; use adam or jacobi"):
+        refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, optimizer="sgd", **kw)
+    with pytest.raises(UserError, match="'sample.guided_optimizer' is 'sgd'; use auto, adam, jacobi"):
+        pipe.generate([PROMPT], guided_optimizer="sgd", progress=False)
+
+
+def images_of(pipe, **kw) -> list[bytes]:
+    return [r.image.tobytes() for r in pipe.generate([PROMPT], method="clip-guided", progress=False, **kw)[0]]
+
+
+def test_auto_refines_random_codes_by_jacobi_steps_and_samples_by_adam(pipe):
+    for init in ("random", "samples"):
+        auto = images_of(pipe, init=init, guided_prior_weight=0.5, guided_optimizer="auto")
+        jacobi = images_of(pipe, init=init, guided_prior_weight=0.5, guided_optimizer="jacobi")
+        adam = images_of(pipe, init=init, guided_prior_weight=0.5, guided_optimizer="adam")
+        assert auto == (jacobi if init == "random" else adam)
+        assert jacobi != adam  # the two optimisers go different ways from the same start
+
+
+def test_with_a_prior_weight_of_zero_the_jacobi_setting_refines_by_clip_alone(pipe):
+    # Jacobi steps need the prior; without it refinement is VQGAN+CLIP as published, whatever the setting
+    kw = dict(init="random", guided_prior_weight=0.0)
+    assert images_of(pipe, guided_optimizer="jacobi", **kw) == images_of(pipe, guided_optimizer="adam", **kw)

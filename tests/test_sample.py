@@ -172,6 +172,13 @@ def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, 
     args = ["a red circle", "--model", str(bundle), "--method", "clip-guided", "--init", "random"]
     code, out, _ = run([*args, "--guided-prior-weight", "0.5", "--out", str(tmp_path), "--json"], capsys)
     assert code == 0 and len(out.splitlines()) == 2 and len(list(tmp_path.glob("*_r*.png"))) == 2
+    jacobi = tmp_path / "jacobi"
+    code, out, _ = run(
+        [*args, "--guided-prior-weight", "0.5", "--guided-optimizer", "jacobi", "--out", str(jacobi)], capsys
+    )
+    assert code == 0 and len(list(jacobi.glob("*_r*.png"))) == 2
+    code, _, err = run([*args, "--guided-prior-weight", "0", "--guided-optimizer", "sgd"], capsys)
+    assert code == 2 and "invalid choice: 'sgd'" in err
     code, _, err = run([*args[:3], "--init", "random"], capsys)
     assert code == 2 and "use it with --method clip-guided" in err
 

@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         "temperature": pipe.cfg.sample.temperature,
         "top_k": pipe.cfg.sample.top_k,
         "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
+        "guided_optimizer": pipe.cfg.sample.guided_optimizer,
+        "guided_jacobi_lr": pipe.cfg.sample.guided_jacobi_lr,
         "decode": pipe.cfg.sample.decode,
         "dtype": args.dtype,
         "batch_size": pipe.cfg.sample.batch_size,

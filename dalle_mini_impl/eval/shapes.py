@@ -147,7 +147,7 @@ def evaluate(
             done = _refine_both(pipe, "clip_guided", ids[best8 : best8 + 1], prompt, s, generator)
             # VQGAN+CLIP from random codes (Pixray's start), drawn after the top-1's refinements
             noise = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
-            done += _refine_both(pipe, "random_codes_guided", noise, prompt, s, generator)
+            done += _refine_both(pipe, "random_codes_guided", noise, prompt, s, generator, init="random")
             for column, verdict, score in done:
                 refined[column].append(verdict)
                 refined_scores[column].append(score)
@@ -163,14 +163,19 @@ def evaluate(
     return out
 
 
-def _refine_both(pipe, name: str, start: torch.Tensor, prompt: str, s, generator) -> list[tuple[str, object, float]]:
-    """(column, judge's verdict, CLIP score) of one start (1, n) refined by CLIP alone (`name`) and, when the
-    settings' guided_prior_weight is above 0, with the transformer's prior (`name`_prior)."""
+def _refine_both(
+    pipe, name: str, start: torch.Tensor, prompt: str, s, generator, init: str = "samples"
+) -> list[tuple[str, object, float]]:
+    """(column, judge's verdict, CLIP score) of one start (1, n) refined by CLIP alone (`name`, Adam) and, when
+    the settings' guided_prior_weight is above 0, with the transformer's prior (`name`_prior, the settings'
+    optimiser). init: what the start is, "samples" or "random"."""
     out = []
     for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
         if column == name or weight > 0:
             settings = dataclasses.replace(s, guided_prior_weight=weight)
-            _, images, scores = pipe.refine(start.view(-1, *pipe.grid), [(prompt, 1.0)], settings, generator)
+            _, images, scores = pipe.refine(
+                start.view(-1, *pipe.grid), [(prompt, 1.0)], settings, generator, init=init
+            )
             out.append((column, judge(to_uint8(images[0]), prompt), float(scores[0])))
     return out
 
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
         "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
+        "guided_optimizer": pipe.cfg.sample.guided_optimizer,
+        "guided_jacobi_lr": pipe.cfg.sample.guided_jacobi_lr,
         "decode": pipe.cfg.sample.decode,
         "dtype": args.dtype,
         "batch_size": pipe.cfg.sample.batch_size,

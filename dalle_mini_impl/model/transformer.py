@@ -635,9 +635,14 @@ class DALLE(nn.Module):
         """The log-probability of every image id given the text and the ids before it, (b, n) float32, for
         text (b, t) and image ids (b, n): what editing ranks candidates by (a redrawn region should make the
         kept cells after it likely)."""
+        return self.cell_log_probs(text, image, cond).gather(-1, image[..., None]).squeeze(-1)
+
+    def cell_log_probs(self, text: torch.Tensor, image: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The log-probabilities of every image id at every cell given the text and the ids before it, (b, n,
+        image_vocab) float32, for text (b, t) and image ids (b, n): one teacher-forced pass (the Jacobi updates
+        of CLIP-guided generation read the model's prediction of every cell at once)."""
         h = self.hidden(text, image, cond)[:, self.cfg.prefix_len - 1 :]  # (b, n, d): predict cells 0 .. n-1
-        log_p = self.image_logits(h).float().log_softmax(dim=-1)  # (b, n, image_vocab)
-        return log_p.gather(-1, image[..., None]).squeeze(-1)
+        return self.image_logits(h).float().log_softmax(dim=-1)
 
     # --- training -----------------------------------------------------------------------------
 

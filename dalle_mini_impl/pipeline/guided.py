@@ -16,6 +16,17 @@ images). `prior` adds `prior_weight` times the transformer's mean log-likelihood
 given the prompt (`DALLE.code_log_likelihood` of the tokenizer's straight-through `code_weights`), which
 knows what real images look like, to the objective that is optimised and to the one that picks the result.
 
+Two optimisers (`optimizer`). "adam" (VQGAN+CLIP as published) moves the latents by Adam. From random codes it
+fails with or without the prior: the transformer's predictions after a prefix of noise say nothing, and
+Adam's sign-like steps over every code of every cell wander. "jacobi" (needs `cell_log_probs`, the
+transformer's prediction of every cell given the cells before it, one teacher-forced pass) sets every cell
+at once to the code that maximises the prior's log-probability of it plus `lr` times CLIP's first-order
+gain of that code (its gradient with respect to the cell's decoder input, dotted with each code's vector):
+a Jacobi iteration of greedy decoding, tilted toward CLIP. From noise, the first cell is right after one
+step, and each step fixes at least one more, as in Jacobi decoding (Song et al. 2021; SJD, Teng et al.
+2025, drafts from random tokens the same way); it stops at a fixed point. The objective that picks the
+result is the same for both.
+
 Cutouts are random resized crops (`clip.model.clip_augment`, the augmentation CLIP was trained with,
 at a wider scale range) and, only when no prompt part mentions left or right, random horizontal flips:
 a flip turns "a circle on the left" into one on the right.
@@ -27,6 +38,8 @@ Usage:
     parts = parse_weighted_prompt("a red circle:1 | a blue square:-0.5")   # [("a red circle", 1.0), ...]
     ids, images, scores = refine(tokenizer, scorer, parts, start_ids, steps=60, lr=0.1, cutouts=16,
                                  generator=torch.Generator().manual_seed(0))    # (b, h, w), (b, 3, H, W), (b,)
+    ids, images, scores = refine(tokenizer, scorer, parts, random_codes(K, 1, h, w), steps=60, lr=10, cutouts=16,
+                                 prior=ll, prior_weight=0.3, optimizer="jacobi", cell_log_probs=log_probs)
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ from tqdm.auto import tqdm
 import vae
 
 from ..clip.model import clip_augment
+from ..config import GUIDED_OPTIMIZERS
 from ..errors import UserError
 
 # a dVAE's start logits: the start code leads every other by this much, so Adam at lr ~0.1 can switch a
@@ -50,6 +64,7 @@ from ..errors import UserError
 START_MARGIN = 1.0
 # cutouts keep at least this fraction of the image side: wide enough to keep a shape whole on 16-32 px images
 CUTOUT_SCALE_MIN = 0.6
+OPTIMIZERS = tuple(o for o in GUIDED_OPTIMIZERS if o != "auto")  # "auto" is the pipeline's choice of one
 _SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
@@ -135,10 +150,27 @@ def _where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None) -> t
     return torch.where(rows.view(-1, *[1] * (new.dim() - 1)), new, old)
 
 
-def _check(steps: int, lr: float, cutouts: int, prior_weight: float) -> None:
+def code_vectors(tokenizer: vae.ImageTokenizer) -> torch.Tensor:
+    """Every code's decoder input (K, d): the decoder input of a cell is linear in its one-hot code, so a
+    gradient with respect to it (d,) dotted with these is each code's first-order gain (K,)."""
+    ids = torch.arange(tokenizer.codebook_size, device=next(tokenizer.parameters()).device)
+    return rearrange(tokenizer.embed_ids(ids.view(1, 1, -1)), "1 d 1 k -> k d")
+
+
+def jacobi_update(log_probs: torch.Tensor, gain: torch.Tensor, lr: float) -> torch.Tensor:
+    """One Jacobi step: the prior's log-probabilities (b, n, K) of every cell given the current cells before
+    it, plus lr times CLIP's first-order gain of every code (b, n, K) -> each cell's best code (b, n)."""
+    return (log_probs + lr * gain).argmax(dim=-1)
+
+
+def _check(steps: int, lr: float, cutouts: int, prior_weight: float, optimizer: str) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"config key 'sample.guided_optimizer' is '{optimizer}'; use {' or '.join(OPTIMIZERS)}")
     if steps < 0:
         raise UserError(f"config key 'sample.guided_steps' is {steps}; set it to 0 or more")
-    if not lr > 0:
+    if optimizer == "jacobi" and not (lr >= 0 and math.isfinite(lr)):  # 0: the prior's moves alone
+        raise UserError(f"config key 'sample.guided_jacobi_lr' is {lr}; set it to 0 or more, e.g. 10")
+    if optimizer == "adam" and not lr > 0:
         raise UserError(f"config key 'sample.guided_lr' is {lr}; set it to a positive number, e.g. 0.1")
     if cutouts < 1:
         raise UserError(f"config key 'sample.guided_cutouts' is {cutouts}; set it to 1 or more")
@@ -160,6 +192,8 @@ def refine(
     progress: bool = True,
     prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
     prior_weight: float = 0.0,
+    optimizer: str = "adam",
+    cell_log_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raise CLIP's weighted similarity of the images of `start_ids` (b, h, w) by optimising their latents.
 
@@ -167,10 +201,19 @@ def refine(
     keep_rows: the top rows of codes that stay as they are (completion).
     prior: code weights (b, n, K_1 + .. + K_G), raster order -> mean log-likelihood per image (b,) (the
         transformer's, given the prompt); prior_weight times it joins the objective (0: CLIP alone).
+    optimizer: "adam" (lr: Adam's step on the latents) or "jacobi" (lr: CLIP's weight in each Jacobi update;
+        needs cell_log_probs: ids (b, n), raster order -> the transformer's log-probabilities (b, n, K) of
+        every code at every cell given the prompt and the cells before it).
     Returns the snapped images of the best objective seen (ids (b, h, w), images (b, 3, H, W) in [0, 1],
     CLIP scores (b,)), on the CPU. Only the latents get gradients; the models' weights are never touched.
     """
-    _check(steps, lr, cutouts, prior_weight)
+    _check(steps, lr, cutouts, prior_weight, optimizer)
+    jacobi = optimizer == "jacobi"
+    if jacobi and cell_log_probs is None:
+        raise UserError(
+            "the jacobi optimiser moves along the transformer's predictions; give it the prior "
+            "(sample.guided_prior_weight above 0) or set sample.guided_optimizer to adam"
+        )
     use_prior = prior is not None and prior_weight > 0
     if not 0 <= keep_rows < start_ids.shape[1]:
         raise UserError(f"keep_rows is {keep_rows}; keep fewer rows than the grid's {start_ids.shape[1]}")
@@ -186,23 +229,33 @@ def refine(
     r = keep_rows
 
     with torch.enable_grad():
-        free = start_latent(tokenizer, start_ids).detach().requires_grad_(True)
-        kept = tokenizer.embed_ids(start_ids).detach()  # (b, d, h, w)
-        kept_weights = tokenizer.code_weights(free).detach() if use_prior else None  # the start's codes, one-hot
-        optimizer = torch.optim.Adam([free], lr=lr)
+        if jacobi:
+            ids, vectors = start_ids, code_vectors(tokenizer)  # (b, h, w), (K, d)
+        else:
+            free = start_latent(tokenizer, start_ids).detach().requires_grad_(True)
+            kept = tokenizer.embed_ids(start_ids).detach()  # (b, d, h, w)
+            kept_weights = tokenizer.code_weights(free).detach() if use_prior else None  # the start's, one-hot
+            adam = torch.optim.Adam([free], lr=lr)
         best_ids = best_images = best = best_score = None
         bar = tqdm(range(steps + 1), desc="clip-guided", unit="step", leave=False, disable=None if progress else True)
         for step in bar:
-            latent, ids = tokenizer.snap(free)
-            if r:
-                latent = torch.cat([kept[:, :, :r], latent[:, :, r:]], dim=2)
-                ids = torch.cat([start_ids[:, :r], ids[:, r:]], dim=1)
+            if jacobi:
+                latent = tokenizer.embed_ids(ids).detach().requires_grad_(True)  # CLIP's gradient lands here
+            else:
+                latent, ids = tokenizer.snap(free)
+                if r:
+                    latent = torch.cat([kept[:, :, :r], latent[:, :, r:]], dim=2)
+                    ids = torch.cat([start_ids[:, :r], ids[:, r:]], dim=1)
             images = tokenizer.decode_latent(latent)  # (b, 3, H, W)
             score = scorer.embed_images(images.detach()).to(device) @ direction  # (b,)
             log_likelihood = torch.zeros_like(score)
+            if jacobi:
+                with torch.no_grad():
+                    log_probs = cell_log_probs(ids.flatten(1)).to(device)  # (b, n, K): the next step's moves
             if use_prior:
-                weights = tokenizer.code_weights(free)  # (b, K, h, w), straight-through one-hots
-                if r:
+                # (b, K, h, w), straight-through one-hots; a Jacobi step's codes are exactly its ids
+                weights = tokenizer.code_weights(start_latent(tokenizer, ids) if jacobi else free)
+                if r and not jacobi:
                     weights = torch.cat([kept_weights[:, :, :r], weights[:, :, r:]], dim=2)
                 log_likelihood = prior(rearrange(weights, "b k h w -> b (h w) k")).to(device)  # (b,)
             objective = score + prior_weight * log_likelihood.detach()
@@ -216,14 +269,26 @@ def refine(
                 break  # the last snap is scored, not optimised
             crops = make_cutouts(images, cutouts, model.image_size, generator, flips)  # (n b, 3, S, S)
             sims = rearrange(model.encode_image(crops) @ direction, "(n b) -> n b", n=cutouts)
+            if jacobi:  # the prior's part is exact in log_probs; CLIP's is first-order
+                (grad,) = torch.autograd.grad(sims.mean(0).sum(), [latent])  # (b, d, h, w)
+                gain = torch.einsum("bdhw,kd->bhwk", grad.float(), vectors.float()).flatten(1, 2)  # (b, n, K)
+                new = jacobi_update(log_probs, gain, lr).view_as(ids)
+                if r:
+                    new[:, :r] = start_ids[:, :r]
+                if torch.equal(new, ids):
+                    break  # a fixed point: every later step would score these codes again
+                ids = new
+                continue
             loss = -(sims.mean(0) + prior_weight * log_likelihood).sum()  # log_likelihood 0 without the prior
             (grad,) = torch.autograd.grad(loss, [free])
             free.grad = grad
-            optimizer.step()
+            adam.step()
     return best_ids.cpu(), best_images.float().cpu(), best_score.float().cpu()
 
 
 __all__ = [
+    "code_vectors",
+    "jacobi_update",
     "make_cutouts",
     "mentions_sides",
     "parse_weighted_prompt",

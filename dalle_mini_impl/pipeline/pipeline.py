@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, SampleConfig
+from ..config import GUIDED_OPTIMIZERS, RunConfig, SampleConfig
 from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
 from ..model.generate import DECODE_MODES, MIN_WINDOW, WINDOW_TOKENS_CPU, generate
@@ -184,6 +184,12 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"--likelihood-weight is {s.edit_likelihood_weight}; use 0 (CLIP alone) or a positive weight")
     if not (math.isfinite(s.guided_prior_weight) and s.guided_prior_weight >= 0):
         raise UserError(f"--guided-prior-weight is {s.guided_prior_weight}; use 0 (CLIP alone) or a positive weight")
+    if s.guided_optimizer not in GUIDED_OPTIMIZERS:
+        raise UserError(
+            f"config key 'sample.guided_optimizer' is '{s.guided_optimizer}'; use {', '.join(GUIDED_OPTIMIZERS)}"
+        )
+    if not (math.isfinite(s.guided_jacobi_lr) and s.guided_jacobi_lr >= 0):
+        raise UserError(f"config key 'sample.guided_jacobi_lr' is {s.guided_jacobi_lr}; set it to 0 or more")
     if s.prior_samples < 1:
         raise UserError(f"config key 'sample.prior_samples' is {s.prior_samples}; draw at least 1 embedding")
     if not math.isfinite(s.prior_guidance_scale):
@@ -451,6 +457,7 @@ class Pipeline:
         seed: int | None = None,
         decode: str | None = None,
         guided_prior_weight: float | None = None,
+        guided_optimizer: str | None = None,
         prior_guidance_scale: float | None = None,
         method: str = "ar",
         init: str = "samples",
@@ -479,6 +486,7 @@ class Pipeline:
             seed=seed,
             decode=decode,
             guided_prior_weight=guided_prior_weight,
+            guided_optimizer=guided_optimizer,
             prior_guidance_scale=prior_guidance_scale,
         )
         if method not in METHODS:
@@ -513,7 +521,7 @@ class Pipeline:
                     from .guided import random_codes
 
                     ids = random_codes(self.image_tokenizer.codebook_size, s.num_images, h, w, generator)
-                    ids, images, scores = self._refine(ids, prompt_parts, s, generator, 0, progress)
+                    ids, images, scores = self._refine(ids, prompt_parts, s, generator, 0, progress, init)
                     results.append(self._results(prompt, s.seed + i, ids, images, scores))
                     continue
                 draw = functools.partial(self.candidates, prompt_parts, s, generator, prime, bar, method)
@@ -608,29 +616,63 @@ class Pipeline:
 
         return log_likelihood
 
-    def refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int = 0, progress: bool = False):
-        """CLIP-guided refinement (`guided.refine`) of codes (m, h, w) with the settings' steps, lr, cutouts and
-        prior weight (the prior given the top-weighted part): (ids, images, CLIP scores), in the starts' order."""
+    def cell_log_probs(self, prompt: str, guidance_scale: float = 1.0, guidance_until: float = 1.0):
+        """Image ids (b, n) -> the transformer's log-probabilities (b, n, image_vocab) of every code at every
+        cell given `prompt` and the cells before it, with classifier-free guidance on the first guidance_until
+        of the cells as sampling has it (1: off): what refinement's Jacobi updates read (`guided.refine`)."""
+        text = self.encode_prompt(prompt)  # (1, t)
+        null = self.text_tokenizer.null_ids()[None].to(self.device)  # (1, t)
+        n = self.transformer.cfg.image_len
+        guided = torch.arange(n, device=self.device) < round(guidance_until * n)  # (n,), as `generate` counts
+
+        def log_probs(ids: torch.Tensor) -> torch.Tensor:
+            ids = ids.to(self.device)
+            with self._autocast():
+                cond = self.transformer.cell_log_probs(text.expand(ids.shape[0], -1), ids)
+                if guidance_scale == 1:
+                    return cond
+                uncond = self.transformer.cell_log_probs(null.expand(ids.shape[0], -1), ids)
+            mixed = (uncond + guidance_scale * (cond - uncond)).log_softmax(dim=-1)
+            return torch.where(guided[:, None], mixed, cond)
+
+        return log_probs
+
+    def refine(
+        self, ids, parts, s: SampleConfig, generator, keep_rows: int = 0, progress: bool = False, init="samples"
+    ):
+        """CLIP-guided refinement (`guided.refine`) of codes (m, h, w) with the settings' steps, lr, cutouts,
+        prior weight and optimiser (the prior given the top-weighted part): (ids, images, CLIP scores), in the
+        starts' order. init: what the codes are, "samples" or "random" (the "auto" optimiser's choice). The
+        jacobi optimiser needs the prior; with a prior weight of 0 refinement is CLIP's alone, by Adam, as
+        published."""
         from .guided import refine
 
+        prompt = max(parts, key=lambda part: part[1])[0]
+        use_prior = s.guided_prior_weight > 0
+        optimizer = s.guided_optimizer
+        if optimizer == "auto":
+            optimizer = "jacobi" if init == "random" else "adam"
+        jacobi = use_prior and optimizer == "jacobi"
         return refine(
             self.image_tokenizer,
             self.clip,
             parts,
             ids,
             steps=s.guided_steps,
-            lr=s.guided_lr,
+            lr=s.guided_jacobi_lr if jacobi else s.guided_lr,
             cutouts=s.guided_cutouts,
             generator=generator,
             keep_rows=keep_rows,
             progress=progress,
-            prior=self.prior(max(parts, key=lambda part: part[1])[0]) if s.guided_prior_weight > 0 else None,
+            prior=self.prior(prompt) if use_prior else None,
             prior_weight=s.guided_prior_weight,
+            optimizer="jacobi" if jacobi else "adam",
+            cell_log_probs=self.cell_log_probs(prompt, s.guidance_scale, s.guidance_until) if jacobi else None,
         )
 
-    def _refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int, progress: bool):
+    def _refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int, progress: bool, init="samples"):
         """`refine`, best CLIP score first."""
-        ids, images, scores = self.refine(ids, parts, s, generator, keep_rows, progress)
+        ids, images, scores = self.refine(ids, parts, s, generator, keep_rows, progress, init)
         order = scores.sort(descending=True, stable=True)[1]
         return ids[order], images[order], scores[order]
 
