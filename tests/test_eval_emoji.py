@@ -146,7 +146,13 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     assert emoji.main(guided) == 0
     refined = json.loads(capsys.readouterr().out)
     assert refined["guided_prior_weight"] == 0.5 and refined["reranked"] == out["reranked"]  # unrefined: the same
-    for key in ("reranked_same", "clip_guided", "clip_guided_prior"):
+    for key in (
+        "reranked_same",
+        "clip_guided",
+        "clip_guided_prior",
+        "random_codes_guided",
+        "random_codes_guided_prior",
+    ):
         assert refined[key]["n"] == 2 and 0 <= refined[key]["style_acc"] <= 1, key
     # seen cells: --n captions of train, drawn with the seed
     assert emoji.main([*argv, "--split", "train", "--n", "5", "--set", "sample.guidance_scale=1.5"]) == 0

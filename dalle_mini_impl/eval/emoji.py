@@ -256,10 +256,13 @@ def evaluate(
     grid: also write a PNG of the first eight captions' reranked images above their real ones.
     guided: also refine the reranked pick of the first `guided` captions with CLIP (VQGAN+CLIP), alone
         (`clip_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
-        (`clip_guided_prior`), graded beside the unrefined picks of the same captions (`reranked_same`).
+        (`clip_guided_prior`), graded beside the unrefined picks of the same captions (`reranked_same`); and
+        generate from random codes the same two ways (`random_codes_guided`, `random_codes_guided_prior`).
     method: "ar" (the transformer) or "unclip" (DALL-E 2's prior and decoder), as `python -m sample --method`.
     """
     from tqdm.auto import tqdm
+
+    from ..pipeline.guided import random_codes
 
     if pipe.clip is None:
         raise UserError("this model has no CLIP to rerank with; eval emoji judges its reranked pick")
@@ -268,18 +271,18 @@ def evaluate(
 
     s = pipe.settings(num_images=1)
     reranked, first, every, distinct = [], [], [], []
-    refined: dict[str, list] = {"clip_guided": [], "clip_guided_prior": []}
+    refined: dict[str, list] = defaultdict(list)  # the refined images, per column
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
         # ids (N, n), images (N, 3, S, S), CLIP's scores (N,)
         ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator, method=method)
         best = int(scores.argmax())
         if i < guided:
-            for name, weight in (("clip_guided", 0.0), ("clip_guided_prior", s.guided_prior_weight)):
-                if name == "clip_guided" or weight > 0:
-                    settings = dataclasses.replace(s, guided_prior_weight=weight)
-                    start = ids[best : best + 1].view(-1, *pipe.grid)
-                    refined[name].append(pipe.refine(start, [(caption, 1.0)], settings, generator)[1][0])
+            start = ids[best : best + 1].view(-1, *pipe.grid)
+            _refine_both(pipe, refined, "clip_guided", start, caption, s, generator, "samples")
+            # VQGAN+CLIP from random codes (Pixray's start), drawn after the pick's refinements
+            noise = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
+            _refine_both(pipe, refined, "random_codes_guided", noise, caption, s, generator, "random")
         reranked.append(images[best])
         first.append(images[0])
         every.append(images)
@@ -304,6 +307,16 @@ def evaluate(
             if images:
                 out[name] = grader.grade(torch.stack(images), rows, real_emb)
     return {**out, **split_data.shown()}
+
+
+def _refine_both(pipe, refined: dict, name: str, start, caption: str, s, generator, init: str) -> None:
+    """Append to refined[`name`] the image of one start (1, h, w) refined by CLIP alone (Adam) and, when the
+    settings' guided_prior_weight is above 0, to refined[`name`_prior] the one with the transformer's prior
+    (the settings' optimiser). init: what the start is, "samples" or "random"."""
+    for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
+        if column == name or weight > 0:
+            settings = dataclasses.replace(s, guided_prior_weight=weight)
+            refined[column].append(pipe.refine(start, [(caption, 1.0)], settings, generator, init=init)[1][0])
 
 
 def main(argv: list[str] | None = None) -> int:
