@@ -219,3 +219,19 @@ def test_with_a_prior_weight_of_zero_the_jacobi_setting_refines_by_clip_alone(pi
     # Jacobi steps need the prior; without it refinement is VQGAN+CLIP as published, whatever the setting
     kw = dict(init="random", guided_prior_weight=0.0)
     assert images_of(pipe, guided_optimizer="jacobi", **kw) == images_of(pipe, guided_optimizer="adam", **kw)
+
+
+def test_random_starts_that_reach_one_image_warn_that_the_images_repeat(pipe):
+    # with no pull from CLIP every random start's Jacobi steps reach greedy decoding (the best-scoring codes on
+    # the way, which are returned, may differ before it): fewer distinct images than starts, said once
+    pipe.cfg.sample.guided_jacobi_lr = 0.0
+    try:
+        with pytest.warns(UserWarning, match=r"gave only \d distinct images? from 4 random starts; Jacobi steps") as w:
+            results = pipe.generate(
+                [PROMPT], method="clip-guided", init="random", guided_prior_weight=0.5, num_images=4, progress=False
+            )
+    finally:
+        pipe.cfg.sample.guided_jacobi_lr = 10.0
+    distinct = len({r.image.tobytes() for r in results[0]})
+    assert len(results[0]) == 4 and distinct < 4
+    assert f"gave only {distinct} distinct" in str(w[0].message) and len(w) == 1

@@ -205,6 +205,20 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"decode '{s.decode}' is unknown; use {', '.join(DECODE_MODES)}")
 
 
+def _warn_repeats(prompt: str, images: torch.Tensor) -> None:
+    """Warn when generation from random codes drew the same image from several starts: Jacobi steps of the
+    prior lead many starts of one prompt to one image (docs/RESULTS.md, VQGAN+CLIP by Jacobi steps)."""
+    distinct = len(distinct_first(images))
+    if distinct < len(images):
+        images_word = "image" if distinct == 1 else "images"
+        warnings.warn(
+            f"prompt '{prompt}' gave only {distinct} distinct {images_word} from {len(images)} random starts; "
+            "Jacobi steps of the prior lead many starts to one image (another --seed gives others; "
+            "--guided-optimizer adam gives different, less faithful ones)",
+            stacklevel=3,
+        )
+
+
 class Pipeline:
     """Text tokenizer + transformer + image tokenizer + (optional) CLIP, on one device, ready to sample."""
 
@@ -522,6 +536,7 @@ class Pipeline:
 
                     ids = random_codes(self.image_tokenizer.codebook_size, s.num_images, h, w, generator)
                     ids, images, scores = self._refine(ids, prompt_parts, s, generator, 0, progress, init)
+                    _warn_repeats(prompt, images)
                     results.append(self._results(prompt, s.seed + i, ids, images, scores))
                     continue
                 draw = functools.partial(self.candidates, prompt_parts, s, generator, prime, bar, method)
