@@ -153,7 +153,7 @@ def test_jacobi_iterations_from_noise_reach_greedy_decoding(pipe):
     ids = random_codes(pipe.image_tokenizer.codebook_size, 3, h, w, torch.Generator().manual_seed(6)).flatten(1)
     for _ in range(h * w):
         with torch.no_grad():
-            scores = log_probs(ids)
+            scores, _ = log_probs(ids)  # unguided: the moves are the plain log-probabilities
         new = jacobi_update(scores, torch.zeros_like(scores), lr=0.0)
         if torch.equal(new, ids):
             break

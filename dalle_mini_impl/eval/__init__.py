@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..errors import UserError
 
@@ -20,3 +21,25 @@ def check_method(pipe, method: str, guided: int) -> None:
         pipe.require_unclip("--method unclip", prior=True)
         if guided:
             raise UserError("--guided refines the default method's top-1; leave it out with --method unclip")
+
+
+def refined_columns(pipe, start, prompt: str, s, generator) -> list[tuple[str, object, float]]:
+    """`--guided` of the text-to-image evaluations: one start (1, h, w) refined, then random codes (Pixray's
+    start, drawn after the start's refinements) generated, each by CLIP alone (Adam; `clip_guided`,
+    `random_codes_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
+    (`clip_guided_prior`, `random_codes_guided_prior`; the settings' optimiser): (column, image (3, S, S) in
+    [0, 1], CLIP score), in that order."""
+    from ..pipeline.guided import random_codes
+
+    out = []
+    for name, init in (("clip_guided", "samples"), ("random_codes_guided", "random")):
+        if init == "random":
+            start = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
+        for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
+            if column == name or weight > 0:
+                settings = dataclasses.replace(s, guided_prior_weight=weight)
+                _, images, scores = pipe.refine(
+                    start.view(-1, *pipe.grid), [(prompt, 1.0)], settings, generator, init=init
+                )
+                out.append((column, images[0], float(scores[0])))
+    return out

@@ -36,7 +36,6 @@ another (a minute, where sampling takes several).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -50,7 +49,7 @@ from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
-from . import add_method_argument, check_method
+from . import add_method_argument, check_method, refined_columns
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
@@ -262,8 +261,6 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from ..pipeline.guided import random_codes
-
     if pipe.clip is None:
         raise UserError("this model has no CLIP to rerank with; eval emoji judges its reranked pick")
     split_data = GradedSplit(judge, data, split, n, seed, pipe.cfg.data.image_size)
@@ -278,11 +275,8 @@ def evaluate(
         ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator, method=method)
         best = int(scores.argmax())
         if i < guided:
-            start = ids[best : best + 1].view(-1, *pipe.grid)
-            _refine_both(pipe, refined, "clip_guided", start, caption, s, generator, "samples")
-            # VQGAN+CLIP from random codes (Pixray's start), drawn after the pick's refinements
-            noise = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
-            _refine_both(pipe, refined, "random_codes_guided", noise, caption, s, generator, "random")
+            for column, image, _ in refined_columns(pipe, ids[best : best + 1], caption, s, generator):
+                refined[column].append(image)
         reranked.append(images[best])
         first.append(images[0])
         every.append(images)
@@ -307,16 +301,6 @@ def evaluate(
             if images:
                 out[name] = grader.grade(torch.stack(images), rows, real_emb)
     return {**out, **split_data.shown()}
-
-
-def _refine_both(pipe, refined: dict, name: str, start, caption: str, s, generator, init: str) -> None:
-    """Append to refined[`name`] the image of one start (1, h, w) refined by CLIP alone (Adam) and, when the
-    settings' guided_prior_weight is above 0, to refined[`name`_prior] the one with the transformer's prior
-    (the settings' optimiser). init: what the start is, "samples" or "random"."""
-    for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
-        if column == name or weight > 0:
-            settings = dataclasses.replace(s, guided_prior_weight=weight)
-            refined[column].append(pipe.refine(start, [(caption, 1.0)], settings, generator, init=init)[1][0])
 
 
 def main(argv: list[str] | None = None) -> int:

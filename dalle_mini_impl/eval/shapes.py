@@ -24,7 +24,6 @@ decoder, with the same prompts, seeds and reranking, so its columns compare with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -37,7 +36,7 @@ from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
-from . import add_method_argument, check_method
+from . import add_method_argument, check_method, refined_columns
 
 KINDS = ("one", "two", "heldout")
 
@@ -114,8 +113,6 @@ def evaluate(
     (`random_codes_guided`, `random_codes_guided_prior`)."""
     from tqdm.auto import tqdm
 
-    from dalle_mini_impl.pipeline.guided import random_codes
-
     s = pipe.settings(candidates=candidates, num_images=1)
     columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": [], "every_of_8": []}
     if candidates >= 32:
@@ -144,12 +141,8 @@ def evaluate(
         if i < guided:
             guided_kinds.append(kind)
             refined_scores["top1_of_8_same_prompts"].append(float(scores[best8]))
-            done = _refine_both(pipe, "clip_guided", ids[best8 : best8 + 1], prompt, s, generator)
-            # VQGAN+CLIP from random codes (Pixray's start), drawn after the top-1's refinements
-            noise = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
-            done += _refine_both(pipe, "random_codes_guided", noise, prompt, s, generator, init="random")
-            for column, verdict, score in done:
-                refined[column].append(verdict)
+            for column, image, score in refined_columns(pipe, ids[best8 : best8 + 1], prompt, s, generator):
+                refined[column].append(judge(to_uint8(image), prompt))
                 refined_scores[column].append(score)
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
     out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
@@ -160,23 +153,6 @@ def evaluate(
             out[name] = _by_kind(verdicts, guided_kinds)
         # CLIP's own score of each column's images, mean over the refined prompts
         out["clip_score"] = {name: sum(v) / len(v) for name, v in refined_scores.items()}
-    return out
-
-
-def _refine_both(
-    pipe, name: str, start: torch.Tensor, prompt: str, s, generator, init: str = "samples"
-) -> list[tuple[str, object, float]]:
-    """(column, judge's verdict, CLIP score) of one start (1, n) refined by CLIP alone (`name`, Adam) and, when
-    the settings' guided_prior_weight is above 0, with the transformer's prior (`name`_prior, the settings'
-    optimiser). init: what the start is, "samples" or "random"."""
-    out = []
-    for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
-        if column == name or weight > 0:
-            settings = dataclasses.replace(s, guided_prior_weight=weight)
-            _, images, scores = pipe.refine(
-                start.view(-1, *pipe.grid), [(prompt, 1.0)], settings, generator, init=init
-            )
-            out.append((column, judge(to_uint8(images[0]), prompt), float(scores[0])))
     return out
 
 

@@ -203,7 +203,8 @@ def refine(
         transformer's, given the prompt); prior_weight times it joins the objective (0: CLIP alone).
     optimizer: "adam" (lr: Adam's step on the latents) or "jacobi" (lr: CLIP's weight in each Jacobi update;
         needs cell_log_probs: ids (b, n), raster order -> the transformer's log-probabilities (b, n, K) of
-        every code at every cell given the prompt and the cells before it).
+        every code at every cell given the prompt and the cells before it, twice: the ones the steps move by
+        (sampling's guidance may sharpen them) and the plain ones, whose mean at the ids is the prior term).
     Returns the snapped images of the best objective seen (ids (b, h, w), images (b, 3, H, W) in [0, 1],
     CLIP scores (b,)), on the CPU. Only the latents get gradients; the models' weights are never touched.
     """
@@ -230,7 +231,7 @@ def refine(
 
     with torch.enable_grad():
         if jacobi:
-            ids, vectors = start_ids, code_vectors(tokenizer)  # (b, h, w), (K, d)
+            ids, vectors = start_ids, code_vectors(tokenizer).float()  # (b, h, w), (K, d)
         else:
             free = start_latent(tokenizer, start_ids).detach().requires_grad_(True)
             kept = tokenizer.embed_ids(start_ids).detach()  # (b, d, h, w)
@@ -251,11 +252,12 @@ def refine(
             log_likelihood = torch.zeros_like(score)
             if jacobi:
                 with torch.no_grad():
-                    log_probs = cell_log_probs(ids.flatten(1)).to(device)  # (b, n, K): the next step's moves
-            if use_prior:
-                # (b, K, h, w), straight-through one-hots; a Jacobi step's codes are exactly its ids
-                weights = tokenizer.code_weights(start_latent(tokenizer, ids) if jacobi else free)
-                if r and not jacobi:
+                    moves, plain = cell_log_probs(ids.flatten(1))  # (b, n, K) each: the next step's moves
+                if use_prior:  # the mean log-likelihood of the codes, from the pass the moves needed anyway
+                    log_likelihood = plain.gather(-1, ids.flatten(1)[..., None]).squeeze(-1).mean(-1).to(device)
+            elif use_prior:
+                weights = tokenizer.code_weights(free)  # (b, K, h, w), straight-through one-hots
+                if r:
                     weights = torch.cat([kept_weights[:, :, :r], weights[:, :, r:]], dim=2)
                 log_likelihood = prior(rearrange(weights, "b k h w -> b (h w) k")).to(device)  # (b,)
             objective = score + prior_weight * log_likelihood.detach()
@@ -271,8 +273,8 @@ def refine(
             sims = rearrange(model.encode_image(crops) @ direction, "(n b) -> n b", n=cutouts)
             if jacobi:  # the prior's part is exact in log_probs; CLIP's is first-order
                 (grad,) = torch.autograd.grad(sims.mean(0).sum(), [latent])  # (b, d, h, w)
-                gain = torch.einsum("bdhw,kd->bhwk", grad.float(), vectors.float()).flatten(1, 2)  # (b, n, K)
-                new = jacobi_update(log_probs, gain, lr).view_as(ids)
+                gain = torch.einsum("bdhw,kd->bhwk", grad.float(), vectors).flatten(1, 2)  # (b, n, K)
+                new = jacobi_update(moves.to(device), gain, lr).view_as(ids)
                 if r:
                     new[:, :r] = start_ids[:, :r]
                 if torch.equal(new, ids):

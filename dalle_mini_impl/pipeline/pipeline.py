@@ -633,22 +633,23 @@ class Pipeline:
 
     def cell_log_probs(self, prompt: str, guidance_scale: float = 1.0, guidance_until: float = 1.0):
         """Image ids (b, n) -> the transformer's log-probabilities (b, n, image_vocab) of every code at every
-        cell given `prompt` and the cells before it, with classifier-free guidance on the first guidance_until
-        of the cells as sampling has it (1: off): what refinement's Jacobi updates read (`guided.refine`)."""
+        cell given `prompt` and the cells before it, twice: with classifier-free guidance on the first
+        guidance_until of the cells as sampling has it (1: off), which refinement's Jacobi updates move by, and
+        without, which its prior term reads (`guided.refine`); the same tensor when unguided."""
         text = self.encode_prompt(prompt)  # (1, t)
         null = self.text_tokenizer.null_ids()[None].to(self.device)  # (1, t)
         n = self.transformer.cfg.image_len
         guided = torch.arange(n, device=self.device) < round(guidance_until * n)  # (n,), as `generate` counts
 
-        def log_probs(ids: torch.Tensor) -> torch.Tensor:
+        def log_probs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             ids = ids.to(self.device)
             with self._autocast():
                 cond = self.transformer.cell_log_probs(text.expand(ids.shape[0], -1), ids)
                 if guidance_scale == 1:
-                    return cond
+                    return cond, cond
                 uncond = self.transformer.cell_log_probs(null.expand(ids.shape[0], -1), ids)
             mixed = (uncond + guidance_scale * (cond - uncond)).log_softmax(dim=-1)
-            return torch.where(guided[:, None], mixed, cond)
+            return torch.where(guided[:, None], mixed, cond), cond
 
         return log_probs
 
