@@ -757,6 +757,34 @@ def test_swapped_captions_are_distinct_and_one_is_swap_phrases_draw():
     assert swapped_captions("a red circle", phrases, 2, random.Random(0)) == []
 
 
+def test_swaps_seen_only_name_only_captions_some_image_has():
+    import random
+
+    from dalle_mini_impl.clip.negatives import rest_swapped_captions, swap_phrase, swapped_captions
+
+    phrases = [", noto style", ", twemoji style", ", blob style", ", fluent style"]
+    seen = {"pizza, noto style", "pizza, blob style", "apple, twemoji style", "apple, noto style"}
+    # pizza is seen in noto and blob only: its twemoji and fluent captions are never made
+    assert {swap_phrase("pizza, noto style", phrases, random.Random(k), seen) for k in range(30)} == {
+        "pizza, blob style"
+    }
+    assert sorted(swapped_captions("pizza, fluent style", phrases, 3, random.Random(0), seen)) == [
+        "pizza, blob style",
+        "pizza, noto style",
+    ]  # fewer than asked where fewer are seen
+    assert swapped_captions("cat, noto style", phrases, 1, random.Random(0), seen) == []
+    assert swap_phrase("cat, noto style", phrases, random.Random(0), seen) is None
+    # the same draws as without `seen` where every swap is seen
+    every = {f"pizza{p}" for p in phrases}
+    for k in range(5):
+        assert swapped_captions("pizza, noto style", phrases, 2, random.Random(k), every) == swapped_captions(
+            "pizza, noto style", phrases, 2, random.Random(k)
+        )
+    batch = ["pizza, noto style", "apple, twemoji style"]
+    assert rest_swapped_captions(batch, phrases, 1, random.Random(0)) == ["apple, noto style", "pizza, twemoji style"]
+    assert rest_swapped_captions(batch, phrases, 1, random.Random(0), seen) == ["apple, noto style"]
+
+
 def test_rest_swaps_keep_the_phrase_take_another_captions_rest_and_never_a_true_caption():
     import random
 
@@ -791,6 +819,10 @@ def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
         train_clip.main([*argv, "--set", "clip.hard_negatives=false", "--set", "clip.rest_swaps=1"])
     with pytest.raises(UserError, match="'clip.rest_swaps' is -1; set it to 0 \\(none\\) or a count per caption"):
         train_clip.main([*argv, "--set", "clip.rest_swaps=-1"])
+    with pytest.raises(UserError, match="'clip.swaps_seen_only' is true; .* needs clip.hard_negatives=true"):
+        train_clip.main([*argv, "--set", "clip.hard_negatives=false", "--set", "clip.swaps_seen_only=true"])
+    with pytest.raises(UserError, match="'clip.swaps_seen_only' is true; .* on data other than shapes"):
+        train_clip.main(["--config", "shapes", "--out", str(tmp_path / "s"), "--set", "clip.swaps_seen_only=true"])
     # without hard negatives nothing is swapped, and no phrases are needed
     plain = load_config("emoji")
     plain.data.source, plain.clip.hard_negatives, plain.clip.swap_phrases = str(imagefolder.root), False, []

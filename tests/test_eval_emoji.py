@@ -117,6 +117,37 @@ def test_rest_swaps_add_same_style_negatives_to_the_judges_first_step(folder, tm
     assert losses[1] > losses[0] + 0.01
 
 
+def test_swaps_seen_only_never_name_a_held_out_cell_in_the_judges_steps(folder, tmp_path, monkeypatch):
+    from train import clip as train_clip
+
+    made: list[str] = []
+
+    def recorded(*args):
+        out = swapped_captions(*args)
+        made.extend(out)
+        return out
+
+    swapped_captions = train_clip.swapped_captions
+    monkeypatch.setattr(train_clip, "swapped_captions", recorded)
+    train_captions = {emoji.style_caption(n, s) for n in NAMES for s in STYLES if (n, s) not in HELD_OUT}
+    held_out = {emoji.style_caption(n, s) for n, s in HELD_OUT}
+    swaps = "judge.clip.swap_phrases=[', alpha style', ', beta style', ', gamma style']"
+    argv = ["--config", "emoji", "--data", str(folder), "--out", str(tmp_path), "--set", swaps]
+    settings = [*JUDGE_TINY, "judge.splits=train", "judge.train.steps=3", "judge.train.batch_size=64"]
+    settings += ["judge.clip.swaps_per_caption=2", "judge.clip.swaps_seen_only=true", "judge.train.mixed_precision=no"]
+    assert train_judge.main([*argv, *[x for item in settings for x in ("--set", item)]]) == 0
+    # 192 images' captions in every other style they are seen in: the four names held out in gamma have one
+    assert len(made) > 300 and set(made) <= train_captions and not set(made) & held_out
+    assert train_clip._seen_captions(train_judge.judge_config(_judge_cfg(folder, settings, swaps), "x")) == (
+        train_captions
+    )
+
+
+def _judge_cfg(folder: Path, settings: list[str], swaps: str):
+    argv = ["--config", "emoji", "--data", str(folder), "--set", swaps]
+    return train_judge.loop.parse_args([*argv, *[x for item in settings for x in ("--set", item)]], "")[0]
+
+
 def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
     with pytest.raises(UserError, match="'judge.splits' is 'train\\+test'; the judge grades the test split"):
         train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--set", "judge.splits=train+test"])

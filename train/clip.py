@@ -8,7 +8,8 @@ With `clip.hard_negatives`, each caption made false in one place is an extra neg
 image (NegCLIP): on shapes one word, by the caption grammar (`dalle_mini_impl.shapes.negatives`);
 elsewhere one of `clip.swap_phrases` for another, or for `clip.swaps_per_caption` others
 (`dalle_mini_impl.clip.negatives`); `clip.rest_swaps` adds negatives that keep a caption's phrase and take
-the rest from another caption of the batch (the same style, another name).
+the rest from another caption of the batch (the same style, another name); `clip.swaps_seen_only` keeps
+both to captions that some training image has, read once from the split's captions before the first step.
 With several processes, features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss). `--init-from BUNDLE_OR_RUN` starts from that model's CLIP and
 text tokenizer instead of random weights, and `train.clip.freeze` leaves parameter groups untrained:
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from dalle_mini_impl.clip.negatives import rest_swapped_captions, swapped_captio
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
 from dalle_mini_impl.data.images import make_grid
+from dalle_mini_impl.data.streams import iter_captions
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero_shot_shapes
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
@@ -91,6 +94,12 @@ def check_config(cfg: RunConfig) -> None:
             f"config key 'clip.swaps_per_caption' is {count}; a caption's phrase can be swapped for 1 to "
             f"{phrases - 1} others of clip.swap_phrases: set it in that range"
         )
+    if cfg.clip.swaps_seen_only and (cfg.data.source == "shapes" or not cfg.clip.hard_negatives):
+        raise UserError(
+            "config key 'clip.swaps_seen_only' is true; it keeps the swaps of clip.swap_phrases to captions of the "
+            "training data, which needs clip.hard_negatives=true on data other than shapes (whose negatives never "
+            "name a held-out pair anyway): set that, or leave it false"
+        )
     rest = cfg.clip.rest_swaps
     if rest < 0:
         raise UserError(f"config key 'clip.rest_swaps' is {rest}; set it to 0 (none) or a count per caption")
@@ -121,6 +130,7 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     batches = example_batches(clip_data(cfg), cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
     device = accelerator.device
     held_out = cfg.data.shapes.held_out if cfg.data.source == "shapes" else []  # never named, not even as false
+    seen = _seen_captions(cfg)
 
     def augment(images, gen):
         return clip_augment(images, cfg.clip.crop_scale_min, gen, cfg.clip.shift_max, cfg.clip.flip_p)
@@ -140,9 +150,10 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
             false = [c for c in made if c is not None]
         else:
             count = cfg.clip.swaps_per_caption
-            false = [f for c in batch["caption"] for f in swapped_captions(c, cfg.clip.swap_phrases, count, rng)]
+            phrases = cfg.clip.swap_phrases
+            false = [f for c in batch["caption"] for f in swapped_captions(c, phrases, count, rng, seen)]
             if cfg.clip.rest_swaps:  # drawn after the swaps above: runs without them draw as before
-                false += rest_swapped_captions(batch["caption"], cfg.clip.swap_phrases, cfg.clip.rest_swaps, rng)
+                false += rest_swapped_captions(batch["caption"], phrases, cfg.clip.rest_swaps, rng, seen)
         return images, ids, tokenizer.encode(false).to(device) if false else ids[:0]
 
     def loss(m, batch, step):
@@ -206,6 +217,14 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     result = loop.run(cfg, tc, stage, accelerator, args)
     loop.report("clip", result, accelerator)
     return result
+
+
+def _seen_captions(cfg: RunConfig) -> set[str] | None:
+    """Every caption of the training split(s) when `clip.swaps_seen_only` asks for them (one pass over the caption
+    column, no image decoded), else None."""
+    if not cfg.clip.swaps_seen_only:  # check_config has refused it on shapes and without hard negatives
+        return None
+    return set(iter_captions(cfg.data, cfg.data.split, sys.maxsize))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

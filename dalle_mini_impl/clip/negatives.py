@@ -9,24 +9,40 @@ others, each one extra negative: with all seven, every image is scored against i
 which is the choice `eval emoji`'s style_acc grades. `clip.rest_swaps` makes negatives the other way round: the
 caption's phrase kept and the rest taken from another caption of the batch (emoji-styles: the same style,
 another name, the choice `eval emoji`'s name R-precision grades).
+
+`clip.swaps_seen_only` keeps the swaps to captions that some training image has (`seen`): a caption that only
+ever appears as a false one teaches the text tower that it matches no image, and on emoji-styles the held-out
+`test` cells' captions are such captions ("pizza, openmoji style" made from "pizza, noto style"). The shapes
+negatives never name a held-out pair for the same reason.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 
 
-def swap_phrase(caption: str, phrases: list[str], rng: random.Random) -> str | None:
-    """`caption` with the longest of `phrases` it holds replaced by another of them, drawn; None if it holds none.
+def swap_phrase(
+    caption: str, phrases: list[str], rng: random.Random, seen: Collection[str] | None = None
+) -> str | None:
+    """`caption` with the longest of `phrases` it holds replaced by another of them, drawn; None if it holds none
+    (or, with `seen`, if no other phrase makes a caption in `seen`).
 
     The longest first: of " flat style" and ", fluent flat style", a caption holding the second is swapped
     whole, not inside it.
     """
+    made = _swaps(caption, phrases, seen)
+    return None if not made else made[rng.randrange(len(made))]
+
+
+def _swaps(caption: str, phrases: list[str], seen: Collection[str] | None) -> list[str]:
+    """Every caption `caption` becomes with its phrase swapped for another, in `phrases`' order; with `seen`, only
+    those in it."""
     held = _held(caption, phrases)
     if held is None:
-        return None
-    others = [p for p in phrases if p != held]
-    return caption.replace(held, others[rng.randrange(len(others))], 1)
+        return []
+    made = [caption.replace(held, p, 1) for p in phrases if p != held]
+    return made if seen is None else [m for m in made if m in seen]
 
 
 def _held(caption: str, phrases: list[str]) -> str | None:
@@ -34,25 +50,27 @@ def _held(caption: str, phrases: list[str]) -> str | None:
     return max((p for p in phrases if p in caption), key=len, default=None)
 
 
-def swapped_captions(caption: str, phrases: list[str], count: int, rng: random.Random) -> list[str]:
+def swapped_captions(
+    caption: str, phrases: list[str], count: int, rng: random.Random, seen: Collection[str] | None = None
+) -> list[str]:
     """`count` distinct false captions of `caption`, each with its phrase swapped for another, drawn ([] if it
-    holds none). One is `swap_phrase`'s, drawn the same way."""
+    holds none); with `seen`, only captions in it, so fewer where fewer are. One is `swap_phrase`'s, drawn the
+    same way."""
     if count == 1:
-        made = swap_phrase(caption, phrases, rng)
+        made = swap_phrase(caption, phrases, rng, seen)
         return [] if made is None else [made]
-    held = _held(caption, phrases)
-    if held is None:
-        return []
-    others = rng.sample([p for p in phrases if p != held], count)
-    return [caption.replace(held, other, 1) for other in others]
+    made = _swaps(caption, phrases, seen)
+    return rng.sample(made, min(count, len(made)))
 
 
-def rest_swapped_captions(captions: list[str], phrases: list[str], count: int, rng: random.Random) -> list[str]:
+def rest_swapped_captions(
+    captions: list[str], phrases: list[str], count: int, rng: random.Random, seen: Collection[str] | None = None
+) -> list[str]:
     """For each caption holding one of `phrases`, up to `count` false captions that keep its phrase and take the
     rest from other captions of the batch: another caption with its own phrase replaced by this one's
     ("apple, noto style" for "pizza, openmoji style" gives "apple, openmoji style"). Never a caption of the
     batch (that is some image's own), never the same one twice for a caption; fewer when the batch has too few
-    others. The donors are drawn in an order shuffled by `rng`."""
+    others; with `seen`, only captions in it. The donors are drawn in an order shuffled by `rng`."""
     if count < 1:
         return []
     held = [_held(c, phrases) for c in captions]
@@ -67,7 +85,7 @@ def rest_swapped_captions(captions: list[str], phrases: list[str], count: int, r
         made: list[str] = []
         for j in order:
             false = captions[j].replace(held[j], phrase, 1)
-            if false not in truth and false not in made:
+            if false not in truth and false not in made and (seen is None or false in seen):
                 made.append(false)
                 if len(made) == count:
                     break
