@@ -241,7 +241,7 @@ class CLIPConfig:
     rest_swaps: int = 0
     # swap only to captions that some image of the training split has (read once from its caption column before
     # training): a caption that appears only as a false one teaches the text tower that it matches no image, and a
-    # held-out cell's is one (dalle_mini_impl.clip.negatives). Off data other than shapes; shapes negatives never
+    # held-out cell's is one (dalle_mini_impl.clip.negatives). Only on data other than shapes, whose negatives never
     # name a held-out pair anyway
     swaps_seen_only: bool = False
 

@@ -132,20 +132,15 @@ def test_swaps_seen_only_never_name_a_held_out_cell_in_the_judges_steps(folder, 
     train_captions = {emoji.style_caption(n, s) for n in NAMES for s in STYLES if (n, s) not in HELD_OUT}
     held_out = {emoji.style_caption(n, s) for n, s in HELD_OUT}
     swaps = "judge.clip.swap_phrases=[', alpha style', ', beta style', ', gamma style']"
-    argv = ["--config", "emoji", "--data", str(folder), "--out", str(tmp_path), "--set", swaps]
     settings = [*JUDGE_TINY, "judge.splits=train", "judge.train.steps=3", "judge.train.batch_size=64"]
     settings += ["judge.clip.swaps_per_caption=2", "judge.clip.swaps_seen_only=true", "judge.train.mixed_precision=no"]
-    assert train_judge.main([*argv, *[x for item in settings for x in ("--set", item)]]) == 0
+    argv = ["--config", "emoji", "--data", str(folder), "--out", str(tmp_path), "--set", swaps]
+    argv += [x for item in settings for x in ("--set", item)]
+    assert train_judge.main(argv) == 0
     # 192 images' captions in every other style they are seen in: the four names held out in gamma have one
     assert len(made) > 300 and set(made) <= train_captions and not set(made) & held_out
-    assert train_clip._seen_captions(train_judge.judge_config(_judge_cfg(folder, settings, swaps), "x")) == (
-        train_captions
-    )
-
-
-def _judge_cfg(folder: Path, settings: list[str], swaps: str):
-    argv = ["--config", "emoji", "--data", str(folder), "--set", swaps]
-    return train_judge.loop.parse_args([*argv, *[x for item in settings for x in ("--set", item)]], "")[0]
+    cfg = train_judge.judge_config(train_judge.loop.parse_args(argv, "")[0], str(tmp_path))
+    assert train_clip._seen_captions(cfg) == train_captions
 
 
 def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
