@@ -102,7 +102,8 @@ def test_sample_phase_prints_json(capsys, tmp_path):
     # the window each run used: 32 positions over 8 rows; at one row 16, cut to the 15 cells after the first
     assert decode["bf16_batch4"]["speculative"]["window"] == 4 and decode["bf16_batch1"]["speculative"]["window"] == 15
     assert 1 < decode["bf16_batch1"]["speculative"]["passes"] < 16
-    assert 1 < decode["bf16_batch1"]["speculative"]["passes_random_drafts"] < 16
+    for key in ("passes_random_drafts", "passes_independent_redraft"):
+        assert 1 < decode["bf16_batch1"]["speculative"][key] < 16
     assert set(decode["fp32_pass_ms"]) == {f"rows{r}_window{w}" for r in (1, 8, 32) for w in (1, 4)}  # 16: no room
     assert all(ms > 0 for ms in decode["bf16_pass_ms"].values())
     sample = out["presets"]["anchor-tiny"]["sample"]

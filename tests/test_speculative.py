@@ -7,8 +7,10 @@ the check is on distributions: on tiny models whose whole image sequences can be
 2x2 grid: 81 sequences; product codes 2x2 on a 3x1 grid: 64), the frequencies of 16,000 speculative samples
 must match the exact joint distribution within a total-variation bound that the plain sampler meets and a
 wrong acceptance rule fails by far (measured: 0.10-0.86 for accept-always, ratio without q, residual = p, or
-a q not updated after the Jacobi step; 0.01-0.03 for the right rule). The "above" drafts are one-hot copies
-of the cell above, the adversarial case. Run with `pytest tests/test_speculative.py`.
+a q not updated after the Jacobi step; for the coupled redraft, 0.21 when every later draft is kept untested
+and 0.12 when q is not updated; 0.01-0.03 for the right rule), with the Jacobi step's redrafts coupled to the
+old drafts (MC-SJD) and drawn afresh (SJD). The "above" drafts are one-hot copies of the cell above,
+the adversarial case. Run with `pytest tests/test_speculative.py`.
 """
 
 import itertools
@@ -35,13 +37,20 @@ GREEDY = [
 def test_greedy_speculative_decoding_gives_the_cached_tokens(kw, sampling):
     model = make(**kw).double()
     expected = generate(model, TEXT, top_k=1, **sampling)
-    for window, draft in ((2, "above"), (5, "random"), (MAX_WINDOW, "above")):  # 5 and 16: wider than a row
+    runs = (
+        (2, "above", "coupled"),
+        (5, "random", "coupled"),
+        (MAX_WINDOW, "above", "coupled"),
+        (5, "above", "independent"),
+    )
+    for window, draft, redraft in runs:  # 5 and 16: wider than a row
         stats = {}
         g = torch.Generator().manual_seed(window)
         got = generate(
-            model, TEXT, top_k=1, decode="speculative", window=window, draft=draft, generator=g, stats=stats, **sampling
-        )
-        assert torch.equal(got, expected), (window, draft)
+            model, TEXT, top_k=1, decode="speculative", window=window, draft=draft, redraft=redraft, generator=g,
+            stats=stats, **sampling,
+        )  # fmt: skip
+        assert torch.equal(got, expected), (window, draft, redraft)
         assert 1 < stats["passes"] <= TEXT.shape[1] + 1 + 16
 
 
@@ -120,10 +129,13 @@ def test_speculative_samples_follow_the_exact_joint_distribution(factors, grid, 
     kw = dict(
         null_text=null, guidance_scale=sampling["scale"], temperature=sampling["temperature"], top_k=sampling["top_k"]
     )
-    for decode, draft in (("cached", "above"), ("speculative", "above"), ("speculative", "random")):
+    runs = [("cached", "above", "coupled"), ("speculative", "above", "coupled"), ("speculative", "random", "coupled")]
+    for decode, draft, redraft in runs + [("speculative", "above", "independent")]:
         g = torch.Generator().manual_seed(3)
-        ids = generate(model, text.expand(rows, -1), decode=decode, window=4, draft=draft, generator=g, **kw)
-        assert total_variation(ids, seqs, probs, k) < 0.05, (decode, draft)
+        ids = generate(
+            model, text.expand(rows, -1), decode=decode, window=4, draft=draft, redraft=redraft, generator=g, **kw
+        )
+        assert total_variation(ids, seqs, probs, k) < 0.05, (decode, draft, redraft)
 
 
 def test_speculative_decoding_keeps_primed_tokens_and_reports_rows_in_order():
@@ -176,3 +188,5 @@ def test_bad_window_or_draft_is_refused():
         generate(make(), TEXT, decode="speculative", window=-1)
     with pytest.raises(ValueError, match="draft one of"):
         generate(make(), TEXT, decode="speculative", draft="left")
+    with pytest.raises(ValueError, match="redraft one of"):
+        generate(make(), TEXT, decode="speculative", redraft="fresh")

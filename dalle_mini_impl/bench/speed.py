@@ -574,7 +574,7 @@ DECODE_PROMPTS = {
 
 
 def decode_once(
-    model, texts, null, s, b: int, mode: str, seed: int, device, draft: str = "above"
+    model, texts, null, s, b: int, mode: str, seed: int, device, draft: str = "above", redraft: str = "coupled"
 ) -> tuple[float, int, int]:
     """Wall seconds, summed sequential passes and the window of sampling b candidates for each prompt's text
     ids (1, t)."""
@@ -587,7 +587,8 @@ def decode_once(
             generate(
                 model, text.expand(b, -1), null_text=null, guidance_scale=s.guidance_scale,
                 guidance_until=s.guidance_until, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                generator=torch.Generator().manual_seed(seed + i), decode=mode, draft=draft, stats=stats,
+                generator=torch.Generator().manual_seed(seed + i), decode=mode, draft=draft, redraft=redraft,
+                stats=stats,
             )  # fmt: skip
             passes, window = passes + stats["passes"], stats["window"]
 
@@ -628,7 +629,8 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     and `speedup` = cached wall over speculative wall in the same run; runs interleaved, medians of
     `--sample-reps`. Trained weights matter here: how many drafts are accepted depends on how sure the model
     is, which random weights are not. Also per dtype the cost of one pass by rows x window (`pass_costs`),
-    and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`). At
+    and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`) and
+    with the Jacobi step's redrafts drawn afresh instead of coupled (`passes_independent_redraft`). At
     the candidates, a bundle that guides is timed unguided too (`unguided`, plain cached decoding):
     `guidance_cost` = the median over the repetitions of its cached wall over that, the cost of guidance as
     the default command pays it (one prompt's candidates, the bundle's guidance_until).
@@ -692,8 +694,13 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         log(f"decode {name}: {d} pass costs")
         out[f"{d}_pass_ms"] = pass_costs(models[d], device)
         if out[f"{d}_batch1"]["speculative"]["window"] > 1:
-            _, random_passes, _ = decode_once(models[d], texts, null, s, 1, "speculative", SEED + 100, device, "random")
-            out[f"{d}_batch1"]["speculative"]["passes_random_drafts"] = round(random_passes / len(texts), 1)
+            spec = out[f"{d}_batch1"]["speculative"]
+            for key, draft, redraft in (
+                ("random_drafts", "random", "coupled"),
+                ("independent_redraft", "above", "independent"),
+            ):
+                _, p, _ = decode_once(models[d], texts, null, s, 1, "speculative", SEED + 100, device, draft, redraft)
+                spec[f"passes_{key}"] = round(p / len(texts), 1)
     return out
 
 

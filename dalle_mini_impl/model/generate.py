@@ -20,17 +20,21 @@ against.
 Text-to-Image Generation with Training-free Speculative Jacobi Decoding"): one forward pass feeds the last
 accepted token and a window of drafted ones, which gives the model's distribution p at every cell of the
 window at once. Each draft d, drawn from a distribution q, is accepted with probability min(1, p(d) / q(d)),
-in order; the first one refused is redrawn from the residual max(0, p - q) (normalised) and the cells after
-it are redrafted from this pass's p (the Jacobi step: a guess conditioned on the refused draft, verified
-next pass). That is speculative sampling's rule (Leviathan et al. 2023; Chen et al. 2023), so every token
-has exactly the plain sampler's distribution whatever the drafts, and at least one token is accepted per
-pass. Cells that no pass has reached yet are drafted from the row above (one-hot q) or at random
-(uniform q). It draws other random numbers than the plain sampler, so the same seed gives other (equally
-distributed) images; with top_k=1 it gives the plain sampler's tokens in exact arithmetic (float64 in the
-tests; in bf16 a window pass and a one-token pass can round a near-tie differently). Every row of a batch has its own
-window at its own positions (`DALLE.transform_rows`), so a row that accepted more is not held back by one
-that accepted less; the window narrows as the batch grows (a pass over rows x window positions costs
-about its size once it is compute-bound; `window_width`) and at one cell it is plain cached decoding.
+in order; the first one refused is redrawn from the residual max(0, p - q) (normalised) and the cells after it
+are redrafted from this pass's p (the Jacobi step: a guess conditioned on the refused draft, verified next
+pass). The redraft is coupled to the old draft (So et al. 2025, MC-SJD): a cell keeps its draft if its own
+test min(1, p / q) passes and is drawn from its residual if not, a maximal coupling whose draws still follow
+p, so that a window's drafts stay put between passes and more of them are accepted next time
+(`redraft="independent"` draws from p afresh, as SJD does). That is speculative sampling's rule (Leviathan et
+al. 2023; Chen et al. 2023), so every token has exactly the plain sampler's distribution whatever the drafts,
+and at least one token is accepted per pass. Cells that no pass has reached yet are drafted from the row above
+(one-hot q) or at random (uniform q). It draws other random numbers than the plain sampler, so the same seed
+gives other (equally distributed) images; with top_k=1 it gives the plain sampler's tokens in exact arithmetic
+(float64 in the tests; in bf16 a window pass and a one-token pass can round a near-tie differently). Every row
+of a batch has its own window at its own positions (`DALLE.transform_rows`), so a row that accepted more is
+not held back by one that accepted less; the window narrows as the batch grows (a pass over rows x window
+positions costs about its size once it is compute-bound; `window_width`) and at one cell it is plain cached
+decoding.
 
 Usage:
     from dalle_mini_impl.model.generate import generate
@@ -49,6 +53,7 @@ from .transformer import DALLE, KVCache
 
 DECODE_MODES = ("uncached", "cached", "static", "compiled", "speculative")
 DRAFTS = ("above", "random")  # how speculative decoding drafts a cell no pass has reached yet
+REDRAFTS = ("coupled", "independent")  # how its Jacobi step redrafts the cells after a refused one
 # Speculative decoding's window: the widest with rows x window <= the budget of positions per pass (the model
 # rows: twice the batch under guidance), at most MAX_WINDOW cells; narrower than MIN_WINDOW it decodes plainly.
 # The budget is where a pass stays bound by its fixed cost rather than arithmetic, measured with
@@ -287,6 +292,7 @@ def _speculative(
     generator: torch.Generator | None,
     W: int,
     draft: str,
+    redraft: str,
     on_row: Callable[[int, torch.Tensor], None] | None,
     shared,
 ) -> int:
@@ -341,16 +347,20 @@ def _speculative(
         u = torch.rand(b, W, generator=generator, device=gen_device).to(device)
         refused = (u * q_d >= p_d) & (cells >= acc[:, None])
         first = torch.where(refused.any(dim=1), refused.int().argmax(dim=1), W)  # (b,): W = all accepted
-        rows = (first < W).nonzero().squeeze(1)
-        if rows.numel():  # the first refused draft is redrawn from the residual max(0, p - q)
-            p_f, q_f = p[rows, first[rows]], q[rows, first[rows]]  # (r, K)
-            residual = (p_f - q_f).clamp_(min=0)
-            residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_f)  # p == q: nothing refused
-            drafts[rows, first[rows]] = draw(residual, generator)
-        # the Jacobi step: the cells after it are redrafted from this pass's distributions
+        # the first refused draft is redrawn from the residual max(0, p - q); the cells after it are redrafted
+        # from this pass's p (the Jacobi step): "coupled", each keeps its draft if it passed its own test and
+        # is drawn from its residual if not (a maximal coupling of q and p); "independent", drawn from p
         later = span[None] > first[:, None]  # (b, W)
+        redo = refused if redraft == "coupled" else refused & ~later
+        if redo.any():
+            at = redo.nonzero(as_tuple=True)
+            p_r, q_r = p[at], q[at]  # (r, K)
+            residual = (p_r - q_r).clamp_(min=0)
+            residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_r)  # p == q: nothing refused
+            drafts[at] = draw(residual, generator)
         if later.any():
-            drafts = torch.where(later, draw(p.view(b * W, k_image), generator).view(b, W), drafts)
+            if redraft == "independent":
+                drafts = torch.where(later, draw(p.view(b * W, k_image), generator).view(b, W), drafts)
             q = torch.where(later[..., None], p, q)
         out.scatter_(1, cells, drafts)
         acc = torch.maximum(acc, start + torch.clamp(first + 1, max=W))
@@ -384,6 +394,7 @@ def _check_args(
     decode,
     window,
     draft,
+    redraft="coupled",
     keep=None,
     redraw=None,
 ):
@@ -395,9 +406,10 @@ def _check_args(
         raise ValueError(f"cond must be {want}, got {tuple(cond.shape)}")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    if window < 0 or draft not in DRAFTS:
+    if window < 0 or draft not in DRAFTS or redraft not in REDRAFTS:
         raise ValueError(
-            f"window must be >= 0 (0: chosen by the batch) and draft one of {DRAFTS}, got {window}, {draft!r}"
+            f"window must be >= 0 (0: chosen by the batch), draft one of {DRAFTS} and redraft one of {REDRAFTS},"
+            f" got {window}, {draft!r}, {redraft!r}"
         )
     if guidance_scale != 1.0:
         if null_text is None:
@@ -446,6 +458,7 @@ def generate(
     decode: str = "cached",
     window: int = 0,
     draft: str = "above",
+    redraft: str = "coupled",
     stats: dict | None = None,
     keep: torch.Tensor | None = None,
     redraw: torch.Tensor | None = None,
@@ -474,6 +487,9 @@ def generate(
         plain decoding); read only when decode is "speculative".
     draft: how speculative decoding drafts a cell no pass has reached: "above" (the cell above's id) or
         "random".
+    redraft: how speculative decoding's Jacobi step redrafts the cells after a refused draft: "coupled" (each
+        keeps its draft unless its own test refuses it, then drawn from max(0, p - q): MC-SJD) or
+        "independent" (drawn from p afresh, as SJD does).
     keep, redraw: editing (inpainting): ids (b, n) and a bool mask (n,); the cells where redraw is False keep
         their ids from keep, the others are sampled in raster order, each seeing the kept cells before it (the
         kept cells before the first redrawn one are a prime; none after the last redrawn one is run).
@@ -498,6 +514,7 @@ def generate(
         decode,
         window,
         draft,
+        redraft,
         keep,
         redraw,
     )
@@ -542,8 +559,9 @@ def generate(
         if width > 1 and b > 0:
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
-                model, prefix, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, on_row, shared
-            )
+                model, prefix, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, redraft, on_row,
+                shared,
+            )  # fmt: skip
         else:
             if decode == "uncached":
                 source = _uncached_logits(model, prefix, out, k, masks, stop)
@@ -573,6 +591,7 @@ def generate(
 __all__ = [
     "DECODE_MODES",
     "DRAFTS",
+    "REDRAFTS",
     "compiled_step",
     "draw",
     "filter_logits",
