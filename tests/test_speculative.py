@@ -129,8 +129,13 @@ def test_speculative_samples_follow_the_exact_joint_distribution(factors, grid, 
     kw = dict(
         null_text=null, guidance_scale=sampling["scale"], temperature=sampling["temperature"], top_k=sampling["top_k"]
     )
-    runs = [("cached", "above", "coupled"), ("speculative", "above", "coupled"), ("speculative", "random", "coupled")]
-    for decode, draft, redraft in runs + [("speculative", "above", "independent")]:
+    runs = (
+        ("cached", "above", "coupled"),
+        ("speculative", "above", "coupled"),
+        ("speculative", "random", "coupled"),
+        ("speculative", "above", "independent"),
+    )
+    for decode, draft, redraft in runs:
         g = torch.Generator().manual_seed(3)
         ids = generate(
             model, text.expand(rows, -1), decode=decode, window=4, draft=draft, redraft=redraft, generator=g, **kw

@@ -394,7 +394,7 @@ def _check_args(
     decode,
     window,
     draft,
-    redraft="coupled",
+    redraft,
     keep=None,
     redraw=None,
 ):
