@@ -246,6 +246,28 @@ def test_mean_pooling_ignores_padding():
     assert torch.allclose(alone, together, atol=1e-5)
 
 
+def test_a_text_tower_of_depth_zero_with_mean_pooling_is_a_bag_of_words():
+    # the emoji judge's text tower: a caption is the mean of its tokens (each normalised with its position), so
+    # a (name, style) pair never seen together is the sum of two parts that were
+    torch.manual_seed(0)
+    model = CLIP(
+        CLIPConfig(**{**TINY, "text_depth": 0}, pool="mean"),
+        image_size=16,
+        text_vocab=50,
+        text_len=6,
+        pad_id=0,
+        eos_id=3,
+    )
+    text = model.text
+    assert len(text.transformer.blocks) == 0
+    with torch.no_grad():  # a visible position embedding, so that the check is not of zeros
+        text.pos.normal_(std=0.5)
+    ids = torch.tensor([[2, 5, 6, 3, 0, 0]])
+    with torch.no_grad():
+        tokens = text.ln_final(text.token_embed(ids[:, :4]) + text.pos[:4])  # (1, 4, d)
+        assert torch.allclose(model.encode_text(ids), unit(tokens.mean(dim=1) @ text.proj), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "changes,image_size,message",
     [

@@ -4,7 +4,8 @@
 A judge must not be the model it grades: a bundle's own CLIP reranks its candidates, so a metric read
 off that CLIP would reward reranking for pleasing it. The judge is a CLIP of its own, built from the
 preset's `[judge]` section: its own text tokenizer (`judge.vocab_size`), its own seed, its own size and
-steps (`judge.clip`, `judge.train`; larger and longer than the reranker), trained on `judge.splits`
+steps (`judge.clip`, `judge.train`; a larger image tower, trained longer, than the reranker's; on emoji-styles its
+text tower is a bag of words, which grades held-out name-style pairs best), trained on `judge.splits`
 (`train+validation`) and never on a split it grades: a split named `test` is refused, and no other
 split is opened. Its in-training retrieval numbers are on the last of its splits, which it has seen; its
 ceiling on unseen images is what `python -m dalle_mini_impl.eval emoji` reports for the real images.
