@@ -135,6 +135,13 @@ def test_gradient_accumulation_below_one_is_one_sentence():
         loop.make_accelerator(TrainConfig(grad_accum=0))
 
 
+@pytest.mark.parametrize("name", ["log_every", "eval_every", "image_every", "checkpoint_every"])
+def test_a_period_below_one_step_is_one_sentence(name):
+    # once a ZeroDivisionError traceback at the first step (`--set train.clip.eval_every=0`)
+    with pytest.raises(loop.UserError, match=f"{name} is 0; set it to 1 or more"):
+        loop.make_accelerator(TrainConfig(**{name: 0}))
+
+
 def test_the_math_attention_kernel_records_matmul_and_softmax_for_the_backward():
     q = torch.rand(2, 4, 65, 32, requires_grad=True)
     kernels = {}

@@ -206,6 +206,11 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
         raise UserError(f"grad_accum is {tc.grad_accum}; set it to 1 (no accumulation) or more")
     if tc.attention not in ATTENTION_KERNELS:
         raise UserError(f"attention is '{tc.attention}'; use {' or '.join(ATTENTION_KERNELS)}")
+    for name in ("log_every", "eval_every", "image_every", "checkpoint_every"):
+        if getattr(tc, name) < 1:
+            raise UserError(
+                f"{name} is {getattr(tc, name)}; set it to 1 or more (above the stage's steps: only at its last step)"
+            )
     return Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
