@@ -359,6 +359,12 @@ class SampleConfig:
     # how a decoding step runs: cached (eager, KV cache), static, compiled (torch.compile), speculative
     # (speculative Jacobi decoding: same distribution, fewer passes; dalle_mini_impl.model.generate)
     decode: str = "cached"
+    # speculative decoding's relaxed test (LANTERN, Jang et al. 2025): each draft is tested together with its
+    # nearest codes in the image tokenizer's latent space (at most speculative_neighbours) while their probability
+    # sums to at most speculative_relax, which draws every token within that total variation of the model's
+    # distribution in fewer passes (0: exact; docs/RESULTS.md)
+    speculative_relax: float = 0.0
+    speculative_neighbours: int = 128
     # clip-guided refinement (VQGAN+CLIP)
     guided_steps: int = 60
     guided_lr: float = 0.1

@@ -184,6 +184,15 @@ def _parser() -> argparse.ArgumentParser:
         "graphs on GPUs; the first batch pays the compile); speculative = speculative Jacobi decoding, the same "
         "distribution in fewer, wider passes (on the CPU with --dtype bf16; fp32 decodes plainly there)",
     )
+    p.add_argument(
+        "--relax",
+        type=float,
+        default=None,
+        metavar="MASS",
+        help="with --decode speculative: test each draft together with its nearest codes while their probability "
+        "sums to at most MASS (LANTERN's relaxed test): fewer passes, every token within that total variation of "
+        "the model's distribution (default: the model's, 0: exact)",
+    )
     p.add_argument("--compile", action="store_true", help="the same as --decode compiled")
     p.add_argument("--json", action="store_true", help="print one JSON object per saved image, nothing else")
     return p
@@ -246,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning  # one line per warning, no source line
-        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, decode=decode)
+        pipe = Pipeline.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, decode=decode, relax=args.relax
+        )
         if args.variations:
             groups = pipe.variations(
                 args.variations, text_diff=args.text_diff, text_diff_scale=args.text_diff_scale, **settings

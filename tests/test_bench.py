@@ -88,7 +88,7 @@ def test_train_phase_compiled_reports_its_speedup(capsys):
 def test_sample_phase_prints_json(capsys, tmp_path):
     bundle = str(make_tiny_bundle(tmp_path / "bundle"))
     argv = ["--only", "sample", *TINY, *GRID, "--sample-reps", "2", "--uncached-reps", "1", "--decode-models", bundle]
-    out = run_json(argv, capsys)
+    out = run_json([*argv, "--relax", "0.3"], capsys)
     # cached against speculative decoding on a trained bundle, its candidates (4, guided: 8 rows) and one
     decode = out["decode"][bundle]
     assert decode["image_tokens_per_sample"] == 16 and decode["prompts"] == 4
@@ -104,6 +104,9 @@ def test_sample_phase_prints_json(capsys, tmp_path):
     assert 1 < decode["bf16_batch1"]["speculative"]["passes"] < 16
     for key in ("passes_random_drafts", "passes_independent_redraft"):
         assert 1 < decode["bf16_batch1"]["speculative"][key] < 16
+    relaxed = decode["bf16_batch1"]["relaxed"]  # the relaxed test, at one candidate only
+    assert relaxed["relax"] == 0.3 and 1 < relaxed["passes"] < 16 and decode["bf16_batch1"]["relaxed_speedup"] > 0
+    assert "relaxed" not in decode["bf16_batch4"]
     assert set(decode["fp32_pass_ms"]) == {f"rows{r}_window{w}" for r in (1, 8, 32) for w in (1, 4)}  # 16: no room
     assert all(ms > 0 for ms in decode["bf16_pass_ms"].values())
     sample = out["presets"]["anchor-tiny"]["sample"]

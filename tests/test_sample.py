@@ -168,6 +168,18 @@ def test_speculative_decoding_samples_in_bf16_and_says_when_it_runs_plainly(bund
     assert code == 0 and pngs("fp32") == pngs("cached")
 
 
+def test_relaxed_speculative_decoding_samples_and_needs_the_speculative_mode(bundle, tmp_path, capsys):
+    base = ["a red circle", "--model", str(bundle), "--candidates", "4", "--num-images", "4", "--json"]
+    code, out, err = run(
+        [*base, "--decode", "speculative", "--dtype", "bf16", "--relax", "0.3", "--out", str(tmp_path)], capsys
+    )
+    assert code == 0 and len(out.splitlines()) == 4 and "warning" not in err
+    code, _, err = run([*base, "--relax", "0.3"], capsys)
+    assert code == 2 and "--relax relaxes speculative decoding's test; add --decode speculative (now cached)" in err
+    code, _, err = run([*base, "--decode", "speculative", "--relax", "1"], capsys)
+    assert code == 2 and "--relax is 1.0; give a probability mass in [0, 1)" in err
+
+
 def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, tmp_path, capsys):
     args = ["a red circle", "--model", str(bundle), "--method", "clip-guided", "--init", "random"]
     code, out, _ = run([*args, "--guided-prior-weight", "0.5", "--out", str(tmp_path), "--json"], capsys)

@@ -283,6 +283,19 @@ def test_embed_ids_is_the_decoder_input_of_each_code(kind):
     assert torch.allclose(model.decode_latent(latent), model.decode(ids))
 
 
+@pytest.mark.parametrize("kind", ["dvae", "vq"])
+def test_nearest_codes_are_sorted_by_latent_distance_itself_first(kind):
+    model = tiny(kind).eval()
+    near = model.nearest_codes(5)
+    assert near.shape == (32, 5) and torch.equal(near[:, 0], torch.arange(32))
+    vectors = model.embed_ids(torch.arange(32).view(1, 1, -1))[0, :, 0].T  # (32, d)
+    dist = (vectors[:, None] - vectors[near]).norm(dim=-1)  # (32, 5)
+    assert (dist[:, 1:].diff(dim=-1) >= -1e-6).all()
+    others = torch.cdist(vectors, vectors).fill_diagonal_(float("inf")).min(dim=-1).values
+    assert torch.allclose(dist[:, 1], others, atol=1e-6)  # the second is the nearest other code
+    assert model.nearest_codes(100).shape == (32, 32)  # at most the codebook
+
+
 def test_dvae_soft_latent_is_a_codebook_mixture():
     model = tiny("dvae")
     logits = torch.full((1, 32, 2, 2), -1e4)

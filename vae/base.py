@@ -109,6 +109,21 @@ class ImageTokenizer(nn.Module, metaclass=abc.ABCMeta):
         """Code ids (b, h, w) or (b, n) -> images (b, 3, H, W) float32 in [0, 1]."""
         return self.decode_latent(self.embed_ids(self.check_ids(ids)))
 
+    @torch.no_grad()
+    def nearest_codes(self, k: int) -> torch.Tensor:
+        """(codebook_size, k) ids: each code's k nearest codes by the Euclidean distance of their decoder inputs
+        (`embed_ids`), nearest first and itself first of all; what relaxed speculative decoding groups."""
+        device = next(self.parameters()).device
+        vectors = self.embed_ids(torch.arange(self.codebook_size, device=device).view(1, 1, -1))[0, :, 0].T  # (K, d)
+        vectors = vectors.float()
+        k = min(k, self.codebook_size)
+        rows = []
+        for start in range(0, self.codebook_size, 1024):  # (1024, K) distances at a time: large codebooks fit
+            part = torch.cdist(vectors[start : start + 1024], vectors)
+            part[torch.arange(part.shape[0]), torch.arange(start, start + part.shape[0])] = -1.0  # itself first
+            rows.append(part.topk(k, dim=-1, largest=False).indices)
+        return torch.cat(rows)
+
     # -- the continuous interface (differentiable) -------------------------------------------------
 
     @abc.abstractmethod

@@ -574,10 +574,21 @@ DECODE_PROMPTS = {
 
 
 def decode_once(
-    model, texts, null, s, b: int, mode: str, seed: int, device, draft: str = "above", redraft: str = "coupled"
+    model,
+    texts,
+    null,
+    s,
+    b: int,
+    mode: str,
+    seed: int,
+    device,
+    draft: str = "above",
+    redraft: str = "coupled",
+    relax: float = 0.0,
+    neighbours: torch.Tensor | None = None,
 ) -> tuple[float, int, int]:
     """Wall seconds, summed sequential passes and the window of sampling b candidates for each prompt's text
-    ids (1, t)."""
+    ids (1, t); speculative decoding's test relaxed by `relax` over `neighbours` (`generate`)."""
     passes, window = 0, 1
 
     def work() -> None:
@@ -588,7 +599,7 @@ def decode_once(
                 model, text.expand(b, -1), null_text=null, guidance_scale=s.guidance_scale,
                 guidance_until=s.guidance_until, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                 generator=torch.Generator().manual_seed(seed + i), decode=mode, draft=draft, redraft=redraft,
-                stats=stats,
+                relax=relax, neighbours=neighbours, stats=stats,
             )  # fmt: skip
             passes, window = passes + stats["passes"], stats["window"]
 
@@ -630,7 +641,10 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     `--sample-reps`. Trained weights matter here: how many drafts are accepted depends on how sure the model
     is, which random weights are not. Also per dtype the cost of one pass by rows x window (`pass_costs`),
     and at one candidate the passes with random drafts instead of the row above (`passes_random_drafts`) and
-    with the Jacobi step's redrafts drawn afresh instead of coupled (`passes_independent_redraft`). At
+    with the Jacobi step's redrafts drawn afresh instead of coupled (`passes_independent_redraft`); with
+    `--relax` above 0, also at one candidate the relaxed test (LANTERN) over the bundle's
+    `sample.speculative_neighbours` (`relaxed`, its `relaxed_speedup` over cached; not the same
+    distribution: within that total variation per token, `generate`). At
     the candidates, a bundle that guides is timed unguided too (`unguided`, plain cached decoding):
     `guidance_cost` = the median over the repetitions of its cached wall over that, the cost of guidance as
     the default command pays it (one prompt's candidates, the bundle's guidance_until).
@@ -654,6 +668,9 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         "prompts": len(prompts),
     }
     runs = [(d, b, mode) for d in dtypes for b in (1, s.candidates) for mode in ("cached", "speculative")]
+    if args.relax > 0:  # where a window is wide: one candidate
+        runs += [(d, 1, "relaxed") for d in dtypes]
+    neighbours = pipe.nearest_codes(s.speculative_neighbours)
     if s.guidance_scale != 1.0:  # the default command's batch unguided: what its guidance costs
         runs += [(d, s.candidates, "unguided") for d in dtypes]
     unguided = dataclasses.replace(s, guidance_scale=1.0)
@@ -661,6 +678,9 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     def once(d: str, b: int, mode: str, seed: int) -> tuple[float, int, int]:
         if mode == "unguided":
             return decode_once(models[d], texts, null, unguided, b, "cached", seed, device)
+        if mode == "relaxed":
+            relaxed = dict(relax=args.relax, neighbours=neighbours)
+            return decode_once(models[d], texts, null, s, b, "speculative", seed, device, **relaxed)
         return decode_once(models[d], texts, null, s, b, mode, seed, device)
 
     for d, b, mode in runs:  # warm-up: the first pass of each shape pays one-off kernel selection
@@ -686,6 +706,9 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
     for pair in out.values():
         if isinstance(pair, dict):
             pair["speedup"] = round(pair["cached"]["wall_s"] / pair["speculative"]["wall_s"], 3)
+            if "relaxed" in pair:
+                pair["relaxed"]["relax"] = args.relax
+                pair["relaxed_speedup"] = round(pair["cached"]["wall_s"] / pair["relaxed"]["wall_s"], 3)
     for d, b, mode in runs:  # the bundle's guidance against none, plain decoding: the median of the
         if mode == "unguided":  # interleaved repetitions' ratios, which a slow stretch hits alike
             ratios = [g / u for g, u in zip(times[(d, b, "cached")], times[(d, b, mode)])]
@@ -857,6 +880,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=["shapes", "emoji"],
         help="sample phase: trained bundles whose cached and speculative decoding are compared (none: skip)",
     )
+    ap.add_argument(
+        "--relax",
+        type=float,
+        default=0.0,
+        help="decode: also speculative decoding with its test relaxed by this mass at one candidate (0: not run)",
+    )
     ap.add_argument("--figures", default=None, help="vae phase: the anchor figures file (default: bench/anchor.json)")
     ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--no-encode", action="store_true", help="skip the training run with a dVAE encode per step")
@@ -929,6 +958,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
             passthrough += [flag, str(value)]
     passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
     passthrough += ["--guidance-until", str(args.guidance_until), "--decode-models", *args.decode_models]
+    passthrough += ["--relax", str(args.relax)]
     passthrough += ["--matmul-reps", str(args.matmul_reps)]
     passthrough += [x for item in args.overrides for x in ("--set", item)]
     passthrough += [flag for flag, on in (("--no-encode", args.no_encode), ("--compile", args.compile)) if on]

@@ -36,6 +36,14 @@ not held back by one that accepted less; the window narrows as the batch grows (
 positions costs about its size once it is compute-bound; `window_width`) and at one cell it is plain cached
 decoding.
 
+`relax` > 0 trades that exactness for fewer passes, as LANTERN does (Jang et al., ICLR 2025, "Accelerating
+Visual Autoregressive Models with Relaxed Speculative Decoding"): an image model spreads its probability over
+codes that look alike, so a draft is tested as its group A, itself and its nearest codes in the image
+tokenizer's latent space (`neighbours`, nearest first) as long as their probability under p, the draft's own
+left out, sums to at most `relax`: accepted with probability min(1, p(A) / q(A)), and if refused redrawn from
+the residual outside A. A group's mass goes to whichever of its codes was drafted, so each token is drawn
+within about `relax` of p in total variation (LANTERN's bound); at 0 the rule above, exactly.
+
 Usage:
     from dalle_mini_impl.model.generate import generate
     g = torch.Generator().manual_seed(0)
@@ -280,6 +288,21 @@ def _new_drafts(
     return torch.where(above[..., None], one_hot, torch.full_like(one_hot, 1.0 / k_image))
 
 
+def _test_masses(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, neighbours: torch.Tensor | None, relax: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What the acceptance test of drafts (b, W) compares, under p and q (b, W, K): the draft's probabilities
+    (b, W) under each, or with relax > 0 its group's (module docstring); then the group's ids and membership
+    (b, W, k), both None without relax."""
+    if relax <= 0:
+        return p.gather(-1, drafts[..., None]).squeeze(-1), q.gather(-1, drafts[..., None]).squeeze(-1), None, None
+    near = neighbours[drafts]  # (b, W, k): the draft, then its nearest codes
+    p_near, q_near = p.gather(-1, near), q.gather(-1, near)
+    # the draft and the nearest codes while their mass under p, the draft's own left out, stays within relax
+    group = p_near.cumsum(dim=-1) - p_near[..., :1] <= relax  # a prefix: p is never negative
+    return (p_near * group).sum(dim=-1), (q_near * group).sum(dim=-1), near, group
+
+
 def _speculative(
     model: DALLE,
     prefix: torch.Tensor,
@@ -295,6 +318,8 @@ def _speculative(
     redraft: str,
     on_row: Callable[[int, torch.Tensor], None] | None,
     shared,
+    neighbours: torch.Tensor | None,
+    relax: float,
 ) -> int:
     """Fill out[:, k:] by speculative Jacobi decoding (module docstring) with windows of W cells, 2 <= W < n - k
     (or W = n - k with k >= 1); returns the forward passes run. `shared`: `_prefill`'s.
@@ -340,10 +365,10 @@ def _speculative(
             logits = torch.where((cells < stop)[..., None], _guide(logits, guidance_scale), logits[:b])
         p = probs_of(logits.reshape(b * W, k_image)).view(b, W, k_image)
 
-        # accept each draft with probability min(1, p / q), in order; a row's accepted cells pass
+        # accept each draft with probability min(1, p / q) (of its group under relax), in order; a row's
+        # accepted cells pass
         drafts = out.gather(1, cells)  # (b, W)
-        p_d = p.gather(-1, drafts[..., None]).squeeze(-1)
-        q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
+        p_d, q_d, near, group = _test_masses(p, q, drafts, neighbours, relax)
         u = torch.rand(b, W, generator=generator, device=gen_device).to(device)
         refused = (u * q_d >= p_d) & (cells >= acc[:, None])
         first = torch.where(refused.any(dim=1), refused.int().argmax(dim=1), W)  # (b,): W = all accepted
@@ -356,6 +381,8 @@ def _speculative(
             at = redo.nonzero(as_tuple=True)
             p_r, q_r = p[at], q[at]  # (r, K)
             residual = (p_r - q_r).clamp_(min=0)
+            if group is not None:  # a group's codes passed with it: outside it, max(0, p - q) holds q(A) - p(A) > 0
+                residual.scatter_(-1, near[at], residual.gather(-1, near[at]) * ~group[at])
             residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_r)  # p == q: nothing refused
             drafts[at] = draw(residual, generator)
         if later.any():
@@ -397,6 +424,8 @@ def _check_args(
     redraft,
     keep=None,
     redraw=None,
+    relax=0.0,
+    neighbours=None,
 ):
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
@@ -410,6 +439,13 @@ def _check_args(
         raise ValueError(
             f"window must be >= 0 (0: chosen by the batch), draft one of {DRAFTS} and redraft one of {REDRAFTS},"
             f" got {window}, {draft!r}, {redraft!r}"
+        )
+    table = neighbours is not None and neighbours.dim() == 2 and neighbours.shape[0] == c.image_vocab
+    if relax < 0 or (relax > 0 and not table):
+        got = None if neighbours is None else tuple(neighbours.shape)
+        raise ValueError(
+            f"relax must be >= 0, and above 0 needs neighbours ({c.image_vocab}, k): each code's nearest codes, itself"
+            f" first (ImageTokenizer.nearest_codes); got relax={relax}, neighbours {got}"
         )
     if guidance_scale != 1.0:
         if null_text is None:
@@ -459,6 +495,8 @@ def generate(
     window: int = 0,
     draft: str = "above",
     redraft: str = "coupled",
+    relax: float = 0.0,
+    neighbours: torch.Tensor | None = None,
     stats: dict | None = None,
     keep: torch.Tensor | None = None,
     redraw: torch.Tensor | None = None,
@@ -490,6 +528,9 @@ def generate(
     redraft: how speculative decoding's Jacobi step redrafts the cells after a refused draft: "coupled" (each
         keeps its draft unless its own test refuses it, then drawn from max(0, p - q): MC-SJD) or
         "independent" (drawn from p afresh, as SJD does).
+    relax, neighbours: speculative decoding's relaxed test (LANTERN, module docstring): each draft tested with
+        its nearest codes while their probability sums to at most relax (0: exact, neighbours unread);
+        neighbours (K, k) holds each code's nearest codes, itself first (`ImageTokenizer.nearest_codes`).
     keep, redraw: editing (inpainting): ids (b, n) and a bool mask (n,); the cells where redraw is False keep
         their ids from keep, the others are sampled in raster order, each seeing the kept cells before it (the
         kept cells before the first redrawn one are a prime; none after the last redrawn one is run).
@@ -517,6 +558,8 @@ def generate(
         redraft,
         keep,
         redraw,
+        relax,
+        neighbours,
     )
     c = model.cfg
     b, n, w = text.shape[0], c.image_len, c.grid_w
@@ -560,7 +603,7 @@ def generate(
             probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
                 model, prefix, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, redraft, on_row,
-                shared,
+                shared, None if neighbours is None else neighbours.to(out.device), relax,
             )  # fmt: skip
         else:
             if decode == "uncached":

@@ -168,6 +168,14 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(
             f"--num-images {s.num_images} is above --candidates {s.candidates}; ask for fewer images or more candidates"
         )
+    if not (math.isfinite(s.speculative_relax) and 0 <= s.speculative_relax < 1):
+        raise UserError(f"--relax is {s.speculative_relax}; give a probability mass in [0, 1) (0: exact decoding)")
+    if s.speculative_relax > 0 and s.decode != "speculative":
+        raise UserError(f"--relax relaxes speculative decoding's test; add --decode speculative (now {s.decode})")
+    if s.speculative_neighbours < 1:
+        raise UserError(
+            f"config key 'sample.speculative_neighbours' is {s.speculative_neighbours}; set it to 1 or more"
+        )
     if not 0 <= s.guidance_until <= 1:
         raise UserError(f"--guidance-until is {s.guidance_until}; give the guided fraction of the image, in [0, 1]")
     if s.temperature <= 0:
@@ -234,10 +242,13 @@ class Pipeline:
         decode: str | None = None,
         unclip=None,
         prior=None,
+        relax: float | None = None,
     ):
         self.cfg = cfg
-        if decode is not None:  # how `generate` runs a decoding step; None: the bundle's sample.decode
-            self.cfg.sample = dataclasses.replace(cfg.sample, decode=decode)
+        # how `generate` runs a decoding step and how far speculative decoding relaxes its test; None: the bundle's
+        how = {k: v for k, v in (("decode", decode), ("speculative_relax", relax)) if v is not None}
+        if how:
+            self.cfg.sample = dataclasses.replace(cfg.sample, **how)
             check_settings(self.cfg.sample)
         self.text_tokenizer = text_tokenizer
         self.device = torch.device(device)
@@ -251,6 +262,7 @@ class Pipeline:
         self.unclip = None if unclip is None else unclip.to(self.device, dtype=dtype).eval()
         self.unclip_prior = None if prior is None else prior.to(self.device).eval()
         self._warned_plain = False  # speculative decoding fell back to plain decoding (warned once)
+        self._neighbours: dict[int, torch.Tensor] = {}  # the image tokenizer's nearest codes, by how many
         self._check_parts_agree()
 
     @classmethod
@@ -260,6 +272,7 @@ class Pipeline:
         device: str = "auto",
         dtype: str = "fp32",
         decode: str | None = None,
+        relax: float | None = None,
     ) -> Pipeline:
         """Load a bundle (a folder, a shipped bundle's name such as "emoji", or None: shapes) onto `device`.
 
@@ -267,7 +280,8 @@ class Pipeline:
         CLIP stays fp32. decode (None: the bundle's sample.decode) "compiled" samples with a torch.compile'd
         decoding step (CUDA graphs on GPUs; the first batch pays the compile), "static" with the same step
         uncompiled, "cached" eagerly, "speculative" by speculative Jacobi decoding (fewer, wider passes; on
-        the CPU only in bf16, fp32 decodes plainly there: `generate.window_width`).
+        the CPU only in bf16, fp32 decodes plainly there: `generate.window_width`). relax (None: the bundle's
+        sample.speculative_relax) relaxes speculative decoding's test by that much probability mass (LANTERN).
         A bundle without clip.safetensors loads with a warning; its candidates are not reranked.
         """
         path = bundle_path(path)
@@ -288,7 +302,9 @@ class Pipeline:
             )
         unclip = load_transformer(path, "unclip") if (Path(path) / FILES["unclip"]).is_file() else None
         prior = load_prior(path) if (Path(path) / FILES["prior"]).is_file() else None
-        return cls(cfg, text_tokenizer, transformer, image_tokenizer, clip, dev, torch_dtype, decode, unclip, prior)
+        return cls(
+            cfg, text_tokenizer, transformer, image_tokenizer, clip, dev, torch_dtype, decode, unclip, prior, relax
+        )
 
     def _check_parts_agree(self) -> None:
         for model in (self.transformer, self.unclip):
@@ -395,12 +411,20 @@ class Pipeline:
                 redraw=None if redraw is None else redraw.to(self.device),
                 on_row=None if bar is None else (lambda r, so_far: bar.update(so_far.shape[0] * w)),
                 decode=s.decode,
+                relax=s.speculative_relax,  # above 0 only with decode "speculative" (check_settings)
+                neighbours=self.nearest_codes(s.speculative_neighbours) if s.speculative_relax > 0 else None,
                 stats=stats,
             )
             if s.decode == "speculative" and stats["window"] == 1:
                 self._warn_plain(stats["rows"])
             out.append(ids.cpu())
         return torch.cat(out)  # (m, n)
+
+    def nearest_codes(self, k: int) -> torch.Tensor:
+        """Each image code's k nearest codes, itself first (`ImageTokenizer.nearest_codes`), computed once."""
+        if k not in self._neighbours:
+            self._neighbours[k] = self.image_tokenizer.nearest_codes(k).to(self.device)
+        return self._neighbours[k]
 
     def _warn_plain(self, rows: int) -> None:
         """Warn once that speculative decoding ran plainly: its window was 1 cell for a batch of `rows` here."""
