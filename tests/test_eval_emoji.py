@@ -97,6 +97,7 @@ def test_the_presets_judge_compiles_with_its_hard_negatives_shifts_and_flips(fol
         forget_compiled()
         argv = ["--config", "emoji", "--data", str(folder), "--out", str(tmp_path / flag), "--set", swaps]
         settings = [*tiny, "judge.splits=train", "judge.train.steps=3", f"judge.train.compile={flag}"]
+        settings.append("judge.clip.swaps_per_caption=2")  # every other phrase, as the preset's 7 of its 8
         settings.append("judge.train.mixed_precision=no")  # fp32: compiled and eager steps agree to rounding
         assert train_judge.main([*argv, *[x for item in settings for x in ("--set", item)]]) == 0
         losses[flag] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
@@ -111,6 +112,7 @@ def test_rest_swaps_add_same_style_negatives_to_the_judges_first_step(folder, tm
     for rest in (0, 2):
         argv = ["--config", "emoji", "--data", str(folder), "--out", str(tmp_path / str(rest)), "--set", swaps]
         settings = [*JUDGE_TINY, "judge.splits=train", "judge.train.steps=1", f"judge.clip.rest_swaps={rest}"]
+        settings.append("judge.clip.swaps_per_caption=2")  # every other phrase, as the preset's 7 of its 8
         settings.append("judge.train.mixed_precision=no")  # the process's accelerate state is fp32 in the suite
         assert train_judge.main([*argv, *[x for item in settings for x in ("--set", item)]]) == 0
         losses.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
