@@ -112,7 +112,8 @@ class ImageTokenizer(nn.Module, metaclass=abc.ABCMeta):
     @torch.no_grad()
     def nearest_codes(self, k: int) -> torch.Tensor:
         """(codebook_size, k) ids: each code's k nearest codes by the Euclidean distance of their decoder inputs
-        (`embed_ids`), nearest first and itself first of all; what relaxed speculative decoding groups."""
+        (`embed_ids`), nearest first and itself first of all; what relaxed speculative decoding groups. Codes
+        whose decoder inputs are one-hot (OpenAI's dVAE) are all equally near, so their order is arbitrary."""
         device = next(self.parameters()).device
         vectors = self.embed_ids(torch.arange(self.codebook_size, device=device).view(1, 1, -1))[0, :, 0].T  # (K, d)
         vectors = vectors.float()

@@ -668,9 +668,10 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         "prompts": len(prompts),
     }
     runs = [(d, b, mode) for d in dtypes for b in (1, s.candidates) for mode in ("cached", "speculative")]
+    neighbours = None
     if args.relax > 0:  # where a window is wide: one candidate
         runs += [(d, 1, "relaxed") for d in dtypes]
-    neighbours = pipe.nearest_codes(s.speculative_neighbours)
+        neighbours = pipe.nearest_codes(s.speculative_neighbours)
     if s.guidance_scale != 1.0:  # the default command's batch unguided: what its guidance costs
         runs += [(d, s.candidates, "unguided") for d in dtypes]
     unguided = dataclasses.replace(s, guidance_scale=1.0)
