@@ -165,8 +165,7 @@ def test_relax_one_accepts_every_draft():
     # with every code a neighbour and all of p's mass allowed, each draft's group holds all the mass, so the
     # drafts are kept: random ones in the first grid row, copies of the cell above below it
     model = make()
-    near = torch.arange(IV).repeat(IV, 1)
-    near = torch.cat([torch.arange(IV)[:, None], near[near != torch.arange(IV)[:, None]].view(IV, IV - 1)], dim=1)
+    near = torch.stack([torch.arange(IV).roll(-code) for code in range(IV)])  # row c: c, c + 1, ..., itself first
     g = torch.Generator().manual_seed(0)
     ids = generate(model, TEXT, decode="speculative", window=8, relax=1.5, neighbours=near, generator=g)
     assert torch.equal(ids[:, 4:], ids[:, :-4])  # a 4 x 4 grid: every row repeats the one above

@@ -422,10 +422,10 @@ def _check_args(
     window,
     draft,
     redraft,
-    keep=None,
-    redraw=None,
-    relax=0.0,
-    neighbours=None,
+    keep,
+    redraw,
+    relax,
+    neighbours,
 ):
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
