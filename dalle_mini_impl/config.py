@@ -218,6 +218,9 @@ class CLIPConfig:
     text_heads: int = 4
     embed_dim: int = 128
     pool: str = "eot"  # eot | mean
+    # what a ViT image tower's embedding reads: "cls", its class token (CLIP's); "mean", the mean of its patch
+    # tokens after the last block (global average pooling, Beyer et al. 2022, "Better plain ViT baselines")
+    image_pool: str = "cls"
     init_temperature: float = 1 / 0.07  # the logit scale starts here ...
     max_logit_scale: float = 100.0  # ... and is clamped here
     crop_scale_min: float = 0.85  # random resized crop keeps at least this fraction of the side

@@ -35,10 +35,16 @@ COLORS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 80, 220), "
 
 
 def tiny_clip(
-    pool: str = "eot", vocab: int = 50, text_len: int = 8, seed: int = 0, stem: str = "patch", tower: str = "vit"
+    pool: str = "eot",
+    vocab: int = 50,
+    text_len: int = 8,
+    seed: int = 0,
+    stem: str = "patch",
+    tower: str = "vit",
+    image_pool: str = "cls",
 ) -> CLIP:
     torch.manual_seed(seed)
-    cfg = CLIPConfig(**TINY, pool=pool, stem=stem, image_tower=tower)
+    cfg = CLIPConfig(**TINY, pool=pool, stem=stem, image_tower=tower, image_pool=image_pool)
     return CLIP(cfg, image_size=16, text_vocab=vocab, text_len=text_len, pad_id=0, eos_id=3)
 
 
@@ -122,9 +128,12 @@ def test_perturb_never_names_a_held_out_combination():
     assert perturb("a red square", random.Random(0), every_edit) is None
 
 
-@pytest.mark.parametrize("stem,tower", [("patch", "vit"), ("conv", "vit"), ("patch", "resnet")])
-def test_training_a_few_steps_matches_pairs(stem, tower):
-    model = tiny_clip(vocab=20, text_len=6, stem=stem, tower=tower)
+@pytest.mark.parametrize(
+    "stem,tower,image_pool",
+    [("patch", "vit", "cls"), ("conv", "vit", "cls"), ("conv", "vit", "mean"), ("patch", "resnet", "cls")],
+)
+def test_training_a_few_steps_matches_pairs(stem, tower, image_pool):
+    model = tiny_clip(vocab=20, text_len=6, stem=stem, tower=tower, image_pool=image_pool)
     colors = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]).float()
     images = colors[:, :, None, None].expand(-1, 3, 16, 16).clone()
     ids = torch.tensor([[2, 4 + i, 3, 0, 0, 0] for i in range(4)])
@@ -268,6 +277,24 @@ def test_a_text_tower_of_depth_zero_with_mean_pooling_is_a_bag_of_words():
         assert torch.allclose(model.encode_text(ids), unit(tokens.mean(dim=1) @ text.proj), atol=1e-5)
 
 
+def test_a_mean_pooled_image_tower_embeds_the_mean_of_its_last_patch_tokens():
+    # clip.image_pool = "mean": the class token still takes part in attention, but the embedding is the
+    # patches' mean after the last block; embed_and_grid's one pass (unCLIP's variations) gives the same
+    model = tiny_clip(image_pool="mean")
+    visual = model.visual
+    images = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        x = visual.transformer(visual.tokens(model._pixels(images)))  # (b, 1 + n, d)
+        by_hand = unit(visual.ln_post(x[:, 1:].mean(dim=1)) @ visual.proj)
+        assert torch.allclose(model.encode_image(images), by_hand, atol=1e-5)
+        embedding, grid = model.image_features(images, 2)
+        assert torch.allclose(embedding, by_hand, atol=1e-5)
+        assert torch.allclose(grid, model.image_grid(images, 2), atol=1e-5)
+        visual.pool = "cls"  # the same weights read at the class token: another embedding
+        assert not torch.allclose(model.encode_image(images), by_hand, atol=1e-3)
+        assert torch.allclose(model.encode_image(images), unit(visual.ln_post(x[:, 0]) @ visual.proj), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "changes,image_size,message",
     [
@@ -277,6 +304,8 @@ def test_a_text_tower_of_depth_zero_with_mean_pooling_is_a_bag_of_words():
         ({"image_heads": 3}, 16, "clip.image_heads"),
         ({"image_tower": "cnn"}, 16, "clip.image_tower' is 'cnn'; set it to vit or resnet"),
         ({"image_tower": "resnet", "stem": "conv"}, 16, "only a ViT has"),  # a stem the ResNet would ignore
+        ({"image_pool": "max"}, 16, "clip.image_pool' is 'max'; set it to cls or mean"),
+        ({"image_tower": "resnet", "image_pool": "mean"}, 16, "clip.image_pool' is 'mean', which only a ViT has"),
         ({"image_tower": "resnet", "patch_size": 3}, 24, "clip.image_tower=resnet needs"),
     ],
 )

@@ -138,12 +138,21 @@ def conv_stem(patch_size: int, width: int) -> nn.Sequential:
 
 class ImageEncoder(nn.Module):
     """ViT: patch embedding (one strided convolution, or a convolutional stem), class token + learned
-    positions, pre-norm blocks, the class token out."""
+    positions, pre-norm blocks, the class token out (pool "cls") or the mean of the patch tokens (pool "mean")."""
 
     def __init__(
-        self, image_size: int, patch_size: int, width: int, depth: int, heads: int, embed_dim: int, stem: str = "patch"
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        embed_dim: int,
+        stem: str = "patch",
+        pool: str = "cls",
     ):
         super().__init__()
+        self.pool = pool
         grid = image_size // patch_size
         if stem == "conv":
             self.patch = conv_stem(patch_size, width)
@@ -163,8 +172,12 @@ class ImageEncoder(nn.Module):
         return self.ln_pre(torch.cat([cls, x], dim=1) + self.pos)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.transformer(self.tokens(pixels))
-        return self.ln_post(x[:, 0]) @ self.proj  # (b, e)
+        return self._embed(self.transformer(self.tokens(pixels)))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens (b, 1 + n, d) -> the embedding (b, e): the class token's, or the patches' mean."""
+        pooled = x[:, 1:].mean(dim=1) if self.pool == "mean" else x[:, 0]
+        return self.ln_post(pooled) @ self.proj
 
     def grid_features(self, pixels: torch.Tensor, side: int) -> torch.Tensor:
         """Where things are, which the class token's embedding loses: the patch tokens that the last block's
@@ -178,7 +191,7 @@ class ImageEncoder(nn.Module):
         grid = self._pooled_grid(x, side)
         for block in self.transformer.blocks[-1:]:
             x = block(x)
-        return self.ln_post(x[:, 0]) @ self.proj, grid
+        return self._embed(x), grid
 
     def _before_last_block(self, pixels: torch.Tensor) -> torch.Tensor:
         """The tokens (b, 1 + n, d) after every block but the last."""
@@ -343,10 +356,17 @@ class TokenizerLike(Protocol):
 def _check(cfg: CLIPConfig, image_size: int) -> None:
     if cfg.pool not in ("eot", "mean"):
         raise UserError(f"config key 'clip.pool' is '{cfg.pool}'; set it to eot or mean")
+    if cfg.image_pool not in ("cls", "mean"):
+        raise UserError(f"config key 'clip.image_pool' is '{cfg.image_pool}'; set it to cls or mean")
     if cfg.image_tower not in ("vit", "resnet"):
         raise UserError(f"config key 'clip.image_tower' is '{cfg.image_tower}'; set it to vit or resnet")
     if cfg.stem not in ("patch", "conv"):
         raise UserError(f"config key 'clip.stem' is '{cfg.stem}'; set it to patch or conv")
+    if cfg.image_tower == "resnet" and cfg.image_pool != "cls":
+        raise UserError(
+            f"config key 'clip.image_pool' is '{cfg.image_pool}', which only a ViT has (a ResNet tower pools by "
+            "attention); with clip.image_tower=resnet leave it at cls"
+        )
     if cfg.image_tower == "resnet" and cfg.stem != "patch":
         raise UserError(
             f"config key 'clip.stem' is '{cfg.stem}', which only a ViT has; with clip.image_tower=resnet "
@@ -388,7 +408,7 @@ class CLIP(nn.Module):
         if cfg.image_tower == "resnet":
             self.visual = ResNetEncoder(image_size, *tower)
         else:
-            self.visual = ImageEncoder(image_size, *tower, cfg.stem)
+            self.visual = ImageEncoder(image_size, *tower, cfg.stem, cfg.image_pool)
         self.text = TextEncoder(
             text_vocab,
             text_len,
