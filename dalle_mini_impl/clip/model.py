@@ -354,24 +354,20 @@ class TokenizerLike(Protocol):
 
 
 def _check(cfg: CLIPConfig, image_size: int) -> None:
-    if cfg.pool not in ("eot", "mean"):
-        raise UserError(f"config key 'clip.pool' is '{cfg.pool}'; set it to eot or mean")
-    if cfg.image_pool not in ("cls", "mean"):
-        raise UserError(f"config key 'clip.image_pool' is '{cfg.image_pool}'; set it to cls or mean")
-    if cfg.image_tower not in ("vit", "resnet"):
-        raise UserError(f"config key 'clip.image_tower' is '{cfg.image_tower}'; set it to vit or resnet")
-    if cfg.stem not in ("patch", "conv"):
-        raise UserError(f"config key 'clip.stem' is '{cfg.stem}'; set it to patch or conv")
-    if cfg.image_tower == "resnet" and cfg.image_pool != "cls":
-        raise UserError(
-            f"config key 'clip.image_pool' is '{cfg.image_pool}', which only a ViT has (a ResNet tower pools by "
-            "attention); with clip.image_tower=resnet leave it at cls"
-        )
-    if cfg.image_tower == "resnet" and cfg.stem != "patch":
-        raise UserError(
-            f"config key 'clip.stem' is '{cfg.stem}', which only a ViT has; with clip.image_tower=resnet "
-            "leave it at patch"
-        )
+    for key, choices in (
+        ("pool", ("eot", "mean")),
+        ("image_pool", ("cls", "mean")),
+        ("image_tower", ("vit", "resnet")),
+        ("stem", ("patch", "conv")),
+    ):
+        if getattr(cfg, key) not in choices:
+            raise UserError(f"config key 'clip.{key}' is '{getattr(cfg, key)}'; set it to {' or '.join(choices)}")
+    for key, vit_only in (("image_pool", "cls"), ("stem", "patch")):  # a ResNet tower would ignore them
+        if cfg.image_tower == "resnet" and getattr(cfg, key) != vit_only:
+            raise UserError(
+                f"config key 'clip.{key}' is '{getattr(cfg, key)}', which only a ViT has; with "
+                f"clip.image_tower=resnet leave it at {vit_only}"
+            )
     halving = cfg.image_tower == "resnet" or cfg.stem == "conv"
     if halving and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
         needs = "clip.image_tower=resnet" if cfg.image_tower == "resnet" else "clip.stem=conv"
