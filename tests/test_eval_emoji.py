@@ -182,6 +182,10 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
         "random_codes_guided_prior",
     ):
         assert refined[key]["n"] == 2 and 0 <= refined[key]["style_acc"] <= 1, key
+    assert emoji.main([*guided, "--guided-from", "pick"]) == 0  # the pick's refinements alone, the same images
+    pick = json.loads(capsys.readouterr().out)
+    assert pick["guided_from"] == "pick" and "random_codes_guided" not in pick
+    assert (pick["clip_guided"], pick["clip_guided_prior"]) == (refined["clip_guided"], refined["clip_guided_prior"])
     # seen cells: --n captions of train, drawn with the seed
     assert emoji.main([*argv, "--split", "train", "--n", "5", "--set", "sample.guidance_scale=1.5"]) == 0
     seen = json.loads(capsys.readouterr().out)

@@ -75,6 +75,14 @@ def test_guided_refinement_is_judged_with_and_without_the_prior_beside_the_unref
     for key in (*keys, "random_codes_guided", "random_codes_guided_prior"):
         assert out[key]["all"]["n"] == 3, key  # the first 3 prompts
         assert -1 <= out["clip_score"][key] <= 1
+    # --guided-from pick: the pick's columns alone, the same as beside the random codes (drawn after them)
+    pick = evaluate(pipe, prompt_set(4, 0, HELD_OUT), candidates=8, guided=3, progress=False, guided_from="pick")
+    assert set(pick["clip_score"]) == set(keys)
+    for key in keys:
+        assert pick[key] == out[key] and pick["clip_score"][key] == out["clip_score"][key], key
+    assert "random_codes_guided" not in pick and "random_codes_guided_prior" not in pick
+    alone = evaluate(pipe, prompt_set(4, 0, HELD_OUT), candidates=8, guided=3, progress=False, guided_from="random")
+    assert set(alone["clip_score"]) == {"top1_of_8_same_prompts", "random_codes_guided", "random_codes_guided_prior"}
 
 
 def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_path, capsys):

@@ -15,6 +15,21 @@ def add_method_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+GUIDED_STARTS = {"both": ("samples", "random"), "pick": ("samples",), "random": ("random",)}
+
+
+def add_guided_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--guided K` (VQGAN+CLIP on the first K of `what`) and `--guided-from` (which starts it refines)."""
+    parser.add_argument("--guided", type=int, default=0, help=f"refine with CLIP guidance for the first K {what}")
+    parser.add_argument(
+        "--guided-from",
+        default="both",
+        choices=list(GUIDED_STARTS),
+        help="--guided's starts: the reranked pick, random codes (Pixray's start), or both (default); "
+        "the pick's columns are the same with 'pick' as with 'both'",
+    )
+
+
 def check_method(pipe, method: str, guided: int) -> None:
     """One sentence when `method` needs parts the bundle lacks, or is asked beside `--guided` refinement."""
     if method == "unclip":
@@ -23,16 +38,18 @@ def check_method(pipe, method: str, guided: int) -> None:
             raise UserError("--guided refines the default method's top-1; leave it out with --method unclip")
 
 
-def refined_columns(pipe, start, prompt: str, s, generator) -> list[tuple[str, object, float]]:
+def refined_columns(pipe, start, prompt: str, s, generator, starts: str = "both") -> list[tuple[str, object, float]]:
     """`--guided` of the text-to-image evaluations: one start (1, h, w) refined, then random codes (Pixray's
     start, drawn after the start's refinements) generated, each by CLIP alone (Adam; `clip_guided`,
     `random_codes_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
     (`clip_guided_prior`, `random_codes_guided_prior`; the settings' optimiser): (column, image (3, S, S) in
-    [0, 1], CLIP score), in that order."""
+    [0, 1], CLIP score), in that order. `starts` ("both", "pick", "random") keeps the first two or last two."""
     from ..pipeline.guided import random_codes
 
     out = []
     for name, init in (("clip_guided", "samples"), ("random_codes_guided", "random")):
+        if init not in GUIDED_STARTS[starts]:
+            continue
         if init == "random":
             start = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
         for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):

@@ -49,7 +49,7 @@ from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
-from . import add_method_argument, check_method, refined_columns
+from . import add_guided_arguments, add_method_argument, check_method, refined_columns
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
@@ -249,6 +249,7 @@ def evaluate(
     progress: bool = True,
     guided: int = 0,
     method: str = "ar",
+    guided_from: str = "both",
 ) -> dict:
     """Everything the command prints but its settings, for a loaded Pipeline and judge (a ClipScorer).
 
@@ -256,7 +257,8 @@ def evaluate(
     guided: also refine the reranked pick of the first `guided` captions with CLIP (VQGAN+CLIP), alone
         (`clip_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
         (`clip_guided_prior`), graded beside the unrefined picks of the same captions (`reranked_same`); and
-        generate from random codes the same two ways (`random_codes_guided`, `random_codes_guided_prior`).
+        generate from random codes the same two ways (`random_codes_guided`, `random_codes_guided_prior`);
+        guided_from ("both", "pick", "random") keeps the pick's columns or the random codes' alone.
     method: "ar" (the transformer) or "unclip" (DALL-E 2's prior and decoder), as `python -m sample --method`.
     """
     from tqdm.auto import tqdm
@@ -275,7 +277,7 @@ def evaluate(
         ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator, method=method)
         best = int(scores.argmax())
         if i < guided:
-            for column, image, _ in refined_columns(pipe, ids[best : best + 1], caption, s, generator):
+            for column, image, _ in refined_columns(pipe, ids[best : best + 1], caption, s, generator, guided_from):
                 refined[column].append(image)
         reranked.append(images[best])
         first.append(images[0])
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="sample.KEY=VALUE",
         help="sample with another setting than the bundle's, e.g. --set sample.guidance_scale=2 (repeatable)",
     )
-    p.add_argument("--guided", type=int, default=0, help="refine the pick of the first K captions with CLIP")
+    add_guided_arguments(p, "captions")
     add_method_argument(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
@@ -353,7 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     t0 = time.perf_counter()
     result = evaluate(
-        pipe, judge, args.data, args.split, args.n, args.seed, args.grid, guided=args.guided, method=args.method
+        pipe,
+        judge,
+        args.data,
+        args.split,
+        args.n,
+        args.seed,
+        args.grid,
+        guided=args.guided,
+        method=args.method,
+        guided_from=args.guided_from,
     )
     summary = {
         "model": str(args.model),
@@ -368,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "temperature": pipe.cfg.sample.temperature,
         "top_k": pipe.cfg.sample.top_k,
         "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
+        "guided_from": args.guided_from,
         "guided_optimizer": pipe.cfg.sample.guided_optimizer,
         "guided_jacobi_lr": pipe.cfg.sample.guided_jacobi_lr,
         "decode": pipe.cfg.sample.decode,

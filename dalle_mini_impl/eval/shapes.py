@@ -36,7 +36,7 @@ from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
-from . import add_method_argument, check_method, refined_columns
+from . import add_guided_arguments, add_method_argument, check_method, refined_columns
 
 KINDS = ("one", "two", "heldout")
 
@@ -104,13 +104,20 @@ def _by_kind(verdicts: list, kinds: list[str]) -> dict:
 
 
 def evaluate(
-    pipe, prompts: list[tuple[str, str]], candidates: int, guided: int, progress: bool = True, method: str = "ar"
+    pipe,
+    prompts: list[tuple[str, str]],
+    candidates: int,
+    guided: int,
+    progress: bool = True,
+    method: str = "ar",
+    guided_from: str = "both",
 ) -> dict:
     """Judge the random candidate, CLIP's top-1 of 8 (and of 32), and optionally CLIP-guided refinement of that
     top-1 for the first `guided` prompts: by CLIP alone (`clip_guided`) and, when the settings'
     guided_prior_weight is above 0, with the transformer's prior too (`clip_guided_prior`), beside the
     unrefined top-1 on the same prompts (`top1_of_8_same_prompts`); and generation from random codes
-    (`random_codes_guided`, `random_codes_guided_prior`)."""
+    (`random_codes_guided`, `random_codes_guided_prior`); guided_from ("both", "pick", "random") keeps the
+    top-1's columns or the random codes' alone."""
     from tqdm.auto import tqdm
 
     s = pipe.settings(candidates=candidates, num_images=1)
@@ -141,7 +148,9 @@ def evaluate(
         if i < guided:
             guided_kinds.append(kind)
             refined_scores["top1_of_8_same_prompts"].append(float(scores[best8]))
-            for column, image, score in refined_columns(pipe, ids[best8 : best8 + 1], prompt, s, generator):
+            for column, image, score in refined_columns(
+                pipe, ids[best8 : best8 + 1], prompt, s, generator, guided_from
+            ):
                 refined[column].append(judge(to_uint8(image), prompt))
                 refined_scores[column].append(score)
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=300, help="number of prompts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set and of sampling")
     parser.add_argument("--candidates", type=int, default=8, help="samples per prompt: 8, or 32 for top-1 of 32")
-    parser.add_argument("--guided", type=int, default=0, help="refine with CLIP guidance for the first K prompts")
+    add_guided_arguments(parser, "prompts")
     add_method_argument(parser)
     parser.add_argument(
         "--set",
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("this model holds out no color-shape pair; name those to test: --held-out 'purple triangle'")
     prompts = prompt_set(args.n, args.seed, pipe.cfg.data.shapes.held_out)
     t0 = time.perf_counter()
-    result = evaluate(pipe, prompts, args.candidates, args.guided, method=args.method)
+    result = evaluate(pipe, prompts, args.candidates, args.guided, method=args.method, guided_from=args.guided_from)
     summary = {
         "model": str(args.model or "shipped"),
         "n": len(prompts),
@@ -217,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_until": pipe.cfg.sample.guidance_until,
         "temperature": pipe.cfg.sample.temperature,
         "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
+        "guided_from": args.guided_from,
         "guided_optimizer": pipe.cfg.sample.guided_optimizer,
         "guided_jacobi_lr": pipe.cfg.sample.guided_jacobi_lr,
         "decode": pipe.cfg.sample.decode,
