@@ -95,6 +95,10 @@ def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_p
         main(["--model", str(bundle), "--n", "3"])
     with pytest.raises(UserError, match="--candidates is 4"):
         main(["--model", str(bundle), "--candidates", "4"])
+    with pytest.raises(UserError, match="--guided is -1"):
+        main(["--model", str(bundle), "--guided", "-1"])
+    with pytest.raises(UserError, match="--guided-from pick chooses what --guided refines; add --guided K"):
+        main(["--model", str(bundle), "--guided-from", "pick"])
 
 
 def test_set_changes_the_sampling_settings_and_nothing_else(tmp_path, capsys):

@@ -30,8 +30,13 @@ def add_guided_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def check_method(pipe, method: str, guided: int) -> None:
-    """One sentence when `method` needs parts the bundle lacks, or is asked beside `--guided` refinement."""
+def check_method(pipe, method: str, guided: int, guided_from: str = "both") -> None:
+    """One sentence when `method` needs parts the bundle lacks, or is asked beside `--guided` refinement, or
+    when `--guided` is negative or `--guided-from` comes without it."""
+    if guided < 0:
+        raise UserError(f"--guided is {guided}; refine the first K >= 0 prompts (0: none)")
+    if guided_from != "both" and not guided:
+        raise UserError(f"--guided-from {guided_from} chooses what --guided refines; add --guided K, e.g. --guided 40")
     if method == "unclip":
         pipe.require_unclip("--method unclip", prior=True)
         if guided:

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    check_method(pipe, args.method, args.guided)
+    check_method(pipe, args.method, args.guided, args.guided_from)
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
     judge = load_clip(args.judge, device=args.device)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates < 8:
         raise UserError(f"--candidates is {args.candidates}; CLIP's top-1 of 8 needs at least 8")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    check_method(pipe, args.method, args.guided)
+    check_method(pipe, args.method, args.guided, args.guided_from)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     apply_sample_overrides(pipe.cfg, args.overrides)
