@@ -417,6 +417,18 @@ def test_flip_relation_turns_only_the_relation_around():
     )
 
 
+def test_swap_shapes_changes_one_shape_word_every_way():
+    from dalle_mini_impl.eval.unclip import swap_shapes
+
+    assert swap_shapes("a red circle") == ["a red square", "a red triangle"]
+    assert swap_shapes("a small blue square above a green triangle") == [
+        "a small blue circle above a green triangle",
+        "a small blue triangle above a green triangle",
+        "a small blue square above a green circle",
+        "a small blue square above a green square",
+    ]
+
+
 def test_eval_unclip_and_eval_shapes_method_unclip_print_their_numbers(bundle, tmp_path, capsys):
     from dalle_mini_impl.eval import shapes, unclip
 
@@ -440,6 +452,14 @@ def test_eval_unclip_and_eval_shapes_method_unclip_print_their_numbers(bundle, t
     v = result["variations"]
     assert v["n"] == 4 and 0 <= v["top1"]["all"] <= 100 and 0 <= v["codes_changed_percent"] <= 100
     assert 0 <= v["clip_prefers_true_relation"] <= 100
+    # the two-object sources, split by whether CLIP's embedding knows their shapes
+    from dalle_mini_impl.eval.unclip import sources
+
+    cfg = Pipeline.from_pretrained(str(bundle), device="cpu").cfg.data
+    two = [c for c, _, _ in sources(4, 0, cfg.shapes.held_out, cfg.image_size) if parse_caption(c)["kind"] == "two"]
+    split = v["two_top1_by_clip_shapes"]
+    assert split["right"]["n"] + split["wrong"]["n"] == len(two) > 0
+    assert split["right"]["n"] == round(v["clip_prefers_true_shapes"] * len(two) / 100)
     assert set(result["text_diffs"]) == {"n", "scale_0.2", "scale_0.5"}
     assert list(result["interpolations"]["nearer_end_by_step"]) == ["t=0.00", "t=0.25", "t=0.50", "t=0.75", "t=1.00"]
     assert shapes.main(["--model", str(bundle), "--n", "4", "--method", "unclip"]) == 0

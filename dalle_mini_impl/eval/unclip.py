@@ -16,7 +16,10 @@ on one renderer's pixels.
                  a variation of another source (the floor: an image of the data that ignores its source),
                  and how often CLIP's embedding of a two-object source is nearer its caption than the same
                  caption with the relation flipped (`clip_prefers_true_relation`: what the embedding the
-                 decoder reads knows of which object is where; 50 is chance). A bundle with `unclip.grid`
+                 decoder reads knows of which object is where; 50 is chance), how often it is nearer its
+                 caption than every caption with one object's shape swapped (`clip_prefers_true_shapes`), and
+                 the two-object top-1 on the sources where it is and where it is not
+                 (`two_top1_by_clip_shapes`: whether CLIP or the decoder loses a shape). A bundle with `unclip.grid`
                  also gives the decoder CLIP's spatial features of the source (`Pipeline.variations`).
   text diffs     `--diffs` one-object sources whose caption states the color: the image's embedding turned
                  toward text(caption with another color) - text(caption), at each scale; the top-1 judged
@@ -38,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.shapes.generator import COLORS, extent, format_caption, parse_caption, render, sample_scene
+from dalle_mini_impl.shapes.generator import COLORS, SHAPES, extent, format_caption, parse_caption, render, sample_scene
 from dalle_mini_impl.shapes.judge import judge
 
 STEPS = 5
@@ -113,11 +116,15 @@ def variations(pipe, srcs, settings: dict, progress: bool) -> dict:
         identical += len(k) > 1 and all(torch.equal(r.ids, k[0].ids) for r in k)
     kinds = ["one" if parse_caption(c)["kind"] == "one" else "two" for c in captions]
     two = [(c, p) for c, p, k in zip(captions, pils, kinds) if k == "two"]
-    relation = []
+    relation, shapes = [], []
     if two:
         emb = pipe.image_embeddings([p for _, p in two])  # (m, e)
         texts = pipe.clip.embed_texts([c for c, _ in two] + [flip_relation(c) for c, _ in two]).view(2, len(two), -1)
         relation = ((emb * texts[0]).sum(-1) > (emb * texts[1]).sum(-1)).tolist()
+        for (caption, _), e in zip(two, emb):
+            sims = pipe.clip.embed_texts([caption, *swap_shapes(caption)]) @ e
+            shapes.append(bool(sims[0] > sims[1:].max()))
+    top1_two = [f for f, k in zip(top1, kinds) if k == "two"]
     return {
         "n": len(srcs),
         "top1": _by_renderer(top1, renderers)
@@ -128,6 +135,14 @@ def variations(pipe, srcs, settings: dict, progress: bool) -> dict:
         "ceiling_sources": _by_renderer(ceiling, renderers),
         "floor_other_sources_variation": _share(floor),
         "clip_prefers_true_relation": _share(relation),
+        "clip_prefers_true_shapes": _share(shapes),
+        "two_top1_by_clip_shapes": {
+            verdict: {
+                "n": sum(s == right for s in shapes),
+                "top1": _share([f for f, s in zip(top1_two, shapes) if s == right]),
+            }
+            for verdict, right in (("right", True), ("wrong", False))
+        },
     }
 
 
@@ -135,6 +150,19 @@ def flip_relation(caption: str) -> str:
     """A two-object caption with its relation turned around ("to the left of" -> "to the right of", ...)."""
     stated = parse_caption(caption)
     return format_caption(dict(stated, relation=OPPOSITE[stated["relation"]]))
+
+
+def swap_shapes(caption: str) -> list[str]:
+    """A caption with one object's shape word changed to another shape, every way (two per object)."""
+    stated = parse_caption(caption)
+    out = []
+    for j, obj in enumerate(stated["objects"]):
+        for shape in SHAPES:
+            if shape != obj["shape"]:
+                objects = [dict(o) for o in stated["objects"]]
+                objects[j]["shape"] = shape
+                out.append(format_caption(dict(stated, objects=objects)))
+    return out
 
 
 def recolor(caption: str, rng: np.random.Generator, held_out: list[str]) -> str:
