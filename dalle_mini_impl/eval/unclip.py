@@ -41,8 +41,9 @@ from PIL import Image, ImageDraw
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.shapes.generator import COLORS, SHAPES, extent, format_caption, parse_caption, render, sample_scene
+from dalle_mini_impl.shapes.generator import COLORS, extent, format_caption, parse_caption, render, sample_scene
 from dalle_mini_impl.shapes.judge import judge
+from dalle_mini_impl.shapes.negatives import EDITS
 
 STEPS = 5
 OPPOSITE = {
@@ -120,10 +121,11 @@ def variations(pipe, srcs, settings: dict, progress: bool) -> dict:
     if two:
         emb = pipe.image_embeddings([p for _, p in two])  # (m, e)
         texts = pipe.clip.embed_texts([c for c, _ in two] + [flip_relation(c) for c, _ in two]).view(2, len(two), -1)
-        relation = ((emb * texts[0]).sum(-1) > (emb * texts[1]).sum(-1)).tolist()
-        for (caption, _), e in zip(two, emb):
-            sims = pipe.clip.embed_texts([caption, *swap_shapes(caption)]) @ e
-            shapes.append(bool(sims[0] > sims[1:].max()))
+        true = (emb * texts[0]).sum(-1)  # (m,)
+        relation = (true > (emb * texts[1]).sum(-1)).tolist()
+        # every shape stated, so four swaps per caption (two objects, two other shapes each), in one batch
+        swapped = pipe.clip.embed_texts([x for c, _ in two for x in swap_shapes(c)]).view(len(two), 4, -1)
+        shapes = (true > torch.einsum("me,mke->mk", emb, swapped).amax(-1)).tolist()
     top1_two = [f for f, k in zip(top1, kinds) if k == "two"]
     return {
         "n": len(srcs),
@@ -157,11 +159,10 @@ def swap_shapes(caption: str) -> list[str]:
     stated = parse_caption(caption)
     out = []
     for j, obj in enumerate(stated["objects"]):
-        for shape in SHAPES:
-            if shape != obj["shape"]:
-                objects = [dict(o) for o in stated["objects"]]
-                objects[j]["shape"] = shape
-                out.append(format_caption(dict(stated, objects=objects)))
+        for shape in EDITS["shape"][obj["shape"]]:  # the hard negatives' swaps: every other shape
+            objects = [dict(o) for o in stated["objects"]]
+            objects[j]["shape"] = shape
+            out.append(format_caption(dict(stated, objects=objects)))
     return out
 
 
