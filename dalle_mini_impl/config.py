@@ -237,7 +237,8 @@ class CLIPConfig:
     # `swap_phrases` has it replaced by another of them (emoji-styles: its styles, ", noto style", ...)
     hard_negatives: bool = False
     swap_phrases: list[str] = field(default_factory=list)
-    # how many other swap_phrases each caption's phrase is swapped for, one negative each (1 .. phrases - 1)
+    # how many other swap_phrases each caption's phrase is swapped for, one negative each (1 .. phrases - 1); on
+    # shapes how many edits of each caption, each of another kind (relation, size, color, shape) while there is one
     swaps_per_caption: int = 1
     # that many more negatives per caption the other way round: its phrase kept, the rest taken from another
     # caption of the batch (emoji-styles: the same style, another name; dalle_mini_impl.clip.negatives)
@@ -375,6 +376,11 @@ class SampleConfig:
     # the transformer's log-likelihood of the refined codes given the prompt, times this, joins CLIP's
     # similarity in the objective (0: CLIP alone, VQGAN+CLIP as published)
     guided_prior_weight: float = 0.0
+    # CLIP's pull is toward the prompt's text embedding minus this times the mean of its contrast captions' (the prompt
+    # with one part made false: on shapes every one-word edit, elsewhere its clip.swap_phrases phrase swapped for each
+    # other one, e.g. its style for every other style), rescaled to the prompt's length: what tells the prompt from
+    # its near misses, not what it shares with them (0: the prompt alone)
+    guided_contrast_weight: float = 0.0
     # how refinement moves: "adam" (Adam on the latents, VQGAN+CLIP as published), "jacobi" (every cell to the
     # prior's most likely code given the cells before it, tilted by guided_jacobi_lr times CLIP's gradient;
     # needs guided_prior_weight above 0) or "auto": jacobi from random codes, adam from samples, each where it

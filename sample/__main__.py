@@ -133,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         "(0: CLIP alone; default: the bundle's)",
     )
     p.add_argument(
+        "--guided-contrast-weight",
+        type=float,
+        default=None,
+        help="clip-guided: pull toward what tells the prompt from its near misses (its style against the other "
+        "styles; on shapes its one-word edits): the prompt's embedding minus this times theirs (0: the prompt "
+        "alone; default: the bundle's)",
+    )
+    p.add_argument(
         "--guided-optimizer",
         choices=["auto", "adam", "jacobi"],
         default=None,
@@ -285,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **settings,
                 guided_prior_weight=args.guided_prior_weight,
                 guided_optimizer=args.guided_optimizer,
+                guided_contrast_weight=args.guided_contrast_weight,
                 prior_guidance_scale=args.prior_guidance_scale,
                 method=args.method,
                 init=args.init,

@@ -107,6 +107,33 @@ def test_perturb_makes_one_word_false():
     assert perturb("leftover", random.Random(0)) is None
 
 
+def test_perturbations_edit_one_kind_each():
+    import random
+
+    from dalle_mini_impl.shapes.negatives import EDITS, perturb, perturbations
+
+    caption = "a small red circle to the left of a blue square"
+    # one edit draws what perturb draws, from the same generator state
+    a, b = random.Random(5), random.Random(5)
+    assert [perturbations(caption, a, 1) for _ in range(50)] == [[perturb(caption, b)] for _ in range(50)]
+    rng = random.Random(0)
+    kind_of = {word: kind for kind, table in EDITS.items() for word in table}
+    for _ in range(100):
+        edits = perturbations(caption, rng, 4, ["purple triangle"])
+        assert len(edits) == 4 and len(set(edits)) == 4
+        kinds = []
+        for edited in edits:
+            changed = [a for a, b in zip(caption.split(), edited.split()) if a != b]
+            assert len(changed) == 1 and "purple triangle" not in edited
+            kinds.append(kind_of[changed[0]])
+        assert sorted(kinds) == ["color", "shape", "size", "spatial"]  # every kind once
+    # more edits than kinds: the rest from every kind, none twice; a caption with nothing to edit has none
+    six = perturbations("a red circle", random.Random(1), 6)
+    assert len(six) == len(set(six)) and 2 <= len(six) <= 6
+    assert {e.split()[1] != "red" for e in six[:2]} == {True, False}  # the first two: a color and a shape
+    assert perturbations("a smiling face", random.Random(0), 4) == []
+
+
 def test_perturb_never_names_a_held_out_combination():
     import random
 
@@ -878,8 +905,11 @@ def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
     plain = load_config("emoji")
     plain.data.source, plain.clip.hard_negatives, plain.clip.swap_phrases = str(imagefolder.root), False, []
     train_clip.check_config(plain)
-    with pytest.raises(UserError, match="on shapes the caption grammar makes one negative"):
-        train_clip.main(["--config", "shapes", "--out", str(tmp_path / "s"), "--set", "clip.swaps_per_caption=2"])
+    with pytest.raises(UserError, match="'clip.swaps_per_caption' is 0; on shapes it is how many edits .* 1 or more"):
+        train_clip.main(["--config", "shapes", "--out", str(tmp_path / "s"), "--set", "clip.swaps_per_caption=0"])
+    shapes = load_config("shapes")
+    shapes.clip.swaps_per_caption = 4  # every kind of edit: allowed on shapes
+    train_clip.check_config(shapes)
     from train import all as train_all
 
     with pytest.raises(UserError, match="needs clip.swap_phrases"):  # train.all says so before any stage runs

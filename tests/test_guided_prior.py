@@ -235,3 +235,52 @@ def test_random_starts_that_reach_one_image_warn_that_the_images_repeat(pipe):
     distinct = len({r.image.tobytes() for r in results[0]})
     assert len(results[0]) == 4 and distinct < 4
     assert f"gave only {distinct} distinct" in str(w[0].message) and len(w) == 1
+
+
+def test_contrast_pulls_toward_what_tells_the_prompt_from_its_near_misses(pipe):
+    from dalle_mini_impl.pipeline.guided import contrast_direction, prompt_direction
+
+    near = pipe.contrast_captions(PROMPT)  # the tiny bundle is a shapes one: every one-word edit
+    assert near == [f"a {c} circle" for c in ("green", "blue", "yellow", "purple", "black")] + [
+        "a red square", "a red triangle"]  # fmt: skip
+    d = prompt_direction(pipe.clip, [(PROMPT, 1.0)])
+    assert contrast_direction(pipe.clip, d, near, 0.0) is d and contrast_direction(pipe.clip, d, [], 0.5) is d
+    pull = contrast_direction(pipe.clip, d, near, 0.7)
+    by_hand = d - 0.7 * pipe.clip.embed_texts(near).mean(0)
+    torch.testing.assert_close(pull, by_hand * d.norm() / by_hand.norm())  # turned, not shrunk
+    torch.testing.assert_close(contrast_direction(pipe.clip, d, [PROMPT], 0.5), d)  # contrast with itself: no turn
+    with pytest.raises(UserError, match="the contrast captions cancel the prompt"):
+        contrast_direction(pipe.clip, d, [PROMPT], 1.0)
+
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 3, h, w, torch.Generator().manual_seed(5))
+    kw = dict(steps=8, lr=0.2, cutouts=4, progress=False)
+    ids, _, scores = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator().manual_seed(0),
+        contrast=near, contrast_weight=0.7, **kw,
+    )  # fmt: skip
+    with torch.no_grad():
+        pulled = [pipe.clip.embed_images(pipe.decode(x)) @ pull for x in (ids, start)]
+    assert (pulled[0] >= pulled[1] - 1e-5).all()  # never below its start by the contrasted objective
+    torch.testing.assert_close(scores, pipe.clip.score(pipe.decode(ids), PROMPT), atol=1e-5, rtol=0)  # the prompt's
+    plain, _, _ = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator().manual_seed(0), **kw
+    )
+    assert not torch.equal(ids, plain)  # the contrast moves refinement elsewhere
+
+
+def test_contrast_captions_of_swap_phrases_and_their_errors(pipe, monkeypatch):
+    with pytest.raises(UserError, match="'a smiling face' has no word a shapes caption can edit, .*weight to 0"):
+        pipe.contrast_captions("a smiling face")
+    with pytest.raises(UserError, match="--guided-contrast-weight is -1.0; use 0"):
+        pipe.generate([PROMPT], method="clip-guided", guided_contrast_weight=-1.0, progress=False)
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 1, h, w)
+    with pytest.raises(UserError, match="guided_contrast_weight' is -1; set it to 0"):
+        refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, steps=1, lr=0.1, cutouts=1, contrast_weight=-1)
+    # on other data: the prompt's phrase of clip.swap_phrases swapped for each other one, in their order
+    monkeypatch.setattr(pipe.cfg.data, "source", "some/folder")
+    monkeypatch.setattr(pipe.cfg.clip, "swap_phrases", [", noto style", ", openmoji style", ", blob style"])
+    assert pipe.contrast_captions("pizza, openmoji style") == ["pizza, noto style", "pizza, blob style"]
+    with pytest.raises(UserError, match="'pizza' has none of the bundle's clip.swap_phrases"):
+        pipe.contrast_captions("pizza")

@@ -5,11 +5,12 @@ resized crop that keeps the caption true (no color jitter: captions name colors)
 name no places (emoji-styles), `clip.shift_max` and `clip.flip_p` add whole-pixel shifts and
 left-right flips (a flip makes a few captions false, `left arrow`; the judge still gained from them).
 With `clip.hard_negatives`, each caption made false in one place is an extra negative text for every
-image (NegCLIP): on shapes one word, by the caption grammar (`dalle_mini_impl.shapes.negatives`);
-elsewhere one of `clip.swap_phrases` for another, or for `clip.swaps_per_caption` others
-(`dalle_mini_impl.clip.negatives`); `clip.rest_swaps` adds negatives that keep a caption's phrase and take
-the rest from another caption of the batch (the same style, another name); `clip.swaps_seen_only` keeps
-both to captions that some training image has, read once from the split's captions before the first step.
+image (NegCLIP): on shapes one word, by the caption grammar (`dalle_mini_impl.shapes.negatives`), once or
+`clip.swaps_per_caption` times with another kind of edit each; elsewhere one of `clip.swap_phrases` for
+another, or for `clip.swaps_per_caption` others (`dalle_mini_impl.clip.negatives`); `clip.rest_swaps` adds
+negatives that keep a caption's phrase and take the rest from another caption of the batch (the same style,
+another name); `clip.swaps_seen_only` keeps both to captions that some training image has, read once from
+the split's captions before the first step.
 With several processes, features are gathered so every row sees the global batch as negatives
 (dalle_mini_impl.clip.model.contrastive_loss). `--init-from BUNDLE_OR_RUN` starts from that model's CLIP and
 text tokenizer instead of random weights, and `train.clip.freeze` leaves parameter groups untrained:
@@ -39,7 +40,7 @@ from dalle_mini_impl.data.streams import iter_captions
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero_shot_shapes
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
-from dalle_mini_impl.shapes.negatives import perturb
+from dalle_mini_impl.shapes.negatives import perturbations
 from train import finetune, loop
 from train.common import adamw, example_batches, seed_everything
 
@@ -84,10 +85,10 @@ def check_config(cfg: RunConfig) -> None:
             f"config key 'clip.swaps_per_caption' is {count}, but clip.hard_negatives is off and makes no "
             "negative to swap: set clip.hard_negatives=true or leave it at 1"
         )
-    if cfg.data.source == "shapes" and count != 1:
+    if cfg.data.source == "shapes" and count < 1:
         raise UserError(
-            f"config key 'clip.swaps_per_caption' is {count}; on shapes the caption grammar makes one negative "
-            "per caption: leave it at 1"
+            f"config key 'clip.swaps_per_caption' is {count}; on shapes it is how many edits of a caption are "
+            "negatives, each of another kind while there is one: set it to 1 or more, e.g. 4 for every kind"
         )
     if cfg.data.source != "shapes" and cfg.clip.hard_negatives and not 1 <= count <= phrases - 1:
         raise UserError(
@@ -145,11 +146,10 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         if not cfg.clip.hard_negatives:
             return images, ids, None
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        count = cfg.clip.swaps_per_caption
         if cfg.data.source == "shapes":
-            made = (perturb(c, rng, held_out) for c in batch["caption"])
-            false = [c for c in made if c is not None]
+            false = [f for c in batch["caption"] for f in perturbations(c, rng, count, held_out)]
         else:
-            count = cfg.clip.swaps_per_caption
             phrases = cfg.clip.swap_phrases
             false = [f for c in batch["caption"] for f in swapped_captions(c, phrases, count, rng, seen)]
             if cfg.clip.rest_swaps:  # drawn after the swaps above: runs without them draw as before

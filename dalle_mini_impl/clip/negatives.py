@@ -31,11 +31,11 @@ def swap_phrase(
     The longest first: of " flat style" and ", fluent flat style", a caption holding the second is swapped
     whole, not inside it.
     """
-    made = _swaps(caption, phrases, seen)
+    made = every_swap(caption, phrases, seen)
     return None if not made else made[rng.randrange(len(made))]
 
 
-def _swaps(caption: str, phrases: list[str], seen: Collection[str] | None) -> list[str]:
+def every_swap(caption: str, phrases: list[str], seen: Collection[str] | None = None) -> list[str]:
     """Every caption `caption` becomes with its phrase swapped for another, in `phrases`' order; with `seen`, only
     those in it."""
     held = _held(caption, phrases)
@@ -59,7 +59,7 @@ def swapped_captions(
     if count == 1:
         made = swap_phrase(caption, phrases, rng, seen)
         return [] if made is None else [made]
-    made = _swaps(caption, phrases, seen)
+    made = every_swap(caption, phrases, seen)
     return rng.sample(made, min(count, len(made)))
 
 

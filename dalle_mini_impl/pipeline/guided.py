@@ -34,6 +34,11 @@ a flip turns "a circle on the left" into one on the right.
 Weighted prompts, as in VQGAN+CLIP: "a red circle:1 | a blue square:-0.5" moves towards a red circle
 and away from a blue square; the objective is the weighted sum of cosine similarities.
 
+Contrast captions do that by themselves: `contrast` (the pipeline's: the prompt with one part made false, such
+as its style swapped for every other style) and `contrast_weight` c turn CLIP's pull from the prompt's text
+embedding t to t - c * mean(contrast embeddings), rescaled to t's length: toward what tells the prompt from its
+near misses rather than what it shares with them (`contrast_direction`).
+
 Usage:
     parts = parse_weighted_prompt("a red circle:1 | a blue square:-0.5")   # [("a red circle", 1.0), ...]
     ids, images, scores = refine(tokenizer, scorer, parts, start_ids, steps=60, lr=0.1, cutouts=16,
@@ -138,6 +143,23 @@ def prompt_direction(scorer, parts: Sequence[tuple[str, float]]) -> torch.Tensor
     return weights @ scorer.embed_texts([t for t, _ in parts])  # (e,)
 
 
+def contrast_direction(scorer, direction: torch.Tensor, contrast: Sequence[str], weight: float) -> torch.Tensor:
+    """`direction` (e,) minus `weight` times the mean of the `contrast` captions' text embeddings, rescaled to
+    `direction`'s length (so that the weight turns CLIP's pull and does not also shrink it against the prior's):
+    the part of the prompt that its near misses lack ("pizza, openmoji style" against the pizza in the other
+    styles: the style). `direction` itself when the weight is 0 or there is no contrast caption."""
+    if not weight or not contrast:
+        return direction
+    pull = direction - weight * scorer.embed_texts(list(contrast)).to(direction).mean(0)
+    length = pull.norm()
+    if length <= 1e-6 * direction.norm():
+        raise UserError(
+            "the contrast captions cancel the prompt (their mean embedding is the prompt's); lower "
+            "sample.guided_contrast_weight below 1 or set it to 0"
+        )
+    return pull * (direction.norm() / length)
+
+
 def weighted_score(scorer, images: torch.Tensor, parts: Sequence[tuple[str, float]]) -> torch.Tensor:
     """Sum over parts of weight * cosine similarity, per image (m,); one part of weight 1 is `scorer.score`."""
     return scorer.embed_images(images) @ prompt_direction(scorer, parts)
@@ -163,7 +185,7 @@ def jacobi_update(log_probs: torch.Tensor, gain: torch.Tensor, lr: float) -> tor
     return (log_probs + lr * gain).argmax(dim=-1)
 
 
-def _check(steps: int, lr: float, cutouts: int, prior_weight: float, optimizer: str) -> None:
+def _check(steps: int, lr: float, cutouts: int, prior_weight: float, optimizer: str, contrast_weight: float) -> None:
     if optimizer not in OPTIMIZERS:
         raise UserError(f"config key 'sample.guided_optimizer' is '{optimizer}'; use {' or '.join(OPTIMIZERS)}")
     if steps < 0:
@@ -176,6 +198,8 @@ def _check(steps: int, lr: float, cutouts: int, prior_weight: float, optimizer: 
         raise UserError(f"config key 'sample.guided_cutouts' is {cutouts}; set it to 1 or more")
     if prior_weight < 0 or not math.isfinite(prior_weight):
         raise UserError(f"config key 'sample.guided_prior_weight' is {prior_weight}; set it to 0 (off) or more")
+    if contrast_weight < 0 or not math.isfinite(contrast_weight):
+        raise UserError(f"config key 'sample.guided_contrast_weight' is {contrast_weight}; set it to 0 (off) or more")
 
 
 def refine(
@@ -194,6 +218,8 @@ def refine(
     prior_weight: float = 0.0,
     optimizer: str = "adam",
     cell_log_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    contrast: Sequence[str] = (),
+    contrast_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raise CLIP's weighted similarity of the images of `start_ids` (b, h, w) by optimising their latents.
 
@@ -205,10 +231,13 @@ def refine(
         needs cell_log_probs: ids (b, n), raster order -> the transformer's log-probabilities (b, n, K) of
         every code at every cell given the prompt and the cells before it, twice: the ones the steps move by
         (sampling's guidance may sharpen them) and the plain ones, whose mean at the ids is the prior term).
+    contrast, contrast_weight: captions that nearly say what the prompt says (`contrast_direction`): CLIP's part
+        of the objective becomes the similarity to what tells the prompt from them (0 or none: the prompt alone).
     Returns the snapped images of the best objective seen (ids (b, h, w), images (b, 3, H, W) in [0, 1],
-    CLIP scores (b,)), on the CPU. Only the latents get gradients; the models' weights are never touched.
+    CLIP scores (b,): the similarity to the prompt's parts, without the contrast), on the CPU. Only the latents
+    get gradients; the models' weights are never touched.
     """
-    _check(steps, lr, cutouts, prior_weight, optimizer)
+    _check(steps, lr, cutouts, prior_weight, optimizer, contrast_weight)
     jacobi = optimizer == "jacobi"
     if jacobi and cell_log_probs is None:
         raise UserError(
@@ -224,7 +253,8 @@ def refine(
     device = next(tokenizer.parameters()).device
     texts = [t for t, _ in parts]
     flips = not mentions_sides(texts)
-    direction = prompt_direction(scorer, parts).to(device)  # (e,)
+    direction = prompt_direction(scorer, parts).to(device)  # (e,): what the returned scores measure
+    pull = contrast_direction(scorer, direction, contrast, contrast_weight)  # (e,): what the objective raises
     # a plain copy: ids sampled under inference_mode cannot take part in autograd
     start_ids = start_ids.to(device).clone()
     r = keep_rows
@@ -248,7 +278,8 @@ def refine(
                     latent = torch.cat([kept[:, :, :r], latent[:, :, r:]], dim=2)
                     ids = torch.cat([start_ids[:, :r], ids[:, r:]], dim=1)
             images = tokenizer.decode_latent(latent)  # (b, 3, H, W)
-            score = scorer.embed_images(images.detach()).to(device) @ direction  # (b,)
+            embedded = scorer.embed_images(images.detach()).to(device)  # (b, e)
+            score, pulled = embedded @ direction, embedded @ pull  # (b,) each; the same without a contrast
             log_likelihood = torch.zeros_like(score)
             if jacobi:
                 with torch.no_grad():
@@ -260,7 +291,7 @@ def refine(
                 if r:
                     weights = torch.cat([kept_weights[:, :, :r], weights[:, :, r:]], dim=2)
                 log_likelihood = prior(rearrange(weights, "b k h w -> b (h w) k")).to(device)  # (b,)
-            objective = score + prior_weight * log_likelihood.detach()
+            objective = pulled + prior_weight * log_likelihood.detach()
             better = torch.ones_like(score, dtype=torch.bool) if best is None else objective > best
             best = _where(better, objective, best)
             best_score = _where(better, score, best_score)
@@ -270,7 +301,7 @@ def refine(
             if step == steps:
                 break  # the last snap is scored, not optimised
             crops = make_cutouts(images, cutouts, model.image_size, generator, flips)  # (n b, 3, S, S)
-            sims = rearrange(model.encode_image(crops) @ direction, "(n b) -> n b", n=cutouts)
+            sims = rearrange(model.encode_image(crops) @ pull, "(n b) -> n b", n=cutouts)
             if jacobi:  # the prior's part is exact in log_probs; CLIP's is first-order
                 (grad,) = torch.autograd.grad(sims.mean(0).sum(), [latent])  # (b, d, h, w)
                 gain = torch.einsum("bdhw,kd->bhwk", grad.float(), vectors).flatten(1, 2)  # (b, n, K)
@@ -290,6 +321,7 @@ def refine(
 
 __all__ = [
     "code_vectors",
+    "contrast_direction",
     "jacobi_update",
     "make_cutouts",
     "mentions_sides",

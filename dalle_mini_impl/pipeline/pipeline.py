@@ -192,6 +192,10 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"--likelihood-weight is {s.edit_likelihood_weight}; use 0 (CLIP alone) or a positive weight")
     if not (math.isfinite(s.guided_prior_weight) and s.guided_prior_weight >= 0):
         raise UserError(f"--guided-prior-weight is {s.guided_prior_weight}; use 0 (CLIP alone) or a positive weight")
+    if not (math.isfinite(s.guided_contrast_weight) and s.guided_contrast_weight >= 0):
+        raise UserError(
+            f"--guided-contrast-weight is {s.guided_contrast_weight}; use 0 (the prompt alone) or a positive weight"
+        )
     if s.guided_optimizer not in GUIDED_OPTIMIZERS:
         raise UserError(
             f"config key 'sample.guided_optimizer' is '{s.guided_optimizer}'; use {', '.join(GUIDED_OPTIMIZERS)}"
@@ -496,6 +500,7 @@ class Pipeline:
         decode: str | None = None,
         guided_prior_weight: float | None = None,
         guided_optimizer: str | None = None,
+        guided_contrast_weight: float | None = None,
         prior_guidance_scale: float | None = None,
         method: str = "ar",
         init: str = "samples",
@@ -525,6 +530,7 @@ class Pipeline:
             decode=decode,
             guided_prior_weight=guided_prior_weight,
             guided_optimizer=guided_optimizer,
+            guided_contrast_weight=guided_contrast_weight,
             prior_guidance_scale=prior_guidance_scale,
         )
         if method not in METHODS:
@@ -681,10 +687,10 @@ class Pipeline:
         self, ids, parts, s: SampleConfig, generator, keep_rows: int = 0, progress: bool = False, init="samples"
     ):
         """CLIP-guided refinement (`guided.refine`) of codes (m, h, w) with the settings' steps, lr, cutouts,
-        prior weight and optimiser (the prior given the top-weighted part): (ids, images, CLIP scores), in the
-        starts' order. init: what the codes are, "samples" or "random" (the "auto" optimiser's choice). The
-        jacobi optimiser needs the prior; with a prior weight of 0 refinement is CLIP's alone, by Adam, as
-        published."""
+        prior weight, contrast and optimiser (the prior and the contrast captions of the top-weighted part):
+        (ids, images, CLIP scores), in the starts' order. init: what the codes are, "samples" or "random" (the
+        "auto" optimiser's choice). The jacobi optimiser needs the prior; with a prior weight of 0 refinement is
+        CLIP's alone, by Adam, as published."""
         from .guided import refine
 
         prompt = max(parts, key=lambda part: part[1])[0]
@@ -708,7 +714,33 @@ class Pipeline:
             prior_weight=s.guided_prior_weight,
             optimizer="jacobi" if jacobi else "adam",
             cell_log_probs=self.cell_log_probs(prompt, s.guidance_scale, s.guidance_until) if jacobi else None,
+            contrast=self.contrast_captions(prompt) if s.guided_contrast_weight > 0 else (),
+            contrast_weight=s.guided_contrast_weight,
         )
+
+    def contrast_captions(self, prompt: str) -> list[str]:
+        """The captions clip-guided refinement contrasts `prompt` with (`sample.guided_contrast_weight`): on shapes
+        every one-word edit of it (`shapes.negatives.every_edit`), elsewhere the prompt with its phrase of
+        `clip.swap_phrases` swapped for each other one (emoji-styles: its style for every other style)."""
+        if self.cfg.data.source == "shapes":
+            from ..shapes.negatives import every_edit
+
+            made = every_edit(prompt)
+        else:
+            from ..clip.negatives import every_swap
+
+            made = every_swap(prompt, self.cfg.clip.swap_phrases)
+        if not made:
+            what = (
+                "no word a shapes caption can edit"
+                if self.cfg.data.source == "shapes"
+                else ("none of the bundle's clip.swap_phrases")
+            )
+            raise UserError(
+                f"the prompt '{prompt}' has {what}, so clip-guided refinement has no caption to contrast it with; "
+                "set --guided-contrast-weight to 0 or name what the bundle's captions name"
+            )
+        return made
 
     def _refine(self, ids, parts, s: SampleConfig, generator, keep_rows: int, progress: bool, init="samples"):
         """`refine`, best CLIP score first."""
