@@ -274,6 +274,9 @@ def test_contrast_captions_of_swap_phrases_and_their_errors(pipe, monkeypatch):
         pipe.contrast_captions("a smiling face")
     with pytest.raises(UserError, match="--guided-contrast-weight is -1.0; use 0"):
         pipe.generate([PROMPT], method="clip-guided", guided_contrast_weight=-1.0, progress=False)
+    with monkeypatch.context() as m, pytest.raises(UserError, match="'a smiling face' has no word"):
+        m.setattr(pipe, "candidates", None)  # refused before the first prompt's candidates are sampled
+        pipe.generate([PROMPT, "a smiling face"], method="clip-guided", guided_contrast_weight=0.5, progress=False)
     h, w = pipe.grid
     start = random_codes(pipe.image_tokenizer.codebook_size, 1, h, w)
     with pytest.raises(UserError, match="guided_contrast_weight' is -1; set it to 0"):

@@ -551,6 +551,9 @@ class Pipeline:
         prime = self._prime(init_image, keep_rows)
         keep_rows = 0 if prime is None else prime.shape[1] // self.grid[1]
         parts = [self._parts(p, method) for p in prompts]
+        if method == "clip-guided" and s.guided_contrast_weight > 0:  # a prompt with no contrast, before any sampling
+            for prompt_parts in parts:
+                self.contrast_captions(max(prompt_parts, key=lambda part: part[1])[0])
 
         h, w = self.grid
         bar = tqdm(
