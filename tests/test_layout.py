@@ -76,7 +76,7 @@ LIBRARY = {
     "model": {"errors", "config"},
     "data": {"errors", "config", "shapes"},
     "clip": {"errors", "config", "data"},
-    "pipeline": {"errors", "config", "text", "data", "model", "clip"},
+    "pipeline": {"errors", "config", "text", "shapes", "data", "model", "clip"},  # shapes: the caption grammar's edits
     "eval": {"errors", "config", "text", "data", "shapes", "model", "clip", "pipeline"},
     "bench": {"errors", "config", "data", "model", "pipeline"},
 }

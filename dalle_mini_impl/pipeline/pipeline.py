@@ -734,11 +734,8 @@ class Pipeline:
 
             made = every_swap(prompt, self.cfg.clip.swap_phrases)
         if not made:
-            what = (
-                "no word a shapes caption can edit"
-                if self.cfg.data.source == "shapes"
-                else ("none of the bundle's clip.swap_phrases")
-            )
+            shapes = self.cfg.data.source == "shapes"
+            what = "no word a shapes caption can edit" if shapes else "none of the bundle's clip.swap_phrases"
             raise UserError(
                 f"the prompt '{prompt}' has {what}, so clip-guided refinement has no caption to contrast it with; "
                 "set --guided-contrast-weight to 0 or name what the bundle's captions name"
