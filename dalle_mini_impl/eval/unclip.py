@@ -14,9 +14,10 @@ on one renderer's pixels.
                  from the source's own encoding (a copy has 0); the sources whose kept variations are all
                  identical; and, as reference points, the judge on the sources themselves (the ceiling), on
                  a variation of another source (the floor: an image of the data that ignores its source),
-                 and how often CLIP's embedding of a two-object source is nearer its caption than the same
-                 caption with the relation flipped (`clip_prefers_true_relation`: what the embedding the
-                 decoder reads knows of which object is where; 50 is chance), how often it is nearer its
+                 and how often CLIP's embedding of a two-object source (as given; the decoder reads it as the
+                 image tokenizer draws it, which CLIP reads within a few points the same) is nearer its
+                 caption than the same caption with the relation flipped (`clip_prefers_true_relation`: what
+                 the embedding knows of which object is where; 50 is chance), how often it is nearer its
                  caption than every caption with one object's shape swapped (`clip_prefers_true_shapes`), and
                  the two-object top-1 on the sources where it is and where it is not
                  (`two_top1_by_clip_shapes`: whether CLIP or the decoder loses a shape). A bundle with `unclip.grid`
