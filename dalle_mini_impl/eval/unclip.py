@@ -44,7 +44,7 @@ from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, extent, format_caption, parse_caption, render, sample_scene
 from dalle_mini_impl.shapes.judge import judge
-from dalle_mini_impl.shapes.negatives import EDITS
+from dalle_mini_impl.shapes.negatives import every_edit
 
 STEPS = 5
 OPPOSITE = {
@@ -156,15 +156,9 @@ def flip_relation(caption: str) -> str:
 
 
 def swap_shapes(caption: str) -> list[str]:
-    """A caption with one object's shape word changed to another shape, every way (two per object)."""
-    stated = parse_caption(caption)
-    out = []
-    for j, obj in enumerate(stated["objects"]):
-        for shape in EDITS["shape"][obj["shape"]]:  # the hard negatives' swaps: every other shape
-            objects = [dict(o) for o in stated["objects"]]
-            objects[j]["shape"] = shape
-            out.append(format_caption(dict(stated, objects=objects)))
-    return out
+    """A caption with one object's shape word changed to another shape, every way (two per object): the hard
+    negatives' shape edits (`shapes.negatives.every_edit`)."""
+    return every_edit(caption, kinds=["shape"])
 
 
 def recolor(caption: str, rng: np.random.Generator, held_out: list[str]) -> str:

@@ -725,16 +725,12 @@ class Pipeline:
         """The captions clip-guided refinement contrasts `prompt` with (`sample.guided_contrast_weight`): on shapes
         every one-word edit of it (`shapes.negatives.every_edit`), elsewhere the prompt with its phrase of
         `clip.swap_phrases` swapped for each other one (emoji-styles: its style for every other style)."""
-        if self.cfg.data.source == "shapes":
-            from ..shapes.negatives import every_edit
+        from ..clip.negatives import every_swap
+        from ..shapes.negatives import every_edit
 
-            made = every_edit(prompt)
-        else:
-            from ..clip.negatives import every_swap
-
-            made = every_swap(prompt, self.cfg.clip.swap_phrases)
+        shapes = self.cfg.data.source == "shapes"
+        made = every_edit(prompt) if shapes else every_swap(prompt, self.cfg.clip.swap_phrases)
         if not made:
-            shapes = self.cfg.data.source == "shapes"
             what = "no word a shapes caption can edit" if shapes else "none of the bundle's clip.swap_phrases"
             raise UserError(
                 f"the prompt '{prompt}' has {what}, so clip-guided refinement has no caption to contrast it with; "

@@ -87,13 +87,13 @@ def perturbations(caption: str, rng: random.Random, count: int, avoid: Sequence[
     return edits
 
 
-def every_edit(caption: str, avoid: Sequence[str] = ()) -> list[str]:
-    """Every caption `perturb` can make of `caption` (each editable word, each replacement), in word order, never
-    one that names a phrase of `avoid` the caption did not name."""
+def every_edit(caption: str, avoid: Sequence[str] = (), kinds: Sequence[str] = tuple(EDITS)) -> list[str]:
+    """Every caption `perturb` can make of `caption` (each editable word, each replacement) with an edit of one of
+    `kinds` (keys of EDITS), in word order, never one that names a phrase of `avoid` the caption did not name."""
     banned = _patterns(avoid)
     out = []
     for spot in _WORD.finditer(caption.lower()):
-        for table in EDITS.values():
+        for table in (EDITS[k] for k in kinds):
             for new in table.get(spot.group(), ()):
                 edited = caption[: spot.start()] + new + caption[spot.end() :]
                 if _allowed(edited, caption, banned):
