@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dalle_mini_impl.config import TransformerConfig
-from dalle_mini_impl.model.generate import MAX_WINDOW, final_probs, generate, window_width
+from dalle_mini_impl.model.generate import MAX_WINDOW, _new_drafts, final_probs, generate, window_width
 from dalle_mini_impl.model.transformer import DALLE
 from tests.test_generate import IV, NULL, TEXT, VARIANTS, make
 
@@ -227,3 +227,20 @@ def test_bad_window_or_draft_is_refused():
         generate(make(), TEXT, decode="speculative", relax=0.2)
     with pytest.raises(ValueError, match="relax must be >= 0"):
         generate(make(), TEXT, decode="speculative", relax=-0.1)
+
+
+@pytest.mark.parametrize("draft", ["above", "random"])
+def test_new_drafts_copy_the_cell_above_one_hot_or_draw_uniformly(draft):
+    # a 4-wide grid: the window holds cells 2 .. 7, of which 2, 3 (first row) and 6 are fresh
+    out = torch.tensor([[5, 9, 1, 1, 1, 1, 1, 1]])
+    cells = torch.arange(2, 8)[None]
+    fresh = torch.tensor([[True, True, False, False, True, False]])
+    q = _new_drafts(out, cells, fresh, draft, 4, 12, torch.Generator().manual_seed(0))
+    assert q.shape == (1, 6, 12) and torch.allclose(q.sum(-1), torch.ones(1, 6))
+    assert torch.equal(q[0, :2], torch.full((2, 12), 1 / 12))  # nothing above the first row: uniform
+    assert out[0, 4] == 1 and out[0, 5] == 1  # cells that are not fresh keep their drafts
+    if draft == "above":
+        # cell 6 copies cell 2's id as this call drafted it, one-hot
+        assert out[0, 6] == out[0, 2] and torch.equal(q[0, 4], torch.eye(12)[int(out[0, 2])])
+    else:
+        assert torch.equal(q[0, 4], torch.full((12,), 1 / 12))

@@ -14,6 +14,7 @@ from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.model.transformer import (
     DALLE,
     PRESETS,
+    additive_mask,
     pattern_mask,
     preset_config,
     resolve_config,
@@ -295,3 +296,17 @@ def test_resolve_takes_geometry_from_the_tokenizers_and_overrides_from_the_run()
 def test_a_model_needs_its_geometry():
     with pytest.raises(UserError, match="'text_vocab' is 0; it must be a positive integer"):
         DALLE(TransformerConfig())  # the run section alone: nothing says how many ids there are
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_additive_mask_attends_as_its_boolean_mask_does_bit_for_bit(dtype):
+    # a cached pass converts each mask once for all layers: SDPA must read it as it reads the boolean mask
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, s, 8, generator=g).to(dtype) for s in (5, 12, 12))
+    visible = torch.ones(16, 16, dtype=torch.bool).tril()[7:12, :12]  # a window of 5 queries over 12 keys
+    additive = additive_mask(visible, dtype)
+    assert (
+        additive.dtype == dtype and torch.equal(additive == 0, visible) and additive[~visible].eq(float("-inf")).all()
+    )
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=additive), expected)

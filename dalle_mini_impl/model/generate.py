@@ -284,8 +284,9 @@ def _new_drafts(
     for _ in range(-(-cells.shape[1] // w)):  # a window wider than a grid row reads cells it drafts itself
         ids = torch.where(above, out.gather(1, (cells - w).clamp(min=0)), drawn)
         out.scatter_(1, cells, torch.where(fresh, ids, out.gather(1, cells)))
-    one_hot = torch.nn.functional.one_hot(ids, k_image).float()
-    return torch.where(above[..., None], one_hot, torch.full_like(one_hot, 1.0 / k_image))
+    q = torch.full((*cells.shape, k_image), 1.0 / k_image, device=out.device)
+    q.masked_fill_(above[..., None], 0.0)  # a drafted copy of the cell above: one-hot
+    return q.scatter_(-1, ids[..., None], torch.where(above, 1.0, 1.0 / k_image)[..., None])
 
 
 def _test_masses(
