@@ -381,6 +381,10 @@ class SampleConfig:
     # other one, e.g. its style for every other style), rescaled to the prompt's length: what tells the prompt from
     # its near misses, not what it shares with them (0: the prompt alone)
     guided_contrast_weight: float = 0.0
+    # clip-guided: return a refined image only if CLIP's margin of the prompt over its nearest contrast caption
+    # (guided_contrast_weight's captions) is at least its start's; with the prior it changed nothing on 130 emoji
+    # validation captions (docs/RESULTS.md, "a guard on the margin over the other styles"), so it is off
+    guided_contrast_guard: bool = False
     # how refinement moves: "adam" (Adam on the latents, VQGAN+CLIP as published), "jacobi" (every cell to the
     # prior's most likely code given the cells before it, tilted by guided_jacobi_lr times CLIP's gradient;
     # needs guided_prior_weight above 0) or "auto": jacobi from random codes, adam from samples, each where it

@@ -141,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
         "alone; default: the bundle's)",
     )
     p.add_argument(
+        "--guided-contrast-guard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip-guided: return a refined image only if CLIP's margin of the prompt over its nearest near miss "
+        "(the captions of --guided-contrast-weight) is at least its start's (default: the bundle's)",
+    )
+    p.add_argument(
         "--guided-optimizer",
         choices=["auto", "adam", "jacobi"],
         default=None,
@@ -294,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 guided_prior_weight=args.guided_prior_weight,
                 guided_optimizer=args.guided_optimizer,
                 guided_contrast_weight=args.guided_contrast_weight,
+                guided_contrast_guard=args.guided_contrast_guard,
                 prior_guidance_scale=args.prior_guidance_scale,
                 method=args.method,
                 init=args.init,

@@ -287,3 +287,33 @@ def test_contrast_captions_of_swap_phrases_and_their_errors(pipe, monkeypatch):
     assert pipe.contrast_captions("pizza, openmoji style") == ["pizza, noto style", "pizza, blob style"]
     with pytest.raises(UserError, match="'pizza' has none of the bundle's clip.swap_phrases"):
         pipe.contrast_captions("pizza")
+
+
+def test_the_contrast_guard_never_returns_an_image_nearer_its_near_misses_than_its_start(pipe, monkeypatch):
+    from dalle_mini_impl.pipeline.guided import prompt_direction
+
+    near = pipe.contrast_captions(PROMPT)
+    d, misses = prompt_direction(pipe.clip, [(PROMPT, 1.0)]), pipe.clip.embed_texts(near)
+
+    def margin(ids):  # the prompt's similarity over the nearest contrast caption's
+        with torch.no_grad():
+            e = pipe.clip.embed_images(pipe.decode(ids))
+        return e @ d - (e @ misses.T).amax(dim=-1)
+
+    h, w = pipe.grid
+    start = random_codes(pipe.image_tokenizer.codebook_size, 6, h, w, torch.Generator().manual_seed(5))
+    kw = dict(steps=8, lr=0.2, cutouts=4, progress=False)
+    guarded, _, _ = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator().manual_seed(0),
+        contrast=near, contrast_guard=True, **kw,
+    )  # fmt: skip
+    plain, _, _ = refine(
+        pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, generator=torch.Generator().manual_seed(0), **kw
+    )
+    assert (margin(guarded) >= margin(start) - 1e-5).all()
+    assert (margin(plain) < margin(start) - 1e-5).any()  # unguarded, refinement does lose margin here
+    with pytest.raises(UserError, match="the contrast guard compares the prompt with its contrast captions"):
+        refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, contrast_guard=True, **kw)
+    with monkeypatch.context() as m, pytest.raises(UserError, match="'a smiling face' has no word .*guard to false"):
+        m.setattr(pipe, "candidates", None)  # refused before the first prompt's candidates are sampled
+        pipe.generate([PROMPT, "a smiling face"], method="clip-guided", guided_contrast_guard=True, progress=False)

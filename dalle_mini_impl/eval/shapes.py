@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "temperature": pipe.cfg.sample.temperature,
         "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
         "guided_contrast_weight": pipe.cfg.sample.guided_contrast_weight,
+        "guided_contrast_guard": pipe.cfg.sample.guided_contrast_guard,
         "guided_from": args.guided_from,
         "guided_optimizer": pipe.cfg.sample.guided_optimizer,
         "guided_jacobi_lr": pipe.cfg.sample.guided_jacobi_lr,

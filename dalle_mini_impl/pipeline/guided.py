@@ -37,7 +37,10 @@ and away from a blue square; the objective is the weighted sum of cosine similar
 Contrast captions do that by themselves: `contrast` (the pipeline's: the prompt with one part made false, such
 as its style swapped for every other style) and `contrast_weight` c turn CLIP's pull from the prompt's text
 embedding t to t - c * mean(contrast embeddings), rescaled to t's length: toward what tells the prompt from its
-near misses rather than what it shares with them (`contrast_direction`).
+near misses rather than what it shares with them (`contrast_direction`). `contrast_guard` uses them as a check
+instead: a snapped image may be returned only if CLIP's margin of the prompt over its nearest miss (the similarity
+to the prompt minus the highest similarity to a contrast caption) is at least the start's, so that refinement never
+hands back an image that looks more like a caption it should not be (the start passes, so it always has one).
 
 Usage:
     parts = parse_weighted_prompt("a red circle:1 | a blue square:-0.5")   # [("a red circle", 1.0), ...]
@@ -220,6 +223,7 @@ def refine(
     cell_log_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
     contrast: Sequence[str] = (),
     contrast_weight: float = 0.0,
+    contrast_guard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raise CLIP's weighted similarity of the images of `start_ids` (b, h, w) by optimising their latents.
 
@@ -233,6 +237,9 @@ def refine(
         (sampling's guidance may sharpen them) and the plain ones, whose mean at the ids is the prior term).
     contrast, contrast_weight: captions that nearly say what the prompt says (`contrast_direction`): CLIP's part
         of the objective becomes the similarity to what tells the prompt from them (0 or none: the prompt alone).
+    contrast_guard: a snapped image may be returned only if CLIP's margin of the prompt over the nearest contrast
+        caption (similarity to the prompt's parts minus the highest similarity to a contrast caption) is at least
+        the start's: refinement never makes an image look more like a caption it should not be (needs contrast).
     Returns the snapped images of the best objective seen (ids (b, h, w), images (b, 3, H, W) in [0, 1],
     CLIP scores (b,): the similarity to the prompt's parts, without the contrast), on the CPU. Only the latents
     get gradients; the models' weights are never touched.
@@ -255,6 +262,11 @@ def refine(
     flips = not mentions_sides(texts)
     direction = prompt_direction(scorer, parts).to(device)  # (e,): what the returned scores measure
     pull = contrast_direction(scorer, direction, contrast, contrast_weight)  # (e,): what the objective raises
+    if contrast_guard and not contrast:
+        raise UserError(
+            "the contrast guard compares the prompt with its contrast captions; give it some or turn it off"
+        )
+    near_misses = scorer.embed_texts(list(contrast)).to(device).T if contrast_guard else None  # (e, m)
     # a plain copy: ids sampled under inference_mode cannot take part in autograd
     start_ids = start_ids.to(device).clone()
     r = keep_rows
@@ -267,7 +279,7 @@ def refine(
             kept = tokenizer.embed_ids(start_ids).detach()  # (b, d, h, w)
             kept_weights = tokenizer.code_weights(free).detach() if use_prior else None  # the start's, one-hot
             adam = torch.optim.Adam([free], lr=lr)
-        best_ids = best_images = best = best_score = None
+        best_ids = best_images = best = best_score = start_margin = None
         bar = tqdm(range(steps + 1), desc="clip-guided", unit="step", leave=False, disable=None if progress else True)
         for step in bar:
             if jacobi:
@@ -293,6 +305,10 @@ def refine(
                 log_likelihood = prior(rearrange(weights, "b k h w -> b (h w) k")).to(device)  # (b,)
             objective = pulled + prior_weight * log_likelihood.detach()
             better = torch.ones_like(score, dtype=torch.bool) if best is None else objective > best
+            if near_misses is not None:  # the prompt's margin over its nearest miss may not fall below the start's
+                margin = score - (embedded @ near_misses).amax(dim=-1)
+                start_margin = margin if start_margin is None else start_margin
+                better &= margin >= start_margin
             best = _where(better, objective, best)
             best_score = _where(better, score, best_score)
             best_ids = _where(better, ids, best_ids)

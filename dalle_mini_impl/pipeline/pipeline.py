@@ -501,6 +501,7 @@ class Pipeline:
         guided_prior_weight: float | None = None,
         guided_optimizer: str | None = None,
         guided_contrast_weight: float | None = None,
+        guided_contrast_guard: bool | None = None,
         prior_guidance_scale: float | None = None,
         method: str = "ar",
         init: str = "samples",
@@ -531,6 +532,7 @@ class Pipeline:
             guided_prior_weight=guided_prior_weight,
             guided_optimizer=guided_optimizer,
             guided_contrast_weight=guided_contrast_weight,
+            guided_contrast_guard=guided_contrast_guard,
             prior_guidance_scale=prior_guidance_scale,
         )
         if method not in METHODS:
@@ -551,7 +553,7 @@ class Pipeline:
         prime = self._prime(init_image, keep_rows)
         keep_rows = 0 if prime is None else prime.shape[1] // self.grid[1]
         parts = [self._parts(p, method) for p in prompts]
-        if method == "clip-guided" and s.guided_contrast_weight > 0:  # a prompt with no contrast, before any sampling
+        if method == "clip-guided" and (s.guided_contrast_weight > 0 or s.guided_contrast_guard):  # before sampling
             for prompt_parts in parts:
                 self.contrast_captions(max(prompt_parts, key=lambda part: part[1])[0])
 
@@ -717,8 +719,9 @@ class Pipeline:
             prior_weight=s.guided_prior_weight,
             optimizer="jacobi" if jacobi else "adam",
             cell_log_probs=self.cell_log_probs(prompt, s.guidance_scale, s.guidance_until) if jacobi else None,
-            contrast=self.contrast_captions(prompt) if s.guided_contrast_weight > 0 else (),
+            contrast=self.contrast_captions(prompt) if s.guided_contrast_weight > 0 or s.guided_contrast_guard else (),
             contrast_weight=s.guided_contrast_weight,
+            contrast_guard=s.guided_contrast_guard,
         )
 
     def contrast_captions(self, prompt: str) -> list[str]:
@@ -734,7 +737,8 @@ class Pipeline:
             what = "no word a shapes caption can edit" if shapes else "none of the bundle's clip.swap_phrases"
             raise UserError(
                 f"the prompt '{prompt}' has {what}, so clip-guided refinement has no caption to contrast it with; "
-                "set --guided-contrast-weight to 0 or name what the bundle's captions name"
+                "set --guided-contrast-weight to 0 (and sample.guided_contrast_guard to false) or name what the "
+                "bundle's captions name"
             )
         return made
 
