@@ -30,6 +30,23 @@ def add_guided_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def sample_settings(s, guided_from: str) -> dict:
+    """The bundle's sampling and refinement settings a text-to-image evaluation ran with (`s`: its SampleConfig,
+    overrides applied), as `eval shapes` and `eval emoji` print them."""
+    return {
+        "guidance_scale": s.guidance_scale,
+        "guidance_until": s.guidance_until,
+        "temperature": s.temperature,
+        "guided_prior_weight": s.guided_prior_weight,
+        "guided_contrast_weight": s.guided_contrast_weight,
+        "guided_contrast_guard": s.guided_contrast_guard,
+        "guided_from": guided_from,
+        "guided_optimizer": s.guided_optimizer,
+        "guided_jacobi_lr": s.guided_jacobi_lr,
+        "decode": s.decode,
+    }
+
+
 def check_method(pipe, method: str, guided: int, guided_from: str = "both") -> None:
     """One sentence when `method` needs parts the bundle lacks, or is asked beside `--guided` refinement, or
     when `--guided` is negative or `--guided-from` comes without it."""

@@ -49,7 +49,7 @@ from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
-from . import add_guided_arguments, add_method_argument, check_method, refined_columns
+from . import add_guided_arguments, add_method_argument, check_method, refined_columns, sample_settings
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
@@ -374,17 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "seed": args.seed,
         "judge_learned_from_split": args.split in learned,
-        "guidance_scale": pipe.cfg.sample.guidance_scale,
-        "guidance_until": pipe.cfg.sample.guidance_until,
-        "temperature": pipe.cfg.sample.temperature,
         "top_k": pipe.cfg.sample.top_k,
-        "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
-        "guided_contrast_weight": pipe.cfg.sample.guided_contrast_weight,
-        "guided_contrast_guard": pipe.cfg.sample.guided_contrast_guard,
-        "guided_from": args.guided_from,
-        "guided_optimizer": pipe.cfg.sample.guided_optimizer,
-        "guided_jacobi_lr": pipe.cfg.sample.guided_jacobi_lr,
-        "decode": pipe.cfg.sample.decode,
+        **sample_settings(pipe.cfg.sample, args.guided_from),
         "dtype": args.dtype,
         "batch_size": pipe.cfg.sample.batch_size,
         "seconds": round(time.perf_counter() - t0, 1),

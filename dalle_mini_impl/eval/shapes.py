@@ -36,7 +36,7 @@ from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
-from . import add_guided_arguments, add_method_argument, check_method, refined_columns
+from . import add_guided_arguments, add_method_argument, check_method, refined_columns, sample_settings
 
 KINDS = ("one", "two", "heldout")
 
@@ -222,16 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "method": args.method,
         "held_out": pipe.cfg.data.shapes.held_out,
-        "guidance_scale": pipe.cfg.sample.guidance_scale,
-        "guidance_until": pipe.cfg.sample.guidance_until,
-        "temperature": pipe.cfg.sample.temperature,
-        "guided_prior_weight": pipe.cfg.sample.guided_prior_weight,
-        "guided_contrast_weight": pipe.cfg.sample.guided_contrast_weight,
-        "guided_contrast_guard": pipe.cfg.sample.guided_contrast_guard,
-        "guided_from": args.guided_from,
-        "guided_optimizer": pipe.cfg.sample.guided_optimizer,
-        "guided_jacobi_lr": pipe.cfg.sample.guided_jacobi_lr,
-        "decode": pipe.cfg.sample.decode,
+        **sample_settings(pipe.cfg.sample, args.guided_from),
         "dtype": args.dtype,
         "batch_size": pipe.cfg.sample.batch_size,
         "seconds": round(time.perf_counter() - t0, 1),

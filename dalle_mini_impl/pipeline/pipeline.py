@@ -148,6 +148,12 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return prompts
 
 
+def reads_contrast(s: SampleConfig) -> bool:
+    """Whether clip-guided refinement reads the prompt's contrast captions: to turn CLIP's pull
+    (`guided_contrast_weight`) or to guard the margin over them (`guided_contrast_guard`)."""
+    return s.guided_contrast_weight > 0 or s.guided_contrast_guard
+
+
 def check_settings(s: SampleConfig) -> None:
     """Numbers a sampler cannot use are UserErrors naming the command-line flag."""
     for flag, value in (
@@ -553,7 +559,7 @@ class Pipeline:
         prime = self._prime(init_image, keep_rows)
         keep_rows = 0 if prime is None else prime.shape[1] // self.grid[1]
         parts = [self._parts(p, method) for p in prompts]
-        if method == "clip-guided" and (s.guided_contrast_weight > 0 or s.guided_contrast_guard):  # before sampling
+        if method == "clip-guided" and reads_contrast(s):  # a prompt with no contrast, before any sampling
             for prompt_parts in parts:
                 self.contrast_captions(max(prompt_parts, key=lambda part: part[1])[0])
 
@@ -719,7 +725,7 @@ class Pipeline:
             prior_weight=s.guided_prior_weight,
             optimizer="jacobi" if jacobi else "adam",
             cell_log_probs=self.cell_log_probs(prompt, s.guidance_scale, s.guidance_until) if jacobi else None,
-            contrast=self.contrast_captions(prompt) if s.guided_contrast_weight > 0 or s.guided_contrast_guard else (),
+            contrast=self.contrast_captions(prompt) if reads_contrast(s) else (),
             contrast_weight=s.guided_contrast_weight,
             contrast_guard=s.guided_contrast_guard,
         )
