@@ -182,10 +182,20 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
         "random_codes_guided_prior",
     ):
         assert refined[key]["n"] == 2 and 0 <= refined[key]["style_acc"] <= 1, key
+        assert -1 <= refined["clip_score"][key] <= 1, key  # the reranker's mean score of the column's images
+    assert set(refined["refined_moved"]) == set(refined["clip_score"]) - {"reranked_same"}
+    assert all(share in (0, 0.5, 1) for share in refined["refined_moved"].values())  # of 2 captions
     assert emoji.main([*guided, "--guided-from", "pick"]) == 0  # the pick's refinements alone, the same images
     pick = json.loads(capsys.readouterr().out)
     assert pick["guided_from"] == "pick" and "random_codes_guided" not in pick
     assert (pick["clip_guided"], pick["clip_guided_prior"]) == (refined["clip_guided"], refined["clip_guided_prior"])
+    assert pick["clip_score"]["clip_guided_prior"] == refined["clip_score"]["clip_guided_prior"]
+    # no step: both refinements return their starts, the unrefined picks
+    assert emoji.main([*guided, "--guided-from", "pick", "--set", "sample.guided_steps=0"]) == 0
+    still = json.loads(capsys.readouterr().out)
+    assert still["refined_moved"] == {"clip_guided": 0, "clip_guided_prior": 0}
+    for key in ("clip_guided", "clip_guided_prior"):  # decoded alone, not in the candidates' batch: CMMD to ~1e-6
+        assert still[key] == pytest.approx(still["reranked_same"], rel=1e-5), key
     # seen cells: --n captions of train, drawn with the seed
     assert emoji.main([*argv, "--split", "train", "--n", "5", "--set", "sample.guidance_scale=1.5"]) == 0
     seen = json.loads(capsys.readouterr().out)

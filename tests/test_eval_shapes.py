@@ -83,6 +83,13 @@ def test_guided_refinement_is_judged_with_and_without_the_prior_beside_the_unref
     assert "random_codes_guided" not in pick and "random_codes_guided_prior" not in pick
     alone = evaluate(pipe, prompt_set(4, 0, HELD_OUT), candidates=8, guided=3, progress=False, guided_from="random")
     assert set(alone["clip_score"]) == {"top1_of_8_same_prompts", "random_codes_guided", "random_codes_guided_prior"}
+    # the share of refinements that left their start: every column but the unrefined one, a share of 3 prompts
+    assert set(out["refined_moved"]) == set(out["clip_score"]) - {"top1_of_8_same_prompts"}
+    assert all(share in (0, 1 / 3, 2 / 3, 1) for share in out["refined_moved"].values())
+    pipe.cfg.sample.guided_steps = 0  # no step: every refinement returns its start
+    still = evaluate(pipe, prompt_set(4, 0, HELD_OUT), candidates=8, guided=3, progress=False, guided_from="pick")
+    assert still["refined_moved"] == {"clip_guided": 0, "clip_guided_prior": 0}
+    assert still["clip_guided"] == still["clip_guided_prior"] == still["top1_of_8_same_prompts"]
 
 
 def test_the_command_prints_json_and_refuses_too_few_prompts_or_candidates(tmp_path, capsys):

@@ -60,12 +60,15 @@ def check_method(pipe, method: str, guided: int, guided_from: str = "both") -> N
             raise UserError("--guided refines the default method's top-1; leave it out with --method unclip")
 
 
-def refined_columns(pipe, start, prompt: str, s, generator, starts: str = "both") -> list[tuple[str, object, float]]:
+def refined_columns(
+    pipe, start, prompt: str, s, generator, starts: str = "both"
+) -> list[tuple[str, object, float, bool]]:
     """`--guided` of the text-to-image evaluations: one start (1, h, w) refined, then random codes (Pixray's
     start, drawn after the start's refinements) generated, each by CLIP alone (Adam; `clip_guided`,
     `random_codes_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
     (`clip_guided_prior`, `random_codes_guided_prior`; the settings' optimiser): (column, image (3, S, S) in
-    [0, 1], CLIP score), in that order. `starts` ("both", "pick", "random") keeps the first two or last two."""
+    [0, 1], CLIP score, whether its codes differ from the start's), in that order. `starts` ("both", "pick",
+    "random") keeps the first two or last two."""
     from ..pipeline.guided import random_codes
 
     out = []
@@ -77,8 +80,7 @@ def refined_columns(pipe, start, prompt: str, s, generator, starts: str = "both"
         for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
             if column == name or weight > 0:
                 settings = dataclasses.replace(s, guided_prior_weight=weight)
-                _, images, scores = pipe.refine(
-                    start.view(-1, *pipe.grid), [(prompt, 1.0)], settings, generator, init=init
-                )
-                out.append((column, images[0], float(scores[0])))
+                start = start.view(-1, *pipe.grid)
+                ids, images, scores = pipe.refine(start, [(prompt, 1.0)], settings, generator, init=init)
+                out.append((column, images[0], float(scores[0]), bool((ids[0] != start[0]).any())))
     return out

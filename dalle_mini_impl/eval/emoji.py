@@ -258,7 +258,10 @@ def evaluate(
         (`clip_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
         (`clip_guided_prior`), graded beside the unrefined picks of the same captions (`reranked_same`); and
         generate from random codes the same two ways (`random_codes_guided`, `random_codes_guided_prior`);
-        guided_from ("both", "pick", "random") keeps the pick's columns or the random codes' alone.
+        guided_from ("both", "pick", "random") keeps the pick's columns or the random codes' alone. With them
+        `clip_score` (the reranker's mean score of each column's images) and `refined_moved` (the share of each
+        column's refinements whose codes left their start's; refinement returns a start unchanged when no step
+        improves its objective).
     method: "ar" (the transformer) or "unclip" (DALL-E 2's prior and decoder), as `python -m sample --method`.
     """
     from tqdm.auto import tqdm
@@ -271,14 +274,21 @@ def evaluate(
     s = pipe.settings(num_images=1)
     reranked, first, every, distinct = [], [], [], []
     refined: dict[str, list] = defaultdict(list)  # the refined images, per column
+    refined_scores: dict[str, list] = defaultdict(list)  # and their CLIP scores
+    refined_moved: dict[str, list] = defaultdict(list)  # and whether their codes left the start's
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
         # ids (N, n), images (N, 3, S, S), CLIP's scores (N,)
         ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator, method=method)
         best = int(scores.argmax())
         if i < guided:
-            for column, image, _ in refined_columns(pipe, ids[best : best + 1], caption, s, generator, guided_from):
+            refined_scores["reranked_same"].append(float(scores[best]))
+            for column, image, score, moved in refined_columns(
+                pipe, ids[best : best + 1], caption, s, generator, guided_from
+            ):
                 refined[column].append(image)
+                refined_scores[column].append(score)
+                refined_moved[column].append(moved)
         reranked.append(images[best])
         first.append(images[0])
         every.append(images)
@@ -302,6 +312,9 @@ def evaluate(
         for name, images in refined.items():
             if images:
                 out[name] = grader.grade(torch.stack(images), rows, real_emb)
+        # the reranker's own score of each column's images, mean over the refined captions
+        out["clip_score"] = {name: sum(v) / len(v) for name, v in refined_scores.items()}
+        out["refined_moved"] = {name: sum(v) / len(v) for name, v in refined_moved.items()}
     return {**out, **split_data.shown()}
 
 

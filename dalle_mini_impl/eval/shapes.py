@@ -117,7 +117,8 @@ def evaluate(
     guided_prior_weight is above 0, with the transformer's prior too (`clip_guided_prior`), beside the
     unrefined top-1 on the same prompts (`top1_of_8_same_prompts`); and generation from random codes
     (`random_codes_guided`, `random_codes_guided_prior`); guided_from ("both", "pick", "random") keeps the
-    top-1's columns or the random codes' alone."""
+    top-1's columns or the random codes' alone. With them `clip_score` (CLIP's mean score of each column's
+    images) and `refined_moved` (the share of each column's refinements whose codes left their start's)."""
     from tqdm.auto import tqdm
 
     s = pipe.settings(candidates=candidates, num_images=1)
@@ -127,6 +128,7 @@ def evaluate(
     guided_kinds, distinct = [], []
     refined: dict[str, list] = defaultdict(list)  # verdicts of the refined images, per column
     refined_scores: dict[str, list] = defaultdict(list)  # and their CLIP scores
+    refined_moved: dict[str, list] = defaultdict(list)  # and whether their codes left the start's
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
@@ -148,11 +150,12 @@ def evaluate(
         if i < guided:
             guided_kinds.append(kind)
             refined_scores["top1_of_8_same_prompts"].append(float(scores[best8]))
-            for column, image, score in refined_columns(
+            for column, image, score, moved in refined_columns(
                 pipe, ids[best8 : best8 + 1], prompt, s, generator, guided_from
             ):
                 refined[column].append(judge(to_uint8(image), prompt))
                 refined_scores[column].append(score)
+                refined_moved[column].append(moved)
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
     out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
     out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
@@ -162,6 +165,7 @@ def evaluate(
             out[name] = _by_kind(verdicts, guided_kinds)
         # CLIP's own score of each column's images, mean over the refined prompts
         out["clip_score"] = {name: sum(v) / len(v) for name, v in refined_scores.items()}
+        out["refined_moved"] = {name: sum(v) / len(v) for name, v in refined_moved.items()}
     return out
 
 
