@@ -244,13 +244,14 @@ def test_contrast_pulls_toward_what_tells_the_prompt_from_its_near_misses(pipe):
     assert near == [f"a {c} circle" for c in ("green", "blue", "yellow", "purple", "black")] + [
         "a red square", "a red triangle"]  # fmt: skip
     d = prompt_direction(pipe.clip, [(PROMPT, 1.0)])
-    assert contrast_direction(pipe.clip, d, near, 0.0) is d and contrast_direction(pipe.clip, d, [], 0.5) is d
-    pull = contrast_direction(pipe.clip, d, near, 0.7)
-    by_hand = d - 0.7 * pipe.clip.embed_texts(near).mean(0)
+    near_emb, itself = pipe.clip.embed_texts(near), pipe.clip.embed_texts([PROMPT])  # (7, e), (1, e)
+    assert contrast_direction(d, near_emb, 0.0) is d and contrast_direction(d, None, 0.5) is d
+    pull = contrast_direction(d, near_emb, 0.7)
+    by_hand = d - 0.7 * near_emb.mean(0)
     torch.testing.assert_close(pull, by_hand * d.norm() / by_hand.norm())  # turned, not shrunk
-    torch.testing.assert_close(contrast_direction(pipe.clip, d, [PROMPT], 0.5), d)  # contrast with itself: no turn
+    torch.testing.assert_close(contrast_direction(d, itself, 0.5), d)  # contrast with itself: no turn
     with pytest.raises(UserError, match="the contrast captions cancel the prompt"):
-        contrast_direction(pipe.clip, d, [PROMPT], 1.0)
+        contrast_direction(d, itself, 1.0)
 
     h, w = pipe.grid
     start = random_codes(pipe.image_tokenizer.codebook_size, 3, h, w, torch.Generator().manual_seed(5))
@@ -312,7 +313,7 @@ def test_the_contrast_guard_never_returns_an_image_nearer_its_near_misses_than_i
     )
     assert (margin(guarded) >= margin(start) - 1e-5).all()
     assert (margin(plain) < margin(start) - 1e-5).any()  # unguarded, refinement does lose margin here
-    with pytest.raises(UserError, match="the contrast guard compares the prompt with its contrast captions"):
+    with pytest.raises(UserError, match=r"the contrast guard \(sample.guided_contrast_guard\) compares .* got none"):
         refine(pipe.image_tokenizer, pipe.clip, [(PROMPT, 1.0)], start, contrast_guard=True, **kw)
     with monkeypatch.context() as m, pytest.raises(UserError, match="'a smiling face' has no word .*guard to false"):
         m.setattr(pipe, "candidates", None)  # refused before the first prompt's candidates are sampled

@@ -7,6 +7,7 @@ imports neither datasets, accelerate nor tensorboard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,9 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dalle_mini_impl.config import SampleConfig
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.guided import make_cutouts, mentions_sides, parse_weighted_prompt, random_codes, refine
-from dalle_mini_impl.pipeline.pipeline import Pipeline
+from dalle_mini_impl.pipeline.pipeline import Pipeline, check_settings
 from sample.__main__ import main, slugify, unique_slugs
 from tests.bundle_factory import make_tiny_bundle
 
@@ -174,10 +176,21 @@ def test_relaxed_speculative_decoding_samples_and_needs_the_speculative_mode(bun
         [*base, "--decode", "speculative", "--dtype", "bf16", "--relax", "0.3", "--out", str(tmp_path)], capsys
     )
     assert code == 0 and len(out.splitlines()) == 4 and "warning" not in err
+    # fp32 on the CPU decodes plainly, exactly: the warning says the relaxed test relaxed nothing
+    code, out, err = run([*base, "--decode", "speculative", "--relax", "0.3", "--out", str(tmp_path / "fp32")], capsys)
+    assert code == 0 and len(out.splitlines()) == 4
+    assert "runs as plain cached decoding (exact: --relax 0.3 changes nothing) for 8 model rows" in err
     code, _, err = run([*base, "--relax", "0.3"], capsys)
     assert code == 2 and "--relax relaxes speculative decoding's test; add --decode speculative (now cached)" in err
     code, _, err = run([*base, "--decode", "speculative", "--relax", "1"], capsys)
     assert code == 2 and "--relax is 1.0; give a probability mass in [0, 1)" in err
+    # the relaxed test's group is the draft and its nearest codes: one neighbour (the draft alone) relaxes nothing
+    relaxed = SampleConfig(decode="speculative", speculative_relax=0.3)
+    check_settings(dataclasses.replace(relaxed, speculative_neighbours=2))
+    with pytest.raises(UserError, match="'sample.speculative_neighbours' is 1 \\(the draft alone\\); set it to 2"):
+        check_settings(dataclasses.replace(relaxed, speculative_neighbours=1))
+    with pytest.raises(UserError, match="'sample.speculative_neighbours' is 0; set it to 1 or more"):
+        check_settings(dataclasses.replace(relaxed, speculative_neighbours=0))
 
 
 def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, tmp_path, capsys):

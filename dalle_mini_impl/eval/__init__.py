@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections import defaultdict
 
 from ..errors import UserError
 
@@ -37,13 +38,20 @@ def sample_settings(s, guided_from: str) -> dict:
         "guidance_scale": s.guidance_scale,
         "guidance_until": s.guidance_until,
         "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
         "guided_prior_weight": s.guided_prior_weight,
         "guided_contrast_weight": s.guided_contrast_weight,
         "guided_contrast_guard": s.guided_contrast_guard,
         "guided_from": guided_from,
         "guided_optimizer": s.guided_optimizer,
+        "guided_steps": s.guided_steps,
+        "guided_lr": s.guided_lr,
         "guided_jacobi_lr": s.guided_jacobi_lr,
+        "guided_cutouts": s.guided_cutouts,
         "decode": s.decode,
+        "speculative_relax": s.speculative_relax,
+        "speculative_neighbours": s.speculative_neighbours,
     }
 
 
@@ -64,23 +72,56 @@ def refined_columns(
     pipe, start, prompt: str, s, generator, starts: str = "both"
 ) -> list[tuple[str, object, float, bool]]:
     """`--guided` of the text-to-image evaluations: one start (1, h, w) refined, then random codes (Pixray's
-    start, drawn after the start's refinements) generated, each by CLIP alone (Adam; `clip_guided`,
-    `random_codes_guided`) and, when the settings' guided_prior_weight is above 0, with the transformer's prior
-    (`clip_guided_prior`, `random_codes_guided_prior`; the settings' optimiser): (column, image (3, S, S) in
-    [0, 1], CLIP score, whether its codes differ from the start's), in that order. `starts` ("both", "pick",
-    "random") keeps the first two or last two."""
+    start) generated, each by CLIP alone (Adam; `clip_guided`, `random_codes_guided`) and, when the settings'
+    guided_prior_weight is above 0, with the transformer's prior (`clip_guided_prior`,
+    `random_codes_guided_prior`; the settings' optimiser): (column, image (3, S, S) in [0, 1], CLIP score,
+    whether its codes differ from the start's), in that order. `starts` ("both", "pick", "random") keeps the
+    start's columns, the random codes' or both. The random codes are drawn from `generator` after the start's
+    refinements (so the start's columns are the same with "pick" as with "both"; the random codes depend on
+    what those refinements drew), or first with "random"."""
     from ..pipeline.guided import random_codes
 
+    if starts not in GUIDED_STARTS:
+        raise UserError(f"--guided-from is '{starts}'; use {', '.join(GUIDED_STARTS)}")
     out = []
     for name, init in (("clip_guided", "samples"), ("random_codes_guided", "random")):
         if init not in GUIDED_STARTS[starts]:
             continue
         if init == "random":
             start = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, generator)
+        start = start.view(-1, *pipe.grid)
         for column, weight in ((name, 0.0), (f"{name}_prior", s.guided_prior_weight)):
             if column == name or weight > 0:
                 settings = dataclasses.replace(s, guided_prior_weight=weight)
-                start = start.view(-1, *pipe.grid)
                 ids, images, scores = pipe.refine(start, [(prompt, 1.0)], settings, generator, init=init)
                 out.append((column, images[0], float(scores[0]), bool((ids[0] != start[0]).any())))
     return out
+
+
+class RefinedColumns:
+    """What `--guided` gathers per column, prompt by prompt: what is graded (images or verdicts), CLIP's score of
+    the images and whether refinement moved their codes off the start's."""
+
+    def __init__(self, unrefined: str):
+        self.unrefined = unrefined  # the column of the unrefined starts, scored beside the refined ones
+        self.graded: dict[str, list] = defaultdict(list)
+        self.scores: dict[str, list[float]] = defaultdict(list)
+        self.moved: dict[str, list[bool]] = defaultdict(list)
+
+    def add(self, pipe, start, start_score: float, prompt: str, s, generator, starts: str, grade) -> None:
+        """Refine `start` (1, h, w), whose CLIP score is `start_score`, as `refined_columns` does; `grade`: image
+        (3, S, S) -> what the evaluation keeps of it."""
+        self.scores[self.unrefined].append(start_score)
+        for column, image, score, moved in refined_columns(pipe, start, prompt, s, generator, starts):
+            self.graded[column].append(grade(image))
+            self.scores[column].append(score)
+            self.moved[column].append(moved)
+
+    def means(self) -> dict:
+        """`clip_score` (CLIP's mean score of each column's images, the unrefined one's too) and `refined_moved`
+        (the share of each refined column's images whose codes left their start's)."""
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        return {
+            "clip_score": {name: mean(v) for name, v in self.scores.items()},
+            "refined_moved": {name: mean(v) for name, v in self.moved.items()},
+        }

@@ -49,7 +49,7 @@ from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
-from . import add_guided_arguments, add_method_argument, check_method, refined_columns, sample_settings
+from . import RefinedColumns, add_guided_arguments, add_method_argument, check_method, sample_settings
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
@@ -260,8 +260,8 @@ def evaluate(
         generate from random codes the same two ways (`random_codes_guided`, `random_codes_guided_prior`);
         guided_from ("both", "pick", "random") keeps the pick's columns or the random codes' alone. With them
         `clip_score` (the reranker's mean score of each column's images) and `refined_moved` (the share of each
-        column's refinements whose codes left their start's; refinement returns a start unchanged when no step
-        improves its objective).
+        column's refinements whose codes left their start's; refinement returns a dVAE's or VQ's start unchanged
+        when no step improves its objective).
     method: "ar" (the transformer) or "unclip" (DALL-E 2's prior and decoder), as `python -m sample --method`.
     """
     from tqdm.auto import tqdm
@@ -273,22 +273,16 @@ def evaluate(
 
     s = pipe.settings(num_images=1)
     reranked, first, every, distinct = [], [], [], []
-    refined: dict[str, list] = defaultdict(list)  # the refined images, per column
-    refined_scores: dict[str, list] = defaultdict(list)  # and their CLIP scores
-    refined_moved: dict[str, list] = defaultdict(list)  # and whether their codes left the start's
+    refined = RefinedColumns("reranked_same")  # the refined images, per column
     for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
         # ids (N, n), images (N, 3, S, S), CLIP's scores (N,)
         ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator, method=method)
         best = int(scores.argmax())
         if i < guided:
-            refined_scores["reranked_same"].append(float(scores[best]))
-            for column, image, score, moved in refined_columns(
-                pipe, ids[best : best + 1], caption, s, generator, guided_from
-            ):
-                refined[column].append(image)
-                refined_scores[column].append(score)
-                refined_moved[column].append(moved)
+            refined.add(
+                pipe, ids[best : best + 1], float(scores[best]), caption, s, generator, guided_from, grade=lambda x: x
+            )
         reranked.append(images[best])
         first.append(images[0])
         every.append(images)
@@ -309,12 +303,9 @@ def evaluate(
     if guided:
         rows = list(range(min(guided, len(captions))))
         out["reranked_same"] = grader.grade(torch.stack(reranked[: len(rows)]), rows, real_emb)
-        for name, images in refined.items():
-            if images:
-                out[name] = grader.grade(torch.stack(images), rows, real_emb)
-        # the reranker's own score of each column's images, mean over the refined captions
-        out["clip_score"] = {name: sum(v) / len(v) for name, v in refined_scores.items()}
-        out["refined_moved"] = {name: sum(v) / len(v) for name, v in refined_moved.items()}
+        for name, images in refined.graded.items():
+            out[name] = grader.grade(torch.stack(images), rows, real_emb)
+        out.update(refined.means())
     return {**out, **split_data.shown()}
 
 
@@ -387,7 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "seed": args.seed,
         "judge_learned_from_split": args.split in learned,
-        "top_k": pipe.cfg.sample.top_k,
         **sample_settings(pipe.cfg.sample, args.guided_from),
         "dtype": args.dtype,
         "batch_size": pipe.cfg.sample.batch_size,

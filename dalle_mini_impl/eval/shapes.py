@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
-from . import add_guided_arguments, add_method_argument, check_method, refined_columns, sample_settings
+from . import RefinedColumns, add_guided_arguments, add_method_argument, check_method, sample_settings
 
 KINDS = ("one", "two", "heldout")
 
@@ -126,9 +125,7 @@ def evaluate(
     if candidates >= 32:
         columns["clip_top1_of_32"] = []
     guided_kinds, distinct = [], []
-    refined: dict[str, list] = defaultdict(list)  # verdicts of the refined images, per column
-    refined_scores: dict[str, list] = defaultdict(list)  # and their CLIP scores
-    refined_moved: dict[str, list] = defaultdict(list)  # and whether their codes left the start's
+    refined = RefinedColumns("top1_of_8_same_prompts")  # verdicts of the refined images, per column
     kinds = [k for k, _ in prompts]
     for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
         generator = torch.Generator().manual_seed(s.seed + i)
@@ -149,23 +146,18 @@ def evaluate(
             columns["clip_top1_of_32"].append(judge(pixels[int(scores[:32].argmax())], prompt))
         if i < guided:
             guided_kinds.append(kind)
-            refined_scores["top1_of_8_same_prompts"].append(float(scores[best8]))
-            for column, image, score, moved in refined_columns(
-                pipe, ids[best8 : best8 + 1], prompt, s, generator, guided_from
-            ):
-                refined[column].append(judge(to_uint8(image), prompt))
-                refined_scores[column].append(score)
-                refined_moved[column].append(moved)
+            refined.add(
+                pipe, ids[best8 : best8 + 1], float(scores[best8]), prompt, s, generator, guided_from,
+                grade=lambda image, prompt=prompt: judge(to_uint8(image), prompt),
+            )  # fmt: skip
     out = {name: _by_kind(verdicts, kinds) for name, verdicts in columns.items() if name != "every_of_8"}
     out["every_of_8"] = _by_kind(columns["every_of_8"], [k for k in kinds for _ in range(8)])
     out["distinct_of_8"] = sum(distinct) / len(distinct)  # the mean share of a prompt's first 8 images that differ
     if guided_kinds:
-        refined["top1_of_8_same_prompts"] = columns["clip_top1_of_8"][: len(guided_kinds)]
-        for name, verdicts in refined.items():
+        out["top1_of_8_same_prompts"] = _by_kind(columns["clip_top1_of_8"][: len(guided_kinds)], guided_kinds)
+        for name, verdicts in refined.graded.items():
             out[name] = _by_kind(verdicts, guided_kinds)
-        # CLIP's own score of each column's images, mean over the refined prompts
-        out["clip_score"] = {name: sum(v) / len(v) for name, v in refined_scores.items()}
-        out["refined_moved"] = {name: sum(v) / len(v) for name, v in refined_moved.items()}
+        out.update(refined.means())
     return out
 
 

@@ -253,7 +253,8 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True = visible) as the additive one SDPA turns it into (0 or -inf), in dtype.
 
     SDPA converts a boolean mask in every call; a cached pass over several positions (a window of speculative
-    decoding) converts it once for all layers instead, about a quarter of such a pass's attention on the CPU.
+    decoding) converts it once for all layers instead (what that saves: docs/RESULTS.md, "Speculative decoding on
+    the emoji bundle: where the passes go").
     """
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 

@@ -146,14 +146,15 @@ def prompt_direction(scorer, parts: Sequence[tuple[str, float]]) -> torch.Tensor
     return weights @ scorer.embed_texts([t for t, _ in parts])  # (e,)
 
 
-def contrast_direction(scorer, direction: torch.Tensor, contrast: Sequence[str], weight: float) -> torch.Tensor:
-    """`direction` (e,) minus `weight` times the mean of the `contrast` captions' text embeddings, rescaled to
-    `direction`'s length (so that the weight turns CLIP's pull and does not also shrink it against the prior's):
-    the part of the prompt that its near misses lack ("pizza, openmoji style" against the pizza in the other
-    styles: the style). `direction` itself when the weight is 0 or there is no contrast caption."""
-    if not weight or not contrast:
+def contrast_direction(direction: torch.Tensor, near: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """`direction` (e,) minus `weight` times the mean of `near`, the contrast captions' text embeddings (m, e),
+    rescaled to `direction`'s length (so that the weight turns CLIP's pull and does not also shrink it against
+    the prior's): the part of the prompt that its near misses lack ("pizza, openmoji style" against the pizza in
+    the other styles: the style). `direction` itself when the weight is 0 or there is no contrast caption. Only
+    a contrast whose mean is the prompt, at weight 1, cancels it (refused)."""
+    if not weight or near is None or not len(near):
         return direction
-    pull = direction - weight * scorer.embed_texts(list(contrast)).to(direction).mean(0)
+    pull = direction - weight * near.to(direction).mean(0)
     length = pull.norm()
     if length <= 1e-6 * direction.norm():
         raise UserError(
@@ -188,7 +189,10 @@ def jacobi_update(log_probs: torch.Tensor, gain: torch.Tensor, lr: float) -> tor
     return (log_probs + lr * gain).argmax(dim=-1)
 
 
-def _check(steps: int, lr: float, cutouts: int, prior_weight: float, optimizer: str, contrast_weight: float) -> None:
+def _check(
+    steps: int, lr: float, cutouts: int, prior_weight: float, optimizer: str, contrast_weight: float, guard: bool
+) -> None:
+    """The refinement settings, each refused in one sentence; `guard`: the contrast guard is on without captions."""
     if optimizer not in OPTIMIZERS:
         raise UserError(f"config key 'sample.guided_optimizer' is '{optimizer}'; use {' or '.join(OPTIMIZERS)}")
     if steps < 0:
@@ -203,6 +207,11 @@ def _check(steps: int, lr: float, cutouts: int, prior_weight: float, optimizer: 
         raise UserError(f"config key 'sample.guided_prior_weight' is {prior_weight}; set it to 0 (off) or more")
     if contrast_weight < 0 or not math.isfinite(contrast_weight):
         raise UserError(f"config key 'sample.guided_contrast_weight' is {contrast_weight}; set it to 0 (off) or more")
+    if guard:
+        raise UserError(
+            "the contrast guard (sample.guided_contrast_guard) compares the prompt with its contrast captions and "
+            "got none; pass contrast=[...] or set sample.guided_contrast_guard to false"
+        )
 
 
 def refine(
@@ -240,11 +249,12 @@ def refine(
     contrast_guard: a snapped image may be returned only if CLIP's margin of the prompt over the nearest contrast
         caption (similarity to the prompt's parts minus the highest similarity to a contrast caption) is at least
         the start's: refinement never makes an image look more like a caption it should not be (needs contrast).
-    Returns the snapped images of the best objective seen (ids (b, h, w), images (b, 3, H, W) in [0, 1],
-    CLIP scores (b,): the similarity to the prompt's parts, without the contrast), on the CPU. Only the latents
-    get gradients; the models' weights are never touched.
+    Returns the snapped images of the best objective seen, among those the guard lets through (ids (b, h, w),
+    images (b, 3, H, W) in [0, 1], CLIP scores (b,): the similarity to the prompt's parts, without the contrast),
+    on the CPU: with a dVAE or VQ the start itself when no step improves on it (another tokenizer's start is its
+    re-encoded decoding, `start_latent`). Only the latents get gradients; the models' weights are never touched.
     """
-    _check(steps, lr, cutouts, prior_weight, optimizer, contrast_weight)
+    _check(steps, lr, cutouts, prior_weight, optimizer, contrast_weight, contrast_guard and not contrast)
     jacobi = optimizer == "jacobi"
     if jacobi and cell_log_probs is None:
         raise UserError(
@@ -261,12 +271,9 @@ def refine(
     texts = [t for t, _ in parts]
     flips = not mentions_sides(texts)
     direction = prompt_direction(scorer, parts).to(device)  # (e,): what the returned scores measure
-    pull = contrast_direction(scorer, direction, contrast, contrast_weight)  # (e,): what the objective raises
-    if contrast_guard and not contrast:
-        raise UserError(
-            "the contrast guard compares the prompt with its contrast captions; give it some or turn it off"
-        )
-    near_misses = scorer.embed_texts(list(contrast)).to(device).T if contrast_guard else None  # (e, m)
+    near = scorer.embed_texts(list(contrast)).to(device) if contrast and (contrast_weight or contrast_guard) else None
+    pull = contrast_direction(direction, near, contrast_weight)  # (e,): what the objective raises
+    near_misses = near.T if contrast_guard else None  # (e, m)
     # a plain copy: ids sampled under inference_mode cannot take part in autograd
     start_ids = start_ids.to(device).clone()
     r = keep_rows

@@ -182,6 +182,11 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(
             f"config key 'sample.speculative_neighbours' is {s.speculative_neighbours}; set it to 1 or more"
         )
+    if s.speculative_relax > 0 and s.speculative_neighbours < 2:
+        raise UserError(
+            "--relax tests each draft together with its nearest codes, and config key 'sample.speculative_neighbours' "
+            "is 1 (the draft alone); set it to 2 or more, or leave --relax out"
+        )
     if not 0 <= s.guidance_until <= 1:
         raise UserError(f"--guidance-until is {s.guidance_until}; give the guided fraction of the image, in [0, 1]")
     if s.temperature <= 0:
@@ -426,7 +431,7 @@ class Pipeline:
                 stats=stats,
             )
             if s.decode == "speculative" and stats["window"] == 1:
-                self._warn_plain(stats["rows"])
+                self._warn_plain(stats["rows"], s.speculative_relax)
             out.append(ids.cpu())
         return torch.cat(out)  # (m, n)
 
@@ -436,14 +441,16 @@ class Pipeline:
             self._neighbours[k] = self.image_tokenizer.nearest_codes(k).to(self.device)
         return self._neighbours[k]
 
-    def _warn_plain(self, rows: int) -> None:
-        """Warn once that speculative decoding ran plainly: its window was 1 cell for a batch of `rows` here."""
+    def _warn_plain(self, rows: int, relax: float) -> None:
+        """Warn once that speculative decoding ran plainly (exactly, so a relaxed test relaxed nothing): its window
+        was 1 cell for a batch of `rows` here."""
         if self._warned_plain:
             return
         self._warned_plain = True
         dtype = str(self.dtype).removeprefix("torch.")
+        exact = f" (exact: --relax {relax} changes nothing)" if relax > 0 else ""
         warnings.warn(
-            f"speculative decoding runs as plain cached decoding for {rows} model rows in {dtype} on "
+            f"speculative decoding runs as plain cached decoding{exact} for {rows} model rows in {dtype} on "
             f"{self.device.type}: a wider pass would cost more than it saves here (on the CPU it pays in bf16, "
             f"--dtype bf16, for at most {MAX_SPECULATIVE_ROWS_CPU} model rows per batch; a candidate is one row, two "
             "under guidance)",
