@@ -107,6 +107,28 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, events):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_under_fp16_a_skipped_step_backs_off_the_loss_scale_and_training_goes_on(tmp_path, monkeypatch):
+    """fp16 on a GPU: accelerate's GradScaler scales the loss and unscales in clip_grad_norm_, which may not run twice
+    before the scaler's update. The CPU gets no scaler from accelerate, so a real CPU GradScaler takes its place."""
+    from accelerate.state import AcceleratorState
+
+    make, scaler = loop.make_accelerator, torch.amp.GradScaler("cpu", init_scale=256.0)
+
+    def with_scaler(tc, **kw):
+        accelerator = make(tc, **kw)
+        accelerator.native_amp, accelerator.scaler = True, scaler
+        return accelerator
+
+    monkeypatch.setattr(loop, "make_accelerator", with_scaler)
+    AcceleratorState._reset_state(True)  # the process's accelerate state is a singleton: fp16 here, then as it was
+    try:
+        logged, model = train(tmp_path, 3, nan_at={1}, mixed_precision="fp16")
+    finally:
+        AcceleratorState._reset_state(True)
+    assert logged["skipped_nonfinite_steps"] == 1 and scaler.get_scale() == 128.0  # halved once, for the skip
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
     _, straight = train(tmp_path / "straight", 4)
     train(tmp_path / "stopped", 2)
@@ -133,6 +155,17 @@ def test_extra_state_resumes_with_its_optimizer(tmp_path):
 def test_gradient_accumulation_below_one_is_one_sentence():
     with pytest.raises(loop.UserError, match="grad_accum is 0; set it to 1 \\(no accumulation\\) or more"):
         loop.make_accelerator(TrainConfig(grad_accum=0))
+
+
+def test_accumulation_under_deepspeed_is_refused_in_one_sentence():
+    """Under DeepSpeed every backward is its engine's optimizer step: the loop's micro-batches would each step."""
+    loop.check_deepspeed_accumulation(4, None)  # another engine: the loop accumulates
+    loop.check_deepspeed_accumulation(1, 1)
+    loop.check_deepspeed_accumulation(1, "auto")
+    with pytest.raises(loop.UserError, match="grad_accum is 4, and under DeepSpeed every backward is an optimizer st"):
+        loop.check_deepspeed_accumulation(4, 1)
+    with pytest.raises(loop.UserError, match="DeepSpeed config's gradient_accumulation_steps is 8, which this loop"):
+        loop.check_deepspeed_accumulation(1, 8)
 
 
 @pytest.mark.parametrize("name", ["log_every", "eval_every", "image_every", "checkpoint_every"])

@@ -211,7 +211,7 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
             raise UserError(
                 f"{name} is {getattr(tc, name)}; set it to 1 or more (above the stage's steps: only at its last step)"
             )
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
         # never accelerate's compile: its state is shared by every Accelerator of a process, so train.all's later
@@ -219,6 +219,28 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
         dynamo_backend="no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+    plugin = accelerator.state.deepspeed_plugin
+    check_deepspeed_accumulation(tc.grad_accum, None if plugin is None else plugin.gradient_accumulation_steps)
+    return accelerator
+
+
+def check_deepspeed_accumulation(grad_accum: int, deepspeed_accum: object | None) -> None:
+    """Under DeepSpeed (`deepspeed_accum`: its config's gradient_accumulation_steps; None: another engine) each
+    backward is an optimizer step of DeepSpeed's engine, which clips by its config's gradient_clipping and skips
+    fp16 overflows itself: the loop's accumulation over micro-batches would step once per micro-batch, so it is
+    refused in one sentence, as DeepSpeed's own accumulation is (the loop never opens accelerate's accumulate)."""
+    if deepspeed_accum is None:
+        return
+    if grad_accum > 1:
+        raise UserError(
+            f"grad_accum is {grad_accum}, and under DeepSpeed every backward is an optimizer step; set grad_accum=1 "
+            "and raise the batch size, or launch with DDP or FSDP to accumulate"
+        )
+    if deepspeed_accum not in (1, "auto"):
+        raise UserError(
+            f"the DeepSpeed config's gradient_accumulation_steps is {deepspeed_accum}, which this loop does not "
+            "drive; set it to 1 (or auto) and raise the batch size"
+        )
 
 
 def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argparse.Namespace) -> dict[str, float]:
@@ -415,6 +437,9 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
 
 def skip_step(t: Training, bar) -> None:
     """Drop a non-finite step's gradients and count it; after `max_bad_steps` in a row, stop the run."""
+    scaler = t.accelerator.scaler
+    if scaler is not None:  # fp16's loss scale backs off; its unscale_ (clip_grad_norm_) may run again after
+        scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
     t.bad_in_row += 1
     t.bad_total += 1
