@@ -36,7 +36,7 @@ class Numbers:
 
 
 def train(
-    run, steps: int, nan_at: set[int] = frozenset(), critic=None, **kw
+    run, steps: int, nan_at: set[int] = frozenset(), critic=None, resume="latest", no_resume=False, **kw
 ) -> tuple[dict[str, float], torch.nn.Module]:
     """`loop.run` for `steps` steps on a fresh linear model; the loss is nan at the steps in `nan_at`.
 
@@ -74,7 +74,7 @@ def train(
     )
     tc = TrainConfig(steps=steps, warmup_steps=1, checkpoint_every=2, log_every=1, **kw)
     accelerator = loop.make_accelerator(tc)
-    args = argparse.Namespace(resume="latest", no_resume=False)
+    args = argparse.Namespace(resume=resume, no_resume=no_resume)
     return loop.run(RunConfig(out_dir=str(run)), tc, stage, accelerator, args), model
 
 
@@ -135,6 +135,34 @@ def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
     _, resumed = train(tmp_path / "stopped", 4)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_run_started_over_sets_the_earlier_runs_later_checkpoints_aside(tmp_path):
+    root = tmp_path / "checkpoints" / "dalle"
+    names = lambda folder: [p.name for p in loop.list_checkpoints(folder)]  # noqa: E731
+    train(tmp_path, 6)
+    assert names(root) == ["step_00000004", "step_00000006"]
+    # --no-resume: the new run's step 2 is kept (pruning would have kept the old 4 and 6 instead) and the old
+    # checkpoints are moved, not deleted; a restart would resume this run, not the old one
+    _, fresh = train(tmp_path, 2, no_resume=True)
+    assert names(root) == ["step_00000002"]
+    (aside,) = tmp_path.joinpath("checkpoints").glob("dalle.set-aside-*")
+    assert names(aside) == ["step_00000004", "step_00000006"]
+    _, straight = train(tmp_path / "straight", 2)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), straight.parameters()))
+    # --resume of an older checkpoint: the later ones move aside too
+    train(tmp_path / "straight", 6)
+    train(tmp_path / "straight", 6, resume=str(tmp_path / "straight" / "checkpoints" / "dalle" / "step_00000004"))
+    assert names(tmp_path / "straight" / "checkpoints" / "dalle") == ["step_00000004", "step_00000006"]
+    (aside,) = tmp_path.joinpath("straight", "checkpoints").glob("dalle.set-aside-*")
+    assert names(aside) == ["step_00000006"]
+
+
+def test_a_folder_without_its_trainer_state_is_not_a_checkpoint(tmp_path):
+    train(tmp_path, 4)
+    root = tmp_path / "checkpoints" / "dalle"
+    (root / "step_00000004" / "trainer_state.json").unlink()  # as if killed while the folder was being replaced
+    assert [p.name for p in loop.list_checkpoints(root)] == ["step_00000002"]
 
 
 def test_extra_state_resumes_with_its_optimizer(tmp_path):

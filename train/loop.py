@@ -184,10 +184,13 @@ def _move(batch: Any, device: torch.device) -> Any:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; half-written ones (temporary names) are never listed."""
+    """Complete checkpoints, oldest first; half-written ones (temporary names) are never listed, nor a folder
+    without the trainer_state.json that a complete one is written with last."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and CKPT_RE.match(p.name))
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / "trainer_state.json").is_file()
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +250,7 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
     """Train `stage` for `tc.steps` optimizer steps; returns the last logged scalars."""
     t = prepare(cfg, tc, stage, accelerator)
     resume(t, checkpoint_to_resume(t.ckpt_root, args))
+    set_aside_later_checkpoints(t)
     t.writer = open_writer(t)
     batches: Iterator[dict] = iter(stage.batches)
     bar = tqdm(total=tc.steps, initial=t.step, disable=not t.is_main, desc=stage.name, dynamic_ncols=True)
@@ -392,6 +396,24 @@ def resume(t: Training, checkpoint: Path | None) -> None:
             _load_extra(obj, path)
     if t.is_main:
         tqdm.write(f"resumed {t.stage.name} from {checkpoint} at step {t.step}", file=sys.stderr)
+
+
+def set_aside_later_checkpoints(t: Training) -> None:
+    """This stage's checkpoints past the step the run starts at (`--no-resume`, or `--resume` of an older one)
+    belong to another run: move them to a sibling folder, so that neither pruning (which keeps the newest) nor a
+    later resume takes them for this run's. Nothing is deleted. Collective."""
+    later = [p for p in list_checkpoints(t.ckpt_root) if int(CKPT_RE.match(p.name)[1]) > t.step]
+    if later and t.is_main:
+        aside = t.ckpt_root.with_name(f"{t.ckpt_root.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in later:
+            os.replace(path, aside / path.name)
+        tqdm.write(
+            f"{t.stage.name} starts at step {t.step}: moved the {len(later)} later checkpoints of an earlier run "
+            f"to {aside}",
+            file=sys.stderr,
+        )
+    t.accelerator.wait_for_everyone()
 
 
 def open_writer(t: Training):
@@ -543,9 +565,12 @@ def save_checkpoint(t: Training) -> None:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": t.step, "bad_steps": t.bad_total}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
+        old = t.ckpt_root / f"old-step_{t.step:08d}"  # a checkpoint of this step written before (--resume of an
+        if final.exists():  # earlier step): renamed away, never half-deleted under a name that lists as complete
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         keep = t.tc.keep_checkpoints
         for old in list_checkpoints(t.ckpt_root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
