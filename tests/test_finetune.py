@@ -227,6 +227,17 @@ def test_a_resumed_run_resumes_and_ignores_init_from(source, tmp_path, first_ste
     assert not (run / "logs" / "dalle" / "init_from.json").exists()
 
 
+def test_a_decoder_started_from_a_source_resumes_in_a_run_without_a_transformer(source, tmp_path, first_step_weights):
+    run = copy_run(source, tmp_path / "run")
+    (run / "transformer.safetensors").unlink()  # unclip.init_from_transformer has nothing to read: the source starts it
+    train_unclip.main(args(run, "train.unclip.steps=2", "train.unclip.checkpoint_every=2", init_from=source))
+    at_step_2 = load_file(str(run / "unclip.safetensors"))
+    first_step_weights.clear()
+    assert train_unclip.main(args(run, "train.unclip.steps=3", init_from=source)) == 0
+    assert int(first_step_weights["__step__"]) == 2
+    assert all(torch.equal(first_step_weights[k], v) for k, v in at_step_2.items())
+
+
 def test_an_unknown_freeze_group_is_one_sentence_naming_the_valid_ones(source, tmp_path):
     run = copy_run(source, tmp_path / "run")
     with pytest.raises(UserError) as error:
