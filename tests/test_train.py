@@ -475,3 +475,15 @@ def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path,
     from dalle_mini_impl.data.images import to_pil
 
     assert len(pipe.variations([to_pil(image[0])], num_images=1, candidates=2, progress=False)[0]) == 1
+    # the same rows again: read, not computed; after the image tokenizer changes (retrained), computed again
+    from safetensors.torch import load_file, save_file
+
+    from train.embed import clip_embeddings
+
+    before = clip_embeddings(wide, "train", torch.device("cpu"), grid=2)
+    assert embeddings.stat().st_mtime_ns == stamp
+    weights = load_file(str(wide / "vae.safetensors"))
+    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in weights.items()}, str(wide / "vae.safetensors"))
+    after = clip_embeddings(wide, "train", torch.device("cpu"), grid=2)
+    assert embeddings.stat().st_mtime_ns != stamp and not torch.equal(after["image"], before["image"])
+    torch.testing.assert_close(after["text"], before["text"])  # the captions did not change

@@ -6,11 +6,12 @@
     RUN/tokens/<split>/clip.safetensors   image (N, e), text (N, e): l2-normalised float32, one row per
                                           shard row in `read_shards` order; with `unclip.grid` > 0 also grid
                                           (N, G) float16, CLIP's spatial features (`CLIP.image_grid`); metadata:
-                                          the CLIP's fingerprint and the grid's side
+                                          the CLIP's fingerprint, the rows' digest and the grid's side
 
 The image embedding is of the row's image as the run's image tokenizer decodes its ids: what the decoder can
 draw, and all a token shard keeps. The text embedding is of its caption. A file made by another CLIP (another
-fingerprint) or for other rows is recomputed; an interrupted write leaves only a temporary file.
+fingerprint) or of other rows (a digest of the shards' ids and captions and of the image tokenizer's weights:
+re-encoded shards, a retrained tokenizer) is recomputed; an interrupted write leaves only a temporary file.
 """
 
 from __future__ import annotations
@@ -22,21 +23,30 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from dalle_mini_impl.clip.uses import state_fingerprint
 from dalle_mini_impl.data.tokens import read_shards, tokens_dir
 from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, save_state_dict
 
 FILE = "clip.safetensors"
 
 
-def _read(path, fingerprint: str, rows: int, grid: int) -> dict[str, torch.Tensor] | None:
-    """The file's embeddings when it was made by this CLIP for `rows` rows with a grid of side `grid`, else None."""
+def rows_digest(ids: torch.Tensor, captions: list[str], vae) -> str:
+    """What a split's embeddings are of: its shards' ids (N, n) and captions, and the image tokenizer that decodes
+    the ids into the images CLIP embeds."""
+    weights = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    return state_fingerprint({"ids": ids, **weights}, {"captions": captions})
+
+
+def _read(path, fingerprint: str, rows: int, grid: int, digest: str) -> dict[str, torch.Tensor] | None:
+    """The file's embeddings when it was made by this CLIP for `rows` rows of this `digest` (`rows_digest`) with a
+    grid of side `grid`, else None."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            made = (meta.get("clip"), int(meta.get("rows", -1)), int(meta.get("grid", 0)))
-            if made != (fingerprint, rows, grid):
+            made = (meta.get("clip"), int(meta.get("rows", -1)), int(meta.get("grid", 0)), meta.get("data"))
+            if made != (fingerprint, rows, grid, digest):
                 return None
             return {k: f.get_tensor(k) for k in ("image", "text", "grid") if k != "grid" or grid}
     except Exception:  # noqa: BLE001 - unreadable: recompute it
@@ -50,12 +60,12 @@ def clip_embeddings(
     grid > 0 also "grid" (N, G), CLIP's spatial features pooled to grid x grid (`CLIP.image_grid`)."""
     folder = tokens_dir(run_dir, split)
     ids, captions = read_shards(folder)  # a missing split is a one-sentence error
-    clip = load_clip(run_dir, device=device)
+    clip, vae = load_clip(run_dir, device=device), load_vae(run_dir).to(device)
     path = folder / FILE
-    found = _read(path, clip.fingerprint(), len(captions), grid)
+    digest = rows_digest(ids, captions, vae)
+    found = _read(path, clip.fingerprint(), len(captions), grid, digest)
     if found is not None:
         return found
-    vae = load_vae(run_dir).to(device)
     out = {"image": [], "text": [], "grid": []}
     for start in tqdm(range(0, len(captions), batch_size), desc=f"CLIP embeddings {split}", dynamic_ncols=True):
         with torch.inference_mode():
@@ -68,7 +78,7 @@ def clip_embeddings(
             out["image"].append(clip.embed_images(pixels))
         out["text"].append(clip.embed_texts(captions[start : start + batch_size]))
     out = {k: torch.cat(v) for k, v in out.items() if v}
-    meta = {"clip": clip.fingerprint(), "rows": str(len(captions)), "grid": str(grid)}
+    meta = {"clip": clip.fingerprint(), "rows": str(len(captions)), "grid": str(grid), "data": digest}
     save_state_dict(out, path, metadata=meta | {"source": json.dumps(str(run_dir))})
     return out
 
