@@ -4,6 +4,7 @@ tokenizers), a resumed run ignores it, and `train.<stage>.freeze` leaves paramet
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,28 @@ def test_a_fresh_run_folder_gets_the_sources_tokenizers_and_becomes_a_bundle(sou
     pipe = Pipeline.from_pretrained(run, device="cpu")
     kept = pipe.generate(["a red circle"], num_images=1, candidates=2, progress=False)[0]
     assert kept[0].rank == 1 and kept[0].image.size == (16, 16)
+
+
+def test_a_copy_killed_midway_leaves_no_truncated_tokenizer_and_the_rerun_copies_it(source, tmp_path, monkeypatch):
+    run = tmp_path / "fresh"
+    cfg = load_config("shapes", TINY)
+    cfg.out_dir = str(run)
+    real = finetune.shutil.copyfile
+
+    def killed_at_the_weights(src, dst):
+        if str(src).endswith("vae.safetensors"):
+            Path(dst).write_bytes(Path(src).read_bytes()[:100])  # half written, then the process dies
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(finetune.shutil, "copyfile", killed_at_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.adopt_image_tokenizer(source, cfg)
+    assert not (run / "vae.safetensors").exists()  # what marks the copy complete is absent: the rerun copies
+    monkeypatch.setattr(finetune.shutil, "copyfile", real)
+    finetune.adopt_image_tokenizer(source, cfg)
+    assert (run / "vae.safetensors").read_bytes() == (source / "vae.safetensors").read_bytes()
+    assert (run / "vae.json").read_text() == (source / "vae.json").read_text()
 
 
 def test_a_run_with_another_text_tokenizer_or_text_length_is_refused(source, tmp_path):

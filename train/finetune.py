@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -200,13 +201,21 @@ def _copy_if_missing(source: Path, cfg: RunConfig, names: list[str], section: st
             )
     if _is_main():
         run.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            shutil.copyfile(source / name, run / name)
+        for name in names[1:]:
+            _copy_atomic(source / name, run / name)
         path = run / FILES["config"]
         recorded = read_config_json(path) if path.is_file() else cfg
         save_config(dataclasses.replace(recorded, **{section: getattr(read_bundle_config(source), section)}), path)
+        _copy_atomic(source / names[0], run / names[0])  # last: its presence marks the copy complete
         print(f"copied {', '.join(names)} from {source} into {run}", flush=True)
     wait()
+
+
+def _copy_atomic(source: Path, dest: Path) -> None:
+    """Copy a file through a temporary name, so that a killed copy never leaves a truncated `dest`."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
 
 
 def _is_main() -> bool:
