@@ -45,6 +45,7 @@ def train(
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1)
     calls = itertools.count()
+    draws.clear()
     extra, after_step = {}, None
     if critic is not None:
         critic_optimizer = torch.optim.Adam(critic.parameters(), lr=0.1)
@@ -56,7 +57,8 @@ def train(
             critic_optimizer.step()
             return {}
 
-    def loss(m, batch, step):
+    def loss(m, batch, step, micro):
+        draws.append((step, micro))
         value = torch.nn.functional.mse_loss(m(batch["x"]), batch["y"])
         if next(calls) in nan_at:
             value = value * float("nan")
@@ -76,6 +78,9 @@ def train(
     accelerator = loop.make_accelerator(tc)
     args = argparse.Namespace(resume=resume, no_resume=no_resume)
     return loop.run(RunConfig(out_dir=str(run)), tc, stage, accelerator, args), model
+
+
+draws: list[tuple[int, int]] = []  # (step, micro) of every loss call of the last `train`
 
 
 @pytest.fixture
@@ -127,6 +132,15 @@ def test_under_fp16_a_skipped_step_backs_off_the_loss_scale_and_training_goes_on
         AcceleratorState._reset_state(True)
     assert logged["skipped_nonfinite_steps"] == 1 and scaler.get_scale() == 128.0  # halved once, for the skip
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_each_micro_batch_of_a_step_gets_its_own_index(tmp_path):
+    """Stages seed their random draws (caption dropout, crops, noise) by step and micro-batch: the micro-batches of
+    one accumulated step must not repeat each other's draws."""
+    train(tmp_path, 2, grad_accum=3)
+    assert draws == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    train(tmp_path / "one", 2)
+    assert draws == [(0, 0), (1, 0)]
 
 
 def test_a_resumed_run_ends_with_the_same_weights(tmp_path):

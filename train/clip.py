@@ -29,6 +29,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dalle_mini_impl.clip.model import clip_augment, clip_from_config
@@ -137,10 +138,13 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
         return clip_augment(images, cfg.clip.crop_scale_min, gen, cfg.clip.shift_max, cfg.clip.flip_p)
 
     @torch.compiler.disable  # seeded generators and string work: eager, also under train.clip.compile
-    def inputs(batch, step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A step's augmented images, caption ids and hard negatives' ids (None without hard negatives)."""
-        # one generator per (seed, step, rank): a resumed run crops exactly as an uninterrupted one
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
+    def inputs(batch, step, micro) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A micro-batch's augmented images, caption ids and hard negatives' ids (None without hard negatives)."""
+        # one generator per (seed, step, rank, micro): a resumed run crops exactly as an uninterrupted one
+        seed = cfg.seed * 1_000_003 + step * 101 + accelerator.process_index
+        if micro:  # the micro-batches after a step's first (grad_accum)
+            seed = int(np.random.default_rng([cfg.seed, step, accelerator.process_index, micro]).integers(2**62))
+        gen = torch.Generator().manual_seed(seed)
         images = augment(batch["image"], gen)
         ids = tokenizer.encode(batch["caption"]).to(device)
         if not cfg.clip.hard_negatives:
@@ -156,8 +160,8 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
                 false += rest_swapped_captions(batch["caption"], phrases, cfg.clip.rest_swaps, rng, seen)
         return images, ids, tokenizer.encode(false).to(device) if false else ids[:0]
 
-    def loss(m, batch, step):
-        images, ids, false_ids = inputs(batch, step)
+    def loss(m, batch, step, micro):
+        images, ids, false_ids = inputs(batch, step, micro)
         image_feats, text_feats, scale = m(images, ids)
         negatives = None
         if false_ids is not None:

@@ -229,37 +229,39 @@ def train(cfg: RunConfig, args, stage: str) -> int:
     rank = accelerator.process_index
     seq_len = model.cfg.seq_len + 1
 
-    def dropped(n: int, step: int | None, p: float, which: int) -> np.ndarray:
-        """Which of n rows drop their caption (which 0), embedding (1) or grid (2) at a training step (None: none)."""
-        if step is None or p <= 0:
+    def dropped(n: int, draw: tuple[int, int] | None, p: float, which: int) -> np.ndarray:
+        """Which of n rows drop their caption (which 0), embedding (1) or grid (2) at a training step's micro-batch
+        (draw: (step, micro); None: none)."""
+        if draw is None or p <= 0:
             return np.zeros(n, dtype=bool)
-        # seeded by (seed, step, rank, which) so a resumed run drops the same ones; the caption's draw keeps
-        # the seeding the DALL-E stage always had
-        key = [cfg.seed, step, rank] + ([which] if which else [])
+        (step, micro) = draw
+        # seeded by (seed, step, rank, which, micro) so a resumed run drops the same ones; the first micro-batch's
+        # caption draw keeps the seeding the DALL-E stage always had
+        key = [cfg.seed, step, rank] + ([which] if which or micro else []) + ([micro] if micro else [])
         return np.random.default_rng(key).random(n) < p
 
-    def text_ids(captions: list[str], step: int | None) -> torch.Tensor:
-        drop = dropped(len(captions), step, null_caption_p, 0)
+    def text_ids(captions: list[str], draw: tuple[int, int] | None) -> torch.Tensor:
+        drop = dropped(len(captions), draw, null_caption_p, 0)
         captions = ["" if d else c for c, d in zip(captions, drop)]
         return text_tokenizer.encode(captions).to(accelerator.device)
 
-    def cond_of(batch: dict, step: int | None) -> torch.Tensor | None:
+    def cond_of(batch: dict, draw: tuple[int, int] | None) -> torch.Tensor | None:
         """The batch's embeddings with the dropped ones zeroed (a dropped embedding drops its grid too; the grid is
         also dropped alone), or None for the DALL-E transformer."""
         if "embedding" not in batch:
             return None
         cond = batch["embedding"].to(accelerator.device)
-        keep = torch.from_numpy(~dropped(cond.shape[0], step, null_cond_p, 1)).to(cond.device)
+        keep = torch.from_numpy(~dropped(cond.shape[0], draw, null_cond_p, 1)).to(cond.device)
         cond = cond * keep[:, None].to(cond.dtype)
         if cond.shape[1] > embed_dim:
-            keep_grid = torch.from_numpy(~dropped(cond.shape[0], step, null_grid_p, 2)).to(cond.device)
+            keep_grid = torch.from_numpy(~dropped(cond.shape[0], draw, null_grid_p, 2)).to(cond.device)
             cond[:, embed_dim:] *= keep_grid[:, None].to(cond.dtype)
         return cond
 
-    def loss(m, batch, step):
-        text = text_ids(batch["caption"], step)
+    def loss(m, batch, step, micro):
+        text = text_ids(batch["caption"], (step, micro))
         image = batch["image_ids"].flatten(1)  # (b, n)
-        value, parts = m.loss(text, image, cond_of(batch, step))
+        value, parts = m.loss(text, image, cond_of(batch, (step, micro)))
         return value, {k: float(v) for k, v in parts.items()}
 
     validation_batches = loop.replay(

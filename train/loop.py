@@ -136,9 +136,10 @@ class Stage:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batches: Any  # an iterable of batches for this process, with state_dict() / load_state_dict()
-    # (model, batch, step) -> (loss, scalars to log); runs under autocast as the forward of a wrapper
-    # module, so everything that needs gradients must happen inside it
-    loss: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict[str, float]]]
+    # (model, batch, step, micro) -> (loss, scalars to log), micro the micro-batch's index within the step (0 ..
+    # grad_accum - 1: a stage that seeds its draws by step adds it, so that micro-batches draw apart); runs under
+    # autocast as the forward of a wrapper module, so everything that needs gradients must happen inside it
+    loss: Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict[str, float]]]
     items_per_batch: Callable[[dict], int] = lambda batch: len(next(iter(batch.values())))
     item_name: str = "images"  # throughput is logged as <item_name>/s
     # (unwrapped model, step) -> scalars; run on every process (they may all-gather), logged by the main one
@@ -445,7 +446,7 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
         # only the last micro-batch synchronises gradients across processes
         ctx = accelerator.no_sync(t.model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()
         with ctx, accelerator.autocast(), attention_kernel(tc.attention):
-            loss, scalars = t.forward(batch, t.step)
+            loss, scalars = t.forward(batch, t.step, micro)
         finite &= bool(torch.isfinite(loss.detach()).all())
         accelerator.backward(loss / tc.grad_accum)
         loss_sum += float(loss.detach()) / tc.grad_accum
@@ -637,8 +638,8 @@ class _LossModule(torch.nn.Module):
         self.model = stage.model
         self._loss = stage.loss
 
-    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return self._loss(self.model, batch, step)
+    def forward(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._loss(self.model, batch, step, micro)
 
 
 def _extra_path(obj: Any, folder: Path, name: str) -> Path:

@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         text = text_tokenizer.encode(batch["caption"]).to(device)
         return text, batch["text_emb"].to(device), batch["image_emb"].to(device)
 
-    def loss(m, batch, step):
+    def loss(m, batch, step, micro):
         text, text_emb, image_emb = inputs(batch)
-        # seeded by (seed, step, rank) so a resumed run draws the same noise and drops the same captions
-        rng = np.random.default_rng([cfg.seed, step, rank])
+        # seeded by (seed, step, rank), and the micro-batch after the first, so a resumed run draws the same noise
+        # and drops the same captions
+        rng = np.random.default_rng([cfg.seed, step, rank] + ([micro] if micro else []))
         keep = torch.from_numpy(rng.random(len(batch["caption"])) >= drop_p).to(device)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         value, parts = m.loss(text, text_emb, image_emb, generator=gen, keep=keep)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = {k: getattr(cfg.vae, k) for k in vae.SCHEDULE_FIELDS}
     last: dict[str, torch.Tensor] = {}
 
-    def loss(m, batch, step):
+    def loss(m, batch, step, micro):  # the VAE's draws come from the global generator, which moves on by itself
         value, metrics = m(batch["image"], step, **vae.schedules.values_at(step, **schedule))
         used, perplexity = usage.update(metrics.pop("ids"))
         last["reconstruction"] = metrics.pop("reconstruction")
