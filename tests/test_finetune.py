@@ -261,6 +261,14 @@ def test_a_decoder_started_from_a_source_resumes_in_a_run_without_a_transformer(
     assert all(torch.equal(first_step_weights[k], v) for k, v in at_step_2.items())
 
 
+@pytest.mark.parametrize("stage", ["vae", "prior"])
+def test_gradient_checkpointing_where_a_model_has_none_is_one_sentence(stage, source, tmp_path):
+    run = copy_run(source, tmp_path / "run")
+    with pytest.raises(UserError) as error:
+        MAIN[stage].main(args(run, f"train.{stage}.steps=1", f"train.{stage}.grad_checkpointing=true"))
+    one_sentence(error, f"train.{stage}.grad_checkpointing is true", "set it to false")
+
+
 def test_an_unknown_freeze_group_is_one_sentence_naming_the_valid_ones(source, tmp_path):
     run = copy_run(source, tmp_path / "run")
     with pytest.raises(UserError) as error:

@@ -199,6 +199,11 @@ def test_gradient_accumulation_below_one_is_one_sentence():
         loop.make_accelerator(TrainConfig(grad_accum=0))
 
 
+def test_data_loader_workers_are_refused_in_one_sentence():
+    with pytest.raises(loop.UserError, match="num_workers is 2; the data streams are read in the training process"):
+        loop.make_accelerator(TrainConfig(num_workers=2))
+
+
 def test_accumulation_under_deepspeed_is_refused_in_one_sentence():
     """Under DeepSpeed every backward is its engine's optimizer step: the loop's micro-batches would each step."""
     loop.check_deepspeed_accumulation(4, None)  # another engine: the loop accumulates

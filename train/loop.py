@@ -208,6 +208,11 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
         raise UserError(f"mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
     if tc.grad_accum < 1:
         raise UserError(f"grad_accum is {tc.grad_accum}; set it to 1 (no accumulation) or more")
+    if tc.num_workers != 0:
+        raise UserError(
+            f"num_workers is {tc.num_workers}; the data streams are read in the training process, which keeps their "
+            "resume position exact, so set it to 0"
+        )
     if tc.attention not in ATTENTION_KERNELS:
         raise UserError(f"attention is '{tc.attention}'; use {' or '.join(ATTENTION_KERNELS)}")
     for name in ("log_every", "eval_every", "image_every", "checkpoint_every"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_mini_impl.config import RunConfig, config_to_dict
-from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.model.prior import EmbeddingPrior
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
 from train import finetune, loop
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if source is not None:
         finetune.start_from(model, source, "prior", "unCLIP prior", cfg, "prior")
     finetune.freeze(model, "prior", tc.freeze, "prior")
+    if tc.grad_checkpointing:
+        raise UserError(
+            "train.prior.grad_checkpointing is true, and the prior does not checkpoint its activations; set it to false"
+        )
     optimizer = adamw(model.parameters(), tc, accelerator)
     drop_p = cfg.unclip.prior.text_dropout
     device = accelerator.device

@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if source is not None:
         finetune.start_from(model, source, "vae", "image tokenizer", cfg, "vae")
     finetune.freeze(model, "vae", tc.freeze, "vae")
+    if tc.grad_checkpointing:
+        raise UserError("train.vae.grad_checkpointing is true, and the image tokenizer has none; set it to false")
     params = model.generator_parameters() if adversarial else list(model.parameters())
     optimizer = adamw(params, tc, accelerator)
     batches = example_batches(cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)

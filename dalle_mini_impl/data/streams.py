@@ -37,7 +37,7 @@ Design (after open_clip's and LlamaGen's data pipelines, written for resumable r
   run would have seen next. Crops and caption choices are seeded by (seed, epoch, process, position), so
   they resume exactly too. Streaming sources resume through `datasets`' own `state_dict`, which is
   exact without a shuffle buffer and approximate with one (the buffer's contents are lost).
-- Workers: use DataLoader(num_workers=0) (TrainConfig.num_workers = 0, the default). Decoding small
+- Workers: use DataLoader(num_workers=0) (the training stages refuse TrainConfig.num_workers above 0). Decoding small
   images is cheap next to a training step, and only in-process iteration keeps `state_dict()` exact.
   With num_workers > 0 every worker reads a disjoint slice (every W-th record of this process's share;
   `datasets` gives streaming workers whole shards), the order interleaves, and the main process's
