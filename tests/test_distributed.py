@@ -67,6 +67,27 @@ def test_dalle_two_processes_match_one(base_run, tmp_path, capsys):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=f"{k} differs between 1 and 2 processes")
 
 
+def test_the_tokenizer_is_trained_once_by_the_main_process(base_run, tmp_path):
+    result = launch("train.tokenizer", args_for(tmp_path / "two"))  # one JSON line: only the main process trains
+    assert result["vocab_size"] > 0
+    assert (tmp_path / "two" / "text.model").read_bytes() == (base_run / "text.model").read_bytes()
+    assert not [p.name for p in (tmp_path / "two").iterdir() if "tmp" in p.name]  # no temporary left
+
+
+def test_two_processes_encode_the_shards_one_process_encodes(base_run, tmp_path):
+    import shutil
+
+    from dalle_mini_impl.data.tokens import read_shards, tokens_dir
+
+    run = copy_run(base_run, tmp_path / "two")
+    shutil.rmtree(run / "tokens")
+    result = launch("train.encode", args_for(run))  # one JSON line: the main process writes the manifest
+    assert [s["split"] for s in result["splits"]] == ["train", "validation"]
+    for split in ("train", "validation"):  # the same rows, each process having written the shards of its share
+        rows = lambda folder: sorted(zip(read_shards(folder)[1], read_shards(folder)[0].flatten(1).tolist()))  # noqa: E731
+        assert rows(tokens_dir(run, split)) == rows(tokens_dir(base_run, split)), split
+
+
 def test_clip_two_processes_stay_in_sync(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "clip")
     result = launch("train.clip", args_for(run, "train.clip.steps=2", "train.clip.checkpoint_every=2"))

@@ -22,6 +22,17 @@ def example_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool,
     return batches(stream, batch_size)
 
 
+def process_state():
+    """accelerate's PartialState of this process (rank, count, device, barriers) for the stages that need no
+    Accelerator, on the CPU too: `ACCELERATE_USE_CPU=true accelerate launch` sets up its processes through the
+    Accelerator, which a bare PartialState() does not read, so that every process would take itself for the
+    only one."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def effective_lr(tc: TrainConfig, accelerator) -> float:
     """The base LR, linearly scaled by the number of processes and accumulation steps when asked."""
     return tc.lr * (accelerator.num_processes * tc.grad_accum if tc.scale_lr else 1)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.clip.uses import state_fingerprint
 from dalle_mini_impl.data.tokens import read_shards, tokens_dir
 from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, save_state_dict
+from train.common import process_state
 
 FILE = "clip.safetensors"
 
@@ -96,14 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     splits, computed unless a file made by RUN's CLIP for them is there; prints one JSON line: rows and file."""
     import argparse
 
-    from accelerate import PartialState
-
     from dalle_mini_impl.config import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     cfg = config_from_args(parser.parse_args(argv))
-    state = PartialState()  # the main process computes, the others wait (`shared_embeddings`)
+    state = process_state()  # the main process computes, the others wait (`shared_embeddings`)
     splits = {}
     for split in (cfg.data.split, cfg.data.val_split):
         found = shared_embeddings(cfg.out_dir, split, state, cfg.unclip.grid)

@@ -22,6 +22,7 @@ from dalle_mini_impl.data.streams import ExampleStream
 from dalle_mini_impl.data.tokens import shard_path, shard_rows, tokens_dir, write_shard
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import load_vae, record_stage_config
+from train.common import process_state
 
 
 def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, world: int, device) -> dict:
@@ -83,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default=None, help="comma list of splits (default: data.split,data.val_split)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
     splits = args.splits.split(",") if args.splits else [cfg.data.split, cfg.data.val_split]
     results = []

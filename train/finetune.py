@@ -43,6 +43,7 @@ from dalle_mini_impl.pipeline.bundle import (
     read_bundle_config,
     shipped_models,
 )
+from train.common import process_state
 
 # Each model's parameter groups: a group holds the parameters named by one of its entries, or under it ("blocks"
 # holds "blocks.0.attn.qkv.weight"). Earlier groups win, so "projections" takes CLIP's visual.proj before
@@ -220,9 +221,7 @@ def _copy_atomic(source: Path, dest: Path) -> None:
 
 def _is_main() -> bool:
     """Whether this is the main process (of `accelerate launch`, or the only one)."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dalle_mini_impl.data.streams import split_parts
 from dalle_mini_impl.errors import UserError, run_cli
 from train import loop
 from train.clip import train_clip
+from train.common import process_state
 from train.tokenizer import train_tokenizer
 
 GRADED_SPLIT = "test"  # what `eval emoji` grades; the judge never learns from it
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         if (Path(out) / part).is_file():
             raise UserError(f"--out '{out}' holds a model ({part}); give the judge a folder of its own")
     jcfg = judge_config(cfg, out)
-    if not (Path(out) / "text.model").is_file():  # a resumed run keeps the tokenizer its checkpoints were made with
+    state = process_state()  # the main process trains the tokenizer while the others wait, then all train the CLIP
+    if state.is_main_process and not (Path(out) / "text.model").is_file():  # a resumed run keeps its tokenizer
         print(json.dumps(train_tokenizer(jcfg)))
+    state.wait_for_everyone()
     train_clip(jcfg, args)
     return 0
 

@@ -24,6 +24,7 @@ from dalle_mini_impl.data.streams import iter_captions
 from dalle_mini_impl.errors import run_cli
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, record_stage_config
 from dalle_mini_impl.text.tokenizer import TextTokenizer
+from train.common import process_state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,8 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    summary = copy_tokenizer(cfg, args.init_from) if args.init_from else train_tokenizer(cfg)
-    print(json.dumps(summary))
+    state = process_state()  # under `accelerate launch`, the main process writes text.model while the others wait
+    if state.is_main_process:
+        summary = copy_tokenizer(cfg, args.init_from) if args.init_from else train_tokenizer(cfg)
+        print(json.dumps(summary))
+    state.wait_for_everyone()
     return 0
 
 
