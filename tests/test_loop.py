@@ -179,6 +179,13 @@ def test_a_folder_without_its_trainer_state_is_not_a_checkpoint(tmp_path):
     assert [p.name for p in loop.list_checkpoints(root)] == ["step_00000002"]
 
 
+def test_a_checkpoint_without_this_processs_data_position_is_one_sentence(tmp_path):
+    train(tmp_path, 2)
+    (tmp_path / "checkpoints" / "dalle" / "step_00000002" / "data_0.json").unlink()  # written by other processes
+    with pytest.raises(loop.UserError, match="has no data position for process 0 \\(data_0.json\\), so it was"):
+        train(tmp_path, 4)
+
+
 def test_extra_state_resumes_with_its_optimizer(tmp_path):
     critics = [torch.nn.Linear(1, 1) for _ in range(3)]
     for c in critics:

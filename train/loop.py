@@ -391,9 +391,14 @@ def resume(t: Training, checkpoint: Path | None) -> None:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     t.step, t.bad_total = state["step"], state["bad_steps"]
     _set_schedule_step(t.scheduler, t.step)
-    data_file = checkpoint / f"data_{t.accelerator.process_index}.json"
-    if data_file.is_file():
-        t.stage.batches.load_state_dict(json.loads(data_file.read_text()))
+    rank = t.accelerator.process_index
+    data_file = checkpoint / f"data_{rank}.json"
+    if not data_file.is_file():  # a silent restart of this process's data would repeat what it has seen
+        raise UserError(
+            f"checkpoint '{checkpoint}' has no data position for process {rank} ({data_file.name}), so it was written "
+            "by fewer processes; resume with as many processes as wrote it, or start over with --no-resume"
+        )
+    t.stage.batches.load_state_dict(json.loads(data_file.read_text()))
     if t.ema is not None and (checkpoint / "ema.safetensors").is_file():
         t.ema.shadow = {k: v.float() for k, v in load_state_dict(checkpoint / "ema.safetensors").items()}
     for name, obj in t.stage.extra_state.items():
@@ -507,8 +512,10 @@ def log_scalars(t: Training, g: Gradients, scalars: dict[str, float], window: Th
     logged = {"loss": loss_mean, **scalars, "lr": t.scheduler.get_last_lr()[0], "grad_norm": g.grad_norm}
     logged[f"{t.stage.item_name}_per_s"] = window.items * t.accelerator.num_processes / max(elapsed, 1e-9)
     skipped = getattr(t.stage.batches, "n_skipped", None)
-    if skipped is not None:
-        logged["data_skipped"] = skipped
+    if skipped is not None:  # every process's skips: each reads its own share of the data
+        logged["data_skipped"] = int(
+            t.accelerator.reduce(torch.tensor(float(skipped), device=t.accelerator.device), "sum")
+        )
     logged["skipped_nonfinite_steps"] = t.bad_total
     if t.writer is not None:
         for k, v in logged.items():
