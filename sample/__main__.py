@@ -209,7 +209,12 @@ def _parser() -> argparse.ArgumentParser:
         "the model's distribution (default: the model's, 0: exact)",
     )
     p.add_argument("--compile", action="store_true", help="the same as --decode compiled")
-    p.add_argument("--json", action="store_true", help="print one JSON object per saved image, nothing else")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per ranked image (prompt, path, rank, clip_score, seed; a variation's source, "
+        "an interpolation's sources and t), nothing else; the grids are not listed",
+    )
     return p
 
 
@@ -224,8 +229,8 @@ def check_uses(args: argparse.Namespace) -> None:
         raise UserError("--variations and --interpolate are two different uses; give one of them")
     if unclip_use and args.prompts:
         raise UserError(f"{unclip_use} draws from images and takes no prompt; leave out {args.prompts[0]!r}")
-    if unclip_use and (args.method != "ar" or args.init_image or args.init != "samples"):
-        raise UserError(f"{unclip_use} cannot go with --method, --init or --init-image; leave them out")
+    if unclip_use and (args.method != "ar" or args.init_image or args.init != "samples" or args.keep_rows is not None):
+        raise UserError(f"{unclip_use} cannot go with --method, --init, --init-image or --keep-rows; leave them out")
     if args.text_diff is not None and not args.variations:
         raise UserError("--text-diff edits the images of --variations; give --variations IMAGE too")
     if args.text_diff_scale is not None and args.text_diff is None:
@@ -243,6 +248,19 @@ def check_uses(args: argparse.Namespace) -> None:
         raise UserError(f"{edit} samples with the transformer and ranks with CLIP; leave out --method and --init")
     if args.likelihood_weight is not None and not edit:
         raise UserError("--likelihood-weight ranks the edits of --mask or --extend; give one of them too")
+    refinement = {
+        "--guided-prior-weight": args.guided_prior_weight,
+        "--guided-contrast-weight": args.guided_contrast_weight,
+        "--guided-contrast-guard": args.guided_contrast_guard,
+        "--guided-optimizer": args.guided_optimizer,
+    }
+    refining = [flag for flag, value in refinement.items() if value is not None]
+    if refining and args.method != "clip-guided":
+        raise UserError(
+            f"{refining[0]} tunes the refinement of --method clip-guided; add it or leave {refining[0]} out"
+        )
+    if args.prior_guidance_scale is not None and args.method != "unclip":
+        raise UserError("--prior-guidance-scale guides the prior of --method unclip; add it or leave the scale out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,12 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             groups = pipe.variations(
                 args.variations, text_diff=args.text_diff, text_diff_scale=args.text_diff_scale, **settings
             )
-            sources = [str(v) for v in args.variations]
-            stems = [f"variation-{slug}_s{kept[0].seed}" for slug, kept in zip(unique_slugs(_stems(sources)), groups)]
+            names = [str(v) for v in args.variations]
+            sources = [{"source": name} for name in names]
+            stems = [f"variation-{slug}_s{kept[0].seed}" for slug, kept in zip(unique_slugs(_stems(names)), groups)]
         elif args.interpolate:
             steps = pipe.interpolate(*args.interpolate, 5 if args.steps is None else args.steps, **settings)
             slug = "-".join(unique_slugs(_stems(args.interpolate)))
-            groups, sources = steps, [None] * len(steps)
+            groups, sources = steps, [{"sources": [str(end) for end in args.interpolate]}] * len(steps)
             stems = [f"interpolate-{slug}_s{kept[0].seed - k}_step{k}" for k, kept in enumerate(steps)]
         elif args.mask or args.extend:
             image, mask = args.init_image, args.mask
@@ -292,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 image, mask = extend_canvas(open_image(image, "--init-image"), args.extend)
             groups = pipe.edit(prompts, image, mask, likelihood_weight=args.likelihood_weight, **settings)
-            sources = [None] * len(groups)
+            sources = [{}] * len(groups)
             stems = [f"{slug}_s{kept[0].seed}" for slug, kept in zip(unique_slugs(prompts), groups)]
         else:
             groups = pipe.generate(
@@ -309,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep_rows=args.keep_rows,
                 progress=True,
             )
-            sources = [None] * len(groups)
+            sources = [{}] * len(groups)
             stems = [f"{slug}_s{kept[0].seed}" for slug, kept in zip(unique_slugs(prompts), groups)]
 
     written = 0
@@ -321,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         for r, path in zip(kept, paths):
             record = {"prompt": r.prompt, "path": str(path), "rank": r.rank, "clip_score": r.clip_score, "seed": r.seed}
-            record |= {} if source is None else {"source": source}
+            record |= source  # a variation's source image, an interpolation's two ends
             record |= {} if r.t is None else {"t": r.t}
             # a path holding bytes that are not UTF-8 (lone surrogates) cannot be printed as is: escape it
             print(json.dumps(record, ensure_ascii=not _is_utf8(str(path))), flush=True)
@@ -362,7 +381,13 @@ def _is_utf8(text: str) -> bool:
 def check_out(out: Path) -> None:
     """--out names a folder, or a path where one can be made: no part of it may be a file."""
     for path in (out, *out.parents):
-        if path.exists():
+        try:
+            exists = path.exists()
+        except OSError as e:  # a folder above it that this user may not read (Python < 3.12 raises here)
+            raise UserError(
+                f"--out '{out}' cannot be reached ({e.strerror or e}); pass a folder you can write to"
+            ) from None
+        if exists:
             if not path.is_dir():
                 where = "is a file" if path == out else f"lies under the file '{path}'"
                 raise UserError(f"--out '{out}' {where}; pass a folder for the PNGs")
@@ -375,7 +400,9 @@ def save_results(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
     paths = []
     for r in kept:
         paths.append(out / f"{stem}_r{r.rank}.png")
-        r.image.save(paths[-1], format="PNG")
+        tmp = paths[-1].with_name(f".{paths[-1].name}.tmp")  # renamed into place: a killed run leaves no torn PNG
+        r.image.save(tmp, format="PNG")
+        os.replace(tmp, paths[-1])
     captions = [f"#{r.rank}" + ("" if r.clip_score is None else f" {r.clip_score:.3f}") for r in kept]
     return paths, _save_grid(kept, out, f"{stem}_grid", captions)
 

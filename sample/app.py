@@ -90,13 +90,13 @@ class Refused(UserError):
 
 def read_number(value, kind: type, what: str) -> int | float:
     """A number the page sent, as a JSON number or as the text of an input field, as `kind` (int or float)."""
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, str):
             return kind(value.strip())
-        except ValueError:
-            pass
-    elif not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int):
-        return kind(value)
+        if not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int):
+            return kind(value)
+    except (ValueError, OverflowError):  # not a number, or an integer too large for a float
+        pass
     raise UserError(f"{what} is {value!r}; give {'a whole number' if kind is int else 'a number'}")
 
 
@@ -327,7 +327,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            raise UserError("the request has no valid Content-Length; send it again") from None
+            length = -1
+        if length < 0:
+            raise UserError("the request has no valid Content-Length; send it again")
         if length > MAX_BODY:
             if length <= MAX_DRAINED:  # read it, so that the client, still sending, hears the answer
                 left = length

@@ -201,6 +201,7 @@ def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
         ({"prompt": "a red circle", "num_images": 9, "candidates": 2}, "candidates"),
         ({"prompt": "a red circle", "candidates": "many"}, "candidates"),
         ({"prompt": "a red circle", "num_images": "2.5"}, "whole number"),
+        ({"prompt": "a red circle", "temperature": 10**400}, "give a number"),  # too large for a float
         ({"prompt": "a red circle", "method": "magic"}, "method"),
         ({"prompt": "   "}, "empty"),
         ({"prompt": ["a", "list"]}, "prompt"),
@@ -211,6 +212,19 @@ def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
         assert_one_sentence(*post(url, "/api/generate", {"model": model, "prompt": "a red circle"}), 400, "model")
     assert_one_sentence(*post(url, "/api/generate", b"{not json"), 400, "JSON")
     assert_one_sentence(*post(url, "/api/generate", b"[1, 2]"), 400, "JSON")
+    # a negative length is refused at once, not read until the client gives up
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    connection.putrequest("POST", "/api/generate")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", "-5")
+    connection.endheaders()
+    answer = connection.getresponse()
+    assert_one_sentence(answer.status, json.loads(answer.read()), 400, "no valid Content-Length")
+    connection.close()
 
 
 def test_edit_redraws_only_the_masked_half(url):

@@ -93,6 +93,26 @@ def test_without_json_it_says_where_the_files_went(bundle, tmp_path, capsys):
     assert stdout.splitlines()[-1] == f"wrote 3 PNGs to {tmp_path / 'o'}{os.sep}"  # 2 images (bundle default) + grid
 
 
+def test_an_out_that_cannot_be_a_folder_is_one_sentence_before_sampling(tmp_path, monkeypatch, capsys):
+    file = tmp_path / "taken"
+    file.write_text("x")
+    code, _, err = run(["a red circle", "--out", str(file)], capsys)
+    assert code == 2 and f"--out '{file}' is a file; pass a folder for the PNGs" in err
+    code, _, err = run(["a red circle", "--out", str(file / "below")], capsys)
+    assert code == 2 and f"lies under the file '{file}'" in err
+    locked = tmp_path / "locked"
+    real = Path.exists
+
+    def exists(path, *a, **kw):  # what Python < 3.12 does under a folder this user may not read (the tests run as root)
+        if path == locked / "out":
+            raise PermissionError(13, "Permission denied")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    code, _, err = run(["a red circle", "--out", str(locked / "out")], capsys)
+    assert code == 2 and "cannot be reached (Permission denied); pass a folder you can write to" in err
+
+
 def test_nothing_is_written_outside_out(bundle, tmp_path, monkeypatch, capsys):
     work = tmp_path / "cwd"
     work.mkdir()
@@ -206,6 +226,29 @@ def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, 
     assert code == 2 and "invalid choice: 'sgd'" in err
     code, _, err = run([*args[:3], "--init", "random"], capsys)
     assert code == 2 and "use it with --method clip-guided" in err
+    # random codes are refined, not sampled: the sampler's settings would do nothing, and --num-images alone counts
+    code, _, err = run([*args, "--guided-prior-weight", "0.5", "--temperature", "0.7"], capsys)
+    assert code == 2 and "--temperature shapes how candidates are sampled, and --init random samples none" in err
+    code, out, _ = run(
+        [*args, "--guided-prior-weight", "0.5", "--num-images", "3", "--json", "--out", str(jacobi)], capsys
+    )
+    assert code == 0 and len(out.splitlines()) == 3  # more images than the bundle's candidates (2) is fine here
+    code, _, err = run([*args, "--guided-prior-weight", "0", "--guided-optimizer", "jacobi"], capsys)
+    assert code == 2 and "--guided-optimizer jacobi moves along the transformer's predictions" in err
+
+
+def test_options_of_another_method_or_use_are_refused_not_ignored(bundle, capsys):
+    base = ["a red circle", "--model", str(bundle)]
+    for flag, value in (("--guided-prior-weight", "0.5"), ("--guided-optimizer", "adam"),
+                        ("--guided-contrast-weight", "0.5")):  # fmt: skip
+        code, _, err = run([*base, flag, value], capsys)
+        assert code == 2 and f"{flag} tunes the refinement of --method clip-guided; add it or leave {flag} out" in err
+    code, _, err = run([*base, "--method", "unclip", "--guided-contrast-guard"], capsys)
+    assert code == 2 and "--guided-contrast-guard tunes the refinement of --method clip-guided" in err
+    code, _, err = run([*base, "--prior-guidance-scale", "2"], capsys)
+    assert code == 2 and "--prior-guidance-scale guides the prior of --method unclip" in err
+    code, _, err = run(["--variations", "x.png", "--model", str(bundle), "--keep-rows", "2"], capsys)
+    assert code == 2 and "--variations cannot go with --method, --init, --init-image or --keep-rows" in err
 
 
 def test_compile_is_decode_compiled_and_goes_with_no_other_mode(capsys):

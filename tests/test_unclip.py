@@ -244,6 +244,7 @@ def test_interpolation_writes_every_step_and_the_path(bundle, images, tmp_path, 
     assert code == 0
     records = json_lines(out)
     assert [r["t"] for r in records] == [0.0, 0.5, 1.0]
+    assert all(r["sources"] == [str(images[0]), str(images[1])] for r in records)
     assert all(Path(r["path"]).is_file() for r in records)
     assert (tmp_path / "interpolate-square0-square1_s0_path.png").is_file()
     with Image.open(tmp_path / "interpolate-square0-square1_s0_path.png") as grid:

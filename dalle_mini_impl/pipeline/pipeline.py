@@ -532,6 +532,14 @@ class Pipeline:
         progress: tqdm bars on stderr over prompts and tokens (and guided steps).
         """
         prompts = check_prompts(prompts)
+        if init == "random":  # no samples: refinement starts from num_images random codes
+            for flag, value in (("--candidates", candidates), ("--temperature", temperature), ("--top-k", top_k),
+                                ("--top-p", top_p)):  # fmt: skip
+                if value is not None:
+                    raise UserError(
+                        f"{flag} shapes how candidates are sampled, and --init random samples none; leave it out"
+                    )
+            candidates = num_images if num_images is not None else self.cfg.sample.num_images
         s = self.settings(
             num_images=num_images,
             candidates=candidates,
@@ -558,6 +566,11 @@ class Pipeline:
                 raise UserError("--method unclip does not complete images; leave out --init-image or use --method ar")
         if init not in INITS:
             raise UserError(f"init '{init}' is unknown; use {' or '.join(INITS)}")
+        if method == "clip-guided" and s.guided_optimizer == "jacobi" and not s.guided_prior_weight > 0:
+            raise UserError(
+                "--guided-optimizer jacobi moves along the transformer's predictions, and the prior weight is "
+                f"{s.guided_prior_weight}; give --guided-prior-weight above 0 or use --guided-optimizer adam"
+            )
         if init == "random" and (method != "clip-guided" or init_image is not None):
             raise UserError(
                 "--init random starts CLIP-guided generation from random codes; use it with "
