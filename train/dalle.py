@@ -159,11 +159,6 @@ def start_from_transformer(decoder: DALLE, run: Path) -> None:
     )
 
 
-def resuming(cfg: RunConfig, args, stage: str) -> bool:
-    """Whether the stage's run continues a checkpoint of its own (`loop.checkpoint_to_resume`)."""
-    return loop.checkpoint_to_resume(Path(cfg.out_dir) / "checkpoints" / stage, args) is not None
-
-
 def start_from_source(model: DALLE, source: Path, cfg: RunConfig, stage: str) -> None:
     """`--init-from`: the source's transformer, or for unCLIP's decoder the source's decoder; from a source
     without one, its transformer, as `unclip.init_from_transformer` starts from the run's."""
@@ -207,7 +202,7 @@ def train(cfg: RunConfig, args, stage: str) -> int:
     model = build_model(cfg, text_tokenizer, image_tokenizer, cond_dim)
     if source is not None:
         start_from_source(model, source, cfg, stage)
-    elif stage == "unclip" and cfg.unclip.init_from_transformer and not resuming(cfg, args, stage):
+    elif stage == "unclip" and cfg.unclip.init_from_transformer and not finetune.resuming(cfg, args, stage):
         start_from_transformer(model, Path(cfg.out_dir))  # a resumed checkpoint holds the decoder's own weights
     finetune.freeze(model, "transformer", tc.freeze, stage)
     model.gradient_checkpointing = tc.grad_checkpointing

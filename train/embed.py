@@ -78,18 +78,17 @@ def clip_embeddings(
         else:
             out["image"].append(clip.embed_images(pixels))
         out["text"].append(clip.embed_texts(captions[start : start + batch_size]))
-    out = {k: torch.cat(v) for k, v in out.items() if v}
+    out = {k: torch.cat(v).cpu() for k, v in out.items() if v}  # on the CPU, as a read file gives them
     meta = {"clip": clip.fingerprint(), "rows": str(len(captions)), "grid": str(grid), "data": digest}
     save_state_dict(out, path, metadata=meta | {"source": json.dumps(str(run_dir))})
     return out
 
 
 def shared_embeddings(run_dir, split: str, accelerator, grid: int = 0) -> dict[str, torch.Tensor]:
-    """`clip_embeddings` computed by the main process while the others wait, then read by every process."""
-    if accelerator.is_main_process:
-        clip_embeddings(run_dir, split, accelerator.device, grid=grid)
+    """`clip_embeddings` computed by the main process while the others wait, then read by the others."""
+    found = clip_embeddings(run_dir, split, accelerator.device, grid=grid) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    return clip_embeddings(run_dir, split, accelerator.device, grid=grid)
+    return found if found is not None else clip_embeddings(run_dir, split, accelerator.device, grid=grid)
 
 
 def main(argv: list[str] | None = None) -> int:

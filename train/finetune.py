@@ -93,17 +93,22 @@ FIX = "fine-tune with the sizes it was trained with (its config.json), or leave 
 
 def init_source(cfg: RunConfig, args, stage: str) -> Path | None:
     """The folder `--init-from` names, or None: none given, or the run resumes a checkpoint of its own."""
-    from train.loop import checkpoint_to_resume
-
     given = getattr(args, "init_from", None)
     if not given:
         return None
     source = checked_source(given)
-    if checkpoint_to_resume(Path(cfg.out_dir) / "checkpoints" / stage, args) is not None:
+    if resuming(cfg, args, stage):
         if _is_main():
             print(f"{stage}: the run resumes its own checkpoint; --init-from {given} is not read", flush=True)
         return None
     return source
+
+
+def resuming(cfg: RunConfig, args, stage: str) -> bool:
+    """Whether the stage's run continues a checkpoint of its own (`loop.checkpoint_to_resume`)."""
+    from train.loop import checkpoint_to_resume
+
+    return checkpoint_to_resume(Path(cfg.out_dir) / "checkpoints" / stage, args) is not None
 
 
 def checked_source(given: str) -> Path:

@@ -578,12 +578,9 @@ def save_checkpoint(t: Training) -> None:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": t.step, "bad_steps": t.bad_total}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        old = t.ckpt_root / f"old-step_{t.step:08d}"  # a checkpoint of this step written before (--resume of an
-        if final.exists():  # earlier step): renamed away, never half-deleted under a name that lists as complete
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+        # no checkpoint of this step is there to replace: those past the run's start were set aside when it began
+        # (`set_aside_later_checkpoints`)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
         keep = t.tc.keep_checkpoints
         for old in list_checkpoints(t.ckpt_root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
