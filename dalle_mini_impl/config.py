@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -595,11 +596,8 @@ def config_from_dict(values: dict[str, Any], cls: type = RunConfig) -> Any:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def read_config_json(path: str | os.PathLike) -> RunConfig:

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.files import write_atomic
 
 MAX_SLUG = 60
 
@@ -399,10 +400,8 @@ def save_results(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for r in kept:
-        paths.append(out / f"{stem}_r{r.rank}.png")
-        tmp = paths[-1].with_name(f".{paths[-1].name}.tmp")  # renamed into place: a killed run leaves no torn PNG
-        r.image.save(tmp, format="PNG")
-        os.replace(tmp, paths[-1])
+        # renamed into place: a killed run leaves no torn PNG
+        paths.append(write_atomic(out / f"{stem}_r{r.rank}.png", lambda tmp, r=r: r.image.save(tmp, format="PNG")))
     captions = [f"#{r.rank}" + ("" if r.clip_score is None else f" {r.clip_score:.3f}") for r in kept]
     return paths, _save_grid(kept, out, f"{stem}_grid", captions)
 

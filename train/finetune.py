@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 
 from dalle_mini_impl.config import RunConfig, read_config_json, save_config
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.pipeline.bundle import (
     FILES,
     bundle_path,
@@ -219,9 +219,7 @@ def _copy_if_missing(source: Path, cfg: RunConfig, names: list[str], section: st
 
 def _copy_atomic(source: Path, dest: Path) -> None:
     """Copy a file through a temporary name, so that a killed copy never leaves a truncated `dest`."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    write_atomic(dest, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _is_main() -> bool:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import prepare_image
 from ..errors import UserError
+from ..files import write_atomic
 from .model import CLIP
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("{}", "a {}", "an image of a {}", "a picture of a {}")
@@ -319,19 +320,18 @@ def build_index(scorer: ClipScorer, folder: str | os.PathLike, out: str | os.Pat
         "skipped": skipped,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "embeddings.npy", lambda f: np.save(f, torch.cat(feats).numpy().astype(np.float16)))
+    vectors = torch.cat(feats).numpy().astype(np.float16)
+
+    def save_vectors(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a handle: np.save given a path would add .npy to the temporary name
+            np.save(f, vectors)
+
+    write_atomic(out / "embeddings.npy", save_vectors)
     files = [p.relative_to(folder).as_posix() for p in kept]
-    _write_atomic(out / "files.json", lambda f: f.write(json.dumps(files, indent=0).encode()))
+    write_atomic(out / "files.json", lambda tmp: tmp.write_text(json.dumps(files, indent=0)))
     # meta.json last: an index without it is incomplete, whatever else is there
-    _write_atomic(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return meta
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def read_index(index_dir: str | os.PathLike) -> tuple[np.ndarray, list[str], dict]:

@@ -27,6 +27,8 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
+from ..files import write_atomic
+
 WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -223,12 +225,7 @@ def save_grid(
         for j, line in enumerate(wrapped[i] if captions else []):
             draw.text((x, y + cell_h + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 __all__ = [

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from ..files import write_atomic
 
 SHARD_RE = re.compile(r"^shard_(\d{3})_(\d{5})\.safetensors$")
 
@@ -43,11 +44,9 @@ def write_shard(path: Path, image_ids: torch.Tensor, captions: list[str]) -> Non
     """Write one shard atomically. `image_ids` is (N, h, w); stored as int16 when the codebook fits."""
     assert image_ids.dim() == 3 and len(captions) == image_ids.shape[0]
     dtype = torch.int16 if int(image_ids.max()) < 2**15 else torch.int32
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     meta = {"captions": json.dumps(captions, ensure_ascii=False), "format": "dalle-mini-impl tokens v1"}
-    save_file({"image_ids": image_ids.to(dtype).contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tensors = {"image_ids": image_ids.to(dtype).contiguous()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def shard_rows(path: Path) -> int:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig, TransformerConfig, config_from_dict, config_to_dict, read_config_json, save_config
 from ..errors import UserError
+from ..files import write_atomic
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the bundles shipped in the package, one folder each
 # the model `python -m sample` and `python -m dalle_mini_impl.clip` use when no --model is given
@@ -150,9 +151,7 @@ def save_state_dict(
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         out[name] = t.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
 
 
 def save_module(module: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from ..config import TextConfig
 from ..errors import UserError
+from ..files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,6 @@ class _Writer:
         self.data += data
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class TextTokenizer:
     """Captions <-> LongTensor (b, text_len) of sentencepiece ids framed by bos/eos and padded.
 
@@ -132,7 +126,7 @@ class TextTokenizer:
             )
             data = _train_bytes(texts, cfg, vocab_size)
         path = Path(path)
-        _atomic_write(path, data)
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
         return cls(spm.SentencePieceProcessor(model_proto=data), cfg.text_len, name=str(path))
 
     @classmethod
@@ -162,7 +156,8 @@ class TextTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model to `path` atomically (e.g. into a bundle)."""
-        _atomic_write(Path(path), self.sp.serialized_model_proto())
+        proto = self.sp.serialized_model_proto()
+        write_atomic(path, lambda tmp: tmp.write_bytes(proto))
 
     # -- properties ----------------------------------------------------------------------------
 
