@@ -98,6 +98,29 @@ def test_the_shapes_bundle_draws_variations_text_diffs_and_unclip_samples_the_ju
 
 
 @pytest.mark.slow
+def test_a_source_the_shapes_decoder_pins_down_still_gets_four_new_variations():
+    """eval unclip's seed-2 source 51 ("a small square", this project's renderer): at the bundle's temperature
+    and three looser rounds, all 32 candidates were the source's own codes, and its four variations were
+    four copies of it; the fourth looser round (temperature 1.75) draws new ones."""
+    import warnings
+
+    from dalle_mini_impl.eval.unclip import sources
+
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    caption, pixels, _ = sources(51, 2, pipe.cfg.data.shapes.held_out, 32)[50]
+    assert caption == "a small square"
+    source = Image.fromarray(pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "gave only N distinct images"
+        kept = pipe.variations([source], num_images=4, candidates=8, seed=2 + 50, progress=False)[0]
+    drawn = pipe._as_drawn(pipe._read_images([source]))[0]
+    assert len({r.image.tobytes() for r in kept}) == 4
+    assert all(not torch.equal(pipe._read_images([r.image])[0], drawn) for r in kept)  # none is the source
+    assert all(judge(np.asarray(r.image), caption).ok for r in kept)
+
+
+@pytest.mark.slow
 def test_the_emoji_bundle_draws_variations_in_the_source_style():
     torch.set_num_threads(1)
     pipe = Pipeline.from_pretrained("emoji", device="cpu")

@@ -64,8 +64,10 @@ INITS = ("samples", "random")  # what clip-guided refinement starts from
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images at once (and never finish on a CPU)
 # when fewer than --num-images of a prompt's candidates are distinct, up to this many more rounds of
-# candidates are sampled before a kept image is repeated (with a warning)
-MAX_EXTRA_ROUNDS = 3
+# candidates are sampled before a kept image is repeated (with a warning). Four: with three (variations' last at
+# temperature 1.5), 1 of eval unclip's 300 seed-2 sources ("a small square") still got its own codes 32 times
+# and kept four copies of itself; the fourth round, at 1.75, drew three new images (docs/RESULTS.md)
+MAX_EXTRA_ROUNDS = 4
 
 
 MAX_SPECULATIVE_ROWS_CPU = WINDOW_TOKENS_CPU[torch.bfloat16] // MIN_WINDOW
@@ -929,7 +931,7 @@ class Pipeline:
     ) -> list[Result]:
         """The best `s.num_images` distinct images the decoder draws from the embedding cond (`_from_embedding`),
         best first. When a round gives fewer distinct images (an embedding can pin a simple image down), the
-        extra rounds draw looser, at temperatures 1, 1.25, 1.5 (or the settings' own, if higher): a variation is
+        extra rounds draw looser, at temperatures 1, 1.25, 1.5, 1.75 (or the settings' own, if higher): a variation is
         a new image, not the same one again, and CLIP's ranking keeps the looser draws only where needed.
         source: a variation's source as the tokenizer draws it (1, 3, H, W); a candidate identical to it is no
         variation and is left out."""
