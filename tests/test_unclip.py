@@ -437,7 +437,7 @@ def test_eval_unclip_and_eval_shapes_method_unclip_print_their_numbers(bundle, t
         "--model",
         str(bundle),
         "--n",
-        "4",
+        "8",
         "--diffs",
         "2",
         "--pairs",
@@ -451,16 +451,23 @@ def test_eval_unclip_and_eval_shapes_method_unclip_print_their_numbers(bundle, t
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads((tmp_path / "u.json").read_text())
     v = result["variations"]
-    assert v["n"] == 4 and 0 <= v["top1"]["all"] <= 100 and 0 <= v["codes_changed_percent"] <= 100
+    assert v["n"] == 8 and 0 <= v["top1"]["all"] <= 100 and 0 <= v["codes_changed_percent"] <= 100
     assert 0 <= v["clip_prefers_true_relation"] <= 100
     # the two-object sources, split by whether CLIP's embedding knows their shapes
     from dalle_mini_impl.eval.unclip import sources
 
     cfg = Pipeline.from_pretrained(str(bundle), device="cpu").cfg.data
-    two = [c for c, _, _ in sources(4, 0, cfg.shapes.held_out, cfg.image_size) if parse_caption(c)["kind"] == "two"]
+    srcs = sources(8, 0, cfg.shapes.held_out, cfg.image_size)
+    two = [c for c, _, _ in srcs if parse_caption(c)["kind"] == "two"]
     split = v["two_top1_by_clip_shapes"]
     assert split["right"]["n"] + split["wrong"]["n"] == len(two) > 0
     assert split["right"]["n"] == round(v["clip_prefers_true_shapes"] * len(two) / 100)
+    # one of the 8 sources shows a pair every part of the bundle trained without ("yellow square", held out)
+    assert cfg.shapes.held_out == ["purple triangle", "yellow square"]
+    assert srcs[7][0] == "a large yellow square on the right"
+    by_pair = v["top1_by_held_out_pair"]
+    assert by_pair["shown"]["n"] == 1 and by_pair["not_shown"]["n"] == 7
+    assert by_pair["shown"]["top1"] in (0.0, 100.0)
     assert set(result["text_diffs"]) == {"n", "scale_0.2", "scale_0.5"}
     assert list(result["interpolations"]["nearer_end_by_step"]) == ["t=0.00", "t=0.25", "t=0.50", "t=0.75", "t=1.00"]
     assert shapes.main(["--model", str(bundle), "--n", "4", "--method", "unclip"]) == 0

@@ -20,8 +20,11 @@ on one renderer's pixels.
                  the embedding knows of which object is where; 50 is chance), how often it is nearer its
                  caption than every caption with one object's shape swapped (`clip_prefers_true_shapes`), and
                  the two-object top-1 on the sources where it is and where it is not
-                 (`two_top1_by_clip_shapes`: whether CLIP or the decoder loses a shape). A bundle with `unclip.grid`
-                 also gives the decoder CLIP's spatial features of the source (`Pipeline.variations`).
+                 (`two_top1_by_clip_shapes`: whether CLIP or the decoder loses a shape); and the top-1 on the
+                 sources that show a held-out color-shape pair (`shapes.held_out`: every part of the bundle
+                 trained without it; the `validation` split draws it) and on the others (`top1_by_held_out_pair`).
+                 A bundle with `unclip.grid` also gives the decoder CLIP's spatial features of the source
+                 (`Pipeline.variations`).
   text diffs     `--diffs` one-object sources whose caption states the color: the image's embedding turned
                  toward text(caption with another color) - text(caption), at each scale; the top-1 judged
                  under the edited caption (and, for reference, under the source's).
@@ -42,7 +45,15 @@ from PIL import Image, ImageDraw
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.shapes.generator import COLORS, extent, format_caption, parse_caption, render, sample_scene
+from dalle_mini_impl.shapes.generator import (
+    COLORS,
+    extent,
+    format_caption,
+    parse_caption,
+    parse_held_out,
+    render,
+    sample_scene,
+)
 from dalle_mini_impl.shapes.judge import judge
 from dalle_mini_impl.shapes.negatives import every_edit
 
@@ -110,7 +121,11 @@ def variations(pipe, srcs, settings: dict, progress: bool) -> dict:
     top1 = [judge(np.asarray(k[0].image), c).ok for k, c in zip(kept, captions)]
     every = [judge(np.asarray(r.image), c).ok for k, c in zip(kept, captions) for r in k]
     floor = [judge(np.asarray(kept[(i + 1) % len(kept)][0].image), c).ok for i, c in enumerate(captions)]
-    ceiling = [judge(img, c).ok for c, img, _ in srcs]
+    read = [judge(img, c) for c, img, _ in srcs]  # the sources themselves: the ceiling, and what they show
+    ceiling = [v.ok for v in read]
+    # a source showing a color-shape pair the bundle never trained on (shapes.held_out; "validation" draws them)
+    held_pairs = set(parse_held_out(pipe.cfg.data.shapes.held_out))
+    unseen = [any((o.color, o.shape) in held_pairs for o in v.objects) for v in read]
     changed, identical = [], 0
     for pil, k in zip(pils, kept):
         own = pipe.encode_image(pil).view(-1)
@@ -139,6 +154,13 @@ def variations(pipe, srcs, settings: dict, progress: bool) -> dict:
         "floor_other_sources_variation": _share(floor),
         "clip_prefers_true_relation": _share(relation),
         "clip_prefers_true_shapes": _share(shapes),
+        "top1_by_held_out_pair": {
+            verdict: {
+                "n": sum(u == shows for u in unseen),
+                "top1": _share([f for f, u in zip(top1, unseen) if u == shows]),
+            }
+            for verdict, shows in (("shown", True), ("not_shown", False))
+        },
         "two_top1_by_clip_shapes": {
             verdict: {
                 "n": sum(s == right for s in shapes),
