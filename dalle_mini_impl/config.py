@@ -554,9 +554,11 @@ def load_config(
     if path is not None:
         resolved = resolve_config_path(path)
         try:
-            values = tomllib.loads(resolved.read_text())
+            values = tomllib.loads(resolved.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file '{resolved}' is not valid TOML ({e}); fix the syntax") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file '{resolved}' is not UTF-8 text; give a TOML preset (configs/)") from None
         _apply(cfg, values, "")
     apply_overrides(cfg, overrides or [])
     if data is not None:

@@ -142,6 +142,23 @@ def test_convert_names_a_swapped_file(tmp_path, capsys):
     assert "decoder.pkl' holds dall_e.decoder.Decoder, not dall_e.encoder.Encoder" in err
 
 
+def test_convert_names_a_checkpoint_given_as_the_config_and_a_config_taming_cannot_build(tmp_path, capsys):
+    yaml = pytest.importorskip("yaml")
+    checkpoint = str(FIXTURES / "taming/vq_f16/last.ckpt")
+    config = yaml.safe_load((FIXTURES / "taming/vq_f16/model.yaml").read_text())
+    config["model"]["params"]["ddconfig"]["ch"] = 8  # GroupNorm's 32 groups do not divide 8 channels
+    (tmp_path / "ch8.json").write_text(json.dumps(config))
+    for argv, says in [
+        ([str(FIXTURES / "taming/vq_f16/model.yaml"), checkpoint], "takes CHECKPOINT then CONFIG, in that order"),
+        ([checkpoint, str(tmp_path / "ch8.json")], "describes no VQGAN taming's layers can build (num_channels (8)"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            convert.run(["taming", *argv, str(tmp_path / "tok"), "--trust-pickle"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1
+
+
 class _Payload:
     """Pickles as a call that would write `path` (os.system running `touch`) if the loader ran it."""
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import emoji
-from tests.bundle_factory import make_tiny_bundle
+from tests.bundle_factory import make_tiny_bundle, tiny_config
 from tests.test_train import TINY, compiled_graphs, forget_compiled
 from train import judge as train_judge
 
@@ -152,8 +152,16 @@ def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
     assert cfg.out_dir == "runs/x-judge" and cfg.name == "emoji64-judge"
 
 
+def emoji_like(folder: Path):
+    """The tiny bundle's sizes, trained (so its config says) on the emoji-like folder: eval emoji refuses shapes
+    models."""
+    cfg = tiny_config()
+    cfg.data.source = str(folder)
+    return cfg
+
+
 def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
-    bundle = make_tiny_bundle(tmp_path / "bundle")
+    bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder))
     argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "2"]
     assert emoji.main([*argv, "--grid", str(tmp_path / "grid.png")]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -212,7 +220,7 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
 
 
 def test_references_only_grades_the_judge_alone_as_the_full_run_does(folder, judge, tmp_path, capsys):
-    bundle = make_tiny_bundle(tmp_path / "bundle")
+    bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder))
     argv = ["--judge", str(judge), "--data", str(folder), "--seed", "3"]
     assert emoji.main([*argv, "--model", str(bundle), "--candidates", "1"]) == 0
     full = json.loads(capsys.readouterr().out)
@@ -230,7 +238,7 @@ def test_references_only_grades_the_judge_alone_as_the_full_run_does(folder, jud
 
 
 def test_eval_emoji_grades_unclip_candidates_on_the_same_captions(folder, judge, tmp_path, capsys):
-    bundle = make_tiny_bundle(tmp_path / "bundle", unclip=True)
+    bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder), unclip=True)
     argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "2"]
     assert emoji.main(argv) == 0
     ar = json.loads(capsys.readouterr().out)

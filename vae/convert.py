@@ -89,7 +89,12 @@ def read_config(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise VAEError(f"config file '{path}' does not exist; pass the .yaml that came with the checkpoint")
-    text = file.read_text()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise VAEError(
+            f"config file '{path}' is not text (a checkpoint?); the command takes CHECKPOINT then CONFIG, in that order"
+        ) from None
     if file.suffix.lower() == ".json":
         try:
             config = json.loads(text)
@@ -153,7 +158,14 @@ def convert_taming(checkpoint_path: str, config_path: str) -> TamingVQGAN:
     if not isinstance(state, dict):
         raise VAEError(f"'{checkpoint_path}' has no state_dict; pass the Lightning checkpoint (.ckpt) of the VQGAN")
     tensors = {k: v for k, v in state.items() if k.split(".")[0] in TAMING_PARTS}
-    return load_into(TamingVQGAN(**kwargs), tensors, f"'{checkpoint_path}'")
+    try:
+        model = TamingVQGAN(**kwargs)
+    except (ValueError, RuntimeError) as e:  # e.g. a channel count GroupNorm's 32 groups do not divide
+        raise VAEError(
+            f"config '{config_path}' describes no VQGAN taming's layers can build ({e}); pass the config that came "
+            "with the checkpoint"
+        ) from None
+    return load_into(model, tensors, f"'{checkpoint_path}'")
 
 
 # -- LlamaGen's VQ -------------------------------------------------------------------------------------
@@ -279,6 +291,9 @@ def run(argv: Sequence[str] | None = None) -> None:
     except VAEError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)
 
 

@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 from ..config import add_config_args, config_from_args
 from ..errors import UserError, run_cli
@@ -31,12 +32,19 @@ def _grid(cfg, args) -> int:
     stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
     examples = list(itertools.islice(stream, args.n))
     batch = collate(examples)
-    path = save_grid(batch["image"], args.out, nrow=math.ceil(math.sqrt(len(examples))), captions=batch["caption"])
+    if Path(args.out).is_dir():
+        raise UserError(f"--out '{args.out}' is a folder; give a file name in it, such as {Path(args.out, 'grid.png')}")
+    try:
+        path = save_grid(batch["image"], args.out, nrow=math.ceil(math.sqrt(len(examples))), captions=batch["caption"])
+    except OSError as e:
+        raise UserError(f"cannot write --out '{args.out}' ({e.strerror or e}); choose a writable path") from None
     print(f"wrote {path} ({len(examples)} examples of {cfg.data.source}, split {cfg.data.split})")
     return 0
 
 
 def _stats(cfg, args) -> int:
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n {args.n} must be at least 1")
     stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
     if stream.length is None and stream.source.kind == "shapes" and args.n is None:
         raise UserError("the shapes training stream is endless; pass --n N or set data.shapes.train_size")

@@ -5,8 +5,44 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections import defaultdict
+from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_atomic
+
+
+def check_counts(**counts: tuple[int | None, int]) -> None:
+    """Each option=(value, least) that is below its least, in one sentence naming it (None: not given)."""
+    for option, (value, least) in counts.items():
+        if value is not None and value < least:
+            raise UserError(f"--{option.replace('_', '-')} is {value}; use at least {least}")
+
+
+def check_seed(seed: int) -> None:
+    """The evaluations' seeds seed numpy's generators too, which take no negative number."""
+    if not 0 <= seed < 2**62:
+        raise UserError(f"--seed is {seed}; use a non-negative integer below 2**62")
+
+
+def check_out_file(path: str | None, option: str = "--out", example: str = "result.json") -> None:
+    """Refuse before any work an output path that cannot become a file (a folder, or a path under a file), so that
+    a long evaluation is not lost at its end; None: no file asked for."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} '{path}' is a folder; give a file name in it, such as {p / example}")
+    above = next((q for q in p.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{option} '{path}' is under '{above}', which is a file; choose another path")
+
+
+def write_result(path: str | Path, write, option: str = "--out") -> None:
+    """`write_atomic(path, write)` with a failure (no room, no permission) said in one sentence."""
+    try:
+        write_atomic(path, write)
+    except OSError as e:
+        raise UserError(f"cannot write {option} '{path}' ({e.strerror or e}); choose a writable path") from None
 
 
 def add_method_argument(parser: argparse.ArgumentParser) -> None:

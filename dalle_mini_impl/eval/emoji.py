@@ -40,7 +40,6 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,7 +48,16 @@ from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
-from . import RefinedColumns, add_guided_arguments, add_method_argument, check_method, sample_settings
+from . import (
+    RefinedColumns,
+    add_guided_arguments,
+    add_method_argument,
+    check_method,
+    check_out_file,
+    check_seed,
+    sample_settings,
+    write_result,
+)
 
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
@@ -290,7 +298,10 @@ def evaluate(
     if grid:
         k = min(GRID_COLUMNS, len(captions))
         images = torch.cat([torch.stack(reranked[:k]), real[:k]])
-        save_grid(images, grid, nrow=k, captions=captions[:k] + ["(real)"] * k)
+        try:
+            save_grid(images, grid, nrow=k, captions=captions[:k] + ["(real)"] * k)
+        except OSError as e:
+            raise UserError(f"cannot write --grid '{grid}' ({e.strerror or e}); choose a writable path") from None
     rows = list(range(len(captions)))
     out = {
         "reranked": grader.grade(torch.stack(reranked), rows, real_emb),
@@ -341,13 +352,18 @@ def main(argv: list[str] | None = None) -> int:
         help="grade only the real images and the two references (no model sampled): the judge's own numbers",
     )
     args = p.parse_args(argv)
+    check_seed(args.seed)
+    check_out_file(args.out)
+    check_out_file(args.grid, "--grid", "grid.png")
     if args.references_only:
         return print_references(args)
     if args.candidates < 1:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
+    check_not_shapes(read_bundle_config(args.judge), f"--judge '{args.judge}'")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    check_not_shapes(pipe.cfg, f"model '{args.model}'")
     check_method(pipe, args.method, args.guided, args.guided_from)
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.seed, pipe.cfg.sample.candidates = args.seed, args.candidates
@@ -393,6 +409,7 @@ def print_references(args) -> int:
     from ..pipeline.bundle import load_clip, read_bundle_config
 
     judge_cfg = read_bundle_config(args.judge)
+    check_not_shapes(judge_cfg, f"--judge '{args.judge}'")
     judge = load_clip(args.judge, device=args.device)
     t0 = time.perf_counter()
     split_data = GradedSplit(judge, args.data, args.split, args.n, args.seed, judge_cfg.data.image_size)
@@ -409,9 +426,18 @@ def print_references(args) -> int:
     return emit(summary, args.out)
 
 
+def check_not_shapes(cfg, what: str) -> None:
+    """A model or judge trained on shapes reads no emoji caption (its tokenizer and CLIP know the shapes grammar)."""
+    if cfg.data.source == "shapes":
+        raise UserError(
+            f"{what} was trained on shapes; eval emoji grades with and for models of emoji-styles captions "
+            "(grade a shapes model with python -m dalle_mini_impl.eval shapes)"
+        )
+
+
 def emit(summary: dict, out: str | None) -> int:
     """Print the summary as one JSON line and, with --out, write it indented too."""
     if out:
-        Path(out).write_text(json.dumps(summary, indent=2) + "\n")
+        write_result(out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     print(json.dumps(summary))
     return 0

@@ -37,6 +37,16 @@ def load_image(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def _utf8_lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of an open text file, a file that is not UTF-8 refused in one sentence."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, start=1):
+            yield lineno, line
+    except UnicodeDecodeError:
+        raise UserError(f"line {lineno + 1} of '{path}' is not UTF-8 text; {_ROW_HELP}") from None
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[int, str, np.ndarray]]:
     """Yield (line number, prompt, image) for each non-blank line, with one-sentence errors."""
     path = Path(path)
@@ -46,7 +56,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, str, np.ndarray]]:
             '{"prompt": ..., "path": ...} object per line'
         )
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in _utf8_lines(f, path):
             if not line.strip():
                 continue
             try:

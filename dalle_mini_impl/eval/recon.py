@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.eval import check_counts
 from dalle_mini_impl.pipeline.bundle import load_vae, read_bundle_config
 
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    check_counts(limit=(args.limit, 0), batch_size=(args.batch_size, 1))
     tokenizer = load_vae(args.model)
     try:
         cfg = read_bundle_config(args.model)
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     apply_overrides(cfg, args.overrides)
     if args.data:
         cfg.data.source = args.data
+    if cfg.data.image_size % tokenizer.factor:
+        raise UserError(
+            f"data.image_size is {cfg.data.image_size}, not a multiple of the image tokenizer's factor "
+            f"{tokenizer.factor}; set it to one (the model's own: leave --set data.image_size out)"
+        )
     stream = ExampleStream(cfg.data, args.split, train=False)
     limited = _take(batches(stream, args.batch_size), args.limit)
     result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")

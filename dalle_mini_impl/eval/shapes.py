@@ -35,7 +35,16 @@ from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
-from . import RefinedColumns, add_guided_arguments, add_method_argument, check_method, sample_settings
+from . import (
+    RefinedColumns,
+    add_guided_arguments,
+    add_method_argument,
+    check_method,
+    check_out_file,
+    check_seed,
+    sample_settings,
+    write_result,
+)
 
 KINDS = ("one", "two", "heldout")
 
@@ -193,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    check_seed(args.seed)
+    check_out_file(args.out)
     if args.n < 4:
         raise UserError(f"--n is {args.n}; use at least 4 prompts so every kind is drawn")
     if args.candidates < 8:
@@ -226,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(summary)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        write_result(args.out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     print(text)
     return 0

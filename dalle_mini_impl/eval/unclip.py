@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.eval import check_counts, check_out_file, check_seed, write_result
 from dalle_mini_impl.shapes.generator import (
     COLORS,
     extent,
@@ -241,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="sample.KEY=VALUE")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    check_seed(args.seed)
+    check_counts(n=(args.n, 0), diffs=(args.diffs, 0), pairs=(args.pairs, 0))
+    if args.n == 1:
+        raise UserError("--n is 1; use 0 or at least 2 sources (the floor grades a source against another's variation)")
+    check_out_file(args.out)
     pipe = Pipeline.from_pretrained(args.model, device="cpu")
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
@@ -269,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(result)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     print(text)
     return 0
 

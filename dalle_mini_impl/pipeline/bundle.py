@@ -305,10 +305,12 @@ def load_clip(bundle: str | os.PathLike, device: str | torch.device = "cpu"):
 
     from ..clip.model import clip_from_config
     from ..clip.uses import BundleClipScorer
+    from .pipeline import resolve_device  # one sentence for a device this machine lacks; "auto" picks one
 
     bundle = bundle_path(bundle)
     cfg = read_bundle_config(bundle)
     weights = part_path(bundle, "clip")
+    device = resolve_device(device) if isinstance(device, str) else device
     tokenizer = load_text_tokenizer(bundle, cfg)
     model = load_module(clip_from_config(cfg, tokenizer), weights, "CLIP")
     digest = hashlib.sha256(part_path(bundle, "text").read_bytes()).hexdigest()

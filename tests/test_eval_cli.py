@@ -1,0 +1,61 @@
+"""The evaluation and data commands refuse a user's mistake in one sentence, before any work (`run_cli`: exit 2,
+`error: ...` on stderr, no traceback): a negative seed, an output path that is a folder or under a file, counts
+below their least, a device this machine lacks, a model or judge trained on another data set, files that are
+not UTF-8 text."""
+
+from __future__ import annotations
+
+import pytest
+
+from dalle_mini_impl.data import __main__ as data_cli
+from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.eval import __main__ as eval_cli
+
+
+def refused(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    judge_emoji = ["--judge", "emoji", "--data", str(tmp_path)]
+    cases = [
+        (["shapes", "--n", "4", "--seed", "-1"], "--seed is -1; use a non-negative integer below 2**62"),
+        (["shapes", "--n", "4", "--out", str(tmp_path)], f"--out '{tmp_path}' is a folder; give a file name in it"),
+        (["shapes", "--n", "4", "--out", str(tmp_path / "afile" / "x.json")], "which is a file; choose another path"),
+        (["unclip", "--n", "1"], "--n is 1; use 0 or at least 2 sources"),
+        (["unclip", "--n", "2", "--pairs", "-1"], "--pairs is -1; use at least 0"),
+        (["unclip", "--n", "2", "--seed", "-3"], "--seed is -3"),
+        (["recon", "--model", "shapes", "--limit", "-1"], "--limit is -1; use at least 0"),
+        (["recon", "--model", "shapes", "--batch-size", "0"], "--batch-size is 0; use at least 1"),
+        (
+            ["recon", "--model", "shapes", "--set", "data.image_size=18"],
+            "not a multiple of the image tokenizer's factor 4",
+        ),
+        (["clip", "--model", "shapes", "--batch-size", "-1"], "--batch-size is -1; use at least 1"),
+        (["clip", "--model", "shapes", "--limit", "4", "--device", "tpu"], "device 'tpu' is unknown"),
+        (["emoji", *judge_emoji, "--seed", "-1"], "--seed is -1"),
+        (["emoji", *judge_emoji, "--grid", str(tmp_path)], f"--grid '{tmp_path}' is a folder"),
+        (["emoji", "--judge", "shapes", "--data", str(tmp_path)], "--judge 'shapes' was trained on shapes"),
+        (["emoji", "--model", "shapes", *judge_emoji], "model 'shapes' was trained on shapes"),
+        (["emoji", "--judge", "shapes", "--data", str(tmp_path), "--references-only"], "was trained on shapes"),
+    ]
+    for argv, says in cases:
+        assert says in refused(capsys, eval_cli.main, argv), argv
+
+
+def test_files_that_are_not_utf8_and_bad_data_paths_are_one_sentence(capsys, tmp_path):
+    (tmp_path / "bad.toml").write_bytes(b"\xff\xfe[data]\n")
+    (tmp_path / "rows.jsonl").write_bytes('{"prompt": "a red circle", "path": "caf\u00e9.png"}\n'.encode("latin-1"))
+    says = refused(
+        capsys, data_cli.main, ["grid", "--out", str(tmp_path / "g.png"), "--config", str(tmp_path / "bad.toml")]
+    )
+    assert "is not UTF-8 text" in says
+    assert "line 1 of" in refused(capsys, eval_cli.main, ["judge", str(tmp_path / "rows.jsonl")])
+    assert "--n -1 must be at least 1" in refused(capsys, data_cli.main, ["stats", "--n", "-1"])
+    says = refused(capsys, data_cli.main, ["grid", "--out", str(tmp_path), "--n", "2"])
+    assert f"--out '{tmp_path}' is a folder" in says
