@@ -39,6 +39,7 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["clip", "--model", "shapes", "--batch-size", "-1"], "--batch-size is -1; use at least 1"),
         (["clip", "--model", "shapes", "--limit", "4", "--device", "tpu"], "device 'tpu' is unknown"),
         (["emoji", *judge_emoji, "--seed", "-1"], "--seed is -1"),
+        (["emoji", "--judge", str(tmp_path / "nope"), "--data", str(tmp_path)], "--judge '"),
         (["emoji", *judge_emoji, "--grid", str(tmp_path)], f"--grid '{tmp_path}' is a folder"),
         (["emoji", "--judge", "shapes", "--data", str(tmp_path)], "--judge 'shapes' was trained on shapes"),
         (["emoji", "--model", "shapes", *judge_emoji], "model 'shapes' was trained on shapes"),
@@ -59,3 +60,22 @@ def test_files_that_are_not_utf8_and_bad_data_paths_are_one_sentence(capsys, tmp
     assert "--n -1 must be at least 1" in refused(capsys, data_cli.main, ["stats", "--n", "-1"])
     says = refused(capsys, data_cli.main, ["grid", "--out", str(tmp_path), "--n", "2"])
     assert f"--out '{tmp_path}' is a folder" in says
+
+
+def test_eval_shapes_of_a_bundle_without_clip_is_refused_before_sampling(capsys, tmp_path):
+    from tests.bundle_factory import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "noclip", clip=False)
+    says = refused(capsys, eval_cli.main, ["shapes", "--model", str(bundle), "--n", "4"])
+    assert "this model has no CLIP (clip.safetensors) to rerank with" in says
+
+
+def test_a_taming_config_with_a_missing_or_mistyped_setting_names_it(tmp_path, capsys):
+    from vae import convert
+
+    rgb = {"in_channels": 3, "out_ch": 3}
+    config = {"model": {"target": "taming.models.vqgan.VQModel", "params": {"embed_dim": 4, "ddconfig": rgb}}}
+    for params, says in [({}, "lacks the setting 'n_embed'"), ({"n_embed": "many"}, "has a setting of the wrong type")]:
+        config["model"]["params"].update(params)
+        with pytest.raises(convert.VAEError, match=says):
+            convert.taming_kwargs(config, "model.yaml")

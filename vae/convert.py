@@ -141,9 +141,11 @@ def taming_kwargs(config: dict[str, Any], path: str) -> dict[str, Any]:
             resamp_with_conv=bool(dd.get("resamp_with_conv", True)),
             quantizer=TAMING_TARGETS[target],
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
+        raise VAEError(f"'{path}' lacks the setting {e}; pass the config that came with the checkpoint") from None
+    except (TypeError, ValueError) as e:  # a setting of the wrong type or shape: say what Python said of it
         raise VAEError(
-            f"'{path}' lacks or mistypes the setting {e}; pass the config that came with the checkpoint"
+            f"'{path}' has a setting of the wrong type ({e}); pass the config that came with the checkpoint"
         ) from None
     if unsupported:
         raise VAEError(f"'{path}' uses remap, double_z or non-RGB images, which this converter does not support")

@@ -321,7 +321,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..pipeline.bundle import load_clip, read_bundle_config
+    from ..pipeline.bundle import bundle_path, load_clip, read_bundle_config
     from ..pipeline.pipeline import Pipeline
 
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval emoji", description=__doc__.split("\n")[0])
@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         help="grade only the real images and the two references (no model sampled): the judge's own numbers",
     )
     args = p.parse_args(argv)
+    if not bundle_path(args.judge).is_dir():
+        raise UserError(f"--judge '{args.judge}' does not exist; pass the folder python -m train.judge wrote")
     check_seed(args.seed)
     check_out_file(args.out)
     check_out_file(args.grid, "--grid", "grid.png")

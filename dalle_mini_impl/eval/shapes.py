@@ -129,6 +129,8 @@ def evaluate(
     images) and `refined_moved` (the share of each column's refinements whose codes left their start's)."""
     from tqdm.auto import tqdm
 
+    if pipe.clip is None:
+        raise UserError("this model has no CLIP (clip.safetensors) to rerank with; eval shapes judges CLIP's top-1")
     s = pipe.settings(candidates=candidates, num_images=1)
     columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": [], "every_of_8": []}
     if candidates >= 32:
@@ -147,8 +149,6 @@ def evaluate(
         columns["random"].append(first8[0])
         columns["every_of_8"].extend(first8)  # all 8, unranked: the sampler's own accuracy over 8x the prompts
         columns["judge_best_of_8"].append(next((v for v in first8 if v.ok), first8[0]))
-        if scores is None:
-            raise UserError(f"model '{pipe.cfg.name}' has no CLIP; the shapes eval ranks candidates with it")
         best8 = int(scores[:8].argmax())
         columns["clip_top1_of_8"].append(first8[best8])
         if "clip_top1_of_32" in columns:
