@@ -44,6 +44,9 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["emoji", "--judge", "shapes", "--data", str(tmp_path)], "--judge 'shapes' was trained on shapes"),
         (["emoji", "--model", "shapes", *judge_emoji], "model 'shapes' was trained on shapes"),
         (["emoji", "--judge", "shapes", "--data", str(tmp_path), "--references-only"], "was trained on shapes"),
+        (["emoji", *judge_emoji, "--references-only", "--candidates", "4", "--set", "x=1"], "--candidates, --set"),
+        (["clip", "--model", "shapes", "--set", "clip.embed_dim=8"], "--set clip.embed_dim: eval clip changes only"),
+        (["recon", "--model", "shapes", "--set", "vae.codebook_size=8"], "--set vae.codebook_size: eval recon changes"),
     ]
     for argv, says in cases:
         assert says in refused(capsys, eval_cli.main, argv), argv
@@ -57,6 +60,7 @@ def test_files_that_are_not_utf8_and_bad_data_paths_are_one_sentence(capsys, tmp
     )
     assert "is not UTF-8 text" in says
     assert "line 1 of" in refused(capsys, eval_cli.main, ["judge", str(tmp_path / "rows.jsonl")])
+    assert f"judge file '{tmp_path}' is a folder" in refused(capsys, eval_cli.main, ["judge", str(tmp_path)])
     assert "--n -1 must be at least 1" in refused(capsys, data_cli.main, ["stats", "--n", "-1"])
     says = refused(capsys, data_cli.main, ["grid", "--out", str(tmp_path), "--n", "2"])
     assert f"--out '{tmp_path}' is a folder" in says
@@ -79,3 +83,17 @@ def test_a_taming_config_with_a_missing_or_mistyped_setting_names_it(tmp_path, c
         config["model"]["params"].update(params)
         with pytest.raises(convert.VAEError, match=says):
             convert.taming_kwargs(config, "model.yaml")
+
+
+def test_a_tokenizer_setting_out_of_range_names_its_file(capsys, tmp_path):
+    import json
+    import shutil
+
+    from dalle_mini_impl.pipeline.bundle import bundle_path
+
+    shutil.copytree(bundle_path("shapes"), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "vae.json").read_text())
+    meta["kwargs"]["codebook_size"] = -16
+    (tmp_path / "m" / "vae.json").write_text(json.dumps(meta))
+    says = refused(capsys, eval_cli.main, ["recon", "--model", str(tmp_path / "m"), "--limit", "2"])
+    assert f"'{tmp_path / 'm' / 'vae.json'}': " in says and "-16" in says

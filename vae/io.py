@@ -118,12 +118,12 @@ def read_pretrained_config(folder: str | os.PathLike) -> dict[str, Any]:
 def load_pretrained(folder: str | os.PathLike) -> ImageTokenizer:
     """The tokenizer saved in `folder`, on the CPU, in eval mode; weights read with safetensors only."""
     meta = read_pretrained_config(folder)
+    path = Path(folder) / CONFIG_FILE
     try:
         model = build(meta["kind"], **meta["kwargs"])
-    except VAEError:
-        raise
+    except VAEError as e:  # a setting out of range: say which file holds it
+        raise VAEError(f"'{path}': {e}") from None
     except (TypeError, ValueError, KeyError) as e:  # a hand-edited setting of the wrong type
-        path = Path(folder) / CONFIG_FILE
         raise VAEError(f"'{path}' holds settings this code cannot build ({e}); save the tokenizer again") from None
     load_weights(model, Path(folder) / WEIGHTS_FILE)
     return model.eval()

@@ -256,10 +256,11 @@ def _columns(ds) -> list[str]:
 def _check_column(name: str, columns: list[str], column: str, role: str, guesses: tuple[str, ...]) -> None:
     if column in columns:
         return
-    guess = next((c for c in columns if c.lower() in guesses), columns[0] if columns else role)
+    guess = next((c for c in columns if c.lower() in guesses), None)
+    fix = f"--set data.{role}_column={guess}" if guess else f"--set data.{role}_column=NAME, NAME one of them"
     raise UserError(
         f"data set '{name}' has no {role} column '{column}'; its columns are: {', '.join(columns)}; "
-        f"name the right one with --set data.{role}_column={guess}"
+        f"name the right one with {fix}"
     )
 
 

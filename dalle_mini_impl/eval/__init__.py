@@ -18,6 +18,18 @@ def check_counts(**counts: tuple[int | None, int]) -> None:
             raise UserError(f"--{option.replace('_', '-')} is {value}; use at least {least}")
 
 
+def check_data_overrides(overrides: list[str], command: str) -> None:
+    """`eval clip` and `eval recon` read the data through --set (data.*); the model's own settings come from its
+    bundle's files, so any other key would be ignored: refused instead."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("data."):
+            raise UserError(
+                f"--set {key}: eval {command} changes only the data it reads (data.*); the model's settings are "
+                "its bundle's"
+            )
+
+
 def check_seed(seed: int) -> None:
     """The evaluations' seeds seed numpy's generators too, which take no negative number."""
     if not 0 <= seed < 2**62:

@@ -30,7 +30,7 @@ from ..config import ShapesConfig, apply_overrides
 from ..data.images import from_uint8
 from ..errors import UserError, run_cli
 from ..shapes.generator import COLORS, SHAPES, WHERES, Obj, cell_of, render, sample_scene, split_seed
-from . import check_counts
+from . import check_counts, check_data_overrides
 
 KS = (1, 5, 10)
 
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 2:
         raise UserError(f"--limit is {args.limit}; retrieval needs at least 2 pairs")
     check_counts(batch_size=(args.batch_size, 1))
+    check_data_overrides(args.overrides, "clip")
     cfg = apply_overrides(read_bundle_config(args.model), args.overrides)
     if args.data is not None:
         cfg.data.source = args.data

@@ -358,6 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     check_out_file(args.out)
     check_out_file(args.grid, "--grid", "grid.png")
     if args.references_only:
+        ignored = [
+            option
+            for option, given in (
+                ("--model", args.model != "emoji"),
+                ("--candidates", args.candidates != 8),
+                ("--set", bool(args.overrides)),
+                ("--guided", bool(args.guided)),
+                ("--method", args.method != "ar"),
+                ("--dtype", args.dtype != "fp32"),
+                ("--grid", args.grid is not None),
+            )
+            if given
+        ]
+        if ignored:
+            them = "it" if len(ignored) == 1 else "them"
+            raise UserError(f"--references-only samples no model: {', '.join(ignored)} would do nothing; drop {them}")
         return print_references(args)
     if args.candidates < 1:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
@@ -443,3 +459,9 @@ def emit(summary: dict, out: str | None) -> int:
         write_result(out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     print(json.dumps(summary))
     return 0
+
+
+if __name__ == "__main__":
+    from dalle_mini_impl.errors import run_cli
+
+    run_cli(main)

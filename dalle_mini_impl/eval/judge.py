@@ -50,6 +50,8 @@ def _utf8_lines(f, path: Path) -> Iterator[tuple[int, str]]:
 def read_rows(path: str | Path) -> Iterator[tuple[int, str, np.ndarray]]:
     """Yield (line number, prompt, image) for each non-blank line, with one-sentence errors."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"judge file '{path}' is a folder; give the .jsonl file in it ({_ROW_HELP})")
     if not path.is_file():
         raise UserError(
             f"judge file '{path}' does not exist; give a .jsonl file with one "
@@ -106,3 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["judge_file", "judge_rows", "load_image", "main", "read_rows", "summarize"]
+
+
+if __name__ == "__main__":
+    from dalle_mini_impl.errors import run_cli
+
+    run_cli(main)

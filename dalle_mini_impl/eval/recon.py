@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.eval import check_counts
+from dalle_mini_impl.eval import check_counts, check_data_overrides
 from dalle_mini_impl.pipeline.bundle import load_vae, read_bundle_config
 
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     check_counts(limit=(args.limit, 0), batch_size=(args.batch_size, 1))
+    check_data_overrides(args.overrides, "recon")
     tokenizer = load_vae(args.model)
     try:
         cfg = read_bundle_config(args.model)
@@ -137,3 +138,9 @@ def _take(batch_iter, limit: int):
             batch = {k: v[: limit - seen] for k, v in batch.items()}
         seen += len(batch["image"])
         yield batch
+
+
+if __name__ == "__main__":
+    from dalle_mini_impl.errors import run_cli
+
+    run_cli(main)

@@ -240,3 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         write_result(args.out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     print(text)
     return 0
+
+
+if __name__ == "__main__":
+    from dalle_mini_impl.errors import run_cli
+
+    run_cli(main)
