@@ -72,6 +72,9 @@ def test_eval_shapes_of_a_bundle_without_clip_is_refused_before_sampling(capsys,
     bundle = make_tiny_bundle(tmp_path / "noclip", clip=False)
     says = refused(capsys, eval_cli.main, ["shapes", "--model", str(bundle), "--n", "4"])
     assert "this model has no CLIP (clip.safetensors) to rerank with" in says
+    plain = make_tiny_bundle(tmp_path / "plain")
+    says = refused(capsys, eval_cli.main, ["unclip", "--model", str(plain), "--n", "2"])
+    assert says.startswith("error: eval unclip needs unCLIP's parts, and this bundle has no unclip.safetensors")
 
 
 def test_a_taming_config_with_a_missing_or_mistyped_setting_names_it(tmp_path, capsys):

@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model, device="cpu")
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
+    pipe.require_unclip("eval unclip")  # before any work, naming this command (not the sample CLI's flags)
     apply_sample_overrides(pipe.cfg, args.overrides)
     scales = [pipe.cfg.sample.text_diff_scale]
     if args.text_diff_scales:
