@@ -273,7 +273,7 @@ class TrainConfig:
     attention: str = "auto"
     ema_decay: float = 0.0  # 0: no EMA weights
     checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest this many; 0: every one
     log_every: int = 25
     image_every: int = 500  # image grids in TensorBoard
     eval_every: int = 500
@@ -643,10 +643,25 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None 
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's config from `add_config_args`' arguments; --out (or out_dir) must be able to hold a run folder."""
     cfg = load_config(args.config, args.overrides, data=args.data, split=args.split)
-    if getattr(args, "out", None):
-        cfg.out_dir = args.out
+    out = getattr(args, "out", None)
+    if out is not None:
+        if not str(out).strip():
+            raise UserError("--out is empty; name the run folder, such as runs/mine")
+        cfg.out_dir = out
+    check_run_folder(cfg.out_dir)
     return cfg
+
+
+def check_run_folder(out_dir: str) -> None:
+    """One sentence when a run folder cannot be one: it is a file, or a file stands where a folder above it goes."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run folder '{out_dir}' is a file; pass --out a folder (new or an earlier run's)")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"run folder '{out_dir}' is under '{above}', which is a file; pass --out another folder")
 
 
 __all__ = [
@@ -666,6 +681,7 @@ __all__ = [
     "add_config_args",
     "apply_overrides",
     "apply_sample_overrides",
+    "check_run_folder",
     "config_from_args",
     "config_from_dict",
     "config_to_dict",

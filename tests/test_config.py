@@ -104,3 +104,33 @@ def test_an_older_configs_renamed_key_loads_with_one_warning(tmp_path):
     assert cfg.sample.guidance_scale == 2.5 and len(seen) == 1
     with pytest.warns(FutureWarning, match="sample.cfg"):  # the same for a --set
         assert load_config("shapes", ["sample.cfg=4"]).sample.guidance_scale == 4.0
+
+
+def test_a_run_folder_that_cannot_be_one_is_one_sentence(tmp_path):
+    import argparse
+
+    from dalle_mini_impl.config import add_config_args, config_from_args
+
+    (tmp_path / "afile").write_text("x")
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    for out, says in [
+        (str(tmp_path / "afile"), "is a file; pass --out a folder"),
+        (str(tmp_path / "afile" / "sub"), "which is a file; pass --out another folder"),
+        ("", "--out is empty; name the run folder"),
+    ]:
+        with pytest.raises(UserError, match=says):
+            config_from_args(parser.parse_args(["--config", "shapes", "--out", out]))
+    assert config_from_args(parser.parse_args(["--out", str(tmp_path / "new" / "run")])).out_dir.endswith("run")
+
+
+def test_train_all_only_names_stages_of_the_config():
+    from train.all import check_only
+
+    names = ["tokenizer", "vae", "encode", "dalle", "clip"]
+    assert check_only(None, names) is None
+    assert check_only("vae, encode", names) == {"vae", "encode"}  # spaces around the names are fine
+    with pytest.raises(UserError, match="--only names no stage \\(vea\\) of this config; choose from tokenizer"):
+        check_only("vea,dalle", names)
+    with pytest.raises(UserError, match="--only is empty"):
+        check_only(",", names)

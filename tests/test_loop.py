@@ -206,6 +206,27 @@ def test_gradient_accumulation_below_one_is_one_sentence():
         loop.make_accelerator(TrainConfig(grad_accum=0))
 
 
+@pytest.mark.parametrize(
+    "values, says",
+    [
+        ({"batch_size": 0}, "train.dalle.batch_size is 0; use at least 1"),  # once a hang: no row ever came
+        ({"steps": -1}, "train.dalle.steps is -1; use 0"),  # once exported untrained weights with exit 0
+        ({"lr": float("nan")}, "train.dalle.lr is nan; use a positive learning rate"),
+        ({"lr": 0.0}, "train.dalle.lr is 0.0; use a positive learning rate"),
+        ({"betas": [0.9]}, "train.dalle.betas is [0.9]; give AdamW's two"),
+        ({"betas": [1.5, 0.9]}, "train.dalle.betas is [1.5, 0.9]"),
+        ({"weight_decay": -1.0}, "train.dalle.weight_decay is -1.0"),
+        ({"ema_decay": 1.5}, "train.dalle.ema_decay is 1.5; use 0 (no EMA weights) or a decay in (0, 1)"),
+        ({"warmup_steps": -5}, "train.dalle.warmup_steps is -5"),
+        ({"keep_checkpoints": -1}, "train.dalle.keep_checkpoints is -1; keep 0 (every checkpoint) or more"),
+    ],
+)
+def test_optimisation_settings_no_run_can_use_are_one_sentence_naming_the_key(values, says):
+    with pytest.raises(loop.UserError) as info:
+        loop.make_accelerator(TrainConfig(**values), key="train.dalle.")
+    assert str(info.value).startswith(says)
+
+
 def test_data_loader_workers_are_refused_in_one_sentence():
     with pytest.raises(loop.UserError, match="num_workers is 2; the data streams are read in the training process"):
         loop.make_accelerator(TrainConfig(num_workers=2))

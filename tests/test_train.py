@@ -205,6 +205,14 @@ def test_dalle_runs_stops_and_resumes(run_dir):
     assert json.loads((run_dir / "transformer.json").read_text())["grid_h"] == 4
 
 
+def test_resuming_a_checkpoint_of_another_model_is_one_sentence(run_dir, tmp_path):
+    """Once a "size mismatch" traceback from accelerate: the run's checkpoint, then the same --out with other sizes."""
+    run = copy_run(run_dir, tmp_path / "r")
+    train_dalle.main(args_for(run, "train.dalle.steps=1", "train.dalle.checkpoint_every=1"))
+    with pytest.raises(UserError, match="holds another model than this config builds"):
+        train_dalle.main(args_for(run, "train.dalle.steps=2", "transformer.dim=64", "transformer.heads=2"))
+
+
 @pytest.mark.slow
 def test_compile_flag_trains_the_same_step_as_eager(run_dir, tmp_path, capsys):
     # train.<stage>.compile = true runs the loss module through torch.compile (inductor), also in a process whose

@@ -50,6 +50,21 @@ def stages(cfg) -> list[tuple[str, str]]:
     ] + (unclip if cfg.unclip.enabled else [])
 
 
+def check_only(only: str | None, names: list[str]) -> set[str] | None:
+    """--only's comma list as a set of this config's stage names (spaces allowed around them); None: every stage.
+    A name that is no stage here would make the command do nothing: one sentence instead."""
+    if only is None:
+        return None
+    chosen = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = sorted(chosen - set(names))
+    if not chosen or unknown:
+        what = f"names no stage ({', '.join(unknown)})" if unknown else "is empty"
+        raise UserError(
+            f"--only {what} of this config; choose from {', '.join(names)} (unCLIP's need unclip.enabled=true)"
+        )
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
@@ -75,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         passthrough += ["--split", args.split]
     if args.out:
         passthrough += ["--out", args.out]
-    only = set(args.only.split(",")) if args.only else None
+    only = check_only(args.only, [module.split(".")[1] for module, _ in stages(cfg)])
     out = Path(cfg.out_dir)
     total = time.perf_counter()
     for module, marker in stages(cfg):

@@ -179,7 +179,7 @@ def train(cfg: RunConfig, args, stage: str) -> int:
     """Train the DALL-E transformer (stage "dalle"), or unCLIP's decoder (stage "unclip", `train.unclip`): the
     same model and loop, the decoder also reading each row's CLIP image embedding (`train.embed`)."""
     tc = getattr(cfg.train, stage)
-    accelerator = loop.make_accelerator(tc)
+    accelerator = loop.make_accelerator(tc, key=f"train.{stage}.")
     seed_everything(cfg.seed)
     source = finetune.init_source(cfg, args, stage)
     if source is not None:  # its weights read its tokenizers' ids: the run keeps them

@@ -199,15 +199,45 @@ def list_checkpoints(folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False):
-    """An Accelerator for one stage; launch settings (DDP, FSDP, DeepSpeed) come from `accelerate launch`."""
+def check_training_values(tc: TrainConfig, key: str = "") -> None:
+    """One sentence for an optimisation setting no run can use, before anything is read or built (a batch of 0
+    rows would never finish an epoch; negative steps would export untrained weights). key: the settings' config
+    prefix ("train.dalle."), named in the sentence."""
+
+    def refuse(name: str, fix: str) -> None:
+        raise UserError(f"{key}{name} is {getattr(tc, name)!r}; {fix}")
+
+    if tc.steps < 0:
+        refuse("steps", "use 0 (with --init-from: the source's weights as they are) or more")
+    if tc.batch_size < 1:
+        refuse("batch_size", "use at least 1 example per process")
+    if not (math.isfinite(tc.lr) and tc.lr > 0):
+        refuse("lr", "use a positive learning rate such as 1e-3")
+    if len(tc.betas) != 2 or not all(0 <= b < 1 for b in tc.betas):
+        refuse("betas", "give AdamW's two, each in [0, 1), such as [0.9, 0.99]")
+    if not (math.isfinite(tc.weight_decay) and tc.weight_decay >= 0):
+        refuse("weight_decay", "use 0 (none) or a positive value such as 0.05")
+    if not 0 <= tc.ema_decay < 1:
+        refuse("ema_decay", "use 0 (no EMA weights) or a decay in (0, 1) such as 0.999")
+    if tc.warmup_steps < 0:
+        refuse("warmup_steps", "use 0 (no warmup) or more")
+    if not 0 <= tc.min_lr_ratio <= 1:
+        refuse("min_lr_ratio", "use a share of the peak learning rate in [0, 1]")
+    if tc.keep_checkpoints < 0:
+        refuse("keep_checkpoints", "keep 0 (every checkpoint) or more")
+
+
+def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key: str = ""):
+    """An Accelerator for one stage; launch settings (DDP, FSDP, DeepSpeed) come from `accelerate launch`.
+    key: the stage's config prefix ("train.dalle."), named in the sentence of a setting refused."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    check_training_values(tc, key)
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
-        raise UserError(f"mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
+        raise UserError(f"{key}mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
     if tc.grad_accum < 1:
-        raise UserError(f"grad_accum is {tc.grad_accum}; set it to 1 (no accumulation) or more")
+        raise UserError(f"{key}grad_accum is {tc.grad_accum}; set it to 1 (no accumulation) or more")
     if tc.num_workers != 0:
         raise UserError(
             f"num_workers is {tc.num_workers}; the data streams are read in the training process, which keeps their "
@@ -387,7 +417,15 @@ def resume(t: Training, checkpoint: Path | None) -> None:
     data position, the EMA weights, the stage's extra state and the step counters."""
     if checkpoint is None:
         return
-    t.accelerator.load_state(str(checkpoint))
+    try:
+        t.accelerator.load_state(str(checkpoint))
+    except RuntimeError as e:  # "size mismatch for ...", "Missing key(s) ...": another model's checkpoint
+        if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+            raise
+        raise UserError(
+            f"checkpoint '{checkpoint}' holds another model than this config builds (another stage's, or sizes "
+            "changed since); rerun with the config it was trained with, or start over with --no-resume or another --out"
+        ) from None
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     t.step, t.bad_total = state["step"], state["bad_steps"]
     _set_schedule_step(t.scheduler, t.step)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, args = loop.parse_args(argv, __doc__)
     tc = cfg.train.prior
-    accelerator = loop.make_accelerator(tc)
+    accelerator = loop.make_accelerator(tc, key="train.prior.")
     seed_everything(cfg.seed)
     source = finetune.init_source(cfg, args, "prior")
     if source is not None:

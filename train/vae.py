@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     tc = cfg.train.vae
     adversarial = cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
     # the critic's parameters sit idle before disc_start: DDP must be told they may go unused
-    accelerator = loop.make_accelerator(tc, find_unused_parameters=adversarial)
+    accelerator = loop.make_accelerator(tc, find_unused_parameters=adversarial, key="train.vae.")
     seed_everything(cfg.seed)
     if cfg.vae.kind == "dvae":
         # a Gumbel-softmax at low temperature leaves some of its probabilities subnormal, which x86 CPUs
