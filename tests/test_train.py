@@ -336,6 +336,31 @@ def test_export_sets_sampling_defaults_and_nothing_else(run_dir, tmp_path):
     assert cfg.data.source == run_cfg.data.source == "shapes"  # a source any machine has is kept
 
 
+def test_export_checks_its_folders_before_writing_and_drops_parts_of_an_earlier_bundle(run_dir, tmp_path):
+    from train import export as train_export
+
+    (tmp_path / "afile").write_text("x")
+    for run, dest, says in [
+        (run_dir, tmp_path / "afile", "is a file; pass a folder"),
+        (run_dir, tmp_path / "afile" / "b", "which is a file"),
+        (run_dir, run_dir, "is the run folder itself"),
+        (tmp_path / "nothere", tmp_path / "b", "run folder '.*nothere' does not exist; pass the folder train.all"),
+    ]:
+        with pytest.raises(UserError, match=says):
+            train_export.main([str(run), str(dest)])
+    half = shutil.copytree(run_dir, tmp_path / "half", ignore=shutil.ignore_patterns("checkpoints", "logs", "tokens"))
+    (half / "transformer.safetensors").unlink(missing_ok=True)
+    with pytest.raises(UserError, match="no transformer.safetensors"):
+        train_export.main([str(half), str(tmp_path / "partial")])
+    assert not (tmp_path / "partial").exists()  # nothing written for a run that cannot make a bundle
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "unclip.safetensors").write_bytes(b"an earlier export's")
+    (bundle / "unclip.json").write_text("{}")
+    train_export.main([str(run_dir), str(bundle)])  # a run without unCLIP's parts
+    assert not (bundle / "unclip.safetensors").exists() and not (bundle / "unclip.json").exists()
+
+
 def test_export_leaves_a_local_data_path_behind(run_dir, tmp_path):
     from dalle_mini_impl.config import read_config_json, save_config
     from dalle_mini_impl.data.streams import is_local_source

@@ -30,8 +30,33 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDE_FILES = ("vae.json", "transformer.json")
 
 
+def check_paths(run: Path, dest: Path) -> list[str]:
+    """Every file the bundle needs is in the run and DEST can be a folder beside it, checked before anything is
+    written (a half-written bundle would load as a broken one): the parts to copy."""
+    if not run.is_dir():
+        raise UserError(f"run folder '{run}' does not exist; pass the folder train.all (or train.<stage>) wrote")
+    if dest.resolve() == run.resolve():
+        raise UserError(f"DEST '{dest}' is the run folder itself; write the bundle to another folder")
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"DEST '{dest}' is a file; pass a folder (new, or a bundle to replace)")
+    above = next((p for p in dest.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"DEST '{dest}' is under '{above}', which is a file; pass another folder")
+    for name in (FILES["config"], FILES["text"], *SIDE_FILES):
+        if not (run / name).is_file():
+            raise UserError(f"run folder '{run}' has no {name}; finish training every stage first")
+    parts = ["vae", "transformer", "clip"] + [p for p in UNCLIP_PARTS if (run / FILES[p]).is_file()]
+    for part in parts:
+        part_path(run, part)  # one sentence naming a missing weights file
+        if part in UNCLIP_PARTS and not (run / f"{part}.json").is_file():
+            raise UserError(f"run folder '{run}' has {FILES[part]} but no {part}.json; retrain that stage")
+    return parts
+
+
 def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str] = ()) -> dict:
-    """Write the bundle; returns {file: bytes}."""
+    """Write the bundle; returns {file: bytes}. unCLIP parts a bundle in DEST had from an earlier export, and this
+    run lacks, are removed: the bundle is this run's alone."""
+    parts = check_paths(run, dest)
     cfg = apply_sample_overrides(read_config_json(part_path(run, "config")), list(sample_overrides))
     if is_local_source(cfg.data.source):  # a path on this machine: meaningless, and private, where a bundle goes
         cfg.data.source = ""
@@ -40,17 +65,15 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
     save_config(cfg, dest / FILES["config"])
     shutil.copyfile(part_path(run, "text"), dest / FILES["text"])
     for name in SIDE_FILES:
-        if not (run / name).is_file():
-            raise UserError(f"run folder '{run}' has no {name}; finish training every stage first")
         shutil.copyfile(run / name, dest / name)
-    parts = ["vae", "transformer", "clip"] + [p for p in UNCLIP_PARTS if (run / FILES[p]).is_file()]
     for part in parts:
         if part in UNCLIP_PARTS:
-            if not (run / f"{part}.json").is_file():
-                raise UserError(f"run folder '{run}' has {FILES[part]} but no {part}.json; retrain that stage")
             shutil.copyfile(run / f"{part}.json", dest / f"{part}.json")
         state = load_state_dict(part_path(run, part))
         save_state_dict(state, dest / FILES[part], dtype=dtype)
+    for part in set(UNCLIP_PARTS) - set(parts):
+        for stale in (dest / FILES[part], dest / f"{part}.json"):
+            stale.unlink(missing_ok=True)
     for path in sorted(dest.iterdir()):
         sizes[path.name] = path.stat().st_size
     return sizes
