@@ -205,6 +205,22 @@ def test_dalle_runs_stops_and_resumes(run_dir):
     assert json.loads((run_dir / "transformer.json").read_text())["grid_h"] == 4
 
 
+def test_shards_of_an_earlier_image_tokenizer_are_encoded_again_not_trained_on(run_dir, tmp_path, capsys):
+    """Once: a VAE trained again after train.encode, whose shards encode reused and train.dalle read (an
+    IndexError with a smaller codebook; other codes, silently, with a larger one)."""
+    run = copy_run(run_dir, tmp_path / "r")
+    if not (run / "tokens").is_dir():
+        train_encode.main(args_for(run))
+    train_vae.main(args_for(run, "train.vae.steps=3", "train.vae.lr=3e-3"))  # other weights than the shards'
+    with pytest.raises(UserError, match="was encoded by another image tokenizer than the run's vae.safetensors"):
+        train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    capsys.readouterr()
+    train_encode.main(args_for(run))
+    splits = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]
+    assert all(s["shards_reused"] == 0 and s["shards_written"] > 0 for s in splits)
+    train_dalle.main(args_for(run, "train.dalle.steps=1"))
+
+
 def test_resuming_a_checkpoint_of_another_model_is_one_sentence(run_dir, tmp_path):
     """Once a "size mismatch" traceback from accelerate: the run's checkpoint, then the same --out with other sizes."""
     run = copy_run(run_dir, tmp_path / "r")

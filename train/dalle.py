@@ -26,7 +26,7 @@ import torch
 
 from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.data.images import make_grid
-from dalle_mini_impl.data.tokens import TokenStream, list_shards, tokens_dir
+from dalle_mini_impl.data.tokens import TokenStream, check_shards_tokenizer, list_shards, tokenizer_digest, tokens_dir
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.model.generate import generate
 from dalle_mini_impl.model.transformer import DALLE, resolve_config
@@ -69,6 +69,9 @@ def token_batches(
     shards, keyed as the batches will carry them) needs the shards."""
     folder = tokens_dir(cfg.out_dir, split)
     if list_shards(folder):
+        weights = Path(cfg.out_dir) / FILES["vae"]
+        if weights.is_file():  # ids of another tokenizer would name other codes: refused, not trained on
+            check_shards_tokenizer(folder, tokenizer_digest(weights))
         return TokenStream(
             folder,
             batch_size,

@@ -19,14 +19,24 @@ from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import ExampleStream
-from dalle_mini_impl.data.tokens import shard_path, shard_rows, tokens_dir, write_shard
+from dalle_mini_impl.data.tokens import (
+    shard_path,
+    shard_rows,
+    shard_tokenizer,
+    tokenizer_digest,
+    tokens_dir,
+    write_shard,
+)
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.pipeline.bundle import load_vae, record_stage_config
+from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_config
 from train.common import process_state
 
 
-def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, world: int, device) -> dict:
-    """Encode one split into shards for this process; returns counts."""
+def encode_split(
+    cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, world: int, device, digest: str | None = None
+) -> dict:
+    """Encode one split into shards for this process; returns counts. digest: the image tokenizer's
+    `tokenizer_digest`, kept in each shard; a shard is reused only when this tokenizer wrote it."""
     folder = tokens_dir(cfg.out_dir, split)
     shard_size = cfg.data.encode_shard_size
     stream = ExampleStream(cfg.data, split, train=False, process_index=rank, num_processes=world, endless=False)
@@ -38,9 +48,10 @@ def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, w
     def flush() -> None:
         nonlocal images, captions, index, written, reused
         path = shard_path(folder, rank, index)
-        # written by an earlier run: reused when it holds these rows; the last shard of an encode that stopped at a
-        # smaller data.max_examples holds fewer, and is encoded again (else the rows after it would be lost)
-        if path.exists() and shard_rows(path) == len(images):
+        # written by an earlier run: reused when it holds these rows and this tokenizer wrote it; the last shard of an
+        # encode that stopped at a smaller data.max_examples holds fewer, and is encoded again (else the rows after
+        # it would be lost); a VAE trained again since writes every shard again
+        if path.exists() and shard_rows(path) == len(images) and shard_tokenizer(path) == digest:
             reused += 1
             bar.update(len(images))
         else:
@@ -50,7 +61,7 @@ def encode_split(cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, w
                     batch = torch.stack(images[i : i + 256]).to(device)
                     ids.append(tokenizer.encode(batch).cpu())
                     bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
-            write_shard(path, torch.cat(ids), captions)
+            write_shard(path, torch.cat(ids), captions, tokenizer=digest)
             written += 1
         images, captions, index = [], [], index + 1
 
@@ -86,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     state = process_state()
     tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
+    digest = tokenizer_digest(part_path(cfg.out_dir, "vae"))
     splits = args.splits.split(",") if args.splits else [cfg.data.split, cfg.data.val_split]
     results = []
     for split in splits:
         limit = cfg.data.max_examples if split == cfg.data.split else 0
         results.append(
-            encode_split(cfg, tokenizer, split, limit, state.process_index, state.num_processes, state.device)
+            encode_split(cfg, tokenizer, split, limit, state.process_index, state.num_processes, state.device, digest)
         )
     state.wait_for_everyone()
     if state.is_main_process:

@@ -15,6 +15,7 @@ LlamaGen, which also trains on pre-extracted codes).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,11 +41,41 @@ def shard_path(folder: Path, rank: int, index: int) -> Path:
     return folder / f"shard_{rank:03d}_{index:05d}.safetensors"
 
 
-def write_shard(path: Path, image_ids: torch.Tensor, captions: list[str]) -> None:
-    """Write one shard atomically. `image_ids` is (N, h, w); stored as int16 when the codebook fits."""
+def tokenizer_digest(weights: Path) -> str:
+    """Which image tokenizer wrote a shard's ids: a digest of its weights file (vae.safetensors). Ids of another
+    tokenizer name other codes (or none: a smaller codebook), so a shard is reused and read only by its own."""
+    return hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+
+
+def shard_tokenizer(path: Path) -> str | None:
+    """The `tokenizer_digest` a shard was written with (None: unreadable, or a shard older than the record)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("tokenizer")
+    except Exception:  # noqa: BLE001 - unreadable: not a shard to reuse
+        return None
+
+
+def check_shards_tokenizer(folder: Path, digest: str) -> None:
+    """One sentence when a split's shards were encoded by another image tokenizer than the run's (`digest`): a VAE
+    trained again after `train.encode`. Shards written before the record was kept are not checked."""
+    for path in list_shards(folder):
+        made = shard_tokenizer(path)
+        if made is not None and made != digest:
+            raise UserError(
+                f"token shard '{path}' was encoded by another image tokenizer than the run's vae.safetensors "
+                "(trained again since?); rerun python -m train.encode to encode the data with it"
+            )
+
+
+def write_shard(path: Path, image_ids: torch.Tensor, captions: list[str], tokenizer: str | None = None) -> None:
+    """Write one shard atomically. `image_ids` is (N, h, w); stored as int16 when the codebook fits. tokenizer:
+    the `tokenizer_digest` of the image tokenizer that made the ids, kept in the shard's metadata."""
     assert image_ids.dim() == 3 and len(captions) == image_ids.shape[0]
     dtype = torch.int16 if int(image_ids.max()) < 2**15 else torch.int32
     meta = {"captions": json.dumps(captions, ensure_ascii=False), "format": "dalle-mini-impl tokens v1"}
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer
     tensors = {"image_ids": image_ids.to(dtype).contiguous()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
