@@ -524,7 +524,8 @@ def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path,
     from dalle_mini_impl.data.images import to_pil
 
     assert len(pipe.variations([to_pil(image[0])], num_images=1, candidates=2, progress=False)[0]) == 1
-    # the same rows again: read, not computed; after the image tokenizer changes (retrained), computed again
+    # the same rows again: read, not computed; after the image tokenizer changes (retrained), its shards are stale:
+    # refused until train.encode writes them again (their ids name the old tokenizer's codes)
     from safetensors.torch import load_file, save_file
 
     from train.embed import clip_embeddings
@@ -533,6 +534,9 @@ def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path,
     assert embeddings.stat().st_mtime_ns == stamp
     weights = load_file(str(wide / "vae.safetensors"))
     save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in weights.items()}, str(wide / "vae.safetensors"))
+    with pytest.raises(UserError, match="was encoded by another image tokenizer than the run's vae.safetensors"):
+        clip_embeddings(wide, "train", torch.device("cpu"), grid=2)
+    train_encode.main(args_for(wide, *small, "unclip.grid=2"))  # the same images, the new tokenizer's ids
     after = clip_embeddings(wide, "train", torch.device("cpu"), grid=2)
     assert embeddings.stat().st_mtime_ns != stamp and not torch.equal(after["image"], before["image"])
     torch.testing.assert_close(after["text"], before["text"])  # the captions did not change

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dalle_mini_impl.clip.uses import state_fingerprint
-from dalle_mini_impl.data.tokens import read_shards, tokens_dir
-from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, save_state_dict
+from dalle_mini_impl.data.tokens import check_shards_tokenizer, read_shards, tokenizer_digest, tokens_dir
+from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, part_path, save_state_dict
 from train.common import process_state
 
 FILE = "clip.safetensors"
@@ -61,6 +61,7 @@ def clip_embeddings(
     grid > 0 also "grid" (N, G), CLIP's spatial features pooled to grid x grid (`CLIP.image_grid`)."""
     folder = tokens_dir(run_dir, split)
     ids, captions = read_shards(folder)  # a missing split is a one-sentence error
+    check_shards_tokenizer(folder, tokenizer_digest(part_path(run_dir, "vae")))  # the images are the VAE's drawings
     clip, vae = load_clip(run_dir, device=device), load_vae(run_dir).to(device)
     path = folder / FILE
     digest = rows_digest(ids, captions, vae)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..files import write_atomic
@@ -42,9 +42,15 @@ def shard_path(folder: Path, rank: int, index: int) -> Path:
 
 
 def tokenizer_digest(weights: Path) -> str:
-    """Which image tokenizer wrote a shard's ids: a digest of its weights file (vae.safetensors). Ids of another
+    """Which image tokenizer wrote a shard's ids: a digest of its weights (vae.safetensors), each floating-point
+    tensor as float16 so that a bundle's fp16 export of the same tokenizer is the same one. Ids of another
     tokenizer name other codes (or none: a smaller codebook), so a shard is reused and read only by its own."""
-    return hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(weights)).items()):
+        canonical = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+        h.update(name.encode())
+        h.update(canonical.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def shard_tokenizer(path: Path) -> str | None:
