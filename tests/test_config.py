@@ -134,3 +134,12 @@ def test_train_all_only_names_stages_of_the_config():
         check_only("vea,dalle", names)
     with pytest.raises(UserError, match="--only is empty"):
         check_only(",", names)
+
+
+def test_train_all_names_a_missing_data_path_before_any_other_complaint(tmp_path):
+    from train import all as train_all
+
+    # once: "clip.hard_negatives on data other than shapes needs clip.swap_phrases", about a path that is not there
+    with pytest.raises(UserError, match="data path '.*nothing' does not exist; check the path"):
+        train_all.main(["--config", "shapes", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()

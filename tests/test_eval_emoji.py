@@ -150,6 +150,9 @@ def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
         train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--set", "judge.splits=train+test"])
     cfg = train_judge.judge_config(train_judge.loop.parse_args(["--config", "emoji64"], "")[0], "runs/x-judge")
     assert cfg.out_dir == "runs/x-judge" and cfg.name == "emoji64-judge"
+    # once "unknown shapes split 'train+validation'", a split the user never typed
+    with pytest.raises(UserError, match="train.judge trains an evaluation CLIP for captioned images"):
+        train_judge.main(["--config", "shapes", "--out", str(tmp_path / "j")])
 
 
 def emoji_like(folder: Path):

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from dalle_mini_impl.config import add_config_args, config_from_args
-from dalle_mini_impl.data.streams import require_source
+from dalle_mini_impl.data.streams import check_source
 from dalle_mini_impl.errors import UserError, run_cli
 from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     cfg = config_from_args(args)  # fail here, once, on a bad config
-    require_source(cfg.data.source)
+    check_source(cfg.data.source, cfg.data.split)  # a missing --data path, named before any other complaint
     check_clip_config(cfg)
     check_unclip(cfg)
     if args.init_from:

@@ -36,6 +36,11 @@ GRADED_SPLIT = "test"  # what `eval emoji` grades; the judge never learns from i
 def judge_config(cfg: RunConfig, out: str) -> RunConfig:
     """The run config of the judge: the preset's data and text settings with the `[judge]` section in place."""
     j = cfg.judge
+    if cfg.data.source == "shapes":
+        raise UserError(
+            "train.judge trains an evaluation CLIP for captioned images (eval emoji); shapes is graded by its own "
+            "rule-based judge (eval shapes): pass --data with an emoji-styles folder and --config configs/emoji.toml"
+        )
     parts = split_parts(j.splits)
     if GRADED_SPLIT in parts:
         raise UserError(

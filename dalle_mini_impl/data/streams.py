@@ -153,6 +153,15 @@ def require_source(source: str) -> None:
         )
 
 
+def check_source(source: str, split: str) -> None:
+    """One sentence, before anything runs, for a source that names files that are not there (or of a kind no
+    builder reads); shapes and hub names pass (a hub name is only checked when read)."""
+    require_source(source)
+    if source.strip() != "shapes":
+        for part in split_parts(split):
+            _resolve(source, part)
+
+
 def split_parts(split: str) -> list[str]:
     """The splits a split name reads, one after another: "train+validation" -> ["train", "validation"]."""
     return [part.strip() for part in split.split("+")]
