@@ -221,6 +221,16 @@ def test_shards_of_an_earlier_image_tokenizer_are_encoded_again_not_trained_on(r
     train_dalle.main(args_for(run, "train.dalle.steps=1"))
 
 
+def test_a_stage_run_before_the_one_it_needs_names_that_stage(tmp_path):
+    """Once: "model folder ... does not exist; pass --model", an option no training stage has."""
+    with pytest.raises(UserError, match="has no vae.safetensors; run python -m train.vae with the same --config"):
+        train_encode.main(args_for(tmp_path / "empty"))
+    with pytest.raises(UserError, match="has no text.model; run python -m train.tokenizer"):
+        train_dalle.main(args_for(tmp_path / "empty", "train.dalle.steps=1"))
+    with pytest.raises(UserError, match="has no text.model; run python -m train.tokenizer"):
+        train_clip.main(args_for(tmp_path / "empty", "train.clip.steps=1"))
+
+
 def test_resuming_a_checkpoint_of_another_model_is_one_sentence(run_dir, tmp_path):
     """Once a "size mismatch" traceback from accelerate: the run's checkpoint, then the same --out with other sizes."""
     run = copy_run(run_dir, tmp_path / "r")

@@ -43,7 +43,7 @@ from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
 from dalle_mini_impl.shapes.negatives import perturbations
 from train import finetune, loop
-from train.common import adamw, example_batches, seed_everything
+from train.common import adamw, example_batches, require_parts, seed_everything
 
 
 def clip_data(cfg: RunConfig) -> RunConfig:
@@ -121,6 +121,7 @@ def train_clip(cfg: RunConfig, args) -> dict[str, float]:
     source = finetune.init_source(cfg, args, "clip")
     if source is not None:
         finetune.adopt_text_tokenizer(source, cfg, accelerator)
+    require_parts(cfg.out_dir, "text")
     tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     model = clip_from_config(cfg, tokenizer)
     if source is not None:

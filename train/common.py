@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dalle_mini_impl.config import RunConfig, TrainConfig
@@ -20,6 +22,24 @@ def example_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool,
         num_processes=accelerator.num_processes,
     )
     return batches(stream, batch_size)
+
+
+# the stage that writes each part of a run folder, named when a later stage finds it missing
+STAGE_OF = {"text": "tokenizer", "vae": "vae", "transformer": "dalle", "clip": "clip"}
+
+
+def require_parts(run, *parts: str) -> None:
+    """One sentence naming the stage to run first when the run folder lacks a part this stage reads (the bundle
+    loaders' own sentence speaks of a model to pass with --model, which a training stage has no use for)."""
+    from dalle_mini_impl.errors import UserError
+    from dalle_mini_impl.pipeline.bundle import FILES
+
+    for part in parts:
+        if not (Path(run) / FILES[part]).is_file():
+            raise UserError(
+                f"run folder '{run}' has no {FILES[part]}; run python -m train.{STAGE_OF[part]} with the same "
+                "--config and --out first (or python -m train.all, which runs every stage in order)"
+            )
 
 
 def process_state():

@@ -29,7 +29,7 @@ from dalle_mini_impl.data.tokens import (
 )
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_config
-from train.common import process_state
+from train.common import process_state, require_parts
 
 
 def encode_split(
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     state = process_state()
+    require_parts(cfg.out_dir, "vae")
     tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
     digest = tokenizer_digest(part_path(cfg.out_dir, "vae"))
     splits = args.splits.split(",") if args.splits else [cfg.data.split, cfg.data.val_split]

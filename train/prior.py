@@ -31,7 +31,7 @@ from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.model.prior import EmbeddingPrior
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
 from train import finetune, loop
-from train.common import adamw, seed_everything
+from train.common import adamw, require_parts, seed_everything
 from train.dalle import token_batches
 
 
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     source = finetune.init_source(cfg, args, "prior")
     if source is not None:
         finetune.adopt_text_tokenizer(source, cfg, accelerator)
+    require_parts(cfg.out_dir, "text", "clip")
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     rank = accelerator.process_index
 
