@@ -231,6 +231,13 @@ def test_a_stage_run_before_the_one_it_needs_names_that_stage(tmp_path):
         train_clip.main(args_for(tmp_path / "empty", "train.clip.steps=1"))
 
 
+def test_the_transformer_encodes_captions_as_the_run_tokenizer_was_trained(run_dir, tmp_path):
+    """Once: --set text.text_len=8 after a tokenizer of 16 exported a transformer the bundle could not load."""
+    run = copy_run(run_dir, tmp_path / "r")
+    with pytest.raises(UserError, match="'text.text_len' is 8 but the run's text tokenizer was trained with 16"):
+        train_dalle.main(args_for(run, "train.dalle.steps=1", "text.text_len=8"))
+
+
 def test_resuming_a_checkpoint_of_another_model_is_one_sentence(run_dir, tmp_path):
     """Once a "size mismatch" traceback from accelerate: the run's checkpoint, then the same --out with other sizes."""
     run = copy_run(run_dir, tmp_path / "r")

@@ -42,6 +42,26 @@ def require_parts(run, *parts: str) -> None:
             )
 
 
+def check_text_settings(cfg: RunConfig) -> None:
+    """The stage encodes captions with `cfg.text`; the run's text tokenizer was trained with the `text` section
+    `train.tokenizer` recorded in config.json. A text_len or lowercase that differs builds a model the bundle's
+    own config cannot load (or lowercases captions the tokenizer never saw so): one sentence instead."""
+    from dalle_mini_impl.config import read_config_json
+    from dalle_mini_impl.errors import UserError
+
+    path = Path(cfg.out_dir) / "config.json"
+    if not (path.is_file() and (Path(cfg.out_dir) / "text.model").is_file()):
+        return
+    trained = read_config_json(path).text
+    for key in ("text_len", "lowercase"):
+        mine, want = getattr(cfg.text, key), getattr(trained, key)
+        if mine != want:
+            raise UserError(
+                f"config key 'text.{key}' is {mine!r} but the run's text tokenizer was trained with {want!r} "
+                f"({path}); leave --set text.{key} out, or train the tokenizer again with it in a new --out"
+            )
+
+
 def process_state():
     """accelerate's PartialState of this process (rank, count, device, barriers) for the stages that need no
     Accelerator, on the CPU too: `ACCELERATE_USE_CPU=true accelerate launch` sets up its processes through the
