@@ -540,6 +540,8 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.toml"):
         if candidate.is_file():
             return candidate
+    if p.is_dir():
+        raise UserError(f"config '{path}' is a folder; give a preset file in it, such as {p / 'shapes.toml'}")
     raise UserError(f"config file '{path}' does not exist; give a path or one of: {', '.join(available_presets())}")
 
 

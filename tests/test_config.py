@@ -143,3 +143,10 @@ def test_train_all_names_a_missing_data_path_before_any_other_complaint(tmp_path
     with pytest.raises(UserError, match="data path '.*nothing' does not exist; check the path"):
         train_all.main(["--config", "shapes", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_a_config_folder_is_named_as_one(tmp_path):
+    from dalle_mini_impl.config import load_config
+
+    with pytest.raises(UserError, match="config '.*' is a folder; give a preset file in it"):
+        load_config(str(tmp_path))
