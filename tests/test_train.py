@@ -191,6 +191,7 @@ def test_encode_to_more_examples_encodes_the_short_last_shard_again(run_dir, tmp
 
 
 def test_dalle_runs_stops_and_resumes(run_dir):
+    train_encode.main(args_for(run_dir))  # the token shards (reused when an earlier test wrote them): alone too
     train_dalle.main(args_for(run_dir, "train.dalle.steps=2", "train.dalle.checkpoint_every=2"))
     ckpts = list_checkpoints(run_dir / "checkpoints" / "dalle")
     assert [p.name for p in ckpts] == ["step_00000002"]

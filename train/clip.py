@@ -112,11 +112,11 @@ def check_config(cfg: RunConfig) -> None:
         )
 
 
-def train_clip(cfg: RunConfig, args) -> dict[str, float]:
+def train_clip(cfg: RunConfig, args, key: str = "train.clip.") -> dict[str, float]:
     """Train CLIP as `cfg` says into `cfg.out_dir` (which holds the text tokenizer); returns the last scalars."""
     check_config(cfg)
     tc = cfg.train.clip
-    accelerator = loop.make_accelerator(tc)
+    accelerator = loop.make_accelerator(tc, key=key)  # key: where its settings are set (the judge's: judge.train.)
     seed_everything(cfg.seed)
     source = finetune.init_source(cfg, args, "clip")
     if source is not None:

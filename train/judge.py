@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process and not (Path(out) / "text.model").is_file():  # a resumed run keeps its tokenizer
         print(json.dumps(train_tokenizer(jcfg)))
     state.wait_for_everyone()
-    train_clip(jcfg, args)
+    train_clip(jcfg, args, key="judge.train.")
     return 0
 
 
