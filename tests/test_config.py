@@ -150,3 +150,11 @@ def test_a_config_folder_is_named_as_one(tmp_path):
 
     with pytest.raises(UserError, match="config '.*' is a folder; give a preset file in it"):
         load_config(str(tmp_path))
+
+
+def test_a_tokenizer_asked_to_read_no_caption_names_the_key(tmp_path):
+    from train import tokenizer as train_tokenizer
+
+    # once blamed on data.source and data.caption_column
+    with pytest.raises(UserError, match="'text.max_train_captions' is 0; read at least 1 caption"):
+        train_tokenizer.main(["--config", "shapes", "--out", str(tmp_path / "r"), "--set", "text.max_train_captions=0"])

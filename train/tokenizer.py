@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import iter_captions
-from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, record_stage_config
 from dalle_mini_impl.text.tokenizer import TextTokenizer
 from train.common import process_state
@@ -46,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train_tokenizer(cfg: RunConfig) -> dict:
     """Train and write `cfg.out_dir`/text.model; returns the summary `main` prints."""
     out = Path(cfg.out_dir)
-
+    if cfg.text.max_train_captions < 1:
+        raise UserError(
+            f"config key 'text.max_train_captions' is {cfg.text.max_train_captions}; read at least 1 caption "
+            "(the default 200000)"
+        )
     t0 = time.perf_counter()
     captions = list(iter_captions(cfg.data, cfg.data.split, cfg.text.max_train_captions))
     tok = TextTokenizer.train(captions, cfg.text, out / "text.model")
