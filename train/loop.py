@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
+from train.common import destroy_process_group_at_exit
 
 from .sharded import full_state_dict, shards_weights, whole_weights
 
@@ -234,6 +235,7 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key:
     from accelerate.utils import DistributedDataParallelKwargs
 
     check_training_values(tc, key)
+    destroy_process_group_at_exit()
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
         raise UserError(f"{key}mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
     if tc.grad_accum < 1:
