@@ -30,12 +30,6 @@ def check_data_overrides(overrides: list[str], command: str) -> None:
             )
 
 
-def check_seed(seed: int) -> None:
-    """The evaluations' seeds seed numpy's generators too, which take no negative number."""
-    if not 0 <= seed < 2**62:
-        raise UserError(f"--seed is {seed}; use a non-negative integer below 2**62")
-
-
 def check_out_file(path: str | None, option: str = "--out", example: str = "result.json") -> None:
     """Refuse before any work an output path that cannot become a file (a folder, or a path under a file), so that
     a long evaluation is not lost at its end; None: no file asked for."""

@@ -54,7 +54,6 @@ from . import (
     add_method_argument,
     check_method,
     check_out_file,
-    check_seed,
     sample_settings,
     write_result,
 )
@@ -322,7 +321,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     from ..pipeline.bundle import bundle_path, load_clip, read_bundle_config
-    from ..pipeline.pipeline import Pipeline
+    from ..pipeline.pipeline import Pipeline, check_seed
 
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval emoji", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="emoji", help="a shipped bundle's name or a bundle folder (default: emoji)")

@@ -41,7 +41,6 @@ from . import (
     add_method_argument,
     check_method,
     check_out_file,
-    check_seed,
     sample_settings,
     write_result,
 )
@@ -172,7 +171,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.config import apply_sample_overrides
-    from dalle_mini_impl.pipeline.pipeline import Pipeline
+    from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
     parser.add_argument(

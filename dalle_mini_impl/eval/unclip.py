@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.eval import check_counts, check_out_file, check_seed, write_result
+from dalle_mini_impl.eval import check_counts, check_out_file, write_result
 from dalle_mini_impl.shapes.generator import (
     COLORS,
     extent,
@@ -228,7 +228,7 @@ def interpolations(pipe, srcs, settings: dict, progress: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.config import apply_sample_overrides
-    from dalle_mini_impl.pipeline.pipeline import Pipeline
+    from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval unclip", description=__doc__)
     parser.add_argument("--model", default=None, help="a shipped bundle's name or a bundle folder (default: shapes)")

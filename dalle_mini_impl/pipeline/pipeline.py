@@ -131,6 +131,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_seed(seed: int) -> None:
+    """Seeds seed torch's and numpy's generators; numpy's take no negative number."""
+    if not 0 <= seed < 2**62:
+        raise UserError(f"--seed is {seed}; use a non-negative integer below 2**62")
+
+
 def check_prompts(prompts: Sequence[str]) -> list[str]:
     """The prompts as a list; none, or an empty or blank one, is a UserError."""
     if isinstance(prompts, str):
@@ -197,8 +203,7 @@ def check_settings(s: SampleConfig) -> None:
         raise UserError(f"--top-k is {s.top_k}; use 0 (off) or a positive number of ids")
     if not 0 < s.top_p <= 1:
         raise UserError(f"--top-p is {s.top_p}; it must lie in (0, 1], 1 is off")
-    if not 0 <= s.seed < 2**62:
-        raise UserError(f"--seed is {s.seed}; use a non-negative integer below 2**62")
+    check_seed(s.seed)
     if s.batch_size < 1:
         raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
     if not (math.isfinite(s.edit_likelihood_weight) and s.edit_likelihood_weight >= 0):
