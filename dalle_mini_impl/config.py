@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import write_atomic
+from .files import file_above, write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -661,8 +661,8 @@ def check_run_folder(out_dir: str) -> None:
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"run folder '{out_dir}' is a file; pass --out a folder (new or an earlier run's)")
-    above = next((p for p in path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = file_above(path)
+    if above is not None:
         raise UserError(f"run folder '{out_dir}' is under '{above}', which is a file; pass --out another folder")
 
 

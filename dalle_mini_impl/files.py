@@ -4,13 +4,19 @@ Every file the project writes for later (weights, configs, token shards, tokeniz
 through `write_atomic`: the bytes go to a hidden temporary name beside the file, which is then renamed into
 place (`os.replace`, atomic on one filesystem). A run killed while writing leaves the old file or none, never
 a torn one that a later load would half-read. (`vae/` keeps its own copy of these four lines: it stands alone.)
+
+A command that writes where the user says checks the place first (`check_out_file`, `file_above`), so that long
+work is not lost at its end, and says a failed write in one sentence (`said_if_unwritable`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .errors import UserError
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -27,3 +33,31 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def file_above(path: str | os.PathLike) -> Path | None:
+    """The nearest existing path above `path` when it is a file (nothing can be made under it), else None."""
+    above = next((p for p in Path(path).parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
+def check_out_file(path: str | os.PathLike | None, option: str = "--out", example: str = "result.json") -> None:
+    """Refuse, before any work, an output path that cannot become a file (a folder, or a path under a file);
+    None: no file asked for."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} '{path}' is a folder; give a file name in it, such as {p / example}")
+    above = file_above(p)
+    if above is not None:
+        raise UserError(f"{option} '{path}' is under '{above}', which is a file; choose another path")
+
+
+@contextlib.contextmanager
+def said_if_unwritable(path: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Writes to a user's `path` inside: a failure (no room, no permission) said in one sentence naming `option`."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {option} '{path}' ({e.strerror or e}); choose a writable path") from None

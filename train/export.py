@@ -24,6 +24,7 @@ import torch
 from dalle_mini_impl.config import apply_sample_overrides, read_config_json, save_config
 from dalle_mini_impl.data.streams import is_local_source
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.files import file_above
 from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, load_state_dict, part_path, save_state_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,8 +40,8 @@ def check_paths(run: Path, dest: Path) -> list[str]:
         raise UserError(f"DEST '{dest}' is the run folder itself; write the bundle to another folder")
     if dest.exists() and not dest.is_dir():
         raise UserError(f"DEST '{dest}' is a file; pass a folder (new, or a bundle to replace)")
-    above = next((p for p in dest.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = file_above(dest)
+    if above is not None:
         raise UserError(f"DEST '{dest}' is under '{above}', which is a file; pass another folder")
     for name in (FILES["config"], FILES["text"], *SIDE_FILES):
         if not (run / name).is_file():

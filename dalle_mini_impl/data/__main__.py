@@ -16,10 +16,10 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
 from ..config import add_config_args, config_from_args
 from ..errors import UserError, run_cli
+from ..files import check_out_file, said_if_unwritable
 from .images import save_grid
 from .streams import ExampleStream, collate
 
@@ -32,12 +32,9 @@ def _grid(cfg, args) -> int:
     stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
     examples = list(itertools.islice(stream, args.n))
     batch = collate(examples)
-    if Path(args.out).is_dir():
-        raise UserError(f"--out '{args.out}' is a folder; give a file name in it, such as {Path(args.out, 'grid.png')}")
-    try:
+    check_out_file(args.out, "--out", "grid.png")
+    with said_if_unwritable(args.out):
         path = save_grid(batch["image"], args.out, nrow=math.ceil(math.sqrt(len(examples))), captions=batch["caption"])
-    except OSError as e:
-        raise UserError(f"cannot write --out '{args.out}' ({e.strerror or e}); choose a writable path") from None
     print(f"wrote {path} ({len(examples)} examples of {cfg.data.source}, split {cfg.data.split})")
     return 0
 

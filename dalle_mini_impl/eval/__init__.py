@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import write_atomic
+from ..files import said_if_unwritable, write_atomic
 
 
 def check_counts(**counts: tuple[int | None, int]) -> None:
@@ -30,25 +30,10 @@ def check_data_overrides(overrides: list[str], command: str) -> None:
             )
 
 
-def check_out_file(path: str | None, option: str = "--out", example: str = "result.json") -> None:
-    """Refuse before any work an output path that cannot become a file (a folder, or a path under a file), so that
-    a long evaluation is not lost at its end; None: no file asked for."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{option} '{path}' is a folder; give a file name in it, such as {p / example}")
-    above = next((q for q in p.parents if q.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"{option} '{path}' is under '{above}', which is a file; choose another path")
-
-
 def write_result(path: str | Path, write, option: str = "--out") -> None:
     """`write_atomic(path, write)` with a failure (no room, no permission) said in one sentence."""
-    try:
+    with said_if_unwritable(path, option):
         write_atomic(path, write)
-    except OSError as e:
-        raise UserError(f"cannot write {option} '{path}' ({e.strerror or e}); choose a writable path") from None
 
 
 def add_method_argument(parser: argparse.ArgumentParser) -> None:

@@ -48,12 +48,12 @@ from ..config import DataConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
+from ..files import check_out_file, said_if_unwritable
 from . import (
     RefinedColumns,
     add_guided_arguments,
     add_method_argument,
     check_method,
-    check_out_file,
     sample_settings,
     write_result,
 )
@@ -297,10 +297,8 @@ def evaluate(
     if grid:
         k = min(GRID_COLUMNS, len(captions))
         images = torch.cat([torch.stack(reranked[:k]), real[:k]])
-        try:
+        with said_if_unwritable(grid, "--grid"):
             save_grid(images, grid, nrow=k, captions=captions[:k] + ["(real)"] * k)
-        except OSError as e:
-            raise UserError(f"cannot write --grid '{grid}' ({e.strerror or e}); choose a writable path") from None
     rows = list(range(len(captions)))
     out = {
         "reranked": grader.grade(torch.stack(reranked), rows, real_emb),

@@ -32,6 +32,7 @@ import torch
 
 from dalle_mini_impl.data.images import distinct_first, to_uint8
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.files import check_out_file
 from dalle_mini_impl.shapes.generator import COLORS, RELATIONS, SHAPES, SIZES, WHERES, format_caption, parse_held_out
 from dalle_mini_impl.shapes.judge import judge, summarize
 
@@ -40,7 +41,6 @@ from . import (
     add_guided_arguments,
     add_method_argument,
     check_method,
-    check_out_file,
     sample_settings,
     write_result,
 )

@@ -45,7 +45,8 @@ from PIL import Image, ImageDraw
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.eval import check_counts, check_out_file, write_result
+from dalle_mini_impl.eval import check_counts, write_result
+from dalle_mini_impl.files import check_out_file
 from dalle_mini_impl.shapes.generator import (
     COLORS,
     extent,
