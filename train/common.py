@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_mini_impl.config import RunConfig, TrainConfig
+from dalle_mini_impl.config import RunConfig, TextConfig, TrainConfig
 
 
 def example_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool, accelerator):
@@ -53,14 +53,22 @@ def check_text_settings(cfg: RunConfig) -> None:
     path = Path(cfg.out_dir) / "config.json"
     if not (path.is_file() and (Path(cfg.out_dir) / "text.model").is_file()):
         return
-    trained = read_config_json(path).text
+    mismatch = text_mismatch(cfg.text, read_config_json(path).text)
+    if mismatch is not None:
+        key, mine, want = mismatch
+        raise UserError(
+            f"config key 'text.{key}' is {mine!r} but the run's text tokenizer was trained with {want!r} "
+            f"({path}); leave --set text.{key} out, or train the tokenizer again with it in a new --out"
+        )
+
+
+def text_mismatch(mine: TextConfig, trained: TextConfig) -> tuple[str, object, object] | None:
+    """(key, mine, trained) of the first setting that encodes captions into a tokenizer's ids (text_len,
+    lowercase) where `mine` differs from what the tokenizer was trained with; None when none does."""
     for key in ("text_len", "lowercase"):
-        mine, want = getattr(cfg.text, key), getattr(trained, key)
-        if mine != want:
-            raise UserError(
-                f"config key 'text.{key}' is {mine!r} but the run's text tokenizer was trained with {want!r} "
-                f"({path}); leave --set text.{key} out, or train the tokenizer again with it in a new --out"
-            )
+        if getattr(mine, key) != getattr(trained, key):
+            return key, getattr(mine, key), getattr(trained, key)
+    return None
 
 
 def process_state():

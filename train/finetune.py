@@ -43,7 +43,7 @@ from dalle_mini_impl.pipeline.bundle import (
     read_bundle_config,
     shipped_models,
 )
-from train.common import process_state
+from train.common import process_state, text_mismatch
 
 # Each model's parameter groups: a group holds the parameters named by one of its entries, or under it ("blocks"
 # holds "blocks.0.attn.qkv.weight"). Earlier groups win, so "projections" takes CLIP's visual.proj before
@@ -166,15 +166,14 @@ def adopt_text_tokenizer(source: Path, cfg: RunConfig, accelerator=None) -> None
     """Make the run's text.model the source's: copied into a run without one; another one is an error. The
     run's `text.text_len` and `text.lowercase` must be the source's, which encode captions into its ids."""
     theirs = part_path(source, "text")
-    trained = read_bundle_config(source).text
-    for key in ("text_len", "lowercase"):
-        mine, want = getattr(cfg.text, key), getattr(trained, key)
-        if mine != want:
-            literal = str(want).lower() if isinstance(want, bool) else want
-            raise UserError(
-                f"config key 'text.{key}' is {mine!r} but '{source}' was trained with {want!r}; "
-                f"add --set text.{key}={literal} to fine-tune it"
-            )
+    mismatch = text_mismatch(cfg.text, read_bundle_config(source).text)
+    if mismatch is not None:
+        key, mine, want = mismatch
+        literal = str(want).lower() if isinstance(want, bool) else want
+        raise UserError(
+            f"config key 'text.{key}' is {mine!r} but '{source}' was trained with {want!r}; "
+            f"add --set text.{key}={literal} to fine-tune it"
+        )
     _copy_if_missing(source, cfg, [FILES["text"]], "text", accelerator)
     ours = Path(cfg.out_dir) / FILES["text"]
     if ours.read_bytes() != theirs.read_bytes():
