@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 from pathlib import Path
 
 import torch
@@ -84,14 +85,11 @@ def process_state():
     return state
 
 
+@functools.cache  # registered once however many stages a process runs
 def destroy_process_group_at_exit() -> None:
     """Destroy the process group when the process exits, while the interpreter is whole. Left to interpreter
     finalisation, gloo's worker threads can abort a finished process ("terminate called without an active
-    exception", exit -6: seen once in CI on a 2-process train.dalle; pytorch issue 190489). Registered once."""
-    global _destroy_registered
-    if _destroy_registered:
-        return
-    _destroy_registered = True
+    exception", exit -6: seen once in CI on a 2-process train.dalle; pytorch issue 190489)."""
 
     def destroy() -> None:
         import torch.distributed as dist
@@ -100,9 +98,6 @@ def destroy_process_group_at_exit() -> None:
             dist.destroy_process_group()
 
     atexit.register(destroy)
-
-
-_destroy_registered = False
 
 
 def effective_lr(tc: TrainConfig, accelerator) -> float:
