@@ -149,7 +149,10 @@ class TransformerConfig:
     pads_in_loss: bool = False  # per_position only: whether predicting a pad counts in the text loss
     attn_patterns: list[str] = field(default_factory=lambda: ["full"])  # full | row | column | conv, cycled
     conv_kernel: int = 5  # odd side of the conv pattern's window
+    # training: dropout of the embeddings, each residual branch's output and the MLP's; attn_dropout drops
+    # attention probabilities, which on a CPU sends attention off its fused kernel (2.7x a tiny step in bf16)
     dropout: float = 0.0
+    attn_dropout: float = 0.0
     text_loss_weight: float = 1 / 8  # loss = w * text CE + (1 - w) * image CE
     caption_dropout: float = 0.1  # training: probability of the empty caption (what guidance contrasts with)
     # unCLIP's decoder (DALL-E 2): a CLIP image embedding of cond_dim numbers, projected to cond_len positions

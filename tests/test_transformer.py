@@ -178,13 +178,28 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_dropout_acts_in_train_mode_only():
-    model = make(dropout=0.5)
+@pytest.mark.parametrize("key", ["dropout", "attn_dropout"])
+def test_dropout_acts_in_train_mode_only(key):
+    model = make(**{key: 0.5})
     text, image = batch()
     with torch.no_grad():
         assert torch.equal(model(text, image), model(text, image))
         model.train()
         assert not torch.equal(model(text, image), model(text, image))
+
+
+def test_no_dropout_trains_as_it_evaluates():
+    model = make(dropout=0.0, attn_dropout=0.0)
+    text, image = batch()
+    with torch.no_grad():
+        evaluated = model(text, image)
+        torch.testing.assert_close(model.train()(text, image), evaluated)
+
+
+@pytest.mark.parametrize("key, value", [("dropout", 1.0), ("attn_dropout", -0.1)])
+def test_dropout_out_of_range_is_refused(key, value):
+    with pytest.raises(UserError, match=f"'{key}' is {value}; it must be in \\[0, 1\\)"):
+        tiny(**{key: value})
 
 
 def test_param_groups_split_matmul_weights_from_the_rest():

@@ -200,6 +200,9 @@ def _check(cfg: TransformerConfig) -> None:
         )
     if not 0.0 <= cfg.cond_dropout <= 1.0:
         raise bad("cond_dropout", "between 0 and 1")
+    for key in ("dropout", "attn_dropout"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise bad(key, "in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +299,7 @@ class Attention(nn.Module):
         # QK-norm (Dehghani et al. 2023) bounds the attention logits, which keeps bf16 training stable
         self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
+        self.attn_dropout = cfg.attn_dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -333,7 +336,7 @@ class Attention(nn.Module):
             cache.v[:, :, start:end] = v
             k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # (b, h, end, e): views, no copy
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0
         )  # (b, h, s, e)
         return self.resid_drop(self.out(rearrange(y, "b h s e -> b s (h e)")))
 
