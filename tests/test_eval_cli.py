@@ -64,6 +64,10 @@ def test_files_that_are_not_utf8_and_bad_data_paths_are_one_sentence(capsys, tmp
     assert "--n -1 must be at least 1" in refused(capsys, data_cli.main, ["stats", "--n", "-1"])
     says = refused(capsys, data_cli.main, ["grid", "--out", str(tmp_path), "--n", "2"])
     assert f"--out '{tmp_path}' is a folder" in says
+    for n in ("0", "1025"):  # the shapes stream is endless: a grid of a million would render without end
+        says = refused(capsys, data_cli.main, ["grid", "--out", str(tmp_path / "g.png"), "--n", n])
+        assert f"--n {n} must be 1 to 1024 examples" in says
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_eval_shapes_of_a_bundle_without_clip_is_refused_before_sampling(capsys, tmp_path):

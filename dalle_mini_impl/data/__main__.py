@@ -24,15 +24,19 @@ from .images import save_grid
 from .streams import ExampleStream, collate
 
 
+# a grid of more examples than this is too small to read, and the shapes stream would render them without end
+MAX_GRID = 1024
+
+
 def _grid(cfg, args) -> int:
     if not args.out:
         raise UserError("grid needs --out FILE.png, the image to write")
-    if args.n < 1:
-        raise UserError(f"--n {args.n} must be at least 1")
+    if not 1 <= args.n <= MAX_GRID:
+        raise UserError(f"--n {args.n} must be 1 to {MAX_GRID} examples; look at more with several grids or data stats")
+    check_out_file(args.out, "--out", "grid.png")
     stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
     examples = list(itertools.islice(stream, args.n))
     batch = collate(examples)
-    check_out_file(args.out, "--out", "grid.png")
     with said_if_unwritable(args.out):
         path = save_grid(batch["image"], args.out, nrow=math.ceil(math.sqrt(len(examples))), captions=batch["caption"])
     print(f"wrote {path} ({len(examples)} examples of {cfg.data.source}, split {cfg.data.split})")
