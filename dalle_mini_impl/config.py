@@ -225,6 +225,9 @@ class CLIPConfig:
     # what a ViT image tower's embedding reads: "cls", its class token (CLIP's); "mean", the mean of its patch
     # tokens after the last block (global average pooling, Beyer et al. 2022, "Better plain ViT baselines")
     image_pool: str = "cls"
+    # stochastic depth in a ViT image tower's blocks (Huang et al. 2016; DeiT trains its ViTs with 0.1): in
+    # training each block's branches are skipped per image, the last block's with this probability, the first's never
+    drop_path: float = 0.0
     init_temperature: float = 1 / 0.07  # the logit scale starts here ...
     max_logit_scale: float = 100.0  # ... and is clamped here
     crop_scale_min: float = 0.85  # random resized crop keeps at least this fraction of the side

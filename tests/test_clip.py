@@ -23,6 +23,7 @@ from dalle_mini_impl.clip.model import (
     clip_augment,
     clip_from_config,
     contrastive_loss,
+    drop_path,
     gather_features,
     pool_positions,
 )
@@ -334,11 +335,37 @@ def test_a_mean_pooled_image_tower_embeds_the_mean_of_its_last_patch_tokens():
         ({"image_pool": "max"}, 16, "clip.image_pool' is 'max'; set it to cls or mean"),
         ({"image_tower": "resnet", "image_pool": "mean"}, 16, "clip.image_pool' is 'mean', which only a ViT has"),
         ({"image_tower": "resnet", "patch_size": 3}, 24, "clip.image_tower=resnet needs"),
+        ({"drop_path": 1.0}, 16, "clip.drop_path' is 1.0; set it in \\[0, 1\\)"),
+        ({"image_tower": "resnet", "drop_path": 0.1}, 16, "clip.drop_path' is '0.1', which only a ViT has"),
     ],
 )
 def test_bad_config_is_one_sentence(changes, image_size, message):
     with pytest.raises(UserError, match=message):
         CLIP(CLIPConfig(**{**TINY, **changes}), image_size=image_size, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
+
+
+def test_drop_path_keeps_the_expected_branch_and_zeroes_whole_samples():
+    branch = torch.ones(20000, 3, 4)
+    out = drop_path(branch, 0.3, training=True)
+    per_sample = out.flatten(1)
+    assert torch.all((per_sample == 0).all(1) | torch.isclose(per_sample, torch.tensor(1 / 0.7)).all(1))
+    assert abs(float((per_sample[:, 0] == 0).float().mean()) - 0.3) < 0.02
+    assert abs(float(out.mean()) - 1.0) < 0.03
+    assert drop_path(branch, 0.3, training=False) is branch
+
+
+def test_drop_path_rises_over_the_image_blocks_and_acts_in_training_only():
+    torch.manual_seed(0)
+    cfg = CLIPConfig(**{**TINY, "image_depth": 3, "drop_path": 0.2})
+    model = CLIP(cfg, image_size=16, text_vocab=10, text_len=4, pad_id=0, eos_id=3)
+    assert [b.drop_path for b in model.visual.transformer.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    assert all(b.drop_path == 0.0 for b in model.text.transformer.blocks)
+    images = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model.encode_image(images), model.encode_image(images))
+        model.train()
+        assert not torch.equal(model.encode_image(images), model.encode_image(images))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,26 +59,41 @@ class Attention(nn.Module):
         return self.out(rearrange(y, "b h n e -> b n (h e)"))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+def drop_path(branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): in training, a residual branch's output (b, ...) is zeroed for each
+    sample with probability p and the rest scaled by 1 / (1 - p), so the expected output is unchanged."""
+    if not training or p == 0.0:
+        return branch
+    keep = torch.empty(branch.shape[0], *[1] * (branch.ndim - 1), device=branch.device).bernoulli_(1 - p)
+    return branch * (keep / (1 - p)).to(branch.dtype)
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)); each branch dropped per sample
+    with probability `drop_path` in training."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.ln_attn = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.ln_mlp = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), mask, causal)
-        return x + self.mlp(self.ln_mlp(x))
+        x = x + drop_path(self.attn(self.ln_attn(x), mask, causal), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.ln_mlp(x)), self.drop_path, self.training)
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int):
+    """`depth` blocks; block i drops its branches with probability drop_path * i / (depth - 1), rising from none
+    at the first to `drop_path` at the last (DeiT's linear rule)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, drop_path: float = 0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(dim, heads, drop_path=rate) for rate in rates)
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -150,6 +165,7 @@ class ImageEncoder(nn.Module):
         embed_dim: int,
         stem: str = "patch",
         pool: str = "cls",
+        drop_path: float = 0.0,
     ):
         super().__init__()
         self.pool = pool
@@ -161,7 +177,7 @@ class ImageEncoder(nn.Module):
         self.cls = nn.Parameter(torch.randn(width) * width**-0.5)
         self.pos = nn.Parameter(torch.randn(1 + grid * grid, width) * 0.01)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, depth, heads)
+        self.transformer = Transformer(width, depth, heads, drop_path)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
 
@@ -362,7 +378,9 @@ def _check(cfg: CLIPConfig, image_size: int) -> None:
     ):
         if getattr(cfg, key) not in choices:
             raise UserError(f"config key 'clip.{key}' is '{getattr(cfg, key)}'; set it to {' or '.join(choices)}")
-    for key, vit_only in (("image_pool", "cls"), ("stem", "patch")):  # a ResNet tower would ignore them
+    if not 0.0 <= cfg.drop_path < 1.0:
+        raise UserError(f"config key 'clip.drop_path' is {cfg.drop_path}; set it in [0, 1), e.g. 0.1")
+    for key, vit_only in (("image_pool", "cls"), ("stem", "patch"), ("drop_path", 0.0)):  # a ResNet would ignore them
         if cfg.image_tower == "resnet" and getattr(cfg, key) != vit_only:
             raise UserError(
                 f"config key 'clip.{key}' is '{getattr(cfg, key)}', which only a ViT has; with "
@@ -404,7 +422,7 @@ class CLIP(nn.Module):
         if cfg.image_tower == "resnet":
             self.visual = ResNetEncoder(image_size, *tower)
         else:
-            self.visual = ImageEncoder(image_size, *tower, cfg.stem, cfg.image_pool)
+            self.visual = ImageEncoder(image_size, *tower, cfg.stem, cfg.image_pool, cfg.drop_path)
         self.text = TextEncoder(
             text_vocab,
             text_len,
