@@ -23,7 +23,6 @@ from ..files import check_out_file, said_if_unwritable
 from .images import save_grid
 from .streams import ExampleStream, collate
 
-
 # a grid of more examples than this is too small to read, and the shapes stream would render them without end
 MAX_GRID = 1024
 
