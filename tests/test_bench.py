@@ -92,6 +92,7 @@ def test_sample_phase_prints_json(capsys, tmp_path):
     # cached against speculative decoding on a trained bundle, its candidates (4, guided: 8 rows) and one
     decode = out["decode"][bundle]
     assert decode["image_tokens_per_sample"] == 16 and decode["prompts"] == 4
+    assert decode["prompt_set"] == "shapes"  # the prompts of the bundle's preset, by its name ("tiny": none of its own)
     for key in ("fp32_batch1", "fp32_batch4", "bf16_batch1", "bf16_batch4"):
         assert decode[key]["speedup"] > 0
         assert decode[key]["cached"]["passes"] == 16 and decode[key]["cached"]["image_tokens_per_s"] > 0

@@ -555,8 +555,9 @@ def phase_sample(name: str, args: argparse.Namespace, device: torch.device) -> d
     return out
 
 
-# Prompts of the decoding comparison on trained bundles (`--decode-models`): the README's for shapes, and held-out
-# name-style cells of emoji-styles' test split for emoji; any other bundle gets the shapes ones.
+# Prompts of the decoding comparison on trained bundles (`--decode-models`), by the bundle's preset name (a run
+# folder of configs/emoji.toml is "emoji" too): the README's for shapes, and held-out name-style cells of
+# emoji-styles' test split for emoji; any other bundle gets the shapes ones.
 DECODE_PROMPTS = {
     "shapes": [
         "a large red circle in the center",
@@ -653,7 +654,8 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
 
     pipe = Pipeline.from_pretrained(name, device=device.type)
     s = pipe.cfg.sample
-    prompts = DECODE_PROMPTS.get(name, DECODE_PROMPTS["shapes"])
+    prompt_set = pipe.cfg.name if pipe.cfg.name in DECODE_PROMPTS else "shapes"
+    prompts = DECODE_PROMPTS[prompt_set]
     texts = [pipe.encode_prompt(p) for p in prompts]
     null = pipe.text_tokenizer.null_ids()[None].to(device)
     dtypes = ["fp32", "bf16"] if device.type == "cpu" else [args.dtype]
@@ -666,6 +668,7 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         "temperature": s.temperature,
         "top_k": s.top_k,
         "prompts": len(prompts),
+        "prompt_set": prompt_set,
     }
     runs = [(d, b, mode) for d in dtypes for b in (1, s.candidates) for mode in ("cached", "speculative")]
     neighbours = None
