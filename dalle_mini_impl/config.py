@@ -75,6 +75,11 @@ class DataConfig:
     exclude: str = ""
     max_examples: int = 0  # examples of the train split that train.encode encodes (0: all; set it for endless sources)
     encode_shard_size: int = 10_000  # rows per token shard
+    # train.encode also writes each image of the train split mirrored left to right, as one more row with the same
+    # caption (LlamaGen's flips of pre-extracted codes): twice the drawings for the transformer. Not for captions
+    # that `encode_flip_exclude` (a regular expression, searched anywhere) matches: a mirror makes them false
+    encode_flip: bool = False
+    encode_flip_exclude: str = r"\b(left|right)"
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 

@@ -145,6 +145,17 @@ def test_train_all_names_a_missing_data_path_before_any_other_complaint(tmp_path
     assert not (tmp_path / "r").exists()
 
 
+def test_train_all_names_a_bad_flip_pattern_before_training_anything(tmp_path):
+    from train import all as train_all
+
+    with pytest.raises(UserError, match="config key 'data.encode_flip_exclude' is not a valid regular expression"):
+        train_all.main(
+            ["--config", "shapes", "--out", str(tmp_path / "r"), "--set", "data.encode_flip=true"]
+            + ["--set", "data.encode_flip_exclude=(left"]
+        )
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_config_folder_is_named_as_one(tmp_path):
     from dalle_mini_impl.config import load_config
 

@@ -190,6 +190,43 @@ def test_encode_to_more_examples_encodes_the_short_last_shard_again(run_dir, tmp
     assert shard_rows(short) == 64  # written again, whole
 
 
+def test_encode_flip_writes_each_image_mirrored_after_it_but_not_for_excluded_captions(run_dir, tmp_path, capsys):
+    """data.encode_flip: a train-split example's mirror image follows it as a row with the same caption, unless
+    data.encode_flip_exclude matches the caption (shapes names left and right); validation gets none; train shards
+    written without mirrors are written again, not reused."""
+    plain = copy_run(run_dir, tmp_path / "plain")
+    if not (plain / "tokens").is_dir():
+        train_encode.main(args_for(plain))
+    flipped = plain  # encoded again in place: every shard must be rewritten
+    capsys.readouterr()
+    train_encode.main(args_for(flipped, "data.encode_flip=true", "data.encode_flip_exclude=\\b(left|right|above)"))
+    splits = {s["split"]: s for s in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]}
+    # the train split's shards change; validation's (never mirrored) are the same and reused
+    assert splits["train"]["shards_reused"] == 0 and splits["validation"]["shards_written"] == 0
+    ids, captions = read_shards(tokens_dir(flipped, "train"))
+    cfg = load_config("shapes", TINY)
+    examples = list(itertools.islice(ExampleStream(cfg.data, "train", train=False, endless=False), 192))
+    tokenizer = load_vae(flipped)
+    excluded = [("left" in e["caption"] or "right" in e["caption"] or "above" in e["caption"]) for e in examples]
+    assert 0 < sum(excluded) < 192  # the pattern leaves some examples out and keeps others
+    want_ids, want_captions = [], []
+    for e, skip in zip(examples, excluded, strict=True):
+        images = [e["image"]] if skip else [e["image"], e["image"].flip(-1)]
+        want_ids.append(tokenizer.encode(torch.stack(images)))
+        want_captions += [e["caption"]] * len(images)
+    assert captions == want_captions and torch.equal(ids, torch.cat(want_ids))
+    assert (splits["train"]["examples"], splits["train"]["mirrored"]) == (192, 192 - sum(excluded))
+    assert splits["train"]["rows"] == len(captions) == 192 + splits["train"]["mirrored"]
+    assert splits["validation"]["mirrored"] == 0
+    assert read_shards(tokens_dir(flipped, "validation"))[0].shape[0] == splits["validation"]["examples"]
+    capsys.readouterr()
+    train_encode.main(args_for(flipped, "data.encode_flip=true", "data.encode_flip_exclude=\\b(left|right|above)"))
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]
+    assert all(s["shards_written"] == 0 for s in again)  # the same mirrors: reused
+    with pytest.raises(UserError, match="config key 'data.encode_flip_exclude' is not a valid regular expression"):
+        train_encode.main(args_for(flipped, "data.encode_flip=true", "data.encode_flip_exclude=(left"))
+
+
 def test_dalle_runs_stops_and_resumes(run_dir):
     train_encode.main(args_for(run_dir))  # the token shards (reused when an earlier test wrote them): alone too
     train_dalle.main(args_for(run_dir, "train.dalle.steps=2", "train.dalle.checkpoint_every=2"))

@@ -35,6 +35,7 @@ from dalle_mini_impl.data.streams import check_source
 from dalle_mini_impl.errors import UserError, run_cli
 from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
+from train.encode import mirror_rule
 from train.finetune import checked_source
 
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     check_source(cfg.data.source, cfg.data.split)  # a missing --data path, named before any other complaint
     check_clip_config(cfg)
     check_unclip(cfg)
+    mirror_rule(cfg, cfg.data.split)  # a bad data.encode_flip_exclude, named before the stages ahead of encode
     if args.init_from:
         checked_source(args.init_from)
     passthrough = ["--config", args.config] + [f"--set={o}" for o in args.overrides]

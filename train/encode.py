@@ -12,17 +12,18 @@ processes under `accelerate launch`: each process encodes its own share of the e
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
-from dalle_mini_impl.data.streams import ExampleStream
+from dalle_mini_impl.data.streams import ExampleStream, caption_regex
 from dalle_mini_impl.data.tokens import (
+    shard_metadata,
     shard_path,
     shard_rows,
-    shard_tokenizer,
     tokenizer_digest,
     tokens_dir,
     write_shard,
@@ -32,26 +33,50 @@ from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_co
 from train.common import process_state, require_parts
 
 
+def mirror_rule(cfg: RunConfig, split: str) -> tuple[Callable[[object], bool] | None, str | None]:
+    """Which examples of `split` train.encode also writes mirrored left to right (`data.encode_flip`: the train split
+    only, captions that `data.encode_flip_exclude` matches left out), and the tag its shards keep to say so; (None,
+    None): none."""
+    if not cfg.data.encode_flip or split != cfg.data.split:
+        return None, None
+    exclude = caption_regex(cfg.data, "encode_flip_exclude")
+
+    def mirrored(caption: object) -> bool:
+        texts = caption if isinstance(caption, list) else [caption]
+        return exclude is None or not any(isinstance(t, str) and exclude.search(t) for t in texts)
+
+    return mirrored, f"left-right, captions matching {cfg.data.encode_flip_exclude!r} left out"
+
+
 def encode_split(
     cfg: RunConfig, tokenizer, split: str, limit: int, rank: int, world: int, device, digest: str | None = None
 ) -> dict:
     """Encode one split into shards for this process; returns counts. digest: the image tokenizer's
-    `tokenizer_digest`, kept in each shard; a shard is reused only when this tokenizer wrote it."""
+    `tokenizer_digest`, kept in each shard; a shard is reused only when this tokenizer wrote it. With
+    `data.encode_flip` a train-split image's mirror image follows it as a row of its own (`mirror_rule`)."""
     folder = tokens_dir(cfg.out_dir, split)
     shard_size = cfg.data.encode_shard_size
     stream = ExampleStream(cfg.data, split, train=False, process_index=rank, num_processes=world, endless=False)
+    mirrored, flips = mirror_rule(cfg, split)
     # this process's share of `limit` (0: everything the split has)
     share = (limit // world + (rank < limit % world)) if limit > 0 else None
-    bar = tqdm(total=share, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
-    images, captions, index, n, written, reused = [], [], 0, 0, 0, 0
+    # the bar counts encoded rows: mirror images make more of them than examples
+    bar = tqdm(total=share if mirrored is None else None, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
+    images, captions, index, n, n_mirrored, written, reused = [], [], 0, 0, 0, 0, 0
 
     def flush() -> None:
         nonlocal images, captions, index, written, reused
         path = shard_path(folder, rank, index)
-        # written by an earlier run: reused when it holds these rows and this tokenizer wrote it; the last shard of an
-        # encode that stopped at a smaller data.max_examples holds fewer, and is encoded again (else the rows after
-        # it would be lost); a VAE trained again since writes every shard again
-        if path.exists() and shard_rows(path) == len(images) and shard_tokenizer(path) == digest:
+        meta = shard_metadata(path) if path.exists() else None
+        # written by an earlier run: reused when it holds these rows, this tokenizer wrote it and it mirrors as this
+        # run does; the last shard of an encode that stopped at a smaller data.max_examples holds fewer, and is
+        # encoded again (else the rows after it would be lost); a VAE trained again since writes every shard again
+        if (
+            meta is not None
+            and shard_rows(path) == len(images)
+            and meta.get("tokenizer") == digest
+            and meta.get("flips") == flips
+        ):
             reused += 1
             bar.update(len(images))
         else:
@@ -61,7 +86,7 @@ def encode_split(
                     batch = torch.stack(images[i : i + 256]).to(device)
                     ids.append(tokenizer.encode(batch).cpu())
                     bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
-            write_shard(path, torch.cat(ids), captions, tokenizer=digest)
+            write_shard(path, torch.cat(ids), captions, tokenizer=digest, flips=flips)
             written += 1
         images, captions, index = [], [], index + 1
 
@@ -71,7 +96,11 @@ def encode_split(
         images.append(example["image"])
         captions.append(example["caption"])
         n += 1
-        if len(images) == shard_size:
+        if mirrored is not None and mirrored(example["caption"]):
+            images.append(example["image"].flip(-1))
+            captions.append(example["caption"])
+            n_mirrored += 1
+        if len(images) >= shard_size:  # an example and its mirror image stay in one shard
             flush()
     if images:
         flush()
@@ -81,6 +110,8 @@ def encode_split(
     return {
         "split": split,
         "examples": n,
+        "mirrored": n_mirrored,
+        "rows": n + n_mirrored,
         "shards_written": written,
         "shards_reused": reused,
         "skipped": stream.n_skipped,

@@ -277,7 +277,7 @@ class CaptionFilter:
     """True for a caption that `data.include` matches (when set) and `data.exclude` does not (when set)."""
 
     def __init__(self, cfg: DataConfig):
-        self.include, self.exclude = (_regex(cfg, key) for key in ("include", "exclude"))
+        self.include, self.exclude = (caption_regex(cfg, key) for key in ("include", "exclude"))
 
     def __call__(self, caption: Any) -> bool:
         # a list of captions is kept when one of them is included and none is excluded; a caption that is not
@@ -288,7 +288,8 @@ class CaptionFilter:
         return self.exclude is None or not any(self.exclude.search(t) for t in texts)
 
 
-def _regex(cfg: DataConfig, key: str) -> re.Pattern | None:
+def caption_regex(cfg: DataConfig, key: str) -> re.Pattern | None:
+    """The compiled pattern of `data.<key>` (None when empty); a pattern that does not compile: one sentence."""
     pattern = getattr(cfg, key)
     if not pattern:
         return None

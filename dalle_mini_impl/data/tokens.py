@@ -53,13 +53,18 @@ def tokenizer_digest(weights: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def shard_tokenizer(path: Path) -> str | None:
-    """The `tokenizer_digest` a shard was written with (None: unreadable, or a shard older than the record)."""
+def shard_metadata(path: Path) -> dict[str, str] | None:
+    """A shard's metadata (None: unreadable)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("tokenizer")
+            return f.metadata() or {}
     except Exception:  # noqa: BLE001 - unreadable: not a shard to reuse
         return None
+
+
+def shard_tokenizer(path: Path) -> str | None:
+    """The `tokenizer_digest` a shard was written with (None: unreadable, or a shard older than the record)."""
+    return (shard_metadata(path) or {}).get("tokenizer")
 
 
 def check_shards_tokenizer(folder: Path, digest: str) -> None:
@@ -74,14 +79,19 @@ def check_shards_tokenizer(folder: Path, digest: str) -> None:
             )
 
 
-def write_shard(path: Path, image_ids: torch.Tensor, captions: list[str], tokenizer: str | None = None) -> None:
+def write_shard(
+    path: Path, image_ids: torch.Tensor, captions: list[str], tokenizer: str | None = None, flips: str | None = None
+) -> None:
     """Write one shard atomically. `image_ids` is (N, h, w); stored as int16 when the codebook fits. tokenizer:
-    the `tokenizer_digest` of the image tokenizer that made the ids, kept in the shard's metadata."""
+    the `tokenizer_digest` of the image tokenizer that made the ids; flips: what says which rows have a mirrored
+    row beside them (`data.encode_flip`); both kept in the shard's metadata."""
     assert image_ids.dim() == 3 and len(captions) == image_ids.shape[0]
     dtype = torch.int16 if int(image_ids.max()) < 2**15 else torch.int32
     meta = {"captions": json.dumps(captions, ensure_ascii=False), "format": "dalle-mini-impl tokens v1"}
     if tokenizer is not None:
         meta["tokenizer"] = tokenizer
+    if flips is not None:
+        meta["flips"] = flips
     tensors = {"image_ids": image_ids.to(dtype).contiguous()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
