@@ -197,7 +197,7 @@ def test_encode_flip_writes_each_image_mirrored_after_it_but_not_for_excluded_ca
     plain = copy_run(run_dir, tmp_path / "plain")
     if not (plain / "tokens").is_dir():
         train_encode.main(args_for(plain))
-    flipped = plain  # encoded again in place: every shard must be rewritten
+    flipped = plain  # encoded again in place: the train split's shards must be written again
     capsys.readouterr()
     train_encode.main(args_for(flipped, "data.encode_flip=true", "data.encode_flip_exclude=\\b(left|right|above)"))
     splits = {s["split"]: s for s in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]}

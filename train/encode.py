@@ -33,7 +33,7 @@ from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_co
 from train.common import process_state, require_parts
 
 
-def mirror_rule(cfg: RunConfig, split: str) -> tuple[Callable[[object], bool] | None, str | None]:
+def mirror_rule(cfg: RunConfig, split: str) -> tuple[Callable[[str], bool] | None, str | None]:
     """Which examples of `split` train.encode also writes mirrored left to right (`data.encode_flip`: the train split
     only, captions that `data.encode_flip_exclude` matches left out), and the tag its shards keep to say so; (None,
     None): none."""
@@ -41,9 +41,8 @@ def mirror_rule(cfg: RunConfig, split: str) -> tuple[Callable[[object], bool] | 
         return None, None
     exclude = caption_regex(cfg.data, "encode_flip_exclude")
 
-    def mirrored(caption: object) -> bool:
-        texts = caption if isinstance(caption, list) else [caption]
-        return exclude is None or not any(isinstance(t, str) and exclude.search(t) for t in texts)
+    def mirrored(caption: str) -> bool:
+        return exclude is None or exclude.search(caption) is None
 
     return mirrored, f"left-right, captions matching {cfg.data.encode_flip_exclude!r} left out"
 
