@@ -240,6 +240,35 @@ def test_references_only_grades_the_judge_alone_as_the_full_run_does(folder, jud
     assert right / 4 == out["real"]["style_acc"]  # the diagonal is the style accuracy
 
 
+def test_several_seeds_run_once_each_and_report_their_mean_and_range(folder, judge, tmp_path, capsys):
+    bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder))
+    argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--split", "train", "--n", "6"]
+    alone = {}
+    for seed in (4, 5):
+        assert emoji.main([*argv, "--seed", str(seed)]) == 0
+        alone[str(seed)] = json.loads(capsys.readouterr().out)
+    assert alone["4"]["captions"] != alone["5"]["captions"]  # --n's draw moves with the seed
+    assert emoji.main([*argv, "--seed", "4", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seed"] == [4, 5] and set(out["per_seed"]) == {"4", "5"}
+    for seed, result in out["per_seed"].items():  # each seed's numbers are its own run's
+        for key in ("reranked", "first", "every", "real", "same_style_random", "copy_other_style", "distinct"):
+            assert result[key] == alone[seed][key], (seed, key)
+    for key in ("reranked", "copy_other_style"):
+        for metric in ("style_acc", "name_r1", "cmmd"):
+            values = [alone[seed][key][metric] for seed in ("4", "5")]
+            assert out["mean"][key][metric] == pytest.approx(sum(values) / 2), (key, metric)
+            assert out["range"][key][metric] == [min(values), max(values)], (key, metric)
+    assert out["mean"]["distinct"] == pytest.approx((alone["4"]["distinct"] + alone["5"]["distinct"]) / 2)
+    assert "captions" not in out["mean"]  # not a number
+    refs = ["--judge", str(judge), "--data", str(folder), "--split", "train", "--n", "6", "--references-only"]
+    assert emoji.main([*refs, "--seed", "4", "5"]) == 0
+    only = json.loads(capsys.readouterr().out)
+    assert only["per_seed"]["5"]["real"] == alone["5"]["real"] and only["mean"]["real"] == out["mean"]["real"]
+    with pytest.raises(UserError, match="--seed repeats a seed"):
+        emoji.main([*argv, "--seed", "4", "4"])
+
+
 def test_eval_emoji_grades_unclip_candidates_on_the_same_captions(folder, judge, tmp_path, capsys):
     bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder), unclip=True)
     argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "2"]
