@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             guided_from=args.guided_from,
         )
 
-    result = over_seeds(args.seed, run)
+    result = per_seed(args.seed, run)
     summary = {
         "model": str(args.model),
         "method": args.method,
@@ -461,7 +461,7 @@ def print_references(args) -> int:
         "split": args.split,
         "seed": seed_key(args.seed),
         "judge_learned_from_split": args.split in split_parts(judge_cfg.data.split),
-        **over_seeds(args.seed, run),
+        **per_seed(args.seed, run),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return emit(summary, args.out)
@@ -472,15 +472,17 @@ def seed_key(seeds: Sequence[int]) -> int | list[int]:
     return seeds[0] if len(seeds) == 1 else list(seeds)
 
 
-def over_seeds(seeds: Sequence[int], run: Callable[[int], dict]) -> dict:
-    """run(seed)'s result for one seed; for several, {"per_seed": {seed: result}, "mean": ..., "range": ...}.
+def per_seed(seeds: Sequence[int], run: Callable[[int], dict]) -> dict:
+    """What the command prints for its --seed: run(seed)'s result for one, over_seeds' for several."""
+    return run(seeds[0]) if len(seeds) == 1 else over_seeds(seeds, run)
 
-    `mean` and `range` ([smallest, largest]) are taken over every number at the same place in every result
-    (the columns' metrics, `distinct`, counts), nested as in a result; what is not a number, or is not in every
-    result (the styles picked for other captions), is left out."""
+
+def over_seeds(seeds: Sequence[int], run: Callable[[int], dict]) -> dict:
+    """{"per_seed": {seed: run(seed)}, "mean": ..., "range": ...}: `mean` and `range` ([smallest, largest])
+    are taken over every number at the same place in every result (the columns' metrics, `distinct`, counts),
+    nested as in a result; what is not a number, or is not in every result (the styles picked for other
+    captions), is left out."""
     results = [run(seed) for seed in seeds]
-    if len(results) == 1:
-        return results[0]
 
     def fold(values: list, how: Callable[[list[float]], object]):
         if all(isinstance(v, dict) for v in values):
