@@ -353,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="as python -m sample's")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--grid", default=None, metavar="PNG", help="also draw the first 8 captions' picks above the real")
+    p.add_argument(
+        "--grid",
+        default=None,
+        metavar="PNG",
+        help="also draw the first 8 captions' picks above the real (first seed's)",
+    )
     p.add_argument(
         "--references-only",
         action="store_true",
