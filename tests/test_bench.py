@@ -88,7 +88,7 @@ def test_train_phase_compiled_reports_its_speedup(capsys):
 def test_sample_phase_prints_json(capsys, tmp_path):
     bundle = str(make_tiny_bundle(tmp_path / "bundle"))
     argv = ["--only", "sample", *TINY, *GRID, "--sample-reps", "2", "--uncached-reps", "1", "--decode-models", bundle]
-    out = run_json([*argv, "--relax", "0.3"], capsys)
+    out = run_json([*argv, "--relax", "0.3", "--decode-batches", "2"], capsys)
     # cached against speculative decoding on a trained bundle, its candidates (4, guided: 8 rows) and one
     decode = out["decode"][bundle]
     assert decode["image_tokens_per_sample"] == 16 and decode["prompts"] == 4
@@ -100,8 +100,10 @@ def test_sample_phase_prints_json(capsys, tmp_path):
     for key in ("fp32_batch4", "bf16_batch4"):  # the bundle guides: at its candidates, what guidance costs
         assert decode[key]["unguided"]["passes"] == 16 and decode[key]["guidance_cost"] > 0
     assert "unguided" not in decode["fp32_batch1"]
-    # the window each run used: 32 positions over 8 rows; at one row 16, cut to the 15 cells after the first
-    assert decode["bf16_batch4"]["speculative"]["window"] == 4 and decode["bf16_batch1"]["speculative"]["window"] == 15
+    # the window each run used: 32 positions over 4 rows (--decode-batches 2, guided) 8 cells, over 8 rows 4, under
+    # the 8 that pay: plain; at one row 16, cut to the 15 cells after the first
+    assert decode["bf16_batch2"]["speculative"]["window"] == 8 and decode["bf16_batch4"]["speculative"]["window"] == 1
+    assert decode["bf16_batch1"]["speculative"]["window"] == 15 and decode["bf16_batch2"]["speedup"] > 0
     assert 1 < decode["bf16_batch1"]["speculative"]["passes"] < 16
     for key in ("passes_random_drafts", "passes_independent_redraft"):
         assert 1 < decode["bf16_batch1"]["speculative"][key] < 16

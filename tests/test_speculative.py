@@ -199,8 +199,8 @@ def test_the_window_falls_back_to_plain_decoding_where_wide_passes_do_not_pay():
     cpu = torch.device("cpu")
     assert window_width(1, cpu, torch.float32) == 1  # fp32 on the CPU: a wider pass costs about its width
     assert window_width(1, cpu, torch.bfloat16) == MAX_WINDOW
-    assert window_width(8, cpu, torch.bfloat16) == 4
-    assert window_width(9, cpu, torch.bfloat16) == 1  # 3 cells would not pay for their pass
+    assert window_width(4, cpu, torch.bfloat16) == 8
+    assert window_width(5, cpu, torch.bfloat16) == 1  # 6 cells would not pay for their pass
     assert window_width(64, cpu, torch.float32, window=3) == 3  # an explicit window is kept
     model = make()
     stats = {}

@@ -25,7 +25,8 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           with the compile apart, `compiled_speedup`; CUDA graphs on GPUs: `python -m sample --compile`).
           Then, under "decode", plain cached against speculative decoding on the trained bundles of
           `--decode-models` (default: the shipped shapes and emoji) with their own sampling settings, at one
-          candidate and at the default command's candidates: tokens/s, sequential passes, `speedup`; at the
+          candidate, at the default command's candidates and at `--decode-batches`: tokens/s, sequential
+          passes, `speedup`; at the
           candidates also unguided (`unguided`) and the bundle's guidance against none (`guidance_cost`).
   vae     dVAE training images/s at 32 px, batch 32: a configuration with the constructor arguments of the
           anchor's tiny dVAE (512 codes, code width 256, two stride-2 levels, hidden 64, no res-blocks),
@@ -670,7 +671,8 @@ def decode_bundle(name: str, args: argparse.Namespace, device: torch.device) -> 
         "prompts": len(prompts),
         "prompt_set": prompt_set,
     }
-    runs = [(d, b, mode) for d in dtypes for b in (1, s.candidates) for mode in ("cached", "speculative")]
+    batches = sorted({1, s.candidates, *args.decode_batches})
+    runs = [(d, b, mode) for d in dtypes for b in batches for mode in ("cached", "speculative")]
     neighbours = None
     if args.relax > 0:  # where a window is wide: one candidate
         runs += [(d, 1, "relaxed") for d in dtypes]
@@ -885,6 +887,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample phase: trained bundles whose cached and speculative decoding are compared (none: skip)",
     )
     ap.add_argument(
+        "--decode-batches",
+        nargs="*",
+        type=int,
+        default=[],
+        help="decode: candidates per prompt timed besides one and the bundle's own (speculative decoding's window "
+        "narrows with the batch; it must never be slower than plain decoding)",
+    )
+    ap.add_argument(
         "--relax",
         type=float,
         default=0.0,
@@ -962,7 +972,7 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
             passthrough += [flag, str(value)]
     passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
     passthrough += ["--guidance-until", str(args.guidance_until), "--decode-models", *args.decode_models]
-    passthrough += ["--relax", str(args.relax)]
+    passthrough += ["--relax", str(args.relax), "--decode-batches", *map(str, args.decode_batches)]
     passthrough += ["--matmul-reps", str(args.matmul_reps)]
     passthrough += [x for item in args.overrides for x in ("--set", item)]
     passthrough += [flag for flag, on in (("--no-encode", args.no_encode), ("--compile", args.compile)) if on]
@@ -1002,6 +1012,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
+    if any(b < 1 for b in args.decode_batches):
+        raise UserError(
+            f"--decode-batches {' '.join(map(str, args.decode_batches))}: each must be 1 or more candidates"
+        )
     presets = args.preset or (CPU_PRESETS + (GPU_PRESETS if device.type == "cuda" else []))
     for p in presets:
         if p not in PRESETS:

@@ -67,9 +67,10 @@ REDRAFTS = ("coupled", "independent")  # how its Jacobi step redrafts the cells 
 # The budget is where a pass stays bound by its fixed cost rather than arithmetic, measured with
 # `python -m dalle_mini_impl.bench --only sample` (docs/RESULTS.md): on this project's 2-core CPU a bf16
 # pass (AMX) over 32 positions costs 1.3-1.6x a pass over one, an fp32 pass over 8 already 2-3x, so fp32 on
-# the CPU decodes plainly. The GPU budget is not measured yet (no GPU was lent): eager decoding of models this
-# size is bound by kernel launches there up to thousands of positions per pass.
-MAX_WINDOW, MIN_WINDOW = 16, 4
+# the CPU decodes plainly. Windows of 4 cells (8 rows) ran the emoji bundle slower than plain decoding (its
+# drafts pass less often), so 8 is the narrowest. The GPU budget is not measured yet (no GPU was lent): eager
+# decoding of models this size is bound by kernel launches there up to thousands of positions per pass.
+MAX_WINDOW, MIN_WINDOW = 16, 8
 WINDOW_TOKENS_CPU = {torch.bfloat16: 32}  # any other dtype: 0, plain decoding
 WINDOW_TOKENS_GPU = 256
 
