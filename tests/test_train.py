@@ -145,6 +145,23 @@ def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
     assert (run / "vae.safetensors").is_file() and (run / "vae.json").is_file()
 
 
+def test_vq_trained_twice_from_nothing_has_the_same_weights(tmp_path, run_dir):
+    """Same seed, data and thread count: the same VQ, bit for bit, dead-code restarts included (the first step
+    restarts every unused code at a random pick of the batch's latents, and dead_code_steps=1 restarts more at
+    every step), so every later stage of a run from nothing can be reproduced."""
+    weights = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+        vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]", "vae.dead_code_steps=1"]
+        train_vae.main(args_for(run, *vq, "train.vae.steps=3"))
+        weights.append(load_file(str(run / "vae.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_encode_writes_the_ids_encode_gives(run_dir):
     train_encode.main(args_for(run_dir))
     ids, captions = read_shards(tokens_dir(run_dir, "train"))
