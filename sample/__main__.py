@@ -7,7 +7,7 @@
     python -m sample "a blue square on the right" --init-image img.png --mask right.png   # redraw the white part
     python -m sample "a red circle to the left of a blue square" --init-image a.png --extend right   # outpaint
     python -m sample "a red circle" --json      # one JSON line per image: prompt, path, rank, clip_score, seed
-    python -m sample "pizza, openmoji style" --model emoji --dtype bf16 --decode speculative --candidates 2 --num-images 2
+    python -m sample "pizza, noto style" --model emoji --dtype bf16 --decode speculative --candidates 2 --num-images 2
     python -m sample "a red circle" --method unclip      # DALL-E 2: prior -> CLIP image embedding -> decoder
     python -m sample --variations circle.png --num-images 4                    # images from an image's embedding
     python -m sample --interpolate a.png b.png --steps 5                       # along the path between two
