@@ -170,7 +170,7 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert Image.open(tmp_path / "grid.png").size[0] > 4 * 128  # 4 test captions, picks above real images
     assert out["n"] == 4 and out["candidates"] == 2 and out["split"] == "test"
-    for key in ("reranked", "first", "every", "real", "same_style_random", "copy_other_style"):
+    for key in ("reranked", "first", "every", "real", "same_style_random", "copy_other_style", "reconstructed"):
         entry = out[key]
         assert entry["n"] == (8 if key == "every" else 4), key  # every test name is in train in another style
         assert set(entry) == {"n", "style_acc", "name_r1", "name_r5", "both", "cmmd"}
@@ -180,6 +180,7 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
     assert out["real"]["cmmd"] == 0.0  # the real images against themselves
     assert out["distinct"] in (0.5, 0.625, 0.75, 0.875, 1.0)  # 4 captions of 2 candidates: 1 or 2 distinct each
     assert out["copy_other_style"]["cmmd"] > 0
+    assert out["reconstructed"]["cmmd"] > 0  # the tiny tokenizer does not draw the real images back exactly
     # refinement of the first 2 picks, by CLIP alone and with the prior, beside the same unrefined picks
     guided = [*argv, "--guided", "2", "--set", "sample.guided_prior_weight=0.5", "--set", "sample.guided_steps=2"]
     assert emoji.main(guided) == 0
@@ -252,7 +253,7 @@ def test_several_seeds_run_once_each_and_report_their_mean_and_range(folder, jud
     out = json.loads(capsys.readouterr().out)
     assert out["seed"] == [4, 5] and set(out["per_seed"]) == {"4", "5"}
     for seed, result in out["per_seed"].items():  # each seed's numbers are its own run's
-        for key in ("reranked", "first", "every", "real", "same_style_random", "copy_other_style", "distinct"):
+        for key in ("reranked", "first", "every", "real", "copy_other_style", "reconstructed", "distinct"):
             assert result[key] == alone[seed][key], (seed, key)
     for key in ("reranked", "copy_other_style"):
         for metric in ("style_acc", "name_r1", "cmmd"):
@@ -277,7 +278,8 @@ def test_eval_emoji_grades_unclip_candidates_on_the_same_captions(folder, judge,
     assert emoji.main([*argv, "--method", "unclip"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (ar["method"], out["method"]) == ("ar", "unclip") and out["captions"] == ar["captions"]
-    assert out["real"] == ar["real"] and out["copy_other_style"] == ar["copy_other_style"]  # the same references
+    for key in ("real", "copy_other_style", "reconstructed"):  # the same references: no sampling in them
+        assert out[key] == ar[key], key
     assert out["reranked"]["n"] == 4 and out["every"]["n"] == 8
     assert out["every"] != ar["every"]  # other candidates: drawn through the prior and the decoder
     with pytest.raises(UserError, match="--guided refines the default method"):

@@ -114,7 +114,7 @@ def test_a_source_the_shapes_decoder_pins_down_still_gets_four_new_variations():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "gave only N distinct images"
         kept = pipe.variations([source], num_images=4, candidates=8, seed=2 + 50, progress=False)[0]
-    drawn = pipe._as_drawn(pipe._read_images([source]))[0]
+    drawn = pipe.as_drawn(pipe._read_images([source]))[0]
     assert len({r.image.tobytes() for r in kept}) == 4
     assert all(not torch.equal(pipe._read_images([r.image])[0], drawn) for r in kept)  # none is the source
     assert all(judge(np.asarray(r.image), caption).ok for r in kept)

@@ -276,7 +276,7 @@ def test_text_diff_turns_the_embedding_the_decoder_reads(bundle, images):
     pipe.variations([images[0]], text_diff=("a red square", "a blue square"), text_diff_scale=1.0, **kw)
     seen = [cond[0] for _, cond in calls]
     a, b = pipe.clip.embed_texts(["a red square", "a blue square"])
-    assert torch.allclose(seen[0], pipe.clip.embed_images(pipe._as_drawn(pipe._read_images([images[0]])))[0], atol=1e-6)
+    assert torch.allclose(seen[0], pipe.clip.embed_images(pipe.as_drawn(pipe._read_images([images[0]])))[0], atol=1e-6)
     assert torch.allclose(seen[1], seen[0], atol=1e-5)  # scale 0: the image itself
     assert torch.allclose(seen[2], F.normalize(b - a, dim=-1), atol=1e-5)  # scale 1: the caption difference
 
@@ -285,7 +285,7 @@ def test_variations_and_interpolations_read_their_sources_as_the_tokenizer_draws
     # the decoder trained on embeddings of images drawn by the tokenizer (train.embed): a source is drawn so first
     pipe = Pipeline.from_pretrained(bundle, device="cpu")
     given = pipe._read_images([images[0], images[1]])
-    drawn = pipe._as_drawn(given)
+    drawn = pipe.as_drawn(given)
     assert torch.equal(drawn[0], pipe.decode(pipe.encode_image(images[0])[None])[0])
     assert (drawn - given).abs().max() > 0.05  # the tiny tokenizer redraws it visibly
     calls = record_sampling(pipe)
@@ -306,8 +306,8 @@ def test_variations_and_interpolations_read_their_sources_as_the_tokenizer_draws
 
 def test_a_variation_is_never_its_source_as_the_tokenizer_draws_it(bundle, images):
     pipe = Pipeline.from_pretrained(bundle, device="cpu")
-    source = pipe._as_drawn(pipe._read_images([images[0]]))  # (1, 3, S, S)
-    other = pipe._as_drawn(pipe._read_images([images[1]]))
+    source = pipe.as_drawn(pipe._read_images([images[0]]))  # (1, 3, S, S)
+    other = pipe.as_drawn(pipe._read_images([images[1]]))
     ids, scores = torch.tensor([[1], [2], [3]]), torch.tensor([1.0, 0.5, 0.9])
     drawn = torch.cat([source, other, source])
     one = pipe.settings(num_images=1)
@@ -630,7 +630,7 @@ def test_only_variations_give_the_decoder_a_grid(grid_bundle, images):
     calls = record_sampling(pipe)
     few = dict(num_images=1, candidates=2, progress=False)
     pipe.variations([images[0]], **few)
-    pixels = pipe._as_drawn(pipe._read_images([images[0]]))
+    pixels = pipe.as_drawn(pipe._read_images([images[0]]))
     cond = calls[-1][1]
     assert torch.allclose(cond[0, :e], pipe.clip.embed_images(pixels)[0])
     assert torch.allclose(cond[0, e:], pipe.clip.embed_image_grid(pixels, 2)[0]) and cond[0, e:].abs().sum() > 0

@@ -23,7 +23,10 @@ embeddings, per judged image:
 and the same keys for three references that need no model: `real` (the captions' real images: the
 ceiling), `same_style_random` (a random training image of the caption's style, another caption's) and
 `copy_other_style` (the same name drawn in another style, from train: right name, wrong style; only
-for captions whose name train has in another style, counted by its `n`). Prints one JSON object;
+for captions whose name train has in another style, counted by its `n`). A fourth needs the model's image
+tokenizer alone: `reconstructed`, the real images encoded and decoded by it, what a transformer drawing each
+caption's own codes would reach (reconstruction FID in VQGAN's and LlamaGen's tables; not a bound on a measure a
+sampled image can win by drawing other codes than the caption's own image). Prints one JSON object;
 `--grid PNG` also draws the first eight captions' reranked images above their real ones. DIR needs only
 `train` and the graded split. `judge_learned_from_split` says whether the judge trained on that split
 (true for `train`, the seen cells: its numbers on real images are then not a ceiling on unseen ones).
@@ -311,6 +314,9 @@ def evaluate(
         # every candidate, unranked: the sampler's own quality over N times the captions (decoders compared)
         "every": grader.grade(torch.cat(every), [i for i in rows for _ in range(s.candidates)], real_emb),
         **split_data.references(),
+        # the real images as the model's image tokenizer draws them (encode, decode): the most a transformer that
+        # drew each caption's own codes could reach (LlamaGen's and VQGAN's reconstruction FID, here as CMMD)
+        "reconstructed": grader.grade(pipe.as_drawn(real), rows, real_emb),
     }
     out["distinct"] = sum(distinct) / len(distinct)  # the mean share of a caption's candidates that differ
     if guided:

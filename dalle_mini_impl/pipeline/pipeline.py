@@ -902,14 +902,17 @@ class Pipeline:
         """CLIP image embeddings (m, e) of image files or PIL images, at the model's resolution."""
         return self.clip.embed_images(self._read_images(images))
 
-    def _as_drawn(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels (m, 3, S, S) in [0, 1] as the image tokenizer draws them (encode, decode): what the unCLIP decoder
-        reads of a source. Its training embeddings are of images drawn so (`train.embed`), and CLIP's features of a
-        source drawn another way (hard edges, another palette) read to the decoder as another image. Candidates are
-        still ranked against the source as given: against its drawn self, the source's own codes would always win."""
-        with torch.inference_mode(), self._autocast():
-            ids = self.image_tokenizer.encode(pixels.to(self.device))
-        return self.decode(ids)
+    def as_drawn(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (m, 3, S, S) in [0, 1] as the image tokenizer draws them (encode, decode; eval emoji's
+        `reconstructed`): what the unCLIP decoder reads of a source. Its training embeddings are of images drawn so
+        (`train.embed`), and CLIP's features of a source drawn another way (hard edges, another palette) read to the
+        decoder as another image. Candidates are still ranked against the source as given: against its drawn self,
+        the source's own codes would always win."""
+        ids = []
+        for chunk in pixels.split(max(1, self.cfg.sample.batch_size)):  # as `decode`, in batches
+            with torch.inference_mode(), self._autocast():
+                ids.append(self.image_tokenizer.encode(chunk.to(self.device)).cpu())
+        return self.decode(torch.cat(ids))
 
     def decoder_input(self, embeddings: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """What the unCLIP decoder reads for CLIP image embeddings (m, e): the embeddings, and with `unclip.grid`
@@ -970,7 +973,7 @@ class Pipeline:
     ) -> list[list[Result]]:
         """For each image, `num_images` new images drawn from its CLIP embedding (unCLIP's variations), the best
         of `candidates` by CLIP image similarity to that embedding, best first. Image i uses seed + i. The
-        embedding is of the image as the image tokenizer draws it (`_as_drawn`), as in the decoder's training.
+        embedding is of the image as the image tokenizer draws it (`as_drawn`), as in the decoder's training.
 
         text_diff=(a, b): a text diff (DALL-E 2, section 3.3): the image's embedding is first turned toward the
         difference of the captions' text embeddings, slerp(image, normalise(text(b) - text(a)), text_diff_scale)
@@ -983,7 +986,7 @@ class Pipeline:
             overrides = overrides | {"guidance_scale": own}
         s = self._embedding_settings("--variations", overrides | {"text_diff_scale": text_diff_scale})
         given = self._read_images(list(images))
-        pixels = self._as_drawn(given)
+        pixels = self.as_drawn(given)
         # with unclip.grid, a variation keeps where things are: the decoder reads the source's spatial features too;
         # a text diff changes what the grid shows (a color, a shape), so it reads the embedding alone
         if self.cfg.unclip.grid and text_diff is None:
@@ -1026,14 +1029,14 @@ class Pipeline:
         **overrides,
     ) -> list[list[Result]]:
         """Images drawn from `steps` embeddings on the spherical path between two images' CLIP embeddings (of the
-        images as the tokenizer draws them, `_as_drawn`; unCLIP's interpolations), t = 0 .. 1 evenly; per step the
+        images as the tokenizer draws them, `as_drawn`; unCLIP's interpolations), t = 0 .. 1 evenly; per step the
         best `num_images` of `candidates` by CLIP image similarity to the nearer end (both ends at the middle).
         Step k uses seed + k."""
         s = self._embedding_settings("--interpolate", overrides)
         if steps < 2:
             raise UserError(f"--steps is {steps}; an interpolation needs at least 2 (its two ends)")
         given = self._read_images([first, second])
-        ends, targets = self.clip.embed_images(self._as_drawn(given)), self.clip.embed_images(given)
+        ends, targets = self.clip.embed_images(self.as_drawn(given)), self.clip.embed_images(given)
         from ..model.prior import slerp
 
         h, w = self.grid
