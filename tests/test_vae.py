@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 import vae
@@ -257,6 +258,31 @@ def test_vq_discriminator_losses():
     assert torch.isfinite(d_loss) and {"disc_loss", "disc_real", "disc_fake"} <= set(d_metrics)
     with pytest.raises(vae.VAEError, match="no discriminator"):
         tiny("vq").discriminator_loss(images, images)
+
+
+def test_vq_gan_term_is_weighted_to_pull_as_hard_as_reconstruction_at_the_last_layer():
+    model = tiny("vq", disc_start=0, disc_weight=1.0).eval()  # eval: no codebook moves, the same forward twice
+    images = rectangles(4)
+    last = model.decoder.layers[-1].weight
+    pixels = model.decode_latent(model.snap(model.free_latent(images))[0])
+    recon = F.mse_loss(pixels, images)
+    adversarial = -model.discriminator(pixels * 2 - 1).mean()  # a term of another scale than the MSE
+    weight = model.adversarial_balance(recon, adversarial)
+    (recon_grad,) = torch.autograd.grad(recon, last, retain_graph=True)
+    (gan_grad,) = torch.autograd.grad(weight * adversarial, last, retain_graph=True)
+    assert weight > 0 and gan_grad.norm() == pytest.approx(recon_grad.norm(), rel=1e-3)
+    # the training loss uses it: recon + commitment + disc_weight * balance * adversarial
+    loss, metrics = model(images, 0)
+    assert float(metrics["adversarial_weight"]) == pytest.approx(float(weight), rel=1e-4)
+    expected = metrics["recon"] + 0.25 * metrics["commitment"] + metrics["adversarial_weight"] * metrics["adversarial"]
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    half = tiny("vq", disc_start=0, disc_weight=0.5).eval()
+    assert float(half(images, 0)[1]["adversarial_weight"]) == pytest.approx(0.5 * float(weight), rel=1e-4)
+    with torch.no_grad():  # evaluation takes no gradient: the GAN term is left out, as VQGAN leaves it
+        assert float(model(images, 0)[1]["adversarial_weight"]) == 0.0
+    for p in model.decoder.layers[-1].parameters():  # a frozen last layer: the fixed weight disc_weight
+        p.requires_grad_(False)
+    assert float(model(images, 0)[1]["adversarial_weight"]) == 1.0
 
 
 # -- the continuous side (for CLIP guidance) -------------------------------------------------------
