@@ -126,7 +126,7 @@ class VAEConfig:
     commitment_weight: float = 0.25
     dead_code_steps: int = 50  # a code unused this many steps is restarted from recent encoder outputs
     disc_start: int = -1  # step that switches on the patch discriminator; -1: never
-    disc_weight: float = 0.1
+    disc_weight: float = 0.1  # the GAN term's pull on the decoder's last layer, as a share of reconstruction's (VQGAN)
     usage_window: int = 100  # codebook usage is logged over this many recent batches
 
 
