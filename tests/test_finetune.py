@@ -339,3 +339,21 @@ def test_the_decoder_starts_from_a_sources_transformer_when_it_has_no_decoder(so
     transformer = load_file(str(plain / "transformer.safetensors"))
     assert all(torch.equal(first_step_weights[k], v) for k, v in transformer.items())
     assert set(first_step_weights) - set(transformer) == {"cond_proj.weight", "cond_pos.weight", "__step__"}
+
+
+def test_a_vq_without_a_critic_gets_its_decoder_fine_tuned_with_one_and_every_code_stays(tmp_path):
+    vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"]
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    train_vae.main(args_for(first, *vq, "train.vae.steps=2"))
+    frozen = '["encoder", "codebook"]'
+    with_critic = [*vq, "vae.disc_start=0", f"train.vae.freeze={frozen}", "train.vae.steps=2", "train.vae.lr=1e-2"]
+    train_vae.main(args_for(tuned, *with_critic) + ["--init-from", str(first)])  # the critic starts fresh
+    before, after = load_file(str(first / "vae.safetensors")), load_file(str(tuned / "vae.safetensors"))
+    assert not any(k.startswith("discriminator.") for k in before)
+    assert any(k.startswith("discriminator.") for k in after)  # trained, and kept for a later fine-tune
+    old, new = load_vae(first), load_vae(tuned)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ids = old.encode(images)
+        assert torch.equal(new.encode(images), ids)  # every image's codes are the first VQ's
+        assert not torch.allclose(new.decode(ids), old.decode(ids))  # drawn by a decoder trained further

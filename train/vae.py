@@ -13,7 +13,9 @@ PSNR/SSIM/usage, and a grid of originals over reconstructions.
 
 `--init-from BUNDLE_OR_RUN` starts from that model's image tokenizer (the same kind and sizes) instead of
 random weights, and `train.vae.freeze` leaves parameter groups untrained: encoder, codebook, decoder,
-discriminator (train.finetune).
+discriminator (train.finetune). A critic the source has not starts from random weights, so a VQ trained without
+one can have its decoder fine-tuned with one, every image's codes unchanged:
+`--set vae.disc_start=0 --set 'train.vae.freeze=["encoder", "codebook"]'`.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     model = build_tokenizer(cfg)
     source = finetune.init_source(cfg, args, "vae")
     if source is not None:
-        finetune.start_from(model, source, "vae", "image tokenizer", cfg, "vae")
+        # a critic the source lacks starts fresh: a tokenizer trained without one can be fine-tuned with one (its
+        # decoder alone, with the encoder and codebook frozen, keeps every image's codes)
+        critic = tuple(name for name in model.state_dict() if name.startswith("discriminator."))
+        finetune.start_from(model, source, "vae", "image tokenizer", cfg, "vae", keep_own=critic)
     finetune.freeze(model, "vae", tc.freeze, "vae")
     if tc.grad_checkpointing:
         raise UserError("train.vae.grad_checkpointing is true, and the image tokenizer has none; set it to false")
