@@ -223,6 +223,26 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
         emoji.main([*argv, "--method", "unclip"])
 
 
+def test_eval_recon_with_a_judge_grades_the_tokenizer_as_eval_emoji_does(folder, judge, tmp_path, capsys):
+    from dalle_mini_impl.eval import recon
+
+    bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder))
+    assert emoji.main(["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--candidates", "1"]) == 0
+    full = json.loads(capsys.readouterr().out)  # seed 0, every test caption
+    argv = ["--model", str(bundle), "--data", str(folder), "--split", "test", "--judge", str(judge)]
+    assert recon.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 4 and 0 < out["psnr"] < 60  # the PSNR and usage keys are still there
+    judged = out["judged"]
+    assert judged["real"] == full["real"] and judged["judge_learned_from_split"] is False
+    for metric, value in full["reconstructed"].items():  # the same images through the same tokenizer
+        assert judged["reconstructed"][metric] == pytest.approx(value, abs=1e-6), metric
+    with pytest.raises(UserError, match="--judge grades every image of the split"):
+        recon.main([*argv, "--limit", "2"])
+    with pytest.raises(UserError, match="does not exist"):
+        recon.main([*argv[:-1], str(tmp_path / "nothing")])
+
+
 def test_references_only_grades_the_judge_alone_as_the_full_run_does(folder, judge, tmp_path, capsys):
     bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder))
     argv = ["--judge", str(judge), "--data", str(folder), "--seed", "3"]

@@ -449,6 +449,29 @@ def main(argv: list[str] | None = None) -> int:
     return emit(summary, args.out)
 
 
+def judge_reconstructions(tokenizer, judge_path: str, data: str, split: str, batch_size: int = 64) -> dict:
+    """An image tokenizer alone, graded as `eval emoji` grades its `reconstructed` reference: every image of the
+    split encoded and decoded (`reconstructed`) beside the real images (`real`), by the judge at `judge_path`, with
+    R-precision's names drawn with seed 0. How two tokenizers are compared before any transformer is trained."""
+    from ..pipeline.bundle import load_clip, read_bundle_config
+
+    judge_cfg = read_bundle_config(judge_path)
+    check_not_shapes(judge_cfg, f"--judge '{judge_path}'")
+    judge = load_clip(judge_path)
+    split_data = GradedSplit(judge, data, split, None, 0, judge_cfg.data.image_size)
+    drawn = []
+    with torch.inference_mode():
+        for chunk in split_data.real.split(batch_size):
+            drawn.append(tokenizer.decode(tokenizer.encode(chunk)).float().clamp(0, 1))
+    rows = list(range(len(split_data.captions)))
+    return {
+        "reconstructed": split_data.grader.grade(torch.cat(drawn), rows, split_data.real_emb),
+        "real": split_data.grader.grade(split_data.real, rows, split_data.real_emb),
+        "judge": str(judge_path),
+        "judge_learned_from_split": split in split_parts(judge_cfg.data.split),
+    }
+
+
 def print_references(args) -> int:
     """--references-only: the judge on the split's real images, same_style_random and copy_other_style, with
     the styles it picks for the real images (`real_style_picks`: {true style: {picked style: count}})."""

@@ -8,6 +8,12 @@ Prints one JSON object. PSNR is computed from the mean squared error over the wh
 once on the split and perplexity is exp(entropy) of the split's code histogram. On shapes it also reports
 `judge_accepts`, the fraction of reconstructions the shapes judge accepts under their captions. Works
 on any data source, not only the one the tokenizer was trained on.
+
+`--judge JUDGE` (emoji-styles' `NAME, STYLE style` captions; an evaluation CLIP from `python -m train.judge`) also
+grades the reconstructions of the whole split as `eval emoji` grades its `reconstructed` reference: style_acc,
+name_r1, name_r5, both and CMMD to the real images, under `judged` (`reconstructed`, and `real`: the ceiling).
+PSNR says how near each image is drawn back; the judge says whether what makes it that style and that name
+survives, which is what a transformer over the tokenizer can at best draw.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import check_counts, check_data_overrides
-from dalle_mini_impl.pipeline.bundle import load_vae, read_bundle_config
+from dalle_mini_impl.pipeline.bundle import bundle_path, load_vae, read_bundle_config
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -105,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--judge",
+        default=None,
+        help="an evaluation CLIP's folder (python -m train.judge): also grade the reconstructions as eval emoji does",
+    )
     args = parser.parse_args(argv)
     check_counts(limit=(args.limit, 0), batch_size=(args.batch_size, 1))
+    if args.judge and args.limit:
+        raise UserError("--judge grades every image of the split, and --limit would grade fewer; drop one of them")
     check_data_overrides(args.overrides, "recon")
     tokenizer = load_vae(args.model)
     try:
@@ -125,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     limited = _take(batches(stream, args.batch_size), args.limit)
     result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")
     result.update(source=cfg.data.source, split=args.split, image_size=cfg.data.image_size, skipped=stream.n_skipped)
-    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
+    result = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
+    if args.judge:
+        from dalle_mini_impl.eval.emoji import judge_reconstructions
+
+        if not bundle_path(args.judge).is_dir():
+            raise UserError(f"--judge '{args.judge}' does not exist; pass the folder python -m train.judge wrote")
+        result["judged"] = judge_reconstructions(tokenizer, args.judge, cfg.data.source, args.split, args.batch_size)
+    print(json.dumps(result))
     return 0
 
 
