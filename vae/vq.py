@@ -226,8 +226,9 @@ class VQ(ImageTokenizer):
         """VQGAN's adaptive weight of the GAN term (Esser et al. 2021, eq. 7): |grad recon| / (|grad adversarial| +
         1e-4) at the decoder's last layer, clamped to [0, 1e4], detached. A fixed weight is in the units of the
         reconstruction loss, which here is a mean squared error of about 0.003, so the hinge term (about 1) took over
-        at any weight one would guess: 0.1 on emoji-styles fell from 25 to 10.8 dB on validation (docs/RESULTS.md).
-        0 where no gradient is taken (evaluation, as VQGAN); 1 where the decoder's last layer is frozen."""
+        at any weight one would guess: 0.1 on emoji-styles fell from 25 to 10.8 dB on validation (docs/RESULTS.md,
+        "the VQ's critic weighted as VQGAN weights it"). 0 where no gradient is taken (evaluation, as VQGAN); 1 where
+        the decoder's last layer is frozen."""
         last = self.decoder.layers[-1].weight
         if not torch.is_grad_enabled() or not recon.requires_grad:
             return recon.new_zeros(()).detach()
