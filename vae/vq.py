@@ -231,9 +231,9 @@ class VQ(ImageTokenizer):
         the decoder's last layer is frozen."""
         last = self.decoder.layers[-1].weight
         if not torch.is_grad_enabled() or not recon.requires_grad:
-            return recon.new_zeros(()).detach()
+            return recon.new_zeros(())
         if not last.requires_grad:
-            return recon.new_ones(()).detach()
+            return recon.new_ones(())
         (recon_grad,) = torch.autograd.grad(recon, last, retain_graph=True)
         (adversarial_grad,) = torch.autograd.grad(adversarial, last, retain_graph=True)
         ratio = recon_grad.float().norm() / (adversarial_grad.float().norm() + ADAPTIVE_EPS)

@@ -329,7 +329,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..pipeline.bundle import bundle_path, load_clip, read_bundle_config
+    from ..pipeline.bundle import load_clip
     from ..pipeline.pipeline import Pipeline, check_seed
 
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval emoji", description=__doc__.split("\n")[0])
@@ -371,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         help="grade only the real images and the two references (no model sampled): the judge's own numbers",
     )
     args = p.parse_args(argv)
-    if not bundle_path(args.judge).is_dir():
-        raise UserError(f"--judge '{args.judge}' does not exist; pass the folder python -m train.judge wrote")
+    judge_cfg = check_judge(args.judge)
     for seed in args.seed:
         check_seed(seed)
     if len(set(args.seed)) < len(args.seed):
@@ -396,19 +395,18 @@ def main(argv: list[str] | None = None) -> int:
         if ignored:
             them = "it" if len(ignored) == 1 else "them"
             raise UserError(f"--references-only samples no model: {', '.join(ignored)} would do nothing; drop {them}")
-        return print_references(args)
+        return print_references(args, judge_cfg)
     if args.candidates < 1:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
     if args.judge == args.model:
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
-    check_not_shapes(read_bundle_config(args.judge), f"--judge '{args.judge}'")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     check_not_shapes(pipe.cfg, f"model '{args.model}'")
     check_method(pipe, args.method, args.guided, args.guided_from)
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.candidates = args.candidates
     judge = load_clip(args.judge, device=args.device)
-    learned = split_parts(read_bundle_config(args.judge).data.split)
+    learned = split_parts(judge_cfg.data.split)
     if pipe.clip is not None and judge.fingerprint() == pipe.clip.fingerprint():
         raise UserError(
             f"--judge '{args.judge}' is the model's own CLIP; grade with one trained by python -m train.judge"
@@ -449,15 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     return emit(summary, args.out)
 
 
-def judge_reconstructions(tokenizer, judge_path: str, data: str, split: str, batch_size: int = 64) -> dict:
+def judge_reconstructions(tokenizer, judge, judge_cfg, data: str, split: str, batch_size: int = 64) -> dict:
     """An image tokenizer alone, graded as `eval emoji` grades its `reconstructed` reference: every image of the
-    split encoded and decoded (`reconstructed`) beside the real images (`real`), by the judge at `judge_path`, with
-    R-precision's names drawn with seed 0. How two tokenizers are compared before any transformer is trained."""
-    from ..pipeline.bundle import load_clip, read_bundle_config
-
-    judge_cfg = read_bundle_config(judge_path)
-    check_not_shapes(judge_cfg, f"--judge '{judge_path}'")
-    judge = load_clip(judge_path)
+    split encoded and decoded (`reconstructed`) beside the real images (`real`), by the judge (a ClipScorer; its
+    config `check_judge`'s), with R-precision's names drawn with seed 0. How two tokenizers are compared before any
+    transformer is trained."""
     split_data = GradedSplit(judge, data, split, None, 0, judge_cfg.data.image_size)
     drawn = []
     with torch.inference_mode():
@@ -467,18 +461,15 @@ def judge_reconstructions(tokenizer, judge_path: str, data: str, split: str, bat
     return {
         "reconstructed": split_data.grader.grade(torch.cat(drawn), rows, split_data.real_emb),
         "real": split_data.grader.grade(split_data.real, rows, split_data.real_emb),
-        "judge": str(judge_path),
         "judge_learned_from_split": split in split_parts(judge_cfg.data.split),
     }
 
 
-def print_references(args) -> int:
+def print_references(args, judge_cfg) -> int:
     """--references-only: the judge on the split's real images, same_style_random and copy_other_style, with
     the styles it picks for the real images (`real_style_picks`: {true style: {picked style: count}})."""
-    from ..pipeline.bundle import load_clip, read_bundle_config
+    from ..pipeline.bundle import load_clip
 
-    judge_cfg = read_bundle_config(args.judge)
-    check_not_shapes(judge_cfg, f"--judge '{args.judge}'")
     judge = load_clip(args.judge, device=args.device)
     t0 = time.perf_counter()
 
@@ -533,6 +524,18 @@ def over_seeds(seeds: Sequence[int], run: Callable[[int], dict]) -> dict:
         "mean": fold(results, lambda v: sum(v) / len(v)),
         "range": fold(results, lambda v: [min(v), max(v)]),
     }
+
+
+def check_judge(path: str):
+    """The config of the evaluation CLIP at `path`, once the checks every command that grades with it makes have
+    passed: the folder exists and its CLIP was not trained on shapes."""
+    from ..pipeline.bundle import bundle_path, read_bundle_config
+
+    if not bundle_path(path).is_dir():
+        raise UserError(f"--judge '{path}' does not exist; pass the folder python -m train.judge wrote")
+    cfg = read_bundle_config(path)
+    check_not_shapes(cfg, f"--judge '{path}'")
+    return cfg
 
 
 def check_not_shapes(cfg, what: str) -> None:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import check_counts, check_data_overrides
-from dalle_mini_impl.pipeline.bundle import bundle_path, load_vae, read_bundle_config
+from dalle_mini_impl.eval.emoji import check_judge, judge_reconstructions
+from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, read_bundle_config
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     check_counts(limit=(args.limit, 0), batch_size=(args.batch_size, 1))
     if args.judge and args.limit:
         raise UserError("--judge grades every image of the split, and --limit would grade fewer; drop one of them")
+    judge_cfg = check_judge(args.judge) if args.judge else None
     check_data_overrides(args.overrides, "recon")
     tokenizer = load_vae(args.model)
     try:
@@ -140,11 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     result.update(source=cfg.data.source, split=args.split, image_size=cfg.data.image_size, skipped=stream.n_skipped)
     result = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
     if args.judge:
-        from dalle_mini_impl.eval.emoji import judge_reconstructions
-
-        if not bundle_path(args.judge).is_dir():
-            raise UserError(f"--judge '{args.judge}' does not exist; pass the folder python -m train.judge wrote")
-        result["judged"] = judge_reconstructions(tokenizer, args.judge, cfg.data.source, args.split, args.batch_size)
+        judge = load_clip(args.judge)
+        judged = judge_reconstructions(tokenizer, judge, judge_cfg, cfg.data.source, args.split, args.batch_size)
+        result["judged"] = {**judged, "judge": str(args.judge)}
     print(json.dumps(result))
     return 0
 
