@@ -464,6 +464,30 @@ def test_export_leaves_a_local_data_path_behind(run_dir, tmp_path):
     assert [is_local_source(s) for s in ("shapes", "", "user/emoji-styles", "mnist")] == [False] * 4
 
 
+def test_export_leaves_a_vqs_critic_behind_and_the_bundles_vq_codes_and_draws_as_the_runs(run_dir, tmp_path):
+    from train import export as train_export
+
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "logs", "tokens"))
+    torch.manual_seed(0)
+    vq = vae.build("vq", codebook_size=16, factor=4, hidden=8, res_blocks=1, lookup_dim=4, disc_start=0).eval()
+    vae.save_pretrained(vq, run)
+    assert any(k.startswith("discriminator.") for k in load_file(str(run / "vae.safetensors")))
+    train_export.main([str(run), str(tmp_path / "bundle"), "--dtype", "fp32"])
+    bundle = tmp_path / "bundle"
+    assert json.loads((bundle / "vae.json").read_text())["kwargs"]["disc_start"] == -1
+    weights = load_file(str(bundle / "vae.safetensors"))
+    assert not any(k.startswith("discriminator.") for k in weights)
+    assert set(weights) == {k for k in vq.state_dict() if not k.startswith("discriminator.")}
+    loaded = load_vae(bundle)
+    assert loaded.discriminator is None
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ids = vq.encode(images)
+        assert torch.equal(loaded.encode(images), ids)
+        assert torch.equal(loaded.decode(ids), vq.decode(ids))
+    assert json.loads((run / "vae.json").read_text())["kwargs"]["disc_start"] == 0  # the run keeps its critic
+
+
 def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
     from dalle_mini_impl.eval.recon import main as recon_main
     from dalle_mini_impl.eval.recon import ssim

@@ -3,6 +3,8 @@
 Copies config.json, text.model, vae.json and transformer.json (and unclip.json, prior.json when the run has
 unCLIP's parts), and rewrites each safetensors file (vae, transformer, clip, unclip, prior) with its
 floating-point tensors cast to `--dtype` (fp16 halves the size; loading casts back to the model's dtype).
+A VQ's patch critic (`vae.disc_start`) only trains the decoder, so it stays behind: the bundle's vae.json has
+`disc_start` -1 and its weights no `discriminator.*` (a fine-tune from the bundle starts a fresh critic).
 `--set sample.KEY=VALUE` changes the bundle's sampling defaults (the `[sample]` settings `python -m sample`
 starts from) when they were chosen after training, as `eval --set sample.KEY=VALUE` measures them; nothing
 else of a trained model's config can change.
@@ -29,6 +31,7 @@ from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, load_state_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDE_FILES = ("vae.json", "transformer.json")
+CRITIC = "discriminator."  # the VQ's patch critic's parameters (vae.vq.VQ.discriminator)
 
 
 def check_paths(run: Path, dest: Path) -> list[str]:
@@ -54,6 +57,18 @@ def check_paths(run: Path, dest: Path) -> list[str]:
     return parts
 
 
+def without_critic(state: dict[str, torch.Tensor], vae_json: Path) -> dict[str, torch.Tensor]:
+    """The tokenizer's weights without a VQ's patch critic, and `vae_json` (the bundle's copy) rewritten to build
+    none (`disc_start` -1); a tokenizer without one is returned as it is."""
+    meta = json.loads(vae_json.read_text())
+    kwargs = meta["kwargs"]
+    if kwargs.get("disc_start", -1) < 0:
+        return state
+    kwargs["disc_start"] = -1
+    vae_json.write_text(json.dumps(meta, indent=2) + "\n")
+    return {name: t for name, t in state.items() if not name.startswith(CRITIC)}
+
+
 def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str] = ()) -> dict:
     """Write the bundle; returns {file: bytes}. unCLIP parts a bundle in DEST had from an earlier export, and this
     run lacks, are removed: the bundle is this run's alone."""
@@ -71,6 +86,8 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
         if part in UNCLIP_PARTS:
             shutil.copyfile(run / f"{part}.json", dest / f"{part}.json")
         state = load_state_dict(part_path(run, part))
+        if part == "vae":
+            state = without_critic(state, dest / "vae.json")
         save_state_dict(state, dest / FILES[part], dtype=dtype)
     for part in set(UNCLIP_PARTS) - set(parts):
         for stale in (dest / FILES[part], dest / f"{part}.json"):
