@@ -464,6 +464,29 @@ def test_export_leaves_a_local_data_path_behind(run_dir, tmp_path):
     assert [is_local_source(s) for s in ("shapes", "", "user/emoji-styles", "mnist")] == [False] * 4
 
 
+@pytest.mark.parametrize(
+    "setting, says",
+    [("vae.disc_start=0", "vae.disc_start's critic needs every"), ("train.vae.ema_decay=0.9", "ema_decay needs")],
+)
+def test_what_needs_whole_weights_refuses_sharded_training(run_dir, tmp_path, monkeypatch, setting, says):
+    """FSDP and ZeRO-3 need GPUs under accelerate, so the sharding is what `shards_weights` reports (its own tests:
+    test_sharded.py). The VQ's critic trains outside the wrapper that gathers the shards; EMA weights copy them."""
+    from train import loop
+
+    monkeypatch.setattr(loop, "shards_weights", lambda model, accelerator=None: True)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(run_dir / "text.model", run / "text.model")
+    vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]", "train.vae.steps=1"]
+    with pytest.raises(UserError, match=f"{says}.*FSDP and ZeRO-3 do not; .*DDP") as error:
+        train_vae.main(args_for(run, *vq, setting))
+    assert "\n" not in str(error.value)
+    assert not (run / "vae.safetensors").exists()
+    monkeypatch.undo()
+    train_vae.main(args_for(run, *vq, setting))  # unsharded, both train
+    assert (run / "vae.safetensors").exists()
+
+
 def test_export_leaves_a_vqs_critic_behind_and_the_bundles_vq_codes_and_draws_as_the_runs(run_dir, tmp_path):
     from train import export as train_export
 

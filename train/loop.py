@@ -155,6 +155,9 @@ class Stage:
     after_step: Callable[[torch.nn.Module, dict, int, Any], dict[str, float]] | None = None
     # extra modules whose state must be checkpointed (a discriminator and its optimizer, say)
     extra_state: dict[str, Any] = field(default_factory=dict)
+    # what needs every process to hold the whole weights, when something does ("" : nothing): a part trained by
+    # after_step outside the wrapper, say. Such a stage refuses FSDP and ZeRO-3 with this reason
+    needs_whole_weights: str = ""
 
 
 def replay(batches: Any, limit: int) -> Callable[[], Iterator[dict]]:
@@ -396,6 +399,11 @@ def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Train
         raise UserError(
             f"train.{stage.name}.ema_decay needs every process to hold all the weights, which FSDP and ZeRO-3 "
             f"do not; set train.{stage.name}.ema_decay=0 or launch with DDP or ZeRO-2"
+        )
+    if sharded and stage.needs_whole_weights:
+        raise UserError(
+            f"{stage.needs_whole_weights} needs every process to hold all the weights, which FSDP and ZeRO-3 do not; "
+            "launch this stage with DDP or ZeRO-2 (configs/accelerate/ddp.yaml)"
         )
     ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay > 0 else None
     return Training(tc, stage, accelerator, out, model, forward, unwrapped, optimizer, scheduler, sharded, ema)

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         export=lambda m, state: vae.save_pretrained(m, cfg.out_dir, state=state),
         after_step=after_step,
         extra_state=extra_state,
+        # the critic's step runs on the unwrapped model, outside the wrapper that would gather its shards
+        needs_whole_weights="vae.disc_start's critic" if adversarial else "",
     )
     loop.report("vae", loop.run(cfg, tc, stage, accelerator, args), accelerator)
     return 0
