@@ -28,10 +28,10 @@ from dalle_mini_impl.data.streams import is_local_source
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.files import file_above
 from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, load_state_dict, part_path, save_state_dict
+from vae.vq import CRITIC_PREFIX
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDE_FILES = ("vae.json", "transformer.json")
-CRITIC = "discriminator."  # the VQ's patch critic's parameters (vae.vq.VQ.discriminator)
 
 
 def check_paths(run: Path, dest: Path) -> list[str]:
@@ -66,7 +66,7 @@ def without_critic(state: dict[str, torch.Tensor], vae_json: Path) -> dict[str, 
         return state
     kwargs["disc_start"] = -1
     vae_json.write_text(json.dumps(meta, indent=2) + "\n")
-    return {name: t for name, t in state.items() if not name.startswith(CRITIC)}
+    return {name: t for name, t in state.items() if not name.startswith(CRITIC_PREFIX)}
 
 
 def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str] = ()) -> dict:

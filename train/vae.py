@@ -30,6 +30,7 @@ from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval.recon import recon_metrics
 from train import finetune, loop
 from train.common import adamw, example_batches, seed_everything, trainable
+from vae.vq import CRITIC_PREFIX
 
 
 def build_tokenizer(cfg) -> vae.ImageTokenizer:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if source is not None:
         # a critic the source lacks starts fresh: a tokenizer trained without one can be fine-tuned with one (its
         # decoder alone, with the encoder and codebook frozen, keeps every image's codes)
-        critic = tuple(name for name in model.state_dict() if name.startswith("discriminator."))
+        critic = tuple(name for name in model.state_dict() if name.startswith(CRITIC_PREFIX))
         finetune.start_from(model, source, "vae", "image tokenizer", cfg, "vae", keep_own=critic)
     finetune.freeze(model, "vae", tc.freeze, "vae")
     if tc.grad_checkpointing:

@@ -44,6 +44,7 @@ from .metrics import psnr
 from .nets import Decoder, Encoder, PatchDiscriminator
 
 ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4  # VQGAN's calculate_adaptive_weight
+CRITIC_PREFIX = "discriminator."  # the patch critic's state-dict names (`VQ.discriminator`): read by training alone
 RESTART_NOISE = 0.01  # std of the noise added to a restarted code, relative to its unit length
 LAPLACE_EPS = 1e-5
 
@@ -217,7 +218,7 @@ class VQ(ImageTokenizer):
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """Every parameter except the discriminator's: what the main optimiser should hold."""
-        return [p for name, p in self.named_parameters() if not name.startswith("discriminator.")]
+        return [p for name, p in self.named_parameters() if not name.startswith(CRITIC_PREFIX)]
 
     def adversarial_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.disc_start
