@@ -340,6 +340,11 @@ class UnclipConfig:
 @dataclass
 class TrainSection:
     vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, warmup_steps=100))
+    # a second phase of train.vae, after `vae`'s steps: a VQ's decoder alone, its encoder and codebook frozen, so
+    # every image's codes stay those of the first phase (0 steps: none)
+    vae_decoder: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=0, lr=5e-4, warmup_steps=50, weight_decay=0.0)
+    )
     dalle: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, warmup_steps=200, weight_decay=0.05)
     )

@@ -183,6 +183,14 @@ def test_train_all_names_a_bad_flip_pattern_before_training_anything(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_train_all_refuses_a_decoder_phase_of_a_dvae_before_training_anything(tmp_path):
+    from train import all as train_all
+
+    with pytest.raises(UserError, match="fine-tunes a VQ's decoder on its fixed codes, and vae.kind is 'dvae'"):
+        train_all.main(["--config", "shapes", "--out", str(tmp_path / "r"), "--set", "train.vae_decoder.steps=10"])
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_config_folder_is_named_as_one(tmp_path):
     from dalle_mini_impl.config import load_config
 

@@ -94,3 +94,38 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(base_run, tmp_path):
     state = json.loads((good[-1] / "trainer_state.json").read_text())
     assert state["step"] >= 1
     assert all(torch.isfinite(v).all() for v in load_file(str(good[-1] / "model.safetensors")).values())
+
+
+def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weights(base_run, tmp_path):
+    """train.vae's two phases (train.vae_decoder): RUN/vae.safetensors is written only at the end of the second, so
+    a kill between them leaves the stage undone for train.all, and the rerun resumes the second phase."""
+    phases = [
+        *("vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"),
+        *("train.vae.steps=2", "train.vae.checkpoint_every=2"),
+        *("train.vae_decoder.steps=4", "train.vae_decoder.checkpoint_every=2", "train.vae_decoder.batch_size=8"),
+    ]
+
+    def run_vae(run, kill_at=None):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        entry = ["-m", "tests.kill_at", kill_at, "train.vae"] if kill_at else ["-m", "train.vae"]
+        cmd = [sys.executable, *entry, *args_for(run, *phases)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    runs = {}
+    for name in ("straight", "killed"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "text.model").write_bytes((base_run / "text.model").read_bytes())
+    assert run_vae(runs["straight"]).returncode == 0
+    killed = run_vae(runs["killed"], kill_at="step:3")  # the decoder phase's step 3 (the first phase has 2)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (runs["killed"] / "vae.safetensors").exists()
+    assert [p.name for p in list_checkpoints(runs["killed"] / "checkpoints" / "vae_decoder")] == ["step_00000002"]
+    resumed = run_vae(runs["killed"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed vae from" in resumed.stderr and "resumed vae_decoder from" in resumed.stderr
+    assert "at step 2" in resumed.stderr
+    reference, weights = (load_file(str(runs[n] / "vae.safetensors")) for n in ("straight", "killed"))
+    assert weights.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(weights[k], reference[k]), f"{k} differs from the uninterrupted run"

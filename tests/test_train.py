@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -20,6 +21,7 @@ from dalle_mini_impl.pipeline.bundle import load_vae
 from train import clip as train_clip
 from train import dalle as train_dalle
 from train import encode as train_encode
+from train import finetune
 from train import tokenizer as train_tokenizer
 from train import vae as train_vae
 from train.loop import list_checkpoints
@@ -160,6 +162,71 @@ def test_vq_trained_twice_from_nothing_has_the_same_weights(tmp_path, run_dir):
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+VQ = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"]
+
+
+def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_every_code(tmp_path, run_dir, capsys):
+    """train.vae_decoder.steps: after the first phase (the same weights as a run without the second, bit for bit),
+    the decoder alone trains on, with its own checkpoints; the critic's start counts the first phase's steps."""
+    runs = {}
+    for name, extra in (("first", []), ("both", ["train.vae_decoder.steps=2", "train.vae_decoder.lr=1e-2"])):
+        run = runs[name] = tmp_path / name
+        run.mkdir()
+        (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+        capsys.readouterr()
+        # the critic starts at step 3: in the second phase's first step (its step 1, the run's step 3)
+        train_vae.main(args_for(run, *VQ, "vae.disc_start=3", "train.vae.steps=2", *extra))
+    phases = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [p["stage"] for p in phases] == ["vae", "vae_decoder"]
+    assert "adversarial" not in phases[0] and phases[1]["adversarial_weight"] > 0
+    assert [p.name for p in list_checkpoints(runs["both"] / "checkpoints" / "vae_decoder")] == ["step_00000002"]
+    first, both = load_file(str(runs["first"] / "vae.safetensors")), load_file(str(runs["both"] / "vae.safetensors"))
+    assert first.keys() == both.keys()
+    cfg = load_config("shapes", [*TINY, *VQ])
+    for key in first:
+        group = finetune.group_of("vae", key)
+        if group in ("encoder", "codebook"):
+            assert torch.equal(first[key], both[key]), key
+    assert not all(torch.equal(first[k], both[k]) for k in first if finetune.group_of("vae", k) == "decoder")
+    old, new = load_vae(runs["first"]), load_vae(runs["both"])
+    images = torch.rand(4, 3, cfg.data.image_size, cfg.data.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ids = old.encode(images)
+        assert torch.equal(new.encode(images), ids)
+        assert not torch.allclose(new.decode(ids), old.decode(ids))
+
+
+def test_the_decoder_phase_refuses_what_it_cannot_train():
+    for setting, words in (
+        ("vae.kind=dvae", "train.vae_decoder.steps is 5, which fine-tunes a VQ's decoder"),
+        ("train.vae_decoder.mixed_precision=bf16", "the two phases share one accelerator"),
+        ("train.vae_decoder.lr=0", "train.vae_decoder.lr is 0"),
+    ):
+        cfg = load_config("shapes", [*TINY, *VQ, "train.vae_decoder.steps=5", setting])
+        with pytest.raises(UserError, match=words) as error:
+            train_vae.check_decoder_phase(cfg)
+        assert "\n" not in str(error.value)
+    train_vae.check_decoder_phase(load_config("shapes", [*TINY, "vae.kind=dvae"]))  # no second phase: nothing
+
+
+def test_resume_of_one_phases_checkpoint_restarts_the_phases_after_it(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    names = ["vae", "vae_decoder"]
+
+    def args(resume, no_resume=False):
+        return argparse.Namespace(resume=resume, no_resume=no_resume, config="shapes")
+
+    first, second = str(root / "vae" / "step_00000004"), str(root / "vae_decoder" / "step_00000002")
+    # the first phase's checkpoint: it resumes there, and the decoder phase starts over
+    assert train_vae.phase_args(args(first), names, 0).resume == first
+    assert train_vae.phase_args(args(first), names, 1).no_resume
+    # the decoder phase's: the first phase resumes its latest, then the decoder phase the one named
+    assert vars(train_vae.phase_args(args(second), names, 0)) == vars(args("latest"))
+    assert train_vae.phase_args(args(second), names, 1).resume == second
+    for plain in (args("latest"), args(None), args(first, no_resume=True)):
+        assert all(train_vae.phase_args(plain, names, i) is plain for i in (0, 1))
 
 
 def test_encode_writes_the_ids_encode_gives(run_dir):

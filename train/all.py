@@ -3,7 +3,8 @@
 Runs, in order, each as its own process with the same config and overrides:
 
     python -m train.tokenizer   sentencepiece on the captions      -> RUN/text.model
-    python -m train.vae         the image tokenizer                -> RUN/vae.safetensors, vae.json
+    python -m train.vae         the image tokenizer (then, with train.vae_decoder.steps, its decoder
+                                alone on the fixed codes)          -> RUN/vae.safetensors, vae.json
     python -m train.encode      the data set, once, into token ids -> RUN/tokens/
     python -m train.dalle       the transformer                    -> RUN/transformer.safetensors
     python -m train.clip        CLIP, for reranking                -> RUN/clip.safetensors
@@ -37,6 +38,7 @@ from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
 from train.encode import mirror_rule
 from train.finetune import checked_source
+from train.vae import check_decoder_phase
 
 
 def stages(cfg) -> list[tuple[str, str]]:
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     check_source(cfg.data.source, cfg.data.split)  # a missing --data path, named before any other complaint
     check_clip_config(cfg)
     check_unclip(cfg)
+    check_decoder_phase(cfg)
     mirror_rule(cfg, cfg.data.split)  # a bad data.encode_flip_exclude, named before the stages ahead of encode
     if args.init_from:
         checked_source(args.init_from)

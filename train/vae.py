@@ -16,11 +16,23 @@ random weights, and `train.vae.freeze` leaves parameter groups untrained: encode
 discriminator (train.finetune). A critic the source has not starts from random weights, so a VQ trained without
 one can have its decoder fine-tuned with one, every image's codes unchanged:
 `--set vae.disc_start=0 --set 'train.vae.freeze=["encoder", "codebook"]'`.
+
+`train.vae_decoder.steps > 0` adds a second phase to a VQ's run: after `train.vae.steps`, the decoder alone trains
+on, its encoder and codebook frozen, so every image's codes stay those of the first phase (as Stable Diffusion's
+VAE decoder was fine-tuned with MSE). A decoder trained on a moving quantiser learns to draw from codes that are
+still changing; once they stop, a few more steps on the fixed codes draw them closer to the images. Its own
+settings (`[train.vae_decoder]`: lr, steps, checkpoints under RUN/checkpoints/vae_decoder/, logs under
+RUN/logs/vae_decoder/) share the first phase's accelerator (so its mixed_precision), and its schedules (the
+critic's start) continue from the first phase's last step. RUN/vae.safetensors is written once, at the end of
+the last phase, so `train.all` reruns a stage killed between phases, which resumes where it stopped. From a
+trained bundle, the decoder alone: `--init-from BUNDLE --set train.vae.steps=0 --set train.vae_decoder.steps=1000`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -46,12 +58,30 @@ def build_tokenizer(cfg) -> vae.ImageTokenizer:
         raise UserError(f"config section 'vae': {e}") from None
 
 
+def check_decoder_phase(cfg) -> None:
+    """One sentence for a `train.vae_decoder` phase this run cannot have, before anything trains."""
+    tc, first = cfg.train.vae_decoder, cfg.train.vae
+    loop.check_training_values(tc, "train.vae_decoder.")
+    if tc.steps == 0:
+        return
+    if cfg.vae.kind != "vq":
+        raise UserError(
+            f"train.vae_decoder.steps is {tc.steps}, which fine-tunes a VQ's decoder on its fixed codes, and vae.kind "
+            f"is '{cfg.vae.kind}'; set train.vae_decoder.steps=0 or vae.kind=vq"
+        )
+    if tc.mixed_precision != first.mixed_precision:
+        raise UserError(
+            f"train.vae_decoder.mixed_precision is '{tc.mixed_precision}' and train.vae.mixed_precision "
+            f"'{first.mixed_precision}'; the two phases share one accelerator, so give them the same"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, args = loop.parse_args(argv, __doc__)
-    tc = cfg.train.vae
+    check_decoder_phase(cfg)
     adversarial = cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
     # the critic's parameters sit idle before disc_start: DDP must be told they may go unused
-    accelerator = loop.make_accelerator(tc, find_unused_parameters=adversarial, key="train.vae.")
+    accelerator = loop.make_accelerator(cfg.train.vae, find_unused_parameters=adversarial, key="train.vae.")
     seed_everything(cfg.seed)
     if cfg.vae.kind == "dvae":
         # a Gumbel-softmax at low temperature leaves some of its probabilities subnormal, which x86 CPUs
@@ -64,9 +94,38 @@ def main(argv: list[str] | None = None) -> int:
         # decoder alone, with the encoder and codebook frozen, keeps every image's codes)
         critic = tuple(name for name in model.state_dict() if name.startswith(CRITIC_PREFIX))
         finetune.start_from(model, source, "vae", "image tokenizer", cfg, "vae", keep_own=critic)
-    finetune.freeze(model, "vae", tc.freeze, "vae")
+    phases = [("vae", cfg.train.vae, cfg.train.vae.freeze, 0)]
+    if cfg.train.vae_decoder.steps > 0:
+        frozen = ["encoder", "codebook"] + [g for g in cfg.train.vae_decoder.freeze if g not in ("encoder", "codebook")]
+        phases.append(("vae_decoder", cfg.train.vae_decoder, frozen, cfg.train.vae.steps))
+    names = [name for name, *_ in phases]
+    for i, (name, tc, frozen, offset) in enumerate(phases):
+        finetune.freeze(model, "vae", frozen, name)
+        stage = phase(cfg, name, tc, model, accelerator, offset, export=i == len(phases) - 1)
+        loop.report(name, loop.run(cfg, tc, stage, accelerator, phase_args(args, names, i)), accelerator)
+    return 0
+
+
+def phase_args(args: argparse.Namespace, names: list[str], i: int) -> argparse.Namespace:
+    """The command's arguments as phase `i` reads them. `--resume CHECKPOINT` names one phase's checkpoint (any
+    folder outside checkpoints/vae_decoder/: the first phase's): the phases before it resume their latest, and
+    those after it start over, since the checkpoint's phase is trained again from there."""
+    if getattr(args, "no_resume", False) or args.resume in (None, "", "latest"):
+        return args
+    folder = Path(args.resume).resolve().parent.name
+    owner = names.index(folder) if folder in names else 0
+    if i == owner:
+        return args
+    return argparse.Namespace(**{**vars(args), "resume": "latest", "no_resume": i > owner})
+
+
+def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> loop.Stage:
+    """One phase of the tokenizer's training as a loop stage: `name` names its checkpoints and logs, `offset` is
+    the step its schedules start at (a later phase continues the earlier's), and only the last phase `export`s
+    RUN/vae.safetensors."""
+    adversarial = cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
     if tc.grad_checkpointing:
-        raise UserError("train.vae.grad_checkpointing is true, and the image tokenizer has none; set it to false")
+        raise UserError(f"train.{name}.grad_checkpointing is true, and the image tokenizer has none; set it to false")
     params = model.generator_parameters() if adversarial else list(model.parameters())
     optimizer = adamw(params, tc, accelerator)
     batches = example_batches(cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
@@ -75,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     last: dict[str, torch.Tensor] = {}
 
     def loss(m, batch, step, micro):  # the VAE's draws come from the global generator, which moves on by itself
-        value, metrics = m(batch["image"], step, **vae.schedules.values_at(step, **schedule))
+        value, metrics = m(batch["image"], offset + step, **vae.schedules.values_at(offset + step, **schedule))
         used, perplexity = usage.update(metrics.pop("ids"))
         last["reconstruction"] = metrics.pop("reconstruction")
         scalars = {k: float(v) for k, v in metrics.items()}
@@ -90,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         extra_state = {"discriminator_optimizer": critic_opt}
 
         def after_step(m, batch, step, acc):
-            if not m.adversarial_active(step):
+            if not m.adversarial_active(offset + step):
                 return {}
             critic_opt.zero_grad(set_to_none=True)
             with acc.autocast():
@@ -118,24 +177,22 @@ def main(argv: list[str] | None = None) -> int:
         x = batch["image"][:8].to(accelerator.device)
         with torch.no_grad():
             y = m.decode(m.encode(x))
-        return {"vae/originals_over_reconstructions": make_grid(torch.cat([x, y]).cpu(), nrow=len(x))}
+        return {f"{name}/originals_over_reconstructions": make_grid(torch.cat([x, y]).cpu(), nrow=len(x))}
 
-    stage = loop.Stage(
-        name="vae",
+    return loop.Stage(
+        name=name,
         model=model,
         optimizer=optimizer,
         batches=batches,
         loss=loss,
         evaluate=evaluate,
         log_images=log_images,
-        export=lambda m, state: vae.save_pretrained(m, cfg.out_dir, state=state),
+        export=(lambda m, state: vae.save_pretrained(m, cfg.out_dir, state=state)) if export else None,
         after_step=after_step,
         extra_state=extra_state,
         # the critic's step runs on the unwrapped model, outside the wrapper that would gather its shards
         needs_whole_weights="vae.disc_start's critic" if adversarial else "",
     )
-    loop.report("vae", loop.run(cfg, tc, stage, accelerator, args), accelerator)
-    return 0
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def write_bundle_config(cfg: RunConfig, bundle: str | os.PathLike) -> None:
 # the config sections each training stage decides; the others belong to the stages that made them
 STAGE_SECTIONS = {
     "tokenizer": ("text",),
-    "vae": ("data", "vae", "train.vae"),
+    "vae": ("data", "vae", "train.vae", "train.vae_decoder"),
+    "vae_decoder": ("data", "vae", "train.vae", "train.vae_decoder"),  # train.vae's second phase
     "encode": ("data",),
     "dalle": ("transformer", "train.dalle", "sample"),
     "clip": ("clip", "train.clip"),
