@@ -24,6 +24,7 @@ from train import encode as train_encode
 from train import finetune
 from train import tokenizer as train_tokenizer
 from train import vae as train_vae
+from train.common import seed_everything
 from train.loop import list_checkpoints
 
 # a whole pipeline small enough to train in seconds on one CPU core
@@ -196,6 +197,23 @@ def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_every_code(tmp_pat
         ids = old.encode(images)
         assert torch.equal(new.encode(images), ids)
         assert not torch.allclose(new.decode(ids), old.decode(ids))
+
+
+def test_each_phase_freezes_what_its_own_settings_name(tmp_path, run_dir):
+    """train.vae.freeze = ["decoder"] holds the decoder in the first phase only: the decoder phase trains it."""
+    runs = {}
+    for name, steps in (("first", "train.vae_decoder.steps=0"), ("both", "train.vae_decoder.steps=1")):
+        run = runs[name] = tmp_path / name
+        run.mkdir()
+        (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+        train_vae.main(args_for(run, *VQ, "train.vae.steps=2", 'train.vae.freeze=["decoder"]', steps))
+    cfg = load_config("shapes", [*TINY, *VQ])
+    seed_everything(cfg.seed)  # as train.vae builds it
+    untrained = train_vae.build_tokenizer(cfg).state_dict()
+    first, both = load_file(str(runs["first"] / "vae.safetensors")), load_file(str(runs["both"] / "vae.safetensors"))
+    decoder = [k for k in first if finetune.group_of("vae", k) == "decoder"]
+    assert all(torch.equal(first[k], untrained[k]) for k in decoder)  # the first phase left it as built
+    assert not all(torch.equal(both[k], first[k]) for k in decoder)  # the second trained it
 
 
 def test_the_decoder_phase_refuses_what_it_cannot_train():

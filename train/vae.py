@@ -21,8 +21,8 @@ one can have its decoder fine-tuned with one, every image's codes unchanged:
 on, its encoder and codebook frozen, so every image's codes stay those of the first phase (as Stable Diffusion's
 VAE decoder was fine-tuned with MSE). A decoder trained on a moving quantiser learns to draw from codes that are
 still changing; once they stop, a few more steps on the fixed codes draw them closer to the images. Its own
-settings (`[train.vae_decoder]`: lr, steps, checkpoints under RUN/checkpoints/vae_decoder/, logs under
-RUN/logs/vae_decoder/) share the first phase's accelerator (so its mixed_precision), and its schedules (the
+settings (`[train.vae_decoder]`: lr, steps, a `freeze` of its own beside the encoder and codebook, checkpoints
+under RUN/checkpoints/vae_decoder/, logs under RUN/logs/vae_decoder/) share the first phase's accelerator (so its mixed_precision), and its schedules (the
 critic's start) continue from the first phase's last step. RUN/vae.safetensors is written once, at the end of
 the last phase, so `train.all` reruns a stage killed between phases, which resumes where it stopped. From a
 trained bundle, the decoder alone: `--init-from BUNDLE --set train.vae.steps=0 --set train.vae_decoder.steps=1000`.
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         phases.append(("vae_decoder", cfg.train.vae_decoder, frozen, cfg.train.vae.steps))
     names = [name for name, *_ in phases]
     for i, (name, tc, frozen, offset) in enumerate(phases):
+        for p in model.parameters():  # each phase freezes what its own settings name, not what the last froze
+            p.requires_grad_(True)
         finetune.freeze(model, "vae", frozen, name)
         stage = phase(cfg, name, tc, model, accelerator, offset, export=i == len(phases) - 1)
         loop.report(name, loop.run(cfg, tc, stage, accelerator, phase_args(args, names, i)), accelerator)
