@@ -18,14 +18,15 @@ one can have its decoder fine-tuned with one, every image's codes unchanged:
 `--set vae.disc_start=0 --set 'train.vae.freeze=["encoder", "codebook"]'`.
 
 `train.vae_decoder.steps > 0` adds a second phase to a VQ's run: after `train.vae.steps`, the decoder alone trains
-on, its encoder and codebook frozen, so every image's codes stay those of the first phase (as Stable Diffusion's
-VAE decoder was fine-tuned with MSE). A decoder trained on a moving quantiser learns to draw from codes that are
-still changing; once they stop, a few more steps on the fixed codes draw them closer to the images. Its own
-settings (`[train.vae_decoder]`: lr, steps, a `freeze` of its own beside the encoder and codebook, checkpoints
-under RUN/checkpoints/vae_decoder/, logs under RUN/logs/vae_decoder/) share the first phase's accelerator (so its mixed_precision), and its schedules (the
-critic's start) continue from the first phase's last step. RUN/vae.safetensors is written once, at the end of
-the last phase, so `train.all` reruns a stage killed between phases, which resumes where it stopped. From a
-trained bundle, the decoder alone: `--init-from BUNDLE --set train.vae.steps=0 --set train.vae_decoder.steps=1000`.
+on, its encoder and codebook frozen, so every image's codes stay those of the first phase (as Stable Diffusion's VAE
+decoder was fine-tuned with MSE). A decoder trained on a moving quantiser learns to draw from codes that are still
+changing; once they stop, a few more steps on the fixed codes draw them closer to the images. Its own settings
+(`[train.vae_decoder]`: lr, steps, a `freeze` of its own beside the encoder and codebook, checkpoints under
+RUN/checkpoints/vae_decoder/, logs under RUN/logs/vae_decoder/) share the first phase's accelerator (so its
+mixed_precision), and its schedules (the critic's start) continue from the first phase's last step.
+RUN/vae.safetensors is written once, at the end of the last phase, so `train.all` reruns a stage killed between
+phases, which resumes where it stopped. From a trained bundle, the decoder alone: `--init-from BUNDLE --set
+train.vae.steps=0 --set train.vae_decoder.steps=1000`.
 """
 
 from __future__ import annotations
