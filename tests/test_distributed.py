@@ -26,8 +26,9 @@ pytestmark = pytest.mark.slow
 SAME_MATH = ["transformer.caption_dropout=0", "transformer.text_loss_weight=0"]
 
 
-def launch(module: str, argv: list[str]) -> dict:
-    """Run `accelerate launch --multi_gpu --num_processes 2 -m module` on the CPU; its last JSON line."""
+def launch(module: str, argv: list[str], reports: int = 1) -> dict:
+    """Run `accelerate launch --multi_gpu --num_processes 2 -m module` on the CPU; its last JSON line (of
+    `reports`, one a stage or phase, all printed by the main process alone)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -36,8 +37,8 @@ def launch(module: str, argv: list[str]) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, proc.stdout  # only the main process prints
-    return json.loads(lines[0])
+    assert len(lines) == reports, proc.stdout  # only the main process prints
+    return json.loads(lines[-1])
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,18 @@ def test_clip_two_processes_stay_in_sync(base_run, tmp_path):
     assert result["num_processes"] == 2 and result["ranks_in_sync"] == 1
     assert [p.name for p in list_checkpoints(run / "checkpoints" / "clip")] == ["step_00000002"]
     assert (run / "clip.safetensors").is_file()
+
+
+@pytest.mark.parametrize("critic", ["vae.disc_start=-1", "vae.disc_start=1"])
+def test_the_tokenizers_decoder_phase_trains_on_two_processes(base_run, tmp_path, critic):
+    """train.vae's second phase wraps the same model for DDP a second time (and with the critic, whose parameters
+    the first steps leave unused); both phases end with the ranks in sync."""
+    run = tmp_path / "vae"
+    run.mkdir()
+    (run / "text.model").write_bytes((base_run / "text.model").read_bytes())
+    vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]", critic]
+    phases = ["train.vae.steps=2", "train.vae_decoder.steps=2", "train.vae_decoder.batch_size=8"]
+    result = launch("train.vae", args_for(run, *vq, *phases), reports=2)
+    assert result["stage"] == "vae_decoder" and result["num_processes"] == 2 and result["ranks_in_sync"] == 1
+    assert [p.name for p in list_checkpoints(run / "checkpoints" / "vae_decoder")] == ["step_00000002"]
+    assert (run / "vae.safetensors").is_file()
