@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import args_for, copy_run, encoded_run
+from tests.test_train import args_for, copy_run, encoded_run, tokenizer_run
 from train import dalle as train_dalle
 from train.loop import list_checkpoints
 
@@ -101,9 +101,7 @@ def test_clip_two_processes_stay_in_sync(base_run, tmp_path):
 def test_the_tokenizers_decoder_phase_trains_on_two_processes(base_run, tmp_path, critic):
     """train.vae's second phase wraps the same model for DDP a second time (and with the critic, whose parameters
     the first steps leave unused); both phases end with the ranks in sync."""
-    run = tmp_path / "vae"
-    run.mkdir()
-    (run / "text.model").write_bytes((base_run / "text.model").read_bytes())
+    run = tokenizer_run(base_run, tmp_path / "vae")
     vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]", critic]
     phases = ["train.vae.steps=2", "train.vae_decoder.steps=2", "train.vae_decoder.batch_size=8"]
     result = launch("train.vae", args_for(run, *vq, *phases), reports=2)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import args_for, copy_run, encoded_run
+from tests.test_train import args_for, copy_run, encoded_run, tokenizer_run
 from train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -111,11 +111,7 @@ def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weigh
         cmd = [sys.executable, *entry, *args_for(run, *phases)]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
-    runs = {}
-    for name in ("straight", "killed"):
-        runs[name] = tmp_path / name
-        runs[name].mkdir()
-        (runs[name] / "text.model").write_bytes((base_run / "text.model").read_bytes())
+    runs = {name: tokenizer_run(base_run, tmp_path / name) for name in ("straight", "killed")}
     assert run_vae(runs["straight"]).returncode == 0
     killed = run_vae(runs["killed"], kill_at="step:3")  # the decoder phase's step 3 (the first phase has 2)
     assert killed.returncode == -signal.SIGKILL

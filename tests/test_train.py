@@ -87,6 +87,13 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def tokenizer_run(base, dest):
+    """A run folder holding only `base`'s text tokenizer: where train.vae starts."""
+    dest.mkdir()
+    (dest / "text.model").write_bytes((base / "text.model").read_bytes())
+    return dest
+
+
 def copy_run(base, dest):
     """A copy of a run folder without its checkpoints and logs, to train from the same start again."""
     return shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
@@ -107,9 +114,7 @@ def _optimizer_state(checkpoint) -> dict:
 
 
 def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
-    run = tmp_path / "r"
-    run.mkdir()
-    (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+    run = tokenizer_run(run_dir, tmp_path / "r")
     # the dVAE: its temperature and KL schedules must continue too (the preset's VQ has none)
     train_vae.main(
         args_for(run, "vae.kind=dvae", "vae.kl_weight=1e-3", "train.vae.steps=3", "train.vae.checkpoint_every=3")
@@ -154,9 +159,7 @@ def test_vq_trained_twice_from_nothing_has_the_same_weights(tmp_path, run_dir):
     every step), so every later stage of a run from nothing can be reproduced."""
     weights = []
     for name in ("a", "b"):
-        run = tmp_path / name
-        run.mkdir()
-        (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+        run = tokenizer_run(run_dir, tmp_path / name)
         vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]", "vae.dead_code_steps=1"]
         train_vae.main(args_for(run, *vq, "train.vae.steps=3"))
         weights.append(load_file(str(run / "vae.safetensors")))
@@ -173,9 +176,7 @@ def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_every_code(tmp_pat
     the decoder alone trains on, with its own checkpoints; the critic's start counts the first phase's steps."""
     runs = {}
     for name, extra in (("first", []), ("both", ["train.vae_decoder.steps=2", "train.vae_decoder.lr=1e-2"])):
-        run = runs[name] = tmp_path / name
-        run.mkdir()
-        (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+        run = runs[name] = tokenizer_run(run_dir, tmp_path / name)
         capsys.readouterr()
         # the critic starts at step 3: in the second phase's first step (its step 1, the run's step 3)
         train_vae.main(args_for(run, *VQ, "vae.disc_start=3", "train.vae.steps=2", *extra))
@@ -203,9 +204,7 @@ def test_each_phase_freezes_what_its_own_settings_name(tmp_path, run_dir):
     """train.vae.freeze = ["decoder"] holds the decoder in the first phase only: the decoder phase trains it."""
     runs = {}
     for name, steps in (("first", "train.vae_decoder.steps=0"), ("both", "train.vae_decoder.steps=1")):
-        run = runs[name] = tmp_path / name
-        run.mkdir()
-        (run / "text.model").write_bytes((run_dir / "text.model").read_bytes())
+        run = runs[name] = tokenizer_run(run_dir, tmp_path / name)
         train_vae.main(args_for(run, *VQ, "train.vae.steps=2", 'train.vae.freeze=["decoder"]', steps))
     cfg = load_config("shapes", [*TINY, *VQ])
     seed_everything(cfg.seed)  # as train.vae builds it
@@ -221,12 +220,14 @@ def test_the_decoder_phase_refuses_what_it_cannot_train():
         ("vae.kind=dvae", "train.vae_decoder.steps is 5, which fine-tunes a VQ's decoder"),
         ("train.vae_decoder.mixed_precision=bf16", "the two phases share one accelerator"),
         ("train.vae_decoder.lr=0", "train.vae_decoder.lr is 0"),
+        ("train.vae_decoder.checkpoint_every=0", "checkpoint_every is 0; set it to 1 or more"),
+        ("train.vae_decoder.grad_checkpointing=true", "train.vae_decoder.grad_checkpointing is true"),
     ):
         cfg = load_config("shapes", [*TINY, *VQ, "train.vae_decoder.steps=5", setting])
         with pytest.raises(UserError, match=words) as error:
-            train_vae.check_decoder_phase(cfg)
+            train_vae.check_phases(cfg)
         assert "\n" not in str(error.value)
-    train_vae.check_decoder_phase(load_config("shapes", [*TINY, "vae.kind=dvae"]))  # no second phase: nothing
+    train_vae.check_phases(load_config("shapes", [*TINY, "vae.kind=dvae"]))  # no second phase: nothing
 
 
 def test_resume_of_one_phases_checkpoint_restarts_the_phases_after_it(tmp_path):

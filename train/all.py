@@ -38,7 +38,7 @@ from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
 from train.encode import mirror_rule
 from train.finetune import checked_source
-from train.vae import check_decoder_phase
+from train.vae import check_phases
 
 
 def stages(cfg) -> list[tuple[str, str]]:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     check_source(cfg.data.source, cfg.data.split)  # a missing --data path, named before any other complaint
     check_clip_config(cfg)
     check_unclip(cfg)
-    check_decoder_phase(cfg)
+    check_phases(cfg)
     mirror_rule(cfg, cfg.data.split)  # a bad data.encode_flip_exclude, named before the stages ahead of encode
     if args.init_from:
         checked_source(args.init_from)

@@ -204,9 +204,9 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def check_training_values(tc: TrainConfig, key: str = "") -> None:
-    """One sentence for an optimisation setting no run can use, before anything is read or built (a batch of 0
-    rows would never finish an epoch; negative steps would export untrained weights). key: the settings' config
-    prefix ("train.dalle."), named in the sentence."""
+    """One sentence for a stage setting no run can use, before anything is read or built (a batch of 0 rows would
+    never finish an epoch; negative steps would export untrained weights; a checkpoint every 0 steps divides by
+    zero). key: the settings' config prefix ("train.dalle."), named in the sentence."""
 
     def refuse(name: str, fix: str) -> None:
         raise UserError(f"{key}{name} is {getattr(tc, name)!r}; {fix}")
@@ -229,16 +229,6 @@ def check_training_values(tc: TrainConfig, key: str = "") -> None:
         refuse("min_lr_ratio", "use a share of the peak learning rate in [0, 1]")
     if tc.keep_checkpoints < 0:
         refuse("keep_checkpoints", "keep 0 (every checkpoint) or more")
-
-
-def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key: str = ""):
-    """An Accelerator for one stage; launch settings (DDP, FSDP, DeepSpeed) come from `accelerate launch`.
-    key: the stage's config prefix ("train.dalle."), named in the sentence of a setting refused."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    check_training_values(tc, key)
-    destroy_process_group_at_exit()
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
         raise UserError(f"{key}mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
     if tc.grad_accum < 1:
@@ -255,6 +245,16 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key:
             raise UserError(
                 f"{name} is {getattr(tc, name)}; set it to 1 or more (above the stage's steps: only at its last step)"
             )
+
+
+def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key: str = ""):
+    """An Accelerator for one stage; launch settings (DDP, FSDP, DeepSpeed) come from `accelerate launch`.
+    key: the stage's config prefix ("train.dalle."), named in the sentence of a setting refused."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    check_training_values(tc, key)
+    destroy_process_group_at_exit()
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself

@@ -59,8 +59,19 @@ def build_tokenizer(cfg) -> vae.ImageTokenizer:
         raise UserError(f"config section 'vae': {e}") from None
 
 
-def check_decoder_phase(cfg) -> None:
-    """One sentence for a `train.vae_decoder` phase this run cannot have, before anything trains."""
+def adversarial(cfg) -> bool:
+    """Whether the tokenizer trains with the VQ's patch critic (`vae.disc_start >= 0`)."""
+    return cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
+
+
+def check_phases(cfg) -> None:
+    """One sentence for a setting of either phase (`train.vae`, `train.vae_decoder`) this run cannot use, before
+    anything trains: the second phase's would otherwise surface only after the first had trained."""
+    for name in ("vae", "vae_decoder"):
+        if getattr(cfg.train, name).grad_checkpointing:
+            raise UserError(
+                f"train.{name}.grad_checkpointing is true, and the image tokenizer has none; set it to false"
+            )
     tc, first = cfg.train.vae_decoder, cfg.train.vae
     loop.check_training_values(tc, "train.vae_decoder.")
     if tc.steps == 0:
@@ -79,10 +90,9 @@ def check_decoder_phase(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = loop.parse_args(argv, __doc__)
-    check_decoder_phase(cfg)
-    adversarial = cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
+    check_phases(cfg)
     # the critic's parameters sit idle before disc_start: DDP must be told they may go unused
-    accelerator = loop.make_accelerator(cfg.train.vae, find_unused_parameters=adversarial, key="train.vae.")
+    accelerator = loop.make_accelerator(cfg.train.vae, find_unused_parameters=adversarial(cfg), key="train.vae.")
     seed_everything(cfg.seed)
     if cfg.vae.kind == "dvae":
         # a Gumbel-softmax at low temperature leaves some of its probabilities subnormal, which x86 CPUs
@@ -126,10 +136,7 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
     """One phase of the tokenizer's training as a loop stage: `name` names its checkpoints and logs, `offset` is
     the step its schedules start at (a later phase continues the earlier's), and only the last phase `export`s
     RUN/vae.safetensors."""
-    adversarial = cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
-    if tc.grad_checkpointing:
-        raise UserError(f"train.{name}.grad_checkpointing is true, and the image tokenizer has none; set it to false")
-    params = model.generator_parameters() if adversarial else list(model.parameters())
+    params = model.generator_parameters() if adversarial(cfg) else list(model.parameters())
     optimizer = adamw(params, tc, accelerator)
     batches = example_batches(cfg, cfg.data.split, tc.batch_size, train=True, accelerator=accelerator)
     usage = vae.CodeUsage(cfg.vae.codebook_size, window=cfg.vae.usage_window)
@@ -147,7 +154,7 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
     extra_state = {}
     after_step = None
     # a frozen critic (train.vae.freeze = ["discriminator"]) still judges the reconstructions but is not trained
-    if adversarial and trainable(model.discriminator.parameters()):
+    if adversarial(cfg) and trainable(model.discriminator.parameters()):
         critic_opt = torch.optim.AdamW(trainable(model.discriminator.parameters()), lr=tc.lr, betas=(0.5, 0.9))
         extra_state = {"discriminator_optimizer": critic_opt}
 
@@ -194,7 +201,7 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
         after_step=after_step,
         extra_state=extra_state,
         # the critic's step runs on the unwrapped model, outside the wrapper that would gather its shards
-        needs_whole_weights="vae.disc_start's critic" if adversarial else "",
+        needs_whole_weights="vae.disc_start's critic" if adversarial(cfg) else "",
     )
 
 

@@ -94,7 +94,6 @@ def write_bundle_config(cfg: RunConfig, bundle: str | os.PathLike) -> None:
 STAGE_SECTIONS = {
     "tokenizer": ("text",),
     "vae": ("data", "vae", "train.vae", "train.vae_decoder"),
-    "vae_decoder": ("data", "vae", "train.vae", "train.vae_decoder"),  # train.vae's second phase
     "encode": ("data",),
     "dalle": ("transformer", "train.dalle", "sample"),
     "clip": ("clip", "train.clip"),
@@ -111,6 +110,7 @@ STAGE_SECTIONS = {
     ),
     "prior": ("unclip.prior", "train.prior"),
 }
+STAGE_SECTIONS["vae_decoder"] = STAGE_SECTIONS["vae"]  # train.vae's second phase decides the same sections
 
 
 def record_stage_config(cfg: RunConfig, run: str | os.PathLike, stage: str) -> None:
