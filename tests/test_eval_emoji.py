@@ -261,6 +261,38 @@ def test_references_only_grades_the_judge_alone_as_the_full_run_does(folder, jud
     assert right / 4 == out["real"]["style_acc"]  # the diagonal is the style accuracy
 
 
+def test_a_judge_exports_as_its_three_files_and_ships_under_a_name_that_is_the_default(
+    folder, judge, tmp_path, capsys, monkeypatch
+):
+    from dalle_mini_impl.pipeline import bundle as bundles
+    from train import export
+
+    shipped = tmp_path / "judges"
+    assert export.main([str(judge), str(shipped / "emoji"), "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"].keys() == {"config.json", "text.model", "clip.safetensors"}
+    # no checkpoints or logs, and no image tokenizer or transformer side files to look for
+    assert {p.name for p in (shipped / "emoji").iterdir()} == {"config.json", "text.model", "clip.safetensors"}
+    config = json.loads((shipped / "emoji" / "config.json").read_text())
+    assert config["data"]["source"] == "" and config["data"]["split"] == "train"  # the splits it learned stay
+    refs = ["--data", str(folder), "--references-only", "--seed", "3"]
+    assert emoji.main(["--judge", str(judge), *refs]) == 0
+    trained = json.loads(capsys.readouterr().out)
+
+    monkeypatch.setattr(bundles, "JUDGES", shipped)
+    assert bundles.shipped_judges() == ["emoji"] and bundles.judge_path("emoji") == shipped / "emoji"
+    assert bundles.judge_path(judge) == judge  # a folder is itself
+    assert emoji.main(refs) == 0  # no --judge: the shipped one
+    out = json.loads(capsys.readouterr().out)
+    assert out["judge"] == "emoji"
+    for key in ("real", "same_style_random", "copy_other_style", "real_style_picks"):
+        assert out[key] == trained[key], key  # fp32: the same judge, the same numbers
+    (tmp_path / "emoji").mkdir()  # a folder of that name in the working directory wins, as for --model
+    monkeypatch.chdir(tmp_path)
+    assert bundles.judge_path("emoji") == Path("emoji")
+    with pytest.raises(UserError, match=r"--judge 'nope' does not exist; .* shipped judge \(emoji\)"):
+        bundles.judge_path("nope")
+
+
 def test_several_seeds_run_once_each_and_report_their_mean_and_range(folder, judge, tmp_path, capsys):
     bundle = make_tiny_bundle(tmp_path / "bundle", cfg=emoji_like(folder))
     argv = ["--model", str(bundle), "--judge", str(judge), "--data", str(folder), "--split", "train", "--n", "6"]

@@ -12,6 +12,10 @@ A data source that names files on this machine is not carried into the bundle (`
 empty: an evaluation of the bundle asks for `--data`); `shapes` and hub names are. Checkpoints, logs and
 token shards stay behind. The shipped models in dalle_mini_impl/assets are such
 bundles (`--dtype fp16`).
+
+An evaluation CLIP's folder (`python -m train.judge`: config.json, text.model, clip.safetensors and no image
+tokenizer or transformer) exports the same way, as those three files: the judge shipped in
+dalle_mini_impl/assets/judges is one (`--judge emoji`).
 """
 
 from __future__ import annotations
@@ -34,9 +38,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDE_FILES = ("vae.json", "transformer.json")
 
 
+def clip_only(run: Path) -> bool:
+    """Whether `run` is an evaluation CLIP's folder (train.judge's): a CLIP, and no image tokenizer or transformer."""
+    pipeline_files = (*SIDE_FILES, FILES["vae"], FILES["transformer"])
+    return (run / FILES["clip"]).is_file() and not any((run / name).exists() for name in pipeline_files)
+
+
 def check_paths(run: Path, dest: Path) -> list[str]:
     """Every file the bundle needs is in the run and DEST can be a folder beside it, checked before anything is
-    written (a half-written bundle would load as a broken one): the parts to copy."""
+    written (a half-written bundle would load as a broken one): the parts to copy (["clip"] alone for a judge)."""
     if not run.is_dir():
         raise UserError(f"run folder '{run}' does not exist; pass the folder train.all (or train.<stage>) wrote")
     if dest.resolve() == run.resolve():
@@ -46,9 +56,12 @@ def check_paths(run: Path, dest: Path) -> list[str]:
     above = file_above(dest)
     if above is not None:
         raise UserError(f"DEST '{dest}' is under '{above}', which is a file; pass another folder")
-    for name in (FILES["config"], FILES["text"], *SIDE_FILES):
+    judge = clip_only(run)
+    for name in (FILES["config"], FILES["text"], *(() if judge else SIDE_FILES)):
         if not (run / name).is_file():
             raise UserError(f"run folder '{run}' has no {name}; finish training every stage first")
+    if judge:
+        return ["clip"]
     parts = ["vae", "transformer", "clip"] + [p for p in UNCLIP_PARTS if (run / FILES[p]).is_file()]
     for part in parts:
         part_path(run, part)  # one sentence naming a missing weights file
@@ -80,7 +93,7 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
     sizes = {}
     save_config(cfg, dest / FILES["config"])
     shutil.copyfile(part_path(run, "text"), dest / FILES["text"])
-    for name in SIDE_FILES:
+    for name in () if parts == ["clip"] else SIDE_FILES:
         shutil.copyfile(run / name, dest / name)
     for part in parts:
         if part in UNCLIP_PARTS:

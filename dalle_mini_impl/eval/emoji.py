@@ -1,15 +1,16 @@
 """Does a text-to-image model draw what a caption asks, on real artwork? Graded by a CLIP that is not its own.
 
-    python -m dalle_mini_impl.eval emoji --model emoji --judge JUDGE --data DATA/emoji-styles --split test \
-        --candidates 8 --seed 0 [--n 130] [--set sample.guidance_scale=2] [--grid grid.png]
+    python -m dalle_mini_impl.eval emoji --model emoji --data DATA/emoji-styles --split test \
+        --candidates 8 --seed 0 [--judge JUDGE] [--n 130] [--set sample.guidance_scale=2] [--grid grid.png]
         [--method unclip]                    # candidates from DALL-E 2's prior and decoder instead
 
 Captions are `NAME, STYLE style` (the emoji-styles data set: `pizza, openmoji style`). For each caption
 of the split (or `--n` of them, drawn with the seed) the model samples N candidates (seed + the
 caption's index), and two are judged: its reranker's top-1 (`reranked`) and the first candidate
 (`first`, no reranking). The judge is an evaluation CLIP trained apart from the model
-(`python -m train.judge`), so reranking cannot simply please it. With the judge's unit-normalised
-embeddings, per judged image:
+(`python -m train.judge`), so reranking cannot simply please it: the one shipped in the package (`--judge
+emoji`, the default: the same yardstick on every machine) or a folder train.judge wrote. With the judge's
+unit-normalised embeddings, per judged image:
 
   style_acc         the caption's style wins among the eight captions `NAME, S style` (every style S of train)
   name_r1, name_r5  R-precision (AttnGAN's protocol): the true caption ranked among 100 captions, itself and
@@ -48,11 +49,12 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import DataConfig, apply_sample_overrides
+from ..config import DataConfig, RunConfig, apply_sample_overrides
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
@@ -329,12 +331,17 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..pipeline.bundle import load_clip
+    from ..pipeline.bundle import SHIPPED_JUDGE, bundle_path, load_clip
     from ..pipeline.pipeline import Pipeline, check_seed
 
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval emoji", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="emoji", help="a shipped bundle's name or a bundle folder (default: emoji)")
-    p.add_argument("--judge", required=True, help="the evaluation CLIP's folder (python -m train.judge)")
+    p.add_argument(
+        "--judge",
+        default=SHIPPED_JUDGE,
+        help=f"an evaluation CLIP: a folder python -m train.judge wrote, or a shipped judge's name (default: "
+        f"{SHIPPED_JUDGE})",
+    )
     p.add_argument("--data", required=True, help="an emoji-styles folder: train/ and the graded split")
     p.add_argument("--split", default="test", help="the split whose captions are drawn (default: test)")
     p.add_argument("--candidates", type=int, default=8, help="samples per caption; the reranker keeps one")
@@ -371,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         help="grade only the real images and the two references (no model sampled): the judge's own numbers",
     )
     args = p.parse_args(argv)
-    judge_cfg = check_judge(args.judge)
+    judge_dir, judge_cfg = check_judge(args.judge)
     for seed in args.seed:
         check_seed(seed)
     if len(set(args.seed)) < len(args.seed):
@@ -395,17 +402,17 @@ def main(argv: list[str] | None = None) -> int:
         if ignored:
             them = "it" if len(ignored) == 1 else "them"
             raise UserError(f"--references-only samples no model: {', '.join(ignored)} would do nothing; drop {them}")
-        return print_references(args, judge_cfg)
+        return print_references(args, judge_dir, judge_cfg)
     if args.candidates < 1:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
-    if args.judge == args.model:
+    if Path(judge_dir).resolve() == bundle_path(args.model).resolve():
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     check_not_shapes(pipe.cfg, f"model '{args.model}'")
     check_method(pipe, args.method, args.guided, args.guided_from)
     apply_sample_overrides(pipe.cfg, args.overrides)
     pipe.cfg.sample.candidates = args.candidates
-    judge = load_clip(args.judge, device=args.device)
+    judge = load_clip(judge_dir, device=args.device)
     learned = split_parts(judge_cfg.data.split)
     if pipe.clip is not None and judge.fingerprint() == pipe.clip.fingerprint():
         raise UserError(
@@ -465,12 +472,12 @@ def judge_reconstructions(tokenizer, judge, judge_cfg, data: str, split: str, ba
     }
 
 
-def print_references(args, judge_cfg) -> int:
+def print_references(args, judge_dir: str, judge_cfg: RunConfig) -> int:
     """--references-only: the judge on the split's real images, same_style_random and copy_other_style, with
     the styles it picks for the real images (`real_style_picks`: {true style: {picked style: count}})."""
     from ..pipeline.bundle import load_clip
 
-    judge = load_clip(args.judge, device=args.device)
+    judge = load_clip(judge_dir, device=args.device)
     t0 = time.perf_counter()
 
     def run(seed: int) -> dict:
@@ -526,16 +533,16 @@ def over_seeds(seeds: Sequence[int], run: Callable[[int], dict]) -> dict:
     }
 
 
-def check_judge(path: str):
-    """The config of the evaluation CLIP at `path`, once the checks every command that grades with it makes have
-    passed: the folder exists and its CLIP was not trained on shapes."""
-    from ..pipeline.bundle import bundle_path, read_bundle_config
+def check_judge(judge: str) -> tuple[str, RunConfig]:
+    """The folder `--judge` names (a shipped judge's name resolved, `judge_path`) and its config, once the checks
+    every command that grades with it makes have passed: the folder exists and its CLIP was not trained on
+    shapes."""
+    from ..pipeline.bundle import judge_path, read_bundle_config
 
-    if not bundle_path(path).is_dir():
-        raise UserError(f"--judge '{path}' does not exist; pass the folder python -m train.judge wrote")
+    path = judge_path(judge)
     cfg = read_bundle_config(path)
-    check_not_shapes(cfg, f"--judge '{path}'")
-    return cfg
+    check_not_shapes(cfg, f"--judge '{judge}'")
+    return str(path), cfg
 
 
 def check_not_shapes(cfg, what: str) -> None:

@@ -9,7 +9,8 @@ once on the split and perplexity is exp(entropy) of the split's code histogram. 
 `judge_accepts`, the fraction of reconstructions the shapes judge accepts under their captions. Works
 on any data source, not only the one the tokenizer was trained on.
 
-`--judge JUDGE` (emoji-styles' `NAME, STYLE style` captions; an evaluation CLIP from `python -m train.judge`) also
+`--judge JUDGE` (emoji-styles' `NAME, STYLE style` captions; an evaluation CLIP from `python -m train.judge`, or
+`emoji`, the one shipped in the package) also
 grades the reconstructions of the whole split as `eval emoji` grades its `reconstructed` reference: style_acc,
 name_r1, name_r5, both and CMMD to the real images, under `judged` (`reconstructed`, and `real`: the ceiling).
 PSNR says how near each image is drawn back; the judge says whether what makes it that style and that name
@@ -115,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--judge",
         default=None,
-        help="an evaluation CLIP's folder (python -m train.judge): also grade the reconstructions as eval emoji does",
+        help="an evaluation CLIP (a folder python -m train.judge wrote, or a shipped judge's name: emoji): also "
+        "grade the reconstructions as eval emoji does",
     )
     args = parser.parse_args(argv)
     check_counts(limit=(args.limit, 0), batch_size=(args.batch_size, 1))
     if args.judge and args.limit:
         raise UserError("--judge grades every image of the split, and --limit would grade fewer; drop one of them")
-    judge_cfg = check_judge(args.judge) if args.judge else None
+    judge, judge_cfg = check_judge(args.judge) if args.judge else (None, None)
     check_data_overrides(args.overrides, "recon")
     tokenizer = load_vae(args.model)
     try:
@@ -142,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     result.update(source=cfg.data.source, split=args.split, image_size=cfg.data.image_size, skipped=stream.n_skipped)
     result = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
     if args.judge:
-        judge = load_clip(args.judge)
-        judged = judge_reconstructions(tokenizer, judge, judge_cfg, cfg.data.source, args.split, args.batch_size)
+        judged = judge_reconstructions(
+            tokenizer, load_clip(judge), judge_cfg, cfg.data.source, args.split, args.batch_size
+        )
         result["judged"] = {**judged, "judge": str(args.judge)}
     print(json.dumps(result))
     return 0

@@ -31,6 +31,10 @@ from ..files import write_atomic
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the bundles shipped in the package, one folder each
 # the model `python -m sample` and `python -m dalle_mini_impl.clip` use when no --model is given
 SHIPPED_MODEL = ASSETS / "shapes"
+# evaluation CLIPs (`python -m train.judge`, exported), one folder each: `eval emoji --judge NAME`. Not bundles: a
+# judge holds config.json, text.model and clip.safetensors only, and grades models it is not part of
+JUDGES = ASSETS / "judges"
+SHIPPED_JUDGE = "emoji"  # the judge `eval emoji` and `eval recon --judge` grade with when none is named
 
 FILES = {
     "config": "config.json",
@@ -47,6 +51,28 @@ UNCLIP_PARTS = ("unclip", "prior")  # optional: a bundle without them refuses un
 def shipped_models() -> list[str]:
     """The names of the bundles shipped in the package (`--model NAME`)."""
     return sorted(p.name for p in ASSETS.iterdir() if (p / FILES["config"]).is_file()) if ASSETS.is_dir() else []
+
+
+def shipped_judges() -> list[str]:
+    """The names of the evaluation CLIPs shipped in the package (`--judge NAME`)."""
+    return sorted(p.name for p in JUDGES.iterdir() if (p / FILES["config"]).is_file()) if JUDGES.is_dir() else []
+
+
+def judge_path(judge: str | os.PathLike) -> Path:
+    """The folder `--judge` names: a folder `python -m train.judge` wrote, the name of a shipped judge (`emoji`), or
+    else of a shipped bundle (whose CLIP then grades another model); a folder that exists wins over a shipped name,
+    as for `--model`."""
+    path = Path(judge)
+    if not path.exists() and str(judge) in shipped_judges():
+        return JUDGES / str(judge)
+    path = bundle_path(path)
+    if not path.is_dir():
+        shipped = ", ".join(shipped_judges()) or "none in this install"
+        raise UserError(
+            f"--judge '{judge}' does not exist; pass the folder python -m train.judge wrote or the name of a "
+            f"shipped judge ({shipped})"
+        )
+    return path
 
 
 def bundle_path(model: str | os.PathLike | None) -> Path:
