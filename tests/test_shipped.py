@@ -19,6 +19,7 @@ from dalle_mini_impl.shapes.judge import judge
 ASSETS = Path(dalle_mini_impl.__file__).parent / "assets"
 SHIPPED = ASSETS / "shapes"
 MAX_MB = {"shapes": 25, "emoji": 40}  # emoji: 30 MB, and 10 more for unCLIP's decoder and prior (issue 18)
+JUDGE_MAX_MB = 12  # the emoji judge (assets/judges), fp16
 
 
 def test_every_shipped_bundle_is_complete_and_small():
@@ -77,6 +78,31 @@ def test_the_emoji_command_writes_pngs_in_the_style_asked(tmp_path, capsys):
     # OpenMoji draws black outlines, which the other seven styles do not: the picks have them
     dark = [float((im.max(axis=-1) < 64).mean()) for im in images]
     assert min(dark) > 0.02, f"share of near-black pixels {dark}"
+
+
+def test_the_shipped_judge_is_its_own_clip_never_taught_test_and_reads_the_style_the_emoji_bundle_draws():
+    from dalle_mini_impl.data.images import from_uint8
+    from dalle_mini_impl.data.streams import split_parts
+    from dalle_mini_impl.eval.emoji import style_caption
+    from dalle_mini_impl.pipeline.bundle import SHIPPED_JUDGE, judge_path, load_clip, shipped_judges
+
+    assert shipped_judges() == [SHIPPED_JUDGE] == ["emoji"]
+    folder = judge_path(SHIPPED_JUDGE)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "text.model", "clip.safetensors"}
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= JUDGE_MAX_MB * 2**20
+    cfg, bundle_cfg = read_bundle_config(folder), read_bundle_config(ASSETS / "emoji")
+    assert split_parts(cfg.data.split) == ["train", "validation"] and cfg.data.source == ""  # never test
+    assert cfg.seed != bundle_cfg.seed and cfg.clip.image_width > bundle_cfg.clip.image_width  # larger, its own
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_pretrained("emoji", device="cpu")
+    judge = load_clip(folder)
+    assert judge.fingerprint() != pipe.clip.fingerprint()
+    styles = [phrase.removeprefix(", ").removesuffix(" style") for phrase in cfg.clip.swap_phrases]  # the eight
+    assert len(styles) == 8 and "openmoji" in styles
+    drawn = pipe.generate(["pizza, openmoji style"], num_images=2, candidates=4, seed=0, progress=False)[0]
+    images = torch.stack([from_uint8(np.asarray(r.image.convert("RGB"))) for r in drawn])
+    sims = judge.embed_images(images) @ judge.embed_texts([style_caption("pizza", s) for s in styles]).T
+    assert [styles[i] for i in sims.argmax(1).tolist()] == ["openmoji", "openmoji"], sims
 
 
 @pytest.mark.slow
