@@ -312,7 +312,7 @@ def test_every_parameter_of_every_model_is_in_one_group(source):
     assert finetune.group_names(models["vae"][1], "vae") == ["encoder", "codebook", "decoder", "discriminator"]
 
 
-def test_train_all_passes_init_from_to_every_stage_but_encode(source, tmp_path, monkeypatch):
+def test_train_all_passes_init_from_to_every_stage_but_encode(source, tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
     from train import all as train_all
@@ -320,6 +320,9 @@ def test_train_all_passes_init_from_to_every_stage_but_encode(source, tmp_path, 
     commands = []
     monkeypatch.setattr(train_all.subprocess, "run", lambda cmd: commands.append(cmd) or SimpleNamespace(returncode=0))
     train_all.main(["--config", "shapes", "--out", str(tmp_path / "all"), "--init-from", str(source)])
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])  # the total, beside the machine's speed then
+    assert last["bundle"] == str(tmp_path / "all") and last["total_wall_s"] >= 0
+    assert set(last["matmul_gflops"]) == {"start", "end"} and min(last["matmul_gflops"].values()) > 0
     modules = [cmd[2] for cmd in commands]
     assert modules == [f"train.{s}" for s in ("tokenizer", "vae", "encode", "dalle", "clip", "unclip", "prior")]
     for module, cmd in zip(modules, commands):
