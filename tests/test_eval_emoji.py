@@ -338,6 +338,41 @@ def test_eval_emoji_grades_unclip_candidates_on_the_same_captions(folder, judge,
         emoji.main([*argv, "--method", "unclip", "--guided", "1"])
 
 
+def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folder, judge, tmp_path, capsys):
+    from dalle_mini_impl.eval import compare
+
+    argv = ["--judge", str(judge), "--data", str(folder), "--split", "train", "--n", "6", "--candidates", "2"]
+    outs = {}
+    for name, seed, seeds in (("a", 0, ["3", "4"]), ("b", 1, ["3", "4"]), ("one", 1, ["3"])):
+        bundle = make_tiny_bundle(tmp_path / name, cfg=emoji_like(folder), seed=seed)
+        outs[name] = tmp_path / f"{name}.json"
+        assert emoji.main([*argv, "--model", str(bundle), "--seed", *seeds, "--out", str(outs[name])]) == 0
+    capsys.readouterr()
+    assert compare.main([str(outs["a"]), str(outs["b"])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    a, b = (json.loads(outs[k].read_text())["per_seed"] for k in ("a", "b"))
+    assert out["seeds"] == [3, 4] and set(out["columns"]) == {"reranked", "first", "every"}  # no references
+    for column, metrics in out["columns"].items():
+        assert set(metrics) == {"style_acc", "name_r1", "name_r5", "both", "cmmd"}
+        for metric, got in metrics.items():
+            diffs = [b[s][column][metric] - a[s][column][metric] for s in ("3", "4")]
+            assert got["diff"] == pytest.approx(sum(diffs) / 2, abs=1e-5)
+            assert got["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2, abs=1e-5)  # stdev/sqrt(2) of two
+            assert got["a"] == pytest.approx((a["3"][column][metric] + a["4"][column][metric]) / 2, abs=1e-5)
+    assert compare.main([str(outs["a"]), str(outs["a"])]) == 0  # a model against itself: nothing, exactly
+    same = json.loads(capsys.readouterr().out)["columns"]
+    assert all(m["diff"] == 0 and m["se"] == 0 for col in same.values() for m in col.values())
+    with pytest.raises(UserError, match="A has seeds 3, 4 and B 3; evaluate both with the same --seed"):
+        compare.main([str(outs["a"]), str(outs["one"])])
+    other = json.loads(outs["b"].read_text())
+    other["per_seed"]["3"]["real"]["style_acc"] += 0.5  # as another judge would read the real images
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="seed 3: the real images read differently in A and B"):
+        compare.main([str(outs["a"]), str(tmp_path / "other.json")])
+    with pytest.raises(UserError, match="is not a file"):
+        compare.main([str(outs["a"]), str(tmp_path / "none.json")])
+
+
 def test_r_precision_names_are_other_names_each_once_and_the_same_for_a_seed():
     names = NAMES * 2  # train lists a name once per style
     drawn = emoji.rprecision_names("thing 7", names, seed=0, index=3)

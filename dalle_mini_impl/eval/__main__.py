@@ -6,7 +6,8 @@
     shapes --model DIR --n 300 --seed 0       judge accuracy of generated samples (--method unclip: DALL-E 2's)
     unclip --model DIR --n 300 --seed 0       judge accuracy of unCLIP's variations, text diffs, interpolations
     edit --model DIR --n 200 --seed 0         judge accuracy of masked edits (one object of two redrawn)
-    emoji --model B --judge J --data DIR      text-to-image on emoji-styles, graded by an evaluation CLIP
+    emoji --model B --data DIR [--judge J]    text-to-image on emoji-styles, graded by an evaluation CLIP
+    compare A.json B.json                     two evaluations' numbers paired by seed: B - A and its standard error
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMANDS = {
     "emoji": "dalle_mini_impl.eval.emoji",
     "unclip": "dalle_mini_impl.eval.unclip",
     "edit": "dalle_mini_impl.eval.edit",
+    "compare": "dalle_mini_impl.eval.compare",
 }
 
 

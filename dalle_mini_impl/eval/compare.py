@@ -1,0 +1,117 @@
+"""Two models' evaluations side by side, paired by seed: `python -m dalle_mini_impl.eval compare A.json B.json`.
+
+A.json and B.json are what `eval emoji --out` (or any evaluation printing `per_seed`) wrote for the same seeds:
+one seed's captions, R-precision names and sampling seeds are the same for every model, so each seed gives a
+paired difference, and over k seeds the mean difference has a standard error of stdev(differences) / sqrt(k).
+This is how a change is told from the noise of 130 captions (on emoji-styles a seed moves a model's name R@1 by up
+to 9 points, and the paired difference of two models by far less; docs/RESULTS.md).
+
+Prints one JSON object: for every column both files have (`reranked`, `first`, `every`, ...) and every number
+in it (`style_acc`, `name_r1`, `cmmd`, ...), the mean of A (`a`), the mean of B (`b`), the mean of B - A over the
+seeds (`diff`) and its standard error (`se`; null for one seed). The files must grade the same captions: the same
+seeds and split, and real images read alike (`real`: the same judge), or the command says which differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+from ..errors import UserError
+
+REFERENCES = ("real", "same_style_random", "copy_other_style", "reconstructed")  # the same for two models
+
+
+def read_result(path: str) -> tuple[dict, dict[str, dict]]:
+    """An evaluation's JSON: (its settings, {seed: that seed's result})."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"'{path}' is not a file; pass the JSON an evaluation wrote with --out")
+    try:
+        result = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"'{path}' is not JSON ({e}); pass the file an evaluation wrote with --out") from None
+    if not isinstance(result, dict) or "seed" not in result:
+        raise UserError(f"'{path}' has no 'seed'; pass the JSON an evaluation wrote with --out")
+    if "per_seed" in result:
+        return result, result["per_seed"]
+    return result, {str(result["seed"]): result}
+
+
+def columns(result: dict) -> dict[str, dict[str, float]]:
+    """The columns of one seed's result: its keys whose values are dicts of numbers (`reranked`, `every`, ..)."""
+    out = {}
+    for name, value in result.items():
+        if isinstance(value, dict):
+            numbers = {
+                k: float(v)
+                for k, v in value.items()
+                if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)  # n: a count, not a measure
+            }
+            if numbers:
+                out[name] = numbers
+    return out
+
+
+def check_paired(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    """One sentence unless A and B graded the same captions the same way: seeds, split, candidates, the captions
+    shown and the real images' numbers (which only the captions and the judge decide)."""
+    (top_a, seeds_a), (top_b, seeds_b) = a, b
+    if seeds_a.keys() != seeds_b.keys():
+        raise UserError(
+            f"A has seeds {', '.join(seeds_a)} and B {', '.join(seeds_b)}; evaluate both with the same --seed"
+        )
+    for key in ("split", "candidates"):
+        if top_a.get(key) != top_b.get(key):
+            raise UserError(f"A's {key} is {top_a.get(key)} and B's {top_b.get(key)}; compare evaluations alike")
+    for seed in seeds_a:
+        x, y = seeds_a[seed], seeds_b[seed]
+        if x.get("captions") != y.get("captions"):
+            raise UserError(f"seed {seed}: A and B drew other captions (another --n or data); evaluate them alike")
+        if x.get("real") != y.get("real"):
+            raise UserError(
+                f"seed {seed}: the real images read differently in A and B (another judge); grade both with the "
+                "same --judge"
+            )
+
+
+def compare(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict:
+    """The paired comparison of two evaluations (read_result's) over their seeds: every column but the references
+    (which are the same for both), every number in it."""
+    check_paired(a, b)
+    pairs = [(columns(a[1][s]), columns(b[1][s])) for s in a[1]]
+    first = pairs[0][0]
+    out = {}
+    for column in [c for c in first if c not in REFERENCES and all(c in x and c in y for x, y in pairs)]:
+        out[column] = {}
+        for metric in [m for m in first[column] if all(m in x[column] and m in y[column] for x, y in pairs)]:
+            xs = [x[column][metric] for x, _ in pairs]
+            ys = [y[column][metric] for _, y in pairs]
+            diffs = [v - u for u, v in zip(xs, ys)]
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            out[column][metric] = {
+                "a": round(statistics.fmean(xs), 5),
+                "b": round(statistics.fmean(ys), 5),
+                "diff": round(statistics.fmean(diffs), 5),
+                "se": None if se is None else round(se, 5),
+            }
+    return {"seeds": [int(s) for s in a[1]], "columns": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval compare", description=__doc__.split("\n")[0])
+    p.add_argument("a", help="the first model's evaluation JSON (--out)")
+    p.add_argument("b", help="the second's, for the same seeds: diff is B - A")
+    args = p.parse_args(argv)
+    result = compare(read_result(args.a), read_result(args.b))
+    print(json.dumps({"a": args.a, "b": args.b, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    from dalle_mini_impl.errors import run_cli
+
+    run_cli(main)
