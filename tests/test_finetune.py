@@ -322,7 +322,7 @@ def test_train_all_passes_init_from_to_every_stage_but_encode(source, tmp_path, 
     train_all.main(["--config", "shapes", "--out", str(tmp_path / "all"), "--init-from", str(source)])
     last = json.loads(capsys.readouterr().out.splitlines()[-1])  # the total, beside the machine's speed then
     assert last["bundle"] == str(tmp_path / "all") and last["total_wall_s"] >= 0
-    assert set(last["matmul_gflops"]) == {"start", "end"} and min(last["matmul_gflops"].values()) > 0
+    assert set(last["cpu_matmul_gflops"]) == {"start", "end"} and min(last["cpu_matmul_gflops"].values()) > 0
     modules = [cmd[2] for cmd in commands]
     assert modules == [f"train.{s}" for s in ("tokenizer", "vae", "encode", "dalle", "clip", "unclip", "prior")]
     for module, cmd in zip(modules, commands):
