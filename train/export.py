@@ -32,6 +32,7 @@ from dalle_mini_impl.data.streams import is_local_source
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.files import file_above
 from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, load_state_dict, part_path, save_state_dict
+from train.judge import is_judge
 from vae.vq import CRITIC_PREFIX
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,9 +40,10 @@ SIDE_FILES = ("vae.json", "transformer.json")
 
 
 def clip_only(run: Path) -> bool:
-    """Whether `run` is an evaluation CLIP's folder (train.judge's): a CLIP, and no image tokenizer or transformer."""
-    pipeline_files = (*SIDE_FILES, FILES["vae"], FILES["transformer"])
-    return (run / FILES["clip"]).is_file() and not any((run / name).exists() for name in pipeline_files)
+    """Whether `run` is an evaluation CLIP's folder: its config a judge's (train.judge's), and a CLIP in it. A run
+    folder with a CLIP and no transformer yet is an unfinished run, refused as one."""
+    config = run / FILES["config"]
+    return config.is_file() and is_judge(read_config_json(config)) and (run / FILES["clip"]).is_file()
 
 
 def check_paths(run: Path, dest: Path) -> list[str]:

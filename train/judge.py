@@ -31,6 +31,12 @@ from train.common import process_state
 from train.tokenizer import train_tokenizer
 
 GRADED_SPLIT = "test"  # what `eval emoji` grades; the judge never learns from it
+JUDGE_SUFFIX = "-judge"  # a judge's config name: its preset's, with this after it
+
+
+def is_judge(cfg: RunConfig) -> bool:
+    """Whether a config is a judge's (`judge_config`'s), not a pipeline run's."""
+    return cfg.name.endswith(JUDGE_SUFFIX)
 
 
 def judge_config(cfg: RunConfig, out: str) -> RunConfig:
@@ -49,7 +55,7 @@ def judge_config(cfg: RunConfig, out: str) -> RunConfig:
         )
     return dataclasses.replace(
         cfg,
-        name=f"{cfg.name}-judge",
+        name=f"{cfg.name}{JUDGE_SUFFIX}",
         out_dir=out,
         seed=j.seed,
         data=dataclasses.replace(cfg.data, split=j.splits, val_split=parts[-1]),
