@@ -274,6 +274,10 @@ def test_a_judge_exports_as_its_three_files_and_ships_under_a_name_that_is_the_d
     assert {p.name for p in (shipped / "emoji").iterdir()} == {"config.json", "text.model", "clip.safetensors"}
     config = json.loads((shipped / "emoji" / "config.json").read_text())
     assert config["data"]["source"] == "" and config["data"]["split"] == "train"  # the splits it learned stay
+    over_bundle = make_tiny_bundle(tmp_path / "over", cfg=emoji_like(folder), unclip=True)  # replaced, not mixed
+    assert export.main([str(judge), str(over_bundle), "--dtype", "fp32"]) == 0
+    assert {p.name for p in over_bundle.iterdir()} == {"config.json", "text.model", "clip.safetensors"}
+    capsys.readouterr()
     unfinished = shutil.copytree(judge, tmp_path / "unfinished")  # a pipeline run with its CLIP and nothing after
     (unfinished / "config.json").write_text(json.dumps({**config, "name": "emoji64"}))
     with pytest.raises(UserError, match="has no vae.json; finish training every stage first"):

@@ -85,8 +85,9 @@ def without_critic(state: dict[str, torch.Tensor], vae_json: Path) -> dict[str, 
 
 
 def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str] = ()) -> dict:
-    """Write the bundle; returns {file: bytes}. unCLIP parts a bundle in DEST had from an earlier export, and this
-    run lacks, are removed: the bundle is this run's alone."""
+    """Write the bundle; returns {file: bytes}. Parts a bundle in DEST had from an earlier export, and this run
+    lacks (unCLIP's; for a judge, the image tokenizer's and transformer's too), are removed: the bundle is this
+    run's alone."""
     parts = check_paths(run, dest)
     cfg = apply_sample_overrides(read_config_json(part_path(run, "config")), list(sample_overrides))
     if is_local_source(cfg.data.source):  # a path on this machine: meaningless, and private, where a bundle goes
@@ -104,7 +105,7 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
         if part == "vae":
             state = without_critic(state, dest / "vae.json")
         save_state_dict(state, dest / FILES[part], dtype=dtype)
-    for part in set(UNCLIP_PARTS) - set(parts):
+    for part in set(FILES) - {"config", "text"} - set(parts):
         for stale in (dest / FILES[part], dest / f"{part}.json"):
             stale.unlink(missing_ok=True)
     for path in sorted(dest.iterdir()):

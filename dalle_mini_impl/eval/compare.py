@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..errors import UserError
 
-REFERENCES = ("real", "same_style_random", "copy_other_style", "reconstructed")  # the same for two models
+# references, not the model's samples: left out (the first three are the same for both models)
+REFERENCES = ("real", "same_style_random", "copy_other_style", "reconstructed")
 
 
 def read_result(path: str) -> tuple[dict, dict[str, dict]]:
