@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import file_above, write_atomic
+from .files import file_above, read_json_object, write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -621,18 +621,7 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 
 
 def read_config_json(path: str | os.PathLike) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file '{path}' does not exist; is this a run folder or bundle?")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise UserError(f"config file '{path}' is not valid JSON ({reason}); rewrite or retrain it") from None
-    if not isinstance(values, dict):
-        raise UserError(
-            f"config file '{path}' holds a {type(values).__name__}, not a JSON object; rewrite or retrain it"
-        )
+    values = read_json_object(path, "config file", "rewrite or retrain it", "is this a run folder or bundle?")
     return config_from_dict(values)
 
 

@@ -5,6 +5,9 @@ through `write_atomic`: the bytes go to a hidden temporary name beside the file,
 place (`os.replace`, atomic on one filesystem). A run killed while writing leaves the old file or none, never
 a torn one that a later load would half-read. (`vae/` keeps its own copy of these four lines: it stands alone.)
 
+A JSON file the user names (a run's config, an evaluation's result, the anchor's figures) is read by
+`read_json_object`: a missing, broken or non-object file is one sentence naming it and the fix.
+
 A command that writes where the user says checks the place first (`check_out_file`, `file_above`), so that long
 work is not lost at its end, and says a failed write in one sentence (`said_if_unwritable`).
 """
@@ -12,6 +15,7 @@ work is not lost at its end, and says a failed write in one sentence (`said_if_u
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +37,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json_object(path: str | os.PathLike, what: str, fix: str, missing_fix: str | None = None) -> dict:
+    """The JSON object in `path`. A file that is missing, not UTF-8 JSON, or holds no object is one sentence:
+    "{what} '{path}' ...; {fix}" (`missing_fix` instead of `fix` when it is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist; {missing_fix or fix}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} '{path}' is not valid JSON ({e.msg}); {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} '{path}' is not valid JSON (not UTF-8 text); {fix}") from None
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror}); {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} '{path}' holds a {type(value).__name__}, not a JSON object; {fix}")
+    return value
 
 
 def file_above(path: str | os.PathLike) -> Path | None:

@@ -192,7 +192,7 @@ def test_the_anchor_figures_are_an_input(tmp_path, capsys):
     assert ratios["targets"] == {}  # nothing measured: no target reported as met or missed
     for bad, message in (
         (tmp_path / "none.json", "figures file '.*none.json' does not exist; pass --figures"),
-        (tmp_path / "broken.json", "figures file '.*broken.json' is not readable JSON"),
+        (tmp_path / "broken.json", "figures file '.*broken.json' is not valid JSON"),
         (tmp_path / "partial.json", "figures file '.*partial.json' has no 'tiny_vae_params'"),
     ):
         if bad.name == "broken.json":

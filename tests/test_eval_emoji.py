@@ -378,7 +378,9 @@ def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folde
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(UserError, match="seed 3: the real images read differently in A and B"):
         compare.main([str(outs["a"]), str(tmp_path / "other.json")])
-    with pytest.raises(UserError, match="is not a file"):
+    with pytest.raises(
+        UserError, match="evaluation result .*none.json. does not exist; pass the JSON an evaluation wrote"
+    ):
         compare.main([str(outs["a"]), str(tmp_path / "none.json")])
 
 

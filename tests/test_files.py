@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dalle_mini_impl.config import RunConfig, read_config_json, save_config
-from dalle_mini_impl.files import write_atomic
+from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.files import read_json_object, write_atomic
 
 
 def test_write_atomic_makes_the_folder_and_leaves_no_temporary_file(tmp_path):
@@ -29,3 +30,27 @@ def test_a_writer_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path):
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
     assert read_config_json(path) == RunConfig()  # still loads
+
+
+def test_read_json_object_names_the_file_and_the_fix_for_each_way_it_can_be_wrong(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}')
+    assert read_json_object(good, "result", "pass another") == {"a": [1, 2]}
+    cases = {
+        "none.json": (None, r"result '.*none.json' does not exist; write it first$"),
+        "broken.json": ('{"a": ', r"result '.*broken.json' is not valid JSON \(Expecting value\); pass another$"),
+        "latin.json": (
+            "\xe9".encode("latin-1"),
+            r"result '.*latin.json' is not valid JSON \(not UTF-8 text\); pass another$",
+        ),
+        "list.json": ("[1, 2]", r"result '.*list.json' holds a list, not a JSON object; pass another$"),
+    }
+    for name, (content, message) in cases.items():
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        elif content is not None:
+            (tmp_path / name).write_text(content)
+        with pytest.raises(UserError, match=message):
+            read_json_object(tmp_path / name, "result", "pass another", missing_fix="write it first")
+    with pytest.raises(UserError, match=r"result '.*' does not exist; pass another$"):
+        read_json_object(tmp_path, "result", "pass another")  # a folder is no file; without missing_fix: fix

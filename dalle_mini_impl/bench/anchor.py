@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, run_cli
+from ..files import read_json_object
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES = Path(__file__).resolve().parent / "anchor.json"
@@ -182,15 +183,10 @@ def git_commit() -> str | None:
 
 def read_figures(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The anchor's figures and the targets (`--figures`, default anchor.json beside this file)."""
-    path = Path(path) if path is not None else FIGURES
-    try:
-        figures = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"figures file '{path}' does not exist; pass --figures with a JSON file like {FIGURES}"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"figures file '{path}' is not readable JSON ({e}); fix it or pass another --figures") from None
+    path = path if path is not None else FIGURES
+    figures = read_json_object(
+        path, "figures file", "fix it or pass another --figures", f"pass --figures with a JSON file like {FIGURES}"
+    )
     missing = [k for k in ("tiny_vae_params", "h200_dalle256", "cpu_targets", "gpu_targets") if k not in figures]
     if missing:
         raise UserError(f"figures file '{path}' has no '{missing[0]}'; compare it with {FIGURES}")

@@ -18,9 +18,9 @@ import argparse
 import json
 import math
 import statistics
-from pathlib import Path
 
 from ..errors import UserError
+from ..files import read_json_object
 
 # references, not the model's samples: left out (the first three are the same for both models)
 REFERENCES = ("real", "same_style_random", "copy_other_style", "reconstructed")
@@ -28,14 +28,8 @@ REFERENCES = ("real", "same_style_random", "copy_other_style", "reconstructed")
 
 def read_result(path: str) -> tuple[dict, dict[str, dict]]:
     """An evaluation's JSON: (its settings, {seed: that seed's result})."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"'{path}' is not a file; pass the JSON an evaluation wrote with --out")
-    try:
-        result = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"'{path}' is not JSON ({e}); pass the file an evaluation wrote with --out") from None
-    if not isinstance(result, dict) or "seed" not in result:
+    result = read_json_object(path, "evaluation result", "pass the JSON an evaluation wrote with --out")
+    if "seed" not in result:
         raise UserError(f"'{path}' has no 'seed'; pass the JSON an evaluation wrote with --out")
     if "per_seed" in result:
         return result, result["per_seed"]
