@@ -26,15 +26,20 @@ pytestmark = pytest.mark.slow
 SAME_MATH = ["transformer.caption_dropout=0", "transformer.text_loss_weight=0"]
 
 
-def launch(module: str, argv: list[str], reports: int = 1) -> dict:
-    """Run `accelerate launch --multi_gpu --num_processes 2 -m module` on the CPU; its last JSON line (of
-    `reports`, one a stage or phase, all printed by the main process alone)."""
+def launch_two(module: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m module ARGV` on the CPU, one thread each."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *argv,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def launch(module: str, argv: list[str], reports: int = 1) -> dict:
+    """`launch_two`, which must succeed; its last JSON line (of `reports`, one a stage or phase, all printed by
+    the main process alone)."""
+    proc = launch_two(module, argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == reports, proc.stdout  # only the main process prints
@@ -66,6 +71,22 @@ def test_dalle_two_processes_match_one(base_run, tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=f"{k} differs between 1 and 2 processes")
+
+
+def test_a_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(base_run, tmp_path):
+    straight, stopped = copy_run(base_run, tmp_path / "straight"), copy_run(base_run, tmp_path / "stopped")
+    steps = ["train.dalle.steps=4", "train.dalle.checkpoint_every=4", "train.dalle.batch_size=4"]
+    launch("train.dalle", args_for(straight, *steps))
+    # as a scheduler may: SIGTERM to process 1 alone, during step 2; process 0 learns it through the all-reduce
+    proc = launch_two("tests.kill_at", ["step:2:SIGTERM@1", "train.dalle", *args_for(stopped, *steps)])
+    assert proc.returncode != 0 and "dalle: stopped by SIGTERM at step 2 of 4, checkpoint " in proc.stderr
+    root = stopped / "checkpoints" / "dalle"
+    (ckpt,) = list_checkpoints(root)
+    assert ckpt.name == "step_00000002" and sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    assert (ckpt / "data_0.json").is_file() and (ckpt / "data_1.json").is_file()
+    launch("train.dalle", args_for(stopped, *steps))
+    a, b = load_file(str(straight / "transformer.safetensors")), load_file(str(stopped / "transformer.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed on 2 processes, the weights differ"
 
 
 def test_the_tokenizer_is_trained_once_by_the_main_process(base_run, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import signal
 
 import pytest
 import torch
@@ -149,6 +151,58 @@ def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
     _, resumed = train(tmp_path / "stopped", 4)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def signals_after(step: int, *signums: int):
+    """An `on_event` that sends this process `signums`, in order, right after `step` (as if during it)."""
+
+    def on_event(event: str, at: int) -> None:
+        if (event, at) == ("step", step):
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+
+    return on_event
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_there_and_it_resumes_exactly(
+    tmp_path, monkeypatch, capsys, signum
+):
+    _, straight = train(tmp_path / "straight", 6)
+    handler = signal.getsignal(signal.SIGINT)
+    # the signal arrives during step 3, between the periodic checkpoints of steps 2 and 4
+    monkeypatch.setattr(loop, "on_event", signals_after(3, signum))
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "stopped", 6)
+    assert stopped.value.code == 128 + signum
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are gone with it
+    names = [p.name for p in loop.list_checkpoints(tmp_path / "stopped" / "checkpoints" / "dalle")]
+    assert names == ["step_00000002", "step_00000003"]
+    name = signal.Signals(signum).name
+    assert f"dalle: stopped by {name} at step 3 of 6, checkpoint " in capsys.readouterr().err
+    monkeypatch.setattr(loop, "on_event", None)
+    _, resumed = train(tmp_path / "stopped", 6)
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
+def test_a_signal_at_a_checkpoint_step_saves_once_and_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "on_event", signals_after(4, signal.SIGINT))
+    with pytest.raises(SystemExit):
+        train(tmp_path / "at4", 6)
+    assert [p.name for p in loop.list_checkpoints(tmp_path / "at4" / "checkpoints" / "dalle")] == [
+        "step_00000002",
+        "step_00000004",
+    ]
+    monkeypatch.setattr(loop, "on_event", signals_after(3, signal.SIGINT, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):  # the second: no checkpoint of step 3
+        train(tmp_path / "twice", 6)
+    assert [p.name for p in loop.list_checkpoints(tmp_path / "twice" / "checkpoints" / "dalle")] == ["step_00000002"]
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "on_event", signals_after(4, signal.SIGTERM, signal.SIGTERM))  # the second ignored
+    logged, _ = train(tmp_path, 4)  # nothing left to save for: the run ends as usual
+    assert logged["num_processes"] == 1.0
 
 
 def test_a_run_started_over_sets_the_earlier_runs_later_checkpoints_aside(tmp_path):

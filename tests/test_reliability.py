@@ -67,7 +67,19 @@ def test_killed_runs_resume_to_the_same_weights(base_run, tmp_path):
     assert "at step 2" in resumed.stderr
     assert not (root / "tmp-step_00000004").exists()  # rewritten whole, then renamed into place
 
-    for run in (between, midwrite):
+    # Ctrl-C during step 3: the run saves a checkpoint of step 3, says so in one sentence and exits 130
+    interrupted = copy_run(base_run, tmp_path / "interrupted")
+    stopped = run_dalle(interrupted, kill_at="step:3:SIGINT")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith("dalle: stopped by SIGINT at step 3 of 6, checkpoint ")
+    root = interrupted / "checkpoints" / "dalle"
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000003"]
+    resumed = run_dalle(interrupted)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 3" in resumed.stderr
+
+    for run in (between, midwrite, interrupted):
         weights = load_file(str(run / "transformer.safetensors"))
         assert weights.keys() == reference.keys()
         for k in reference:
@@ -125,3 +137,44 @@ def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weigh
     assert weights.keys() == reference.keys()
     for k in reference:
         assert torch.equal(weights[k], reference[k]), f"{k} differs from the uninterrupted run"
+
+
+def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
+    """The stage runs in its own session (a terminal's Ctrl-C reaches train.all alone), and each SIGINT or SIGTERM
+    train.all receives is passed on once: the first stops a training stage with a checkpoint, a second Ctrl-C
+    at once (two copies of one Ctrl-C would be that second)."""
+    import threading
+    import time
+
+    from train.all import STOPPED, run_stage
+
+    ready, log = tmp_path / "ready", tmp_path / "signals"
+    child = (
+        "import os, signal, sys, time\n"
+        "seen = []\n"
+        "def note(signum, frame):\n"
+        f"    seen.append(signum); open({str(log)!r}, 'a').write(f'{{signum}} {{os.getsid(0)}}\\n')\n"
+        "    if len(seen) == 2: sys.exit(128 + signum)\n"
+        "signal.signal(signal.SIGINT, note); signal.signal(signal.SIGTERM, note)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "while True: time.sleep(0.05)\n"
+    )
+
+    def signal_when_ready():
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    sender = threading.Thread(target=signal_when_ready)
+    sender.start()
+    code = run_stage([sys.executable, "-c", child])
+    sender.join()
+    assert code == 128 + signal.SIGINT and code in STOPPED
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert [int(signum) for signum, _ in lines] == [signal.SIGTERM, signal.SIGINT]  # each once, in order
+    assert all(int(sid) != os.getsid(0) for _, sid in lines)  # its own session
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers

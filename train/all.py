@@ -13,9 +13,11 @@ Runs, in order, each as its own process with the same config and overrides:
 
 RUN (`out_dir`) is then a complete bundle: `python -m sample "a red circle" --model RUN`. A stage
 whose output already exists is skipped, and a stage that was interrupted resumes from its last
-checkpoint, so rerunning the command after a kill continues the work. On several GPUs, run the same
-sequence with `accelerate launch -m train.<stage>` (docs/SCALING.md). Prints one JSON line per
-stage with its wall time, and at the end the total beside `cpu_matmul_gflops`: the CPU's dense fp32 matmul rate
+checkpoint, so rerunning the command after a kill continues the work. Ctrl-C (or SIGTERM to this
+command) is passed to the stage running: a training stage finishes its step, saves a checkpoint there and
+stops, and the command exits with its code (130 or 143); a second Ctrl-C stops the stage at once. On
+several GPUs, run the same sequence with `accelerate launch -m train.<stage>` (docs/SCALING.md). Prints one JSON
+line per stage with its wall time, and at the end the total beside `cpu_matmul_gflops`: the CPU's dense fp32 matmul rate
 at the start and at the end (a shared machine's speed moves by 2x within minutes, docs/RESULTS.md, so a wall
 time on the CPU is read beside the speed it ran at).
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +74,26 @@ def check_only(only: str | None, names: list[str]) -> set[str] | None:
             f"--only {what} of this config; choose from {', '.join(names)} (unCLIP's need unclip.enabled=true)"
         )
     return chosen
+
+
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a stage stopped by a signal (train.loop.StopRequest)
+
+
+def run_stage(cmd: list[str]) -> int:
+    """Run one stage to its end; its exit code. The stage runs in its own session, so a terminal's Ctrl-C
+    reaches this process alone, which passes it (and SIGTERM) on, once per signal: the first stops a training
+    stage with a checkpoint, a second Ctrl-C stops it at once (train.loop.StopRequest)."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cpu_matmul_gflops() -> float:
@@ -119,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         init = ["--init-from", args.init_from] if args.init_from and name != "encode" else []
-        proc = subprocess.run([sys.executable, "-m", module, *passthrough, *init])
-        if proc.returncode != 0:
-            raise UserError(f"stage {module} failed with exit code {proc.returncode}; fix it and rerun to resume")
+        code = run_stage([sys.executable, "-m", module, *passthrough, *init])
+        if code in STOPPED:
+            print(f"stage {module} stopped (exit code {code}); rerun the same command to resume", file=sys.stderr)
+            return code
+        if code != 0:
+            raise UserError(f"stage {module} failed with exit code {code}; fix it and rerun to resume")
         print(json.dumps({"stage": name, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
     total_wall_s = round(time.perf_counter() - total, 1)
     speed["end"] = cpu_matmul_gflops()

@@ -14,6 +14,8 @@ does the rest, the same way for every stage:
   RNG) plus the data position, EMA weights and counters, written to a temporary folder and renamed
   into place, so a run killed at any moment resumes from the last complete one. The last
   `keep_checkpoints` are kept. A restarted command resumes from the latest by default.
+- Ctrl-C (SIGINT) or SIGTERM (`kill`, a scheduler's preemption) stops the run at the end of the step it is in,
+  with a checkpoint of that step (`StopRequest`), so a restart loses nothing; a second Ctrl-C stops at once.
 - fine-tuning is the stage's business before `run`: it loads the weights `--init-from` names into its model
   when there is no checkpoint to resume, and freezes the groups `freeze` names (`train.finetune`); the
   optimizer it gives holds only what trains.
@@ -23,7 +25,8 @@ does the rest, the same way for every stage:
 
 Reading order: `run` is the outline. It calls `prepare` (model, optimizer, LR schedule, EMA), `resume`,
 then per step `compute_gradients` and `take_step` (or `skip_step` when not finite), and when due
-`log_scalars`, `evaluate`, `log_image_grids` and `save_checkpoint`; at the end `export`.
+`log_scalars`, `evaluate`, `log_image_grids` and `save_checkpoint`; at the end `export`, unless a
+`StopRequest` ends it early.
 
 Fault injection for tests: set `on_event` to a function of (event, step); it is called with ("step", N)
 after step N and ("checkpoint", N) in the middle of writing checkpoint N (`tests/kill_at.py` kills there).
@@ -38,7 +41,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -298,32 +303,99 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
     logged: dict[str, float] = {}
     window = Throughput()
     t.model.train()
-    while t.step < tc.steps:
-        g = compute_gradients(t, batches)
-        window.items += g.items
-        if not g.finite:
-            skip_step(t, bar)
-            continue
-        scalars = take_step(t, g)
-        bar.update(1)
-        bar.set_postfix(loss=f"{g.loss:.4f}")
+    with StopRequest() as stop:
+        while t.step < tc.steps:
+            g = compute_gradients(t, batches)
+            window.items += g.items
+            if not g.finite:
+                skip_step(t, bar)
+                continue
+            scalars = take_step(t, g)
+            bar.update(1)
+            bar.set_postfix(loss=f"{g.loss:.4f}")
 
-        if _due(t.step, tc.log_every, tc.steps):
-            logged = log_scalars(t, g, scalars, window)
-            window = Throughput()
-        if stage.evaluate is not None and _due(t.step, tc.eval_every, tc.steps):
-            logged.update(evaluate(t))
-        if stage.log_images is not None and (t.step % tc.image_every == 0 or t.step == 1):
-            log_image_grids(t)
-        if _due(t.step, tc.checkpoint_every, tc.steps):
-            save_checkpoint(t)
-        if on_event is not None:
-            on_event("step", t.step)
+            if _due(t.step, tc.log_every, tc.steps):
+                logged = log_scalars(t, g, scalars, window)
+                window = Throughput()
+            if stage.evaluate is not None and _due(t.step, tc.eval_every, tc.steps):
+                logged.update(evaluate(t))
+            if stage.log_images is not None and (t.step % tc.image_every == 0 or t.step == 1):
+                log_image_grids(t)
+            saved = _due(t.step, tc.checkpoint_every, tc.steps)
+            if saved:
+                save_checkpoint(t)
+            if on_event is not None:
+                on_event("step", t.step)
+            if t.step < tc.steps and stop.agreed(t.accelerator):
+                bar.close()
+                stop.save_and_exit(t, saved)
     bar.close()
     logged.update(end_of_run_scalars(t))
     export(t)
     close(t)
     return logged
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step, save a checkpoint there, stop.
+
+    The signal handler only records the signal; the loop asks `agreed` after each step, which under several
+    processes takes the largest signal any of them received (one all-reduce), so that all stop, and save,
+    at the same step: a terminal's Ctrl-C reaches every process, a scheduler's SIGTERM may reach one.
+    A second Ctrl-C raises KeyboardInterrupt (stop now, as without this); further SIGTERMs are ignored
+    (torchrun's agent sends one after the terminal's Ctrl-C). Signal handlers can only be set in the main
+    thread: elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint"
+                + (" (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def agreed(self, accelerator) -> int:
+        """The signal to stop for, 0 for none: this process's, or under several the largest any received.
+        Collective when there are several processes."""
+        if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum
+
+    def save_and_exit(self, t: Training, saved: bool) -> None:
+        """Checkpoint this step (unless the loop just did), close the writer, say how to resume, exit with
+        128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM). Collective."""
+        if not saved:
+            save_checkpoint(t)
+        close(t)
+        if t.is_main:
+            print(
+                f"{t.stage.name}: stopped by {signal.Signals(self.signum).name} at step {t.step} of {t.tc.steps}, "
+                f"checkpoint {t.ckpt_root / f'step_{t.step:08d}'} saved; run the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(128 + self.signum)
 
 
 @dataclass
