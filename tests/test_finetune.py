@@ -313,12 +313,10 @@ def test_every_parameter_of_every_model_is_in_one_group(source):
 
 
 def test_train_all_passes_init_from_to_every_stage_but_encode(source, tmp_path, monkeypatch, capsys):
-    from types import SimpleNamespace
-
     from train import all as train_all
 
     commands = []
-    monkeypatch.setattr(train_all.subprocess, "run", lambda cmd: commands.append(cmd) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(train_all, "run_stage", lambda cmd: commands.append(cmd) or 0)
     train_all.main(["--config", "shapes", "--out", str(tmp_path / "all"), "--init-from", str(source)])
     last = json.loads(capsys.readouterr().out.splitlines()[-1])  # the total, beside the machine's speed then
     assert last["bundle"] == str(tmp_path / "all") and last["total_wall_s"] >= 0
@@ -332,6 +330,11 @@ def test_train_all_passes_init_from_to_every_stage_but_encode(source, tmp_path, 
         train_all.main(["--config", "shapes", "--out", str(tmp_path / "all"), "--init-from", str(tmp_path / "no")])
     one_sentence(error, "is not a folder")
     assert commands == []
+    # a stage stopped by Ctrl-C (exit 130): train.all stops there with its code and a sentence, no error
+    monkeypatch.setattr(train_all, "run_stage", lambda cmd: commands.append(cmd) or 130 * (cmd[2] == "train.dalle"))
+    assert train_all.main(["--config", "shapes", "--out", str(tmp_path / "stopped")]) == 130
+    assert [cmd[2] for cmd in commands][-1] == "train.dalle"
+    assert "stage train.dalle stopped (exit code 130); rerun the same command to resume" in capsys.readouterr().err
 
 
 def test_the_decoder_starts_from_a_sources_transformer_when_it_has_no_decoder(source, tmp_path, first_step_weights):
