@@ -72,6 +72,7 @@ def test_killed_runs_resume_to_the_same_weights(base_run, tmp_path):
     stopped = run_dalle(interrupted, kill_at="step:3:SIGINT")
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr
+    assert "SIGINT: stopping after this step with a checkpoint (Ctrl-C again: stop now, without one)" in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1].startswith("dalle: stopped by SIGINT at step 3 of 6, checkpoint ")
     root = interrupted / "checkpoints" / "dalle"
     assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000003"]

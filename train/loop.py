@@ -365,12 +365,11 @@ class StopRequest:
             raise KeyboardInterrupt
         if not self.signum:
             self.signum = signum
-            print(
-                f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint"
-                + (" (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+            again = " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT else ""
+            note = f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint{again}\n"
+            # os.write, not print: the handler may run inside a write of the progress bar to the same stream,
+            # where print would raise "reentrant call"
+            os.write(2, note.encode())
 
     def agreed(self, accelerator) -> int:
         """The signal to stop for, 0 for none: this process's, or under several the largest any received.
