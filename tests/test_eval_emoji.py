@@ -177,6 +177,10 @@ def test_eval_emoji_prints_every_key(folder, judge, tmp_path, capsys):
         for metric in ("style_acc", "name_r1", "name_r5", "both"):
             assert 0 <= entry[metric] <= 1
         assert entry["name_r1"] <= entry["name_r5"] and entry["both"] <= min(entry["style_acc"], entry["name_r1"])
+    best, every = out["judge_best"], out["every"]
+    assert set(best) == {"n", "style_acc", "name_r1", "name_r5", "both"} and best["n"] == 4
+    for metric in ("style_acc", "name_r1", "name_r5", "both"):  # any of a caption's 2 is at least their mean
+        assert every[metric] <= best[metric] <= min(1.0, 2 * every[metric]), metric
     assert out["real"]["cmmd"] == 0.0  # the real images against themselves
     assert out["distinct"] in (0.5, 0.625, 0.75, 0.875, 1.0)  # 4 captions of 2 candidates: 1 or 2 distinct each
     assert out["copy_other_style"]["cmmd"] > 0
@@ -360,9 +364,11 @@ def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folde
     assert compare.main([str(outs["a"]), str(outs["b"])]) == 0
     out = json.loads(capsys.readouterr().out)
     a, b = (json.loads(outs[k].read_text())["per_seed"] for k in ("a", "b"))
-    assert out["seeds"] == [3, 4] and set(out["columns"]) == {"reranked", "first", "every"}  # no references
-    for column, metrics in out["columns"].items():
-        assert set(metrics) == {"style_acc", "name_r1", "name_r5", "both", "cmmd"}
+    assert out["seeds"] == [3, 4] and set(out["columns"]) == {"reranked", "first", "every", "judge_best"}
+    for column, metrics in out["columns"].items():  # no references; judge_best has no CMMD
+        assert set(metrics) == {"style_acc", "name_r1", "name_r5", "both"} | (
+            {"cmmd"} if column != "judge_best" else set()
+        )
         for metric, got in metrics.items():
             diffs = [b[s][column][metric] - a[s][column][metric] for s in ("3", "4")]
             assert got["diff"] == pytest.approx(sum(diffs) / 2, abs=1e-5)
@@ -382,6 +388,30 @@ def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folde
         UserError, match="evaluation result .*none.json. does not exist; pass the JSON an evaluation wrote"
     ):
         compare.main([str(outs["a"]), str(tmp_path / "none.json")])
+
+
+def test_the_judges_best_candidate_is_any_of_a_captions_candidates(folder, judge):
+    """best_of on candidates made of the real images: N copies of each grade as the real images do; the real
+    image beside another style's drawing of the same name gets at least what either gets alone."""
+    from dalle_mini_impl.config import read_config_json
+    from dalle_mini_impl.pipeline.bundle import load_clip
+
+    size = read_config_json(judge / "config.json").data.image_size
+    split = emoji.GradedSplit(load_clip(judge), str(folder), "test", None, 0, size)
+    real, rows, grader = split.real_emb, list(range(len(split.captions))), split.grader
+    alone = grader.grade_embedded(real, rows, real)
+    copies = grader.best_of(real.repeat_interleave(3, 0), [i for i in rows for _ in range(3)], 3)
+    assert copies == {k: v for k, v in alone.items() if k != "cmmd"}
+    other_idx = emoji.references(split.captions, split.train_captions, 0)[1]  # copy_other_style's picks
+    assert None not in other_idx  # every test name is in train in another style
+    other = grader.judge.embed_images(emoji.from_uint8(split.train_images[other_idx]))
+    pairs = torch.stack([real, other], 1).flatten(0, 1)  # (caption, [real, other]) in turn
+    both = grader.best_of(pairs, [i for i in rows for _ in range(2)], 2)
+    also = grader.grade_embedded(other, rows, real)
+    for metric in ("style_acc", "name_r1", "name_r5", "both"):
+        assert both[metric] >= max(alone[metric], also[metric]), metric
+    with_real_first = grader.outcomes(pairs, [i for i in rows for _ in range(2)])[1].reshape(-1, 2)
+    assert both["name_r1"] == float((with_real_first == 1).any(1).mean())
 
 
 def test_r_precision_names_are_other_names_each_once_and_the_same_for_a_seed():

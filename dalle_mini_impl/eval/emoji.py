@@ -7,7 +7,8 @@
 Captions are `NAME, STYLE style` (the emoji-styles data set: `pizza, openmoji style`). For each caption
 of the split (or `--n` of them, drawn with the seed) the model samples N candidates (seed + the
 caption's index), and two are judged: its reranker's top-1 (`reranked`) and the first candidate
-(`first`, no reranking). The judge is an evaluation CLIP trained apart from the model
+(`first`, no reranking); every candidate is judged too (`every`), and for each caption the best of its
+candidates by the judge itself (`judge_best`). The judge is an evaluation CLIP trained apart from the model
 (`python -m train.judge`), so reranking cannot simply please it: the one shipped in the package (`--judge
 emoji`, the default: the same yardstick on every machine) or a folder train.judge wrote. With the judge's
 unit-normalised embeddings, per judged image:
@@ -21,7 +22,12 @@ unit-normalised embeddings, per judged image:
                     sigma 10, the biased estimator, times 1000, between the judged images and the real images
                     of the same captions
 
-and the same keys for three references that need no model: `real` (the captions' real images: the
+`judge_best` has no cmmd: per caption, whether any of its N candidates gets the style, the name at rank 1 or
+within 5, and both at once (one candidate); the ceiling of any reranker of these candidates (shapes' "any of 8"),
+so that reranked against judge_best says how much a better reranker could add, and judge_best against real how
+much only a better sampler can.
+
+The same keys for three references that need no model: `real` (the captions' real images: the
 ceiling), `same_style_random` (a random training image of the caption's style, another caption's) and
 `copy_other_style` (the same name drawn in another style, from train: right name, wrong style; only
 for captions whose name train has in another style, counted by its `n`). A fourth needs the model's image
@@ -150,11 +156,9 @@ class Grader:
             counts[pick] = counts.get(pick, 0) + 1
         return table
 
-    def grade(self, images: torch.Tensor, rows: Sequence[int], real: torch.Tensor) -> dict[str, float]:
-        """Metrics of images (m, 3, S, S), image j drawn for caption rows[j]; `real`: the real images' embeddings."""
-        if not len(rows):
-            return {"n": 0}
-        emb = self.judge.embed_images(images)  # (m, e)
+    def outcomes(self, emb: torch.Tensor, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per image embedding emb[j] (of caption rows[j]): whether the judge picks its style (bool), and the rank
+        of its caption among R-precision's 100 (1 = first; a tie counts against it)."""
         picks = self.style_picks(emb, rows)
         style_ok, ranks = [], []
         for j, i in enumerate(rows):
@@ -163,7 +167,17 @@ class Grader:
             pool = [style_caption(name, style)] + [style_caption(other, style) for other in self.pools[i]]
             sims = self._embed_texts(pool) @ emb[j]
             ranks.append(1 + int((sims[1:] >= sims[0]).sum()))
-        style_ok, ranks = np.array(style_ok), np.array(ranks)
+        return np.array(style_ok, dtype=bool), np.array(ranks)
+
+    def grade(self, images: torch.Tensor, rows: Sequence[int], real: torch.Tensor) -> dict[str, float]:
+        """Metrics of images (m, 3, S, S), image j drawn for caption rows[j]; `real`: the real images' embeddings."""
+        if not len(rows):
+            return {"n": 0}
+        return self.grade_embedded(self.judge.embed_images(images), rows, real)
+
+    def grade_embedded(self, emb: torch.Tensor, rows: Sequence[int], real: torch.Tensor) -> dict[str, float]:
+        """`grade` of images the judge has embedded (emb: (m, e))."""
+        style_ok, ranks = self.outcomes(emb, rows)
         return {
             "n": len(rows),
             "style_acc": float(style_ok.mean()),
@@ -171,6 +185,20 @@ class Grader:
             "name_r5": float((ranks <= 5).mean()),
             "both": float((style_ok & (ranks == 1)).mean()),
             "cmmd": cmmd(emb, real),
+        }
+
+    def best_of(self, emb: torch.Tensor, rows: Sequence[int], candidates: int) -> dict[str, float]:
+        """The judge's own pick among each caption's `candidates` consecutive embeddings (emb: (m * candidates, e),
+        rows repeating each caption's index that often): the share of captions with any candidate whose style is
+        right, name at rank 1, within 5, and both in one candidate. No CMMD: no one image per caption is chosen."""
+        style_ok, ranks = self.outcomes(emb, rows)
+        style_ok, ranks = style_ok.reshape(-1, candidates), ranks.reshape(-1, candidates)  # (m, N)
+        return {
+            "n": len(style_ok),
+            "style_acc": float(style_ok.any(1).mean()),
+            "name_r1": float((ranks == 1).any(1).mean()),
+            "name_r5": float((ranks <= 5).any(1).mean()),
+            "both": float((style_ok & (ranks == 1)).any(1).mean()),
         }
 
 
@@ -310,11 +338,14 @@ def evaluate(
         with said_if_unwritable(grid, "--grid"):
             save_grid(images, grid, nrow=k, captions=captions[:k] + ["(real)"] * k)
     rows = list(range(len(captions)))
+    every_rows = [i for i in rows for _ in range(s.candidates)]
+    every_emb = judge.embed_images(torch.cat(every))  # (captions * N, e)
     out = {
         "reranked": grader.grade(torch.stack(reranked), rows, real_emb),
         "first": grader.grade(torch.stack(first), rows, real_emb),
         # every candidate, unranked: the sampler's own quality over N times the captions (decoders compared)
-        "every": grader.grade(torch.cat(every), [i for i in rows for _ in range(s.candidates)], real_emb),
+        "every": grader.grade_embedded(every_emb, every_rows, real_emb),
+        "judge_best": grader.best_of(every_emb, every_rows, s.candidates),
         **split_data.references(),
         # the real images as the model's image tokenizer draws them (encode, decode): the most a transformer that
         # drew each caption's own codes could reach (LlamaGen's and VQGAN's reconstruction FID, here as CMMD)
