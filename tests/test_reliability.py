@@ -147,7 +147,8 @@ def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
     import threading
     import time
 
-    from train.all import STOPPED, run_stage
+    from train.all import run_stage
+    from train.loop import STOPPED_EXIT_CODES
 
     ready, log = tmp_path / "ready", tmp_path / "signals"
     child = (
@@ -174,7 +175,7 @@ def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
     sender.start()
     code = run_stage([sys.executable, "-c", child])
     sender.join()
-    assert code == 128 + signal.SIGINT and code in STOPPED
+    assert code == 128 + signal.SIGINT and code in STOPPED_EXIT_CODES
     lines = [line.split() for line in log.read_text().splitlines()]
     assert [int(signum) for signum, _ in lines] == [signal.SIGTERM, signal.SIGINT]  # each once, in order
     assert all(int(sid) != os.getsid(0) for _, sid in lines)  # its own session

@@ -46,6 +46,7 @@ from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
 from train.encode import mirror_rule
 from train.finetune import checked_source
+from train.loop import STOP_SIGNALS, STOPPED_EXIT_CODES
 from train.vae import check_phases
 
 
@@ -76,9 +77,6 @@ def check_only(only: str | None, names: list[str]) -> set[str] | None:
     return chosen
 
 
-STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a stage stopped by a signal (train.loop.StopRequest)
-
-
 def run_stage(cmd: list[str]) -> int:
     """Run one stage to its end; its exit code. The stage runs in its own session, so a terminal's Ctrl-C
     reaches this process alone, which passes it (and SIGTERM) on, once per signal: the first stops a training
@@ -88,7 +86,7 @@ def run_stage(cmd: list[str]) -> int:
     def forward(signum, frame):
         proc.send_signal(signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
     try:
         return proc.wait()
     finally:
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         init = ["--init-from", args.init_from] if args.init_from and name != "encode" else []
         code = run_stage([sys.executable, "-m", module, *passthrough, *init])
-        if code in STOPPED:
+        if code in STOPPED_EXIT_CODES:
             print(f"stage {module} stopped (exit code {code}); rerun the same command to resume", file=sys.stderr)
             return code
         if code != 0:

@@ -62,6 +62,8 @@ from train.common import destroy_process_group_at_exit
 from .sharded import full_state_dict, shards_weights, whole_weights
 
 ATTENTION_KERNELS = ("auto", "math")  # train.<stage>.attention
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # stop a run after its step, with a checkpoint (StopRequest)
+STOPPED_EXIT_CODES = tuple(128 + signum for signum in STOP_SIGNALS)  # 130, 143: how such a run exits
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 
 # the test seam described in the module docstring; production code never sets it
@@ -321,14 +323,13 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
                 logged.update(evaluate(t))
             if stage.log_images is not None and (t.step % tc.image_every == 0 or t.step == 1):
                 log_image_grids(t)
-            saved = _due(t.step, tc.checkpoint_every, tc.steps)
-            if saved:
+            if _due(t.step, tc.checkpoint_every, tc.steps):
                 save_checkpoint(t)
             if on_event is not None:
                 on_event("step", t.step)
             if t.step < tc.steps and stop.agreed(t.accelerator):
                 bar.close()
-                stop.save_and_exit(t, saved)
+                stop.save_and_exit(t)
     bar.close()
     logged.update(end_of_run_scalars(t))
     export(t)
@@ -352,7 +353,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -381,10 +382,10 @@ class StopRequest:
         self.signum = int(flag.item())
         return self.signum
 
-    def save_and_exit(self, t: Training, saved: bool) -> None:
-        """Checkpoint this step (unless the loop just did), close the writer, say how to resume, exit with
-        128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM). Collective."""
-        if not saved:
+    def save_and_exit(self, t: Training) -> None:
+        """Checkpoint this step (unless the loop just did, it being due), close the writer, say how to resume, exit
+        with 128 + the signal's number (STOPPED_EXIT_CODES: 130 for Ctrl-C, 143 for SIGTERM). Collective."""
+        if not _due(t.step, t.tc.checkpoint_every, t.tc.steps):
             save_checkpoint(t)
         close(t)
         if t.is_main:
