@@ -1,6 +1,7 @@
 """Run configuration: one typed dataclass per stage, nested in `RunConfig`.
 
-A run is configured by a TOML preset (`configs/*.toml`), then by dotted overrides on the command line
+A run is configured by a TOML preset (`configs/*.toml`; one may name another as its `base` and state only
+what differs from it), then by dotted overrides on the command line
 (`--set train.dalle.steps=500 --set data.image_size=64`, after minGPT), then by the shortcuts
 `--data SOURCE` and `--split NAME`. Every key must exist and every value must have the field's type;
 anything else stops with one sentence naming the key and what is allowed. The resolved config is
@@ -561,23 +562,60 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     raise UserError(f"config file '{path}' does not exist; give a path or one of: {', '.join(available_presets())}")
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file '{path}' is not valid TOML ({e}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file '{path}' is not UTF-8 text; give a TOML preset (configs/)") from None
+
+
+def _merged(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `values` written over it, section by section (a key's value, a list too, replaces the base's)."""
+    out = dict(base)
+    for key, value in values.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_sections else value
+    return out
+
+
+def read_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's values, with those of the preset its top-level `base` names (a path relative to the preset's
+    folder, or a preset's name) underneath: `base = "emoji.toml"` and the keys that differ, so that a variant of
+    a preset (configs/emoji_gpu.toml) states only what it changes and follows what it does not."""
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise UserError(f"config file '{path}' is its own base ({chain}); remove one of these 'base' keys")
+    values = _read_toml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"config file '{path}' has base = {base!r}; give a preset's file name, e.g. 'emoji.toml'")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        try:
+            base_path = resolve_config_path(base)
+        except UserError:
+            raise UserError(
+                f"config file '{path}' has base = '{base}', which is neither a file beside it nor one of: "
+                f"{', '.join(available_presets())}; fix the name"
+            ) from None
+    return _merged(read_preset(base_path, (*_seen, path.resolve())), values)
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     data: str | None = None,
     split: str | None = None,
 ) -> RunConfig:
-    """Defaults <- TOML preset <- `key=value` overrides <- `--data`/`--split` shortcuts."""
+    """Defaults <- TOML preset (over its `base`, `read_preset`) <- `key=value` overrides <- `--data`/`--split`
+    shortcuts."""
     cfg = RunConfig()
     if path is not None:
-        resolved = resolve_config_path(path)
-        try:
-            values = tomllib.loads(resolved.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file '{resolved}' is not valid TOML ({e}); fix the syntax") from None
-        except UnicodeDecodeError:
-            raise UserError(f"config file '{resolved}' is not UTF-8 text; give a TOML preset (configs/)") from None
-        _apply(cfg, values, "")
+        _apply(cfg, read_preset(resolve_config_path(path)), "")
     apply_overrides(cfg, overrides or [])
     if data is not None:
         cfg.data.source = data

@@ -112,6 +112,59 @@ def test_unknown_key_in_a_preset_file(tmp_path):
         load_config(p)
 
 
+def test_a_preset_over_its_base_changes_only_what_it_states(tmp_path):
+    (tmp_path / "parent.toml").write_text(
+        'name = "parent"\n[transformer]\ndepth = 3\nheads = 2\n[clip]\nswap_phrases = ["a", "b"]\n'
+    )
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\nname = "child"\n[transformer]\ndepth = 5\n')
+    (tmp_path / "grandchild.toml").write_text('base = "child.toml"\n[clip]\nswap_phrases = ["c"]\n')
+    cfg = load_config(tmp_path / "grandchild.toml")
+    assert (cfg.name, cfg.transformer.depth, cfg.transformer.heads) == ("child", 5, 2)
+    assert cfg.clip.swap_phrases == ["c"]  # a list replaces the base's, it is not appended to
+    assert load_config(tmp_path / "parent.toml").transformer.depth == 3
+    # a base that is not beside the preset is a preset's name
+    (tmp_path / "named.toml").write_text('base = "shapes"\n[train.dalle]\nsteps = 7\n')
+    named, shapes = load_config(tmp_path / "named.toml"), load_config("shapes")
+    assert named.train.dalle.steps == 7
+    named.train.dalle.steps = shapes.train.dalle.steps
+    assert config_to_dict(named) == config_to_dict(shapes)
+
+
+def test_the_gpu_emoji_preset_follows_the_cpu_one_but_for_its_sizes_and_steps():
+    """configs/emoji_gpu.toml states only what a GPU changes: the data, tokenizers, reranker design, sampling and
+    the judge are the CPU preset's (so both presets' models are graded alike), the sizes and steps its own."""
+    cpu, gpu = config_to_dict(load_config("emoji")), config_to_dict(load_config("emoji_gpu"))
+    for section in ("data", "text", "vae", "judge", "sample"):
+        assert gpu[section] == cpu[section], section
+    assert gpu["clip"]["text_depth"] == cpu["clip"]["text_depth"] == 0
+    assert gpu["clip"]["swap_phrases"] == cpu["clip"]["swap_phrases"]
+    assert gpu["clip"]["image_width"] > cpu["clip"]["image_width"]
+    assert gpu["transformer"]["preset"] != cpu["transformer"]["preset"]
+    assert gpu["train"]["dalle"]["steps"] > cpu["train"]["dalle"]["steps"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('base = "nowhere.toml"\n', "has base = 'nowhere.toml', which is neither a file beside it nor one of: "),
+        ("base = 3\n", "has base = 3; give a preset's file name"),
+        ('base = "loop.toml"\n', "is its own base ("),
+    ],
+)
+def test_a_bad_base_is_one_sentence(tmp_path, text, message):
+    (tmp_path / "loop.toml").write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(tmp_path / "loop.toml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_base_cycle_through_two_presets_names_the_chain(tmp_path):
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(UserError, match=r"config file '.*a.toml' is its own base \(.*a.toml -> .*b.toml -> .*a.toml\)"):
+        load_config(tmp_path / "a.toml")
+
+
 def test_resolved_config_round_trips_through_json(tmp_path):
     cfg = load_config("shapes", ["vae.codebook_size=256"])
     save_config(cfg, tmp_path / "config.json")
