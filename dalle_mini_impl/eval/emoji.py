@@ -188,7 +188,7 @@ class Grader:
         }
 
     def best_of(self, emb: torch.Tensor, rows: Sequence[int], candidates: int) -> dict[str, float]:
-        """The judge's own pick among each caption's `candidates` consecutive embeddings (emb: (m * candidates, e),
+        """The judge's "any of N" over each caption's `candidates` consecutive embeddings (emb: (m * candidates, e),
         rows repeating each caption's index that often): the share of captions with any candidate whose style is
         right, name at rank 1, within 5, and both in one candidate. No CMMD: no one image per caption is chosen."""
         style_ok, ranks = self.outcomes(emb, rows)
