@@ -388,6 +388,26 @@ def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folde
         UserError, match="evaluation result .*none.json. does not exist; pass the JSON an evaluation wrote"
     ):
         compare.main([str(outs["a"]), str(tmp_path / "none.json")])
+    # a side in parts: B's seeds 3 and 4 as two one-seed files (as two processes write them) compare as B does
+    for seed in ("3", "4"):
+        part = {**json.loads(outs["b"].read_text())["per_seed"][seed], "seed": int(seed)}
+        part.update(
+            {
+                k: v
+                for k, v in json.loads(outs["b"].read_text()).items()
+                if k not in ("per_seed", "mean", "range", "seed")
+            }
+        )
+        (tmp_path / f"b{seed}.json").write_text(json.dumps(part))
+    parts = f"{tmp_path / 'b3.json'},{tmp_path / 'b4.json'}"
+    assert compare.main([str(outs["a"]), parts]) == 0
+    assert json.loads(capsys.readouterr().out)["columns"] == out["columns"]
+    with pytest.raises(UserError, match="seed 3 is in both '.*b3.json' and '.*b.json'; give each seed once"):
+        compare.main([str(outs["a"]), f"{tmp_path / 'b3.json'},{outs['b']}"])
+    with pytest.raises(
+        UserError, match="'.*a.json' ran with model .*a and '.*b4.json' with .*b; join only runs of one"
+    ):
+        compare.main([f"{outs['a']},{tmp_path / 'b4.json'}", str(outs["b"])])
 
 
 def test_the_judges_best_candidate_is_any_of_a_captions_candidates(folder, judge):

@@ -9,7 +9,11 @@ to 9 points, and the paired difference of two models by far less; docs/RESULTS.m
 Prints one JSON object: for every column both files have (`reranked`, `first`, `every`, ...) and every number
 in it (`style_acc`, `name_r1`, `cmmd`, ...), the mean of A (`a`), the mean of B (`b`), the mean of B - A over the
 seeds (`diff`) and its standard error (`se`; null for one seed). The files must grade the same captions: the same
-seeds and split, and real images read alike (`real`: the same judge), or the command says which differs.
+seeds and split, and real images read alike (`real`: the same judge), or the command says which differs. A side may
+be several files joined by commas, one evaluation's seeds run as separate processes (on two cores, two 1-thread
+processes finish sooner than one at 2 threads):
+
+    python -m dalle_mini_impl.eval compare SHIPPED_21.json,SHIPPED_25.json NEW_21.json,NEW_25.json
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import json
 import math
 import statistics
 
+from ..config import SampleConfig
 from ..errors import UserError
 from ..files import read_json_object
+from . import sample_settings
 
 # references, not the model's samples: left out (the first three are the same for both models)
 REFERENCES = ("real", "same_style_random", "copy_other_style", "reconstructed")
@@ -34,6 +40,35 @@ def read_result(path: str) -> tuple[dict, dict[str, dict]]:
     if "per_seed" in result:
         return result, result["per_seed"]
     return result, {str(result["seed"]): result}
+
+
+# what one evaluation's runs share: the model, the judge, the data drawn and the sampling settings
+RUN_SETTINGS = ("model", "method", "judge", "split", "candidates", "dtype", "batch_size")
+
+
+def read_side(spec: str) -> tuple[dict, dict[str, dict]]:
+    """One side of the comparison: an evaluation's JSON, or several joined by commas (`A1.json,A2.json`: one
+    evaluation's seeds run as separate processes), merged into one, their seeds in the order given. Files that
+    ran another model or other settings, or repeat a seed, are one sentence."""
+    paths = [path for path in spec.split(",") if path.strip()]
+    if not paths:
+        raise UserError(f"'{spec}' names no evaluation result; pass the JSON an evaluation wrote with --out")
+    settings = RUN_SETTINGS + tuple(sample_settings(SampleConfig(), "both"))
+    top, seeds = read_result(paths[0])
+    seeds, origin = dict(seeds), dict.fromkeys(seeds, paths[0])
+    for path in paths[1:]:
+        other_top, other = read_result(path)
+        for key in settings:
+            if other_top.get(key) != top.get(key):
+                raise UserError(
+                    f"'{paths[0]}' ran with {key} {top.get(key)} and '{path}' with {other_top.get(key)}; join "
+                    "only runs of one evaluation"
+                )
+        for seed in other:
+            if seed in seeds:
+                raise UserError(f"seed {seed} is in both '{origin[seed]}' and '{path}'; give each seed once")
+            seeds[seed], origin[seed] = other[seed], path
+    return top, seeds
 
 
 def columns(result: dict) -> dict[str, dict[str, float]]:
@@ -98,10 +133,12 @@ def compare(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval compare", description=__doc__.split("\n")[0])
-    p.add_argument("a", help="the first model's evaluation JSON (--out)")
+    p.add_argument(
+        "a", help="the first model's evaluation JSON (--out); several joined by commas are one (its seeds in parts)"
+    )
     p.add_argument("b", help="the second's, for the same seeds: diff is B - A")
     args = p.parse_args(argv)
-    result = compare(read_result(args.a), read_result(args.b))
+    result = compare(read_side(args.a), read_side(args.b))
     print(json.dumps({"a": args.a, "b": args.b, **result}))
     return 0
 
