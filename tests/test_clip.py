@@ -913,8 +913,9 @@ def test_rest_swaps_keep_the_phrase_take_another_captions_rest_and_never_a_true_
 def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
     from train import clip as train_clip
 
-    # hard negatives off: also swaps_per_caption=1, the emoji preset's 7 needing them (refused below)
     argv = ["--config", "emoji", "--data", str(imagefolder.root), "--out", str(tmp_path)]
+    # hard negatives off: also swaps_per_caption=1, the emoji preset's 7 needing them (refused below)
+    hard_off = [*argv, "--set", "clip.hard_negatives=false", "--set", "clip.swaps_per_caption=1"]
     with pytest.raises(UserError, match="clip.hard_negatives on data other than shapes needs clip.swap_phrases"):
         train_clip.main([*argv, "--set", "clip.hard_negatives=true", "--set", "clip.swap_phrases=[]"])
     with pytest.raises(UserError, match="swapped for 1 to 7 others of clip.swap_phrases"):  # emoji's eight styles
@@ -922,31 +923,11 @@ def test_hard_negatives_off_shapes_need_swap_phrases(imagefolder, tmp_path):
     with pytest.raises(UserError, match="clip.hard_negatives is off and makes no negative to swap"):
         train_clip.main([*argv, "--set", "clip.hard_negatives=false", "--set", "clip.swaps_per_caption=2"])
     with pytest.raises(UserError, match="'clip.rest_swaps' is 1; it keeps a caption's phrase .* needs clip.hard_neg"):
-        train_clip.main(
-            [
-                *argv,
-                "--set",
-                "clip.hard_negatives=false",
-                "--set",
-                "clip.rest_swaps=1",
-                "--set",
-                "clip.swaps_per_caption=1",
-            ]
-        )
+        train_clip.main([*hard_off, "--set", "clip.rest_swaps=1"])
     with pytest.raises(UserError, match="'clip.rest_swaps' is -1; set it to 0 \\(none\\) or a count per caption"):
         train_clip.main([*argv, "--set", "clip.rest_swaps=-1"])
     with pytest.raises(UserError, match="'clip.swaps_seen_only' is true; .* needs clip.hard_negatives=true"):
-        train_clip.main(
-            [
-                *argv,
-                "--set",
-                "clip.hard_negatives=false",
-                "--set",
-                "clip.swaps_seen_only=true",
-                "--set",
-                "clip.swaps_per_caption=1",
-            ]
-        )
+        train_clip.main([*hard_off, "--set", "clip.swaps_seen_only=true"])
     with pytest.raises(UserError, match="'clip.swaps_seen_only' is true; .* on data other than shapes"):
         train_clip.main(["--config", "shapes", "--out", str(tmp_path / "s"), "--set", "clip.swaps_seen_only=true"])
     # without hard negatives nothing is swapped, and no phrases are needed

@@ -389,15 +389,10 @@ def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folde
     ):
         compare.main([str(outs["a"]), str(tmp_path / "none.json")])
     # a side in parts: B's seeds 3 and 4 as two one-seed files (as two processes write them) compare as B does
+    whole = json.loads(outs["b"].read_text())
+    settings = {k: v for k, v in whole.items() if k not in ("per_seed", "mean", "range", "seed")}
     for seed in ("3", "4"):
-        part = {**json.loads(outs["b"].read_text())["per_seed"][seed], "seed": int(seed)}
-        part.update(
-            {
-                k: v
-                for k, v in json.loads(outs["b"].read_text()).items()
-                if k not in ("per_seed", "mean", "range", "seed")
-            }
-        )
+        part = {**whole["per_seed"][seed], "seed": int(seed), **settings}
         (tmp_path / f"b{seed}.json").write_text(json.dumps(part))
     parts = f"{tmp_path / 'b3.json'},{tmp_path / 'b4.json'}"
     assert compare.main([str(outs["a"]), parts]) == 0
