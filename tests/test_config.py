@@ -14,13 +14,20 @@ from dalle_mini_impl.config import (
     save_config,
 )
 from dalle_mini_impl.errors import UserError
+from train.loop import check_training_values
+from train.vae import check_phases
 
 
 @pytest.mark.parametrize("preset", available_presets())
-def test_every_preset_loads(preset):
+def test_every_preset_loads_and_passes_the_checks_its_stages_make_before_training(preset):
+    """Each [train.*] section's values, and the image tokenizer's two phases together (train.vae_decoder shares
+    train.vae's accelerator, so their mixed precision must agree): a preset that fails them stops a stage."""
     cfg = load_config(preset)
     assert isinstance(cfg, RunConfig)
     assert cfg.data.image_size % cfg.vae.factor == 0
+    for name, tc in vars(cfg.train).items():
+        check_training_values(tc, f"train.{name}.")
+    check_phases(cfg)
 
 
 @pytest.mark.parametrize("preset", available_presets())
