@@ -39,10 +39,14 @@ def test_preset_trains_two_steps_of_every_stage(preset, tmp_path, imagefolder):
         argv += ["--set", item]
     if not load_config(preset).vae.group_sizes:  # TINY shrinks the shapes preset's code groups; keep one group
         argv += ["--set", "vae.group_sizes=[]"]
+    decoder_phase = load_config(preset).train.vae_decoder.steps > 0  # the VQ's decoder alone after train.vae's steps
+    if decoder_phase:
+        for item in ("steps=2", "batch_size=4", "mixed_precision=no"):
+            argv += ["--set", f"train.vae_decoder.{item}"]
     train_tokenizer.main(argv)
     for stage in (train_vae, train_dalle, train_clip):
         stage.main(argv)
-    for name in ("vae", "dalle", "clip"):
+    for name in ("vae", "dalle", "clip") + (("vae_decoder",) if decoder_phase else ()):
         assert [p.name for p in list_checkpoints(tmp_path / "checkpoints" / name)] == ["step_00000002"]
     for artifact in ("text.model", "vae.safetensors", "transformer.safetensors", "clip.safetensors"):
         assert (tmp_path / artifact).is_file()
