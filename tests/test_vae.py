@@ -130,6 +130,25 @@ def test_psnr_and_code_usage():
     assert fraction == pytest.approx(2 / 8) and perplexity == pytest.approx(2.0)
 
 
+def test_code_usage_restored_from_its_state_continues_as_if_never_stopped():
+    batches = [torch.tensor([[0, 1]]), torch.tensor([[2, 2]]), torch.tensor([[3, 4]]), torch.tensor([[5, 5]])]
+    whole = vae.metrics.CodeUsage(codebook_size=8, window=2)
+    for ids in batches[:3]:
+        whole.update(ids)
+    restored = vae.metrics.CodeUsage(codebook_size=8, window=2)
+    restored.load_state_dict(whole.state_dict())
+    expected = (pytest.approx(3 / 8), pytest.approx(2**1.5))  # codes 3, 4, 5 at 1/4, 1/4, 1/2
+    assert restored.update(batches[3]) == whole.update(batches[3]) == expected
+    # a window of 1 keeps the newest batch (the fourth) of a state saved with 2
+    narrow = vae.metrics.CodeUsage(codebook_size=8, window=1)
+    narrow.load_state_dict(whole.state_dict())
+    assert narrow.counts().tolist() == [0, 0, 0, 0, 0, 2, 0, 0]
+    empty = vae.metrics.CodeUsage(codebook_size=8).state_dict()["batches"]
+    assert empty.shape == (0, 8)
+    with pytest.raises(ValueError, match="for a codebook of 16"):
+        vae.metrics.CodeUsage(codebook_size=16).load_state_dict({"batches": empty})
+
+
 # -- training --------------------------------------------------------------------------------------
 
 

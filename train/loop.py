@@ -160,7 +160,8 @@ class Stage:
     export: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] | None = None
     # called after every optimizer step with (unwrapped model, batch, step, accelerator): extra updates
     after_step: Callable[[torch.nn.Module, dict, int, Any], dict[str, float]] | None = None
-    # extra modules whose state must be checkpointed (a discriminator and its optimizer, say)
+    # extra state to checkpoint: modules (safetensors) and objects with a state_dict of tensors (an optimizer, a
+    # metric's window)
     extra_state: dict[str, Any] = field(default_factory=dict)
     # what needs every process to hold the whole weights, when something does ("" : nothing): a part trained by
     # after_step outside the wrapper, say. Such a stage refuses FSDP and ZeRO-3 with this reason

@@ -151,12 +151,12 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
         scalars.update(usage=used, perplexity=perplexity)
         return value, scalars
 
-    extra_state = {}
+    extra_state = {"code_usage": usage}  # the logged usage and perplexity continue across a resume
     after_step = None
     # a frozen critic (train.vae.freeze = ["discriminator"]) still judges the reconstructions but is not trained
     if adversarial(cfg) and trainable(model.discriminator.parameters()):
         critic_opt = torch.optim.AdamW(trainable(model.discriminator.parameters()), lr=tc.lr, betas=(0.5, 0.9))
-        extra_state = {"discriminator_optimizer": critic_opt}
+        extra_state["discriminator_optimizer"] = critic_opt
 
         def after_step(m, batch, step, acc):
             if not m.adversarial_active(offset + step):

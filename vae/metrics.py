@@ -63,3 +63,16 @@ class CodeUsage:
     def counts(self) -> torch.Tensor:
         """Per-code counts over the window (a copy)."""
         return self._total.clone()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The window's per-batch counts, oldest first (n, codebook_size): what a resumed run needs to report the
+        same usage and perplexity as one that never stopped."""
+        empty = torch.zeros(0, self.codebook_size, dtype=torch.long)
+        return {"batches": torch.stack(list(self._batches)) if self._batches else empty}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        batches = state["batches"].long()
+        if batches.dim() != 2 or batches.shape[1] != self.codebook_size:
+            raise ValueError(f"code counts of shape {tuple(batches.shape)} for a codebook of {self.codebook_size}")
+        self._batches = deque(batches[-self.window :].unbind(0))
+        self._total = batches[-self.window :].sum(0)

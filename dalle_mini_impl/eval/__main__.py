@@ -8,6 +8,7 @@
     edit --model DIR --n 200 --seed 0         judge accuracy of masked edits (one object of two redrawn)
     emoji --model B --data DIR [--judge J]    text-to-image on emoji-styles, graded by an evaluation CLIP
     compare A.json B.json                     two evaluations' numbers paired by seed: B - A and its standard error
+    runs RUN_A RUN_B                          two training runs' weights and logs: the same run, or where they part
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ COMMANDS = {
     "unclip": "dalle_mini_impl.eval.unclip",
     "edit": "dalle_mini_impl.eval.edit",
     "compare": "dalle_mini_impl.eval.compare",
+    "runs": "dalle_mini_impl.eval.runs",
 }
 
 
