@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dalle_mini_impl.eval.runs import compare_runs
 from tests.test_train import args_for, copy_run, encoded_run, tokenizer_run
 from train.loop import list_checkpoints
 
@@ -85,6 +86,10 @@ def test_killed_runs_resume_to_the_same_weights(base_run, tmp_path):
         assert weights.keys() == reference.keys()
         for k in reference:
             assert torch.equal(weights[k], reference[k]), f"{run.name}: {k} differs from the uninterrupted run"
+        # and so is everything else both runs wrote: the checkpoints both kept, every logged number (step 3 was
+        # logged twice by `between` and `interrupted`: before the kill and after the resume)
+        same = compare_runs(straight, run)
+        assert same["same"] and same["logs"]["dalle"]["dalle/loss"]["equal"] == 6, (run.name, same["first_difference"])
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(base_run, tmp_path):
@@ -116,6 +121,7 @@ def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weigh
         *("vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"),
         *("train.vae.steps=2", "train.vae.checkpoint_every=2"),
         *("train.vae_decoder.steps=4", "train.vae_decoder.checkpoint_every=2", "train.vae_decoder.batch_size=8"),
+        "train.vae_decoder.log_every=1",
     ]
 
     def run_vae(run, kill_at=None):
@@ -138,6 +144,9 @@ def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weigh
     assert weights.keys() == reference.keys()
     for k in reference:
         assert torch.equal(weights[k], reference[k]), f"{k} differs from the uninterrupted run"
+    # the logged numbers too, the codebook usage over its window of recent batches among them
+    same = compare_runs(runs["straight"], runs["killed"])
+    assert same["same"] and same["logs"]["vae_decoder"]["vae_decoder/usage"]["equal"] == 4, same["first_difference"]
 
 
 def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
