@@ -1,4 +1,4 @@
-"""`eval runs A B`: two tiny VQ runs compared, the same (again from nothing, or stopped and resumed) or not."""
+"""`eval runs A B`: tiny VQ and CLIP runs compared, the same (again from nothing, or stopped and resumed) or not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import runs as eval_runs
-from tests.test_train import args_for, tokenizer_run
+from tests.test_train import args_for, copy_run, encoded_run, tokenizer_run
+from train import clip as train_clip
 from train import tokenizer as train_tokenizer
 from train import vae as train_vae
 
@@ -89,3 +90,15 @@ def test_what_is_not_a_run_folder_is_one_sentence(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no weights and no logs"):
         eval_runs.main([str(tmp_path / "empty"), str(runs["a"])])
+
+
+def test_a_clip_stopped_and_resumed_is_the_clip_trained_in_one_go(tmp_path, capsys):
+    base = encoded_run(tmp_path / "base")
+    straight, resumed = copy_run(base, tmp_path / "straight"), copy_run(base, tmp_path / "resumed")
+    clip = ["train.clip.checkpoint_every=2"]
+    train_clip.main(args_for(straight, *clip, "train.clip.steps=4"))
+    train_clip.main(args_for(resumed, *clip, "train.clip.steps=2"))
+    train_clip.main(args_for(resumed, *clip, "train.clip.steps=4"))
+    result = compare(straight, resumed, capsys)
+    assert result["same"] is True and result["files"]["clip.safetensors"]["max_abs_diff"] == 0.0
+    assert result["logs"]["clip"]["clip/loss"]["equal"] == 4
