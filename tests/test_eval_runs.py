@@ -87,6 +87,8 @@ def test_a_checkpoint_one_run_lacks_is_listed_not_compared(runs, capsys, tmp_pat
 def test_what_is_not_a_run_folder_is_one_sentence(runs, tmp_path):
     with pytest.raises(UserError, match="does not exist; pass the --out folder of a training run"):
         eval_runs.main([str(runs["a"]), str(tmp_path / "missing")])
+    with pytest.raises(UserError, match="is a file, not a folder; pass the --out folder"):
+        eval_runs.main([str(runs["a"] / "vae.safetensors"), str(runs["a"])])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no weights and no logs"):
         eval_runs.main([str(tmp_path / "empty"), str(runs["a"])])

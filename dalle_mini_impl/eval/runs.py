@@ -112,7 +112,8 @@ def _relative(u: float, v: float) -> float:
 def check_run(path: str) -> Path:
     run = Path(path)
     if not run.is_dir():
-        raise UserError(f"run folder '{path}' does not exist; pass the --out folder of a training run")
+        what = "is a file, not a folder" if run.exists() else "does not exist"
+        raise UserError(f"run folder '{path}' {what}; pass the --out folder of a training run")
     if not any(run.rglob("*.safetensors")) and not (run / "logs").is_dir():
         raise UserError(f"'{path}' holds no weights and no logs; pass the --out folder of a training run")
     return run
