@@ -153,6 +153,25 @@ def test_vae_stops_and_resumes_at_the_same_step(tmp_path, run_dir, capsys):
     assert (run / "vae.safetensors").is_file() and (run / "vae.json").is_file()
 
 
+def test_a_resume_at_another_thread_count_says_it_is_another_run(tmp_path, run_dir, capsys):
+    """Float sums split across another number of CPU threads part within a few steps (docs/RESULTS.md): resuming
+    such a checkpoint is allowed, and says that the run goes on as another one."""
+    run = tokenizer_run(run_dir, tmp_path / "r")
+    train_vae.main(args_for(run, "train.vae.steps=2", "train.vae.checkpoint_every=2"))
+    checkpoint = run / "checkpoints" / "vae" / "step_00000002"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["cpu_threads"] == 1
+    capsys.readouterr()
+    train_vae.main(args_for(run, "train.vae.steps=3", "train.vae.checkpoint_every=3"))  # the same 1 thread
+    assert "CPU threads" not in capsys.readouterr().err
+    torch.set_num_threads(2)
+    try:
+        train_vae.main(args_for(run, "train.vae.steps=4", "train.vae.checkpoint_every=4"))
+    finally:
+        torch.set_num_threads(1)
+    said = f"vae: checkpoint '{run / 'checkpoints' / 'vae' / 'step_00000003'}' was written at 1 CPU thread and this "
+    assert said + "run has 2, so it goes on as another run" in capsys.readouterr().err
+
+
 def test_vq_trained_twice_from_nothing_has_the_same_weights(tmp_path, run_dir):
     """Same seed, data and thread count: the same VQ, bit for bit, dead-code restarts included (the first step
     restarts every unused code at a random pick of the batch's latents, and dead_code_steps=1 restarts more at

@@ -528,6 +528,14 @@ def resume(t: Training, checkpoint: Path | None) -> None:
             _load_extra(obj, path)
     if t.is_main:
         tqdm.write(f"resumed {t.stage.name} from {checkpoint} at step {t.step}", file=sys.stderr)
+    threads, saved = torch.get_num_threads(), state.get("cpu_threads")
+    if t.is_main and t.accelerator.device.type == "cpu" and saved not in (None, threads):
+        tqdm.write(
+            f"{t.stage.name}: checkpoint '{checkpoint}' was written at {saved} CPU thread{'s' * (saved != 1)} and "
+            f"this run has {threads}, so it goes on as another run than the one that never stopped; set "
+            f"OMP_NUM_THREADS={saved} to continue that one",
+            file=sys.stderr,
+        )
 
 
 def set_aside_later_checkpoints(t: Training) -> None:
@@ -696,7 +704,9 @@ def save_checkpoint(t: Training) -> None:
         for name, obj in stage.extra_state.items():
             _save_extra(obj, _extra_path(obj, tmp, name))
         # trainer_state.json is written last: its presence marks the folder complete
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": t.step, "bad_steps": t.bad_total}))
+        # the CPU threads too: float sums split across another number of threads part within a few steps
+        trainer_state = {"step": t.step, "bad_steps": t.bad_total, "cpu_threads": torch.get_num_threads()}
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # no checkpoint of this step is there to replace: those past the run's start were set aside when it began
