@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import runs as eval_runs
@@ -104,3 +105,21 @@ def test_a_clip_stopped_and_resumed_is_the_clip_trained_in_one_go(tmp_path, caps
     result = compare(straight, resumed, capsys)
     assert result["same"] is True and result["files"]["clip.safetensors"]["max_abs_diff"] == 0.0
     assert result["logs"]["clip"]["clip/loss"]["equal"] == 4
+
+
+def test_a_nan_both_logged_is_the_same_step_and_a_reshaped_tensor_differs(tmp_path, capsys):
+    from safetensors.torch import save_file
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, size in (("a", 2), ("b", 3)):
+        run = tmp_path / name
+        run.mkdir()
+        save_file({"kept": torch.ones(3), "reshaped": torch.zeros(size)}, str(run / "w.safetensors"))
+        with SummaryWriter(str(run / "logs" / "stage")) as writer:
+            writer.add_scalar("stage/loss", float("nan"), 1)
+            writer.add_scalar("stage/loss", 0.5, 2)
+    result = compare(tmp_path / "a", tmp_path / "b", capsys)
+    weights = result["files"]["w.safetensors"]
+    assert weights["shapes_differ"] == ["reshaped"] and weights["equal"] == 1 and weights["tensors"] == 2
+    assert result["logs"]["stage"]["stage/loss"] == {"steps": 2, "equal": 2, "first_differ": None, "max_rel_diff": 0.0}
+    assert result["same"] is False and result["first_difference"] is None

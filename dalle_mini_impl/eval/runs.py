@@ -6,12 +6,14 @@ a run that was stopped and resumed (docs/RELIABILITY.md); on another machine flo
 where. Prints one JSON object:
 
 - `files`: every safetensors file both folders have (each stage's weights, the checkpoints of the steps both
-  kept, the token shards), by its path in the folder: how many tensors, how many are equal bit for bit, and the
-  largest absolute difference; `only_a` / `only_b`: those one folder lacks. `text_model`: whether the two
+  kept, the token shards), by its path in the folder: how many tensors, how many are equal bit for bit, the
+  largest absolute difference, and the tensors of a name or shape only one side has; `only_a` / `only_b`: the files
+  one folder lacks. `text_model`: whether the two
   sentencepiece models are the same bytes.
 - `logs`: for each stage and each number both runs logged at the same steps (throughput left out: it is the
   machine's, not the run's), the steps compared, how many are equal, the first step that differs and the largest
-  relative difference. A step logged twice (a run that went back to a checkpoint) counts as last written.
+  relative difference (NaN in both is equal). A step logged twice (a run that went back to a checkpoint) counts as
+  last written.
 - `same`: every compared tensor and logged number equal (and something was compared); `first_difference`: the
   logged number of A, among those that differ, that was written first (stage, tag, step), else null.
 
@@ -43,23 +45,19 @@ def compare_files(a: Path, b: Path) -> dict:
     for name in sorted(files_a & files_b):
         x, y = load_state_dict(a / name), load_state_dict(b / name)
         keys = sorted(x.keys() & y.keys())
-        equal = sum(x[k].shape == y[k].shape and torch.equal(x[k], y[k]) for k in keys)
-        diffs = [_largest_difference(x[k], y[k]) for k in keys]
+        alike = [k for k in keys if x[k].shape == y[k].shape]
         files[name] = {
             "tensors": len(keys),
-            "equal": equal,
-            "max_abs_diff": max(diffs, default=0.0),
+            "equal": sum(torch.equal(x[k], y[k]) for k in alike),
+            "max_abs_diff": max((_largest_difference(x[k], y[k]) for k in alike), default=0.0),
             "names_differ": sorted(x.keys() ^ y.keys()),
+            "shapes_differ": [k for k in keys if k not in alike],
         }
     return {"files": files, "only_a": sorted(files_a - files_b), "only_b": sorted(files_b - files_a)}
 
 
 def _largest_difference(x: torch.Tensor, y: torch.Tensor) -> float:
-    if x.shape != y.shape:
-        return math.inf
-    if x.numel() == 0:
-        return 0.0
-    return float((x.double() - y.double()).abs().max())
+    return float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
 
 
 def read_logs(run: Path) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
@@ -91,21 +89,26 @@ def compare_logs(a: Path, b: Path) -> tuple[dict, dict | None]:
         for tag in sorted(logs_a[stage].keys() & logs_b[stage].keys()):
             x, y = logs_a[stage][tag], logs_b[stage][tag]
             steps = sorted(x.keys() & y.keys())
-            differ = [s for s in steps if x[s][0] != y[s][0]]
+            differ = [s for s in steps if not _same(x[s][0], y[s][0])]
             out.setdefault(stage, {})[tag] = {
                 "steps": len(steps),
                 "equal": len(steps) - len(differ),
                 "first_differ": differ[0] if differ else None,
-                "max_rel_diff": max((_relative(x[s][0], y[s][0]) for s in differ), default=0.0),
+                "max_rel_diff": max((r for s in differ if (r := _relative(x[s][0], y[s][0])) is not None), default=0.0),
             }
             if differ and (first is None or x[differ[0]][1] < first[0]):
                 first = (x[differ[0]][1], {"stage": stage, "tag": tag, "step": differ[0]})
     return out, None if first is None else first[1]
 
 
-def _relative(u: float, v: float) -> float:
+def _same(u: float, v: float) -> bool:
+    return u == v or (math.isnan(u) and math.isnan(v))  # a step both logged as NaN is the same step
+
+
+def _relative(u: float, v: float) -> float | None:
+    """|u - v| relative to the larger; None where one of them is NaN and the other is not."""
     if math.isnan(u) or math.isnan(v):
-        return 0.0 if math.isnan(u) and math.isnan(v) else math.inf
+        return None
     return abs(u - v) / max(abs(u), abs(v), 1e-12)
 
 
