@@ -8,8 +8,7 @@ where. Prints one JSON object:
 - `files`: every safetensors file both folders have (each stage's weights, the checkpoints of the steps both
   kept, the token shards), by its path in the folder: how many tensors, how many are equal bit for bit, the
   largest absolute difference, and the tensors of a name or shape only one side has; `only_a` / `only_b`: the files
-  one folder lacks. `text_model`: whether the two
-  sentencepiece models are the same bytes.
+  one folder lacks. `text_model`: whether the two sentencepiece models are the same bytes.
 - `logs`: for each stage and each number both runs logged at the same steps (throughput left out: it is the
   machine's, not the run's), the steps compared, how many are equal, the first step that differs and the largest
   relative difference (NaN in both is equal). A step logged twice (a run that went back to a checkpoint) counts as
