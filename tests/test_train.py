@@ -162,7 +162,7 @@ def test_a_resume_at_another_thread_count_says_it_is_another_run(tmp_path, run_d
     assert json.loads((checkpoint / "trainer_state.json").read_text())["cpu_threads"] == 1
     capsys.readouterr()
     train_vae.main(args_for(run, "train.vae.steps=3", "train.vae.checkpoint_every=3"))  # the same 1 thread
-    assert "CPU threads" not in capsys.readouterr().err
+    assert "CPU thread" not in capsys.readouterr().err
     torch.set_num_threads(2)
     try:
         train_vae.main(args_for(run, "train.vae.steps=4", "train.vae.checkpoint_every=4"))

@@ -526,10 +526,11 @@ def resume(t: Training, checkpoint: Path | None) -> None:
         path = _extra_path(obj, checkpoint, name)
         if path.is_file():
             _load_extra(obj, path)
-    if t.is_main:
-        tqdm.write(f"resumed {t.stage.name} from {checkpoint} at step {t.step}", file=sys.stderr)
+    if not t.is_main:
+        return
+    tqdm.write(f"resumed {t.stage.name} from {checkpoint} at step {t.step}", file=sys.stderr)
     threads, saved = torch.get_num_threads(), state.get("cpu_threads")
-    if t.is_main and t.accelerator.device.type == "cpu" and saved not in (None, threads):
+    if t.accelerator.device.type == "cpu" and saved not in (None, threads):
         tqdm.write(
             f"{t.stage.name}: checkpoint '{checkpoint}' was written at {saved} CPU thread{'s' * (saved != 1)} and "
             f"this run has {threads}, so it goes on as another run than the one that never stopped; set "
