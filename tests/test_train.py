@@ -6,7 +6,11 @@ import argparse
 import itertools
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +30,8 @@ from train import tokenizer as train_tokenizer
 from train import vae as train_vae
 from train.common import seed_everything
 from train.loop import list_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # a whole pipeline small enough to train in seconds on one CPU core
 TINY = [
@@ -363,6 +369,20 @@ def test_dalle_runs_stops_and_resumes(run_dir):
     weights = load_file(str(run_dir / "transformer.safetensors"))
     assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert json.loads((run_dir / "transformer.json").read_text())["grid_h"] == 4
+
+
+def test_the_transformer_trains_from_token_shards_without_the_images_or_datasets(run_dir, tmp_path):
+    """A machine holding a run folder's token shards trains the transformer with neither the images (--data names
+    a folder that is not there) nor Hugging Face datasets installed, as the lent GPU machines have it (SCALING.md)."""
+    train_encode.main(args_for(run_dir))  # the token shards (reused when an earlier test wrote them)
+    run = copy_run(run_dir, tmp_path / "r")
+    argv = args_for(run, "train.dalle.steps=2", "train.dalle.image_every=2") + ["--data", str(tmp_path / "absent")]
+    code = f"import sys\nsys.modules['datasets'] = None\nfrom train import dalle\nsys.exit(dalle.main({argv!r}))\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["stage"] == "dalle"
+    assert (run / "transformer.safetensors").is_file()
 
 
 def test_shards_of_an_earlier_image_tokenizer_are_encoded_again_not_trained_on(run_dir, tmp_path, capsys):
