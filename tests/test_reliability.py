@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from dalle_mini_impl.eval.runs import compare_runs
-from tests.test_train import args_for, copy_run, encoded_run, tokenizer_run
+from tests.test_train import VQ, args_for, copy_run, encoded_run, tokenizer_run
 from train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -147,6 +147,27 @@ def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weigh
     # the logged numbers too, the codebook usage over its window of recent batches among them
     same = compare_runs(runs["straight"], runs["killed"])
     assert same["same"] and same["logs"]["vae_decoder"]["vae_decoder/usage"]["equal"] == 4, same["first_difference"]
+
+
+def test_a_vq_with_its_critic_killed_and_resumed_is_the_uninterrupted_run(base_run, tmp_path):
+    """Once: the generator's loss left gradients in the patch critic and the critic's step left its own there, so
+    the next step clipped (and logged) a norm over both; a resumed run starts without them and clipped another."""
+    critic = [*VQ, "vae.disc_start=0", "train.vae.steps=6", "train.vae.checkpoint_every=2", "train.vae.log_every=1"]
+
+    def run_vae(run, kill_at=None):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        entry = ["-m", "tests.kill_at", kill_at, "train.vae"] if kill_at else ["-m", "train.vae"]
+        cmd = [sys.executable, *entry, *args_for(run, *critic)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    runs = {name: tokenizer_run(base_run, tmp_path / name) for name in ("straight", "killed")}
+    assert run_vae(runs["straight"]).returncode == 0
+    assert run_vae(runs["killed"], kill_at="step:3").returncode == -signal.SIGKILL
+    resumed = run_vae(runs["killed"])
+    assert resumed.returncode == 0 and "resumed vae from" in resumed.stderr, resumed.stderr[-2000:]
+    same = compare_runs(runs["straight"], runs["killed"])
+    assert same["same"] and same["logs"]["vae"]["vae/grad_norm"]["equal"] == 6, same["first_difference"]
+    assert same["files"]["vae.safetensors"]["equal"] == same["files"]["vae.safetensors"]["tensors"]
 
 
 def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):

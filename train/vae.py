@@ -170,6 +170,7 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
                     if p.grad is not None:
                         p.grad = acc.reduce(p.grad, "mean")
             critic_opt.step()
+            critic_opt.zero_grad(set_to_none=True)  # else the next step's clipping of the whole model counts them
             return {k: float(v) for k, v in metrics.items()}
 
     validation_batches = loop.replay(
