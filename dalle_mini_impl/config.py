@@ -461,7 +461,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner)}"
+        plural = {int: "integers", float: "numbers", bool: "true or false values", str: "strings"}
+        return f"a list of {plural.get(inner, _type_name(inner))}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -470,11 +471,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if isinstance(value, str):  # --set a.b=x,y,z
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        given = value
+        if isinstance(value, str):  # --set a.b=x,y,z: each item a TOML literal when the list holds no strings
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            value = items if inner is str else [_parse_value(v) for v in items]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, inner, key) for v in value]
+            raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {given!r}")
+        try:
+            return [_coerce(v, inner, key) for v in value]
+        except UserError:
+            raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {given!r}") from None
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -67,6 +67,8 @@ def test_overrides_are_typed_and_nested():
             "vae.ema=false",
             "transformer.attn_patterns=row,column",
             'data.shapes.held_out=["red circle"]',
+            "vae.group_sizes=8,64",  # a list written a,b,c reads each item as --set reads a value
+            "train.dalle.betas=0.9, 0.95",
         ],
         data="some/folder",
         split="validation",
@@ -76,6 +78,7 @@ def test_overrides_are_typed_and_nested():
     assert cfg.vae.ema is False
     assert cfg.transformer.attn_patterns == ["row", "column"]
     assert cfg.data.shapes.held_out == ["red circle"]
+    assert cfg.vae.group_sizes == [8, 64] and cfg.train.dalle.betas == [0.9, 0.95]
     assert (cfg.data.source, cfg.data.split) == ("some/folder", "validation")
 
 
@@ -89,6 +92,7 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("vae.codebok_size=1024", "unknown config key 'vae.codebok_size'; allowed keys here are: "),
         ("vae.codebook_size=big", "config key 'vae.codebook_size' must be an integer, got 'big'"),
         ("vae.ema=maybe", "config key 'vae.ema' must be true or false, got 'maybe'"),
+        ("vae.group_sizes=8,big", "config key 'vae.group_sizes' must be a list of integers, got '8,big'"),
         ("data=3", "config key 'data' is a section; set its keys"),
         ("novalue", "override 'novalue' must look like key=value"),
     ],
