@@ -300,8 +300,14 @@ def test_accumulation_under_deepspeed_is_refused_in_one_sentence():
 @pytest.mark.parametrize("name", ["log_every", "eval_every", "image_every", "checkpoint_every"])
 def test_a_period_below_one_step_is_one_sentence(name):
     # once a ZeroDivisionError traceback at the first step (`--set train.clip.eval_every=0`)
-    with pytest.raises(loop.UserError, match=f"{name} is 0; set it to 1 or more"):
-        loop.make_accelerator(TrainConfig(**{name: 0}))
+    with pytest.raises(loop.UserError, match=f"^train.clip.{name} is 0; set it to 1 or more"):
+        loop.make_accelerator(TrainConfig(**{name: 0}), key="train.clip.")
+
+
+def test_an_evaluation_over_no_batch_is_one_sentence():
+    # once a StopIteration traceback (train.vae, train.clip, train.unclip) or a made-up val_loss of 0.0 (train.dalle)
+    with pytest.raises(loop.UserError, match="^train.dalle.eval_batches is 0; evaluate on 1 batch or more"):
+        loop.make_accelerator(TrainConfig(eval_batches=0), key="train.dalle.")
 
 
 def test_the_math_attention_kernel_records_matmul_and_softmax_for_the_backward():

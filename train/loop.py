@@ -240,19 +240,20 @@ def check_training_values(tc: TrainConfig, key: str = "") -> None:
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
         raise UserError(f"{key}mixed_precision is '{tc.mixed_precision}'; use no, bf16 or fp16")
     if tc.grad_accum < 1:
-        raise UserError(f"{key}grad_accum is {tc.grad_accum}; set it to 1 (no accumulation) or more")
+        refuse("grad_accum", "set it to 1 (no accumulation) or more")
     if tc.num_workers != 0:
-        raise UserError(
-            f"num_workers is {tc.num_workers}; the data streams are read in the training process, which keeps their "
-            "resume position exact, so set it to 0"
+        refuse(
+            "num_workers",
+            "the data streams are read in the training process, which keeps their resume position "
+            "exact, so set it to 0",
         )
     if tc.attention not in ATTENTION_KERNELS:
-        raise UserError(f"attention is '{tc.attention}'; use {' or '.join(ATTENTION_KERNELS)}")
+        raise UserError(f"{key}attention is '{tc.attention}'; use {' or '.join(ATTENTION_KERNELS)}")
     for name in ("log_every", "eval_every", "image_every", "checkpoint_every"):
         if getattr(tc, name) < 1:
-            raise UserError(
-                f"{name} is {getattr(tc, name)}; set it to 1 or more (above the stage's steps: only at its last step)"
-            )
+            refuse(name, "set it to 1 or more (above the stage's steps: only at its last step)")
+    if tc.eval_batches < 1:  # an evaluation over no batch has no number to report (once a StopIteration or a 0.0)
+        refuse("eval_batches", "evaluate on 1 batch or more; eval_every above the stage's steps evaluates only once")
 
 
 def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key: str = ""):
