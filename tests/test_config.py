@@ -1,6 +1,7 @@
 """Config: presets load, overrides are typed, and every user mistake is one sentence."""
 
 import json
+import re
 
 import pytest
 
@@ -252,6 +253,23 @@ def test_train_all_refuses_a_decoder_phase_of_a_dvae_before_training_anything(tm
 
     with pytest.raises(UserError, match="fine-tunes a VQ's decoder on its fixed codes, and vae.kind is 'dvae'"):
         train_all.main(["--config", "shapes", "--out", str(tmp_path / "r"), "--set", "train.vae_decoder.steps=10"])
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("vae.factor=0", "config section 'vae': factor must be a power of two"),  # once a ZeroDivisionError
+        ("train.clip.eval_batches=0", "train.clip.eval_batches is 0; evaluate on 1 batch or more"),
+        ("train.dalle.steps=-1", "train.dalle.steps is -1"),
+    ],
+)
+def test_train_all_names_a_later_stages_bad_setting_before_training_anything(tmp_path, setting, says):
+    """The last stage's mistake once surfaced after the stages before it had trained (hours, in a real preset)."""
+    from train import all as train_all
+
+    with pytest.raises(UserError, match=f"^{re.escape(says)}"):
+        train_all.main(["--config", "shapes", "--out", str(tmp_path / "r"), "--set", setting])
     assert not (tmp_path / "r").exists()
 
 

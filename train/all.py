@@ -46,7 +46,7 @@ from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
 from train.encode import mirror_rule
 from train.finetune import checked_source
-from train.loop import STOP_SIGNALS, STOPPED_EXIT_CODES
+from train.loop import STOP_SIGNALS, STOPPED_EXIT_CODES, check_training_values
 from train.vae import check_phases
 
 
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     check_clip_config(cfg)
     check_unclip(cfg)
     check_phases(cfg)
+    for module, _ in stages(cfg):  # a later stage's bad setting, named before the stages ahead of it train (hours)
+        section = module.split(".")[1]
+        if hasattr(cfg.train, section):
+            check_training_values(getattr(cfg.train, section), f"train.{section}.")
     mirror_rule(cfg, cfg.data.split)  # a bad data.encode_flip_exclude, named before the stages ahead of encode
     if args.init_from:
         checked_source(args.init_from)

@@ -48,15 +48,16 @@ from vae.vq import CRITIC_PREFIX
 
 def build_tokenizer(cfg) -> vae.ImageTokenizer:
     """The image tokenizer of a run config; a bad combination of fields is a one-sentence error."""
+    try:  # first: it checks the factor itself, which the division below needs
+        model = vae.build(cfg.vae.kind, **vae.model_kwargs(cfg.vae.kind, dataclasses.asdict(cfg.vae)))
+    except vae.VAEError as e:
+        raise UserError(f"config section 'vae': {e}") from None
     if cfg.data.image_size % cfg.vae.factor:
         raise UserError(
             f"data.image_size {cfg.data.image_size} is not divisible by vae.factor {cfg.vae.factor}; "
             "pick sizes whose ratio is the grid side"
         )
-    try:
-        return vae.build(cfg.vae.kind, **vae.model_kwargs(cfg.vae.kind, dataclasses.asdict(cfg.vae)))
-    except vae.VAEError as e:
-        raise UserError(f"config section 'vae': {e}") from None
+    return model
 
 
 def adversarial(cfg) -> bool:
@@ -67,6 +68,7 @@ def adversarial(cfg) -> bool:
 def check_phases(cfg) -> None:
     """One sentence for a setting of either phase (`train.vae`, `train.vae_decoder`) this run cannot use, before
     anything trains: the second phase's would otherwise surface only after the first had trained."""
+    build_tokenizer(cfg)  # its settings (vae.factor, ...), checked by building it once
     for name in ("vae", "vae_decoder"):
         if getattr(cfg.train, name).grad_checkpointing:
             raise UserError(
