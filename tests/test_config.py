@@ -262,6 +262,8 @@ def test_train_all_refuses_a_decoder_phase_of_a_dvae_before_training_anything(tm
         ("vae.factor=0", "config section 'vae': factor must be a power of two"),  # once a ZeroDivisionError
         ("train.clip.eval_batches=0", "train.clip.eval_batches is 0; evaluate on 1 batch or more"),
         ("train.dalle.steps=-1", "train.dalle.steps is -1"),
+        # once shards written until the disk was full, after the tokenizer had trained
+        ("data.max_examples=0", "the shapes training stream is endless and data.max_examples is 0"),
     ],
 )
 def test_train_all_names_a_later_stages_bad_setting_before_training_anything(tmp_path, setting, says):

@@ -292,6 +292,13 @@ def test_encode_writes_the_ids_encode_gives(run_dir):
     assert manifest["splits"][0]["examples"] == 192
 
 
+def test_encode_of_an_endless_stream_without_a_limit_is_one_sentence(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path / "r")
+    with pytest.raises(UserError, match="the shapes training stream is endless and data.max_examples is 0"):
+        train_encode.main(args_for(run, "data.max_examples=0"))
+    train_encode.main(args_for(run, "data.max_examples=0", "data.shapes.train_size=16"))  # a finite one
+
+
 def test_encode_resumes_and_reuses_shards(run_dir):
     before = {p.name: p.stat().st_mtime_ns for p in tokens_dir(run_dir, "train").iterdir()}
     train_encode.main(args_for(run_dir))

@@ -44,7 +44,7 @@ from dalle_mini_impl.data.streams import check_source
 from dalle_mini_impl.errors import UserError, run_cli
 from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
-from train.encode import mirror_rule
+from train.encode import check_ends, mirror_rule
 from train.finetune import checked_source
 from train.loop import STOP_SIGNALS, STOPPED_EXIT_CODES, check_training_values
 from train.vae import check_phases
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         passthrough += ["--out", args.out]
     only = check_only(args.only, [module.split(".")[1] for module, _ in stages(cfg)])
     out = Path(cfg.out_dir)
+    if (only is None or "encode" in only) and (args.force or not (out / dict(stages(cfg))["train.encode"]).exists()):
+        check_ends(cfg)  # an endless training split, before the stages ahead of encode train
     speed = {"start": cpu_matmul_gflops()}
     total = time.perf_counter()
     for module, marker in stages(cfg):

@@ -33,6 +33,19 @@ from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_co
 from train.common import process_state, require_parts
 
 
+def check_ends(cfg: RunConfig) -> None:
+    """One sentence for a training split with no end and no `data.max_examples`: the shapes stream with
+    `data.shapes.train_size` 0 would be encoded until the disk is full."""
+    if cfg.data.source == "shapes" and cfg.data.max_examples <= 0:
+        from dalle_mini_impl.shapes.generator import shapes_length
+
+        if cfg.data.split == "train" and shapes_length(cfg.data.shapes, "train") is None:
+            raise UserError(
+                "the shapes training stream is endless and data.max_examples is 0, so train.encode would never end; "
+                "set data.max_examples (the shapes preset's 64000) or data.shapes.train_size"
+            )
+
+
 def mirror_rule(cfg: RunConfig, split: str) -> tuple[Callable[[str], bool] | None, str | None]:
     """Which examples of `split` train.encode also writes mirrored left to right (`data.encode_flip`: the train split
     only, captions that `data.encode_flip_exclude` matches left out), and the tag its shards keep to say so; (None,
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default=None, help="comma list of splits (default: data.split,data.val_split)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    check_ends(cfg)
     state = process_state()
     require_parts(cfg.out_dir, "vae")
     tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
