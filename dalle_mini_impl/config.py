@@ -373,7 +373,7 @@ class SampleConfig:
     candidates: int = 16
     batch_size: int = 64
     guidance_scale: float = 3.0  # classifier-free guidance on the logits (1: off)
-    guidance_until: float = 1.0  # the fraction of image tokens guided, from the first (1: all); unguided after
+    guidance_until: float = 1.0  # the fraction of the drawn image tokens guided, from the first (1: all)
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off

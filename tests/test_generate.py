@@ -103,6 +103,14 @@ def test_guidance_until_drops_the_unconditional_rows():
     model.image_logits = lambda h: (rows.append(h.shape[0]), image_logits(h))[1]  # rows of every step's logits
     generate(model, TEXT, null_text=NULL, guidance_scale=3.0, guidance_until=0.25, generator=torch.Generator())
     assert rows == [6] * 4 + [3] * 12  # 2b rows for the first quarter of the 16 tokens, b after
+    # a completion guides the first part of what it draws (once the kept tokens counted: a kept top half left
+    # guidance_until 0.5 guiding nothing, silently)
+    rows.clear()
+    prime = torch.zeros(3, 8, dtype=torch.long)
+    generate(
+        model, TEXT, null_text=NULL, guidance_scale=3.0, guidance_until=0.5, prime=prime, generator=torch.Generator()
+    )
+    assert rows == [6] * 4 + [3] * 4  # 2b rows for the first half of the 8 drawn tokens
     with pytest.raises(ValueError, match="guidance_until must lie in \\[0, 1\\]"):
         generate(model, TEXT, null_text=NULL, guidance_scale=3.0, guidance_until=1.5)
 

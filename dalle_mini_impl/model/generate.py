@@ -509,8 +509,9 @@ def generate(
     null_text: the empty caption's ids, (1, t) or (b, t); needed when guidance_scale != 1. The unconditional
         rows read it and, for an unCLIP decoder, the dropped (zero) embedding.
     guidance_scale: classifier-free guidance scale on the logits (1: off, no unconditional rows run).
-    guidance_until: the fraction of the image's tokens that are guided, counted from the first (1: all,
-        0: none); after them the unconditional rows leave the batch. Primed tokens count, unsampled.
+    guidance_until: the fraction of the tokens this call draws that are guided, counted from the first drawn
+        (1: all, 0: none); after them the unconditional rows leave the batch. Primed (kept) tokens before the
+        first drawn one do not count: a completion of the image's bottom half guides the first part of it.
     temperature, top_k (0: off), top_p (1: off): applied in this order to the (guided) image logits.
     generator: the source of all randomness; the same seed gives the same ids in every decode mode.
     prime: (b, k) image ids that are kept as the first k tokens; generation continues after them.
@@ -571,8 +572,9 @@ def generate(
         prime, end = keep[:, : int(drawn[0])], int(drawn[-1]) + 1
         redraw = redraw.tolist()
     k = 0 if prime is None else prime.shape[1]
-    # tokens k .. stop - 1 are guided
-    stop = max(k, min(n, round(guidance_until * n))) if guidance_scale != 1.0 else k
+    # tokens k .. stop - 1 are guided: the first guidance_until of those this call draws (a completion's or an
+    # edit's first drawn cells decide what it draws, as an image's first cells do)
+    stop = k + round(guidance_until * (end - k)) if guidance_scale != 1.0 else k
     guided = stop > k
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
     if cond is not None and guided:
