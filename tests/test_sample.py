@@ -662,6 +662,31 @@ def test_kept_images_are_distinct_and_repeats_are_the_last_resort_with_a_warning
     assert Path(rows[0]["path"]).read_bytes() == Path(rows[1]["path"]).read_bytes()
 
 
+def test_clip_guided_refinement_that_joins_starts_refines_the_next_candidates_then_warns(bundle, monkeypatch):
+    """Once: refinement led kept candidates to one image (3 of 4 alike) and nothing said so. Refinement is made to
+    collapse here: each call's starts all become the first one's refined image."""
+    from dalle_mini_impl.pipeline.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    real, starts = pipe.refine, []
+
+    def collapsing(ids, *args, **kwargs):
+        starts.append(len(ids))
+        out = real(ids, *args, **kwargs)
+        return tuple(t[:1].expand_as(t).clone() for t in out)
+
+    monkeypatch.setattr(pipe, "refine", collapsing)
+    settings = {"candidates": 6, "num_images": 3, "seed": 0, "temperature": 2.0, "method": "clip-guided"}
+    kept = pipe.generate("a red circle", **settings, progress=False)[0]
+    assert len({r.image.tobytes() for r in kept}) == 3
+    assert starts == [3, 2, 1]  # the kept three, then the next candidates, one for each image that repeated
+    one = real(kept[0].ids[None], [("a red circle", 1.0)], pipe.settings(), torch.Generator().manual_seed(0))
+    monkeypatch.setattr(pipe, "refine", lambda ids, *a, **k: tuple(t.expand(len(ids), *t.shape[1:]) for t in one))
+    with pytest.warns(UserWarning, match="CLIP-guided refinement of 6 candidates gave only 1 distinct image"):
+        kept = pipe.generate("a red circle", **settings, progress=False)[0]
+    assert len({r.image.tobytes() for r in kept}) == 1 and len(kept) == 3
+
+
 def test_kept_order_takes_the_best_and_repeats_them_in_rank_order_only_when_too_few():
     from dalle_mini_impl.pipeline.pipeline import kept_order
 

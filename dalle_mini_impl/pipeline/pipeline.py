@@ -610,11 +610,14 @@ class Pipeline:
                 draw = functools.partial(self.candidates, prompt_parts, s, generator, prime, bar, method)
                 ids, images, scores = self._distinct(prompt, draw, s, bar)
                 order = torch.arange(len(ids)) if scores is None else scores.sort(descending=True, stable=True)[1]
-                keep = kept_order(order, s.num_images)
-                ids, images = ids[keep].view(-1, h, w), images[keep]
-                scores = None if scores is None else scores[keep]
                 if method == "clip-guided":
-                    ids, images, scores = self._refine(ids, prompt_parts, s, generator, keep_rows, progress)
+                    ids, images, scores = self._refine_distinct(
+                        prompt, ids.view(-1, h, w)[order], prompt_parts, s, generator, keep_rows, progress
+                    )
+                else:
+                    keep = kept_order(order, s.num_images)
+                    ids, images = ids[keep].view(-1, h, w), images[keep]
+                    scores = None if scores is None else scores[keep]
                 results.append(self._results(prompt, s.seed + i, ids, images, scores))
         return results
 
@@ -780,6 +783,33 @@ class Pipeline:
         ids, images, scores = self.refine(ids, parts, s, generator, keep_rows, progress, init)
         order = scores.sort(descending=True, stable=True)[1]
         return ids[order], images[order], scores[order]
+
+    def _refine_distinct(self, prompt: str, ranked, parts, s: SampleConfig, generator, keep_rows: int, progress: bool):
+        """`_refine` of the best `s.num_images` of `ranked` (distinct candidates' codes (m, h, w), best first).
+        Refinement can lead several starts to one image: each image that repeats an earlier one gives way to the
+        refinement of the next candidate while any remain; then, the last resort, `kept_order`'s repeats and a
+        warning naming `prompt`."""
+        ids, images, scores = self.refine(ranked[: s.num_images], parts, s, generator, keep_rows, progress)
+        used = min(s.num_images, len(ranked))
+        while True:
+            first = distinct_first(images)
+            ids, images, scores = ids[first], images[first], scores[first]
+            missing = s.num_images - len(first)
+            if missing <= 0 or used == len(ranked):
+                break
+            more = self.refine(ranked[used : used + missing], parts, s, generator, keep_rows, progress)
+            used = min(used + missing, len(ranked))
+            ids, images, scores = (torch.cat([a, b]) for a, b in zip((ids, images, scores), more))
+        if len(first) < s.num_images:
+            images_word = "image" if len(first) == 1 else "images"
+            warnings.warn(
+                f"prompt '{prompt}': CLIP-guided refinement of {used} candidates gave only {len(first)} distinct "
+                f"{images_word}, so some of its {s.num_images} images repeat "
+                "(raise --candidates or lower --num-images)",
+                stacklevel=3,
+            )
+        keep = kept_order(scores.sort(descending=True, stable=True)[1], s.num_images)
+        return ids[keep], images[keep], scores[keep]
 
     # -- editing: redraw the masked cells of an image -------------------------------------------------
 
