@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import json
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import traceback
 import urllib.parse
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -183,13 +185,32 @@ class Model:
             raise UserError(f"model '{self.name}' has no CLIP (clip.safetensors), so it cannot {what}; pick another")
 
 
-def results_json(groups: list[list]) -> dict:
-    """One prompt's Results as the page shows them."""
+def results_json(groups: list[list], said: list[str]) -> dict:
+    """One prompt's Results as the page shows them, with what the pipeline warned while making them (fewer
+    distinct images than asked, a prompt cut to the model's text length)."""
     return {
         "images": [
             {"png": png_url(r.image), "clip_score": r.clip_score, "rank": r.rank, "seed": r.seed} for r in groups[0]
-        ]
+        ],
+        "warnings": said,
     }
+
+
+# warnings are caught process-wide, so one request at a time is caught (sampling on a CPU is compute-bound anyway)
+WARNINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def caught_warnings(model: Model):
+    """Run one model's work holding its lock, and yield the list of the warnings it gave; they are printed to
+    the server's log as well."""
+    said: list[str] = []
+    with WARNINGS_LOCK, model.lock, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield said
+    said += [str(w.message) for w in caught]
+    for message in said:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class App:
@@ -223,19 +244,19 @@ class App:
     def generate(self, body: dict) -> dict:
         model = self.model(body)
         method = body.get("method") or "ar"
-        with model.lock:
+        with caught_warnings(model) as said:
             groups = model.pipe.generate(
                 [text_field(body, "prompt")], method=str(method), progress=False, **read_settings(body)
             )
-        return results_json(groups)
+        return results_json(groups, said)
 
     def edit(self, body: dict) -> dict:
         model = self.model(body)
         max_pixels = model.pipe.cfg.data.max_image_pixels
         image, mask = read_upload(body, "image", max_pixels), read_upload(body, "mask", max_pixels)
-        with model.lock:
+        with caught_warnings(model) as said:
             groups = model.pipe.edit([text_field(body, "prompt")], image, mask, progress=False, **read_settings(body))
-        return results_json(groups)
+        return results_json(groups, said)
 
     def classify(self, body: dict) -> dict:
         model = self.model(body)

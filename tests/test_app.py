@@ -193,6 +193,18 @@ def test_generate_answers_pngs_of_the_models_size_the_pipeline_would_give(url, a
         assert r["clip_score"] == pytest.approx(expected.clip_score)
 
 
+def test_generate_answers_the_pipelines_warnings_with_its_images(url, capsys):
+    """Once: four copies of one image came back with nothing on the page (the warning went to the server's log)."""
+    status, answer = post(url, "/api/generate", {"model": 0, "prompt": "a red circle", "top_k": 1, "seed": 0})
+    assert status == 200, answer
+    assert len(answer["images"]) == 2 and len({r["png"] for r in answer["images"]}) == 1
+    (said,) = answer["warnings"]
+    assert said.startswith("prompt 'a red circle' gave only 1 distinct image in") and "images repeat" in said
+    assert f"warning: {said}" in capsys.readouterr().err  # the server's log still has it
+    status, answer = post(url, "/api/generate", {"model": 0, "prompt": "a red circle", "seed": 0})
+    assert status == 200 and answer["warnings"] == [] and len({r["png"] for r in answer["images"]}) == 2
+
+
 def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
     cases = [
         ({"prompt": "a red circle", "temperature": 0}, "temperature"),

@@ -178,6 +178,17 @@ def test_browser_shows_a_bad_settings_error_and_carries_on(page):
     by_id(page, "generate").click()
     wait_done(page)
     assert not by_id(page, "error").is_displayed() and len(shown_images(page, "results")) == 2
+    assert not by_id(page, "results").find_elements("css selector", ".warning")
+
+
+def test_browser_shows_the_servers_warning_beside_repeated_images(page):
+    set_field(page, "top_k", "1")  # greedy: one image however often it samples
+    set_field(page, "prompts", "a red circle")
+    by_id(page, "generate").click()
+    wait_done(page)
+    (note,) = by_id(page, "results").find_elements("css selector", ".group .warning")
+    assert note.is_displayed() and "gave only 1 distinct image" in note.text
+    assert not by_id(page, "error").is_displayed() and len(shown_images(page, "results")) == 2
 
 
 def test_browser_page_asks_nothing_of_any_host_but_the_server(page, url):
