@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         "--guidance-until",
         type=float,
         default=None,
-        help="the fraction of the image that is guided, from the top (1: all; default: the bundle's)",
+        help="the fraction of the drawn cells that is guided, from the first drawn (1: all; default: the bundle's)",
     )
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature, above 0")
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (0: off)")
@@ -302,8 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.interpolate:
             steps = pipe.interpolate(*args.interpolate, 5 if args.steps is None else args.steps, **settings)
             slug = "-".join(unique_slugs(_stems(args.interpolate)))
-            groups, sources = steps, [{"sources": [str(end) for end in args.interpolate]}] * len(steps)
-            stems = [f"interpolate-{slug}_s{kept[0].seed - k}_step{k}" for k, kept in enumerate(steps)]
+            ends = [str(end) for end in args.interpolate]
+            # the command's seed, which its file names carry and which draws the whole path again (step k samples
+            # with seed + k), and the step
+            sources = [{"sources": ends, "seed": kept[0].seed - k, "step": k} for k, kept in enumerate(steps)]
+            groups, stems = steps, [f"interpolate-{slug}_s{kept[0].seed - k}_step{k}" for k, kept in enumerate(steps)]
         elif args.mask or args.extend:
             image, mask = args.init_image, args.mask
             if args.extend:

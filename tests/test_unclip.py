@@ -244,6 +244,10 @@ def test_interpolation_writes_every_step_and_the_path(bundle, images, tmp_path, 
     assert code == 0
     records = json_lines(out)
     assert [r["t"] for r in records] == [0.0, 0.5, 1.0]
+    # the seed its file names carry, that draws the path again (once step k's own seed + k, which does not)
+    assert [(r["seed"], r["step"]) for r in records] == [(0, 0), (0, 1), (0, 2)]
+    names = [Path(r["path"]).name for r in records]
+    assert names == [f"interpolate-square0-square1_s0_step{k}_r1.png" for k in range(3)]
     assert all(r["sources"] == [str(images[0]), str(images[1])] for r in records)
     assert all(Path(r["path"]).is_file() for r in records)
     assert (tmp_path / "interpolate-square0-square1_s0_path.png").is_file()
