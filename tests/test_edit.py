@@ -109,6 +109,12 @@ def test_extend_moves_the_image_away_from_the_side_and_masks_the_new_half(side, 
     assert (pixels[np.asarray(mask) == 0] == (200, 0, 0)).all() and (pixels[np.asarray(mask) == 255] == 255).all()
     with pytest.raises(UserError, match="--extend 'middle' is unknown"):
         extend_canvas(image, "middle")
+    # once "the mask has no white pixel", about a mask the user never gave
+    with pytest.raises(
+        UserError, match=f"--init-image is 1x1 pixels, too small to move by half its size for --extend {side}"
+    ):
+        extend_canvas(Image.new("RGB", (1, 1)), side)
+    extend_canvas(Image.new("RGB", (2, 2)), side)  # the smallest that moves
 
 
 def test_paste_puts_the_source_back_over_the_kept_cells_only():

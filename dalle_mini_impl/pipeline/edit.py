@@ -48,6 +48,12 @@ def extend_canvas(image: Image.Image, side: str) -> tuple[Image.Image, Image.Ima
         raise UserError(f"--extend '{side}' is unknown; use {', '.join(SIDES)}")
     image = to_rgb(image)
     w, h = image.size
+    across = w if side in ("left", "right") else h
+    if across < 2:
+        raise UserError(
+            f"--init-image is {w}x{h} pixels, too small to move by half its size for --extend {side}; "
+            "give an image at least 2 pixels across that way"
+        )
     dx = {"left": w // 2, "right": -(w // 2)}.get(side, 0)
     dy = {"top": h // 2, "bottom": -(h // 2)}.get(side, 0)
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
