@@ -27,13 +27,17 @@ pytestmark = pytest.mark.slow
 DALLE = ["train.dalle.steps=6", "train.dalle.checkpoint_every=2", "train.dalle.keep_checkpoints=5"]
 
 
-def run_dalle(run, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m train.dalle` on `run`; with `kill_at` ("step:N" or "checkpoint:N") through `tests.kill_at`,
-    which SIGKILLs the process at that point."""
+def run_stage(stage: str, run, *settings: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m train.STAGE` on `run` with the tiny settings and `settings`; with `kill_at` ("step:N" or
+    "checkpoint:N") through `tests.kill_at`, which SIGKILLs the process at that point."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    entry = ["-m", "tests.kill_at", kill_at, "train.dalle"] if kill_at else ["-m", "train.dalle"]
-    cmd = [sys.executable, *entry, *args_for(run, *DALLE, *extra)]
+    entry = ["-m", "tests.kill_at", kill_at, f"train.{stage}"] if kill_at else ["-m", f"train.{stage}"]
+    cmd = [sys.executable, *entry, *args_for(run, *settings)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_dalle(run, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    return run_stage("dalle", run, *DALLE, *extra, kill_at=kill_at)
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +122,18 @@ def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weigh
     """train.vae's two phases (train.vae_decoder): RUN/vae.safetensors is written only at the end of the second, so
     a kill between them leaves the stage undone for train.all, and the rerun resumes the second phase."""
     phases = [
-        *("vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"),
+        *VQ,
         *("train.vae.steps=2", "train.vae.checkpoint_every=2"),
         *("train.vae_decoder.steps=4", "train.vae_decoder.checkpoint_every=2", "train.vae_decoder.batch_size=8"),
         "train.vae_decoder.log_every=1",
     ]
-
-    def run_vae(run, kill_at=None):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        entry = ["-m", "tests.kill_at", kill_at, "train.vae"] if kill_at else ["-m", "train.vae"]
-        cmd = [sys.executable, *entry, *args_for(run, *phases)]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
     runs = {name: tokenizer_run(base_run, tmp_path / name) for name in ("straight", "killed")}
-    assert run_vae(runs["straight"]).returncode == 0
-    killed = run_vae(runs["killed"], kill_at="step:3")  # the decoder phase's step 3 (the first phase has 2)
+    assert run_stage("vae", runs["straight"], *phases).returncode == 0
+    killed = run_stage("vae", runs["killed"], *phases, kill_at="step:3")  # the decoder phase's step 3 of 4
     assert killed.returncode == -signal.SIGKILL
     assert not (runs["killed"] / "vae.safetensors").exists()
     assert [p.name for p in list_checkpoints(runs["killed"] / "checkpoints" / "vae_decoder")] == ["step_00000002"]
-    resumed = run_vae(runs["killed"])
+    resumed = run_stage("vae", runs["killed"], *phases)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed vae from" in resumed.stderr and "resumed vae_decoder from" in resumed.stderr
     assert "at step 2" in resumed.stderr
@@ -153,17 +150,10 @@ def test_a_vq_with_its_critic_killed_and_resumed_is_the_uninterrupted_run(base_r
     """Once: the generator's loss left gradients in the patch critic and the critic's step left its own there, so
     the next step clipped (and logged) a norm over both; a resumed run starts without them and clipped another."""
     critic = [*VQ, "vae.disc_start=0", "train.vae.steps=6", "train.vae.checkpoint_every=2", "train.vae.log_every=1"]
-
-    def run_vae(run, kill_at=None):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        entry = ["-m", "tests.kill_at", kill_at, "train.vae"] if kill_at else ["-m", "train.vae"]
-        cmd = [sys.executable, *entry, *args_for(run, *critic)]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
     runs = {name: tokenizer_run(base_run, tmp_path / name) for name in ("straight", "killed")}
-    assert run_vae(runs["straight"]).returncode == 0
-    assert run_vae(runs["killed"], kill_at="step:3").returncode == -signal.SIGKILL
-    resumed = run_vae(runs["killed"])
+    assert run_stage("vae", runs["straight"], *critic).returncode == 0
+    assert run_stage("vae", runs["killed"], *critic, kill_at="step:3").returncode == -signal.SIGKILL
+    resumed = run_stage("vae", runs["killed"], *critic)
     assert resumed.returncode == 0 and "resumed vae from" in resumed.stderr, resumed.stderr[-2000:]
     same = compare_runs(runs["straight"], runs["killed"])
     assert same["same"] and same["logs"]["vae"]["vae/grad_norm"]["equal"] == 6, same["first_difference"]
