@@ -38,11 +38,12 @@ class Numbers:
 
 
 def train(
-    run, steps: int, nan_at: set[int] = frozenset(), critic=None, resume="latest", no_resume=False, **kw
+    run, steps: int, nan_at: set[int] = frozenset(), critic=None, resume="latest", no_resume=False, clip=None, **kw
 ) -> tuple[dict[str, float], torch.nn.Module]:
     """`loop.run` for `steps` steps on a fresh linear model; the loss is nan at the steps in `nan_at`.
 
     critic: a module trained by Adam after every step beside the model, checkpointed as extra state.
+    clip: (model) -> the parameters the stage clips (Stage.clip_parameters); None: the model's.
     """
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1)
@@ -75,6 +76,7 @@ def train(
         item_name="points",
         after_step=after_step,
         extra_state=extra,
+        clip_parameters=None if clip is None else lambda: clip(model),
     )
     tc = TrainConfig(steps=steps, warmup_steps=1, checkpoint_every=2, log_every=1, **kw)
     accelerator = loop.make_accelerator(tc)
@@ -101,6 +103,14 @@ def test_on_event_sees_every_step_and_every_checkpoint_write(tmp_path, events):
         "step_00000002",
         "step_00000004",
     ]
+
+
+def test_a_stage_clips_and_logs_the_gradient_of_the_parameters_it_names(tmp_path):
+    """The VQ's critic: its loss leaves gradients in the critic, which the generator's clipping must not count."""
+    whole, _ = train(tmp_path / "whole", 1)
+    weight_only, _ = train(tmp_path / "weight", 1, clip=lambda m: [m.weight])
+    assert 0 < weight_only["grad_norm"] < whole["grad_norm"]  # the bias's gradient left out
+    assert weight_only["loss"] == whole["loss"]
 
 
 def test_on_event_is_unset_by_default():

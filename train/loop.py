@@ -45,7 +45,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,9 @@ class Stage:
     # what needs every process to hold the whole weights, when something does ("" : nothing): a part trained by
     # after_step outside the wrapper, say. Such a stage refuses FSDP and ZeRO-3 with this reason
     needs_whole_weights: str = ""
+    # () -> the parameters whose gradient is clipped and logged as grad_norm (None: the model's); a part that
+    # after_step trains (a critic) is left out, since the stage's loss leaves gradients in it that its step drops
+    clip_parameters: Callable[[], Iterable[torch.nn.Parameter]] | None = None
 
 
 def replay(batches: Any, limit: int) -> Callable[[], Iterator[dict]]:
@@ -591,7 +594,8 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
         finite &= bool(torch.isfinite(loss.detach()).all())
         accelerator.backward(loss / tc.grad_accum)
         loss_sum += float(loss.detach()) / tc.grad_accum
-    grad_norm = accelerator.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e12)
+    clipped = t.model.parameters() if t.stage.clip_parameters is None else t.stage.clip_parameters()
+    grad_norm = accelerator.clip_grad_norm_(clipped, tc.grad_clip if tc.grad_clip > 0 else 1e12)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     # every rank sees the same all-reduced gradient, so every rank takes the same decision here
     finite = finite and math.isfinite(grad_norm)

@@ -172,7 +172,8 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
                     if p.grad is not None:
                         p.grad = acc.reduce(p.grad, "mean")
             critic_opt.step()
-            critic_opt.zero_grad(set_to_none=True)  # else the next step's clipping of the whole model counts them
+            # the generator's next loss writes the critic's gradients afresh, as after a resume, which starts without
+            critic_opt.zero_grad(set_to_none=True)
             return {k: float(v) for k, v in metrics.items()}
 
     validation_batches = loop.replay(
@@ -205,6 +206,7 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
         extra_state=extra_state,
         # the critic's step runs on the unwrapped model, outside the wrapper that would gather its shards
         needs_whole_weights="vae.disc_start's critic" if adversarial(cfg) else "",
+        clip_parameters=model.generator_parameters if adversarial(cfg) else None,
     )
 
 

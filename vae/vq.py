@@ -275,12 +275,7 @@ class VQ(ImageTokenizer):
             metrics["codebook"] = codebook.detach()
         pixels = pixels_from_stats(stats, self.recon_loss)
         if self.adversarial_active(step):
-            # the critic's parameters detached: this loss trains the generator alone, and leaves in the critic no
-            # gradient that the generator's clipping would count (the critic trains in its own step)
-            critic = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-            adversarial = hinge_generator_loss(
-                torch.func.functional_call(self.discriminator, critic, (pixels * 2 - 1,))
-            )
+            adversarial = hinge_generator_loss(self.discriminator(pixels * 2 - 1))
             weight = self.disc_weight * self.adversarial_balance(recon, adversarial)
             loss = loss + weight * adversarial
             metrics.update(adversarial=adversarial.detach(), adversarial_weight=weight)
