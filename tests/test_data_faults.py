@@ -210,6 +210,17 @@ def test_each_bad_record_is_skipped_with_its_reason_and_counted(loaded):
     assert set(stream.skipped) <= set(SKIP_REASONS)
 
 
+def test_a_streamed_and_filtered_folder_skips_its_bad_records_as_a_loaded_one_does(faulty):
+    """Once: a stream ran the caption filter on whole records, which decoded every image, so the first corrupt one
+    stopped the run (a traceback from train.tokenizer, 'could not be read' from the others)."""
+    seen = []
+    for streaming in (False, True):
+        cfg = _cfg(faulty, max_image_pixels=MAX_PIXELS, streaming=streaming, exclude="no caption says this")
+        stream = ExampleStream(cfg, "train", train=False)
+        seen.append(([ex["caption"] for ex in stream], dict(stream.skipped)))
+    assert seen[0] == seen[1] and seen[0][0] and sum(seen[0][1].values()) >= len(bad_images())
+
+
 @pytest.mark.parametrize("caption", list(bad_images()))
 def test_one_bad_file_gives_exactly_its_reason(caption):
     name, content, reason = bad_images()[caption]

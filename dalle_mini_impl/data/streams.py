@@ -326,11 +326,12 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
     _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
     _check_column(cfg.source, columns, cfg.caption_column, "caption", _CAPTION_GUESSES)
     ds = ds.select_columns([cfg.image_column, cfg.caption_column])
+    if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
+        # decode ourselves: a corrupt file then reaches `decode_image` as bytes and is skipped, not raised; before
+        # the filter, which a stream runs on whole records (it decoded, and a corrupt image stopped the run)
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     if cfg.include or cfg.exclude:  # on the captions alone, before any image is read
         ds = ds.filter(CaptionFilter(cfg), input_columns=[cfg.caption_column])
-    if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
-        # decode ourselves: a corrupt file then reaches `decode_image` as bytes and is skipped, not raised
-        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     kind = "stream" if isinstance(ds, datasets.IterableDataset) else "map"
     return Source(cfg.source, split, kind, ds, cfg.image_column, cfg.caption_column)
 
