@@ -229,6 +229,19 @@ def test_one_bad_file_gives_exactly_its_reason(caption):
     assert skip.value.reason == reason
 
 
+def test_a_long_thin_image_too_large_once_resized_is_skipped_before_the_resize(tmp_path):
+    """Once: a 116-byte PNG of 12,000 x 1 pixels was resized to 256 x 3,072,000 (3.5 GB of memory) before its crop."""
+    files = {"long.png": _encode(Image.new("RGB", (12_000, 1), (9, 9, 9)), "PNG"),
+             "fine.png": _encode(Image.new("RGB", (40, 30), (9, 9, 9)), "PNG")}  # fmt: skip
+    root = write_folder(tmp_path / "d", [{"file_name": n, "text": n} for n in files], files)
+    stream = ExampleStream(_cfg(root, max_image_pixels=40_000_000), "train", train=False)
+    stream.cfg.image_size = 256
+    assert [ex["caption"] for ex in stream] == ["fine.png"] and dict(stream.skipped) == {"too_large": 1}
+    with pytest.raises(data.UnusableRecord, match="12000x1, its shorter side resized to 256: 256x3072000 > 40000000"):
+        data.check_resized(Image.new("RGB", (12_000, 1)), 256, 40_000_000)
+    data.check_resized(Image.new("RGB", (600, 1)), 256, 40_000_000)  # 256 x 153,600 pixels: within the limit
+
+
 def test_a_bomb_is_too_large_even_under_the_default_limit():
     before = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = DataConfig().max_image_pixels  # as ExampleStream sets it

@@ -408,6 +408,15 @@ def decode_image(value: Any, max_pixels: int) -> Image.Image:
         return pil
 
 
+def check_resized(pil: Image.Image, size: int, max_pixels: int) -> None:
+    """`UnusableRecord` too_large for an image whose shorter side resized to `size` would hold more than
+    `max_pixels`: a file of a few bytes can be 12,000 x 1 pixels, resized to 256 x 3,072,000 before its crop."""
+    w, h = pil.size
+    long = size * max(w, h) // max(min(w, h), 1)
+    if size * long > max_pixels:
+        raise UnusableRecord("too_large", f"{w}x{h}, its shorter side resized to {size}: {size}x{long} > {max_pixels}")
+
+
 def _clean_caption(value: Any, max_chars: int, rng: random.Random) -> str:
     """One caption: a string, or one of a list chosen by `rng`; spaces collapsed, cut to `max_chars`."""
     if value is None:
@@ -643,6 +652,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         try:
             caption = _clean_caption(record[self.source.caption_column], self.cfg.max_caption_chars, rng)
             pil = decode_image(record[self.source.image_column], self.cfg.max_image_pixels)
+            check_resized(pil, self.cfg.image_size, self.cfg.max_image_pixels)
             try:
                 image = prepare_image(pil, self.cfg.image_size, self.cfg.random_crop and self.train, rng)
             except Exception as e:  # an exotic mode PIL cannot convert
