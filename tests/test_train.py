@@ -325,6 +325,33 @@ def test_encode_to_more_examples_encodes_the_short_last_shard_again(run_dir, tmp
     assert shard_rows(short) == 64  # written again, whole
 
 
+def test_encode_with_other_data_settings_reads_no_row_of_the_earlier_one(run_dir, tmp_path, capsys):
+    """Once: an encode to a smaller data.max_examples left the earlier one's later shards, and one with another
+    filter or image size reused its shards, so train.dalle trained on rows the settings no longer chose."""
+    run = copy_run(run_dir, tmp_path / "r")
+    shutil.rmtree(run / "tokens", ignore_errors=True)
+    shards = "data.encode_shard_size=64"
+
+    def encode(*settings: str) -> dict:
+        capsys.readouterr()
+        train_encode.main(args_for(run, shards, *settings, "data.shapes.train_size=192"))
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"][0]
+
+    encode("data.max_examples=192")
+    smaller = encode("data.max_examples=64")
+    assert (smaller["shards_reused"], smaller["shards_written"]) == (1, 0)  # the first shard: the same rows
+    assert read_shards(tokens_dir(run, "train"))[0].shape[0] == 64  # and none of the two after it
+    other = encode("data.max_examples=64", "data.shapes.seed=5")  # other drawings of the same count
+    assert (other["shards_reused"], other["shards_written"]) == (0, 1)
+    want = copy_run(run_dir, tmp_path / "want")
+    shutil.rmtree(want / "tokens", ignore_errors=True)
+    train_encode.main(
+        args_for(want, shards, "data.max_examples=64", "data.shapes.train_size=192", "data.shapes.seed=5")
+    )
+    (ids, captions), (want_ids, want_captions) = (read_shards(tokens_dir(r, "train")) for r in (run, want))
+    assert torch.equal(ids, want_ids) and captions == want_captions
+
+
 def test_encode_flip_writes_each_image_mirrored_after_it_but_not_for_excluded_captions(run_dir, tmp_path, capsys):
     """data.encode_flip: a train-split example's mirror image follows it as a row with the same caption, unless
     data.encode_flip_exclude matches the caption (shapes names left and right); validation gets none; train shards

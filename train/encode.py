@@ -11,6 +11,8 @@ processes under `accelerate launch`: each process encodes its own share of the e
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,8 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import ExampleStream, caption_regex
 from dalle_mini_impl.data.tokens import (
+    SHARD_RE,
+    list_shards,
     shard_metadata,
     shard_path,
     shard_rows,
@@ -31,6 +35,22 @@ from dalle_mini_impl.data.tokens import (
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_config
 from train.common import process_state, require_parts
+
+
+def data_digest(cfg: RunConfig, split: str) -> str:
+    """A digest of the data settings that choose a split's rows and draw them (the source, its columns, the
+    filters, the image size and limits, shapes' own settings): a shard is reused only by an encode with the same."""
+    d = cfg.data
+    fields = {
+        "source": d.source,
+        "split": split,
+        "columns": [d.image_column, d.caption_column],
+        "filters": [d.include, d.exclude],
+        "image_size": d.image_size,
+        "limits": [d.max_image_pixels, d.max_caption_chars],
+        "shapes": dataclasses.asdict(d.shapes) if d.source == "shapes" else None,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_ends(cfg: RunConfig) -> None:
@@ -70,6 +90,7 @@ def encode_split(
     shard_size = cfg.data.encode_shard_size
     stream = ExampleStream(cfg.data, split, train=False, process_index=rank, num_processes=world, endless=False)
     mirrored, flips = mirror_rule(cfg, split)
+    data = data_digest(cfg, split)
     # this process's share of `limit` (0: everything the split has)
     share = (limit // world + (rank < limit % world)) if limit > 0 else None
     # the bar counts encoded rows: mirror images make more of them than examples
@@ -80,14 +101,16 @@ def encode_split(
         nonlocal images, captions, index, written, reused
         path = shard_path(folder, rank, index)
         meta = shard_metadata(path) if path.exists() else None
-        # written by an earlier run: reused when it holds these rows, this tokenizer wrote it and it mirrors as this
-        # run does; the last shard of an encode that stopped at a smaller data.max_examples holds fewer, and is
-        # encoded again (else the rows after it would be lost); a VAE trained again since writes every shard again
+        # written by an earlier run: reused when it holds these rows, this tokenizer wrote it, it mirrors as this
+        # run does and the same data settings chose its rows; the last shard of an encode that stopped at a smaller
+        # data.max_examples holds fewer, and is encoded again (else the rows after it would be lost); a VAE trained
+        # again since writes every shard again
         if (
             meta is not None
             and shard_rows(path) == len(images)
             and meta.get("tokenizer") == digest
             and meta.get("flips") == flips
+            and meta.get("data") == data
         ):
             reused += 1
             bar.update(len(images))
@@ -98,7 +121,7 @@ def encode_split(
                     batch = torch.stack(images[i : i + 256]).to(device)
                     ids.append(tokenizer.encode(batch).cpu())
                     bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
-            write_shard(path, torch.cat(ids), captions, tokenizer=digest, flips=flips)
+            write_shard(path, torch.cat(ids), captions, tokenizer=digest, flips=flips, data=data)
             written += 1
         images, captions, index = [], [], index + 1
 
@@ -117,6 +140,12 @@ def encode_split(
     if images:
         flush()
     bar.close()
+    # shards of an earlier encode past this one's last (a larger data.max_examples, rows a filter now drops), and
+    # those of processes this run does not have: read_shards would read them as rows of this split
+    for path in list_shards(folder):
+        shard_rank, shard_index = map(int, SHARD_RE.match(path.name).groups())
+        if (shard_rank == rank and shard_index >= index) or (rank == 0 and shard_rank >= world):
+            path.unlink()
     if n == 0:
         raise UserError(f"split '{split}' of data '{cfg.data.source}' gave no example to encode; check --data/--split")
     return {
