@@ -291,8 +291,14 @@ def test_every_parameter_of_every_model_is_in_one_group(source):
     cfg = load_config("shapes", TINY + UNCLIP)
     text, image = load_text_tokenizer(source, cfg), load_vae(source)
     cfg.vae.kind, cfg.vae.disc_start, cfg.vae.group_sizes, cfg.vae.group_inputs = "vq", 0, [], []  # VQ and critic
+    grid = load_config("shapes", TINY + UNCLIP + ["unclip.grid=2", "unclip.grid_tokens=true"])
     models = {
-        "transformer": [build_model(cfg, text, image), build_model(cfg, text, image, cond_dim=16)],
+        # the decoder with the grid's 4 cells as positions of their own, 8 numbers each after the 16 of the embedding
+        "transformer": [
+            build_model(cfg, text, image),
+            build_model(cfg, text, image, cond_dim=16),
+            build_model(grid, text, image, cond_dim=16 + 4 * 8),
+        ],
         "clip": [clip_from_config(cfg, text)],
         "vae": [image, build_tokenizer(cfg)],
         "prior": [build_prior(cfg, text, 16)],

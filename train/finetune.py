@@ -52,7 +52,8 @@ GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     # dalle_mini_impl.model.transformer.DALLE: train.dalle, and unCLIP's decoder (train.unclip)
     "transformer": {
         "embeddings": ("text_emb", "image_emb", "text_pos", "row_pos", "col_pos"),  # token and position tables
-        "condition": ("cond_proj", "cond_pos"),  # unCLIP's decoder only: the CLIP embedding's projection
+        # unCLIP's decoder only: the CLIP embedding's projections (of the grid's cells too) and position vectors
+        "condition": ("cond_proj", "cond_pos", "cond_token_proj"),
         "blocks": ("blocks",),
         "norm": ("norm",),  # the final norm
         "head": ("head",),
