@@ -364,6 +364,7 @@ def test_a_bundle_without_unclip_refuses_its_uses_in_one_sentence(images, tmp_pa
         (["--interpolate", "IMG", "IMG", "--steps", "1"], "at least 2"),
         (["--variations", "IMG", "--text-diff", "a", "b", "--text-diff-scale", "2"], "in [0, 1]"),
         (["--variations", "missing.png"], "image 'missing.png' does not exist"),
+        (["--variations", "."], "image '.' is a folder; give an image file in it"),  # once "does not exist"
         (["a circle", "--method", "unclip", "--prior-guidance-scale", "nan"], "--prior-guidance-scale is nan"),
     ],
 )

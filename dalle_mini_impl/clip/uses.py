@@ -246,6 +246,8 @@ def open_image(image: str | os.PathLike | Image.Image, what: str = "image") -> I
     if isinstance(image, Image.Image):
         return image
     path = Path(image)
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder; give an image file in it (PNG or JPEG)")
     if not path.is_file():
         raise UserError(f"{what} '{path}' does not exist; check the path")
     try:
