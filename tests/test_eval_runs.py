@@ -45,7 +45,11 @@ def runs(tmp_path_factory):
 def compare(a, b, capsys) -> dict:
     capsys.readouterr()
     assert eval_runs.main([str(a), str(b)]) == 0
-    return json.loads(capsys.readouterr().out)
+
+    def invalid(constant: str):  # NaN and Infinity are not JSON
+        raise AssertionError(f"{constant} in the output")
+
+    return json.loads(capsys.readouterr().out, parse_constant=invalid)
 
 
 def test_a_run_stopped_and_resumed_is_the_same_run_as_one_from_nothing(runs, capsys):
@@ -123,3 +127,19 @@ def test_a_nan_both_logged_is_the_same_step_and_a_reshaped_tensor_differs(tmp_pa
     assert weights["shapes_differ"] == ["reshaped"] and weights["equal"] == 1 and weights["tensors"] == 2
     assert result["logs"]["stage"]["stage/loss"] == {"steps": 2, "equal": 2, "first_differ": None, "max_rel_diff": 0.0}
     assert result["same"] is False and result["first_difference"] is None
+
+
+def test_weights_with_nan_are_compared_bit_for_bit_and_print_as_valid_json(tmp_path, capsys):
+    """Once: a folder with a NaN weight differed from itself, and printed max_abs_diff as NaN, which JSON lacks."""
+    from safetensors.torch import save_file
+
+    nan = float("nan")
+    for name, values in (("a", [1.0, nan, nan]), ("b", [1.0, nan, nan]), ("c", [1.0, nan, 2.0])):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.tensor(values)}, str(tmp_path / name / "w.safetensors"))
+    same = compare(tmp_path / "a", tmp_path / "b", capsys)
+    assert same["same"] and same["files"]["w.safetensors"] | {"names_differ": [], "shapes_differ": []} == {
+        "tensors": 1, "equal": 1, "max_abs_diff": 0.0, "names_differ": [], "shapes_differ": [],
+    }  # fmt: skip
+    other = compare(tmp_path / "a", tmp_path / "c", capsys)  # NaN on one side only: no number for the difference
+    assert not other["same"] and other["files"]["w.safetensors"]["max_abs_diff"] is None

@@ -45,18 +45,34 @@ def compare_files(a: Path, b: Path) -> dict:
         x, y = load_state_dict(a / name), load_state_dict(b / name)
         keys = sorted(x.keys() & y.keys())
         alike = [k for k in keys if x[k].shape == y[k].shape]
+        differences = [_largest_difference(x[k], y[k]) for k in alike]
         files[name] = {
             "tensors": len(keys),
-            "equal": sum(torch.equal(x[k], y[k]) for k in alike),
-            "max_abs_diff": max((_largest_difference(x[k], y[k]) for k in alike), default=0.0),
+            "equal": sum(_same_bits(x[k], y[k]) for k in alike),
+            # None where a value is NaN on one side only
+            "max_abs_diff": None if None in differences else max(differences, default=0.0),
             "names_differ": sorted(x.keys() ^ y.keys()),
             "shapes_differ": [k for k in keys if k not in alike],
         }
     return {"files": files, "only_a": sorted(files_a - files_b), "only_b": sorted(files_b - files_a)}
 
 
-def _largest_difference(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal bit for bit (a NaN equals the same NaN); tensors of two dtypes are compared by value."""
+    if x.dtype != y.dtype:
+        return torch.equal(x, y)
+    return torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+
+
+def _largest_difference(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """The largest absolute difference, NaN on both sides counting as none; None when one side alone is NaN."""
+    if not x.numel():
+        return 0.0
+    x, y = x.double(), y.double()
+    differences = (x - y).abs()[~(x.isnan() & y.isnan())]
+    if differences.isnan().any():
+        return None
+    return float(differences.max()) if differences.numel() else 0.0
 
 
 def read_logs(run: Path) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
