@@ -640,11 +640,23 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return cfg
 
 
-def apply_sample_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """An evaluation's `--set sample.KEY=VALUE` on a trained bundle's config: only sampling settings may change."""
+# the sampling settings an evaluation sets itself, and the option that sets each (or why none does)
+EVAL_OWN_SETTINGS = {
+    "sample.seed": "use --seed",
+    "sample.candidates": "use --candidates",
+    "sample.num_images": "it grades the candidates and the reranker's pick, not kept images",
+}
+
+
+def apply_sample_overrides(cfg: RunConfig, overrides: list[str], own: dict[str, str] | None = None) -> RunConfig:
+    """An evaluation's `--set sample.KEY=VALUE` on a trained bundle's config: only sampling settings may change,
+    and none of `own` (key -> what to do instead: those the evaluation sets itself, which a --set would not move)."""
     for item in overrides:
         if not item.startswith("sample."):
             raise UserError(f"--set {item}: only sampling settings can change here; give a sample.KEY=VALUE")
+        key = item.partition("=")[0].strip()
+        if own and key in own:
+            raise UserError(f"--set {item}: this evaluation sets {key} itself; {own[key]}")
     return apply_overrides(cfg, overrides)
 
 
@@ -731,6 +743,7 @@ __all__ = [
     "VAEConfig",
     "add_config_args",
     "apply_overrides",
+    "EVAL_OWN_SETTINGS",
     "apply_sample_overrides",
     "check_run_folder",
     "config_from_args",

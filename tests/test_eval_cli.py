@@ -30,6 +30,14 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["unclip", "--n", "1"], "--n is 1; use 0 or at least 2 sources"),
         (["unclip", "--n", "2", "--pairs", "-1"], "--pairs is -1; use at least 0"),
         (["unclip", "--n", "2", "--seed", "-3"], "--seed is -3"),
+        (
+            ["unclip", "--n", "2", "--set", "sample.num_images=2"],
+            "this evaluation sets sample.num_images itself; use --num",
+        ),
+        (["shapes", "--n", "4", "--set", "sample.seed=3"], "this evaluation sets sample.seed itself; use --seed"),
+        (["shapes", "--n", "4", "--set", "sample.candidates=9"], "sets sample.candidates itself; use --candidates"),
+        (["edit", "--n", "4", "--set", "sample.num_images=2"], "sets sample.num_images itself; it grades the cand"),
+        (["edit", "--n", "-3"], "--n is -3; use at least 1"),  # once a whole result of zeros
         (["recon", "--model", "shapes", "--limit", "-1"], "--limit is -1; use at least 0"),
         (["recon", "--model", "shapes", "--batch-size", "0"], "--batch-size is 0; use at least 1"),
         (

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.data.images import to_uint8
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.eval import check_counts
 from dalle_mini_impl.eval.unclip import _by_renderer, _share, render_pil
 from dalle_mini_impl.shapes.generator import (
     COLORS,
@@ -133,7 +134,7 @@ def evaluate(pipe, edits: list[dict], weights: list[float], s, progress: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.config import apply_sample_overrides
+    from dalle_mini_impl.config import EVAL_OWN_SETTINGS, apply_sample_overrides
     from dalle_mini_impl.pipeline.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval edit", description=__doc__)
@@ -146,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="sample.KEY=VALUE")
     args = parser.parse_args(argv)
+    check_counts(n=(args.n, 1), candidates=(args.candidates, 1))
     pipe = Pipeline.from_pretrained(args.model, device="cpu")
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
-    apply_sample_overrides(pipe.cfg, args.overrides)
+    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS)
     s = pipe.settings(candidates=args.candidates, seed=args.seed)
     weights = sorted({0.0, s.edit_likelihood_weight})
     if args.weights:

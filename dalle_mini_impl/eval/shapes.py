@@ -170,7 +170,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.config import apply_sample_overrides
+    from dalle_mini_impl.config import EVAL_OWN_SETTINGS, apply_sample_overrides
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     check_method(pipe, args.method, args.guided, args.guided_from)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
-    apply_sample_overrides(pipe.cfg, args.overrides)
+    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS)
     pipe.cfg.sample.seed = args.seed
     if args.held_out is not None:
         pairs = parse_held_out([pair for pair in args.held_out.split(",") if pair.strip()])  # one sentence if bad

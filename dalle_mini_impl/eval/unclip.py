@@ -105,8 +105,9 @@ def sources(
     return out
 
 
-def _share(flags: list[bool]) -> float:
-    return round(100.0 * sum(flags) / max(1, len(flags)), 1)
+def _share(flags: list[bool]) -> float | None:
+    """The percentage of true flags; None over none (a group no source fell in), as `eval shapes` reports it."""
+    return round(100.0 * sum(flags) / len(flags), 1) if flags else None
 
 
 def _by_renderer(flags: list[bool], renderers: list[str]) -> dict:
@@ -228,7 +229,7 @@ def interpolations(pipe, srcs, settings: dict, progress: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.config import apply_sample_overrides
+    from dalle_mini_impl.config import EVAL_OWN_SETTINGS, apply_sample_overrides
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval unclip", description=__doc__)
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     pipe.require_unclip("eval unclip")  # before any work, naming this command (not the sample CLI's flags)
-    apply_sample_overrides(pipe.cfg, args.overrides)
+    apply_sample_overrides(pipe.cfg, args.overrides, {**EVAL_OWN_SETTINGS, "sample.num_images": "use --num-images"})
     scales = [pipe.cfg.sample.text_diff_scale]
     if args.text_diff_scales:
         try:
