@@ -666,6 +666,11 @@ def test_cli_classify_index_search(bundle, photos, tmp_path, capsys):
         (["search", "{photos}", "a red square"], "has no embeddings.npy"),
         (["search", "{photos}", "a red square", "-k", "0"], "at least 1"),
         (["index", "{photos}/nowhere", "--out", "{photos}/idx"], "does not exist"),
+        # once a FileExistsError traceback after the embedding
+        (["index", "{photos}", "--out", "{photos}/red.png"], "is a file; give a folder for the index"),
+        # once ignored: the bundle's CLIP labelled the images
+        (["classify", "{photos}/red.png", "--labels", "a,b", "--pretrained", "x"], "--pretrained names open_clip"),
+        (["classify", "{photos}/red.png", "--labels", "a,b", "--openclip", "ViT-B-32"], "name two models"),
     ],
 )
 def test_cli_bad_inputs_are_one_sentence(bundle, photos, argv, message):

@@ -53,6 +53,7 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["emoji", "--model", "shapes", *judge_emoji], "model 'shapes' was trained on shapes"),
         (["emoji", "--judge", "shapes", "--data", str(tmp_path), "--references-only"], "was trained on shapes"),
         (["emoji", *judge_emoji, "--references-only", "--candidates", "4", "--set", "x=1"], "--candidates, --set"),
+        (["emoji", *judge_emoji, "--references-only", "--guided-from", "pick"], "--guided-from"),
         (["clip", "--model", "shapes", "--set", "clip.embed_dim=8"], "--set clip.embed_dim: eval clip changes only"),
         (["recon", "--model", "shapes", "--set", "vae.codebook_size=8"], "--set vae.codebook_size: eval recon changes"),
     ]

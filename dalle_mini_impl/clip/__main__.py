@@ -23,6 +23,10 @@ from .uses import DEFAULT_TEMPLATES, ClipScorer, build_index, read_image, read_i
 
 def load_scorer(args: argparse.Namespace) -> ClipScorer:
     """The scorer the command line asks for: --openclip NAME, --model DIR, or the shipped bundle."""
+    if args.pretrained is not None and not args.openclip:
+        raise UserError("--pretrained names open_clip weights; give --openclip NAME too, or leave --pretrained out")
+    if args.openclip and args.model is not None:
+        raise UserError("--model and --openclip name two models; give one of them")
     if args.openclip:
         from .openclip import OpenCLIPScorer
 

@@ -286,6 +286,8 @@ def build_index(scorer: ClipScorer, folder: str | os.PathLike, out: str | os.Pat
     in the order of files.json (paths relative to `folder`).
     """
     folder, out = Path(folder), Path(out)
+    if out.exists() and not out.is_dir():  # before minutes of embedding
+        raise UserError(f"--out '{out}' is a file; give a folder for the index (new, or an index to replace)")
     paths = list_images(folder)
     if not paths:
         raise UserError(f"image folder '{folder}' has no images ({', '.join(IMAGE_SUFFIXES)}); point to another")

@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("--candidates", args.candidates != 8),
                 ("--set", bool(args.overrides)),
                 ("--guided", bool(args.guided)),
+                ("--guided-from", args.guided_from != "both"),
                 ("--method", args.method != "ar"),
                 ("--dtype", args.dtype != "fp32"),
                 ("--grid", args.grid is not None),
