@@ -384,6 +384,11 @@ def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folde
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(UserError, match="seed 3: the real images read differently in A and B"):
         compare.main([str(outs["a"]), str(tmp_path / "other.json")])
+    fewer = json.loads(outs["b"].read_text())
+    fewer["per_seed"]["3"]["n"] = 5  # as another --n would: once blamed on the judge
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    with pytest.raises(UserError, match="seed 3: A graded 6 captions and B 5; evaluate both alike"):
+        compare.main([str(outs["a"]), str(tmp_path / "fewer.json")])
     with pytest.raises(
         UserError, match="evaluation result .*none.json. does not exist; pass the JSON an evaluation wrote"
     ):
@@ -403,6 +408,26 @@ def test_compare_pairs_two_models_by_seed_and_refuses_unpaired_evaluations(folde
         UserError, match="'.*a.json' ran with model .*a and '.*b4.json' with .*b; join only runs of one"
     ):
         compare.main([f"{outs['a']},{tmp_path / 'b4.json'}", str(outs["b"])])
+
+
+def test_compare_reads_eval_shapes_results_whose_columns_hold_groups(tmp_path, capsys):
+    """Once: two eval shapes results compared to {"columns": {}} with exit code 0 (their numbers are one level down)."""
+    from dalle_mini_impl.eval import compare
+
+    for name, two in (("a", 50.0), ("b", 75.0)):
+        top1 = {"all": {"accuracy": 80.0, "n": 4}, "two": {"accuracy": two, "n": 4}}
+        result = {"seed": 0, "n": 4, "candidates": 8, "clip_top1_of_8": top1, "distinct_of_8": 0.9}
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    columns = json.loads(capsys.readouterr().out)["columns"]
+    assert columns == {
+        "clip_top1_of_8.all": {"accuracy": {"a": 80.0, "b": 80.0, "diff": 0.0, "se": None}},
+        "clip_top1_of_8.two": {"accuracy": {"a": 50.0, "b": 75.0, "diff": 25.0, "se": None}},
+    }
+    (tmp_path / "bare.json").write_text(json.dumps({"seed": 0, "n": 4, "candidates": 8}))
+    with pytest.raises(UserError, match="A and B have no column of numbers in common to compare"):
+        compare.main([str(tmp_path / "bare.json"), str(tmp_path / "bare.json")])
 
 
 def test_the_judges_best_candidate_is_any_of_a_captions_candidates(folder, judge):

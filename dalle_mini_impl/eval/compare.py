@@ -1,12 +1,13 @@
 """Two models' evaluations side by side, paired by seed: `python -m dalle_mini_impl.eval compare A.json B.json`.
 
-A.json and B.json are what `eval emoji --out` (or any evaluation printing `per_seed`) wrote for the same seeds:
+A.json and B.json are what `eval emoji --out` (or `eval shapes`, `eval unclip`, ... `--out`) wrote for the same seeds:
 one seed's captions, R-precision names and sampling seeds are the same for every model, so each seed gives a
 paired difference, and over k seeds the mean difference has a standard error of stdev(differences) / sqrt(k).
 This is how a change is told from the noise of 130 captions (on emoji-styles a seed moves a model's name R@1 by up
 to 9 points, and the paired difference of two models by far less; docs/RESULTS.md).
 
-Prints one JSON object: for every column both files have (`reranked`, `first`, `every`, ...) and every number
+Prints one JSON object: for every column both files have (`reranked`, `first`, `every`, ...; a column of groups
+as `name.group`: `clip_top1_of_8.two`) and every number
 in it (`style_acc`, `name_r1`, `cmmd`, ...), the mean of A (`a`), the mean of B (`b`), the mean of B - A over the
 seeds (`diff`) and its standard error (`se`; null for one seed). The files must grade the same captions: the same
 seeds and split, and real images read alike (`real`: the same judge), or the command says which differs. A side may
@@ -72,17 +73,20 @@ def read_side(spec: str) -> tuple[dict, dict[str, dict]]:
 
 
 def columns(result: dict) -> dict[str, dict[str, float]]:
-    """The columns of one seed's result: its keys whose values are dicts of numbers (`reranked`, `every`, ..)."""
+    """The columns of one seed's result: its keys whose values are dicts of numbers (`eval emoji`'s `reranked`,
+    `every`, ..), and one level down, as `name.part` (`eval shapes`' `clip_top1_of_8.two`, ...)."""
     out = {}
     for name, value in result.items():
-        if isinstance(value, dict):
-            numbers = {
-                k: float(v)
-                for k, v in value.items()
-                if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)  # n: a count, not a measure
-            }
-            if numbers:
-                out[name] = numbers
+        if not isinstance(value, dict):
+            continue
+        numbers = {
+            k: float(v)
+            for k, v in value.items()
+            if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)  # n: a count, not a measure
+        }
+        if numbers:
+            out[name] = numbers
+        out |= {f"{name}.{part}": numbers for part, numbers in columns(value).items() if "." not in part}
     return out
 
 
@@ -99,6 +103,8 @@ def check_paired(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
             raise UserError(f"A's {key} is {top_a.get(key)} and B's {top_b.get(key)}; compare evaluations alike")
     for seed in seeds_a:
         x, y = seeds_a[seed], seeds_b[seed]
+        if x.get("n") != y.get("n"):
+            raise UserError(f"seed {seed}: A graded {x.get('n')} captions and B {y.get('n')}; evaluate both alike")
         if x.get("captions") != y.get("captions"):
             raise UserError(f"seed {seed}: A and B drew other captions (another --n or data); evaluate them alike")
         if x.get("real") != y.get("real"):
@@ -114,6 +120,8 @@ def compare(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict:
     check_paired(a, b)
     pairs = [(columns(a[1][s]), columns(b[1][s])) for s in a[1]]
     first = pairs[0][0]
+    if not any(c not in REFERENCES and all(c in x and c in y for x, y in pairs) for c in first):
+        raise UserError("A and B have no column of numbers in common to compare; pass what one evaluation wrote")
     out = {}
     for column in [c for c in first if c not in REFERENCES and all(c in x and c in y for x, y in pairs)]:
         out[column] = {}
