@@ -56,6 +56,10 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["emoji", *judge_emoji, "--references-only", "--guided-from", "pick"], "--guided-from"),
         (["clip", "--model", "shapes", "--set", "clip.embed_dim=8"], "--set clip.embed_dim: eval clip changes only"),
         (["recon", "--model", "shapes", "--set", "vae.codebook_size=8"], "--set vae.codebook_size: eval recon changes"),
+        (  # once judged at 64 pixels and labelled 32
+            ["recon", "--model", "emoji", "--judge", "emoji", "--data", str(tmp_path), "--set", "data.image_size=32"],
+            "--judge grades the split at its own image size, 64 pixels, and this evaluation reads it at 32",
+        ),
     ]
     for argv, says in cases:
         assert says in refused(capsys, eval_cli.main, argv), argv

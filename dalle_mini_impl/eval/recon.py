@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             f"data.image_size is {cfg.data.image_size}, not a multiple of the image tokenizer's factor "
             f"{tokenizer.factor}; set it to one (the model's own: leave --set data.image_size out)"
         )
+    if args.judge and cfg.data.image_size != judge_cfg.data.image_size:  # else judged at one size, labelled another
+        raise UserError(
+            f"--judge grades the split at its own image size, {judge_cfg.data.image_size} pixels, and this "
+            f"evaluation reads it at {cfg.data.image_size}; drop --set data.image_size or --judge"
+        )
     stream = ExampleStream(cfg.data, args.split, train=False)
     limited = _take(batches(stream, args.batch_size), args.limit)
     result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")
