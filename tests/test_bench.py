@@ -205,3 +205,24 @@ def test_the_anchor_figures_are_an_input(tmp_path, capsys):
         run_cli(anchor.main, ["--anchor-python", str(tmp_path / "nope"), "--anchor-bench", str(tmp_path / "b.py")])
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: --anchor-python '{tmp_path / 'nope'}' does not exist;")
+
+
+def test_each_phase_child_gets_the_commands_settings_and_the_bundles_are_compared_once(monkeypatch):
+    """Once: --peak-json and --cli-reps never reached the children, and every preset's sample child compared the
+    shipped bundles' decoding again, its result thrown away but the last."""
+    import subprocess
+
+    commands = []
+
+    def child(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="{}\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    args = bench.build_parser().parse_args(["--peak-json", '{"fp32_flops": 1e11}', "--cli-reps", "7"])
+    bench.run_children(args, ["tiny", "medium"], {})
+    for cmd in commands:
+        assert cmd[cmd.index("--peak-json") + 1] == '{"fp32_flops": 1e11}' and cmd[cmd.index("--cli-reps") + 1] == "7"
+    samples = [cmd for cmd in commands if cmd[cmd.index("--only") + 1] == "sample"]
+    compared = [cmd[cmd.index("--decode-models") + 1 :][:2] for cmd in samples]
+    assert len(samples) == 2 and compared[0] == ["shapes", "emoji"] and compared[1][:1] != ["shapes"]

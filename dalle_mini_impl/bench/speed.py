@@ -971,9 +971,11 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
         if value is not None:
             passthrough += [flag, str(value)]
     passthrough += ["--sample-reps", str(args.sample_reps), "--uncached-reps", str(args.uncached_reps)]
-    passthrough += ["--guidance-until", str(args.guidance_until), "--decode-models", *args.decode_models]
+    passthrough += ["--guidance-until", str(args.guidance_until)]
     passthrough += ["--relax", str(args.relax), "--decode-batches", *map(str, args.decode_batches)]
-    passthrough += ["--matmul-reps", str(args.matmul_reps)]
+    passthrough += ["--matmul-reps", str(args.matmul_reps), "--cli-reps", str(args.cli_reps)]
+    if args.peak_json:
+        passthrough += ["--peak-json", args.peak_json]
     passthrough += [x for item in args.overrides for x in ("--set", item)]
     passthrough += [flag for flag, on in (("--no-encode", args.no_encode), ("--compile", args.compile)) if on]
     jobs: list[tuple[str, list[str]]] = [("peak", [])]
@@ -982,6 +984,8 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
         cmd = [sys.executable, "-m", "dalle_mini_impl.bench", "--only", phase, *passthrough]
         if ps:
             cmd += ["--preset", *ps]
+        if phase == "sample":  # the bundles' decoding comparison once, beside the first preset's sampling
+            cmd += ["--decode-models", *(args.decode_models if ps == [presets[0]] else [])]
         label = f"{phase} {' '.join(ps)}".strip()
         log(f"child: {label}")
         t0 = time.perf_counter()
