@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the fraction of the drawn cells that is guided, from the first drawn (1: all; default: the bundle's)",
     )
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature, above 0")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature, above 0 (at least 1e-6)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (0: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1: off)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first prompt; prompt i uses seed + i")

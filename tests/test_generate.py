@@ -235,6 +235,14 @@ def test_filter_logits_keeps_the_top_k_and_the_nucleus():
     assert torch.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[True, True, True, False]]
     assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
     assert torch.equal(filter_logits(logits), logits)
+    # ties at the k-th value (bf16's rounding makes them common): exactly k stay, so top_k=1 is greedy (once a tie
+    # kept both, and the seed chose between them)
+    tied = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    for k in (1, 2):
+        kept = torch.isfinite(filter_logits(tied, top_k=k))
+        assert kept.sum(dim=-1).tolist() == [k, k] and not kept[0, 0] and not kept[0, 4]
+    draws = {int(sample_logits(tied[:1], top_k=1, generator=torch.Generator().manual_seed(s))) for s in range(20)}
+    assert len(draws) == 1
 
 
 def test_sample_logits_follows_the_softmax():
@@ -243,6 +251,19 @@ def test_sample_logits_follows_the_softmax():
     assert abs(ids.float().mean().item() - 0.75) < 0.015
     hot = sample_logits(logits, temperature=0.1, generator=torch.Generator().manual_seed(0))
     assert hot.float().mean().item() > 0.99
+
+
+def test_a_temperature_too_small_to_compute_is_refused():
+    """Once: logits / 1e-40 overflowed float32, the softmax was NaN, and every token was the last id."""
+    model = make()
+    with pytest.raises(ValueError, match="temperature must be at least 1e-06 \\(use top_k=1 for greedy"):
+        generate(model, TEXT, temperature=1e-40)
+    with pytest.raises(ValueError, match="temperature must be at least"):
+        generate(model, TEXT, temperature=float("nan"))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(
+        generate(model, TEXT, temperature=1e-6, generator=g()), generate(model, TEXT, top_k=1, generator=g())
+    )
 
 
 def test_a_model_that_memorised_four_pairs_regenerates_them_greedily():

@@ -12,9 +12,11 @@ unconditional rows leave the batch (their cache rows are dropped), so the rest c
 sampling costs.
 
 Sampling draws one uniform number per row and token from the caller's `torch.Generator` (inverse-CDF
-sampling), the same draws in every decoding mode, so every mode gives the same tokens for the same seed;
-`decode="uncached"`, which recomputes the whole prefix every step, is the reference the others are tested
-against.
+sampling), the same draws in every decoding mode, so every mode gives the same tokens for the same seed in
+float32; `decode="uncached"`, which recomputes the whole prefix every step, is the reference the others are
+tested against. In bf16 the modes round their different sums differently, so a near-tie of two codes can fall
+either way and the tokens part there (a few cells in a hundred on the shapes bundle); each mode alone is still
+repeatable.
 
 `decode="speculative"` is speculative Jacobi decoding (Teng et al. 2025, "Accelerating Auto-regressive
 Text-to-Image Generation with Training-free Speculative Jacobi Decoding"): one forward pass feeds the last
@@ -71,15 +73,17 @@ REDRAFTS = ("coupled", "independent")  # how its Jacobi step redrafts the cells 
 # drafts pass less often), so 8 is the narrowest. The GPU budget is not measured yet (no GPU was lent): eager
 # decoding of models this size is bound by kernel launches there up to thousands of positions per pass.
 MAX_WINDOW, MIN_WINDOW = 16, 8
+MIN_TEMPERATURE = 1e-6
 WINDOW_TOKENS_CPU = {torch.bfloat16: 32}  # any other dtype: 0, plain decoding
 WINDOW_TOKENS_GPU = 256
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Logits (b, k) with -inf outside the top_k ids (0: off) and outside the top_p nucleus (1: off)."""
+    """Logits (b, k) with -inf outside the top_k ids (0: off) and outside the top_p nucleus (1: off). Exactly
+    top_k ids stay: of ids tied at the k-th value (common in bf16), those topk returns first."""
     if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kept = logits.topk(top_k, dim=-1).indices
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, kept, logits.gather(-1, kept))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
@@ -456,8 +460,10 @@ def _check_args(
             raise ValueError(f"null_text must be (1 or b, {c.text_len}), got {tuple(null_text.shape)}")
     if not 0.0 <= guidance_until <= 1.0:
         raise ValueError(f"guidance_until must lie in [0, 1] (the guided fraction of the image), got {guidance_until}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
+    if not temperature >= MIN_TEMPERATURE:  # below it, logits / temperature overflow float32: NaN, then the last id
+        raise ValueError(
+            f"temperature must be at least {MIN_TEMPERATURE:g} (use top_k=1 for greedy decoding), got {temperature}"
+        )
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
     if prime is not None:
@@ -513,7 +519,8 @@ def generate(
         (1: all, 0: none); after them the unconditional rows leave the batch. Primed (kept) tokens before the
         first drawn one do not count: a completion of the image's bottom half guides the first part of it.
     temperature, top_k (0: off), top_p (1: off): applied in this order to the (guided) image logits.
-    generator: the source of all randomness; the same seed gives the same ids in every decode mode.
+    generator: the source of all randomness; the same seed gives the same ids in every decode mode (in float32;
+        in bf16 each mode's rounding may part them at a near-tie).
     prime: (b, k) image ids that are kept as the first k tokens; generation continues after them.
     on_row(r, ids): called once per grid row r = 0 .. h-1, in order, as soon as the row is complete
         (primed rows first, before any sampling), with a copy of the ids so far, (b, (r + 1) * w).

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..config import GUIDED_OPTIMIZERS, RunConfig, SampleConfig
 from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
-from ..model.generate import DECODE_MODES, MIN_WINDOW, WINDOW_TOKENS_CPU, generate
+from ..model.generate import DECODE_MODES, MIN_TEMPERATURE, MIN_WINDOW, WINDOW_TOKENS_CPU, generate
 from .bundle import (
     FILES,
     bundle_path,
@@ -197,8 +197,11 @@ def check_settings(s: SampleConfig) -> None:
         )
     if not 0 <= s.guidance_until <= 1:
         raise UserError(f"--guidance-until is {s.guidance_until}; give the guided fraction of the image, in [0, 1]")
-    if s.temperature <= 0:
-        raise UserError(f"--temperature is {s.temperature}; it must be above 0 (use --top-k 1 for greedy decoding)")
+    if not s.temperature >= MIN_TEMPERATURE:  # NaN too
+        raise UserError(
+            f"--temperature is {s.temperature}; it must be above 0, at least {MIN_TEMPERATURE:g} (use --top-k 1 for "
+            "greedy decoding)"
+        )
     if s.top_k < 0:
         raise UserError(f"--top-k is {s.top_k}; use 0 (off) or a positive number of ids")
     if not 0 < s.top_p <= 1:
