@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dalle_mini_impl.config import config_to_dict, load_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import emoji
 from tests.bundle_factory import make_tiny_bundle, tiny_config
@@ -148,6 +149,15 @@ def test_swaps_seen_only_never_name_a_held_out_cell_in_the_judges_steps(folder, 
 def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
     with pytest.raises(UserError, match="'judge.splits' is 'train\\+test'; the judge grades the test split"):
         train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--set", "judge.splits=train+test"])
+    for spelled in ("test/", "./test", " test"):  # each opens DATA/test too (once read: a string comparison)
+        with pytest.raises(UserError, match="the judge grades the test split and must never learn from it"):
+            train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--set", f"judge.splits=train+{spelled}"])
+    # a pipeline run's folder: once its text tokenizer passed for the judge's, and the judge wrote itself into it
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config_to_dict(load_config("emoji64"))))
+    with pytest.raises(UserError, match="is another run's folder \\(its config.json is no judge's\\)"):
+        train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--out", str(run)])
     cfg = train_judge.judge_config(train_judge.loop.parse_args(["--config", "emoji64"], "")[0], "runs/x-judge")
     assert cfg.out_dir == "runs/x-judge" and cfg.name == "emoji64-judge"
     # once "unknown shapes split 'train+validation'", a split the user never typed

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
-from dalle_mini_impl.config import RunConfig
+from dalle_mini_impl.config import RunConfig, read_config_json
 from dalle_mini_impl.data.streams import split_parts
 from dalle_mini_impl.errors import UserError, run_cli
 from train import loop
@@ -48,7 +49,8 @@ def judge_config(cfg: RunConfig, out: str) -> RunConfig:
             "rule-based judge (eval shapes): pass --data with an emoji-styles folder and --config configs/emoji.toml"
         )
     parts = split_parts(j.splits)
-    if GRADED_SPLIT in parts:
+    # as a folder name: "test/" and "./test" open DIR/test too
+    if GRADED_SPLIT in {os.path.normpath(part.strip()) for part in parts}:
         raise UserError(
             f"config key 'judge.splits' is '{j.splits}'; the judge grades the {GRADED_SPLIT} split and must never "
             "learn from it: use train+validation"
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("vae.safetensors", "transformer.safetensors"):
         if (Path(out) / part).is_file():
             raise UserError(f"--out '{out}' holds a model ({part}); give the judge a folder of its own")
+    if (Path(out) / "config.json").is_file() and not is_judge(read_config_json(Path(out) / "config.json")):
+        # a pipeline run's folder: its text tokenizer would pass for the judge's own, and its config be written over
+        raise UserError(f"--out '{out}' is another run's folder (its config.json is no judge's); give the judge one")
     jcfg = judge_config(cfg, out)
     state = process_state()  # the main process trains the tokenizer while the others wait, then all train the CLIP
     if state.is_main_process and not (Path(out) / "text.model").is_file():  # a resumed run keeps its tokenizer
