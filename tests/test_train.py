@@ -450,6 +450,11 @@ def test_the_transformer_encodes_captions_as_the_run_tokenizer_was_trained(run_d
     run = copy_run(run_dir, tmp_path / "r")
     with pytest.raises(UserError, match="'text.text_len' is 8 but the run's text tokenizer was trained with 16"):
         train_dalle.main(args_for(run, "train.dalle.steps=1", "text.text_len=8"))
+    # CLIP too: once it trained, and the run folder could not load what it wrote
+    with pytest.raises(UserError, match="'text.text_len' is 8 but the run's text tokenizer was trained with 16"):
+        train_clip.main(args_for(run, "train.clip.steps=1", "text.text_len=8"))
+    with pytest.raises(UserError, match="'data.image_size' is 32 but the run's config.json says 16"):
+        train_clip.main(args_for(run, "train.clip.steps=1", "data.image_size=32"))
 
 
 def test_resuming_a_checkpoint_of_another_model_is_one_sentence(run_dir, tmp_path):

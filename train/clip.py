@@ -43,7 +43,14 @@ from dalle_mini_impl.eval.clip import one_object_scenes, retrieval_metrics, zero
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
 from dalle_mini_impl.shapes.negatives import perturbations
 from train import finetune, loop
-from train.common import adamw, example_batches, require_parts, seed_everything
+from train.common import (
+    adamw,
+    check_image_size,
+    check_text_settings,
+    example_batches,
+    require_parts,
+    seed_everything,
+)
 
 
 def clip_data(cfg: RunConfig) -> RunConfig:
@@ -122,6 +129,8 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.") -> dict[str, floa
     if source is not None:
         finetune.adopt_text_tokenizer(source, cfg, accelerator)
     require_parts(cfg.out_dir, "text")
+    check_text_settings(cfg)  # else a CLIP of another text length or image size than config.json says: unloadable
+    check_image_size(cfg)
     tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     model = clip_from_config(cfg, tokenizer)
     if source is not None:

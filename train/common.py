@@ -63,6 +63,23 @@ def check_text_settings(cfg: RunConfig) -> None:
         )
 
 
+def check_image_size(cfg: RunConfig) -> None:
+    """One sentence when `data.image_size` differs from the run's config.json, which the run's other parts were
+    trained at and which the bundle loads every part with: a part trained at another size could not be loaded."""
+    from dalle_mini_impl.config import read_config_json
+    from dalle_mini_impl.errors import UserError
+
+    path = Path(cfg.out_dir) / "config.json"
+    if not path.is_file():
+        return
+    recorded = read_config_json(path).data.image_size
+    if cfg.data.image_size != recorded:
+        raise UserError(
+            f"config key 'data.image_size' is {cfg.data.image_size} but the run's config.json says {recorded} "
+            f"({path}); leave --set data.image_size out, or train at the new size in a new --out"
+        )
+
+
 def text_mismatch(mine: TextConfig, trained: TextConfig) -> tuple[str, object, object] | None:
     """(key, mine, trained) of the first setting that encodes captions into a tokenizer's ids (text_len,
     lowercase) where `mine` differs from what the tokenizer was trained with; None when none does."""
