@@ -264,6 +264,11 @@ def test_train_all_refuses_a_decoder_phase_of_a_dvae_before_training_anything(tm
         ("train.dalle.steps=-1", "train.dalle.steps is -1"),
         # once shards written until the disk was full, after the tokenizer had trained
         ("data.max_examples=0", "the shapes training stream is endless and data.max_examples is 0"),
+        ("clip.pool=avg", "config key 'clip.pool' is 'avg'; set it to eot or mean"),  # once after the tokenizer
+        ("clip.patch_size=0", "config key 'clip.patch_size' is 0; set it to a positive size"),  # once a traceback
+        ("clip.embed_dim=0", "config key 'clip.embed_dim' is 0"),  # once trained, every gradient 0
+        ("clip.image_depth=-1", "config key 'clip.image_depth' is -1; set it to 0 or more blocks"),
+        ("clip.crop_scale_min=0", "config key 'clip.crop_scale_min' is 0.0; set it in (0, 1]"),
     ],
 )
 def test_train_all_names_a_later_stages_bad_setting_before_training_anything(tmp_path, setting, says):

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dalle_mini_impl.clip.model import clip_augment, clip_from_config
+from dalle_mini_impl.clip.model import check_clip_config, clip_augment, clip_from_config
 from dalle_mini_impl.clip.negatives import rest_swapped_captions, swapped_captions
 from dalle_mini_impl.clip.uses import BundleClipScorer
 from dalle_mini_impl.config import RunConfig
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_config(cfg: RunConfig) -> None:
     """What CLIP's training needs of the config beyond types, checked before any stage of a run starts."""
+    check_clip_config(cfg.clip, cfg.data.image_size)  # the model's own settings: sizes, choices, augmentation
     if cfg.clip.hard_negatives and cfg.data.source != "shapes" and len(cfg.clip.swap_phrases) < 2:
         raise UserError(
             "clip.hard_negatives on data other than shapes needs clip.swap_phrases, at least two phrases "

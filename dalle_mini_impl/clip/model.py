@@ -369,7 +369,16 @@ class TokenizerLike(Protocol):
     eos_id: int
 
 
-def _check(cfg: CLIPConfig, image_size: int) -> None:
+def check_clip_config(cfg: CLIPConfig, image_size: int) -> None:
+    """One sentence for a CLIP setting no model can be built or trained with, before anything is built."""
+    for key in ("patch_size", "image_width", "text_width", "embed_dim"):
+        if getattr(cfg, key) < 1:  # once a ZeroDivisionError, or a model whose every gradient was 0
+            raise UserError(f"config key 'clip.{key}' is {getattr(cfg, key)}; set it to a positive size")
+    for key in ("image_depth", "text_depth"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key 'clip.{key}' is {getattr(cfg, key)}; set it to 0 or more blocks")
+    if not 0 < cfg.crop_scale_min <= 1:
+        raise UserError(f"config key 'clip.crop_scale_min' is {cfg.crop_scale_min}; set it in (0, 1], e.g. 0.85")
     for key, choices in (
         ("pool", ("eot", "mean")),
         ("image_pool", ("cls", "mean")),
@@ -414,7 +423,7 @@ class CLIP(nn.Module):
 
     def __init__(self, cfg: CLIPConfig, *, image_size: int, text_vocab: int, text_len: int, pad_id: int, eos_id: int):
         super().__init__()
-        _check(cfg, image_size)
+        check_clip_config(cfg, image_size)
         self.cfg = cfg
         self.image_size, self.text_vocab, self.text_len = image_size, text_vocab, text_len
         self.pad_id, self.eos_id = pad_id, eos_id
