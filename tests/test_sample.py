@@ -231,6 +231,8 @@ def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, 
     # random codes are refined, not sampled: the sampler's settings would do nothing, and --num-images alone counts
     code, _, err = run([*args, "--guided-prior-weight", "0.5", "--temperature", "0.7"], capsys)
     assert code == 2 and "--temperature shapes how candidates are sampled, and --init random samples none" in err
+    code, _, err = run([*args, "--guided-prior-weight", "0.5", "--num-images", "0"], capsys)
+    assert code == 2 and "--num-images is 0; --init random refines that many random starts" in err  # once --candidates
     code, out, _ = run(
         [*args, "--guided-prior-weight", "0.5", "--num-images", "3", "--json", "--out", str(jacobi)], capsys
     )

@@ -144,3 +144,9 @@ def test_tokenizer_command_writes_model_and_config(tmp_path, capsys):
     tok = TextTokenizer.load(out / "text.model", config["text"]["text_len"], config["text"]["lowercase"])
     assert tok.vocab_size == summary["vocab_size"]
     assert tok.decode(tok.encode(["a large yellow circle at the top"])) == ["a large yellow circle at the top"]
+
+
+def test_a_vocabulary_sentencepiece_cannot_count_is_one_sentence(shapes_captions, tmp_path):
+    # once sentencepiece's "cannot parse as int" traceback
+    with pytest.raises(UserError, match="text.vocab_size is 3000000000; use a positive size up to 1,000,000"):
+        TextTokenizer.train(shapes_captions, TextConfig(vocab_size=3_000_000_000), tmp_path / "t.model")

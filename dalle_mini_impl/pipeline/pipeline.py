@@ -550,6 +550,11 @@ class Pipeline:
                         f"{flag} shapes how candidates are sampled, and --init random samples none; leave it out"
                     )
             candidates = num_images if num_images is not None else self.cfg.sample.num_images
+            if not 1 <= candidates <= MAX_CANDIDATES:  # named as what the user gave: --candidates is refused here
+                raise UserError(
+                    f"--num-images is {candidates}; --init random refines that many random starts: use 1 to "
+                    f"{MAX_CANDIDATES}"
+                )
         s = self.settings(
             num_images=num_images,
             candidates=candidates,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
+MAX_VOCAB = 1_000_000  # the largest text vocabulary: far past any caption set's pieces, and a 32-bit count
 # below full coverage, characters seen once or twice in a big caption set become byte pieces instead of
 # taking vocabulary slots; sentencepiece's recommended default for character-rich languages
 CHARACTER_COVERAGE = 0.9995
@@ -102,8 +103,8 @@ class TextTokenizer:
         """Train on `captions` in memory, write the model to `path` (atomically) and return it loaded."""
         if cfg.model_type not in MODEL_TYPES:
             raise UserError(f"text.model_type '{cfg.model_type}' is unknown; use one of: {', '.join(MODEL_TYPES)}")
-        if cfg.vocab_size < 1:
-            raise UserError(f"text.vocab_size is {cfg.vocab_size}; it must be positive")
+        if not 1 <= cfg.vocab_size <= MAX_VOCAB:  # sentencepiece reads it as a 32-bit int: a traceback above
+            raise UserError(f"text.vocab_size is {cfg.vocab_size}; use a positive size up to {MAX_VOCAB:,}")
         texts = [c for c in captions if isinstance(c, str) and c.strip()]
         if not texts:
             raise UserError(
