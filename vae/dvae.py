@@ -93,8 +93,9 @@ def check_group_inputs(sizes: tuple[int, ...], inputs: list[str] | None) -> tupl
         return ("rgb",) * len(sizes)
     if len(inputs) != len(sizes) or not set(inputs) <= {"rgb", "ink"} or "rgb" not in inputs:
         raise VAEError(
-            f"group_inputs {list(inputs)} must name 'rgb' or 'ink' for each of the {len(sizes)} group_sizes, "
-            "with at least one 'rgb' group to carry the color, e.g. ['rgb', 'ink']"
+            f"group_inputs {list(inputs)} must name 'rgb' or 'ink' for each of the {len(sizes)} code groups "
+            f"{list(sizes)}, with at least one 'rgb' group to carry the color (e.g. ['rgb', 'ink'] for two groups), "
+            "or be [] for 'rgb' in every group"
         )
     return tuple(inputs)
 
