@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,12 +27,14 @@ pytestmark = pytest.mark.slow
 SAME_MATH = ["transformer.caption_dropout=0", "transformer.text_loss_weight=0"]
 
 
-def launch_two(module: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 -m module ARGV` on the CPU, one thread each."""
+def launch_two(module: str, argv: list[str], config_file: str | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m module ARGV` on the CPU, one thread each (or with
+    `--config_file config_file` in place of the flags)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *argv,
+        sys.executable, "-m", "accelerate.commands.launch", *(["--config_file", config_file] if config_file else flags),
+        "--dynamo_backend", "no", "-m", module, *argv,
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -71,6 +74,16 @@ def test_dalle_two_processes_match_one(base_run, tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=f"{k} differs between 1 and 2 processes")
+
+
+def test_the_two_cpu_process_launch_config_runs_two_processes(base_run, tmp_path):
+    """configs/accelerate/cpu_2proc.yaml, as SCALING.md launches it: once MULTI_CPU, which ran one process."""
+    run = copy_run(base_run, tmp_path / "run")
+    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "cpu_2proc.yaml"
+    proc = launch_two("train.dalle", args_for(run, "train.dalle.steps=1"), str(config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["num_processes"] == 2 and result["ranks_in_sync"] == 1
 
 
 def test_a_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(base_run, tmp_path):
