@@ -16,7 +16,7 @@ first use, so that `import dalle_mini_impl` stays cheap:
 
     from dalle_mini_impl import Pipeline
     pipe = Pipeline.from_pretrained()                       # the shapes bundle shipped in the package
-    best = pipe.generate("a red circle", num_images=4)[0]   # the prompt's Results, best first: .image (PIL)
+    kept = pipe.generate("a red circle", num_images=4)[0]   # the prompt's Results, best first: kept[0].image (PIL)
 """
 
 from __future__ import annotations
