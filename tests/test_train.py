@@ -419,6 +419,21 @@ def test_the_transformer_trains_from_token_shards_without_the_images_or_datasets
     assert (run / "transformer.safetensors").is_file()
 
 
+def test_a_stage_writes_its_weights_the_marker_of_done_after_its_json(run_dir, tmp_path, monkeypatch):
+    """Once the weights came first: a kill between the two writes left a stage train.all called done (its marker,
+    the weights, was there) and a folder nothing could load (no vae.json / transformer.json)."""
+    import os as os_module
+
+    written, replace = [], os_module.replace
+    monkeypatch.setattr(os_module, "replace", lambda src, dst: (written.append(Path(dst).name), replace(src, dst)))
+    run = copy_run(run_dir, tmp_path / "r")
+    train_vae.main(args_for(run, "train.vae.steps=1"))
+    train_encode.main(args_for(run))
+    train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    for part in ("vae", "transformer"):
+        assert written.index(f"{part}.json") < written.index(f"{part}.safetensors"), written
+
+
 def test_shards_of_an_earlier_image_tokenizer_are_encoded_again_not_trained_on(run_dir, tmp_path, capsys):
     """Once: a VAE trained again after train.encode, whose shards encode reused and train.dalle read (an
     IndexError with a smaller codebook; other codes, silently, with a larger one)."""

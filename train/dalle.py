@@ -28,6 +28,7 @@ from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.data.tokens import TokenStream, check_shards_tokenizer, list_shards, tokenizer_digest, tokens_dir
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.model.generate import generate
 from dalle_mini_impl.model.transformer import DALLE, resolve_config
 from dalle_mini_impl.pipeline.bundle import FILES, load_text_tokenizer, load_vae, part_path, save_state_dict
@@ -317,10 +318,11 @@ def train(cfg: RunConfig, args, stage: str) -> int:
 
     name = "transformer" if stage == "dalle" else "unclip"
 
-    def export(m, state):
+    def export(m, state):  # the weights last: they mark the stage done, so a kill between leaves it undone
         out = Path(cfg.out_dir)
+        text = json.dumps(config_to_dict(m.cfg), indent=2) + "\n"
+        write_atomic(out / f"{name}.json", lambda tmp: tmp.write_text(text))
         save_state_dict(state, out / f"{name}.safetensors")
-        (out / f"{name}.json").write_text(json.dumps(config_to_dict(m.cfg), indent=2) + "\n")
 
     stage_ = loop.Stage(
         name=stage,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.model.prior import EmbeddingPrior
 from dalle_mini_impl.pipeline.bundle import load_text_tokenizer, save_state_dict
 from train import finetune, loop
@@ -127,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         n = max(float(sums[3]), 1.0)
         return {"val_loss": float(sums[0]) / n, "val_cosine": float(sums[1]) / n, "val_text_cosine": float(sums[2]) / n}
 
-    def export(m, state):
+    def export(m, state):  # the weights last: they mark the stage done, so a kill between leaves it undone
         out = Path(cfg.out_dir)
+        text = json.dumps(prior_geometry(m), indent=2) + "\n"
+        write_atomic(out / "prior.json", lambda tmp: tmp.write_text(text))
         save_state_dict(state, out / "prior.safetensors")
-        (out / "prior.json").write_text(json.dumps(prior_geometry(m), indent=2) + "\n")
 
     stage = loop.Stage(
         name="prior",

@@ -91,8 +91,10 @@ def save_pretrained(
     # clone: safetensors refuses tensors that share storage, and weights may live on an accelerator
     state = {name: t.detach().cpu().clone().contiguous() for name, t in state.items()}
     meta = {"format_version": FORMAT_VERSION, "kind": model.kind, "kwargs": model.hyperparameters()}
-    _write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"kind": model.kind}))
+    # the weights last: they are what marks the tokenizer done (train.all), so a kill between the two writes
+    # leaves it undone, never done without its config
     _write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    _write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"kind": model.kind}))
     return folder
 
 
