@@ -612,9 +612,14 @@ def test_export_checks_its_folders_before_writing_and_drops_parts_of_an_earlier_
         (run_dir, tmp_path / "afile" / "b", "which is a file"),
         (run_dir, run_dir, "is the run folder itself"),
         (tmp_path / "nothere", tmp_path / "b", "run folder '.*nothere' does not exist; pass the folder train.all"),
+        # once written over, beside its checkpoints, its stages then done to train.all
+        (run_dir, shutil.copytree(run_dir, tmp_path / "other"), "holds checkpoints/, so it is a run folder"),
     ]:
         with pytest.raises(UserError, match=says):
             train_export.main([str(run), str(dest)])
+    with pytest.raises(UserError, match="sampling settings would be refused \\(--num-images is 0; keep at least 1"):
+        train_export.main([str(run_dir), str(tmp_path / "b"), "--set", "sample.num_images=0"])  # once every use
+    assert not (tmp_path / "b").exists()
     half = shutil.copytree(run_dir, tmp_path / "half", ignore=shutil.ignore_patterns("checkpoints", "logs", "tokens"))
     (half / "transformer.safetensors").unlink(missing_ok=True)
     with pytest.raises(UserError, match="no transformer.safetensors"):

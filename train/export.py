@@ -32,6 +32,7 @@ from dalle_mini_impl.data.streams import is_local_source
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.files import file_above
 from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, load_state_dict, part_path, save_state_dict
+from dalle_mini_impl.pipeline.pipeline import check_settings
 from train.judge import is_judge
 from vae.vq import CRITIC_PREFIX
 
@@ -58,6 +59,9 @@ def check_paths(run: Path, dest: Path) -> list[str]:
     above = file_above(dest)
     if above is not None:
         raise UserError(f"DEST '{dest}' is under '{above}', which is a file; pass another folder")
+    for kept in ("checkpoints", "tokens", "logs"):  # a run folder: its files would be written over, and its stages
+        if (dest / kept).exists():  # then look done to train.all
+            raise UserError(f"DEST '{dest}' holds {kept}/, so it is a run folder; write the bundle to another folder")
     judge = clip_only(run)
     for name in (FILES["config"], FILES["text"], *(() if judge else SIDE_FILES)):
         if not (run / name).is_file():
@@ -90,6 +94,10 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
     run's alone."""
     parts = check_paths(run, dest)
     cfg = apply_sample_overrides(read_config_json(part_path(run, "config")), list(sample_overrides))
+    try:  # a bundle whose own defaults python -m sample refuses would refuse every use
+        check_settings(cfg.sample)
+    except UserError as e:
+        raise UserError(f"the bundle's sampling settings would be refused ({e}); change that sample value") from None
     if is_local_source(cfg.data.source):  # a path on this machine: meaningless, and private, where a bundle goes
         cfg.data.source = ""
     dest.mkdir(parents=True, exist_ok=True)
@@ -109,7 +117,8 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
         for stale in (dest / FILES[part], dest / f"{part}.json"):
             stale.unlink(missing_ok=True)
     for path in sorted(dest.iterdir()):
-        sizes[path.name] = path.stat().st_size
+        if path.is_file():
+            sizes[path.name] = path.stat().st_size
     return sizes
 
 
