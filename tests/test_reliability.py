@@ -163,7 +163,8 @@ def test_a_vq_with_its_critic_killed_and_resumed_is_the_uninterrupted_run(base_r
 def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
     """The stage runs in its own session (a terminal's Ctrl-C reaches train.all alone), and each SIGINT or SIGTERM
     train.all receives is passed on once: the first stops a training stage with a checkpoint, a second Ctrl-C
-    at once (two copies of one Ctrl-C would be that second)."""
+    at once (two copies of one Ctrl-C would be that second). A hangup (a closed terminal) goes on as SIGTERM: once
+    it killed train.all alone, and the stage trained on beside the rerun's."""
     import threading
     import time
 
@@ -176,7 +177,7 @@ def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
         "seen = []\n"
         "def note(signum, frame):\n"
         f"    seen.append(signum); open({str(log)!r}, 'a').write(f'{{signum}} {{os.getsid(0)}}\\n')\n"
-        "    if len(seen) == 2: sys.exit(128 + signum)\n"
+        "    if len(seen) == 3: sys.exit(128 + signum)\n"
         "signal.signal(signal.SIGINT, note); signal.signal(signal.SIGTERM, note)\n"
         f"open({str(ready)!r}, 'w').close()\n"
         "while True: time.sleep(0.05)\n"
@@ -186,17 +187,22 @@ def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
         deadline = time.monotonic() + 60
         while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGINT)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            os.kill(os.getpid(), signum)
+            time.sleep(0.5)
 
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (nohup would ignore it, and so would this)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     sender = threading.Thread(target=signal_when_ready)
     sender.start()
-    code = run_stage([sys.executable, "-c", child])
-    sender.join()
+    try:
+        code = run_stage([sys.executable, "-c", child])
+    finally:
+        sender.join()
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, hangup)
     assert code == 128 + signal.SIGINT and code in STOPPED_EXIT_CODES
     lines = [line.split() for line in log.read_text().splitlines()]
-    assert [int(signum) for signum, _ in lines] == [signal.SIGTERM, signal.SIGINT]  # each once, in order
+    assert [int(signum) for signum, _ in lines] == [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]  # once, in order
     assert all(int(sid) != os.getsid(0) for _, sid in lines)  # its own session
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert after == handlers

@@ -79,14 +79,17 @@ def check_only(only: str | None, names: list[str]) -> set[str] | None:
 
 def run_stage(cmd: list[str]) -> int:
     """Run one stage to its end; its exit code. The stage runs in its own session, so a terminal's Ctrl-C
-    reaches this process alone, which passes it (and SIGTERM) on, once per signal: the first stops a training
-    stage with a checkpoint, a second Ctrl-C stops it at once (train.loop.StopRequest)."""
+    reaches this process alone, which passes it (and SIGTERM, and a hangup as SIGTERM) on, once per signal: the
+    first stops a training stage with a checkpoint, a second Ctrl-C stops it at once (train.loop.StopRequest)."""
     proc = subprocess.Popen(cmd, start_new_session=True)
 
     def forward(signum, frame):
-        proc.send_signal(signum)
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    # a closed terminal's SIGHUP stops the stage as SIGTERM does (it would outlive this process, and a rerun would
+    # train beside it), unless it is ignored (nohup)
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    previous = {signum: signal.signal(signum, forward) for signum in (*STOP_SIGNALS, *hangup)}
     try:
         return proc.wait()
     finally:
