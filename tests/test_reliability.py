@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,23 @@ def test_a_vq_with_its_critic_killed_and_resumed_is_the_uninterrupted_run(base_r
     same = compare_runs(runs["straight"], runs["killed"])
     assert same["same"] and same["logs"]["vae"]["vae/grad_norm"]["equal"] == 6, same["first_difference"]
     assert same["files"]["vae.safetensors"]["equal"] == same["files"]["vae.safetensors"]["tensors"]
+
+
+def test_a_retrain_stopped_before_its_end_leaves_config_json_describing_the_files(base_run, tmp_path):
+    """Once a stage wrote its settings into config.json when it started: a retrain with another CLIP size, stopped
+    with a checkpoint, left a run folder whose config no longer fit its clip.safetensors (nothing could load it)."""
+    from dalle_mini_impl.config import read_config_json
+
+    run = copy_run(base_run, tmp_path / "run")
+    assert run_stage("clip", run, "train.clip.steps=2").returncode == 0
+    before = read_config_json(run / "config.json").clip
+    shutil.rmtree(run / "checkpoints" / "clip")  # a new CLIP from nothing (as --no-resume sets the old aside)
+    stopped = run_stage("clip", run, "train.clip.steps=6", "clip.embed_dim=8", kill_at="step:3:SIGINT")
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-2000:]
+    assert read_config_json(run / "config.json").clip == before  # the files in the folder: the first CLIP's
+    assert read_config_json(run / "logs" / "clip" / "config.json").clip.embed_dim == 8  # the stopped run's own
+    resumed = run_stage("clip", run, "train.clip.steps=6", "clip.embed_dim=8")
+    assert resumed.returncode == 0 and read_config_json(run / "config.json").clip.embed_dim == 8
 
 
 def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):

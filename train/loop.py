@@ -54,7 +54,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args
+from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args, save_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
 from train.common import destroy_process_group_at_exit
@@ -422,6 +422,7 @@ class Training:
     step: int = 0  # optimizer steps taken
     bad_in_row: int = 0  # non-finite steps since the last finite one
     bad_total: int = 0  # non-finite steps skipped in the whole run, resumes included
+    cfg: RunConfig | None = None  # the run's config, recorded in config.json when the stage exports
 
     @property
     def is_main(self) -> bool:
@@ -458,12 +459,13 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Training:
-    """Record the stage's config in the run folder; prepare its model (wrapped with its loss) and optimizer, the LR
-    schedule and the EMA weights."""
+    """Keep the stage's config beside its logs; prepare its model (wrapped with its loss) and optimizer, the LR
+    schedule and the EMA weights. The run's config.json takes the stage's sections only when it exports (`export`):
+    a retrain that stops before then leaves it describing the files still in the folder."""
     out = Path(cfg.out_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        record_stage_config(cfg, out, stage.name)
+        save_config(cfg, out / "logs" / stage.name / "config.json")
 
     # the loss runs as the forward of a wrapper so DDP/FSDP see it and synchronise gradients
     model, optimizer = accelerator.prepare(_LossModule(stage), stage.optimizer)
@@ -483,7 +485,7 @@ def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Train
             "launch this stage with DDP or ZeRO-2 (configs/accelerate/ddp.yaml)"
         )
     ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay > 0 else None
-    return Training(tc, stage, accelerator, out, model, forward, unwrapped, optimizer, scheduler, sharded, ema)
+    return Training(tc, stage, accelerator, out, model, forward, unwrapped, optimizer, scheduler, sharded, ema, cfg=cfg)
 
 
 def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
@@ -744,6 +746,8 @@ def export(t: Training) -> None:
         t.ema.copy_to(t.unwrapped)
     state = full_state_dict(t.model, t.accelerator, prefix="model.")  # every process joins the gather
     if t.is_main:
+        if t.cfg is not None:  # config.json first, then the weights that mark the stage done (train.all)
+            record_stage_config(t.cfg, t.out, t.stage.name)
         t.stage.export(t.unwrapped, state)
 
 
