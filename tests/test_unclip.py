@@ -324,6 +324,19 @@ def test_a_variation_is_never_its_source_as_the_tokenizer_draws_it(bundle, image
     assert torch.equal(two[0], ids[:2]) and two[2][0] < two[2][1]  # too few others: the copy fills, ranked last
 
 
+def test_a_prior_of_another_clip_or_text_tokenizer_is_one_sentence_at_load(bundle, tmp_path):
+    """Once it loaded, and --method unclip stopped with a traceback ("text_emb must be (16, 16), got (16, 8)")."""
+    from dalle_mini_impl.pipeline.bundle import save_state_dict
+    from train.prior import prior_geometry
+
+    other = shutil.copytree(bundle, tmp_path / "other")
+    stale = prior()  # another embedding width and text length than the bundle's CLIP and tokenizer
+    (other / "prior.json").write_text(json.dumps(prior_geometry(stale)))
+    save_state_dict(stale.state_dict(), other / "prior.safetensors")
+    with pytest.raises(UserError, match="prior.safetensors was trained on .*: another CLIP or text tokenizer than"):
+        Pipeline.from_pretrained(other)
+
+
 def test_prior_guidance_reaches_the_prior(bundle):
     pipe = Pipeline.from_pretrained(bundle, device="cpu")
     draw = lambda **kw: pipe.prior_embeddings("a red circle", 2, torch.Generator().manual_seed(0), **kw)  # noqa: E731

@@ -347,6 +347,20 @@ class Pipeline:
                     "(unclip.grid in config.json); use a bundle whose parts were trained together"
                 )
 
+        prior = self.unclip_prior
+        if prior is not None and self.clip is not None:  # a prior left from an earlier CLIP or text tokenizer
+            text, vocab, width = self.text_tokenizer, prior.text_emb.num_embeddings, self.clip.embed_dim()
+            for bad, detail in (
+                (prior.embed_dim != width, f"embeddings of {prior.embed_dim}, not {width}"),
+                (prior.text_len != text.text_len, f"captions of {prior.text_len} ids, not {text.text_len}"),
+                (vocab < text.vocab_size, f"a text vocabulary of {vocab}, not {text.vocab_size}"),
+            ):
+                if bad:
+                    raise UserError(
+                        f"prior.safetensors was trained on {detail}: another CLIP or text tokenizer than this "
+                        "bundle's; train the prior again (python -m train.prior) with this bundle's parts"
+                    )
+
     def _check_model_fits(self, m, what: str) -> None:
         text, image = self.text_tokenizer, self.image_tokenizer
         grid = image.grid(self.cfg.data.image_size)
