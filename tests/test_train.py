@@ -460,6 +460,23 @@ def test_a_stage_run_before_the_one_it_needs_names_that_stage(tmp_path):
         train_clip.main(args_for(tmp_path / "empty", "train.clip.steps=1"))
 
 
+def test_the_unclip_stages_name_the_stage_a_missing_part_comes_from(run_dir, tmp_path):
+    """Once "it is incomplete: retrain or copy the whole bundle", which tells a training run nothing."""
+    from train import embed as train_embed
+    from train import prior as train_prior
+
+    run = copy_run(run_dir, tmp_path / "r")
+    (run / "vae.safetensors").unlink()
+    (run / "clip.safetensors").write_bytes(b"")  # there: only its absence is asked about
+    for main in (train_prior.main, train_embed.main):
+        with pytest.raises(UserError, match="has no vae.safetensors; run python -m train.vae with the same --config"):
+            main(args_for(run, "unclip.enabled=true", "train.prior.steps=1"))
+    decoder = copy_run(run_dir, tmp_path / "d")
+    (decoder / "transformer.safetensors").unlink(missing_ok=True)
+    with pytest.raises(UserError, match="has no transformer.safetensors to start unCLIP's decoder from; run python"):
+        train_dalle.start_from_transformer(None, decoder)
+
+
 def test_the_transformer_encodes_captions_as_the_run_tokenizer_was_trained(run_dir, tmp_path):
     """Once: --set text.text_len=8 after a tokenizer of 16 exported a transformer the bundle could not load."""
     run = copy_run(run_dir, tmp_path / "r")

@@ -335,6 +335,11 @@ def test_a_prior_of_another_clip_or_text_tokenizer_is_one_sentence_at_load(bundl
     save_state_dict(stale.state_dict(), other / "prior.safetensors")
     with pytest.raises(UserError, match="prior.safetensors was trained on .*: another CLIP or text tokenizer than"):
         Pipeline.from_pretrained(other)
+    geometry = json.loads((bundle / "prior.json").read_text())
+    for edit in ({"prior": []}, {"embed_dim": -1}):  # once an AttributeError / a RuntimeError traceback
+        (other / "prior.json").write_text(json.dumps(geometry | edit))
+        with pytest.raises(UserError, match="prior.json' is not a valid prior config"):
+            Pipeline.from_pretrained(other)
 
 
 def test_prior_guidance_reaches_the_prior(bundle):

@@ -154,6 +154,11 @@ def widen_to_grid(state: dict[str, torch.Tensor], model: DALLE) -> dict[str, tor
 def start_from_transformer(decoder: DALLE, run: Path) -> None:
     """Load the run's trained transformer into unCLIP's decoder in place: every weight but the embedding's own
     (its projection and position vectors, which keep their initialisation). A checkpoint resumed later wins."""
+    if not (run / FILES["transformer"]).is_file():
+        raise UserError(
+            f"run folder '{run}' has no {FILES['transformer']} to start unCLIP's decoder from; run python -m "
+            "train.dalle with the same --config and --out first, or set unclip.init_from_transformer=false"
+        )
     finetune.load_weights(
         decoder,
         part_path(run, "transformer"),

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.clip.uses import state_fingerprint
 from dalle_mini_impl.data.tokens import check_shards_tokenizer, read_shards, tokenizer_digest, tokens_dir
 from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, part_path, save_state_dict
-from train.common import process_state
+from train.common import process_state, require_parts
 
 FILE = "clip.safetensors"
 
@@ -59,6 +59,7 @@ def clip_embeddings(
 ) -> dict[str, torch.Tensor]:
     """{"image": (N, e), "text": (N, e)} for the token shards of `split` in the run folder, computed once; with
     grid > 0 also "grid" (N, G), CLIP's spatial features pooled to grid x grid (`CLIP.image_grid`)."""
+    require_parts(run_dir, "vae", "clip")  # naming the stage to run first
     folder = tokens_dir(run_dir, split)
     ids, captions = read_shards(folder)  # a missing split is a one-sentence error
     check_shards_tokenizer(folder, tokenizer_digest(part_path(run_dir, "vae")))  # the images are the VAE's drawings

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     source = finetune.init_source(cfg, args, "prior")
     if source is not None:
         finetune.adopt_text_tokenizer(source, cfg, accelerator)
-    require_parts(cfg.out_dir, "text", "clip")
+    require_parts(cfg.out_dir, "text", "vae", "clip")  # the embeddings are CLIP's of the VAE's drawings
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     rank = accelerator.process_index
 

@@ -320,8 +320,11 @@ def load_prior(bundle: str | os.PathLike):
     try:
         values = json.loads(path.read_text())
         geometry = {k: int(values[k]) for k in ("embed_dim", "text_vocab", "text_len", "pad_id")}
+        if min(geometry["embed_dim"], geometry["text_vocab"], geometry["text_len"]) < 1:
+            raise ValueError(f"sizes below 1: {geometry}")
         model = EmbeddingPrior(config_from_dict(values["prior"], PriorConfig), **geometry)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+    # a JSON that is no prior's: wrong types (a list for "prior" has no keys), sizes no model can have
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         raise UserError(f"'{path}' is not a valid prior config ({e!r}); retrain or copy the whole bundle") from None
     return load_module(model, weights, "unCLIP prior").eval()
 
