@@ -52,7 +52,7 @@ class ShapesConfig:
     two_object_p: float = 1 / 3  # fraction of two-object scenes
     # color-shape combinations never drawn in training (measured as generalisation)
     held_out: list[str] = field(default_factory=lambda: ["purple triangle", "yellow square"])
-    omit_p: float = 0.3  # probability that a one-object caption leaves out each optional attribute
+    omit_p: float = 0.3  # probability that a caption leaves out each optional attribute (a two-object one: each size)
 
 
 @dataclass

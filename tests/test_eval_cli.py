@@ -40,6 +40,8 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["edit", "--n", "-3"], "--n is -3; use at least 1"),  # once a whole result of zeros
         (["recon", "--model", "shapes", "--limit", "-1"], "--limit is -1; use at least 0"),
         (["recon", "--model", "shapes", "--batch-size", "0"], "--batch-size is 0; use at least 1"),
+        (["recon", "--model", "shapes", "--split", "train"], "the shapes split 'train' is endless"),  # once no end
+        (["clip", "--model", "shapes", "--split", "train"], "the shapes split 'train' is endless"),
         (
             ["recon", "--model", "shapes", "--set", "data.image_size=18"],
             "not a multiple of the image tokenizer's factor 4",

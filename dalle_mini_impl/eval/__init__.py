@@ -18,6 +18,16 @@ def check_counts(**counts: tuple[int | None, int]) -> None:
             raise UserError(f"--{option.replace('_', '-')} is {value}; use at least {least}")
 
 
+def check_finite(stream, limit: int | None) -> None:
+    """One sentence for an endless split read with no limit (the shapes stream with data.shapes.train_size 0): the
+    evaluation would read it until memory ran out."""
+    if stream.source.kind == "shapes" and stream.length is None and not limit:
+        raise UserError(
+            f"the shapes split '{stream.split}' is endless (data.shapes.train_size is 0); pass --limit N, or "
+            "--set data.shapes.train_size=N, or evaluate --split validation"
+        )
+
+
 def check_data_overrides(overrides: list[str], command: str) -> None:
     """`eval clip` and `eval recon` read the data through --set (data.*); the model's own settings come from its
     bundle's files, so any other key would be ignored: refused instead."""

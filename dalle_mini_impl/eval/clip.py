@@ -30,7 +30,7 @@ from ..config import ShapesConfig, apply_overrides
 from ..data.images import from_uint8
 from ..errors import UserError, run_cli
 from ..shapes.generator import COLORS, SHAPES, WHERES, Obj, cell_of, render, sample_scene, split_seed
-from . import check_counts, check_data_overrides
+from . import check_counts, check_data_overrides, check_finite
 
 KS = (1, 5, 10)
 
@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     scorer = load_clip(args.model, device=args.device)
     scorer.batch_size = args.batch_size
     images, captions = [], []
-    for example in ExampleStream(cfg.data, split, train=False, seed=cfg.seed):
+    stream = ExampleStream(cfg.data, split, train=False, seed=cfg.seed)
+    check_finite(stream, args.limit)
+    for example in stream:
         if args.limit is not None and len(captions) >= args.limit:
             break
         images.append(example["image"])

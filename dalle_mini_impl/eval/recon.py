@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.eval import check_counts, check_data_overrides
+from dalle_mini_impl.eval import check_counts, check_data_overrides, check_finite
 from dalle_mini_impl.eval.emoji import check_judge, judge_reconstructions
 from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, read_bundle_config
 
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             f"evaluation reads it at {cfg.data.image_size}; drop --set data.image_size or --judge"
         )
     stream = ExampleStream(cfg.data, args.split, train=False)
+    check_finite(stream, args.limit)
     limited = _take(batches(stream, args.batch_size), args.limit)
     result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")
     result.update(source=cfg.data.source, split=args.split, image_size=cfg.data.image_size, skipped=stream.n_skipped)
