@@ -6,6 +6,8 @@ phase runs, prints one JSON object on its last stdout line, and carries the keys
 
 import json
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -201,10 +203,24 @@ def test_the_anchor_figures_are_an_input(tmp_path, capsys):
             bad.write_text("{}")
         with pytest.raises(UserError, match=message):
             anchor.read_figures(bad)
-    with pytest.raises(SystemExit) as stop:
-        run_cli(anchor.main, ["--anchor-python", str(tmp_path / "nope"), "--anchor-bench", str(tmp_path / "b.py")])
-    assert stop.value.code == 2
-    assert capsys.readouterr().err.startswith(f"error: --anchor-python '{tmp_path / 'nope'}' does not exist;")
+    (tmp_path / "b.py").write_text("print('{}')\n")
+    (tmp_path / "taken").mkdir()
+    ours = ["--anchor-bench", str(tmp_path / "b.py")]
+    python = ["--anchor-python", sys.executable, *ours]
+    for argv, says in (
+        (["--anchor-python", str(tmp_path / "nope"), *ours], f"--anchor-python '{tmp_path / 'nope'}' is no program"),
+        (["--anchor-python", str(tmp_path), *ours], "is no program \\(missing, a folder"),  # once a PermissionError
+        ([*python[:2], "--anchor-bench", str(tmp_path)], "is no file; pass the anchor's timing script"),
+        ([*python, "--out", str(tmp_path / "taken")], "--out '.*taken' is a folder"),  # once after the first runs
+        ([*python, "--log", str(tmp_path / "taken")], "--log '.*taken' is a folder"),
+        ([*python, "--threads", "0"], "--threads is 0; give both sides at least 1 thread"),  # once: exit 0, nothing
+        ([*python, "--timeout", "0"], "--timeout is 0.0"),
+        ([*python, "--configs", "medium", "--phases", "vae"], "--configs and --phases leave no run"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(anchor.main, argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and re.search(says, err) and err.count("\n") == 1, (argv, err)
 
 
 def test_each_phase_child_gets_the_commands_settings_and_the_bundles_are_compared_once(monkeypatch):

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, run_cli
-from ..files import read_json_object
+from ..files import check_out_file, read_json_object
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES = Path(__file__).resolve().parent / "anchor.json"
@@ -272,13 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         raise UserError(f"--rounds is {args.rounds}; run each side at least once")
-    if not Path(args.anchor_python).exists():
+    if args.threads < 1:
+        raise UserError(f"--threads is {args.threads}; give both sides at least 1 thread")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout is {args.timeout}; give each run a positive number of seconds, such as 1800")
+    planned = [(cfg, phase) for cfg in args.configs for phase in args.phases if phase != "vae" or cfg == "tiny"]
+    if not planned:
+        raise UserError("--configs and --phases leave no run (the vae phase is tiny's alone); add tiny or a phase")
+    python = Path(args.anchor_python)
+    if not (python.is_file() and os.access(python, os.X_OK)):
         raise UserError(
-            f"--anchor-python '{args.anchor_python}' does not exist; install the anchor's virtual environment "
-            "(docs/RESULTS.md) and pass its python"
+            f"--anchor-python '{python}' is no program (missing, a folder, or not executable); install the anchor's "
+            "virtual environment (docs/RESULTS.md) and pass its bin/python"
         )
-    if not Path(args.anchor_bench).exists():
-        raise UserError(f"--anchor-bench '{args.anchor_bench}' does not exist; pass the anchor's timing script")
+    if not Path(args.anchor_bench).is_file():
+        raise UserError(f"--anchor-bench '{args.anchor_bench}' is no file; pass the anchor's timing script")
+    check_out_file(args.out, "--out", "anchor.json")  # before an hour of runs, not after the first
+    check_out_file(args.log, "--log", "anchor.log")
     targets = read_figures(args.figures)["cpu_targets"]
 
     t_start = time.perf_counter()
