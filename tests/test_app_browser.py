@@ -203,3 +203,17 @@ def test_browser_page_asks_nothing_of_any_host_but_the_server(page, url):
     assert any(u.startswith(url + "api/generate") for u in requested)  # the log does see the page's requests
     elsewhere = [u for u in requested if not u.startswith((url, "data:", "blob:"))]
     assert not elsewhere, f"the page asked other hosts: {elsewhere}"
+
+
+def test_the_app_benchmark_times_a_shipped_bundle_given_as_its_folder(capsys):
+    """Once "the app offers no model 'dalle_mini_impl/assets/shapes'": the app loads each bundle once, by its
+    shipped name, so the benchmark looked for the folder's name on the page and found none."""
+    pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
+    if find_browser() is None:
+        pytest.skip("no Chromium and chromedriver on PATH: apt-get install chromium chromium-driver")
+    from dalle_mini_impl.bench import app as bench_app
+    from dalle_mini_impl.pipeline.bundle import bundle_path
+
+    assert bench_app.main(["--model", str(bundle_path("shapes")), "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "shapes" and len(result["first_image_s"]) == 1

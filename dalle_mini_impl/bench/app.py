@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.repeats < 1:
         raise UserError(f"--repeats is {args.repeats}; time at least 1 press")
+    from dalle_mini_impl.pipeline.bundle import bundle_path
+
+    # a shipped bundle's folder is offered on the page by the bundle's name (the app loads each bundle once)
+    shipped = {bundle_path(name).resolve(): name for name in ("shapes", "emoji")}
+    args.model = shipped.get(bundle_path(args.model).resolve(), args.model)
     extra = [] if args.model in ("shapes", "emoji") else [args.model]
     driver = start_browser(width=1200, height=820)  # a missing browser is said before the models load
     proc, url = None, None
