@@ -334,3 +334,24 @@ def test_the_math_attention_kernel_records_matmul_and_softmax_for_the_backward()
     torch.testing.assert_close(math, torch.nn.functional.scaled_dot_product_attention(q, q, q))
     with pytest.raises(loop.UserError, match="attention is 'flash'; use auto or math"):
         loop.make_accelerator(TrainConfig(attention="flash"))
+
+
+def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    """Once a rerun trained beside a first trainer that outlived its terminal, both writing the same checkpoints
+    (a traceback: "Directory not empty")."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / ".dalle.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(other.pid))
+        says = f"train.dalle is already training into '.*' \\(process {other.pid}\\); stop it"
+        with pytest.raises(loop.UserError, match=says):
+            train(tmp_path, 2)
+        assert lock.read_text() == str(other.pid)  # the first trainer's lock stays
+    finally:
+        other.kill()
+        other.wait()
+    logged, _ = train(tmp_path, 2)  # its process is gone (killed): the lock is stale, taken over
+    assert logged["loss"] >= 0 and not lock.exists()  # and given back at the end
