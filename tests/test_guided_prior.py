@@ -166,6 +166,20 @@ def test_jacobi_iterations_from_noise_reach_greedy_decoding(pipe):
     assert torch.equal(ids, greedy)
 
 
+def test_refinements_guided_cells_are_the_ones_sampling_guides(pipe):
+    """Once refinement guided the first guidance_until of the whole image while sampling (since it counts drawn
+    cells) guided the first guidance_until of those after the kept rows: a completion of the bottom half was
+    sampled guided and refined unguided."""
+    h, w = pipe.grid
+    n, first = h * w, (h // 2) * w
+    ids = random_codes(pipe.image_tokenizer.codebook_size, 1, h, w, torch.Generator().manual_seed(7)).flatten(1)
+    with torch.no_grad():
+        moves, plain = pipe.cell_log_probs(PROMPT, 3.0, 0.5, first=first)(ids)
+    guided = (moves != plain).any(dim=-1)[0]  # (n,): the cells whose moves guidance changed
+    stop = first + round(0.5 * (n - first))
+    assert not guided[:first].any() and not guided[stop:].any() and guided[first:stop].all()
+
+
 def test_jacobi_refinement_never_scores_below_its_start_and_keeps_the_kept_rows(pipe):
     h, w = pipe.grid
     start = random_codes(pipe.image_tokenizer.codebook_size, 2, h, w, torch.Generator().manual_seed(7))

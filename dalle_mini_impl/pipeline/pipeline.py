@@ -724,15 +724,17 @@ class Pipeline:
 
         return log_likelihood
 
-    def cell_log_probs(self, prompt: str, guidance_scale: float = 1.0, guidance_until: float = 1.0):
+    def cell_log_probs(self, prompt: str, guidance_scale: float = 1.0, guidance_until: float = 1.0, first: int = 0):
         """Image ids (b, n) -> the transformer's log-probabilities (b, n, image_vocab) of every code at every
         cell given `prompt` and the cells before it, twice: with classifier-free guidance on the first
-        guidance_until of the cells as sampling has it (1: off), which refinement's Jacobi updates move by, and
-        without, which its prior term reads (`guided.refine`); the same tensor when unguided."""
+        guidance_until of the cells from `first` on (the kept cells before it are not drawn) as sampling has it
+        (1: off), which refinement's Jacobi updates move by, and without, which its prior term reads
+        (`guided.refine`); the same tensor when unguided."""
         text = self.encode_prompt(prompt)  # (1, t)
         null = self.text_tokenizer.null_ids()[None].to(self.device)  # (1, t)
         n = self.transformer.cfg.image_len
-        guided = torch.arange(n, device=self.device) < round(guidance_until * n)  # (n,), as `generate` counts
+        cells = torch.arange(n, device=self.device)
+        guided = (cells >= first) & (cells < first + round(guidance_until * (n - first)))  # (n,), as `generate` counts
 
         def log_probs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             ids = ids.to(self.device)
@@ -776,7 +778,9 @@ class Pipeline:
             prior=self.prior(prompt) if use_prior else None,
             prior_weight=s.guided_prior_weight,
             optimizer="jacobi" if jacobi else "adam",
-            cell_log_probs=self.cell_log_probs(prompt, s.guidance_scale, s.guidance_until) if jacobi else None,
+            cell_log_probs=self.cell_log_probs(prompt, s.guidance_scale, s.guidance_until, keep_rows * self.grid[1])
+            if jacobi
+            else None,
             contrast=self.contrast_captions(prompt) if reads_contrast(s) else (),
             contrast_weight=s.guided_contrast_weight,
             contrast_guard=s.guided_contrast_guard,
@@ -822,7 +826,7 @@ class Pipeline:
             more = self.refine(ranked[used : used + missing], parts, s, generator, keep_rows, progress)
             used = min(used + missing, len(ranked))
             ids, images, scores = (torch.cat([a, b]) for a, b in zip((ids, images, scores), more))
-        if len(first) < s.num_images:
+        if len(first) < min(s.num_images, len(ranked)):  # fewer candidates than that: _distinct said so already
             images_word = "image" if len(first) == 1 else "images"
             warnings.warn(
                 f"prompt '{prompt}': CLIP-guided refinement of {used} candidates gave only {len(first)} distinct "
