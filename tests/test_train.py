@@ -297,6 +297,7 @@ def test_encode_of_an_endless_stream_without_a_limit_is_one_sentence(run_dir, tm
     with pytest.raises(UserError, match="the shapes training stream is endless and data.max_examples is 0"):
         train_encode.main(args_for(run, "data.max_examples=0"))
     train_encode.main(args_for(run, "data.max_examples=0", "data.shapes.train_size=16"))  # a finite one
+    train_encode.main([*args_for(run, "data.max_examples=0"), "--splits", "validation"])  # no endless split asked
 
 
 def test_encode_resumes_and_reuses_shards(run_dir):
@@ -350,6 +351,9 @@ def test_encode_with_other_data_settings_reads_no_row_of_the_earlier_one(run_dir
     )
     (ids, captions), (want_ids, want_captions) = (read_shards(tokens_dir(r, "train")) for r in (run, want))
     assert torch.equal(ids, want_ids) and captions == want_captions
+    # the processes deal the rows out (rank r: rows r, r + W, ...): a shard of one process is no shard of two's
+    cfg = load_config("shapes", TINY)
+    assert train_encode.data_digest(cfg, "train", 1) != train_encode.data_digest(cfg, "train", 2)
 
 
 def test_encode_flip_writes_each_image_mirrored_after_it_but_not_for_excluded_captions(run_dir, tmp_path, capsys):

@@ -37,13 +37,15 @@ from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_co
 from train.common import process_state, require_parts
 
 
-def data_digest(cfg: RunConfig, split: str) -> str:
+def data_digest(cfg: RunConfig, split: str, world: int) -> str:
     """A digest of the data settings that choose a split's rows and draw them (the source, its columns, the
-    filters, the image size and limits, shapes' own settings): a shard is reused only by an encode with the same."""
+    filters, the image size and limits, shapes' own settings, and the processes, which deal the rows out among
+    them): a shard is reused only by an encode with the same."""
     d = cfg.data
     fields = {
         "source": d.source,
         "split": split,
+        "processes": world,
         "columns": [d.image_column, d.caption_column],
         "filters": [d.include, d.exclude],
         "image_size": d.image_size,
@@ -90,7 +92,7 @@ def encode_split(
     shard_size = cfg.data.encode_shard_size
     stream = ExampleStream(cfg.data, split, train=False, process_index=rank, num_processes=world, endless=False)
     mirrored, flips = mirror_rule(cfg, split)
-    data = data_digest(cfg, split)
+    data = data_digest(cfg, split, world)
     # this process's share of `limit` (0: everything the split has)
     share = (limit // world + (rank < limit % world)) if limit > 0 else None
     # the bar counts encoded rows: mirror images make more of them than examples
@@ -167,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default=None, help="comma list of splits (default: data.split,data.val_split)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    check_ends(cfg)
     state = process_state()
     require_parts(cfg.out_dir, "vae")
     tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
     digest = tokenizer_digest(part_path(cfg.out_dir, "vae"))
     splits = args.splits.split(",") if args.splits else [cfg.data.split, cfg.data.val_split]
+    if cfg.data.split in splits:  # the one max_examples limits
+        check_ends(cfg)
     results = []
     for split in splits:
         limit = cfg.data.max_examples if split == cfg.data.split else 0
