@@ -355,3 +355,39 @@ def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_dead_on
         other.wait()
     logged, _ = train(tmp_path, 2)  # its process is gone (killed): the lock is stale, taken over
     assert logged["loss"] >= 0 and not lock.exists()  # and given back at the end
+
+
+def test_a_stop_signal_after_the_terminal_closed_still_stops_cleanly(tmp_path):
+    """A closed terminal's hangup reaches a stage as SIGTERM (train.all), while its stderr is still that terminal:
+    once the handler's note raised EIO there, and the stage died without its checkpoint. What the stop writes
+    after (the bar, the last lines) now goes nowhere instead of failing."""
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    ready, result = tmp_path / "ready", tmp_path / "result"
+    child = (
+        "import sys, time\n"
+        "from train.loop import StopRequest\n"
+        "stop = StopRequest().__enter__()\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "try:\n"
+        "    while not stop.signum: time.sleep(0.02)\n"
+        "    print('the bar', file=sys.stderr, flush=True); print('the last line', flush=True)\n"
+        f"    open({str(result)!r}, 'w').write(f'stopped {{stop.signum}}')\n"
+        "except BaseException as e:\n"
+        f"    open({str(result)!r}, 'w').write(repr(e))\n"
+    )
+    terminal, side = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=side, stderr=side, start_new_session=True, env=env)
+    os.close(side)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.close(terminal)  # the terminal window closes
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert result.read_text() == f"stopped {int(signal.SIGTERM)}"

@@ -429,7 +429,12 @@ class StopRequest:
             note = f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint{again}\n"
             # os.write, not print: the handler may run inside a write of the progress bar to the same stream,
             # where print would raise "reentrant call"
-            os.write(2, note.encode())
+            try:
+                os.write(2, note.encode())
+            except OSError:  # the terminal is gone (a hangup): what the stop still writes goes nowhere, not fails
+                quiet = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(quiet, 1)
+                os.dup2(quiet, 2)
 
     def agreed(self, accelerator) -> int:
         """The signal to stop for, 0 for none: this process's, or under several the largest any received.
