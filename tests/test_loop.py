@@ -336,25 +336,31 @@ def test_the_math_attention_kernel_records_matmul_and_softmax_for_the_backward()
         loop.make_accelerator(TrainConfig(attention="flash"))
 
 
-def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_dead_ones_lock_is_taken_over(tmp_path):
+def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_killed_ones_lock_is_gone(tmp_path):
     """Once a rerun trained beside a first trainer that outlived its terminal, both writing the same checkpoints
     (a traceback: "Directory not empty")."""
     import subprocess
     import sys
 
     lock = tmp_path / ".dalle.lock"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = (  # a first trainer: holds the stage's lock as one_trainer does, then sleeps
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(str(other.pid))
+        assert other.stdout.readline().strip() == "locked"
         says = f"train.dalle is already training into '.*' \\(process {other.pid}\\); stop it"
         with pytest.raises(loop.UserError, match=says):
             train(tmp_path, 2)
-        assert lock.read_text() == str(other.pid)  # the first trainer's lock stays
     finally:
         other.kill()
         other.wait()
-    logged, _ = train(tmp_path, 2)  # its process is gone (killed): the lock is stale, taken over
-    assert logged["loss"] >= 0 and not lock.exists()  # and given back at the end
+    logged, _ = train(tmp_path, 2)  # killed: its lock went with it
+    assert logged["loss"] >= 0 and lock.read_text() == str(os.getpid())  # the last trainer's id, for the sentence
+    train(tmp_path, 3)  # a finished trainer holds nothing: the same process trains the stage again
 
 
 def test_a_stop_signal_after_the_terminal_closed_still_stops_cleanly(tmp_path):

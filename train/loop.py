@@ -301,51 +301,32 @@ def check_deepspeed_accumulation(grad_accum: int, deepspeed_accum: object | None
 
 @contextlib.contextmanager
 def one_trainer(out: Path, name: str, is_main: bool) -> Iterator[None]:
-    """Hold RUN/.NAME.lock (this process's id) while a stage trains there, so that a second trainer of the stage in
-    the folder (a rerun while the first still runs, say after a terminal closed) stops in one sentence instead of
-    writing the same checkpoints. A lock whose process is gone (killed) is taken over. The main process holds it."""
+    """Hold an exclusive lock on RUN/.NAME.lock while a stage trains there, so that a second trainer of the stage
+    in the folder (a rerun while the first still runs, say after a terminal closed) stops in one sentence instead
+    of writing the same checkpoints. The kernel's lock (flock) goes with its process, so a killed trainer leaves
+    none behind; the file stays, holding the last trainer's process id for the sentence. The main process locks."""
     if not is_main:
         yield
         return
-    path = out / f".{name}.lock"
+    import fcntl
+
     out.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is not None:
-                raise UserError(
-                    f"train.{name} is already training into '{out}' (process {holder}); stop it (or wait for it) "
-                    f"before running it again, or delete {path} if no such process is training"
-                ) from None
-            path.unlink(missing_ok=True)  # its process is gone: stale
-    else:
-        raise UserError(f"could not take {path}; delete it if no train.{name} is running, then rerun")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+    path = out / f".{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"train.{name} is already training into '{out}' (process {holder}); stop it (or wait for it) "
+                "before running it again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        path.unlink(missing_ok=True)
-
-
-def _lock_holder(path: Path) -> int | None:
-    """The id of the live process, other than this one, that holds a stage's lock; None when there is none."""
-    try:
-        pid = int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, under another user
-        return pid
-    return pid
+        os.close(fd)  # and with it the lock
 
 
 def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argparse.Namespace) -> dict[str, float]:
