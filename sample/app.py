@@ -21,7 +21,9 @@ Safe by default: it binds 127.0.0.1; a request body above 8 MB is refused; an up
 the training data's checks (`data.streams`: not an image, truncated, too many pixels); a UserError (a bad
 prompt or setting, which the Pipeline checks) is answered 400 with its one sentence, anything else 500 with
 one sentence and the traceback on stderr, and the server carries on. Torch models are not thread-safe, so
-each model has a lock: two tabs sampling at once both get their results, one after the other.
+each model has a lock: two tabs sampling at once both get their results, one after the other. Generating and
+editing also hold one lock for the whole process, under which the pipeline's warnings (repeated images, a
+shortened prompt) are caught and answered beside the images: Python's warning filters are the process's.
 """
 
 from __future__ import annotations
@@ -207,10 +209,12 @@ def caught_warnings(model: Model):
     said: list[str] = []
     with WARNINGS_LOCK, model.lock, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        yield said
-    said += [str(w.message) for w in caught]
-    for message in said:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        try:
+            yield said
+        finally:  # the server's log has them even when the work failed
+            said += [str(w.message) for w in caught]
+            for message in said:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class App:
