@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
-from dalle_mini_impl.data.streams import ExampleStream, caption_regex
+from dalle_mini_impl.data.streams import ExampleStream, caption_regex, is_endless
 from dalle_mini_impl.data.tokens import (
     SHARD_RE,
     list_shards,
@@ -58,14 +58,11 @@ def data_digest(cfg: RunConfig, split: str, world: int) -> str:
 def check_ends(cfg: RunConfig) -> None:
     """One sentence for a training split with no end and no `data.max_examples`: the shapes stream with
     `data.shapes.train_size` 0 would be encoded until the disk is full."""
-    if cfg.data.source == "shapes" and cfg.data.max_examples <= 0:
-        from dalle_mini_impl.shapes.generator import shapes_length
-
-        if cfg.data.split == "train" and shapes_length(cfg.data.shapes, "train") is None:
-            raise UserError(
-                "the shapes training stream is endless and data.max_examples is 0, so train.encode would never end; "
-                "set data.max_examples (the shapes preset's 64000) or data.shapes.train_size"
-            )
+    if cfg.data.max_examples <= 0 and is_endless(cfg.data, cfg.data.split):
+        raise UserError(
+            "the shapes training stream is endless and data.max_examples is 0, so train.encode would never end; "
+            "set data.max_examples (the shapes preset's 64000) or data.shapes.train_size"
+        )
 
 
 def mirror_rule(cfg: RunConfig, split: str) -> tuple[Callable[[str], bool] | None, str | None]:

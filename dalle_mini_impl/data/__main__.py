@@ -21,7 +21,7 @@ from ..config import add_config_args, config_from_args
 from ..errors import UserError, run_cli
 from ..files import check_out_file, said_if_unwritable
 from .images import save_grid
-from .streams import ExampleStream, collate
+from .streams import ExampleStream, collate, is_endless
 
 # a grid of more examples than this is too small to read, and the shapes stream would render them without end
 MAX_GRID = 1024
@@ -45,9 +45,9 @@ def _grid(cfg, args) -> int:
 def _stats(cfg, args) -> int:
     if args.n is not None and args.n < 1:
         raise UserError(f"--n {args.n} must be at least 1")
-    stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
-    if stream.length is None and stream.source.kind == "shapes" and args.n is None:
+    if args.n is None and is_endless(cfg.data, cfg.data.split):
         raise UserError("the shapes training stream is endless; pass --n N or set data.shapes.train_size")
+    stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
     t0 = time.perf_counter()
     n, chars, captions = 0, 0, set()
     for example in itertools.islice(stream, args.n):

@@ -153,6 +153,16 @@ def require_source(source: str) -> None:
         )
 
 
+def is_endless(cfg: DataConfig, split: str) -> bool:
+    """Whether `split` of the data has no end: the shapes stream's train split with `data.shapes.train_size` 0 (a
+    pass over it never finishes, so what reads all of it needs a limit)."""
+    if cfg.source != "shapes" or split != "train":
+        return False
+    from ..shapes.generator import shapes_length
+
+    return shapes_length(cfg.shapes, split) is None
+
+
 def check_source(source: str, split: str) -> None:
     """One sentence, before anything runs, for a source that names files that are not there (or of a kind no
     builder reads); shapes and hub names pass (a hub name is only checked when read)."""

@@ -21,7 +21,9 @@ def check_counts(**counts: tuple[int | None, int]) -> None:
 def check_finite(stream, limit: int | None) -> None:
     """One sentence for an endless split read with no limit (the shapes stream with data.shapes.train_size 0): the
     evaluation would read it until memory ran out."""
-    if stream.source.kind == "shapes" and stream.length is None and not limit:
+    from ..data.streams import is_endless
+
+    if not limit and is_endless(stream.cfg, stream.split):
         raise UserError(
             f"the shapes split '{stream.split}' is endless (data.shapes.train_size is 0); pass --limit N, or "
             "--set data.shapes.train_size=N, or evaluate --split validation"
