@@ -72,6 +72,13 @@ def read_side(spec: str) -> tuple[dict, dict[str, dict]]:
     return top, seeds
 
 
+def _numbers(value: dict) -> dict[str, float]:
+    """The numbers of one column, `n` left out (a count, not a measure)."""
+    return {
+        k: float(v) for k, v in value.items() if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
 def columns(result: dict) -> dict[str, dict[str, float]]:
     """The columns of one seed's result: its keys whose values are dicts of numbers (`eval emoji`'s `reranked`,
     `every`, ..), and one level down, as `name.part` (`eval shapes`' `clip_top1_of_8.two`, ...)."""
@@ -79,14 +86,10 @@ def columns(result: dict) -> dict[str, dict[str, float]]:
     for name, value in result.items():
         if not isinstance(value, dict):
             continue
-        numbers = {
-            k: float(v)
-            for k, v in value.items()
-            if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)  # n: a count, not a measure
-        }
-        if numbers:
-            out[name] = numbers
-        out |= {f"{name}.{part}": numbers for part, numbers in columns(value).items() if "." not in part}
+        parts = [(name, value)] + [(f"{name}.{part}", sub) for part, sub in value.items() if isinstance(sub, dict)]
+        for column, part in parts:
+            if numbers := _numbers(part):
+                out[column] = numbers
     return out
 
 
@@ -120,10 +123,11 @@ def compare(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict:
     check_paired(a, b)
     pairs = [(columns(a[1][s]), columns(b[1][s])) for s in a[1]]
     first = pairs[0][0]
-    if not any(c not in REFERENCES and all(c in x and c in y for x, y in pairs) for c in first):
+    shared = [c for c in first if c not in REFERENCES and all(c in x and c in y for x, y in pairs)]
+    if not shared:
         raise UserError("A and B have no column of numbers in common to compare; pass what one evaluation wrote")
     out = {}
-    for column in [c for c in first if c not in REFERENCES and all(c in x and c in y for x, y in pairs)]:
+    for column in shared:
         out[column] = {}
         for metric in [m for m in first[column] if all(m in x[column] and m in y[column] for x, y in pairs)]:
             xs = [x[column][metric] for x, _ in pairs]
