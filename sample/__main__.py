@@ -302,11 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.interpolate:
             steps = pipe.interpolate(*args.interpolate, 5 if args.steps is None else args.steps, **settings)
             slug = "-".join(unique_slugs(_stems(args.interpolate)))
-            ends = [str(end) for end in args.interpolate]
+            ends, seed = [str(end) for end in args.interpolate], steps[0][0].seed
             # the command's seed, which its file names carry and which draws the whole path again (step k samples
             # with seed + k), and the step
-            sources = [{"sources": ends, "seed": kept[0].seed - k, "step": k} for k, kept in enumerate(steps)]
-            groups, stems = steps, [f"interpolate-{slug}_s{kept[0].seed - k}_step{k}" for k, kept in enumerate(steps)]
+            sources = [{"sources": ends, "seed": seed, "step": k} for k in range(len(steps))]
+            groups, stems = steps, [f"interpolate-{slug}_s{seed}_step{k}" for k in range(len(steps))]
         elif args.mask or args.extend:
             image, mask = args.init_image, args.mask
             if args.extend:
