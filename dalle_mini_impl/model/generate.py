@@ -78,6 +78,12 @@ WINDOW_TOKENS_CPU = {torch.bfloat16: 32}  # any other dtype: 0, plain decoding
 WINDOW_TOKENS_GPU = 256
 
 
+def guided_stop(first: int, end: int, guidance_until: float) -> int:
+    """The cell after the last guided one when cells first .. end - 1 are drawn: the first guidance_until of
+    them (a completion's or an edit's first drawn cells decide what it draws, as an image's first cells do)."""
+    return first + round(guidance_until * (end - first))
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Logits (b, k) with -inf outside the top_k ids (0: off) and outside the top_p nucleus (1: off). Exactly
     top_k ids stay: of ids tied at the k-th value (common in bf16), those topk returns first."""
@@ -579,9 +585,7 @@ def generate(
         prime, end = keep[:, : int(drawn[0])], int(drawn[-1]) + 1
         redraw = redraw.tolist()
     k = 0 if prime is None else prime.shape[1]
-    # tokens k .. stop - 1 are guided: the first guidance_until of those this call draws (a completion's or an
-    # edit's first drawn cells decide what it draws, as an image's first cells do)
-    stop = k + round(guidance_until * (end - k)) if guidance_scale != 1.0 else k
+    stop = guided_stop(k, end, guidance_until) if guidance_scale != 1.0 else k  # tokens k .. stop - 1 are guided
     guided = stop > k
     rows_text = torch.cat([text, null_text.to(text.device).expand(b, -1)]) if guided else text  # (B, t)
     if cond is not None and guided:
@@ -651,6 +655,7 @@ __all__ = [
     "filter_logits",
     "final_probs",
     "generate",
+    "guided_stop",
     "sample_logits",
     "window_width",
 ]

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..config import GUIDED_OPTIMIZERS, RunConfig, SampleConfig
 from ..data.images import distinct_first, prepare_image, to_pil
 from ..errors import UserError
-from ..model.generate import DECODE_MODES, MIN_TEMPERATURE, MIN_WINDOW, WINDOW_TOKENS_CPU, generate
+from ..model.generate import DECODE_MODES, MIN_TEMPERATURE, MIN_WINDOW, WINDOW_TOKENS_CPU, generate, guided_stop
 from .bundle import (
     FILES,
     bundle_path,
@@ -734,7 +734,7 @@ class Pipeline:
         null = self.text_tokenizer.null_ids()[None].to(self.device)  # (1, t)
         n = self.transformer.cfg.image_len
         cells = torch.arange(n, device=self.device)
-        guided = (cells >= first) & (cells < first + round(guidance_until * (n - first)))  # (n,), as `generate` counts
+        guided = (cells >= first) & (cells < guided_stop(first, n, guidance_until))  # (n,), as `generate` counts
 
         def log_probs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             ids = ids.to(self.device)
