@@ -32,11 +32,16 @@ new MutationObserver(() => { if (!progress.hidden) window.sawProgress = true; })
 """
 
 
-@pytest.fixture(scope="module")
-def driver():
+def need_browser() -> None:
+    """Skip, saying why, where selenium or a Chromium with its driver is missing."""
     pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
     if find_browser() is None:
         pytest.skip("no Chromium and chromedriver on PATH: apt-get install chromium chromium-driver")
+
+
+@pytest.fixture(scope="module")
+def driver():
+    need_browser()
     from dalle_mini_impl.bench.app import start_browser
 
     browser = start_browser(width=1200, height=900, network_log=True)
@@ -208,9 +213,7 @@ def test_browser_page_asks_nothing_of_any_host_but_the_server(page, url):
 def test_the_app_benchmark_times_a_shipped_bundle_given_as_its_folder(capsys):
     """Once "the app offers no model 'dalle_mini_impl/assets/shapes'": the app loads each bundle once, by its
     shipped name, so the benchmark looked for the folder's name on the page and found none."""
-    pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
-    if find_browser() is None:
-        pytest.skip("no Chromium and chromedriver on PATH: apt-get install chromium chromium-driver")
+    need_browser()
     from dalle_mini_impl.bench import app as bench_app
     from dalle_mini_impl.pipeline.bundle import bundle_path
 
