@@ -864,3 +864,21 @@ def test_unclip_with_a_grid_starts_from_a_decoder_without_one(run_dir, tmp_path,
     after = clip_embeddings(wide, "train", torch.device("cpu"), grid=2)
     assert embeddings.stat().st_mtime_ns != stamp and not torch.equal(after["image"], before["image"])
     torch.testing.assert_close(after["text"], before["text"])  # the captions did not change
+
+
+def test_train_all_force_trains_a_finished_stage_again_from_step_0(run_dir, tmp_path, monkeypatch, capfd):
+    """Once `--force` resumed the stage's last checkpoint, at its last step, and trained nothing again."""
+    from train import all as train_all
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    before = load_file(run / "vae.safetensors")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the stage's process trains at run_dir's thread count
+    args = args_for(run, "train.vae.steps=4", "train.vae.checkpoint_every=2")
+    assert train_all.main([*args, "--only", "vae", "--force"]) == 0
+    said = capfd.readouterr().err
+    assert "resumed vae" not in said and "starts at step 0: moved the 2 later checkpoints" in said, said
+    aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("vae.set-aside-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_00000002", "step_00000004"]
+    assert [p.name for p in list_checkpoints(run / "checkpoints" / "vae")] == ["step_00000002", "step_00000004"]
+    after = load_file(run / "vae.safetensors")  # trained again from nothing: the same weights
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -13,7 +13,8 @@ Runs, in order, each as its own process with the same config and overrides:
 
 RUN (`out_dir`) is then a complete bundle: `python -m sample "a red circle" --model RUN`. A stage
 whose output already exists is skipped, and a stage that was interrupted resumes from its last
-checkpoint, so rerunning the command after a kill continues the work. Ctrl-C (or SIGTERM to this
+checkpoint, so rerunning the command after a kill continues the work; `--force` runs every stage again, the
+training stages from step 0. Ctrl-C (or SIGTERM to this
 command) is passed to the stage running: a training stage finishes its step, saves a checkpoint there and
 stops, and the command exits with its code (130 or 143); a second Ctrl-C stops the stage at once. On
 several GPUs, run the same sequence with `accelerate launch -m train.<stage>` (docs/SCALING.md). Prints one JSON
@@ -48,6 +49,10 @@ from train.encode import check_ends, mirror_rule
 from train.finetune import checked_source
 from train.loop import STOP_SIGNALS, STOPPED_EXIT_CODES, check_training_values
 from train.vae import check_phases
+
+# the stages with no checkpoints to resume: each runs whole every time (encode reuses only the shards its
+# digests say hold the same rows from the same image tokenizer)
+UNTRAINED = ("tokenizer", "encode")
 
 
 def stages(cfg) -> list[tuple[str, str]]:
@@ -107,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--only", default=None, help="comma list of stages to run, e.g. vae,encode")
-    parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="run every stage again, the training stages from step 0 (their earlier checkpoints are set aside)",
+    )
     parser.add_argument(
         "--init-from",
         default=None,
@@ -149,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         init = ["--init-from", args.init_from] if args.init_from and name != "encode" else []
-        code = run_stage([sys.executable, "-m", module, *passthrough, *init])
+        # a forced training stage would otherwise resume its last checkpoint, at its last step: nothing trained again
+        fresh = ["--no-resume"] if args.force and name not in UNTRAINED else []
+        code = run_stage([sys.executable, "-m", module, *passthrough, *init, *fresh])
         if code in STOPPED_EXIT_CODES:
             print(f"stage {module} stopped (exit code {code}); rerun the same command to resume", file=sys.stderr)
             return code
