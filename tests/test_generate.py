@@ -266,6 +266,34 @@ def test_a_temperature_too_small_to_compute_is_refused():
     )
 
 
+def test_ids_outside_the_vocabularies_and_a_fractional_top_k_are_one_sentence():
+    """Once an IndexError from the embedding (a text id >= text_vocab) or from torch.topk (top_k=2.5)."""
+    model = make()
+    null = torch.zeros(1, TEXT.shape[1], dtype=torch.long)
+    for kwargs, says in [
+        (
+            {"text": TEXT + model.cfg.text_vocab},
+            f"text ids must be a LongTensor of ids in \\[0, {model.cfg.text_vocab}\\)",
+        ),
+        ({"text": TEXT, "null_text": null - 1, "guidance_scale": 2.0}, "null_text ids must be"),
+        (
+            {"text": TEXT, "prime": torch.full((TEXT.shape[0], 2), IV)},
+            f"prime ids must be a LongTensor of ids in \\[0, {IV}\\)",
+        ),
+        ({"text": TEXT, "top_k": 2.5}, "top_k must be an integer >= 0 .* got top_k=2.5"),
+        ({"text": TEXT, "top_k": True}, "top_k must be an integer"),
+    ]:
+        text = kwargs.pop("text")
+        with pytest.raises(ValueError, match=says):
+            generate(model, text, **kwargs)
+    import numpy as np
+
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(
+        generate(model, TEXT, top_k=np.int64(3), generator=g()), generate(model, TEXT, top_k=3, generator=g())
+    )
+
+
 def test_a_model_that_memorised_four_pairs_regenerates_them_greedily():
     model = make(seed=0, dim=64, heads=4, text_loss_weight=0.1).train()
     text = captions([5, 6], [7, 8, 9], [10], [11, 12, 13, 14])

@@ -55,6 +55,7 @@ Usage:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 
 import torch
@@ -419,6 +420,12 @@ def _speculative(
     return passes
 
 
+def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+    """One sentence for ids outside [0, vocab), which the embedding would meet as an IndexError."""
+    if ids.dtype != torch.long or (ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab)):
+        raise ValueError(f"{name} ids must be a LongTensor of ids in [0, {vocab})")
+
+
 def _check_args(
     model,
     text,
@@ -442,6 +449,7 @@ def _check_args(
     c = model.cfg
     if text.dim() != 2 or text.shape[1] != c.text_len or text.dtype != torch.long:
         raise ValueError(f"text must be a LongTensor (b, {c.text_len}), got {text.dtype} {tuple(text.shape)}")
+    _check_ids("text", text, c.text_vocab)
     if cond is not None and (not c.cond_len or cond.shape != (text.shape[0], c.cond_dim)):
         want = f"({text.shape[0]}, {c.cond_dim})" if c.cond_len else "None: this transformer takes no embedding"
         raise ValueError(f"cond must be {want}, got {tuple(cond.shape)}")
@@ -464,19 +472,19 @@ def _check_args(
             raise ValueError("guidance_scale != 1 needs null_text: the ids of the empty caption, (1, t) or (b, t)")
         if null_text.dim() != 2 or null_text.shape[0] not in (1, text.shape[0]) or null_text.shape[1] != c.text_len:
             raise ValueError(f"null_text must be (1 or b, {c.text_len}), got {tuple(null_text.shape)}")
+        _check_ids("null_text", null_text, c.text_vocab)
     if not 0.0 <= guidance_until <= 1.0:
         raise ValueError(f"guidance_until must lie in [0, 1] (the guided fraction of the image), got {guidance_until}")
     if not temperature >= MIN_TEMPERATURE:  # below it, logits / temperature overflow float32: NaN, then the last id
         raise ValueError(
             f"temperature must be at least {MIN_TEMPERATURE:g} (use top_k=1 for greedy decoding), got {temperature}"
         )
-    if top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_k must be an integer >= 0 and top_p in (0, 1], got top_k={top_k!r}, top_p={top_p}")
     if prime is not None:
         if prime.dim() != 2 or prime.shape[0] != text.shape[0] or prime.shape[1] > c.image_len:
             raise ValueError(f"prime must be (b, k) image ids with k <= {c.image_len}, got {tuple(prime.shape)}")
-        if prime.numel() and not (0 <= int(prime.min()) and int(prime.max()) < c.image_vocab):
-            raise ValueError(f"prime ids must lie in [0, {c.image_vocab})")
+        _check_ids("prime", prime, c.image_vocab)
     if (keep is None) != (redraw is None) or (redraw is not None and prime is not None):
         raise ValueError("keep and redraw go together, and without prime (a prime is kept leading cells already)")
     if redraw is not None:
@@ -484,8 +492,7 @@ def _check_args(
             raise ValueError(f"redraw must be a bool mask ({c.image_len},) with at least one True cell")
         if keep.shape != (text.shape[0], c.image_len):
             raise ValueError(f"keep must be ({text.shape[0]}, {c.image_len}) image ids, got {tuple(keep.shape)}")
-        if not (0 <= int(keep.min()) and int(keep.max()) < c.image_vocab):
-            raise ValueError(f"keep ids must lie in [0, {c.image_vocab})")
+        _check_ids("keep", keep, c.image_vocab)
         if decode == "speculative":
             raise ValueError("decode='speculative' cannot keep cells inside the image; use cached")
 
