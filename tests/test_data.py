@@ -7,6 +7,8 @@ import itertools
 import json
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -86,6 +88,37 @@ def test_prepare_image_resizes_shorter_side_and_crops():
     assert len(crops) > 1  # random crops differ ...
     again = prepare_image(pil, 10, True, random.Random(3))
     assert torch.equal(again, prepare_image(pil, 10, True, random.Random(3)))  # ... and repeat with the seed
+
+
+def test_a_long_thin_image_is_prepared_as_the_full_resize_would_crop_it_in_the_memory_of_a_few_squares():
+    """Once a 1,000,000 x 1 image (a 4 KB upload to the web app) was resized to 32,000,000 x 32 before its crop:
+    gigabytes, or a MemoryError. Checked in a process whose data segment may grow by 300 MB at most."""
+    from dalle_mini_impl.data.images import _resize_shorter_side, center_square
+
+    rng = np.random.default_rng(0)
+    for shape in [(40, 400, 3), (400, 40, 3)]:  # 10 times longer than wide, both ways: the same pixels as before
+        pil = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        full = _resize_shorter_side(pil, 32)
+        left, top = (full.size[0] - 32) // 2, (full.size[1] - 32) // 2
+        assert np.array_equal(
+            np.asarray(center_square(pil, 32)), np.asarray(full.crop((left, top, left + 32, top + 32)))
+        )
+    code = (
+        "import re, resource\n"
+        "from PIL import Image\n"
+        "from dalle_mini_impl.data.images import prepare_image\n"
+        "used = int(re.search(r'VmData:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (used + 300 * 2**20, resource.RLIM_INFINITY))\n"
+        "x = prepare_image(Image.new('RGB', (1_000_000, 1), 'red'), 32)\n"
+        "print(x.shape == (3, 32, 32) and bool((x[0] == 1).all() and (x[1:] == 0).all()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
 def test_pil_uint8_grid_round_trip(tmp_path):

@@ -79,6 +79,21 @@ def test_a_cell_is_redrawn_when_any_of_its_pixels_is_white():
     assert torch.equal(cells, expected)
 
 
+def test_a_masks_transparent_part_is_kept_and_one_white_pixel_of_a_large_mask_is_redrawn():
+    """Once transparency was composited on white (redraw: a mask painted on a transparent layer redrew every cell),
+    and a 1024 px mask's one white pixel was averaged to 255 / 1024 in 8 bits, rounded to 0 and lost."""
+    layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 8, 8))  # white painted on a transparent layer: the top left cell
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0, 0] = True
+    assert torch.equal(mask_cells(layer, Image.new("RGB", (32, 32)), 32, (4, 4)), expected)
+    large = Image.new("L", (1024, 1024), 0)
+    large.putpixel((600, 100), 255)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0, 2] = True  # column 600 of 1024 and row 100: cell (0, 2) of 4 x 4
+    assert torch.equal(mask_cells(large, Image.new("RGB", (1024, 1024)), 32, (4, 4)), expected)
+
+
 @pytest.mark.parametrize(
     "mask, match",
     [

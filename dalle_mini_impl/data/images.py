@@ -48,8 +48,9 @@ def _high_depth_to_uint8(pil: Image.Image) -> np.ndarray:
     return np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
 
 
-def to_rgb(pil: Image.Image) -> Image.Image:
-    """Any PIL image as mode RGB, with alpha (or a palette / color-key transparency) composited on white."""
+def to_rgb(pil: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Any PIL image as mode RGB, with alpha (or a palette / color-key transparency) composited on `background`
+    (white; an editing mask's transparent part is composited on black: kept)."""
     if pil.mode == "RGB" and "transparency" not in pil.info:
         return pil
     if pil.mode in _HIGH_DEPTH_MODES:
@@ -57,8 +58,8 @@ def to_rgb(pil: Image.Image) -> Image.Image:
     if pil.mode in _ALPHA_MODES or "transparency" in pil.info:
         # P with a transparent index, and L/RGB with a tRNS color key, become RGBA here
         rgba = pil.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        under = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(under, rgba).convert("RGB")
     return pil.convert("RGB")  # L, 1, P, CMYK, YCbCr
 
 
@@ -72,9 +73,21 @@ def _resize_shorter_side(pil: Image.Image, size: int, resample=Image.Resampling.
     return pil.resize(new, resample, reducing_gap=None if resample == Image.Resampling.BOX else 3.0)
 
 
+# an image longer than this many times its shorter side is cut to that length around its center before it is
+# resized: a 4 KB upload of 1,000,000 x 1 pixels would otherwise be resized to 32,000,000 x 32 (gigabytes) first
+MAX_SQUARE_ASPECT = 4
+
+
 def center_square(pil: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
     """The image's shorter side resized to `size` (by `resample`), then its center size x size crop: the
-    geometry `prepare_image` gives an image without random crop (editing maps a mask through it too)."""
+    geometry `prepare_image` gives an image without random crop (editing maps a mask through it too). A long
+    thin image is first cut to MAX_SQUARE_ASPECT times its shorter side around its center (its crop and context
+    on both sides for the resampling filter), so that its memory stays that of a few squares."""
+    w, h = pil.size
+    short, cap = min(w, h), MAX_SQUARE_ASPECT * min(w, h)
+    if max(w, h) > cap:
+        left, top = (w - min(w, cap)) // 2, (h - min(h, cap)) // 2
+        pil = pil.crop((left, top, left + min(w, cap), top + min(h, cap)))
     img = _resize_shorter_side(pil, size, resample)
     left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
     return img.crop((left, top, left + size, top + size))

@@ -30,10 +30,12 @@ def mask_cells(mask: Image.Image, image: Image.Image, size: int, grid: tuple[int
             f"{name} is {mask.size[0]}x{mask.size[1]} pixels but the image is {image.size[0]}x{image.size[1]}; "
             "draw the mask at the image's size"
         )
-    white = to_rgb(mask).convert("L").point(lambda v: 255 if v >= 128 else 0)
+    # transparent pixels are kept (on black): a mask painted white on a transparent layer redraws what is painted
+    white = to_rgb(mask, background=(0, 0, 0)).convert("L").point(lambda v: 255 if v >= 128 else 0)
     if white.getextrema()[1] == 0:
         raise UserError(f"{name} has no white pixel, so nothing would be redrawn; paint the part to redraw white")
-    pixels = torch.from_numpy(np.asarray(center_square(white, size, Image.Resampling.BOX)) > 0)  # (S, S)
+    # box-averaged in float: one white pixel of a 32 x 32 block is 255 / 1024, which 8 bits would round to 0
+    pixels = torch.from_numpy(np.asarray(center_square(white.convert("F"), size, Image.Resampling.BOX)) > 0)
     h, w = grid
     cells = pixels.view(h, size // h, w, size // w).any(dim=3).any(dim=1)  # (h, w)
     if not cells.any():  # white pixels only in what the center crop cuts away
