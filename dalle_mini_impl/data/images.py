@@ -84,7 +84,7 @@ def center_square(pil: Image.Image, size: int, resample=Image.Resampling.BICUBIC
     thin image is first cut to MAX_SQUARE_ASPECT times its shorter side around its center (its crop and context
     on both sides for the resampling filter), so that its memory stays that of a few squares."""
     w, h = pil.size
-    short, cap = min(w, h), MAX_SQUARE_ASPECT * min(w, h)
+    cap = MAX_SQUARE_ASPECT * min(w, h)
     if max(w, h) > cap:
         left, top = (w - min(w, cap)) // 2, (h - min(h, cap)) // 2
         pil = pil.crop((left, top, left + min(w, cap), top + min(h, cap)))
