@@ -94,6 +94,27 @@ def test_a_masks_transparent_part_is_kept_and_one_white_pixel_of_a_large_mask_is
     assert torch.equal(mask_cells(large, Image.new("RGB", (1024, 1024)), 32, (4, 4)), expected)
 
 
+def test_a_photo_taken_sideways_is_read_upright_by_the_command_as_by_the_data_and_the_web_app(tmp_path):
+    """Once `--init-image` read the pixels as stored and the web app (and training) upright: a mask drawn on the
+    photo as shown was refused by the command as the wrong size."""
+    from dalle_mini_impl.clip.uses import open_image
+    from dalle_mini_impl.data.streams import decode_image
+
+    stored = Image.new("RGB", (64, 32), "white")
+    stored.paste((255, 0, 0), (0, 0, 8, 32))  # a red band at the left of the stored pixels
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    shown = open_image(tmp_path / "photo.jpg")
+    assert shown.size == (32, 64) and np.array_equal(
+        np.asarray(shown), np.asarray(decode_image(tmp_path / "photo.jpg", 10**6))
+    )
+    assert np.asarray(shown)[:4, :, 0].min() > 200 and np.asarray(shown)[-4:, :, 1].min() > 200  # red band on top
+    mask = Image.new("L", (32, 64), 0)
+    mask.paste(255, (0, 32, 32, 64))  # the bottom half as shown
+    assert mask_cells(mask, shown, 32, (4, 4)).sum() == 8
+
+
 @pytest.mark.parametrize(
     "mask, match",
     [

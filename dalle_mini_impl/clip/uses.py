@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..data.images import prepare_image
@@ -253,9 +253,12 @@ def open_image(image: str | os.PathLike | Image.Image, what: str = "image") -> I
     try:
         with Image.open(path) as pil:
             pil.load()
-            return pil
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(_unreadable(what, path, e)) from None
+    try:  # a photo taken sideways, upright as the training data and the web app read it
+        return ImageOps.exif_transpose(pil)
+    except Exception:  # an EXIF block PIL cannot read: the pixels as stored (data.streams.decode_image does so too)
+        return pil
 
 
 def read_image(image: str | os.PathLike | Image.Image, size: int, what: str = "image") -> torch.Tensor:
