@@ -125,6 +125,10 @@ def text_field(body: dict, key: str) -> str:
     value = body.get(key, "")
     if not isinstance(value, str):
         raise UserError(f"the {key} is {value!r}; type it as text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the JSON): the text tokenizer's TypeError
+        raise UserError(f"the {key} text is not valid UTF-8; retype it") from None
     return value
 
 
@@ -369,7 +373,7 @@ class Handler(BaseHTTPRequestHandler):
             )
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise UserError("the request is not valid JSON; reload the page and try again") from None
         if not isinstance(body, dict):
             raise UserError("the request is not a JSON object; reload the page and try again")

@@ -224,6 +224,7 @@ def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
         assert_one_sentence(*post(url, "/api/generate", {"model": model, "prompt": "a red circle"}), 400, "model")
     assert_one_sentence(*post(url, "/api/generate", b"{not json"), 400, "JSON")
     assert_one_sentence(*post(url, "/api/generate", b"[1, 2]"), 400, "JSON")
+    assert_one_sentence(*post(url, "/api/generate", b"[" * 100_000), 400, "JSON")  # once a RecursionError: 500
     # a negative length is refused at once, not read until the client gives up
     import http.client
     from urllib.parse import urlsplit
@@ -304,6 +305,9 @@ def test_labels_are_probabilities_best_first(url):
     probs = [p for _, p in labels]
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)
     assert_one_sentence(*post(url, "/api/classify", {"model": 0, "image": image, "labels": " , "}), 400, "labels")
+    # a lone surrogate in the JSON: once the text tokenizer's TypeError, a 500
+    lone = {"model": 0, "image": image, "labels": "a\ud800, b"}
+    assert_one_sentence(*post(url, "/api/classify", lone), 400, "the labels text is not valid UTF-8")
 
 
 # ----------------------------------------------------------------------------------------------
