@@ -221,9 +221,14 @@ def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, 
     assert code == 0 and len(out.splitlines()) == 2 and len(list(tmp_path.glob("*_r*.png"))) == 2
     jacobi = tmp_path / "jacobi"
     code, out, _ = run(
-        [*args, "--guided-prior-weight", "0.5", "--guided-optimizer", "jacobi", "--out", str(jacobi)], capsys
-    )
+        [*args, "--guided-prior-weight", "0.5", "--guided-optimizer", "jacobi", "--guidance-until", "0.5",
+         "--out", str(jacobi)], capsys,
+    )  # fmt: skip
     assert code == 0 and len(list(jacobi.glob("*_r*.png"))) == 2
+    # by Adam from random codes nothing reads the transformer's guided predictions (once accepted, and no effect)
+    for flag in ("--guidance-scale", "--guidance-until"):
+        code, _, err = run([*args, "--guided-prior-weight", "0", flag, "0.5"], capsys)
+        assert code == 2 and f"{flag} guides the transformer's predictions, which refinement of random codes" in err
     code, _, err = run([*args, "--guided-prior-weight", "0", "--guided-optimizer", "sgd"], capsys)
     assert code == 2 and "invalid choice: 'sgd'" in err
     code, _, err = run([*args[:3], "--init", "random"], capsys)
@@ -462,6 +467,9 @@ def test_weighted_prompts_parse_and_bad_weights_are_one_sentence():
     ]
     assert parse_weighted_prompt("a red circle") == [("a red circle", 1.0)]
     assert parse_weighted_prompt("a red circle | a blue square:2") == [("a red circle", 1.0), ("a blue square", 2.0)]
+    # a colon of the caption's own: words after a space (an emoji name), or digits on both sides (once a weight)
+    assert parse_weighted_prompt("flag: japan, noto style") == [("flag: japan, noto style", 1.0)]
+    assert parse_weighted_prompt("a clock at 12:30 | a dog: 2") == [("a clock at 12:30", 1.0), ("a dog", 2.0)]
     with pytest.raises(UserError, match="the weight 'heavy' in prompt part 'a red circle:heavy' is not a number"):
         parse_weighted_prompt("a red circle:heavy")
     with pytest.raises(UserError, match="the weight 'inf'"):

@@ -74,27 +74,33 @@ START_MARGIN = 1.0
 CUTOUT_SCALE_MIN = 0.6
 OPTIMIZERS = tuple(o for o in GUIDED_OPTIMIZERS if o != "auto")  # "auto" is the pipeline's choice of one
 _SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+# what a weight after a part's last colon starts with: a sign, a digit or a point ('inf' and 'nan' as words too)
+_WEIGHT_START = re.compile(r"^([-+]?[\d.]|[-+]?(inf|nan)\b)", re.IGNORECASE)
 
 
 def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
     """'a red circle:1 | a blue square:-0.5' -> [('a red circle', 1.0), ('a blue square', -0.5)].
 
-    A part without ':weight' weighs 1. An empty part, a weight that is not a finite number, or no part
-    with a positive weight is a UserError.
+    A part without ':weight' weighs 1, and so does one whose last colon is the caption's own: a space and words
+    follow it ('flag: japan, noto style', an emoji name), or digits are on both sides of it ('a clock at 12:30').
+    An empty part, a weight that is not a finite number ('a circle:heavy', 'a circle:inf'), or no part with a
+    positive weight is a UserError.
     """
     parts = []
     for raw in prompt.split("|"):
         text, sep, weight_text = raw.rpartition(":")
-        if not sep:
+        said = weight_text.strip()
+        words = weight_text[:1].isspace() and not _WEIGHT_START.match(said)
+        if not sep or words or (text[-1:].isdigit() and weight_text[:1].isdigit()):
             text, weight = raw, 1.0
         else:
             try:
-                weight = float(weight_text)
+                weight = float(said)
             except ValueError:
                 weight = math.nan
             if not math.isfinite(weight):
                 raise UserError(
-                    f"the weight '{weight_text.strip()}' in prompt part '{raw.strip()}' is not a number; "
+                    f"the weight '{said}' in prompt part '{raw.strip()}' is not a number; "
                     "write parts like 'a red circle:1 | a blue square:-0.5'"
                 )
         if not text.strip():

@@ -156,6 +156,16 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return prompts
 
 
+def refines_by_jacobi(s: SampleConfig, init: str) -> bool:
+    """Whether clip-guided refinement from `init` ("samples" or "random") runs the jacobi optimiser, which reads
+    the transformer's predictions (the prior, guided as sampling is): "auto" picks it from random codes, and it
+    needs a prior weight above 0; otherwise Adam moves the latents by CLIP alone (and the prior, if weighted)."""
+    optimizer = s.guided_optimizer
+    if optimizer == "auto":
+        optimizer = "jacobi" if init == "random" else "adam"
+    return s.guided_prior_weight > 0 and optimizer == "jacobi"
+
+
 def reads_contrast(s: SampleConfig) -> bool:
     """Whether clip-guided refinement reads the prompt's contrast captions: to turn CLIP's pull
     (`guided_contrast_weight`) or to guard the margin over them (`guided_contrast_guard`)."""
@@ -605,6 +615,13 @@ class Pipeline:
                 "--init random starts CLIP-guided generation from random codes; use it with "
                 "--method clip-guided and without --init-image"
             )
+        if init == "random" and not refines_by_jacobi(s, init):  # nothing is sampled, and no prior is read
+            for flag, value in (("--guidance-scale", guidance_scale), ("--guidance-until", guidance_until)):
+                if value is not None:
+                    raise UserError(
+                        f"{flag} guides the transformer's predictions, which refinement of random codes by Adam "
+                        "(--guided-prior-weight 0 or --guided-optimizer adam) never reads; leave it out"
+                    )
         prime = self._prime(init_image, keep_rows)
         keep_rows = 0 if prime is None else prime.shape[1] // self.grid[1]
         parts = [self._parts(p, method) for p in prompts]
@@ -760,10 +777,7 @@ class Pipeline:
 
         prompt = max(parts, key=lambda part: part[1])[0]
         use_prior = s.guided_prior_weight > 0
-        optimizer = s.guided_optimizer
-        if optimizer == "auto":
-            optimizer = "jacobi" if init == "random" else "adam"
-        jacobi = use_prior and optimizer == "jacobi"
+        jacobi = refines_by_jacobi(s, init)
         return refine(
             self.image_tokenizer,
             self.clip,
