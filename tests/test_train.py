@@ -501,6 +501,19 @@ def test_resuming_a_checkpoint_of_another_model_is_one_sentence(run_dir, tmp_pat
         train_dalle.main(args_for(run, "train.dalle.steps=2", "transformer.dim=64", "transformer.heads=2"))
 
 
+def test_resuming_under_another_freeze_is_one_sentence(run_dir, tmp_path):
+    """Once a ValueError traceback from the optimizer's state (another number of trainable tensors), or, between
+    groups of the same shapes (blocks.0 and blocks.1), a silent resume with one block's Adam moments in another's."""
+    run = copy_run(run_dir, tmp_path / "r")
+    first = ["train.dalle.steps=1", "train.dalle.checkpoint_every=1", "train.dalle.freeze=['blocks.0']"]
+    train_dalle.main(args_for(run, *first))
+    for freeze in ("['blocks.1']", "['head']", "[]"):
+        with pytest.raises(UserError, match="was trained with other parameters frozen than train.dalle.freeze"):
+            train_dalle.main(args_for(run, "train.dalle.steps=2", f"train.dalle.freeze={freeze}"))
+    train_dalle.main(args_for(run, "train.dalle.steps=2", "train.dalle.freeze=['blocks.0']"))  # the same: resumes
+    assert [p.name for p in list_checkpoints(run / "checkpoints" / "dalle")][-1] == "step_00000002"
+
+
 @pytest.mark.slow
 def test_compile_flag_trains_the_same_step_as_eager(run_dir, tmp_path, capsys):
     # train.<stage>.compile = true runs the loss module through torch.compile (inductor), also in a process whose

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -528,6 +529,12 @@ def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Train
     return Training(tc, stage, accelerator, out, model, forward, unwrapped, optimizer, scheduler, sharded, ema, cfg=cfg)
 
 
+def trainable_digest(model: torch.nn.Module) -> str:
+    """A digest of the names of the parameters that train (those `freeze` leaves), kept in each checkpoint."""
+    names = "\n".join(name for name, p in model.named_parameters() if p.requires_grad)
+    return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
 def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
     """The checkpoint `--resume` names (the newest under `ckpt_root` for 'latest'), or None to start at step 0."""
     if getattr(args, "no_resume", False):
@@ -546,6 +553,14 @@ def resume(t: Training, checkpoint: Path | None) -> None:
     data position, the EMA weights, the stage's extra state and the step counters."""
     if checkpoint is None:
         return
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    # the optimizer's state is restored by position among the trainable parameters: under another freeze it would
+    # fail to load, or (groups of the same shapes) load one block's moments into another's
+    if state.get("trainable", trainable_digest(t.unwrapped)) != trainable_digest(t.unwrapped):
+        raise UserError(
+            f"checkpoint '{checkpoint}' was trained with other parameters frozen than train.{t.stage.name}.freeze "
+            "freezes now; resume with the freeze it was trained with, or start over with --no-resume or another --out"
+        )
     try:
         t.accelerator.load_state(str(checkpoint))
     except RuntimeError as e:  # "size mismatch for ...", "Missing key(s) ...": another model's checkpoint
@@ -555,7 +570,6 @@ def resume(t: Training, checkpoint: Path | None) -> None:
             f"checkpoint '{checkpoint}' holds another model than this config builds (another stage's, or sizes "
             "changed since); rerun with the config it was trained with, or start over with --no-resume or another --out"
         ) from None
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
     t.step, t.bad_total = state["step"], state["bad_steps"]
     _set_schedule_step(t.scheduler, t.step)
     rank = t.accelerator.process_index
@@ -753,7 +767,12 @@ def save_checkpoint(t: Training) -> None:
             _save_extra(obj, _extra_path(obj, tmp, name))
         # trainer_state.json is written last: its presence marks the folder complete
         # the CPU threads too: float sums split across another number of threads part within a few steps
-        trainer_state = {"step": t.step, "bad_steps": t.bad_total, "cpu_threads": torch.get_num_threads()}
+        trainer_state = {
+            "step": t.step,
+            "bad_steps": t.bad_total,
+            "cpu_threads": torch.get_num_threads(),
+            "trainable": trainable_digest(t.unwrapped),
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
