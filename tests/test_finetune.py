@@ -369,3 +369,20 @@ def test_a_vq_without_a_critic_gets_its_decoder_fine_tuned_with_one_and_every_co
         ids = old.encode(images)
         assert torch.equal(new.encode(images), ids)  # every image's codes are the first VQ's
         assert not torch.allclose(new.decode(ids), old.decode(ids))  # drawn by a decoder trained further
+
+
+def test_a_rerun_that_resumes_the_decoder_phase_reads_no_init_from(tmp_path, capsys):
+    """Once the rerun said it started from the source (and wrote init_from.json again) while it resumed the
+    decoder phase's checkpoint: `train.vae --init-from` looked for a checkpoint of the first phase alone."""
+    vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"]
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    train_vae.main(args_for(first, *vq, "train.vae.steps=2"))
+    phase = [*vq, "train.vae.steps=0", "train.vae_decoder.batch_size=8", "train.vae_decoder.eval_batches=1"]
+    train_vae.main(args_for(tuned, *phase, "train.vae_decoder.steps=2") + ["--init-from", str(first)])
+    noted = tuned / "logs" / "vae" / "init_from.json"
+    assert "starts from the weights of" in capsys.readouterr().out and noted.is_file()
+    noted.unlink()
+    train_vae.main(args_for(tuned, *phase, "train.vae_decoder.steps=3") + ["--init-from", str(first)])
+    said = capsys.readouterr()
+    assert "vae: the run resumes its own checkpoint; --init-from" in said.out, said
+    assert "resumed vae_decoder" in said.err and not noted.exists()

@@ -92,13 +92,14 @@ FIX = "fine-tune with the sizes it was trained with (its config.json), or leave 
 # ----------------------------------------------------------------------------------------------
 
 
-def init_source(cfg: RunConfig, args, stage: str) -> Path | None:
-    """The folder `--init-from` names, or None: none given, or the run resumes a checkpoint of its own."""
+def init_source(cfg: RunConfig, args, stage: str, *phases: str) -> Path | None:
+    """The folder `--init-from` names, or None: none given, or the run resumes a checkpoint of its own (of the
+    stage, or of a later phase of it: train.vae's vae_decoder)."""
     given = getattr(args, "init_from", None)
     if not given:
         return None
     source = checked_source(given)
-    if resuming(cfg, args, stage):
+    if any(resuming(cfg, args, name) for name in (stage, *phases)):
         if _is_main():
             print(f"{stage}: the run resumes its own checkpoint; --init-from {given} is not read", flush=True)
         return None

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         # compute slowly: they are flushed to zero
         torch.set_flush_denormal(True)
     model = build_tokenizer(cfg)
-    source = finetune.init_source(cfg, args, "vae")
+    source = finetune.init_source(cfg, args, "vae", "vae_decoder")
     if source is not None:
         # a critic the source lacks starts fresh: a tokenizer trained without one can be fine-tuned with one (its
         # decoder alone, with the encoder and codebook frozen, keeps every image's codes)
