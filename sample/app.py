@@ -391,6 +391,22 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self.send_json(500, {"error": f"the server failed on this request ({type(e).__name__}); its log says why"})
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The refusals http.server makes itself (a method no do_* serves: 501; a malformed request: 400, 414,
+        431) as one JSON sentence too, not its HTML page; the connection is closed after them."""
+        self.close_connection = True
+        command = getattr(self, "command", None) or ""
+        if code == 501:
+            sentence = f"this server does not answer {command or 'such'} requests; the page sends GET and POST"
+        else:
+            sentence = f"the request was refused ({code}: {message or 'bad request'}); send it again from the page"
+        if command == "HEAD":  # headers only: a HEAD answer has no body
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            return
+        self.send_json(code, {"error": sentence})
+
     def send_json(self, status: int, payload: dict) -> None:
         self.send(status, json.dumps(payload).encode(), "application/json")
 

@@ -155,6 +155,25 @@ def test_unknown_paths_are_404_with_a_sentence(url):
     assert post(url, "/api/nothing", {})[0] == 404
 
 
+def test_methods_the_server_does_not_answer_are_json_too(url):
+    """Once http.server's own HTML page (501) for a PUT or HEAD, where every /api/ answer is said to be JSON."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    for method in ("PUT", "DELETE", "HEAD"):
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+        connection.request(method, "/api/generate", body=b"{}" if method == "PUT" else None)
+        answer = connection.getresponse()
+        body = answer.read()
+        assert answer.status == 501 and answer.getheader("Content-Type") == "application/json", method
+        if method == "HEAD":
+            assert body == b""
+        else:
+            assert_one_sentence(501, json.loads(body), 501, f"does not answer {method} requests")
+        connection.close()
+
+
 def test_requests_a_page_elsewhere_could_make_are_refused(url):
     # a page on another site that points its own name at 127.0.0.1 (DNS rebinding) to read the answers
     request = urllib.request.Request(url + "api/info", headers={"Host": "evil.example:7860"})
