@@ -530,8 +530,10 @@ def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Train
 
 
 def trainable_digest(model: torch.nn.Module) -> str:
-    """A digest of the names of the parameters that train (those `freeze` leaves), kept in each checkpoint."""
-    names = "\n".join(name for name, p in model.named_parameters() if p.requires_grad)
+    """A digest of the names of the parameters that train (those `freeze` leaves), kept in each checkpoint; the
+    names as the model has them, without the prefixes FSDP's and activation checkpointing's wrappers add."""
+    wrappers = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+    names = "\n".join(wrappers.sub("", name) for name, p in model.named_parameters() if p.requires_grad)
     return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
