@@ -560,7 +560,8 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.toml"):
+    # a name in configs/, or a path from the project's root (configs/emoji.toml, as the docs write it) anywhere
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.toml", CONFIG_DIR.parent / p):
         if candidate.is_file():
             return candidate
     if p.is_dir():
@@ -575,6 +576,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file '{path}' is not valid TOML ({e}); fix the syntax") from None
     except UnicodeDecodeError:
         raise UserError(f"config file '{path}' is not UTF-8 text; give a TOML preset (configs/)") from None
+    except OSError as e:
+        raise UserError(f"config file '{path}' cannot be read ({e.strerror or e}); check its permissions") from None
 
 
 def _merged(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -678,7 +681,10 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 
 def read_config_json(path: str | os.PathLike) -> RunConfig:
     values = read_json_object(path, "config file", "rewrite or retrain it", "is this a run folder or bundle?")
-    return config_from_dict(values)
+    try:
+        return config_from_dict(values)
+    except UserError as e:  # a key or value the file holds: named with the file, which no --set shows
+        raise UserError(f"config file '{path}': {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -719,6 +725,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def check_run_folder(out_dir: str) -> None:
     """One sentence when a run folder cannot be one: it is a file, or a file stands where a folder above it goes."""
+    if not str(out_dir).strip():  # `--set out_dir=`: the current folder would become the run folder
+        raise UserError("the run folder (out_dir) is empty; name it with --out, such as runs/mine")
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"run folder '{out_dir}' is a file; pass --out a folder (new or an earlier run's)")

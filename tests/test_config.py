@@ -293,3 +293,25 @@ def test_a_tokenizer_asked_to_read_no_caption_names_the_key(tmp_path):
     # once blamed on data.source and data.caption_column
     with pytest.raises(UserError, match="'text.max_train_captions' is 0; read at least 1 caption"):
         train_tokenizer.main(["--config", "shapes", "--out", str(tmp_path / "r"), "--set", "text.max_train_captions=0"])
+
+
+def test_config_paths_and_files_that_cannot_be_read_are_one_sentence_naming_the_file(tmp_path, monkeypatch):
+    """Once: `--set out_dir=` made the current folder the run folder; a bundle's config.json with an unknown key
+    was refused without naming the file (python -m sample has no --set to blame); `configs/emoji.toml`, as the
+    docs write it, was "does not exist" outside the project's root; an unreadable preset was an OSError traceback."""
+    from argparse import Namespace
+
+    from dalle_mini_impl.config import config_from_args
+
+    given = Namespace(config="shapes", overrides=["out_dir="], data=None, split=None, out=None)
+    with pytest.raises(UserError, match="the run folder \\(out_dir\\) is empty; name it with --out"):
+        config_from_args(given)
+    values = config_to_dict(RunConfig())
+    values["sample"]["new_knob"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(UserError, match=f"config file '{re.escape(str(tmp_path / 'config.json'))}': unknown config key"):
+        read_config_json(tmp_path / "config.json")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/emoji.toml").data.image_size == 64
+    with pytest.raises(UserError, match="config file '/proc/self/mem' cannot be read"):
+        load_config("/proc/self/mem")

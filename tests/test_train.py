@@ -743,6 +743,19 @@ def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
     assert (ssim(x, torch.rand(2, 3, 16, 16)) < 0.5).all()
 
 
+def test_eval_recon_refuses_a_broken_config_json_rather_than_reading_the_defaults(run_dir, tmp_path):
+    """Once any error reading config.json (an unknown key) fell back to the project's defaults, silently: an emoji
+    bundle would have been evaluated on shapes. A folder with no config.json still gets the defaults."""
+    from dalle_mini_impl.eval.recon import main as recon_main
+
+    broken = copy_run(run_dir, tmp_path / "broken")
+    values = json.loads((broken / "config.json").read_text())
+    values["sample"]["new_knob"] = 1
+    (broken / "config.json").write_text(json.dumps(values))
+    with pytest.raises(UserError, match="config file '.*broken/config.json': unknown config key 'sample.new_knob'"):
+        recon_main(["--model", str(broken), "--split", "validation", "--limit", "4"])
+
+
 def test_a_bundle_loaded_into_the_wrong_preset_is_one_sentence(run_dir, tmp_path):
     from dalle_mini_impl.clip.model import clip_from_config
     from dalle_mini_impl.errors import UserError

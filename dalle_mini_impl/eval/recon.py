@@ -31,7 +31,7 @@ from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.eval import check_counts, check_data_overrides, check_finite
 from dalle_mini_impl.eval.emoji import check_judge, judge_reconstructions
-from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, read_bundle_config
+from dalle_mini_impl.pipeline.bundle import FILES, bundle_path, load_clip, load_vae, read_bundle_config
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     judge, judge_cfg = check_judge(args.judge) if args.judge else (None, None)
     check_data_overrides(args.overrides, "recon")
     tokenizer = load_vae(args.model)
-    try:
+    if (bundle_path(args.model) / FILES["config"]).is_file():  # a broken one is an error, not the defaults
         cfg = read_bundle_config(args.model)
-    except UserError:  # a bare tokenizer folder: the project defaults, at the tokenizer's own image size
+    else:  # a bare tokenizer folder: the project defaults
         cfg = load_config(None)
     apply_overrides(cfg, args.overrides)
     if args.data:
