@@ -309,7 +309,8 @@ def test_config_paths_and_files_that_cannot_be_read_are_one_sentence_naming_the_
     values = config_to_dict(RunConfig())
     values["sample"]["new_knob"] = 1
     (tmp_path / "config.json").write_text(json.dumps(values))
-    with pytest.raises(UserError, match=f"config file '{re.escape(str(tmp_path / 'config.json'))}': unknown config key"):
+    named = re.escape(str(tmp_path / "config.json"))
+    with pytest.raises(UserError, match=f"config file '{named}': unknown config key"):
         read_config_json(tmp_path / "config.json")
     monkeypatch.chdir(tmp_path)
     assert load_config("configs/emoji.toml").data.image_size == 64
