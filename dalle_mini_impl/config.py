@@ -466,8 +466,36 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+class _SetText(str):
+    """A `--set` value as typed, with the TOML literal it parses as (`parsed`; the text itself when none)."""
+
+    parsed: Any
+
+
+def _set_text(text: str) -> _SetText:
+    value = _SetText(text)
+    value.parsed = _parse_value(text)
+    return value
+
+
+def _as_typed(value: _SetText, tp: Any) -> Any:
+    """The value a `--set` gives a field of type `tp`: a string field keeps the text as typed (2.50 stays '2.50', a
+    date or true its text; a quoted one its content), a list of strings a quoted text as one item (else the comma
+    shorthand), anything else the TOML literal."""
+    parsed, text = value.parsed, str(value)
+    if tp is str:
+        return parsed if isinstance(parsed, str) else text
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        if isinstance(parsed, list):
+            return parsed
+        return [parsed] if isinstance(parsed, str) and parsed != text else text
+    return parsed
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the field type `tp`, converting only where no information is lost."""
+    if isinstance(value, _SetText):
+        value = _as_typed(value, tp)
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
@@ -484,6 +512,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # --set key=1, as the text "1" already was
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
     elif tp is int:
@@ -526,6 +556,8 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str) -> None:
             raise UserError(f"unknown config key '{key}'; allowed keys here are: {allowed}")
         tp = types_[name]
         if dataclasses.is_dataclass(tp):
+            if isinstance(value, _SetText):  # --set data={source="shapes"}: an inline table
+                value = value.parsed
             if not isinstance(value, dict):
                 raise UserError(f"config key '{key}' is a section; set its keys, e.g. '{key}.<name>=...'")
             _apply(getattr(obj, name), value, f"{key}.")
@@ -639,7 +671,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override '{item}' must look like key=value, e.g. train.dalle.steps=500")
-        _apply(cfg, _nest(key.strip(), _parse_value(value.strip())), "")
+        _apply(cfg, _nest(key.strip(), _set_text(value.strip())), "")
     return cfg
 
 

@@ -316,3 +316,29 @@ def test_config_paths_and_files_that_cannot_be_read_are_one_sentence_naming_the_
     assert load_config("configs/emoji.toml").data.image_size == 64
     with pytest.raises(UserError, match="config file '/proc/self/mem' cannot be read"):
         load_config("/proc/self/mem")
+
+
+def test_a_set_value_of_a_string_key_is_kept_as_typed_and_booleans_take_1_and_0():
+    """Once `--set data.exclude=2.50` became '2.5', `1e3` '1000.0', a date or `true` was refused as not a string,
+    a quoted list item `", noto style"` was split and trimmed to 'noto style', and `compile=1` was refused."""
+    cases = {
+        "data.exclude=2.50": ("data", "exclude", "2.50"),
+        "data.include=1e3": ("data", "include", "1e3"),
+        "name=2024-06-01": (None, "name", "2024-06-01"),
+        "data.exclude=true": ("data", "exclude", "true"),
+        'data.exclude="a, b"': ("data", "exclude", "a, b"),
+        'clip.swap_phrases=", noto style"': ("clip", "swap_phrases", [", noto style"]),
+        "clip.swap_phrases=a, b": ("clip", "swap_phrases", ["a", "b"]),  # the comma shorthand, unquoted
+        'clip.swap_phrases=["x, y", "z"]': ("clip", "swap_phrases", ["x, y", "z"]),
+        "train.dalle.compile=1": ("train.dalle", "compile", True),
+        "train.dalle.compile=0": ("train.dalle", "compile", False),
+        "vae.group_sizes=8,64": ("vae", "group_sizes", [8, 64]),  # numbers still read as numbers
+        "train.dalle.lr=1e-3": ("train.dalle", "lr", 0.001),
+    }
+    for override, (section, key, expected) in cases.items():
+        node = load_config("shapes", [override])
+        for part in section.split(".") if section else ():
+            node = getattr(node, part)
+        assert getattr(node, key) == expected and type(getattr(node, key)) is type(expected), override
+    with pytest.raises(UserError, match="'train.dalle.compile' must be true or false, got 2"):
+        load_config("shapes", ["train.dalle.compile=2"])
