@@ -359,6 +359,14 @@ def _broken(bundle: Path, tmp_path: Path, how: str) -> Path:
     elif how == "huge depth":  # must be refused from the weights' header, not after building 2**70 blocks
         values = json.loads((folder / "transformer.json").read_text())
         (folder / "transformer.json").write_text(json.dumps({**values, "depth": 2**70}))
+    elif how.startswith("unknown key in "):  # a newer code's key, or a typo: named with the file it is in
+        name = how.rpartition(" ")[2]
+        values = json.loads((folder / name).read_text())
+        if name == "config.json":
+            values["sample"]["new_knob"] = 1
+        else:
+            values["new_knob"] = 1
+        (folder / name).write_text(json.dumps(values))
     elif how == "truncated transformer":
         data = (folder / "transformer.safetensors").read_bytes()
         (folder / "transformer.safetensors").write_bytes(data[: len(data) // 2])
@@ -379,6 +387,8 @@ def _broken(bundle: Path, tmp_path: Path, how: str) -> Path:
         ("garbage vae.safetensors", "is corrupt or not safetensors"),
         ("garbage transformer.json", "is not a valid transformer config"),
         ("huge depth", "holds a model of depth 2; use the transformer.json saved beside"),
+        ("unknown key in transformer.json", "transformer.json' is not a valid transformer config (unknown config key"),
+        ("unknown key in config.json", "config.json': unknown config key 'sample.new_knob'"),
     ],
 )
 def test_a_missing_or_broken_model_file_is_one_sentence(bundle, tmp_path, capsys, how, message):

@@ -303,10 +303,19 @@ def load_transformer(bundle: str | os.PathLike, part: str = "transformer"):
         if not isinstance(values, dict):
             raise ValueError("not an object")
         _check_transformer_size(values, weights, path)
-        model = DALLE(config_from_dict(values, TransformerConfig))
+        model = DALLE(_side_config(values, TransformerConfig))
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise UserError(f"'{path}' is not a valid transformer config ({e}); retrain or copy the whole bundle") from None
     return load_module(model, weights, "transformer" if part == "transformer" else "unCLIP decoder").eval()
+
+
+def _side_config(values: dict, cls: type):
+    """A side JSON's config section; an unknown key or a wrong type is a ValueError, which the loaders report
+    naming the file (a UserError of its own would name a key no --set of the user's holds)."""
+    try:
+        return config_from_dict(values, cls)
+    except UserError as e:
+        raise ValueError(str(e)) from None
 
 
 def load_prior(bundle: str | os.PathLike):
@@ -322,7 +331,7 @@ def load_prior(bundle: str | os.PathLike):
         geometry = {k: int(values[k]) for k in ("embed_dim", "text_vocab", "text_len", "pad_id")}
         if min(geometry["embed_dim"], geometry["text_vocab"], geometry["text_len"]) < 1:
             raise ValueError(f"sizes below 1: {geometry}")
-        model = EmbeddingPrior(config_from_dict(values["prior"], PriorConfig), **geometry)
+        model = EmbeddingPrior(_side_config(values["prior"], PriorConfig), **geometry)
     # a JSON that is no prior's: wrong types (a list for "prior" has no keys), sizes no model can have
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         raise UserError(f"'{path}' is not a valid prior config ({e!r}); retrain or copy the whole bundle") from None
