@@ -589,7 +589,14 @@ def available_presets() -> list[str]:
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """A preset path as given, or a bare preset name (`shapes`) looked up in configs/."""
+    if not str(path).strip():
+        raise UserError(f"--config is empty; give a preset's path or one of: {', '.join(available_presets())}")
     p = Path(path)
+    if p.suffix == ".json" and p.is_file():  # a run's or bundle's config.json
+        raise UserError(
+            f"config '{path}' is a trained model's config.json; --config takes a TOML preset (configs/), and "
+            "--init-from starts a run from that model's weights"
+        )
     if p.is_file():
         return p
     # a name in configs/, or a path from the project's root (configs/emoji.toml, as the docs write it) anywhere
@@ -597,7 +604,12 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     if p.is_dir():
-        raise UserError(f"config '{path}' is a folder; give a preset file in it, such as {p / 'shapes.toml'}")
+        if (p / "config.json").is_file():
+            raise UserError(
+                f"config '{path}' is a run folder or bundle; --config takes a TOML preset (configs/), and "
+                "--init-from starts a run from that model's weights"
+            )
+        raise UserError(f"config '{path}' is a folder; give a preset file (a .toml) in it")
     raise UserError(f"config file '{path}' does not exist; give a path or one of: {', '.join(available_presets())}")
 
 

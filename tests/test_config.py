@@ -283,8 +283,18 @@ def test_train_all_names_a_later_stages_bad_setting_before_training_anything(tmp
 def test_a_config_folder_is_named_as_one(tmp_path):
     from dalle_mini_impl.config import load_config
 
-    with pytest.raises(UserError, match="config '.*' is a folder; give a preset file in it"):
+    with pytest.raises(UserError, match="config '.*' is a folder; give a preset file \\(a .toml\\) in it"):
         load_config(str(tmp_path))
+    # once "not valid TOML" for a bundle's config.json, "such as BUNDLE/shapes.toml" for its folder (which does
+    # not exist), and "'' is a folder" for an empty --config
+    (tmp_path / "config.json").write_text("{}")
+    for given in (tmp_path / "config.json", tmp_path):
+        with pytest.raises(
+            UserError, match="is a (trained model's config.json|run folder or bundle); --config takes a"
+        ):
+            load_config(str(given))
+    with pytest.raises(UserError, match="--config is empty; give a preset's path or one of: configs/"):
+        load_config("")
 
 
 def test_a_tokenizer_asked_to_read_no_caption_names_the_key(tmp_path):
