@@ -820,7 +820,6 @@ def test_the_same_caption_ceiling_counts_other_captions_that_fit():
 
 
 def test_eval_clip_command_prints_json(bundle, capsys):
-    pytest.importorskip("dalle_mini_impl.data.streams")
     from dalle_mini_impl.eval.clip import main
 
     main(["--model", str(bundle), "--data", "shapes", "--split", "validation", "--limit", "12", "--zero-shot", "6"])

@@ -301,6 +301,7 @@ def test_encode_of_an_endless_stream_without_a_limit_is_one_sentence(run_dir, tm
 
 
 def test_encode_resumes_and_reuses_shards(run_dir):
+    train_encode.main(args_for(run_dir))  # the shards to reuse, whichever test ran before (alone, none had)
     before = {p.name: p.stat().st_mtime_ns for p in tokens_dir(run_dir, "train").iterdir()}
     train_encode.main(args_for(run_dir))
     after = {p.name: p.stat().st_mtime_ns for p in tokens_dir(run_dir, "train").iterdir()}
@@ -738,6 +739,18 @@ def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["n"] == 32 and 0 <= out["usage"] <= 1 and out["codes_used"] >= 1
     assert 0 < out["psnr"] < 100 and -1 <= out["ssim"] <= 1 and 0 <= out["judge_accepts"] <= 1
+    # the numbers are those of the images' reconstructions (once only their ranges were checked: a PSNR of 42
+    # whatever the images would have passed)
+    from dalle_mini_impl.eval.recon import recon_metrics
+
+    tokenizer = load_vae(run_dir)
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    metrics = recon_metrics(tokenizer, [{"image": images[:4]}, {"image": images[4:]}])
+    with torch.no_grad():
+        ids = tokenizer.encode(images)
+        mse = float(((tokenizer.decode(ids).float() - images) ** 2).mean())
+    assert metrics["n"] == 6 and metrics["codes_used"] == len(ids.unique())
+    assert metrics["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
     x = torch.rand(2, 3, 16, 16)
     assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)  # identical images: SSIM 1
     assert (ssim(x, torch.rand(2, 3, 16, 16)) < 0.5).all()
