@@ -22,16 +22,22 @@ from pathlib import Path
 
 from .errors import UserError
 
+# the process's umask, read once at import (reading it means setting it, which other threads would race with)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call write(tmp) on a temporary path beside `path` (its folder made if missing), then rename it to `path`.
     Writers that pick a format by the file's suffix must name it (PIL: format="PNG"): the temporary name ends
-    in .tmp. A writer that raises leaves `path` as it was. Returns `path`."""
+    in .tmp. A writer that raises leaves `path` as it was. The file gets the mode a new file gets (0o666 less the
+    umask): safetensors writes 0600, which no other account could read a shared bundle by. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:  # a writer that fails (or is interrupted) leaves the old file and no temporary one
         tmp.unlink(missing_ok=True)

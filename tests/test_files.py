@@ -54,3 +54,18 @@ def test_read_json_object_names_the_file_and_the_fix_for_each_way_it_can_be_wron
             read_json_object(tmp_path / name, "result", "pass another", missing_fix="write it first")
     with pytest.raises(UserError, match=r"result '.*' does not exist; pass another$"):
         read_json_object(tmp_path, "result", "pass another")  # a folder is no file; without missing_fix: fix
+
+
+def test_written_files_get_the_mode_a_new_file_gets(tmp_path):
+    """Once every safetensors file (weights, exported bundles, token shards) was 0600: safetensors writes it so,
+    and the rename kept it; no other account could load a shared bundle."""
+    import os
+
+    import torch
+
+    from dalle_mini_impl.pipeline.bundle import save_state_dict
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save_state_dict({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -520,3 +520,14 @@ def test_parameter_count_of_the_shapes_preset_is_lean():
     model = vae.build("dvae", codebook_size=512, factor=4, hidden=64, res_blocks=1, code_dim=256)
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     assert math.isclose(model.grid(32)[0], 8)
+
+
+def test_saved_tokenizer_files_get_the_mode_a_new_file_gets(tmp_path):
+    """Once vae.safetensors was 0600 (safetensors writes it so): no other account could load the tokenizer."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder = vae.save_pretrained(tiny("dvae"), tmp_path / "tok")
+    for name in ("vae.safetensors", "vae.json"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

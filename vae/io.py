@@ -71,9 +71,16 @@ def _tokenizer_class(kind: str) -> type[ImageTokenizer]:
     return LOADABLE_KINDS[kind]
 
 
+# the process's umask, read once at import (reading it means setting it, which other threads would race with)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _write_atomic(path: Path, write) -> None:
+    """write(tmp), then rename it to `path`, with the mode a new file gets (safetensors writes 0600)."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
 
 
