@@ -589,15 +589,32 @@ def test_clip_trains_with_hard_negatives(run_dir, tmp_path, capsys):
     assert losses["true"] > losses["false"] + 0.01, losses
 
 
-def test_clip_trains_the_same_step_with_the_math_attention_kernel(run_dir, tmp_path, capsys):
-    losses = {}
+def test_clip_trains_the_same_step_with_the_math_attention_kernel(run_dir, tmp_path, capsys, monkeypatch):
+    """... and the setting is in force around the training step's attention (once only the losses were compared,
+    which a setting the loop ignored passed: on this CPU "auto" picks the math kernel too)."""
+    import torch.nn.functional as F
+
+    sdpa, fused_allowed = F.scaled_dot_product_attention, []
+
+    def recording(*args, **kwargs):  # the real attention; whether a fused kernel was allowed, noted
+        if torch.is_grad_enabled():  # the training step's forward, not the evaluation's
+            fused_allowed.append(
+                torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+            )
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    losses, allowed = {}, {}
     for kernel in ("auto", "math"):
+        fused_allowed.clear()
         run = copy_run(run_dir, tmp_path / kernel)
         train_clip.main(
             args_for(run, "train.clip.steps=2", "clip.hard_negatives=true", f"train.clip.attention={kernel}")
         )
         losses[kernel] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+        allowed[kernel] = set(fused_allowed)
     assert losses["math"] == pytest.approx(losses["auto"], rel=1e-4)
+    assert allowed == {"auto": {True}, "math": {False}}, allowed
 
 
 def test_clip_trains_and_exports(run_dir):
