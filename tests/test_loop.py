@@ -355,6 +355,12 @@ def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_killed_
         says = f"train.dalle is already training into '.*' \\(process {other.pid}\\); stop it"
         with pytest.raises(loop.UserError, match=says):
             train(tmp_path, 2)
+        # the lock met inside a launch of several processes: they all took themselves for the main one (the
+        # cpu_2proc launch without ACCELERATE_USE_CPU=true), once blamed on "already training"
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("WORLD_SIZE", "2")
+            with pytest.raises(loop.UserError, match="launched as 2 processes, but each takes itself for the only"):
+                train(tmp_path, 2)
     finally:
         other.kill()
         other.wait()

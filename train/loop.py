@@ -319,6 +319,12 @@ def one_trainer(out: Path, name: str, is_main: bool) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            if world > 1:  # a launch of several processes in which each took itself for the only one
+                raise UserError(
+                    f"train.{name} was launched as {world} processes, but each takes itself for the only one, so "
+                    f"they collide in '{out}'; on a CPU launch with ACCELERATE_USE_CPU=true (docs/SCALING.md)"
+                ) from None
             raise UserError(
                 f"train.{name} is already training into '{out}' (process {holder}); stop it (or wait for it) "
                 "before running it again"
