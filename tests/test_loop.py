@@ -361,6 +361,9 @@ def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_killed_
             env.setenv("WORLD_SIZE", "2")
             with pytest.raises(loop.UserError, match="launched as 2 processes, but each takes itself for the only"):
                 train(tmp_path, 2)
+            with pytest.raises(loop.UserError, match="already training"):  # two processes that know it: a real run
+                with loop.one_trainer(tmp_path, "dalle", True, processes=2):
+                    pass
     finally:
         other.kill()
         other.wait()

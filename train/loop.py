@@ -301,11 +301,13 @@ def check_deepspeed_accumulation(grad_accum: int, deepspeed_accum: object | None
 
 
 @contextlib.contextmanager
-def one_trainer(out: Path, name: str, is_main: bool) -> Iterator[None]:
+def one_trainer(out: Path, name: str, is_main: bool, processes: int = 1) -> Iterator[None]:
     """Hold an exclusive lock on RUN/.NAME.lock while a stage trains there, so that a second trainer of the stage
     in the folder (a rerun while the first still runs, say after a terminal closed) stops in one sentence instead
     of writing the same checkpoints. The kernel's lock (flock) goes with its process, so a killed trainer leaves
-    none behind; the file stays, holding the last trainer's process id for the sentence. The main process locks."""
+    none behind; the file stays, holding the last trainer's process id for the sentence. The main process locks.
+    `processes`: how many accelerate sees; fewer than the launch's WORLD_SIZE means each took itself for the only
+    one (a CPU launch without ACCELERATE_USE_CPU=true), and the sentence says that instead."""
     if not is_main:
         yield
         return
@@ -320,7 +322,7 @@ def one_trainer(out: Path, name: str, is_main: bool) -> Iterator[None]:
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-            if world > 1:  # a launch of several processes in which each took itself for the only one
+            if world > processes:  # a launch of several processes in which each took itself for the only one
                 raise UserError(
                     f"train.{name} was launched as {world} processes, but each takes itself for the only one, so "
                     f"they collide in '{out}'; on a CPU launch with ACCELERATE_USE_CPU=true (docs/SCALING.md)"
@@ -338,7 +340,7 @@ def one_trainer(out: Path, name: str, is_main: bool) -> Iterator[None]:
 
 def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argparse.Namespace) -> dict[str, float]:
     """Train `stage` for `tc.steps` optimizer steps; returns the last logged scalars."""
-    with one_trainer(Path(cfg.out_dir), stage.name, accelerator.is_main_process):
+    with one_trainer(Path(cfg.out_dir), stage.name, accelerator.is_main_process, accelerator.num_processes):
         return _run(cfg, tc, stage, accelerator, args)
 
 
