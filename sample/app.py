@@ -35,6 +35,7 @@ import contextlib
 import io
 import ipaddress
 import json
+import socket
 import sys
 import tempfile
 import threading
@@ -435,12 +436,14 @@ class AppServer(ThreadingHTTPServer):
     def __init__(self, app: App, host: str = "127.0.0.1", port: int = 7860):
         self.app = app
         self.page = PAGE.read_bytes()
+        if ":" in host:  # an IPv6 address (::1, ::): the server's socket must be of that family
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 # ----------------------------------------------------------------------------------------------

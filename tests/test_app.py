@@ -155,6 +155,27 @@ def test_unknown_paths_are_404_with_a_sentence(url):
     assert post(url, "/api/nothing", {})[0] == 404
 
 
+def test_the_server_listens_on_an_ipv6_loopback_address_too(app):
+    """Once `--host ::1` was "Address family for hostname not supported" (the socket was always IPv4)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback address to listen on")
+    server = AppServer(app, "::1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert server.url.startswith("http://[::1]:")
+        status, body, _ = get(server.url, "/api/info")
+        assert status == 200 and "models" in json.loads(body)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_methods_the_server_does_not_answer_are_json_too(url):
     """Once http.server's own HTML page (501) for a PUT or HEAD, where every /api/ answer is said to be JSON."""
     import http.client
