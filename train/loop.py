@@ -566,7 +566,8 @@ def resume(t: Training, checkpoint: Path | None) -> None:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     # the optimizer's state is restored by position among the trainable parameters: under another freeze it would
     # fail to load, or (groups of the same shapes) load one block's moments into another's
-    if state.get("trainable", trainable_digest(t.unwrapped)) != trainable_digest(t.unwrapped):
+    trainable = trainable_digest(t.unwrapped)
+    if state.get("trainable", trainable) != trainable:  # a checkpoint written before the digest: not compared
         raise UserError(
             f"checkpoint '{checkpoint}' was trained with other parameters frozen than train.{t.stage.name}.freeze "
             "freezes now; resume with the freeze it was trained with, or start over with --no-resume or another --out"
