@@ -494,12 +494,20 @@ def _as_typed(value: _SetText, tp: Any) -> Any:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the field type `tp`, converting only where no information is lost."""
-    if isinstance(value, _SetText):
+    from_set = isinstance(value, _SetText)
+    if from_set:
         value = _as_typed(value, tp)
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
         given = value
+        if isinstance(value, str) and not from_set:  # a file's "a, b": one item or two? the TOML list says
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            example = json.dumps([value]) if inner is str else f"[{', '.join(items)}]"
+            raise UserError(
+                f"config key '{key}' must be {_type_name(tp)}, got the string {value!r}; write it as a TOML list, "
+                f"e.g. {key.rpartition('.')[2]} = {example}"
+            )
         if isinstance(value, str):  # --set a.b=x,y,z: each item a TOML literal when the list holds no strings
             items = [v.strip() for v in value.split(",") if v.strip()]
             value = items if inner is str else [_parse_value(v) for v in items]

@@ -352,3 +352,18 @@ def test_a_set_value_of_a_string_key_is_kept_as_typed_and_booleans_take_1_and_0(
         assert getattr(node, key) == expected and type(getattr(node, key)) is type(expected), override
     with pytest.raises(UserError, match="'train.dalle.compile' must be true or false, got 2"):
         load_config("shapes", ["train.dalle.compile=2"])
+
+
+def test_a_preset_string_where_a_list_belongs_is_refused_with_the_list_to_write(tmp_path):
+    """A preset's `swap_phrases = ", noto style"` was split at its comma and trimmed to ['noto style'], silently;
+    the comma shorthand is `--set`'s alone."""
+    preset = tmp_path / "p.toml"
+    preset.write_text('[clip]\nswap_phrases = ", noto style"\n')
+    expected = "'clip.swap_phrases' must be a list of strings, got the string ', noto style'; write it as a TOML list"
+    with pytest.raises(UserError, match=re.escape(expected + ', e.g. swap_phrases = [", noto style"]')):
+        load_config(preset)
+    preset.write_text('[vae]\ngroup_sizes = "8, 64"\n')
+    with pytest.raises(UserError, match=r"e.g. group_sizes = \[8, 64\]"):
+        load_config(preset)
+    preset.write_text('[clip]\nswap_phrases = [", noto style"]\n')
+    assert load_config(preset).clip.swap_phrases == [", noto style"]
