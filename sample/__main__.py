@@ -32,13 +32,12 @@ import hashlib
 import json
 import os
 import re
-import sys
 import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.errors import UserError, run_cli, show_warning
 from dalle_mini_impl.files import write_atomic
 
 MAX_SLUG = 60
@@ -219,10 +218,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def check_uses(args: argparse.Namespace) -> None:
     """The options that pick what to draw agree with each other: one sentence for each way they can clash."""
     unclip_use = "--variations" if args.variations else "--interpolate" if args.interpolate else None
@@ -288,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = _show_warning  # one line per warning, no source line
+        warnings.showwarning = show_warning  # one line per warning, no source line
         pipe = Pipeline.from_pretrained(
             args.model, device=args.device, dtype=args.dtype, decode=decode, relax=args.relax
         )

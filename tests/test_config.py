@@ -14,7 +14,7 @@ from dalle_mini_impl.config import (
     read_config_json,
     save_config,
 )
-from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.errors import UserError, run_cli
 from train.loop import check_training_values
 from train.vae import check_phases
 
@@ -196,6 +196,16 @@ def test_an_older_configs_renamed_key_loads_with_one_warning(tmp_path):
     assert cfg.sample.guidance_scale == 2.5 and len(seen) == 1
     with pytest.warns(FutureWarning, match="sample.cfg"):  # the same for a --set
         assert load_config("shapes", ["sample.cfg=4"]).sample.guidance_scale == 4.0
+
+
+def test_a_commands_warning_is_one_line(capsys):
+    """Every command (run_cli) says a warning in one line; Python's own format added the file, line and a second
+    line of code from config.py, which a user of `train.dalle --set sample.cfg=4` has no use for."""
+    with pytest.raises(SystemExit) as done:
+        run_cli(lambda argv: load_config("shapes", ["sample.cfg=4"]) and 0, [])
+    assert done.value.code == 0
+    said = "warning: config key 'sample.cfg' is now 'sample.guidance_scale'; read it as that\n"
+    assert capsys.readouterr().err == said
 
 
 def test_a_run_folder_that_cannot_be_one_is_one_sentence(tmp_path):
