@@ -108,6 +108,34 @@ def test_the_first_step_runs_on_the_sources_weights(stage, source, fp16_bundle, 
     assert noted["source"] == str(fp16_bundle)
 
 
+@pytest.mark.parametrize("stage", ["unclip", "prior"])
+def test_a_decoder_or_prior_started_on_another_clip_says_so_in_one_warning(stage, source, fp16_bundle, tmp_path):
+    """unCLIP's decoder and prior read CLIP's embeddings; started from a source whose CLIP is not the run's, they
+    start from weights for another embedding space, which nothing said. The fp16 bundle's CLIP is the run's, cast:
+    no warning there."""
+    import warnings
+
+    run = copy_run(source, tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        assert MAIN[stage].main(args(run, f"train.{stage}.steps=1", init_from=fp16_bundle)) == 0
+    other = copy_run(source, tmp_path / "other")
+    clip = load_file(str(other / "clip.safetensors"))
+    clip["logit_scale"] = clip["logit_scale"] + 1.0  # another CLIP, by one number
+    from safetensors.torch import save_file
+
+    save_file(clip, str(other / "clip.safetensors"))
+    with pytest.warns(UserWarning) as seen:
+        assert MAIN[stage].main(args(other, f"train.{stage}.steps=1", init_from=fp16_bundle)) == 0
+    said = [str(w.message) for w in seen if "CLIP" in str(w.message)]
+    what = "unCLIP decoder" if stage == "unclip" else "prior"
+    assert said == [
+        f"the run's clip.safetensors is not the CLIP '{fp16_bundle}' was trained with, so its {what} starts reading "
+        f"another CLIP's embeddings; copy '{fp16_bundle / 'clip.safetensors'}' into '{other}' to fine-tune it on the "
+        "CLIP it knows"
+    ]
+
+
 def test_a_fresh_run_folder_gets_the_sources_tokenizers_and_becomes_a_bundle(source, tmp_path):
     from dalle_mini_impl.pipeline.pipeline import Pipeline
 

@@ -174,6 +174,7 @@ def start_from_source(model: DALLE, source: Path, cfg: RunConfig, stage: str) ->
     if stage == "dalle":
         finetune.start_from(model, source, "transformer", "transformer", cfg, stage)
     elif (source / FILES["unclip"]).is_file():  # a decoder without the grid starts one with it
+        finetune.warn_if_other_clip(source, cfg, "unCLIP decoder")
         finetune.start_from(model, source, "unclip", "unCLIP decoder", cfg, stage, adapt=widen_to_grid)
     else:
         finetune.start_from(model, source, "transformer", "unCLIP decoder", cfg, stage, keep_own=DECODER_OWN)

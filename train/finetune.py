@@ -16,7 +16,8 @@ the source's `text.model` into a run folder without one, and stops if the run ho
 read image ids (`train.dalle`, `train.unclip`) copy the source's image tokenizer (`vae.safetensors`, `vae.json`)
 into a run folder without one, and keep a run's own (one fine-tuned by `train.vae --init-from`, say). The run's
 config.json then describes the copied parts (the source's `text` and `vae` sections), so later stages, export and
-sampling read the run folder as any other.
+sampling read the run folder as any other. unCLIP's decoder and prior read CLIP's embeddings: started from a
+source whose CLIP is not the run's, they say so in one warning (`warn_if_other_clip`).
 
 `freeze` names groups of one model (the `GROUPS` table below; every parameter belongs to exactly one). A frozen
 group's parameters get `requires_grad = False`, so the optimizer (`train.common.adamw`) leaves them out and they
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -162,6 +164,37 @@ def start_from(model: torch.nn.Module, source: Path, part: str, what: str, cfg: 
         logs.mkdir(parents=True, exist_ok=True)
         (logs / "init_from.json").write_text(json.dumps({"source": str(source), "weights": str(path)}, indent=2) + "\n")
         print(f"{stage}: starts from the weights of {path}", flush=True)
+
+
+def same_weights(ours: Path, theirs: Path) -> bool:
+    """Whether two safetensors files hold the same model: the same tensors, each compared in the lower of the two
+    precisions (an exported bundle's fp16 CLIP is its run's fp32 one, cast)."""
+    a, b = load_state_dict(ours), load_state_dict(theirs)
+    if a.keys() != b.keys():
+        return False
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape:
+            return False
+        low = x.dtype if x.element_size() <= y.element_size() else y.dtype
+        if not torch.equal(x.to(low), y.to(low)):
+            return False
+    return True
+
+
+def warn_if_other_clip(source: Path, cfg: RunConfig, what: str) -> None:
+    """unCLIP's decoder and prior read CLIP's embeddings: started from a source trained on another CLIP than the
+    run's, they start from weights for another embedding space. Said once, in one line (a warning, not an error:
+    fine-tuning can relearn it, at a cost the user should choose knowingly)."""
+    theirs, ours = source / FILES["clip"], Path(cfg.out_dir) / FILES["clip"]
+    if not (theirs.is_file() and ours.is_file()) or same_weights(ours, theirs) or not _is_main():
+        return
+    warnings.warn(
+        f"the run's {FILES['clip']} is not the CLIP '{source}' was trained with, so its {what} starts reading "
+        f"another CLIP's embeddings; copy '{theirs}' into '{cfg.out_dir}' to fine-tune it on "
+        "the CLIP it knows",
+        stacklevel=2,
+    )
 
 
 def adopt_text_tokenizer(source: Path, cfg: RunConfig, accelerator=None) -> None:

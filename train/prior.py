@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = stream(cfg.data.split, True, tc.batch_size)
     model = build_prior(cfg, text_tokenizer, batches.extra["image_emb"].shape[1])
     if source is not None:
+        finetune.warn_if_other_clip(source, cfg, "prior")
         finetune.start_from(model, source, "prior", "unCLIP prior", cfg, "prior")
     finetune.freeze(model, "prior", tc.freeze, "prior")
     if tc.grad_checkpointing:
