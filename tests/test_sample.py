@@ -503,6 +503,24 @@ def test_cutouts_flip_only_when_no_side_is_named():
     assert (flipped[..., :, -4:].mean(dim=(1, 2, 3)) > 0.9).any()
 
 
+def test_refinement_mirrors_no_cutout_of_a_caption_the_bundle_keeps_from_mirror_images(pipe, monkeypatch):
+    """The emoji bundle trains on mirror images but for captions such as `letter j` (data.encode_flip_exclude); its
+    VQGAN+CLIP still mirrored their cutouts, pulling a `j` toward what also reads as `j` mirrored."""
+    from dalle_mini_impl.pipeline import guided
+
+    seen = []
+    real = guided.make_cutouts
+    monkeypatch.setattr(guided, "make_cutouts", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
+    monkeypatch.setattr(pipe.cfg.data, "encode_flip_exclude", r"\bletter\b")
+    s = dataclasses.replace(pipe.cfg.sample, guided_steps=1, guided_cutouts=2, guided_prior_weight=0.0)
+    start = random_codes(pipe.image_tokenizer.codebook_size, 1, *pipe.grid, torch.Generator().manual_seed(0))
+    for prompt, flips in [("a red circle", True), ("LETTER j", False), ("a circle on the left", False)]:
+        seen.clear()
+        pipe.refine(start, [(prompt, 1.0)], s, torch.Generator().manual_seed(0))
+        assert seen and set(seen) == {flips}, prompt
+    assert pipe.mirrors_keep(["a red circle", "bright"]) and not pipe.mirrors_keep(["a red circle", "letter x"])
+
+
 def test_clip_guided_refinement_raises_the_score_of_its_start(pipe):
     g = torch.Generator().manual_seed(0)
     h, w = pipe.grid

@@ -28,7 +28,8 @@ step, and each step fixes at least one more, as in Jacobi decoding (Song et al. 
 result is the same for both.
 
 Cutouts are random resized crops (`clip.model.clip_augment`, the augmentation CLIP was trained with,
-at a wider scale range) and, only when no prompt part mentions left or right, random horizontal flips:
+at a wider scale range) and, only when no prompt part mentions left or right (or, from the pipeline, is a
+caption the bundle's `data.encode_flip_exclude` keeps from mirror images: `letter j`), random horizontal flips:
 a flip turns "a circle on the left" into one on the right.
 
 Weighted prompts, as in VQGAN+CLIP: "a red circle:1 | a blue square:-0.5" moves towards a red circle
@@ -239,6 +240,7 @@ def refine(
     contrast: Sequence[str] = (),
     contrast_weight: float = 0.0,
     contrast_guard: bool = False,
+    flips: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raise CLIP's weighted similarity of the images of `start_ids` (b, h, w) by optimising their latents.
 
@@ -255,6 +257,7 @@ def refine(
     contrast_guard: a snapped image may be returned only if CLIP's margin of the prompt over the nearest contrast
         caption (similarity to the prompt's parts minus the highest similarity to a contrast caption) is at least
         the start's: refinement never makes an image look more like a caption it should not be (needs contrast).
+    flips: whether cutouts may be mirrored (None: unless a part mentions left or right, `mentions_sides`).
     Returns the snapped images of the best objective seen, among those the guard lets through (ids (b, h, w),
     images (b, 3, H, W) in [0, 1], CLIP scores (b,): the similarity to the prompt's parts, without the contrast),
     on the CPU: with a dVAE or VQ the start itself when no step improves on it (another tokenizer's start is its
@@ -275,7 +278,8 @@ def refine(
         raise UserError("clip-guided generation needs the bundle's own CLIP (clip.safetensors); use --method ar")
     device = next(tokenizer.parameters()).device
     texts = [t for t, _ in parts]
-    flips = not mentions_sides(texts)
+    if flips is None:
+        flips = not mentions_sides(texts)
     direction = prompt_direction(scorer, parts).to(device)  # (e,): what the returned scores measure
     near = scorer.embed_texts(list(contrast)).to(device) if contrast and (contrast_weight or contrast_guard) else None
     pull = contrast_direction(direction, near, contrast_weight)  # (e,): what the objective raises

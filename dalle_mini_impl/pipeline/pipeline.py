@@ -798,7 +798,19 @@ class Pipeline:
             contrast=self.contrast_captions(prompt) if reads_contrast(s) else (),
             contrast_weight=s.guided_contrast_weight,
             contrast_guard=s.guided_contrast_guard,
+            flips=self.mirrors_keep([text for text, _ in parts]),
         )
+
+    def mirrors_keep(self, texts: Sequence[str]) -> bool:
+        """Whether a mirror image keeps every text true, so that refinement's cutouts may be flipped: none mentions
+        left or right, and none is a caption the bundle's `data.encode_flip_exclude` keeps from mirror images
+        (emoji-styles: `letter j`, `keycap 5`, `man walking facing right`), matched as the text tokenizer reads it."""
+        from ..data.streams import caption_regex
+        from .guided import mentions_sides
+
+        exclude = caption_regex(self.cfg.data, "encode_flip_exclude")
+        read = [t.lower() if self.cfg.text.lowercase else t for t in texts]
+        return not mentions_sides(texts) and not (exclude and any(exclude.search(t) for t in read))
 
     def contrast_captions(self, prompt: str) -> list[str]:
         """The captions clip-guided refinement contrasts `prompt` with (`sample.guided_contrast_weight`): on shapes
