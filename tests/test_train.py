@@ -357,6 +357,45 @@ def test_encode_with_other_data_settings_reads_no_row_of_the_earlier_one(run_dir
     assert train_encode.data_digest(cfg, "train", 1) != train_encode.data_digest(cfg, "train", 2)
 
 
+def test_an_image_repaired_between_two_encodes_is_encoded_and_no_shard_of_shifted_rows_is_reused(run_dir, tmp_path):
+    """Once: a broken image skipped by the first encode and repaired before the second shifted every row after it
+    by one; the shards of the same count, settings and tokenizer were reused, so the repaired image was in none and
+    one row was in two, while the summary said it was encoded."""
+    import io
+
+    from PIL import Image
+
+    def png(i: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (15 * i, 255 - 15 * i, 7 * i)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    rows = [{"file_name": f"{i}.png", "text": f"picture {i}"} for i in range(12)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i in range(12):
+        (folder / f"{i}.png").write_bytes(png(i)[:40] if i == 2 else png(i))  # 2.png cut short: skipped
+    settings = ["data.encode_shard_size=4", "data.max_examples=0", "clip.hard_negatives=false"]
+
+    def encode(run) -> dict:
+        argv = [*args_for(run, *settings), "--data", str(tmp_path / "data"), "--splits", "train"]
+        train_encode.main(argv)
+        return json.loads((run / "tokens" / "manifest.json").read_text())["splits"][0]
+
+    run, fresh = copy_run(run_dir, tmp_path / "run"), copy_run(run_dir, tmp_path / "fresh")
+    for r in (run, fresh):
+        shutil.rmtree(r / "tokens", ignore_errors=True)
+    assert encode(run)["skipped"] == 1
+    (folder / "2.png").write_bytes(png(2))  # repaired
+    again = encode(run)
+    assert (again["examples"], again["skipped"], again["shards_reused"]) == (12, 0, 0)  # the first shard changed
+    assert encode(fresh)["examples"] == 12
+    (ids, captions), (want_ids, want_captions) = (read_shards(tokens_dir(r, "train")) for r in (run, fresh))
+    assert captions == want_captions == [f"picture {i}" for i in range(12)] and torch.equal(ids, want_ids)
+    assert encode(run)["shards_reused"] == 3  # the same rows again: reused
+
+
 def test_encode_flip_writes_each_image_mirrored_after_it_but_not_for_excluded_captions(run_dir, tmp_path, capsys):
     """data.encode_flip: a train-split example's mirror image follows it as a row with the same caption, unless
     data.encode_flip_exclude matches the caption (shapes names left and right); validation gets none; train shards

@@ -55,6 +55,17 @@ def data_digest(cfg: RunConfig, split: str, world: int) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def rows_digest(images: list[torch.Tensor], captions: list[str]) -> str:
+    """A digest of a shard's rows, the images as the stream prepared them and their captions: what a rerun's rows
+    must equal for their shard to be reused. The settings' digest alone let a shard of the same count be reused
+    over other rows (an image repaired between two encodes shifted every row after it by one)."""
+    h = hashlib.sha256()
+    for image, caption in zip(images, captions):
+        h.update(image.contiguous().numpy().tobytes())
+        h.update(json.dumps(caption).encode())
+    return h.hexdigest()[:16]
+
+
 def check_ends(cfg: RunConfig) -> None:
     """One sentence for a training split with no end and no `data.max_examples`: the shapes stream with
     `data.shapes.train_size` 0 would be encoded until the disk is full."""
@@ -100,16 +111,18 @@ def encode_split(
         nonlocal images, captions, index, written, reused
         path = shard_path(folder, rank, index)
         meta = shard_metadata(path) if path.exists() else None
-        # written by an earlier run: reused when it holds these rows, this tokenizer wrote it, it mirrors as this
-        # run does and the same data settings chose its rows; the last shard of an encode that stopped at a smaller
-        # data.max_examples holds fewer, and is encoded again (else the rows after it would be lost); a VAE trained
-        # again since writes every shard again
+        rows = rows_digest(images, captions)
+        # written by an earlier run: reused when it holds these rows (the same images and captions), this tokenizer
+        # wrote it, it mirrors as this run does and the same data settings chose its rows; the last shard of an
+        # encode that stopped at a smaller data.max_examples holds fewer, and is encoded again (else the rows after
+        # it would be lost); a VAE trained again since writes every shard again
         if (
             meta is not None
             and shard_rows(path) == len(images)
             and meta.get("tokenizer") == digest
             and meta.get("flips") == flips
             and meta.get("data") == data
+            and meta.get("rows") == rows
         ):
             reused += 1
             bar.update(len(images))
@@ -120,7 +133,7 @@ def encode_split(
                     batch = torch.stack(images[i : i + 256]).to(device)
                     ids.append(tokenizer.encode(batch).cpu())
                     bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
-            write_shard(path, torch.cat(ids), captions, tokenizer=digest, flips=flips, data=data)
+            write_shard(path, torch.cat(ids), captions, tokenizer=digest, flips=flips, data=data, rows=rows)
             written += 1
         images, captions, index = [], [], index + 1
 

@@ -86,11 +86,13 @@ def write_shard(
     tokenizer: str | None = None,
     flips: str | None = None,
     data: str | None = None,
+    rows: str | None = None,
 ) -> None:
     """Write one shard atomically. `image_ids` is (N, h, w); stored as int16 when the codebook fits. tokenizer:
     the `tokenizer_digest` of the image tokenizer that made the ids; flips: what says which rows have a mirrored
-    row beside them (`data.encode_flip`); data: a digest of the data settings that chose and drew its rows; all
-    kept in the shard's metadata."""
+    row beside them (`data.encode_flip`); data: a digest of the data settings that chose and drew its rows; rows:
+    a digest of the images and captions it encodes (`train.encode.rows_digest`); all kept in the shard's
+    metadata."""
     assert image_ids.dim() == 3 and len(captions) == image_ids.shape[0]
     dtype = torch.int16 if int(image_ids.max()) < 2**15 else torch.int32
     meta = {"captions": json.dumps(captions, ensure_ascii=False), "format": "dalle-mini-impl tokens v1"}
@@ -100,6 +102,8 @@ def write_shard(
         meta["flips"] = flips
     if data is not None:
         meta["data"] = data
+    if rows is not None:
+        meta["rows"] = rows
     tensors = {"image_ids": image_ids.to(dtype).contiguous()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
