@@ -70,6 +70,9 @@ def test_to_rgb_scales_high_depth_and_converts_cmyk():
     i16 = Image.fromarray(np.array([[0, 65535, 32896]], np.uint16))
     assert i16.mode.startswith("I;16")
     assert np.asarray(to_rgb(i16))[0, :, 0].tolist() == [0, 255, 128]
+    # a dark 16-bit image stays dark: 200 and 300 of 65535 are both about 1 of 255 (200 was read as 8-bit: 200)
+    for value in (200, 300):
+        assert np.asarray(to_rgb(Image.fromarray(np.full((1, 2), value, np.uint16))))[0, :, 0].tolist() == [1, 1]
     f = Image.fromarray(np.array([[0.0, 1.0, 0.5]], np.float32), "F")
     assert np.asarray(to_rgb(f))[0, :, 0].tolist() == [0, 255, 128]
     cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # full magenta + yellow: red

@@ -37,12 +37,15 @@ _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 def _high_depth_to_uint8(pil: Image.Image) -> np.ndarray:
     """A 16-bit, 32-bit integer or float single-channel image as uint8 (h, w).
 
-    PIL's own `convert("L")` clips these at 255, which turns a 16-bit photo white. 16-bit data is
-    scaled by 1/257 (65535 -> 255); floats in [0, 1] are scaled by 255, other floats clipped.
+    PIL's own `convert("L")` clips these at 255, which turns a 16-bit photo white. 16-bit data (the I;16
+    modes, and a PNG's mode I, whose depth is at most 16) is scaled by 1/257 (65535 -> 255), however dark the
+    image; other 32-bit integers too when above 255; floats in [0, 1] are scaled by 255, other floats clipped.
     """
     arr = np.asarray(pil).astype(np.float64)
     if pil.mode == "F":
         scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+    elif pil.mode.startswith("I;16") or pil.format == "PNG":
+        scale = 1 / 257  # the depth is known: a guess from the pixels made a dark image (200 of 65535) bright
     else:
         scale = 1 / 257 if arr.size and arr.max() > 255 else 1.0
     return np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
