@@ -223,9 +223,61 @@ def _available_splits(path: str, kwargs: dict[str, Any]) -> list[str]:
     return [str(s) for s in builder.info.splits or {}]
 
 
+def _text_or_replacement(data: bytes) -> str:
+    """A webdataset text member as text: UTF-8, each byte that is not replaced by U+FFFD (`_clean_caption` then
+    skips the caption as `bad_caption`)."""
+    return data.decode("utf-8", errors="replace")
+
+
+def read_webdataset_text_leniently() -> None:
+    """`datasets`' webdataset reader decodes a .txt member as strict UTF-8 inside its generator, so one byte that is
+    not stopped the whole reader, and every resume at the same record. Its text decoders are replaced by
+    `_text_or_replacement` (in this process; called where a webdataset is opened and where it is read)."""
+    try:
+        from datasets.packaged_modules.webdataset import webdataset as wds
+    except ImportError:  # another `datasets` layout: its own decoding stands
+        return
+    strict = getattr(wds, "text_loads", None)
+    for extension, decode in list(getattr(wds.WebDataset, "DECODERS", {}).items()):
+        if decode is strict:
+            wds.WebDataset.DECODERS[extension] = _text_or_replacement
+
+
+def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
+    """The local .tar files among `files` that end before their last member does, or without the end-of-archive
+    blocks: `tarfile` stops at the cut silently, losing the samples after it uncounted. Each is logged as a
+    warning and returned."""
+    cut = []
+    for path in files:
+        if not path.endswith(".tar") or not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        try:
+            with tarfile.open(path, "r:") as archive:
+                end = 0
+                for member in archive:
+                    end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            with open(path, "rb") as f:
+                f.seek(end)
+                tail = f.read(2 * tarfile.BLOCKSIZE)
+        except (tarfile.TarError, OSError):
+            continue  # not readable as an archive at all: the reader says so in one sentence
+        if end > size or tail != bytes(2 * tarfile.BLOCKSIZE):
+            cut.append(path)
+            log.warning(
+                "data set %s: archive %s is cut short (%d bytes, its members need %d and the end blocks): the samples "
+                "after its last complete one are lost; copy or download it again",
+                name, path, size, end,
+            )  # fmt: skip
+    return cut
+
+
 def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool):
     import datasets
 
+    if path == "webdataset":
+        read_webdataset_text_leniently()
+        warn_of_cut_archives(name, list(kwargs.get("data_files") or []))
     try:
         return datasets.load_dataset(path, split=hf_split, streaming=streaming, **kwargs)
     except ValueError as e:
@@ -443,6 +495,8 @@ def _clean_caption(value: Any, max_chars: int, rng: random.Random) -> str:
         text = " ".join(value.split())
         if not text:
             raise UnusableRecord("empty_caption")
+        if "\ufffd" in text:  # a replacement character: text that was not UTF-8 where it came from
+            raise UnusableRecord("bad_caption", "text holding U+FFFD (bytes that were not UTF-8)")
     else:
         raise UnusableRecord("bad_caption", f"a {type(value).__name__}")
     return text[:max_chars]
@@ -636,6 +690,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             yield {"image": from_uint8(ex["image"]), "caption": ex["caption"]}
 
     def _stream_pass(self) -> Iterator[dict]:
+        read_webdataset_text_leniently()  # in this process too (a DataLoader worker's), where the reader decodes
         ds = self._dataset
         if self.train:
             ds.set_epoch(self.epoch)  # a new shuffle per epoch; evaluation keeps epoch 0 (shard order fixed)
