@@ -357,6 +357,18 @@ def test_metadata_that_mixes_types_is_one_sentence(tmp_path, rows):
     message = str(e.value)
     assert f"data set '{folder}'" in message and "\n" not in message
     assert "could not be read" in message and "metadata" in message
+    line = 1 if len(rows) == 1 else 2  # the line at fault is named, with what is wrong on it
+    assert f"line {line} of '{folder / 'metadata.jsonl'}' has '" in message
+    assert message.endswith("fix or remove that line")
+
+
+def test_metadata_not_utf8_names_its_line(tmp_path):
+    png = _encode(Image.new("RGB", (W, H), (1, 2, 3)), "PNG")
+    folder = write_folder(tmp_path / "latin", [{"file_name": "a.png", "text": "ok"}], {"a.png": png})
+    with open(folder / "metadata.jsonl", "ab") as f:
+        f.write(b'{"file_name": "a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"line 2 of '.*metadata.jsonl' is not UTF-8 text \(byte 0xe9 at column 36\)"):
+        list(ExampleStream(_cfg(folder), "train", train=False))
 
 
 @pytest.mark.parametrize(

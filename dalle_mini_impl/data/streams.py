@@ -47,6 +47,7 @@ Design (after open_clip's and LlamaGen's data pipelines, written for resumable r
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import random
@@ -277,13 +278,16 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
 
     if path == "webdataset":
         read_webdataset_text_leniently()
-        warn_of_cut_archives(name, list(kwargs.get("data_files") or []))
+        files = kwargs.get("data_files") or []
+        if kwargs.get("data_dir"):  # a folder of shards
+            files = glob.glob(os.path.join(glob.escape(kwargs["data_dir"]), "**", "*.tar"), recursive=True)
+        warn_of_cut_archives(name, sorted(files) if isinstance(files, list) else [])
     try:
         return datasets.load_dataset(path, split=hf_split, streaming=streaming, **kwargs)
     except ValueError as e:
         if "split" not in str(e).lower() or type(e).__module__.startswith("pyarrow"):
             if kwargs:  # local files the reader refuses: metadata of mixed types, bad JSON, text not UTF-8
-                raise UserError(_unreadable(name, path, e)) from None
+                raise UserError(_unreadable(name, path, e, kwargs=kwargs)) from None
             raise
         available = ", ".join(_available_splits(path, kwargs)) or "unknown"
         hint = " (or put {split} in the path)" if kwargs.get("data_files") else ""
@@ -293,7 +297,8 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
         ) from None
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetGenerationError) as e:
         if kwargs and isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ is not None:
-            raise UserError(_unreadable(name, path, e.__cause__)) from None  # say what broke in the local files
+            # say what broke in the local files
+            raise UserError(_unreadable(name, path, e.__cause__, kwargs=kwargs)) from None
         raise UserError(
             f"data set '{name}' could not be loaded ({type(e).__name__}: {e}); "
             "check the path, the hub name, or your network"
@@ -301,7 +306,7 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
     except (IndexError, KeyError, TypeError, tarfile.TarError) as e:  # an empty metadata.jsonl, a broken .tar
         if not kwargs:
             raise
-        raise UserError(_unreadable(name, path, e)) from None
+        raise UserError(_unreadable(name, path, e, kwargs=kwargs)) from None
 
 
 _UNREADABLE_HINTS = {
@@ -311,10 +316,61 @@ _UNREADABLE_HINTS = {
 }
 
 
-def _unreadable(name: str, builder: str, e: Exception, where: str = "") -> str:
+def _unreadable(name: str, builder: str, e: Exception, where: str = "", kwargs: dict | None = None) -> str:
+    fault = _metadata_fault(kwargs or {}) if builder == "imagefolder" else None
+    if fault is not None:  # the line at fault, which the JSON reader's message does not name
+        path, line, what = fault
+        return f"data set '{name}' could not be read: line {line} of '{path}' {what}; fix or remove that line"
     detail = (str(e).splitlines() or [""])[0][:200]
     hint = _UNREADABLE_HINTS.get(builder, "check that its files are complete and of one format")
     return f"data set '{name}' could not be read{where} ({type(e).__name__}: {detail}); {hint}"
+
+
+_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true or false", list: "a list"}
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, as a column's type: `a list of a string`, `a number`, `an object`."""
+    kind = _JSON_TYPES.get(type(value), "an object")
+    if isinstance(value, list):
+        inner = sorted({_json_kind(v) for v in value if v is not None})
+        kind += f" of {' and '.join(inner)}" if inner else ""
+    return kind
+
+
+def _metadata_fault(kwargs: dict) -> tuple[str, int, str] | None:
+    """The first line of an imagefolder's metadata.jsonl files that the JSON reader cannot take: (file, line
+    number, what is wrong), or None: text that is not UTF-8, a line that is not one JSON object, a list of values
+    of two types, or a value whose type differs from the same key's on an earlier line (a column has one type;
+    null goes with any)."""
+    patterns = [os.path.join(glob.escape(kwargs["data_dir"]), "**")] if kwargs.get("data_dir") else []
+    for files in (kwargs.get("data_files") or {}).values():
+        patterns += [f for f in ([files] if isinstance(files, str) else files) if f.endswith("**")]
+    for pattern in patterns:  # each a folder's escaped path and /**
+        for path in sorted(glob.glob(os.path.join(pattern, "metadata.jsonl"), recursive=True)):
+            seen: dict[str, str] = {}
+            with open(path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        return path, number, f"is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                    if not text.strip():
+                        continue
+                    try:
+                        row = json.loads(text)
+                    except ValueError:
+                        return path, number, "is not a JSON object"
+                    if not isinstance(row, dict):
+                        return path, number, f"is {_json_kind(row)}, not a JSON object"
+                    for key, value in row.items():
+                        kind = _json_kind(value) if value is not None else None
+                        if kind is not None and " and " in kind:
+                            return path, number, f"has '{key}' as {kind} (one type a list)"
+                        if kind is not None and seen.setdefault(key, kind) != kind:
+                            shown = repr(value)[:40]
+                            return path, number, f"has '{key}' as {kind} ({shown}) where earlier lines have {seen[key]}"
+    return None
 
 
 def _columns(ds) -> list[str]:
