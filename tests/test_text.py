@@ -146,6 +146,23 @@ def test_tokenizer_command_writes_model_and_config(tmp_path, capsys):
     assert tok.decode(tok.encode(["a large yellow circle at the top"])) == ["a large yellow circle at the top"]
 
 
+def test_the_tokenizer_command_counts_the_captions_it_leaves_out(tmp_path, capsys):
+    """Empty, missing and non-text captions were left out of the tokenizer's training without a word; a list's
+    items are captions of their own."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"file_name": "a.png", "text": t} for t in ["a red kite", "", None, "a blue kite", "caf\ufffd"]]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    argv = ["--config", "shapes", "--data", str(folder), "--out", str(tmp_path / "run"), "--set", "text.vocab_size=300"]
+    assert tokenizer_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["captions"] == 2
+    assert summary["captions_skipped"] == {"bad_caption": 1, "empty_caption": 1, "missing_caption": 1}
+
+
 def test_a_vocabulary_sentencepiece_cannot_count_is_one_sentence(shapes_captions, tmp_path):
     # once sentencepiece's "cannot parse as int" traceback
     with pytest.raises(UserError, match="text.vocab_size is 3000000000; use a positive size up to 1,000,000"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,13 +53,15 @@ def train_tokenizer(cfg: RunConfig) -> dict:
             "(the default 200000)"
         )
     t0 = time.perf_counter()
-    captions = list(iter_captions(cfg.data, cfg.data.split, cfg.text.max_train_captions))
+    skipped: Counter = Counter()
+    captions = list(iter_captions(cfg.data, cfg.data.split, cfg.text.max_train_captions, skipped))
     tok = TextTokenizer.train(captions, cfg.text, out / "text.model")
     record_stage_config(cfg, out, "tokenizer")
     summary = {
         "vocab_size": tok.vocab_size,
         "requested_vocab_size": cfg.text.vocab_size,
         "captions": len(captions),
+        "captions_skipped": dict(sorted(skipped.items())),  # by reason: empty_caption, bad_caption, ...
         "source": cfg.data.source,
         "split": cfg.data.split,
         "lowercase": tok.lowercase,

@@ -840,13 +840,22 @@ def batches(stream: ExampleStream, batch_size: int) -> Batches:
 # ----------------------------------------------------------------------------------------------
 
 
-def _caption_strings(value: Any, max_chars: int) -> list[str]:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [" ".join(v.split())[:max_chars] for v in values if isinstance(v, str) and v.strip()]
+def _caption_strings(value: Any, max_chars: int, skipped: Counter) -> list[str]:
+    """The usable captions of one record's caption value (`_clean_caption`'s, each of a list), the others counted
+    in `skipped` by reason."""
+    kept = []
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        try:
+            kept.append(_clean_caption(v, max_chars, random.Random(0)))
+        except UnusableRecord as skip:
+            skipped[skip.reason] += 1
+    return kept
 
 
-def iter_captions(cfg: DataConfig, split: str, limit: int) -> Iterator[str]:
-    """Up to `limit` captions of a split in order, without decoding images; every caption of a list counts."""
+def iter_captions(cfg: DataConfig, split: str, limit: int, skipped: Counter | None = None) -> Iterator[str]:
+    """Up to `limit` captions of a split in order, without decoding images; every caption of a list counts. Those
+    `_clean_caption` refuses (empty, not text, not UTF-8) are left out, and counted by reason in `skipped`."""
+    skipped = Counter() if skipped is None else skipped
     if cfg.source == "shapes":
         from ..shapes.generator import sample_scene, shapes_length, split_seed
 
@@ -859,7 +868,7 @@ def iter_captions(cfg: DataConfig, split: str, limit: int) -> Iterator[str]:
     records: Iterable[dict] = source.dataset.select_columns([source.caption_column])
     n = 0
     for record in records:
-        for caption in _caption_strings(record[source.caption_column], cfg.max_caption_chars):
+        for caption in _caption_strings(record[source.caption_column], cfg.max_caption_chars, skipped):
             if n >= limit:
                 return
             yield caption
