@@ -242,3 +242,22 @@ def test_each_phase_child_gets_the_commands_settings_and_the_bundles_are_compare
     samples = [cmd for cmd in commands if cmd[cmd.index("--only") + 1] == "sample"]
     compared = [cmd[cmd.index("--decode-models") + 1 :][:2] for cmd in samples]
     assert len(samples) == 2 and compared[0] == ["shapes", "emoji"] and compared[1][:1] != ["shapes"]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--device", "gpu"], "--device 'gpu' is not a device torch knows; use cpu or cuda"),  # once a RuntimeError
+        (["--threads", "0"], "--threads is 0; give at least one torch thread"),  # once a RuntimeError
+        (["--train-batch", "-1"], "--train-batch is -1; give at least one row in a training batch"),
+        (["--cli-reps", "0"], "--cli-reps is 0"),  # once a StatisticsError: a median of no timings
+        (["--matmul-reps", "0"], "--matmul-reps is 0"),  # once min() of nothing
+        (["--sample-reps", "0"], "--sample-reps is 0"),  # once a KeyError
+        (["--steps", "0"], "--steps is 0; give at least one timed training step \\(leave it out for the default\\)"),
+        (["--matmul-n", "0"], "--matmul-n is 0"),  # once measured at 2048 in silence
+        (["--warmup", "-1"], "--warmup is -1; give 0 or more untimed steps"),
+    ],
+)
+def test_a_bench_option_no_run_can_take_is_one_sentence_before_anything_runs(argv, says):
+    with pytest.raises(UserError, match=f"^{says}"):
+        bench.run(["--only", "peak", *argv])

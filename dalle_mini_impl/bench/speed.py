@@ -1000,10 +1000,47 @@ def run_children(args: argparse.Namespace, presets: list[str], result: dict[str,
         log(f"child: {label} done in {time.perf_counter() - t0:.1f} s")
 
 
+# the counts that must be 1 or more when given, and what each counts (0 once fell back to a default in silence, or
+# to a traceback: a median of no timings)
+AT_LEAST_ONE = {
+    "steps": "timed training step",
+    "threads": "torch thread",
+    "train_batch": "row in a training batch",
+    "sample_batch": "row in a sampling batch",
+    "vae_batch": "image in a VAE batch",
+    "cli_reps": "timed run of each command",
+    "sample_reps": "timed repetition of sampling",
+    "uncached_reps": "timed repetition of uncached sampling",
+    "matmul_n": "row of the peak matmul",
+    "matmul_reps": "repetition of the peak matmul",
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One sentence for an option no run can take, before anything runs."""
+    for key, what in AT_LEAST_ONE.items():
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            option = "--" + key.replace("_", "-")
+            default = " (leave it out for the default)" if key in ("steps", "threads") else ""
+            raise UserError(f"{option} is {value}; give at least one {what}{default}")
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError(f"--warmup is {args.warmup}; give 0 or more untimed steps")
+    if not 0 <= args.guidance_until <= 1:
+        raise UserError(f"--guidance-until is {args.guidance_until}; give the guided fraction of the image, 0 to 1")
+    if not 0 <= args.relax < 1:
+        raise UserError(f"--relax is {args.relax}; give a mass from 0 (off) to below 1")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device '{args.device}' is not a device torch knows; use cpu or cuda") from None
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the command line, run the benchmark, return the result (what `main` prints)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    check_args(args)
     t0 = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
