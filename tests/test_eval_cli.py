@@ -5,10 +5,13 @@ not UTF-8 text."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from dalle_mini_impl.data import __main__ as data_cli
-from dalle_mini_impl.errors import run_cli
+from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.eval import __main__ as eval_cli
 
 
@@ -119,3 +122,23 @@ def test_a_tokenizer_setting_out_of_range_names_its_file(capsys, tmp_path):
     (tmp_path / "m" / "vae.json").write_text(json.dumps(meta))
     says = refused(capsys, eval_cli.main, ["recon", "--model", str(tmp_path / "m"), "--limit", "2"])
     assert f"'{tmp_path / 'm' / 'vae.json'}': " in says and "-16" in says
+
+
+def test_compare_refuses_what_is_no_evaluation_result(tmp_path):
+    """A bundle's config.json has a 'seed' too, and was compared as a result (exit 0, a table of config numbers);
+    a malformed seed or per_seed was a ValueError, TypeError or AttributeError."""
+    from dalle_mini_impl.eval.compare import read_result
+
+    cases = {
+        "config": ({"seed": 0, "name": "emoji", "data": {"image_size": 64}}, "is not an evaluation result"),
+        "seed": ({"seed": "x", "n": 3}, "has the seed 'x', not an integer"),
+        "list": ({"seed": 0, "per_seed": [1]}, "has a 'per_seed' that is not an object of one result per seed"),
+        "ints": ({"seed": 0, "per_seed": {"0": 5}}, "has a 'per_seed' that is not an object"),
+    }
+    for name, (value, says) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(value))
+        with pytest.raises(UserError, match=f"'{path}' {re.escape(says)}.*; pass the JSON an evaluation wrote"):
+            read_result(str(path))
+    (tmp_path / "ok.json").write_text(json.dumps({"seed": 3, "n": 2, "reranked": {"style_acc": 0.5}}))
+    assert list(read_result(str(tmp_path / "ok.json"))[1]) == ["3"]

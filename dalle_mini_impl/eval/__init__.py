@@ -94,6 +94,16 @@ def sample_settings(s, guided_from: str) -> dict:
     }
 
 
+def require_reranker(model: str, says: str) -> None:
+    """One sentence (`says`), before the bundle loads, for a bundle folder without clip.safetensors: loading it
+    would first warn that its candidates stay unranked, which the evaluation then refuses."""
+    from ..pipeline.bundle import FILES, bundle_path
+
+    path = bundle_path(model)
+    if path.is_dir() and not (path / FILES["clip"]).is_file():
+        raise UserError(says)
+
+
 def check_method(pipe, method: str, guided: int, guided_from: str = "both") -> None:
     """One sentence when `method` needs parts the bundle lacks, or is asked beside `--guided` refinement, or
     when `--guided` is negative or `--guided-from` comes without it."""

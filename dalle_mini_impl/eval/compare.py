@@ -35,12 +35,20 @@ REFERENCES = ("real", "same_style_random", "copy_other_style", "reconstructed")
 
 def read_result(path: str) -> tuple[dict, dict[str, dict]]:
     """An evaluation's JSON: (its settings, {seed: that seed's result})."""
-    result = read_json_object(path, "evaluation result", "pass the JSON an evaluation wrote with --out")
+    fix = "pass the JSON an evaluation wrote with --out"
+    result = read_json_object(path, "evaluation result", fix)
     if "seed" not in result:
-        raise UserError(f"'{path}' has no 'seed'; pass the JSON an evaluation wrote with --out")
-    if "per_seed" in result:
-        return result, result["per_seed"]
-    return result, {str(result["seed"]): result}
+        raise UserError(f"'{path}' has no 'seed'; {fix}")
+    seeds = result["per_seed"] if "per_seed" in result else {str(result["seed"]): result}
+    if not isinstance(seeds, dict) or not all(isinstance(v, dict) for v in seeds.values()):
+        raise UserError(f"'{path}' has a 'per_seed' that is not an object of one result per seed; {fix}")
+    for seed, one in seeds.items():
+        if not seed.lstrip("-").isdigit():
+            raise UserError(f"'{path}' has the seed {seed!r}, not an integer; {fix}")
+        if not isinstance(one.get("n"), (int, float)) or isinstance(one.get("n"), bool):
+            # a bundle's config.json has a 'seed' too: what tells an evaluation is the number of things it graded
+            raise UserError(f"'{path}' is not an evaluation result (no number 'n' of items graded, seed {seed}); {fix}")
+    return result, seeds
 
 
 # what one evaluation's runs share: the model, the judge, the data drawn and the sampling settings

@@ -70,10 +70,12 @@ from . import (
     add_guided_arguments,
     add_method_argument,
     check_method,
+    require_reranker,
     sample_settings,
     write_result,
 )
 
+NO_RERANKER = "this model has no CLIP to rerank with; eval emoji judges its reranked pick"
 R_PRECISION_POOL = 100  # the true caption and 99 others
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
 GRID_COLUMNS = 8  # --grid: the first eight judged captions
@@ -312,7 +314,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     if pipe.clip is None:
-        raise UserError("this model has no CLIP to rerank with; eval emoji judges its reranked pick")
+        raise UserError(NO_RERANKER)
     split_data = GradedSplit(judge, data, split, n, seed, pipe.cfg.data.image_size)
     captions, real, real_emb, grader = split_data.captions, split_data.real, split_data.real_emb, split_data.grader
 
@@ -439,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--candidates is {args.candidates}; sample at least 1 per caption")
     if Path(judge_dir).resolve() == bundle_path(args.model).resolve():
         raise UserError("--judge is the model itself; grade with an evaluation CLIP trained by python -m train.judge")
+    require_reranker(args.model, NO_RERANKER)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     check_not_shapes(pipe.cfg, f"model '{args.model}'")
     check_method(pipe, args.method, args.guided, args.guided_from)

@@ -41,10 +41,12 @@ from . import (
     add_guided_arguments,
     add_method_argument,
     check_method,
+    require_reranker,
     sample_settings,
     write_result,
 )
 
+NO_RERANKER = "this model has no CLIP (clip.safetensors) to rerank with; eval shapes judges CLIP's top-1"
 KINDS = ("one", "two", "heldout")
 
 
@@ -129,7 +131,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     if pipe.clip is None:
-        raise UserError("this model has no CLIP (clip.safetensors) to rerank with; eval shapes judges CLIP's top-1")
+        raise UserError(NO_RERANKER)
     s = pipe.settings(candidates=candidates, num_images=1)
     columns: dict[str, list] = {"random": [], "clip_top1_of_8": [], "judge_best_of_8": [], "every_of_8": []}
     if candidates >= 32:
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--n is {args.n}; use at least 4 prompts so every kind is drawn")
     if args.candidates < 8:
         raise UserError(f"--candidates is {args.candidates}; CLIP's top-1 of 8 needs at least 8")
+    require_reranker(args.model, NO_RERANKER)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     check_method(pipe, args.method, args.guided, args.guided_from)
     if pipe.cfg.data.source != "shapes":
