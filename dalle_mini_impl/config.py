@@ -275,7 +275,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest gradient norm a step takes (0 or less: no clipping)
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False

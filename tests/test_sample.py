@@ -662,6 +662,9 @@ def test_a_shipped_bundle_is_named_and_a_folder_of_that_name_wins(tmp_path, monk
     assert bundles.bundle_path("shapes") == Path("shapes")
     with pytest.raises(UserError, match="model folder 'nope' does not exist; pass --model .* shipped one \\(.*shapes"):
         bundles.read_bundle_config("nope")
+    (tmp_path / "afile").write_text("x")  # once "does not exist", of a file that does
+    with pytest.raises(UserError, match="model folder 'afile' is a file, not a folder; pass --model"):
+        bundles.read_bundle_config("afile")
 
 
 def test_guidance_until_reaches_the_sampler(bundle):

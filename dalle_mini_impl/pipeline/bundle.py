@@ -96,8 +96,9 @@ def part_path(bundle: str | os.PathLike, part: str) -> Path:
     """The path of one part of a bundle; a missing folder or file is a one-sentence error."""
     bundle = bundle_path(bundle)
     if not bundle.is_dir():
+        what = "is a file, not a folder" if bundle.exists() else "does not exist"
         raise UserError(
-            f"model folder '{bundle}' does not exist; pass --model with a trained bundle folder "
+            f"model folder '{bundle}' {what}; pass --model with a trained bundle folder "
             f"or the name of a shipped one ({', '.join(shipped_models())})"
         )
     path = bundle / FILES[part]
