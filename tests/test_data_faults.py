@@ -449,3 +449,17 @@ def test_a_webdataset_archive_cut_short_is_named_in_a_warning(tmp_path, caplog):
         n = len(list(ExampleStream(cfg, "train", train=False)))
     said = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
     assert n < 20 and len(said) == 1 and str(cut) in said[0] and str(whole) not in said[0]
+
+
+def test_images_no_metadata_row_names_are_counted_in_a_warning(tmp_path, caplog):
+    """The imagefolder reader leaves out an image that no metadata.jsonl row names, without a word."""
+    png = _encode(Image.new("RGB", (W, H), (1, 2, 3)), "PNG")
+    rows = [{"file_name": "a.png", "text": "a"}, {"file_name": "sub/b.png", "text": "b"}]
+    folder = write_folder(tmp_path / "some", rows, {"a.png": png, "c.png": png})
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.png").write_bytes(png)
+    with caplog.at_level(logging.WARNING):
+        captions = [ex["caption"] for ex in ExampleStream(_cfg(folder), "train", train=False)]
+    assert captions == ["a", "b"]
+    said = [r.getMessage() for r in caplog.records if "no row in its metadata.jsonl" in r.getMessage()]
+    assert len(said) == 1 and "1 image file(s)" in said[0] and str(folder / "c.png") in said[0]

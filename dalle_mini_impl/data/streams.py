@@ -276,6 +276,8 @@ def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
 def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool):
     import datasets
 
+    if path == "imagefolder":
+        warn_of_uncaptioned_images(name, kwargs)
     if path == "webdataset":
         read_webdataset_text_leniently()
         files = kwargs.get("data_files") or []
@@ -338,38 +340,80 @@ def _json_kind(value: Any) -> str:
     return kind
 
 
+def _folder_patterns(kwargs: dict) -> list[str]:
+    """The imagefolder's folders, each as its escaped path and `/**` (`_resolve`'s data_dir or data_files)."""
+    patterns = [os.path.join(glob.escape(kwargs["data_dir"]), "**")] if kwargs.get("data_dir") else []
+    for files in (kwargs.get("data_files") or {}).values():
+        patterns += [f for f in ([files] if isinstance(files, str) else files) if f.endswith("**")]
+    return patterns
+
+
+def _metadata_files(kwargs: dict) -> list[str]:
+    """The imagefolder's metadata.jsonl files, in its folders and below."""
+    found = [glob.glob(pattern + "/metadata.jsonl", recursive=True) for pattern in _folder_patterns(kwargs)]
+    return [path for paths in found for path in sorted(paths)]
+
+
+def warn_of_uncaptioned_images(name: str, kwargs: dict) -> int:
+    """The images of an imagefolder that no metadata.jsonl row names: the reader leaves them out without a word, so
+    they are counted and named (the first) in one warning. Returns the count (0 where no metadata file is)."""
+    referenced: set[str] = set()
+    metadata = _metadata_files(kwargs)
+    for path in metadata:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    row = json.loads(raw)
+                except ValueError:
+                    continue  # the reader says what is wrong with the file
+                if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+                    referenced.add(os.path.normpath(os.path.join(os.path.dirname(path), row["file_name"])))
+    if not metadata:
+        return 0
+    images = [
+        os.path.normpath(p)
+        for pattern in _folder_patterns(kwargs)
+        for p in glob.glob(pattern, recursive=True)
+        if Path(p).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(p)
+    ]
+    left_out = sorted(set(images) - referenced)
+    if left_out:
+        log.warning(
+            "data set %s: %d image file(s) have no row in its metadata.jsonl and are left out (the first: %s); "
+            "give each a row with its caption to train on it",
+            name, len(left_out), left_out[0],
+        )  # fmt: skip
+    return len(left_out)
+
+
 def _metadata_fault(kwargs: dict) -> tuple[str, int, str] | None:
     """The first line of an imagefolder's metadata.jsonl files that the JSON reader cannot take: (file, line
     number, what is wrong), or None: text that is not UTF-8, a line that is not one JSON object, a list of values
     of two types, or a value whose type differs from the same key's on an earlier line (a column has one type;
     null goes with any)."""
-    patterns = [os.path.join(glob.escape(kwargs["data_dir"]), "**")] if kwargs.get("data_dir") else []
-    for files in (kwargs.get("data_files") or {}).values():
-        patterns += [f for f in ([files] if isinstance(files, str) else files) if f.endswith("**")]
-    for pattern in patterns:  # each a folder's escaped path and /**
-        for path in sorted(glob.glob(os.path.join(pattern, "metadata.jsonl"), recursive=True)):
-            seen: dict[str, str] = {}
-            with open(path, "rb") as f:
-                for number, raw in enumerate(f, 1):
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        return path, number, f"is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                    if not text.strip():
-                        continue
-                    try:
-                        row = json.loads(text)
-                    except ValueError:
-                        return path, number, "is not a JSON object"
-                    if not isinstance(row, dict):
-                        return path, number, f"is {_json_kind(row)}, not a JSON object"
-                    for key, value in row.items():
-                        kind = _json_kind(value) if value is not None else None
-                        if kind is not None and " and " in kind:
-                            return path, number, f"has '{key}' as {kind} (one type a list)"
-                        if kind is not None and seen.setdefault(key, kind) != kind:
-                            shown = repr(value)[:40]
-                            return path, number, f"has '{key}' as {kind} ({shown}) where earlier lines have {seen[key]}"
+    for path in _metadata_files(kwargs):
+        seen: dict[str, str] = {}
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return path, number, f"is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except ValueError:
+                    return path, number, "is not a JSON object"
+                if not isinstance(row, dict):
+                    return path, number, f"is {_json_kind(row)}, not a JSON object"
+                for key, value in row.items():
+                    kind = _json_kind(value) if value is not None else None
+                    if kind is not None and " and " in kind:
+                        return path, number, f"has '{key}' as {kind} (one type a list)"
+                    if kind is not None and seen.setdefault(key, kind) != kind:
+                        shown = repr(value)[:40]
+                        return path, number, f"has '{key}' as {kind} ({shown}) where earlier lines have {seen[key]}"
     return None
 
 
