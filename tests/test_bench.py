@@ -256,6 +256,7 @@ def test_each_phase_child_gets_the_commands_settings_and_the_bundles_are_compare
         (["--steps", "0"], "--steps is 0; give at least one timed training step \\(leave it out for the default\\)"),
         (["--matmul-n", "0"], "--matmul-n is 0"),  # once measured at 2048 in silence
         (["--warmup", "-1"], "--warmup is -1; give 0 or more untimed steps"),
+        (["--uncached-reps", "-1"], "--uncached-reps is -1; give 0 \\(not timed\\) or more"),  # 0 is a use
     ],
 )
 def test_a_bench_option_no_run_can_take_is_one_sentence_before_anything_runs(argv, says):

@@ -879,7 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--guidance-until", type=float, default=0.5, help="guided_until: the guided fraction of the image (default 0.5)"
     )
-    ap.add_argument("--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling")
+    ap.add_argument(
+        "--uncached-reps", type=int, default=1, help="timed repetitions of uncached sampling (0: not timed)"
+    )
     ap.add_argument(
         "--decode-models",
         nargs="*",
@@ -1010,7 +1012,6 @@ AT_LEAST_ONE = {
     "vae_batch": "image in a VAE batch",
     "cli_reps": "timed run of each command",
     "sample_reps": "timed repetition of sampling",
-    "uncached_reps": "timed repetition of uncached sampling",
     "matmul_n": "row of the peak matmul",
     "matmul_reps": "repetition of the peak matmul",
 }
@@ -1026,6 +1027,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"{option} is {value}; give at least one {what}{default}")
     if args.warmup is not None and args.warmup < 0:
         raise UserError(f"--warmup is {args.warmup}; give 0 or more untimed steps")
+    if args.uncached_reps < 0:
+        raise UserError(f"--uncached-reps is {args.uncached_reps}; give 0 (not timed) or more repetitions")
     if not 0 <= args.guidance_until <= 1:
         raise UserError(f"--guidance-until is {args.guidance_until}; give the guided fraction of the image, 0 to 1")
     if not 0 <= args.relax < 1:
