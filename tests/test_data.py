@@ -183,6 +183,15 @@ def test_a_process_split_is_disjoint_and_covers_the_set(imagefolder):
     flat = [c for part in parts for c in part]
     assert sorted(flat) == sorted(imagefolder.train_captions)
     assert all(parts)
+    # dealt out as shapes deals them: record i to process i % 3 (a contiguous third put a cluster of broken files,
+    # and data.max_examples's first rows, on one process)
+    source = open_dataset(cfg, "train")
+    for p in range(3):
+        stream = ExampleStream(cfg, "train", train=False, process_index=p, num_processes=3)
+        rows = [source.dataset[i][source.caption_column] for i in range(p, len(source.dataset), 3)]
+        assert [stream._dataset[i][source.caption_column] for i in range(len(stream._dataset))] == rows
+    with pytest.raises(UserError, match=r"has \d+ record\(s\), fewer than the 99 processes that share it"):
+        ExampleStream(cfg, "train", train=False, process_index=0, num_processes=99)
 
 
 def test_training_stream_is_shuffled_endless_and_resumes_at_the_next_example(imagefolder):

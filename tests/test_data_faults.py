@@ -463,3 +463,13 @@ def test_images_no_metadata_row_names_are_counted_in_a_warning(tmp_path, caplog)
     assert captions == ["a", "b"]
     said = [r.getMessage() for r in caplog.records if "no row in its metadata.jsonl" in r.getMessage()]
     assert len(said) == 1 and "1 image file(s)" in said[0] and str(folder / "c.png") in said[0]
+
+
+def test_one_process_share_with_nothing_readable_says_it_is_that_share(tmp_path):
+    """The sentence said the data set had no readable example, of a set whose other process read its share."""
+    png = _encode(Image.new("RGB", (W, H), (1, 2, 3)), "PNG")
+    rows = [{"file_name": "good.png", "text": "fine"}, {"file_name": "empty.png", "text": "broken"}]
+    folder = write_folder(tmp_path / "half", rows, {"good.png": png, "empty.png": b""})
+    assert [ex["caption"] for ex in ExampleStream(_cfg(folder), "train", train=False, num_processes=2)] == ["fine"]
+    with pytest.raises(UserError, match=r"^process 1's share of data set '.*half' \(split 'train'\) has no readable"):
+        list(ExampleStream(_cfg(folder), "train", train=False, process_index=1, num_processes=2))

@@ -655,7 +655,16 @@ class ExampleStream(torch.utils.data.IterableDataset):
         from datasets.distributed import split_dataset_by_node
 
         ds = source.dataset
-        if self.num_processes > 1:
+        if self.num_processes > 1 and source.kind == "map":
+            if len(ds) < self.num_processes:
+                raise UserError(
+                    f"data set '{source.name}' (split '{self.split}') has {len(ds)} record(s), fewer than the "
+                    f"{self.num_processes} processes that share it; launch fewer processes or give the split more"
+                )
+            # every num_processes-th record from this process's index, as the shapes stream deals them out: a
+            # contiguous half put a cluster of broken files, and data.max_examples's first rows, on one process
+            ds = ds.shard(num_shards=self.num_processes, index=self.process_index, contiguous=False)
+        elif self.num_processes > 1:
             ds = split_dataset_by_node(ds, rank=self.process_index, world_size=self.num_processes)
         if source.kind == "stream" and self.train:
             # the same seed on every process, so shard-level shuffles agree (see split_dataset_by_node)
@@ -744,8 +753,9 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
     def _nothing_readable(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "the split is empty"
+        whose = "" if self.num_processes == 1 else f"process {self.process_index}'s share of "
         return (
-            f"data set '{self.source.name}' (split '{self.split}') has no readable example "
+            f"{whose}data set '{self.source.name}' (split '{self.split}') has no readable example "
             f"({self.n_skipped} skipped: {reasons}); check the files and data.image_column / data.caption_column"
         )
 
