@@ -118,6 +118,12 @@ def test_two_processes_encode_the_shards_one_process_encodes(base_run, tmp_path)
     shutil.rmtree(run / "tokens")
     result = launch("train.encode", args_for(run))  # one JSON line: the main process writes the manifest
     assert [s["split"] for s in result["splits"]] == ["train", "validation"]
+    # the counts of both processes' shares (once process 0's alone: 96 of 192), as one process counts them
+    one = json.loads((base_run / "tokens" / "manifest.json").read_text())["splits"]
+    for mine, theirs in zip(result["splits"], one):
+        counts = ("examples", "rows", "skipped")
+        assert [mine[k] for k in counts] == [theirs[k] for k in counts], mine
+    assert json.loads((run / "tokens" / "manifest.json").read_text())["splits"] == result["splits"]
     for split in ("train", "validation"):  # the same rows, each process having written the shards of its share
         rows = lambda folder: sorted(zip(read_shards(folder)[1], read_shards(folder)[0].flatten(1).tolist()))  # noqa: E731
         assert rows(tokens_dir(run, split)) == rows(tokens_dir(base_run, split)), split

@@ -171,6 +171,19 @@ def encode_split(
     }
 
 
+def summed_over_processes(results: list[dict], state) -> list[dict]:
+    """Each split's counts summed over the processes (each encoded its own share): the manifest said process 0's."""
+    if state.num_processes == 1:
+        return results
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([results])  # one list of split results per process, in rank order
+    summed = []
+    for i, first in enumerate(everyone[0]):
+        summed.append({k: v if k == "split" else sum(rank[i][k] for rank in everyone) for k, v in first.items()})
+    return summed
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             encode_split(cfg, tokenizer, split, limit, state.process_index, state.num_processes, state.device, digest)
         )
     state.wait_for_everyone()
+    results = summed_over_processes(results, state)
     if state.is_main_process:
         record_stage_config(cfg, cfg.out_dir, "encode")
         summary = {"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}
