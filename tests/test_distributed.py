@@ -86,6 +86,18 @@ def test_the_two_cpu_process_launch_config_runs_two_processes(base_run, tmp_path
     assert result["num_processes"] == 2 and result["ranks_in_sync"] == 1
 
 
+def test_a_checkpoint_of_one_process_resumed_by_two_is_one_sentence_from_each(base_run, tmp_path):
+    """Process 0 said it resumed while process 1 stopped (no data_1.json), and process 0's collective then failed
+    with a gloo traceback that buried the sentence; now both stop before any collective, with the same sentence."""
+    run = copy_run(base_run, tmp_path / "one")
+    steps = ["train.dalle.steps=4", "train.dalle.checkpoint_every=2", "train.dalle.batch_size=4"]
+    train_dalle.main(args_for(run, *steps[:2], steps[2], "train.dalle.steps=2"))
+    proc = launch_two("train.dalle", args_for(run, *steps))
+    said = "was written by 1 process and this run has 2, so processes past 1 have no data position; resume with 1"
+    assert proc.returncode != 0 and proc.stderr.count(said) == 2, proc.stderr[-3000:]
+    assert "resumed dalle" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
 def test_a_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(base_run, tmp_path):
     straight, stopped = copy_run(base_run, tmp_path / "straight"), copy_run(base_run, tmp_path / "stopped")
     steps = ["train.dalle.steps=4", "train.dalle.checkpoint_every=4", "train.dalle.batch_size=4"]

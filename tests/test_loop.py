@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import signal
 
@@ -248,6 +249,24 @@ def test_a_checkpoint_without_this_processs_data_position_is_one_sentence(tmp_pa
     (tmp_path / "checkpoints" / "dalle" / "step_00000002" / "data_0.json").unlink()  # written by other processes
     with pytest.raises(loop.UserError, match="has no data position for process 0 \\(data_0.json\\), so it was"):
         train(tmp_path, 4)
+
+
+def test_a_checkpoint_of_more_processes_resumes_with_one_sentence_saying_it_is_another_run(tmp_path, capsys):
+    """A 2-process checkpoint resumed by one process (its data_0.json there) went on in silence, at half the global
+    batch; now it says so. (More processes than wrote it: tests/test_distributed.py.)"""
+    train(tmp_path, 2)
+    state_file = tmp_path / "checkpoints" / "dalle" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))  # as two processes write it
+    capsys.readouterr()
+    train(tmp_path, 4)
+    said = [line for line in capsys.readouterr().err.splitlines() if "processes and this run has" in line]
+    assert said == [
+        f"dalle: checkpoint '{state_file.parent}' was written by 2 processes and this run has 1, so the global batch "
+        "is 1/2 of what it was and the data position approximate: it goes on as another run than the one that never "
+        "stopped; launch 2 processes to continue that one"
+    ]
 
 
 def test_extra_state_resumes_with_its_optimizer(tmp_path):

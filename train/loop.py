@@ -558,6 +558,28 @@ def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | No
     return path
 
 
+def check_processes(t: Training, checkpoint: Path, state: dict) -> None:
+    """A checkpoint resumed by another number of processes than wrote it: more is one sentence on every process
+    (before any collective, so that none waits on one that stopped), fewer a warning (the global batch is smaller
+    and the data position approximate: another run than the one that never stopped)."""
+    saved = state.get("processes") or len(list(checkpoint.glob("data_*.json"))) or None  # older: its data files
+    now = t.accelerator.num_processes
+    if saved is None or saved == now:
+        return
+    if now > saved:
+        raise UserError(
+            f"checkpoint '{checkpoint}' was written by {saved} process{'es' * (saved != 1)} and this run has {now}, "
+            f"so processes past {saved} have no data position; resume with {saved}, or start over with --no-resume"
+        )
+    if t.is_main:
+        tqdm.write(
+            f"{t.stage.name}: checkpoint '{checkpoint}' was written by {saved} processes and this run has {now}, so "
+            f"the global batch is {now}/{saved} of what it was and the data position approximate: it goes on as "
+            f"another run than the one that never stopped; launch {saved} processes to continue that one",
+            file=sys.stderr,
+        )
+
+
 def resume(t: Training, checkpoint: Path | None) -> None:
     """Continue from `checkpoint`, if any: weights, optimizer and RNG (accelerate), the LR schedule, this process's
     data position, the EMA weights, the stage's extra state and the step counters."""
@@ -572,6 +594,7 @@ def resume(t: Training, checkpoint: Path | None) -> None:
             f"checkpoint '{checkpoint}' was trained with other parameters frozen than train.{t.stage.name}.freeze "
             "freezes now; resume with the freeze it was trained with, or start over with --no-resume or another --out"
         )
+    check_processes(t, checkpoint, state)
     try:
         t.accelerator.load_state(str(checkpoint))
     except RuntimeError as e:  # "size mismatch for ...", "Missing key(s) ...": another model's checkpoint
@@ -783,6 +806,7 @@ def save_checkpoint(t: Training) -> None:
             "bad_steps": t.bad_total,
             "cpu_threads": torch.get_num_threads(),
             "trainable": trainable_digest(t.unwrapped),
+            "processes": accelerator.num_processes,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     accelerator.wait_for_everyone()
