@@ -730,10 +730,15 @@ def take_step(t: Training, g: Gradients) -> dict[str, float]:
 
 def log_scalars(t: Training, g: Gradients, scalars: dict[str, float], window: Throughput) -> dict[str, float]:
     """The step's scalars, written to TensorBoard under <stage>/: the global batch's loss, the stage's scalars, LR,
-    gradient norm, throughput and skip counts. Collective (the loss is averaged over processes)."""
+    gradient norm, throughput and skip counts. Collective (the loss and the stage's scalars are averaged over
+    processes, the skips summed)."""
     elapsed = time.perf_counter() - window.t0
     # the loss of the global batch: the mean over processes (every rank reaches this line)
     loss_mean = float(t.accelerator.reduce(torch.tensor(g.loss, device=t.accelerator.device), "mean"))
+    if scalars and t.accelerator.num_processes > 1:  # the stage's parts of it too (they were process 0's alone)
+        keys = list(scalars)
+        values = torch.tensor([float(scalars[k]) for k in keys], dtype=torch.float64, device=t.accelerator.device)
+        scalars = dict(zip(keys, t.accelerator.reduce(values, "mean").tolist()))
     logged = {"loss": loss_mean, **scalars, "lr": t.scheduler.get_last_lr()[0], "grad_norm": g.grad_norm}
     logged[f"{t.stage.item_name}_per_s"] = window.items * t.accelerator.num_processes / max(elapsed, 1e-9)
     skipped = getattr(t.stage.batches, "n_skipped", None)
