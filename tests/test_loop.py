@@ -244,6 +244,35 @@ def test_a_folder_without_its_trainer_state_is_not_a_checkpoint(tmp_path):
     assert [p.name for p in loop.list_checkpoints(root)] == ["step_00000002"]
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["model.safetensors cut", "optimizer.bin cut", "trainer_state.json empty", "data_0.json empty", "no model"],
+)
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_it(tmp_path, damage, capsys):
+    """A checkpoint cut short by a power loss or a full disk was resumed, to a SafetensorError, a zip-reader
+    RuntimeError or a JSONDecodeError traceback, on every rerun, while a good one lay beside it."""
+    _, straight = train(tmp_path / "straight", 6)
+    train(tmp_path / "run", 4)
+    newest = tmp_path / "run" / "checkpoints" / "dalle" / "step_00000004"
+    name, how = damage.split(" ", 1)
+    if how == "cut":
+        (newest / name).write_bytes((newest / name).read_bytes()[:100])
+    elif how == "empty":
+        (newest / name).write_text("")
+    else:
+        (newest / "model.safetensors").unlink()
+    capsys.readouterr()
+    _, resumed = train(tmp_path / "run", 6)
+    err = capsys.readouterr().err
+    assert f"checkpoint '{newest}' is damaged (" in err and "resuming from the one before it" in err
+    assert "resumed dalle from" in err and "step_00000002 at step 2" in err
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+    (aside,) = (tmp_path / "run" / "checkpoints").glob("dalle.set-aside-*")  # kept, never deleted
+    assert [p.name for p in aside.iterdir()] == ["step_00000004"]
+    with pytest.raises(loop.UserError, match="is damaged .*; pass an older one, or start over with --no-resume"):
+        train(tmp_path / "run", 8, resume=str(aside / "step_00000004"))
+
+
 def test_a_checkpoint_without_this_processs_data_position_is_one_sentence(tmp_path):
     train(tmp_path, 2)
     (tmp_path / "checkpoints" / "dalle" / "step_00000002" / "data_0.json").unlink()  # written by other processes

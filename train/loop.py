@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args, save_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
-from train.common import destroy_process_group_at_exit
+from train.common import destroy_process_group_at_exit, process_state
 
 from .sharded import full_state_dict, shards_weights, whole_weights
 
@@ -545,16 +545,59 @@ def trainable_digest(model: torch.nn.Module) -> str:
     return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """What makes a complete-looking checkpoint folder unreadable, or None: a file cut short or emptied (a power loss
+    before the disk wrote it, a full disk, an interrupted copy of the run) or one missing. Reads the JSON files, the
+    safetensors headers and the torch files' zip directories (at their ends: a cut file has none), not the tensors."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is unreadable"
+    if not isinstance(state, dict) or "step" not in state:
+        return "trainer_state.json holds no step"
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    names = [p.name for p in files] + [p.name for p in path.iterdir() if p.is_dir()]  # FSDP's sharded folders too
+    for needed, prefixes in (("model weights", ("model", "pytorch_model")), ("optimizer state", ("optimizer",))):
+        if not any(name.startswith(prefixes) for name in names):
+            return f"its {needed} file is missing"
+    for file in files:
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix in (".bin", ".pt"):
+                zipfile.ZipFile(file).close()
+        except Exception as e:  # noqa: BLE001 - any reader's error means the same: this file cannot be loaded
+            return f"{file.name} is unreadable ({type(e).__name__})"
+    return None
+
+
 def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
-    """The checkpoint `--resume` names (the newest under `ckpt_root` for 'latest'), or None to start at step 0."""
+    """The checkpoint `--resume` names (for 'latest' the newest under `ckpt_root` that is readable: a damaged one is
+    passed over with a warning, and set aside by the run), or None to start at step 0."""
     if getattr(args, "no_resume", False):
         return None
     if args.resume in (None, "", "latest"):
-        found = list_checkpoints(ckpt_root)
-        return found[-1] if found else None
+        for found in reversed(list_checkpoints(ckpt_root)):
+            damage = checkpoint_damage(found)
+            if damage is None:
+                return found
+            if process_state().is_main_process:
+                said = f"checkpoint '{found}' is damaged ({damage}); resuming from the one before it"
+                tqdm.write(said, file=sys.stderr)
+        return None
     path = Path(args.resume)
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"checkpoint '{path}' is not a complete checkpoint folder; pass one under {ckpt_root}")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise UserError(f"checkpoint '{path}' is damaged ({damage}); pass an older one, or start over with --no-resume")
     return path
 
 
