@@ -531,6 +531,12 @@ def test_the_transformer_encodes_captions_as_the_run_tokenizer_was_trained(run_d
         train_clip.main(args_for(run, "train.clip.steps=1", "text.text_len=8"))
     with pytest.raises(UserError, match="'data.image_size' is 32 but the run's config.json says 16"):
         train_clip.main(args_for(run, "train.clip.steps=1", "data.image_size=32"))
+    # the transformer and encode too: the one trained a transformer for an 8 x 8 grid on 4 x 4 shards, and the other
+    # rewrote the shards and config.json, so that the run's CLIP no longer loaded
+    with pytest.raises(UserError, match="'data.image_size' is 32 but the run's config.json says 16"):
+        train_dalle.main(args_for(run, "train.dalle.steps=1", "data.image_size=32"))
+    with pytest.raises(UserError, match="'data.image_size' is 32 but the run's config.json says 16"):
+        train_encode.main(args_for(run, "data.image_size=32"))
 
 
 def test_resuming_a_checkpoint_of_another_model_is_one_sentence(run_dir, tmp_path):

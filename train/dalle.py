@@ -33,7 +33,14 @@ from dalle_mini_impl.model.generate import generate
 from dalle_mini_impl.model.transformer import DALLE, resolve_config
 from dalle_mini_impl.pipeline.bundle import FILES, load_text_tokenizer, load_vae, part_path, save_state_dict
 from train import finetune, loop
-from train.common import adamw, check_text_settings, example_batches, require_parts, seed_everything
+from train.common import (
+    adamw,
+    check_image_size,
+    check_text_settings,
+    example_batches,
+    require_parts,
+    seed_everything,
+)
 
 # the unCLIP decoder's weights a transformer has not: the CLIP embedding's projection and position vectors
 DECODER_OWN = ("cond_proj.weight", "cond_pos.weight", "cond_token_proj.weight")
@@ -197,6 +204,7 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         finetune.adopt_image_tokenizer(source, cfg, accelerator)
     require_parts(cfg.out_dir, "text", "vae", *(["clip"] if stage == "unclip" else []))
     check_text_settings(cfg)
+    check_image_size(cfg)  # else a transformer for another grid than the shards' (it trained, and could not load)
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     image_tokenizer = load_vae(cfg.out_dir).to(accelerator.device)
     extra, embed_dim = {}, 0

@@ -34,7 +34,7 @@ from dalle_mini_impl.data.tokens import (
 )
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_config
-from train.common import process_state, require_parts
+from train.common import check_image_size, process_state, require_parts
 
 
 def data_digest(cfg: RunConfig, split: str, world: int) -> str:
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     state = process_state()
     require_parts(cfg.out_dir, "vae")
+    check_image_size(cfg)  # else shards of another grid, and a config.json the later parts no longer fit
     tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
     digest = tokenizer_digest(part_path(cfg.out_dir, "vae"))
     splits = args.splits.split(",") if args.splits else [cfg.data.split, cfg.data.val_split]
