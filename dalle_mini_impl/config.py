@@ -682,6 +682,9 @@ def load_config(
         cfg.data.source = data
     if split is not None:
         cfg.data.split = split
+    for key, seed in (("seed", cfg.seed), ("judge.seed", cfg.judge.seed)):
+        if not 0 <= seed < 2**32:  # what torch, numpy and random all take; -1 is not "random" here
+            raise UserError(f"config key '{key}' is {seed}; use an integer from 0 to {2**32 - 1}")
     return cfg
 
 

@@ -377,3 +377,14 @@ def test_a_preset_string_where_a_list_belongs_is_refused_with_the_list_to_write(
         load_config(preset)
     preset.write_text('[clip]\nswap_phrases = [", noto style"]\n')
     assert load_config(preset).clip.swap_phrases == [", noto style"]
+
+
+def test_a_seed_no_generator_takes_is_one_sentence_when_the_config_loads():
+    """`--set seed=-1` (often meant as "random") passed train.all's checks and stopped its second stage with a
+    ValueError traceback from the seeding."""
+    for key in ("seed", "judge.seed"):
+        for bad in (-1, 2**32):
+            with pytest.raises(UserError, match=f"^config key '{key}' is {bad}; use an integer from 0 to 4294967295$"):
+                load_config("shapes", [f"{key}={bad}"])
+    assert load_config("shapes", ["seed=4294967295"]).seed == 2**32 - 1
+
