@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import file_above, read_json_object, write_atomic
+from .files import file_above, read_json_object, unwritable, write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -788,6 +788,12 @@ def check_run_folder(out_dir: str) -> None:
     above = file_above(path)
     if above is not None:
         raise UserError(f"run folder '{out_dir}' is under '{above}', which is a file; pass --out another folder")
+    blocked = unwritable(path)
+    if blocked is not None:
+        raise UserError(
+            f"run folder '{out_dir}' cannot be written ('{blocked}' is read-only to this user); "
+            "pass --out a writable folder"
+        )
 
 
 __all__ = [

@@ -70,9 +70,20 @@ def file_above(path: str | os.PathLike) -> Path | None:
     return above if above is not None and not above.is_dir() else None
 
 
+def unwritable(path: str | os.PathLike) -> Path | None:
+    """The path that keeps `path` from being written, or None: `path` itself when it exists and cannot be written,
+    else the nearest existing folder above it when nothing can be made in it (no permission, a read-only disk:
+    access(2) says EROFS even to root)."""
+    p = Path(path)
+    if p.exists():
+        return None if os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)) else p
+    above = next((q for q in p.parents if q.exists()), None)
+    return None if above is None or os.access(above, os.W_OK | os.X_OK) else above
+
+
 def check_out_file(path: str | os.PathLike | None, option: str = "--out", example: str = "result.json") -> None:
-    """Refuse, before any work, an output path that cannot become a file (a folder, or a path under a file);
-    None: no file asked for."""
+    """Refuse, before any work, an output path that cannot become a file (a folder, a path under a file, or one
+    where nothing can be written); None: no file asked for."""
     if path is None:
         return
     p = Path(path)
@@ -81,6 +92,11 @@ def check_out_file(path: str | os.PathLike | None, option: str = "--out", exampl
     above = file_above(p)
     if above is not None:
         raise UserError(f"{option} '{path}' is under '{above}', which is a file; choose another path")
+    blocked = unwritable(p)
+    if blocked is not None:
+        raise UserError(
+            f"{option} '{path}' cannot be written ('{blocked}' is read-only to this user); choose another path"
+        )
 
 
 @contextlib.contextmanager

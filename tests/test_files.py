@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dalle_mini_impl.config import RunConfig, read_config_json, save_config
@@ -69,3 +71,17 @@ def test_written_files_get_the_mode_a_new_file_gets(tmp_path):
     os.umask(umask)
     save_state_dict({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_path_nothing_can_be_written_to_is_refused_before_any_work(tmp_path):
+    """An --out on a read-only disk or in a folder without permission was a traceback, a run's tokenizer stage
+    after it had trained, an evaluation's after all its sampling. /proc/self takes no new file, even from root."""
+    from dalle_mini_impl.config import check_run_folder
+    from dalle_mini_impl.files import check_out_file, unwritable
+
+    assert unwritable("/proc/self/run") == Path("/proc/self") and unwritable(tmp_path / "a" / "b") is None
+    with pytest.raises(UserError, match="^run folder '/proc/self/run' cannot be written \\('/proc/self' is read-only"):
+        check_run_folder("/proc/self/run")
+    with pytest.raises(UserError, match="^--grid '/proc/self/g.png' cannot be written \\('/proc/self' is read-only"):
+        check_out_file("/proc/self/g.png", "--grid")
+    check_out_file(tmp_path / "new" / "result.json")  # a folder still to make is fine
