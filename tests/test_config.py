@@ -388,3 +388,19 @@ def test_a_seed_no_generator_takes_is_one_sentence_when_the_config_loads():
                 load_config("shapes", [f"{key}={bad}"])
     assert load_config("shapes", ["seed=4294967295"]).seed == 2**32 - 1
 
+
+
+def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_training():
+    """A temperature of 0 stopped train.vae's first step with a ValueError (under train.all after the tokenizer
+    stage), a usage window of 0 too; a negative KL or commitment weight trained away from the data in silence."""
+    for setting, says in [
+        ("vae.temperature_start=0", "'vae.temperature_start' is 0.0; set it above 0, e.g. 1.0"),
+        ("vae.temperature_end=-1", "'vae.temperature_end' is -1.0; set it above 0"),
+        ("vae.usage_window=0", "'vae.usage_window' is 0; set it at least 1, e.g. 100"),
+        ("vae.kl_weight=-1", "'vae.kl_weight' is -1.0; set it at least 0"),
+        ("vae.commitment_weight=nan", "'vae.commitment_weight' is nan; set it at least 0"),
+        ("vae.temperature_steps=-5", "'vae.temperature_steps' is -5; set it at least 0"),
+    ]:
+        with pytest.raises(UserError, match=f"^config key {re.escape(says)}"):
+            check_phases(load_config("shapes", [setting]))
+    check_phases(load_config("shapes", ["vae.temperature_steps=0", "vae.kl_weight=0"]))  # the edges are uses

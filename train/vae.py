@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -65,10 +66,34 @@ def adversarial(cfg) -> bool:
     return cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
 
 
+# the training settings of the image tokenizer that building it does not read: (key, lowest, above it strictly?, e.g.)
+SCHEDULE_BOUNDS = (
+    ("temperature_start", 0, True, "1.0"),
+    ("temperature_end", 0, True, "0.0625"),
+    ("temperature_steps", 0, False, "5000"),
+    ("kl_weight", 0, False, "1e-4"),
+    ("kl_warmup_steps", 0, False, "2000"),
+    ("commitment_weight", 0, False, "0.25"),
+    ("disc_weight", 0, False, "0.1"),
+    ("usage_window", 1, False, "100"),
+)
+
+
+def check_schedules(v) -> None:
+    """One sentence for a `vae.*` schedule or loss weight no run can use (a temperature of 0 stopped the first
+    step with a ValueError; a negative weight trained away from the data, in silence)."""
+    for key, lowest, strictly, example in SCHEDULE_BOUNDS:
+        value = getattr(v, key)
+        if not math.isfinite(value) or value < lowest or (strictly and value == lowest):
+            bound = f"above {lowest}" if strictly else f"at least {lowest}"
+            raise UserError(f"config key 'vae.{key}' is {value}; set it {bound}, e.g. {example}")
+
+
 def check_phases(cfg) -> None:
     """One sentence for a setting of either phase (`train.vae`, `train.vae_decoder`) this run cannot use, before
     anything trains: the second phase's would otherwise surface only after the first had trained."""
     build_tokenizer(cfg)  # its settings (vae.factor, ...), checked by building it once
+    check_schedules(cfg.vae)
     for name in ("vae", "vae_decoder"):
         if getattr(cfg.train, name).grad_checkpointing:
             raise UserError(
