@@ -465,3 +465,38 @@ def test_captions_filter_the_examples_before_any_image_is_read(imagefolder):
         ExampleStream(_cfg(imagefolder.root, exclude="(unclosed"), "train", train=False)
     with pytest.raises(UserError, match="data.include and data.exclude filter a data set's captions, not shapes"):
         ExampleStream(DataConfig(source="shapes", include="red"), "train", train=False)
+
+
+def test_token_shards_with_a_gap_or_unusable_contents_are_one_sentence(tmp_path):
+    """A deleted middle shard (as an unreadable one's sentence advised) was read as a split without its rows, in
+    silence; shards of two grids, float ids, too few captions or captions as one string were tracebacks or trained
+    in silence on rows and captions out of step."""
+    from safetensors.torch import save_file
+
+    from dalle_mini_impl.data.tokens import read_shards, shard_path, write_shard
+
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    ids = torch.arange(2 * 4 * 4).reshape(2, 4, 4)
+    for index in range(3):
+        write_shard(shard_path(folder, 0, index), ids, ["a", "b"])
+    assert read_shards(folder)[0].shape == (6, 4, 4)
+    shard_path(folder, 0, 1).unlink()
+    with pytest.raises(UserError, match="lack 'shard_000_00001.safetensors'; rerun train.encode to write it"):
+        read_shards(folder)
+    write_shard(shard_path(folder, 0, 1), ids, ["a", "b"])
+
+    def bad(tensor, captions) -> str:
+        save_file({"image_ids": tensor}, str(shard_path(folder, 0, 2)), metadata={"captions": json.dumps(captions)})
+        with pytest.raises(UserError) as e:
+            read_shards(folder)
+        said = str(e.value)
+        assert said.startswith(f"token shard '{shard_path(folder, 0, 2)}' holds ") and "rerun train.encode" in said
+        return said
+
+    grid = bad(torch.zeros(2, 8, 8, dtype=torch.int16), ["a", "b"])
+    assert "holds a (8, 8) grid where the shards before it hold (4, 4)" in grid
+    assert "not integer (rows, h, w)" in bad(torch.zeros(2, 4, 4), ["a", "b"])
+    assert "holds negative image ids" in bad(-torch.ones(2, 4, 4, dtype=torch.int16), ["a", "b"])
+    assert "holds 1 captions for 2 rows" in bad(torch.zeros(2, 4, 4, dtype=torch.int16), ["a"])
+    assert "not a list of texts" in bad(torch.zeros(2, 4, 4, dtype=torch.int16), "ab")

@@ -128,17 +128,44 @@ def read_shards(folder: Path) -> tuple[torch.Tensor, list[str]]:
     shards = list_shards(folder)
     if not shards:
         raise UserError(f"no token shards in '{folder}'; run `python -m train.encode` with the same config first")
+    numbers = [tuple(map(int, SHARD_RE.match(p.name).groups())) for p in shards]  # (process, index), sorted
+    for rank in range(numbers[-1][0] + 1):  # each process's shards 0, 1, ...: a gap is rows lost in silence
+        have = [index for r, index in numbers if r == rank]
+        if have != list(range(len(have))) or not have:
+            missing = shard_path(folder, rank, next(i for i in range(len(have) + 1) if i not in have))
+            raise UserError(f"token shards in '{folder}' lack '{missing.name}'; rerun train.encode to write it")
     ids, captions = [], []
     for path in shards:
         try:
             with safe_open(str(path), framework="pt") as f:
-                ids.append(f.get_tensor("image_ids").long())
-                captions += json.loads(f.metadata()["captions"])
+                shard = f.get_tensor("image_ids")
+                texts = json.loads(f.metadata()["captions"])
         except Exception as e:  # noqa: BLE001 - any failure to read is the same user-facing problem
             raise UserError(
                 f"token shard '{path}' is unreadable ({type(e).__name__}); delete it and rerun train.encode"
             ) from None
+        fault = _shard_fault(shard, texts, ids[0].shape[1:] if ids else None)
+        if fault is not None:
+            raise UserError(f"token shard '{path}' {fault}; delete it and rerun train.encode")
+        ids.append(shard.long())
+        captions += texts
     return torch.cat(ids), captions
+
+
+def _shard_fault(ids: torch.Tensor, captions, grid: torch.Size | None) -> str | None:
+    """What makes a readable shard's contents unusable (a hand edit, bit rot), or None: its ids must be integer
+    and (rows, h, w) with the grid of the shards before it, none negative; its captions a list of as many texts."""
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() != 3:
+        return f"holds image ids of {ids.dtype} and shape {tuple(ids.shape)}, not integer (rows, h, w)"
+    if grid is not None and ids.shape[1:] != grid:
+        return f"holds a {tuple(ids.shape[1:])} grid where the shards before it hold {tuple(grid)}"
+    if ids.numel() and int(ids.min()) < 0:
+        return "holds negative image ids"
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return "holds captions that are not a list of texts"
+    if len(captions) != ids.shape[0]:
+        return f"holds {len(captions)} captions for {ids.shape[0]} rows"
+    return None
 
 
 class TokenStream:
