@@ -788,6 +788,9 @@ def check_run_folder(out_dir: str) -> None:
     above = file_above(path)
     if above is not None:
         raise UserError(f"run folder '{out_dir}' is under '{above}', which is a file; pass --out another folder")
+    for kept in ("logs", "checkpoints", "tokens"):  # the folders every run keeps: a file there stopped a stage late
+        if (path / kept).exists() and not (path / kept).is_dir():
+            raise UserError(f"'{path / kept}' is a file where the run keeps a folder; move it away and rerun")
     blocked = unwritable(path)
     if blocked is not None:
         raise UserError(

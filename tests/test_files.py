@@ -85,3 +85,17 @@ def test_a_path_nothing_can_be_written_to_is_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match="^--grid '/proc/self/g.png' cannot be written \\('/proc/self' is read-only"):
         check_out_file("/proc/self/g.png", "--grid")
     check_out_file(tmp_path / "new" / "result.json")  # a folder still to make is fine
+
+
+def test_a_file_where_a_run_keeps_a_folder_is_one_sentence(tmp_path):
+    """RUN/logs as a file was a NotADirectoryError at a stage's start, RUN/checkpoints one at its first checkpoint
+    (the steps before it lost), RUN/tokens one in train.encode."""
+    from dalle_mini_impl.config import check_run_folder
+
+    for kept in ("logs", "checkpoints", "tokens"):
+        run = tmp_path / kept
+        run.mkdir()
+        (run / kept).write_text("x")
+        with pytest.raises(UserError, match=f"^'{run / kept}' is a file where the run keeps a folder; move it away"):
+            check_run_folder(str(run))
+
