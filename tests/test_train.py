@@ -989,3 +989,25 @@ def test_train_all_force_trains_a_finished_stage_again_from_step_0(run_dir, tmp_
     assert [p.name for p in list_checkpoints(run / "checkpoints" / "vae")] == ["step_00000002", "step_00000004"]
     after = load_file(run / "vae.safetensors")  # trained again from nothing: the same weights
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_embeddings_file_with_damaged_tensors_under_its_metadata_is_computed_again(tmp_path):
+    """A NaN embedding under intact metadata was read, and stopped train.unclip / train.prior as a run of
+    non-finite losses whose sentence blamed the learning rate; a train split of another width than validation's
+    was a ValueError from the sampler."""
+    from safetensors.torch import save_file
+
+    from train.embed import _read
+
+    path = tmp_path / "clip.safetensors"
+    meta = {"clip": "f", "rows": "3", "grid": "0", "data": "d"}
+    good = {"image": torch.randn(3, 4), "text": torch.randn(3, 4)}
+    save_file(good, str(path), metadata=meta)
+    assert torch.equal(_read(path, "f", 3, 0, "d")["image"], good["image"])
+    for name, damaged in [
+        ("nan", {**good, "image": good["image"].clone().index_fill_(1, torch.tensor([0]), float("nan"))}),
+        ("widths", {**good, "text": torch.randn(3, 8)}),
+        ("rows", {**good, "text": torch.randn(2, 4)}),
+    ]:
+        save_file(damaged, str(path), metadata=meta)
+        assert _read(path, "f", 3, 0, "d") is None, name

@@ -49,9 +49,14 @@ def _read(path, fingerprint: str, rows: int, grid: int, digest: str) -> dict[str
             made = (meta.get("clip"), int(meta.get("rows", -1)), int(meta.get("grid", 0)), meta.get("data"))
             if made != (fingerprint, rows, grid, digest):
                 return None
-            return {k: f.get_tensor(k) for k in ("image", "text", "grid") if k != "grid" or grid}
+            found = {k: f.get_tensor(k) for k in ("image", "text", "grid") if k != "grid" or grid}
     except Exception:  # noqa: BLE001 - unreadable: recompute it
         return None
+    # a file whose tensors a hand or bit rot changed under intact metadata: one row each, finite, the two
+    # embeddings of one width (else a NaN embedding stopped training as a non-finite loss, blaming the lr)
+    if any(t.dim() != 2 or t.shape[0] != rows or not torch.isfinite(t.float()).all() for t in found.values()):
+        return None
+    return found if found["image"].shape[1] == found["text"].shape[1] else None
 
 
 def clip_embeddings(
