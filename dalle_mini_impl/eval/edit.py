@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             weights = [float(x) for x in args.weights.split(",")]
         except ValueError:
             raise UserError(f"--weights '{args.weights}' is not a comma list of numbers") from None
+        if not all(math.isfinite(w) and w >= 0 for w in weights):  # as sample.edit_likelihood_weight is checked
+            raise UserError(f"--weights '{args.weights}' has a weight that is negative or not finite; give 0 or more")
     t0 = time.perf_counter()
     edits = sources(args.n, args.seed, pipe.cfg.data.shapes.held_out, pipe.cfg.data.image_size)
     result = {"model": str(args.model or "shipped"), "seed": args.seed, "n": len(edits), "candidates": s.candidates}
