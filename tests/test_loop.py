@@ -273,6 +273,17 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_it(tmp_pa
         train(tmp_path / "run", 8, resume=str(aside / "step_00000004"))
 
 
+def test_resuming_another_stages_checkpoint_is_said_as_such(tmp_path):
+    """`train.dalle --resume RUN/checkpoints/clip/step_N` said the checkpoint had other parameters frozen."""
+    import shutil
+
+    train(tmp_path, 2)
+    other = tmp_path / "checkpoints" / "clip" / "step_00000002"
+    shutil.copytree(tmp_path / "checkpoints" / "dalle" / "step_00000002", other)
+    with pytest.raises(loop.UserError, match=f"^checkpoint '{other}' is the clip stage's; pass one under "):
+        train(tmp_path, 4, resume=str(other))
+
+
 def test_a_checkpoint_without_this_processs_data_position_is_one_sentence(tmp_path):
     train(tmp_path, 2)
     (tmp_path / "checkpoints" / "dalle" / "step_00000002" / "data_0.json").unlink()  # written by other processes

@@ -33,6 +33,7 @@ from dalle_mini_impl.data.tokens import (
     write_shard,
 )
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_config
 from train.common import check_image_size, process_state, require_parts
 
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         record_stage_config(cfg, cfg.out_dir, "encode")
         summary = {"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}
         # written last: its presence says every split is complete (train.all skips the stage then)
-        (Path(cfg.out_dir) / "tokens" / "manifest.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        write_atomic(Path(cfg.out_dir) / "tokens" / "manifest.json", lambda tmp: tmp.write_text(text))
         print(json.dumps(summary))
     return 0
 

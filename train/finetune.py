@@ -162,7 +162,8 @@ def start_from(model: torch.nn.Module, source: Path, part: str, what: str, cfg: 
     if _is_main():
         logs = Path(cfg.out_dir) / "logs" / stage
         logs.mkdir(parents=True, exist_ok=True)
-        (logs / "init_from.json").write_text(json.dumps({"source": str(source), "weights": str(path)}, indent=2) + "\n")
+        text = json.dumps({"source": str(source), "weights": str(path)}, indent=2) + "\n"
+        write_atomic(logs / "init_from.json", lambda tmp: tmp.write_text(text))
         print(f"{stage}: starts from the weights of {path}", flush=True)
 
 

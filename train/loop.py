@@ -595,6 +595,9 @@ def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | No
     path = Path(args.resume)
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"checkpoint '{path}' is not a complete checkpoint folder; pass one under {ckpt_root}")
+    stage = path.parent.name  # a sibling stage's folder (a set-aside one, `dalle.set-aside-TIME`, is this stage's)
+    if path.parent.parent.name == "checkpoints" and stage != ckpt_root.name and "." not in stage:
+        raise UserError(f"checkpoint '{path}' is the {stage} stage's; pass one under {ckpt_root}")
     damage = checkpoint_damage(path)
     if damage is not None:
         raise UserError(f"checkpoint '{path}' is damaged ({damage}); pass an older one, or start over with --no-resume")

@@ -68,8 +68,9 @@ def judge_path(judge: str | os.PathLike) -> Path:
     path = bundle_path(path)
     if not path.is_dir():
         shipped = ", ".join(shipped_judges()) or "none in this install"
+        what = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(
-            f"--judge '{judge}' does not exist; pass the folder python -m train.judge wrote or the name of a "
+            f"--judge '{judge}' {what}; pass the folder python -m train.judge wrote or the name of a "
             f"shipped judge ({shipped})"
         )
     return path
