@@ -665,7 +665,7 @@ def test_a_shipped_bundle_is_named_and_a_folder_of_that_name_wins(tmp_path, monk
     (tmp_path / "afile").write_text("x")  # once "does not exist", of a file that does
     with pytest.raises(UserError, match="model folder 'afile' is a file, not a folder; pass --model"):
         bundles.read_bundle_config("afile")
-    with pytest.raises(UserError, match="--judge 'afile' is a file, not a folder; pass the folder python -m train.judge"):
+    with pytest.raises(UserError, match="--judge 'afile' is a file, not a folder; pass the folder python -m"):
         bundles.judge_path("afile")
 
 
