@@ -45,8 +45,7 @@ from dalle_mini_impl.shapes.negatives import perturbations
 from train import finetune, loop
 from train.common import (
     adamw,
-    check_image_size,
-    check_text_settings,
+    check_run_settings,
     example_batches,
     require_parts,
     seed_everything,
@@ -130,8 +129,7 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.") -> dict[str, floa
     if source is not None:
         finetune.adopt_text_tokenizer(source, cfg, accelerator)
     require_parts(cfg.out_dir, "text")
-    check_text_settings(cfg)  # else a CLIP of another text length or image size than config.json says: unloadable
-    check_image_size(cfg)
+    check_run_settings(cfg)  # else a model of another text length or grid than config.json says: unloadable
     tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     model = clip_from_config(cfg, tokenizer)
     if source is not None:

@@ -80,6 +80,13 @@ def check_image_size(cfg: RunConfig) -> None:
         )
 
 
+def check_run_settings(cfg: RunConfig) -> None:
+    """`check_text_settings` and `check_image_size`: a model trained into the run folder must read the captions and
+    the image grid the run's other parts were made with, or the bundle could not load it."""
+    check_text_settings(cfg)
+    check_image_size(cfg)
+
+
 def text_mismatch(mine: TextConfig, trained: TextConfig) -> tuple[str, object, object] | None:
     """(key, mine, trained) of the first setting that encodes captions into a tokenizer's ids (text_len,
     lowercase) where `mine` differs from what the tokenizer was trained with; None when none does."""

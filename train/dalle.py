@@ -35,8 +35,7 @@ from dalle_mini_impl.pipeline.bundle import FILES, load_text_tokenizer, load_vae
 from train import finetune, loop
 from train.common import (
     adamw,
-    check_image_size,
-    check_text_settings,
+    check_run_settings,
     example_batches,
     require_parts,
     seed_everything,
@@ -203,8 +202,7 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         finetune.adopt_text_tokenizer(source, cfg, accelerator)
         finetune.adopt_image_tokenizer(source, cfg, accelerator)
     require_parts(cfg.out_dir, "text", "vae", *(["clip"] if stage == "unclip" else []))
-    check_text_settings(cfg)
-    check_image_size(cfg)  # else a transformer for another grid than the shards' (it trained, and could not load)
+    check_run_settings(cfg)  # else a model of another text length or grid than config.json says: unloadable
     text_tokenizer = load_text_tokenizer(cfg.out_dir, cfg)
     image_tokenizer = load_vae(cfg.out_dir).to(accelerator.device)
     extra, embed_dim = {}, 0
