@@ -42,6 +42,8 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["edit", "--n", "4", "--set", "sample.num_images=2"], "sets sample.num_images itself; it grades the cand"),
         (["edit", "--n", "-3"], "--n is -3; use at least 1"),  # once a whole result of zeros
         (["edit", "--n", "2", "--weights=0,nan"], "--weights '0,nan' has a weight that is negative or not finite"),
+        (["shapes", "--n", "4", "--guided", "5"], "--guided is 5, more than the --n 4 prompts; give at most 4"),
+        (["clip", "--model", "shapes", "--zero-shot", "-1"], "--zero-shot is -1; use at least 0"),  # once: off
         (["recon", "--model", "shapes", "--limit", "-1"], "--limit is -1; use at least 0"),
         (["recon", "--model", "shapes", "--batch-size", "0"], "--batch-size is 0; use at least 1"),
         (["recon", "--model", "shapes", "--split", "train"], "the shapes split 'train' is endless"),  # once no end

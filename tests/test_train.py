@@ -298,6 +298,8 @@ def test_encode_of_an_endless_stream_without_a_limit_is_one_sentence(run_dir, tm
         train_encode.main(args_for(run, "data.max_examples=0"))
     train_encode.main(args_for(run, "data.max_examples=0", "data.shapes.train_size=16"))  # a finite one
     train_encode.main([*args_for(run, "data.max_examples=0"), "--splits", "validation"])  # no endless split asked
+    with pytest.raises(UserError, match="--splits 'train,,' has an empty name"):  # once "unknown shapes split ''"
+        train_encode.main([*args_for(run), "--splits", "train,,"])
 
 
 def test_encode_resumes_and_reuses_shards(run_dir):

@@ -193,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default=None, help="comma list of splits (default: data.split,data.val_split)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    splits = [s.strip() for s in args.splits.split(",")] if args.splits else [cfg.data.split, cfg.data.val_split]
+    if not all(splits):  # "train,," read a split named ''
+        raise UserError(f"--splits '{args.splits}' has an empty name; give split names joined by commas")
     state = process_state()
     require_parts(cfg.out_dir, "vae")
     check_image_size(cfg)  # else shards of another grid, and a config.json the later parts no longer fit
     tokenizer = load_vae(cfg.out_dir).to(state.device).eval()
     digest = tokenizer_digest(part_path(cfg.out_dir, "vae"))
-    splits = args.splits.split(",") if args.splits else [cfg.data.split, cfg.data.val_split]
     if cfg.data.split in splits:  # the one max_examples limits
         check_ends(cfg)
     results = []

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.limit is not None and args.limit < 2:
         raise UserError(f"--limit is {args.limit}; retrieval needs at least 2 pairs")
-    check_counts(batch_size=(args.batch_size, 1))
+    check_counts(batch_size=(args.batch_size, 1), zero_shot=(args.zero_shot, 0))  # -1 was taken as off
     check_data_overrides(args.overrides, "clip")
     cfg = apply_overrides(read_bundle_config(args.model), args.overrides)
     if args.data is not None:

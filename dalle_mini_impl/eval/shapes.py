@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--n is {args.n}; use at least 4 prompts so every kind is drawn")
     if args.candidates < 8:
         raise UserError(f"--candidates is {args.candidates}; CLIP's top-1 of 8 needs at least 8")
+    if args.guided > args.n:  # it refined all --n prompts and said nothing
+        raise UserError(f"--guided is {args.guided}, more than the --n {args.n} prompts; give at most {args.n}")
     require_reranker(args.model, NO_RERANKER)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     check_method(pipe, args.method, args.guided, args.guided_from)
