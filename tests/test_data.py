@@ -136,6 +136,9 @@ def test_pil_uint8_grid_round_trip(tmp_path):
     img = Image.open(path)
     assert img.format == "PNG" and img.width > 3 * 128 and img.height > 2 * 128
     assert not list(tmp_path.glob(".*tmp"))  # written through a temporary name, then renamed
+    # the format its name says (PNG bytes under a .jpg name once); PNG for a name no format has
+    assert Image.open(save_grid(x, tmp_path / "g.jpg", nrow=3)).format == "JPEG"
+    assert Image.open(save_grid(x, tmp_path / "g.grid", nrow=3)).format == "PNG"
 
 
 def test_distinct_first_keeps_the_first_of_each_set_of_identical_pictures():

@@ -210,7 +210,8 @@ def save_grid(
     scale: int | None = None,
     max_lines: int = 4,
 ) -> Path:
-    """Write images (b, 3, h, w) in [0, 1] as one PNG grid, each caption wrapped under its image.
+    """Write images (b, 3, h, w) in [0, 1] as one grid (PNG, or the format the file's name says), each caption
+    wrapped under its image.
 
     `scale` enlarges every image by an integer factor with nearest-neighbour sampling (default: enough
     to make an image at least 128 px wide). The file is written to a temporary name and renamed.
@@ -241,7 +242,9 @@ def save_grid(
         for j, line in enumerate(wrapped[i] if captions else []):
             draw.text((x, y + cell_h + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
 
-    return write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    # the format the name says (grid.jpg: JPEG; PNG bytes under a .jpg name once), PNG for any other name
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return write_atomic(path, lambda tmp: canvas.save(tmp, format=fmt))
 
 
 __all__ = [
