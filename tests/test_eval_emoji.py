@@ -163,6 +163,16 @@ def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
     # once "unknown shapes split 'train+validation'", a split the user never typed
     with pytest.raises(UserError, match="train.judge trains an evaluation CLIP for captioned images"):
         train_judge.main(["--config", "shapes", "--out", str(tmp_path / "j")])
+    # its CLIP's settings before its tokenizer trains (once after), named as the preset names them
+    out = tmp_path / "early"
+    for setting, says in [
+        ("judge.clip.flip_p=2", "config key 'judge.clip.flip_p' is 2.0"),
+        ("judge.train.lr=-1", "judge.train.lr is -1.0"),
+        ("judge.clip.patch_size=7", "config key 'judge.clip.patch_size' \\(7\\) does not divide the image size"),
+    ]:
+        with pytest.raises(UserError, match=says):
+            train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--out", str(out), "--set", setting])
+    assert not (out / "text.model").exists()
 
 
 def emoji_like(folder: Path):

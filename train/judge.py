@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 from dalle_mini_impl.config import RunConfig, read_config_json
 from dalle_mini_impl.data.streams import split_parts
 from dalle_mini_impl.errors import UserError, run_cli
 from train import loop
+from train.clip import check_config as check_clip_config
 from train.clip import train_clip
 from train.common import process_state
 from train.tokenizer import train_tokenizer
@@ -67,6 +69,17 @@ def judge_config(cfg: RunConfig, out: str) -> RunConfig:
     )
 
 
+def check_judge(jcfg: RunConfig) -> None:
+    """The judge CLIP's settings, checked as `train.clip` checks a run's, named as the preset names them
+    (`judge.clip.*`, `judge.train.*`: the judge's config holds them as `clip.*`, `train.clip.*`)."""
+    try:
+        check_clip_config(jcfg)
+        loop.check_training_values(jcfg.train.clip, "judge.train.")
+    except UserError as e:
+        said = str(e).replace("train.clip.", "judge.train.")
+        raise UserError(re.sub(r"(?<![\w./])clip\.(?=[a-z_]+\b)(?!safetensors)", "judge.clip.", said)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, args = loop.parse_args(argv, __doc__)
     if args.split:
@@ -81,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         # a pipeline run's folder: its text tokenizer would pass for the judge's own, and its config be written over
         raise UserError(f"--out '{out}' is another run's folder (its config.json is no judge's); give the judge one")
     jcfg = judge_config(cfg, out)
+    check_judge(jcfg)  # before the tokenizer trains: a bad judge.* setting stopped the run only after it
     state = process_state()  # the main process trains the tokenizer while the others wait, then all train the CLIP
     if state.is_main_process and not (Path(out) / "text.model").is_file():  # a resumed run keeps its tokenizer
         print(json.dumps(train_tokenizer(jcfg)))
