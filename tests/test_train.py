@@ -1013,3 +1013,19 @@ def test_an_embeddings_file_with_damaged_tensors_under_its_metadata_is_computed_
     ]:
         save_file(damaged, str(path), metadata=meta)
         assert _read(path, "f", 3, 0, "d") is None, name
+
+
+def test_shard_ids_past_the_codebook_are_one_sentence_before_training(run_dir, tmp_path):
+    """An id past the image tokenizer's codes in a shard whose digest matches (a hand edit, bit rot) was an
+    IndexError ("Target 1024 is out of bounds") at the first step."""
+    from dalle_mini_impl.data.tokens import shard_metadata, write_shard
+
+    run = copy_run(run_dir, tmp_path / "r")
+    train_encode.main(args_for(run))
+    shard = tokens_dir(run, "train") / "shard_000_00000.safetensors"
+    ids, captions = read_shards(tokens_dir(run, "train"))
+    meta = shard_metadata(shard)
+    n = shard_rows(shard)
+    write_shard(shard, ids[:n] + 1000, captions[:n], tokenizer=meta["tokenizer"], data=meta.get("data"))
+    with pytest.raises(UserError, match="hold the image id 10\\d\\d, past the image tokenizer's 32 codes; delete"):
+        train_dalle.main(args_for(run, "train.dalle.steps=1"))

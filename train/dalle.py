@@ -79,7 +79,7 @@ def token_batches(
         weights = Path(cfg.out_dir) / FILES["vae"]
         if weights.is_file():  # ids of another tokenizer would name other codes: refused, not trained on
             check_shards_tokenizer(folder, tokenizer_digest(weights))
-        return TokenStream(
+        stream = TokenStream(
             folder,
             batch_size,
             train=train,
@@ -88,6 +88,13 @@ def token_batches(
             num_processes=accelerator.num_processes,
             extra=extra,
         )
+        # an id past the codebook (a hand edit, bit rot, a shard without a digest) was an IndexError at a step
+        if image_tokenizer is not None and int(stream.image_ids.max()) >= image_tokenizer.codebook_size:
+            raise UserError(
+                f"token shards in '{folder}' hold the image id {int(stream.image_ids.max())}, past the image "
+                f"tokenizer's {image_tokenizer.codebook_size} codes; delete them and rerun train.encode"
+            )
+        return stream
     if extra:
         raise UserError(f"no token shards in '{folder}'; run `python -m train.encode` with the same config first")
     batches = example_batches(cfg, split, batch_size, train=train, accelerator=accelerator)
