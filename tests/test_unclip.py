@@ -715,6 +715,7 @@ def test_the_unclip_section_is_checked_in_one_sentence():
         ("grid", -1, "'unclip.grid' is -1; set it to 0 (the embedding alone) or a grid side"),
         ("grid_dropout", 1.5, "'unclip.grid_dropout' is 1.5; set it between 0 and 1"),
         ("grid_tokens", True, "'unclip.grid_tokens' is true with unclip.grid 0; set unclip.grid to a grid side"),
+        ("cond_len", 0, "'unclip.cond_len' is 0; give the embedding 1 or more positions"),  # once "transformer"
     ]:
         cfg = tiny_config()
         setattr(cfg.unclip, key, value)

@@ -134,6 +134,8 @@ def build_model(cfg: RunConfig, text_tokenizer, image_tokenizer, cond_dim: int =
 def check_unclip(cfg: RunConfig) -> None:
     """What unCLIP's decoder needs of the `unclip` section beyond types (CLIP checks the grid against its patches)."""
     u = cfg.unclip
+    if u.cond_len < 1:  # once named as the transformer's 'cond_len', after the transformer had trained
+        raise UserError(f"config key 'unclip.cond_len' is {u.cond_len}; give the embedding 1 or more positions, e.g. 4")
     if u.grid < 0:
         raise UserError(f"config key 'unclip.grid' is {u.grid}; set it to 0 (the embedding alone) or a grid side")
     if u.grid_tokens and not u.grid:
