@@ -473,3 +473,16 @@ def test_one_process_share_with_nothing_readable_says_it_is_that_share(tmp_path)
     assert [ex["caption"] for ex in ExampleStream(_cfg(folder), "train", train=False, num_processes=2)] == ["fine"]
     with pytest.raises(UserError, match=r"^process 1's share of data set '.*half' \(split 'train'\) has no readable"):
         list(ExampleStream(_cfg(folder), "train", train=False, process_index=1, num_processes=2))
+
+
+def test_a_folder_of_no_data_is_one_sentence_naming_what_it_lacks(tmp_path):
+    """A run folder given as --data was "Instruction 'train' corresponds to no data!" blamed on its metadata file;
+    an empty folder was an EmptyDatasetError blamed on the network."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "vae.safetensors").write_bytes(b"x")
+    for folder in (run, tmp_path / "empty"):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(UserError, match=f"^data folder '{folder}' holds no images, .parquet or .tar files; give"):
+            list(ExampleStream(_cfg(folder), "train", train=False))

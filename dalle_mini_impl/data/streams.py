@@ -130,7 +130,8 @@ def is_local_source(source: str) -> bool:
 
 
 def _folder_builder(folder: str) -> str:
-    """imagefolder, unless the folder holds no images but parquet or tar files."""
+    """imagefolder, unless the folder holds no images but parquet or tar files; a folder with none of them (an empty
+    one, a run folder given as --data) is one sentence."""
     found = set()
     for _, _, files in os.walk(folder):
         for f in files:
@@ -142,7 +143,10 @@ def _folder_builder(folder: str) -> str:
         return "parquet"
     if ".tar" in found:
         return "webdataset"
-    return "imagefolder"
+    raise UserError(
+        f"data folder '{folder}' holds no images, .parquet or .tar files; give --data the folder of a data set "
+        "(images with a metadata.jsonl, parquet or webdataset shards)"
+    )
 
 
 def require_source(source: str) -> None:
