@@ -97,9 +97,10 @@ def main() -> int:
     elif state:
         print("rank 1 got a state dict", file=sys.stderr)
         return 1
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dalle_mini_impl.errors import exit_process
+
+    exit_process(main())  # leaves the process group, and skips the finalisation whose gloo threads can abort
