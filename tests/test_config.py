@@ -404,3 +404,15 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
         with pytest.raises(UserError, match=f"^config key {re.escape(says)}"):
             check_phases(load_config("shapes", [setting]))
     check_phases(load_config("shapes", ["vae.temperature_steps=0", "vae.kl_weight=0"]))  # the edges are uses
+
+
+def test_run_cli_exits_with_the_commands_own_code():
+    """A stage stopped by SIGTERM raises SystemExit(143) inside main; run_cli passes it on (as argparse's 2)."""
+
+    def stopped(argv):
+        raise SystemExit(143)
+
+    for main, code in [(stopped, 143), (lambda argv: 0, 0), (lambda argv: 3, 3)]:
+        with pytest.raises(SystemExit) as done:
+            run_cli(main, [])
+        assert done.value.code == code
