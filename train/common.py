@@ -111,9 +111,10 @@ def process_state():
 
 @functools.cache  # registered once however many stages a process runs
 def destroy_process_group_at_exit() -> None:
-    """Destroy the process group when the process exits, while the interpreter is whole. Left to interpreter
-    finalisation, gloo's worker threads can abort a finished process ("terminate called without an active
-    exception", exit -6: seen once in CI on a 2-process train.dalle; pytorch issue 190489)."""
+    """Destroy the process group when the process exits, while the interpreter is whole (pytorch issue 190489). It
+    did not stop gloo's threads from aborting a finished process in finalisation now and then ("terminate called
+    without an active exception", exit -6); the commands now exit without finalisation
+    (`dalle_mini_impl.errors.exit_process`), and this stays for a process that ends another way."""
 
     def destroy() -> None:
         import torch.distributed as dist
