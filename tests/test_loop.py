@@ -273,6 +273,20 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_it(tmp_pa
         train(tmp_path / "run", 8, resume=str(aside / "step_00000004"))
 
 
+def test_a_sharded_checkpoint_layout_is_not_taken_for_a_damaged_one(tmp_path):
+    """DeepSpeed keeps the weights and the optimizer in a `pytorch_model/` folder, FSDP in `pytorch_model_fsdp_0/`
+    and `optimizer_0/`: no top-level optimizer file is missing there."""
+    for folders in (["pytorch_model"], ["pytorch_model_fsdp_0", "optimizer_0"]):
+        ckpt = tmp_path / folders[-1] / "step_00000002"
+        for folder in folders:
+            (ckpt / folder).mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2}))
+        (ckpt / "data_0.json").write_text("{}")
+        assert loop.checkpoint_damage(ckpt) is None
+        (ckpt / "data_0.json").write_text("")
+        assert loop.checkpoint_damage(ckpt) == "data_0.json is unreadable (JSONDecodeError)"
+
+
 def test_resuming_another_stages_checkpoint_is_said_as_such(tmp_path):
     """`train.dalle --resume RUN/checkpoints/clip/step_N` said the checkpoint had other parameters frozen."""
     import shutil

@@ -560,10 +560,10 @@ def checkpoint_damage(path: Path) -> str | None:
     if not isinstance(state, dict) or "step" not in state:
         return "trainer_state.json holds no step"
     files = sorted(p for p in path.iterdir() if p.is_file())
-    names = [p.name for p in files] + [p.name for p in path.iterdir() if p.is_dir()]  # FSDP's sharded folders too
-    for needed, prefixes in (("model weights", ("model", "pytorch_model")), ("optimizer state", ("optimizer",))):
-        if not any(name.startswith(prefixes) for name in names):
-            return f"its {needed} file is missing"
+    if not any(p.is_dir() for p in path.iterdir()):  # FSDP's and DeepSpeed's layouts keep these in folders
+        for needed, prefixes in (("model weights", ("model", "pytorch_model")), ("optimizer state", ("optimizer",))):
+            if not any(file.name.startswith(prefixes) for file in files):
+                return f"its {needed} file is missing"
     for file in files:
         try:
             if file.suffix == ".json":
