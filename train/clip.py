@@ -69,59 +69,65 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_config(cfg: RunConfig) -> None:
-    """What CLIP's training needs of the config beyond types, checked before any stage of a run starts."""
-    check_clip_config(cfg.clip, cfg.data.image_size)  # the model's own settings: sizes, choices, augmentation
+def check_config(cfg: RunConfig, section: str = "clip") -> None:
+    """What CLIP's training needs of the config beyond types, checked before any stage of a run starts; its keys
+    named under `section` (`judge.clip` for the judge's)."""
+    check_clip_config(cfg.clip, cfg.data.image_size, section)  # the model's own: sizes, choices, augmentation
     if cfg.clip.hard_negatives and cfg.data.source != "shapes" and len(cfg.clip.swap_phrases) < 2:
         raise UserError(
-            "clip.hard_negatives on data other than shapes needs clip.swap_phrases, at least two phrases "
-            "a caption may hold (e.g. its styles); set them or set clip.hard_negatives=false"
+            f"{section}.hard_negatives on data other than shapes needs {section}.swap_phrases, at least two phrases "
+            f"a caption may hold (e.g. its styles); set them or set {section}.hard_negatives=false"
         )
     shift, flip = cfg.clip.shift_max, cfg.clip.flip_p
     if not 0 <= shift < 0.5:
-        raise UserError(f"config key 'clip.shift_max' is {shift}; set it in [0, 0.5), e.g. 0.0625 (4 pixels of 64)")
+        raise UserError(
+            f"config key '{section}.shift_max' is {shift}; set it in [0, 0.5), e.g. 0.0625 (4 pixels of 64)"
+        )
     if not 0 <= flip <= 1:
-        raise UserError(f"config key 'clip.flip_p' is {flip}; set it in [0, 1], e.g. 0.5")
+        raise UserError(f"config key '{section}.flip_p' is {flip}; set it in [0, 1], e.g. 0.5")
     if cfg.data.source == "shapes" and flip > 0:
         raise UserError(
-            f"config key 'clip.flip_p' is {flip}, but shapes captions name left and right, which a flip makes "
+            f"config key '{section}.flip_p' is {flip}, but shapes captions name left and right, which a flip makes "
             "false: leave it at 0"
         )
     count, phrases = cfg.clip.swaps_per_caption, len(cfg.clip.swap_phrases)
     if not cfg.clip.hard_negatives and count != 1:
         raise UserError(
-            f"config key 'clip.swaps_per_caption' is {count}, but clip.hard_negatives is off and makes no "
-            "negative to swap: set clip.hard_negatives=true or leave it at 1"
+            f"config key '{section}.swaps_per_caption' is {count}, but {section}.hard_negatives is off and makes no "
+            f"negative to swap: set {section}.hard_negatives=true or leave it at 1"
         )
     if cfg.data.source == "shapes" and count < 1:
         raise UserError(
-            f"config key 'clip.swaps_per_caption' is {count}; on shapes it is how many edits of a caption are "
+            f"config key '{section}.swaps_per_caption' is {count}; on shapes it is how many edits of a caption are "
             "negatives, each of another kind while there is one: set it to 1 or more, e.g. 4 for every kind"
         )
     if cfg.data.source != "shapes" and cfg.clip.hard_negatives and not 1 <= count <= phrases - 1:
         raise UserError(
-            f"config key 'clip.swaps_per_caption' is {count}; a caption's phrase can be swapped for 1 to "
-            f"{phrases - 1} others of clip.swap_phrases: set it in that range"
+            f"config key '{section}.swaps_per_caption' is {count}; a caption's phrase can be swapped for 1 to "
+            f"{phrases - 1} others of {section}.swap_phrases: set it in that range"
         )
     if cfg.clip.swaps_seen_only and (cfg.data.source == "shapes" or not cfg.clip.hard_negatives):
         raise UserError(
-            "config key 'clip.swaps_seen_only' is true; it keeps the swaps of clip.swap_phrases to captions of the "
-            "training data, which needs clip.hard_negatives=true on data other than shapes (whose negatives never "
-            "name a held-out pair anyway): set that, or leave it false"
+            f"config key '{section}.swaps_seen_only' is true; it keeps the swaps of {section}.swap_phrases to captions "
+            f"of the training data, which needs {section}.hard_negatives=true on data other than shapes (whose "
+            "negatives never name a held-out pair anyway): set that, or leave it false"
         )
     rest = cfg.clip.rest_swaps
     if rest < 0:
-        raise UserError(f"config key 'clip.rest_swaps' is {rest}; set it to 0 (none) or a count per caption")
+        raise UserError(f"config key '{section}.rest_swaps' is {rest}; set it to 0 (none) or a count per caption")
     if rest and (cfg.data.source == "shapes" or not cfg.clip.hard_negatives):
         raise UserError(
-            f"config key 'clip.rest_swaps' is {rest}; it keeps a caption's phrase of clip.swap_phrases and swaps the "
-            "rest, which needs clip.hard_negatives=true on data other than shapes: set that, or leave it at 0"
+            f"config key '{section}.rest_swaps' is {rest}; it keeps a caption's phrase of {section}.swap_phrases and "
+            f"swaps the rest, which needs {section}.hard_negatives=true on data other than shapes: set that, or leave "
+            "it at 0"
         )
 
 
-def train_clip(cfg: RunConfig, args, key: str = "train.clip.") -> dict[str, float]:
-    """Train CLIP as `cfg` says into `cfg.out_dir` (which holds the text tokenizer); returns the last scalars."""
-    check_config(cfg)
+def train_clip(cfg: RunConfig, args, key: str = "train.clip.", section: str = "clip") -> dict[str, float]:
+    """Train CLIP as `cfg` says into `cfg.out_dir` (which holds the text tokenizer); returns the last scalars. Its
+    settings are named under `key` (training) and `section` (the model) in what it says: `train.judge`'s as
+    `judge.train.` and `judge.clip`."""
+    check_config(cfg, section)
     tc = cfg.train.clip
     accelerator = loop.make_accelerator(tc, key=key)  # key: where its settings are set (the judge's: judge.train.)
     seed_everything(cfg.seed)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 
 from dalle_mini_impl.config import RunConfig, read_config_json
@@ -40,6 +39,10 @@ JUDGE_SUFFIX = "-judge"  # a judge's config name: its preset's, with this after 
 def is_judge(cfg: RunConfig) -> bool:
     """Whether a config is a judge's (`judge_config`'s), not a pipeline run's."""
     return cfg.name.endswith(JUDGE_SUFFIX)
+
+
+# where the preset keeps the judge's CLIP and training settings, which its config holds as clip and train.clip
+JUDGE_SECTION, JUDGE_KEY = "judge.clip", "judge.train."
 
 
 def judge_config(cfg: RunConfig, out: str) -> RunConfig:
@@ -72,12 +75,8 @@ def judge_config(cfg: RunConfig, out: str) -> RunConfig:
 def check_judge(jcfg: RunConfig) -> None:
     """The judge CLIP's settings, checked as `train.clip` checks a run's, named as the preset names them
     (`judge.clip.*`, `judge.train.*`: the judge's config holds them as `clip.*`, `train.clip.*`)."""
-    try:
-        check_clip_config(jcfg)
-        loop.check_training_values(jcfg.train.clip, "judge.train.")
-    except UserError as e:
-        said = str(e).replace("train.clip.", "judge.train.")
-        raise UserError(re.sub(r"(?<![\w./])clip\.(?=[a-z_]+\b)(?!safetensors)", "judge.clip.", said)) from None
+    check_clip_config(jcfg, JUDGE_SECTION)
+    loop.check_training_values(jcfg.train.clip, JUDGE_KEY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process and not (Path(out) / "text.model").is_file():  # a resumed run keeps its tokenizer
         print(json.dumps(train_tokenizer(jcfg)))
     state.wait_for_everyone()
-    train_clip(jcfg, args, key="judge.train.")
+    train_clip(jcfg, args, key=JUDGE_KEY, section=JUDGE_SECTION)
     return 0
 
 

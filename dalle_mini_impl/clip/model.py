@@ -369,16 +369,17 @@ class TokenizerLike(Protocol):
     eos_id: int
 
 
-def check_clip_config(cfg: CLIPConfig, image_size: int) -> None:
-    """One sentence for a CLIP setting no model can be built or trained with, before anything is built."""
+def check_clip_config(cfg: CLIPConfig, image_size: int, section: str = "clip") -> None:
+    """One sentence for a CLIP setting no model can be built or trained with, before anything is built; its keys
+    named under `section` (`judge.clip` for the judge's)."""
     for key in ("patch_size", "image_width", "text_width", "embed_dim"):
         if getattr(cfg, key) < 1:  # once a ZeroDivisionError, or a model whose every gradient was 0
-            raise UserError(f"config key 'clip.{key}' is {getattr(cfg, key)}; set it to a positive size")
+            raise UserError(f"config key '{section}.{key}' is {getattr(cfg, key)}; set it to a positive size")
     for key in ("image_depth", "text_depth"):
         if getattr(cfg, key) < 0:
-            raise UserError(f"config key 'clip.{key}' is {getattr(cfg, key)}; set it to 0 or more blocks")
+            raise UserError(f"config key '{section}.{key}' is {getattr(cfg, key)}; set it to 0 or more blocks")
     if not 0 < cfg.crop_scale_min <= 1:
-        raise UserError(f"config key 'clip.crop_scale_min' is {cfg.crop_scale_min}; set it in (0, 1], e.g. 0.85")
+        raise UserError(f"config key '{section}.crop_scale_min' is {cfg.crop_scale_min}; set it in (0, 1], e.g. 0.85")
     for key, choices in (
         ("pool", ("eot", "mean")),
         ("image_pool", ("cls", "mean")),
@@ -386,36 +387,37 @@ def check_clip_config(cfg: CLIPConfig, image_size: int) -> None:
         ("stem", ("patch", "conv")),
     ):
         if getattr(cfg, key) not in choices:
-            raise UserError(f"config key 'clip.{key}' is '{getattr(cfg, key)}'; set it to {' or '.join(choices)}")
+            raise UserError(f"config key '{section}.{key}' is '{getattr(cfg, key)}'; set it to {' or '.join(choices)}")
     if not 0.0 <= cfg.drop_path < 1.0:
-        raise UserError(f"config key 'clip.drop_path' is {cfg.drop_path}; set it in [0, 1), e.g. 0.1")
+        raise UserError(f"config key '{section}.drop_path' is {cfg.drop_path}; set it in [0, 1), e.g. 0.1")
     for key, vit_only in (("image_pool", "cls"), ("stem", "patch"), ("drop_path", 0.0)):  # a ResNet would ignore them
         if cfg.image_tower == "resnet" and getattr(cfg, key) != vit_only:
             raise UserError(
-                f"config key 'clip.{key}' is '{getattr(cfg, key)}', which only a ViT has; with "
-                f"clip.image_tower=resnet leave it at {vit_only}"
+                f"config key '{section}.{key}' is '{getattr(cfg, key)}', which only a ViT has; with "
+                f"{section}.image_tower=resnet leave it at {vit_only}"
             )
     halving = cfg.image_tower == "resnet" or cfg.stem == "conv"
     if halving and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
-        needs = "clip.image_tower=resnet" if cfg.image_tower == "resnet" else "clip.stem=conv"
-        fix = "" if cfg.image_tower == "resnet" else ", or set clip.stem=patch"
+        needs = f"{section}.image_tower=resnet" if cfg.image_tower == "resnet" else f"{section}.stem=conv"
+        fix = "" if cfg.image_tower == "resnet" else f", or set {section}.stem=patch"
         raise UserError(
-            f"config key 'clip.patch_size' ({cfg.patch_size}) is not a power of two, which {needs} "
+            f"config key '{section}.patch_size' ({cfg.patch_size}) is not a power of two, which {needs} "
             f"needs (one stride-2 convolution per halving); pick 2, 4, 8 or 16{fix}"
         )
     if image_size % cfg.patch_size:
         raise UserError(
-            f"config key 'clip.patch_size' ({cfg.patch_size}) does not divide the image size ({image_size}); "
+            f"config key '{section}.patch_size' ({cfg.patch_size}) does not divide the image size ({image_size}); "
             "pick a divisor"
         )
     for part in ("image", "text"):
         width, heads = getattr(cfg, f"{part}_width"), getattr(cfg, f"{part}_heads")
         if heads < 1 or width % heads:
             raise UserError(
-                f"config key 'clip.{part}_heads' ({heads}) does not divide clip.{part}_width ({width}); pick a divisor"
+                f"config key '{section}.{part}_heads' ({heads}) does not divide {section}.{part}_width ({width}); "
+                "pick a divisor"
             )
     if cfg.init_temperature <= 0 or cfg.max_logit_scale <= 0:
-        raise UserError("config keys 'clip.init_temperature' and 'clip.max_logit_scale' must be positive")
+        raise UserError(f"config keys '{section}.init_temperature' and '{section}.max_logit_scale' must be positive")
 
 
 class CLIP(nn.Module):
