@@ -501,15 +501,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         given = value
-        if isinstance(value, str) and not from_set:  # a file's "a, b": one item or two? the TOML list says
-            items = [v.strip() for v in value.split(",") if v.strip()]
-            example = json.dumps([value]) if inner is str else f"[{', '.join(items)}]"
-            raise UserError(
-                f"config key '{key}' must be {_type_name(tp)}, got the string {value!r}; write it as a TOML list, "
-                f"e.g. {key.rpartition('.')[2]} = {example}"
-            )
         if isinstance(value, str):  # --set a.b=x,y,z: each item a TOML literal when the list holds no strings
             items = [v.strip() for v in value.split(",") if v.strip()]
+            if not from_set:  # a file's "a, b": one item or two? the TOML list says
+                example = json.dumps([value]) if inner is str else f"[{', '.join(items)}]"
+                raise UserError(
+                    f"config key '{key}' must be {_type_name(tp)}, got the string {value!r}; write it as a TOML "
+                    f"list, e.g. {key.rpartition('.')[2]} = {example}"
+                )
             value = items if inner is str else [_parse_value(v) for v in items]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {given!r}")

@@ -89,10 +89,11 @@ def token_batches(
             extra=extra,
         )
         # an id past the codebook (a hand edit, bit rot, a shard without a digest) was an IndexError at a step
-        if image_tokenizer is not None and int(stream.image_ids.max()) >= image_tokenizer.codebook_size:
+        top = int(stream.image_ids.max())
+        if image_tokenizer is not None and top >= image_tokenizer.codebook_size:
             raise UserError(
-                f"token shards in '{folder}' hold the image id {int(stream.image_ids.max())}, past the image "
-                f"tokenizer's {image_tokenizer.codebook_size} codes; delete them and rerun train.encode"
+                f"token shards in '{folder}' hold the image id {top}, past the image tokenizer's "
+                f"{image_tokenizer.codebook_size} codes; delete them and rerun train.encode"
             )
         return stream
     if extra:

@@ -361,8 +361,10 @@ def _metadata_files(kwargs: dict) -> list[str]:
 def warn_of_uncaptioned_images(name: str, kwargs: dict) -> int:
     """The images of an imagefolder that no metadata.jsonl row names: the reader leaves them out without a word, so
     they are counted and named (the first) in one warning. Returns the count (0 where no metadata file is)."""
-    referenced: set[str] = set()
     metadata = _metadata_files(kwargs)
+    if not metadata:
+        return 0
+    referenced: set[str] = set()
     for path in metadata:
         with open(path, "rb") as f:
             for raw in f:
@@ -372,8 +374,6 @@ def warn_of_uncaptioned_images(name: str, kwargs: dict) -> int:
                     continue  # the reader says what is wrong with the file
                 if isinstance(row, dict) and isinstance(row.get("file_name"), str):
                     referenced.add(os.path.normpath(os.path.join(os.path.dirname(path), row["file_name"])))
-    if not metadata:
-        return 0
     images = [
         os.path.normpath(p)
         for pattern in _folder_patterns(kwargs)
