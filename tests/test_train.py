@@ -845,12 +845,15 @@ def test_a_bundle_loaded_into_the_wrong_preset_is_one_sentence(run_dir, tmp_path
     from dalle_mini_impl.pipeline.bundle import load_module
     from dalle_mini_impl.text.tokenizer import TextTokenizer
 
-    # the tiny run's CLIP weights, loaded into the CLIP of the full shapes preset
+    # the tiny run's CLIP weights (trained here: the test must not depend on another one's run), loaded into the
+    # CLIP of the full shapes preset
+    run = copy_run(run_dir, tmp_path / "run")
+    train_clip.main(args_for(run, "train.clip.steps=1"))
     cfg = load_config("shapes")
-    tokenizer = TextTokenizer.load(run_dir / "text.model", cfg.text.text_len)
+    tokenizer = TextTokenizer.load(run / "text.model", cfg.text.text_len)
     model = clip_from_config(cfg, tokenizer)
     with pytest.raises(UserError) as e:
-        load_module(model, run_dir / "clip.safetensors", "CLIP")
+        load_module(model, run / "clip.safetensors", "CLIP")
     message = str(e.value)
     assert "does not fit the CLIP built from this config" in message and "\n" not in message
     assert "load it with the config.json saved beside it, not another preset" in message
