@@ -665,6 +665,30 @@ def read_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merged(read_preset(base_path, (*_seen, path.resolve())), values)
 
 
+# the `vae` keys that one tokenizer kind alone reads (its constructor's arguments and the dVAE's schedules;
+# tests/test_config.py holds them to vae.io's constructors)
+VAE_KIND_KEYS = {
+    "dvae": ("temperature_start", "temperature_end", "temperature_steps", "kl_weight", "kl_warmup_steps",
+             "straight_through", "group_sizes", "group_dropout", "group_inputs"),
+    "vq": ("lookup_dim", "ema", "ema_decay", "commitment_weight", "dead_code_steps", "disc_start", "disc_weight"),
+}  # fmt: skip
+
+
+def check_vae_kind_keys(v: VAEConfig, keys: list[str], where: str) -> None:
+    """One sentence for a key of `keys` (dotted) set away from its default that only another tokenizer kind than
+    `v.kind` reads: a VQ's critic set on a dVAE run trained no critic, a dVAE's KL schedule on a VQ run changed
+    nothing, in silence. Set to its default (`vae.group_sizes=[]`: off) it is no setting."""
+    defaults = VAEConfig()
+    for key in keys:
+        section, _, name = key.partition(".")
+        other = next((k for k, names in VAE_KIND_KEYS.items() if section == "vae" and name in names), v.kind)
+        if other != v.kind and getattr(v, name) != getattr(defaults, name):
+            raise UserError(
+                f"config key '{key}' ({where}) is read by the {other} image tokenizer alone, and this run's vae.kind "
+                f"is '{v.kind}'; remove it, or set vae.kind={other}"
+            )
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -675,8 +699,13 @@ def load_config(
     shortcuts."""
     cfg = RunConfig()
     if path is not None:
-        _apply(cfg, read_preset(resolve_config_path(path)), "")
+        preset_path = resolve_config_path(path)
+        preset = read_preset(preset_path)
+        _apply(cfg, preset, "")
+        vae_keys = [f"vae.{name}" for name in preset.get("vae", {})]
+        check_vae_kind_keys(cfg.vae, vae_keys, f"in {preset_path}")
     apply_overrides(cfg, overrides or [])
+    check_vae_kind_keys(cfg.vae, [item.partition("=")[0].strip() for item in overrides or []], "set by --set")
     if data is not None:
         cfg.data.source = data
     if split is not None:

@@ -1,12 +1,16 @@
 """Config: presets load, overrides are typed, and every user mistake is one sentence."""
 
+import dataclasses
 import json
 import re
 
 import pytest
 
+import vae
 from dalle_mini_impl.config import (
+    VAE_KIND_KEYS,
     RunConfig,
+    VAEConfig,
     available_presets,
     config_from_dict,
     config_to_dict,
@@ -65,7 +69,7 @@ def test_overrides_are_typed_and_nested():
             "vae.codebook_size=1024",
             "data.image_size=64",
             "train.dalle.lr=3e-4",
-            "vae.ema=false",
+            "vae.straight_through=true",
             "transformer.attn_patterns=row,column",
             'data.shapes.held_out=["red circle"]',
             "vae.group_sizes=8,64",  # a list written a,b,c reads each item as --set reads a value
@@ -76,7 +80,7 @@ def test_overrides_are_typed_and_nested():
     )
     assert cfg.vae.codebook_size == 1024 and cfg.data.image_size == 64
     assert cfg.train.dalle.lr == pytest.approx(3e-4)
-    assert cfg.vae.ema is False
+    assert cfg.vae.straight_through is True
     assert cfg.transformer.attn_patterns == ["row", "column"]
     assert cfg.data.shapes.held_out == ["red circle"]
     assert cfg.vae.group_sizes == [8, 64] and cfg.train.dalle.betas == [0.9, 0.95]
@@ -389,7 +393,6 @@ def test_a_seed_no_generator_takes_is_one_sentence_when_the_config_loads():
     assert load_config("shapes", ["seed=4294967295"]).seed == 2**32 - 1
 
 
-
 def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_training():
     """A temperature of 0 stopped train.vae's first step with a ValueError (under train.all after the tokenizer
     stage), a usage window of 0 too; a negative KL or commitment weight trained away from the data in silence."""
@@ -398,12 +401,55 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
         ("vae.temperature_end=-1", "'vae.temperature_end' is -1.0; set it above 0"),
         ("vae.usage_window=0", "'vae.usage_window' is 0; set it at least 1, e.g. 100"),
         ("vae.kl_weight=-1", "'vae.kl_weight' is -1.0; set it at least 0"),
-        ("vae.commitment_weight=nan", "'vae.commitment_weight' is nan; set it at least 0"),
+        ("vae.commitment_weight=nan", "'vae.commitment_weight' is nan; set it at least 0"),  # on the emoji VQ
         ("vae.temperature_steps=-5", "'vae.temperature_steps' is -5; set it at least 0"),
     ]:
+        preset = "emoji" if setting.startswith("vae.commitment") else "shapes"
         with pytest.raises(UserError, match=f"^config key {re.escape(says)}"):
-            check_phases(load_config("shapes", [setting]))
+            check_phases(load_config(preset, [setting]))
     check_phases(load_config("shapes", ["vae.temperature_steps=0", "vae.kl_weight=0"]))  # the edges are uses
+
+
+def test_a_setting_of_the_other_tokenizer_kind_is_one_sentence_when_the_config_loads(tmp_path):
+    """A VQ's critic set on a dVAE run (`vae.disc_start=0`: "switches on the patch discriminator") trained no critic,
+    and a dVAE's temperature or KL schedule on a VQ run changed nothing: each key is read by one kind only."""
+    for preset, setting, says in [
+        (
+            "shapes",
+            "vae.disc_start=0",
+            "'vae.disc_start' (set by --set) is read by the vq image tokenizer alone, and "
+            "this run's vae.kind is 'dvae'; remove it, or set vae.kind=vq",
+        ),
+        ("shapes", "vae.lookup_dim=4", "'vae.lookup_dim' (set by --set) is read by the vq image tokenizer alone"),
+        (
+            "emoji",
+            "vae.kl_weight=1.0",
+            "'vae.kl_weight' (set by --set) is read by the dvae image tokenizer alone, "
+            "and this run's vae.kind is 'vq'; remove it, or set vae.kind=dvae",
+        ),
+        ("emoji", "vae.straight_through=true", "'vae.straight_through' (set by --set) is read by the dvae"),
+    ]:
+        with pytest.raises(UserError, match=f"^config key {re.escape(says)}"):
+            load_config(preset, [setting])
+    preset = tmp_path / "mine.toml"
+    preset.write_text('base = "emoji.toml"\n[vae]\ntemperature_steps = 100\n')
+    with pytest.raises(
+        UserError, match=f"^config key 'vae.temperature_steps' \\(in {re.escape(str(preset))}\\) is read"
+    ):
+        load_config(preset)
+    # the keys both kinds read; a kind set after the other kind's keys (its own settings of the preset are left
+    # to the preset); another kind's key that --set turns to the run's kind
+    assert load_config("emoji", ["vae.code_dim=64", "vae.disc_start=0"]).vae.disc_start == 0
+    assert load_config("shapes", ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"]).vae.kind == "vq"
+    assert load_config("shapes", ["vae.disc_start=0", "vae.kind=vq"]).vae.kind == "vq"
+    # the table holds every `vae` key that one kind alone reads, as its constructor or (the dVAE) its schedules
+    readers = {
+        f.name: {k for k in vae.KINDS if f.name in vae.constructor_fields(k)}
+        | ({"dvae"} if f.name in vae.SCHEDULE_FIELDS else set())
+        for f in dataclasses.fields(VAEConfig)
+    }
+    one_kind = {name: kinds.pop() for name, kinds in readers.items() if len(kinds) == 1}
+    assert {name: kind for kind, names in VAE_KIND_KEYS.items() for name in names} == one_kind
 
 
 def test_run_cli_exits_with_the_commands_own_code():
