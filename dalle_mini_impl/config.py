@@ -162,7 +162,8 @@ class TransformerConfig:
     text_loss_weight: float = 1 / 8  # loss = w * text CE + (1 - w) * image CE
     caption_dropout: float = 0.1  # training: probability of the empty caption (what guidance contrasts with)
     # unCLIP's decoder (DALL-E 2): a CLIP image embedding of cond_dim numbers, projected to cond_len positions
-    # before the text; 0 and 0: no embedding (the DALL-E transformer). The zero vector is the dropped embedding
+    # before the text; 0 and 0: no embedding (the DALL-E transformer). The zero vector is the dropped embedding.
+    # train.unclip sets these five from the `unclip` section (UNCLIP_DECODER_KEYS); a config leaves them be
     cond_dim: int = 0
     cond_len: int = 0
     # of the cond_len positions, the last cond_tokens are one each of the last cond_tokens slices of cond_token_dim
@@ -689,6 +690,29 @@ def check_vae_kind_keys(v: VAEConfig, keys: list[str], where: str) -> None:
             )
 
 
+# the `transformer` keys of unCLIP's decoder, which train.unclip sets from the `unclip` section (and the CLIP's
+# embedding width): set in a config they build nothing (train.dalle's transformer reads no embedding)
+UNCLIP_DECODER_KEYS = {
+    "cond_dim": "the CLIP's embedding width",
+    "cond_len": "unclip.cond_len",
+    "cond_tokens": "unclip.grid and unclip.grid_tokens",
+    "cond_token_dim": "unclip.grid and unclip.grid_tokens",
+    "cond_dropout": "unclip.embedding_dropout",
+}
+
+
+def check_unclip_decoder_keys(t: TransformerConfig, where: str) -> None:
+    """One sentence for a `transformer.cond_*` key set away from its default (see UNCLIP_DECODER_KEYS)."""
+    defaults = TransformerConfig()
+    for name, source in UNCLIP_DECODER_KEYS.items():
+        if getattr(t, name) != getattr(defaults, name):
+            raise UserError(
+                f"config key 'transformer.{name}' ({where}) is {getattr(t, name)}, but train.unclip sets it for "
+                f"unCLIP's decoder from {source} and the DALL-E transformer reads no embedding; remove it"
+                + (f" and set {source}" if source.startswith("unclip.") else "")
+            )
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -704,8 +728,10 @@ def load_config(
         _apply(cfg, preset, "")
         vae_keys = [f"vae.{name}" for name in preset.get("vae", {})]
         check_vae_kind_keys(cfg.vae, vae_keys, f"in {preset_path}")
+        check_unclip_decoder_keys(cfg.transformer, f"in {preset_path}")
     apply_overrides(cfg, overrides or [])
     check_vae_kind_keys(cfg.vae, [item.partition("=")[0].strip() for item in overrides or []], "set by --set")
+    check_unclip_decoder_keys(cfg.transformer, "set by --set")
     if data is not None:
         cfg.data.source = data
     if split is not None:

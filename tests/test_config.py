@@ -452,6 +452,25 @@ def test_a_setting_of_the_other_tokenizer_kind_is_one_sentence_when_the_config_l
     assert {name: kind for kind, names in VAE_KIND_KEYS.items() for name in names} == one_kind
 
 
+def test_unclip_decoder_keys_of_the_transformer_section_are_one_sentence_when_the_config_loads(tmp_path):
+    """`transformer.cond_dropout=0.9` trained train.dalle and train.unclip to the same bytes as without it: train.unclip
+    sets the decoder's cond_* from the `unclip` section, and the DALL-E transformer reads no embedding."""
+    with pytest.raises(UserError) as e:
+        load_config("shapes", ["transformer.cond_dropout=0.9"])
+    assert str(e.value) == (
+        "config key 'transformer.cond_dropout' (set by --set) is 0.9, but train.unclip sets it for unCLIP's decoder "
+        "from unclip.embedding_dropout and the DALL-E transformer reads no embedding; remove it and set "
+        "unclip.embedding_dropout"
+    )
+    with pytest.raises(UserError, match=r"^config key 'transformer.cond_dim' \(set by --set\) is 8, .* the CLIP's "):
+        load_config("emoji", ["transformer.cond_dim=8", "transformer.cond_len=2"])
+    preset = tmp_path / "mine.toml"
+    preset.write_text('base = "shapes"\n[transformer]\ncond_len = 2\n')
+    with pytest.raises(UserError, match=rf"^config key 'transformer.cond_len' \(in {re.escape(str(preset))}\) is 2"):
+        load_config(preset)
+    assert load_config("shapes", ["transformer.cond_dropout=0.1"]).transformer.cond_dropout == 0.1  # the default
+
+
 def test_run_cli_exits_with_the_commands_own_code():
     """A stage stopped by SIGTERM raises SystemExit(143) inside main; run_cli passes it on (as argparse's 2)."""
 
