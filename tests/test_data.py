@@ -468,6 +468,15 @@ def test_captions_filter_the_examples_before_any_image_is_read(imagefolder):
         ExampleStream(_cfg(imagefolder.root, exclude="(unclosed"), "train", train=False)
     with pytest.raises(UserError, match="data.include and data.exclude filter a data set's captions, not shapes"):
         ExampleStream(DataConfig(source="shapes", include="red"), "train", train=False)
+    # the keys that reading files uses: set on shapes they did nothing (train.vae trained the same bytes)
+    for key, value in [("random_crop", True), ("streaming", True), ("shuffle_buffer", 3), ("caption_column", "x")]:
+        with pytest.raises(UserError) as e:
+            ExampleStream(DataConfig(source="shapes", **{key: value}), "train", train=False)
+        default = repr(getattr(DataConfig(), key))
+        assert str(e.value) == (
+            f"config key 'data.{key}' is {value!r}, but shapes are drawn whole at data.image_size, with no files, "
+            f"columns or stream to read; leave it at its default ({default}) with shapes"
+        )
 
 
 def test_token_shards_with_a_gap_or_unusable_contents_are_one_sentence(tmp_path):

@@ -465,6 +465,10 @@ def caption_regex(cfg: DataConfig, key: str) -> re.Pattern | None:
         raise UserError(f"config key 'data.{key}' is not a valid regular expression ({e}); fix the pattern") from None
 
 
+# the `data` keys that reading a data set's files uses and drawing shapes does not
+SHAPES_UNREAD = ("random_crop", "streaming", "shuffle_buffer", "image_column", "caption_column")
+
+
 def open_dataset(cfg: DataConfig, split: str) -> Source:
     """Open one split of `cfg.source` with the image and caption columns only, images left undecoded."""
     if cfg.source == "shapes" and (cfg.include or cfg.exclude):
@@ -473,6 +477,14 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
             "leave them empty (shapes holds out pairs with data.shapes.held_out)"
         )
     if cfg.source == "shapes":
+        defaults = DataConfig()
+        for key in SHAPES_UNREAD:
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise UserError(
+                    f"config key 'data.{key}' is {getattr(cfg, key)!r}, but shapes are drawn whole at data.image_size, "
+                    f"with no files, columns or stream to read; leave it at its default ({getattr(defaults, key)!r}) "
+                    "with shapes"
+                )
         from ..shapes.generator import shapes_length
 
         shapes_length(cfg.shapes, split)  # checks the split name
