@@ -64,6 +64,14 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         (["emoji", *judge_emoji, "--references-only", "--guided-from", "pick"], "--guided-from"),
         (["clip", "--model", "shapes", "--set", "clip.embed_dim=8"], "--set clip.embed_dim: eval clip changes only"),
         (["recon", "--model", "shapes", "--set", "vae.codebook_size=8"], "--set vae.codebook_size: eval recon changes"),
+        # data keys no evaluation reads: --set data.split=train once printed the validation split's numbers
+        (
+            ["recon", "--model", "shapes", "--set", "data.split=train"],
+            "--set data.split: eval recon does not read it; it reads the split --split names; use --split",
+        ),
+        (["clip", "--model", "shapes", "--set", "data.val_split=train"], "--set data.val_split: eval clip does not"),
+        (["recon", "--model", "shapes", "--set", "data.random_crop=true"], "center-crops every image"),
+        (["recon", "--model", "shapes", "--set", "data.max_examples=5"], "that is train.encode's; use --limit"),
         (  # once judged at 64 pixels and labelled 32
             ["recon", "--model", "emoji", "--judge", "emoji", "--data", str(tmp_path), "--set", "data.image_size=32"],
             "--judge grades the split at its own image size, 64 pixels, and this evaluation reads it at 32",

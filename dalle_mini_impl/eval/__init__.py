@@ -30,9 +30,23 @@ def check_finite(stream, limit: int | None) -> None:
         )
 
 
+# the `data` keys an evaluation does not read, and what to do instead
+EVAL_UNREAD_DATA = {
+    "data.split": "it reads the split --split names; use --split",
+    "data.val_split": "it reads the split --split names; use --split",
+    "data.max_examples": "that is train.encode's; use --limit",
+    "data.random_crop": "an evaluation center-crops every image",
+    "data.shuffle_buffer": "an evaluation reads the split in order",
+    "data.encode_flip": "that is train.encode's",
+    "data.encode_flip_exclude": "that is train.encode's",
+    "data.encode_shard_size": "that is train.encode's",
+}
+
+
 def check_data_overrides(overrides: list[str], command: str) -> None:
     """`eval clip` and `eval recon` read the data through --set (data.*); the model's own settings come from its
-    bundle's files, so any other key would be ignored: refused instead."""
+    bundle's files, so any other key would be ignored: refused instead, as are the data keys no evaluation reads
+    (EVAL_UNREAD_DATA)."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not key.startswith("data."):
@@ -40,6 +54,8 @@ def check_data_overrides(overrides: list[str], command: str) -> None:
                 f"--set {key}: eval {command} changes only the data it reads (data.*); the model's settings are "
                 "its bundle's"
             )
+        if key in EVAL_UNREAD_DATA:
+            raise UserError(f"--set {key}: eval {command} does not read it; {EVAL_UNREAD_DATA[key]}")
 
 
 def write_result(path: str | Path, write, option: str = "--out") -> None:
