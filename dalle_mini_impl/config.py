@@ -760,15 +760,36 @@ EVAL_OWN_SETTINGS = {
 }
 
 
-def apply_sample_overrides(cfg: RunConfig, overrides: list[str], own: dict[str, str] | None = None) -> RunConfig:
+# the sampling settings that one use of the sampler alone reads: use -> (what it is, its keys)
+SAMPLE_USES = {
+    "guided": (
+        "refine with CLIP guidance (--guided K)",
+        ("guided_steps", "guided_lr", "guided_cutouts", "guided_prior_weight", "guided_contrast_weight",
+         "guided_contrast_guard", "guided_optimizer", "guided_jacobi_lr"),
+    ),
+    "unclip": ("sample with unCLIP's prior (--method unclip)", ("prior_guidance_scale", "prior_samples")),
+    "variations": ("draw variations of images (eval unclip)", ("variation_guidance_scale",)),
+    "text_diff": ("turn images by a text diff (eval unclip)", ("text_diff_scale",)),
+    "edit": ("edit images (eval edit)", ("edit_likelihood_weight",)),
+}  # fmt: skip
+
+
+def apply_sample_overrides(
+    cfg: RunConfig, overrides: list[str], own: dict[str, str] | None = None, uses: set[str] = frozenset()
+) -> RunConfig:
     """An evaluation's `--set sample.KEY=VALUE` on a trained bundle's config: only sampling settings may change,
-    and none of `own` (key -> what to do instead: those the evaluation sets itself, which a --set would not move)."""
+    none of `own` (key -> what to do instead: those the evaluation sets itself, which a --set would not move), and
+    none that only a use of SAMPLE_USES other than `uses` (what this evaluation does) reads."""
     for item in overrides:
         if not item.startswith("sample."):
             raise UserError(f"--set {item}: only sampling settings can change here; give a sample.KEY=VALUE")
         key = item.partition("=")[0].strip()
         if own and key in own:
             raise UserError(f"--set {item}: this evaluation sets {key} itself; {own[key]}")
+        name = key.removeprefix("sample.")
+        for use, (what, keys) in SAMPLE_USES.items():
+            if name in keys and use not in uses:
+                raise UserError(f"--set {item}: only what can {what} reads {key}, and this evaluation does not")
     return apply_overrides(cfg, overrides)
 
 

@@ -39,6 +39,16 @@ def test_eval_commands_refuse_bad_arguments_in_one_sentence(capsys, tmp_path):
         ),
         (["shapes", "--n", "4", "--set", "sample.seed=3"], "this evaluation sets sample.seed itself; use --seed"),
         (["shapes", "--n", "4", "--set", "sample.candidates=9"], "sets sample.candidates itself; use --candidates"),
+        # sampling settings only another use reads: once the same JSON as without them
+        (
+            ["shapes", "--n", "4", "--set", "sample.prior_guidance_scale=9"],
+            "--set sample.prior_guidance_scale=9: only what can sample with unCLIP's prior (--method unclip) reads "
+            "sample.prior_guidance_scale, and this evaluation does not",
+        ),
+        (["shapes", "--n", "4", "--set", "sample.guided_steps=3"], "refine with CLIP guidance (--guided K) reads"),
+        (["edit", "--n", "2", "--set", "sample.guided_lr=1"], "only what can refine with CLIP guidance"),
+        (["shapes", "--n", "4", "--set", "sample.edit_likelihood_weight=1"], "only what can edit images (eval edit)"),
+        (["unclip", "--n", "2", "--set", "sample.prior_samples=2"], "sample with unCLIP's prior"),
         (["edit", "--n", "4", "--set", "sample.num_images=2"], "sets sample.num_images itself; it grades the cand"),
         (["edit", "--n", "-3"], "--n is -3; use at least 1"),  # once a whole result of zeros
         (["edit", "--n", "2", "--weights=0,nan"], "--weights '0,nan' has a weight that is negative or not finite"),

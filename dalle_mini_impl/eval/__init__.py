@@ -64,6 +64,17 @@ def write_result(path: str | Path, write, option: str = "--out") -> None:
         write_atomic(path, write)
 
 
+def sample_uses(method: str, guided: int) -> set[str]:
+    """What a text-to-image evaluation does with the sampler (config.SAMPLE_USES): unCLIP's prior with
+    `--method unclip`, refinement with `--guided K`."""
+    uses = set()
+    if method == "unclip":
+        uses.add("unclip")
+    if guided:
+        uses.add("guided")
+    return uses
+
+
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     """`--method {ar,unclip}`: where a text-to-image evaluation's candidates come from."""
     parser.add_argument(

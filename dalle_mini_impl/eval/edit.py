@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model, device="cpu")
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
-    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS)
+    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS, {"edit"})
     s = pipe.settings(candidates=args.candidates, seed=args.seed)
     weights = sorted({0.0, s.edit_likelihood_weight})
     if args.weights:

@@ -72,6 +72,7 @@ from . import (
     check_method,
     require_reranker,
     sample_settings,
+    sample_uses,
     write_result,
 )
 
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     check_not_shapes(pipe.cfg, f"model '{args.model}'")
     check_method(pipe, args.method, args.guided, args.guided_from)
-    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS)
+    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS, sample_uses(args.method, args.guided))
     pipe.cfg.sample.candidates = args.candidates
     judge = load_clip(judge_dir, device=args.device)
     learned = split_parts(judge_cfg.data.split)

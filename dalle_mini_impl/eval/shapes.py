@@ -43,6 +43,7 @@ from . import (
     check_method,
     require_reranker,
     sample_settings,
+    sample_uses,
     write_result,
 )
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     check_method(pipe, args.method, args.guided, args.guided_from)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
-    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS)
+    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS, sample_uses(args.method, args.guided))
     pipe.cfg.sample.seed = args.seed
     if args.held_out is not None:
         pairs = parse_held_out([pair for pair in args.held_out.split(",") if pair.strip()])  # one sentence if bad

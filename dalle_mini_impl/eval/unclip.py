@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     pipe.require_unclip("eval unclip")  # before any work, naming this command (not the sample CLI's flags)
-    apply_sample_overrides(pipe.cfg, args.overrides, {**EVAL_OWN_SETTINGS, "sample.num_images": "use --num-images"})
+    own = {**EVAL_OWN_SETTINGS, "sample.num_images": "use --num-images"}
+    apply_sample_overrides(pipe.cfg, args.overrides, own, {"variations", "text_diff"})
     scales = [pipe.cfg.sample.text_diff_scale]
     if args.text_diff_scales:
         try:
