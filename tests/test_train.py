@@ -622,6 +622,21 @@ def test_stages_log_image_grids(run_dir, tmp_path):
     assert "clip/augmented" in logged_tags(run, "clip")["images"]
 
 
+def test_image_grids_are_logged_at_the_first_step_every_image_every_and_the_last(run_dir, tmp_path):
+    """The trained model's grid is the one a researcher looks at: once a run whose steps were not a multiple of
+    image_every (or fewer than it) logged none of its last step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = copy_run(run_dir, tmp_path / "run")
+    for every, steps in [(2, [1, 2, 4, 5]), (100, [1, 5])]:
+        train_vae.main([*args_for(run, "train.vae.steps=5", f"train.vae.image_every={every}"), "--no-resume"])
+        events = EventAccumulator(str(run / "logs" / "vae"))
+        events.Reload()
+        logged = [e.step for e in events.Images("vae/originals_over_reconstructions")]
+        assert logged == steps, (every, logged)
+        shutil.rmtree(run / "logs")
+
+
 def test_clip_trains_with_hard_negatives(run_dir, tmp_path, capsys):
     """The false captions reach the training loss: from the same weights and batch, the first step's loss is higher
     with them (more captions to tell each image's from). Once only a finite loss was checked, which a training

@@ -370,7 +370,7 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
                 window = Throughput()
             if stage.evaluate is not None and _due(t.step, tc.eval_every, tc.steps):
                 logged.update(evaluate(t))
-            if stage.log_images is not None and (t.step % tc.image_every == 0 or t.step == 1):
+            if stage.log_images is not None and (t.step == 1 or _due(t.step, tc.image_every, tc.steps)):
                 log_image_grids(t)
             if _due(t.step, tc.checkpoint_every, tc.steps):
                 save_checkpoint(t)
