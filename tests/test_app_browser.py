@@ -145,7 +145,10 @@ def test_browser_paints_a_mask_and_edits_the_uploaded_image(page, tmp_path):
     source[:, : SIZE // 2] = (220, 30, 30)
     source[:, SIZE // 2 :] = (30, 30, 220)
     Image.fromarray(source).save(tmp_path / "source.png")
+    assert by_id(page, "method").is_displayed() and by_id(page, "sampling").is_displayed()
     by_id(page, "tabs").find_element("css selector", "[data-tab=edit]").click()
+    # an edit samples with the transformer whatever the method: its select is not shown beside the edit
+    assert not by_id(page, "method").is_displayed() and by_id(page, "sampling").is_displayed()
     by_id(page, "edit-file").send_keys(str(tmp_path / "source.png"))
     canvas = by_id(page, "mask")
     WebDriverWait(page, 10).until(lambda d: canvas.size["width"] > 100)
@@ -165,6 +168,11 @@ def test_browser_paints_a_mask_and_edits_the_uploaded_image(page, tmp_path):
         assert image.size == (SIZE, SIZE) and score.startswith("#")
         assert np.array_equal(pixels[:, : SIZE // 2], source[:, : SIZE // 2])  # unpainted: kept exactly
     assert any(not np.array_equal(np.asarray(image)[:, SIZE // 2 :], source[:, SIZE // 2 :]) for image, _ in edits)
+    tabs = by_id(page, "tabs")
+    tabs.find_element("css selector", "[data-tab=labels]").click()  # labels and search sample nothing
+    assert not by_id(page, "sampling").is_displayed()
+    tabs.find_element("css selector", "[data-tab=generate]").click()
+    assert by_id(page, "method").is_displayed() and by_id(page, "sampling").is_displayed()
 
 
 def test_browser_shows_a_bad_settings_error_and_carries_on(page):
