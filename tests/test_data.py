@@ -313,6 +313,19 @@ def _write_parquet(path, images: list, captions: list) -> None:
     datasets.Dataset.from_dict({"image": images, "text": captions}).to_parquet(str(path))
 
 
+def test_folders_and_files_whose_names_hold_a_globs_characters_are_read(imagefolder, tmp_path):
+    """`set [v2]` was taken for a glob pattern (the class of characters v and 2) and refused as matching no file,
+    by this reader and by `datasets`, which reads its data_dir and data_files as patterns too."""
+    folder = shutil.copytree(imagefolder.root, tmp_path / "set [v2]")
+    assert _captions(ExampleStream(_cfg(folder), "validation", train=False)) == imagefolder.validation_captions
+    flat = shutil.copytree(imagefolder.root / "validation", tmp_path / "flat *?")  # no split folders
+    assert _captions(ExampleStream(_cfg(flat), "train", train=False)) == imagefolder.validation_captions
+    (tmp_path / "pq [1]").mkdir()
+    _write_parquet(tmp_path / "pq [1]" / "d.parquet", [_png(), _png((200, 0, 0))], ["one", "two"])
+    for source in (tmp_path / "pq [1]" / "d.parquet", tmp_path / "pq [1]", tmp_path / "pq*" / "*.parquet"):
+        assert _captions(ExampleStream(_cfg(source), "train", train=False)) == ["one", "two"], source
+
+
 def test_parquet_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
     bomb = io.BytesIO()
     Image.new("L", (100, 100)).save(bomb, format="PNG")

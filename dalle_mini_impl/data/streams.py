@@ -187,8 +187,11 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
     require_source(source)
     text = os.path.expanduser(source.replace("{split}", split))
     hf_split = "train" if "{split}" in source else split  # a file list is one split, named train
-    if glob.has_magic(text) or Path(text).suffix.lower() in (".parquet", ".tar"):
-        files = sorted(glob.glob(text, recursive=True))
+    # a path that exists is that path, even where its name holds a glob's characters (`set [v2]`)
+    exists = os.path.exists(text)
+    is_pattern = not exists and (glob.has_magic(text) or Path(text).suffix.lower() in (".parquet", ".tar"))
+    if os.path.isfile(text) or is_pattern:
+        files = sorted(glob.glob(text if is_pattern else glob.escape(text), recursive=True))
         if not files:
             raise UserError(f"no file matches data source '{source}'; check the path or glob pattern")
         suffixes = {Path(f).suffix.lower() for f in files}
@@ -216,11 +219,23 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
     return text, {}, hf_split
 
 
+def _as_patterns(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`_resolve`'s keyword arguments as `datasets` reads them, as glob patterns: its literal folder and file paths
+    escaped (a folder named `set [v2]` was read as the class of characters v and 2). A dict of data_files holds
+    patterns already."""
+    out = dict(kwargs)
+    if out.get("data_dir"):
+        out["data_dir"] = glob.escape(out["data_dir"])
+    if isinstance(out.get("data_files"), list):
+        out["data_files"] = [glob.escape(f) for f in out["data_files"]]
+    return out
+
+
 def _available_splits(path: str, kwargs: dict[str, Any]) -> list[str]:
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(path, **kwargs)
+        builder = datasets.load_dataset_builder(path, **_as_patterns(kwargs))
     except Exception:  # the split list is only a hint in an error message
         return []
     if builder.config.data_files:
@@ -289,7 +304,7 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
             files = glob.glob(os.path.join(glob.escape(kwargs["data_dir"]), "**", "*.tar"), recursive=True)
         warn_of_cut_archives(name, sorted(files) if isinstance(files, list) else [])
     try:
-        return datasets.load_dataset(path, split=hf_split, streaming=streaming, **kwargs)
+        return datasets.load_dataset(path, split=hf_split, streaming=streaming, **_as_patterns(kwargs))
     except ValueError as e:
         if "split" not in str(e).lower() or type(e).__module__.startswith("pyarrow"):
             if kwargs:  # local files the reader refuses: metadata of mixed types, bad JSON, text not UTF-8
