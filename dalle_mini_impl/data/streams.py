@@ -513,20 +513,63 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
     loaded = []
     for part in parts:
         path, kwargs, hf_split = _resolve(cfg.source, part)
-        loaded.append(_load(cfg.source, part, path, kwargs, hf_split, cfg.streaming))
-    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
-    columns = _columns(ds)
-    _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
-    _check_column(cfg.source, columns, cfg.caption_column, "caption", _CAPTION_GUESSES)
-    ds = ds.select_columns([cfg.image_column, cfg.caption_column])
-    if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
-        # decode ourselves: a corrupt file then reaches `decode_image` as bytes and is skipped, not raised; before
-        # the filter, which a stream runs on whole records (it decoded, and a corrupt image stopped the run)
-        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        ds = _load(cfg.source, part, path, kwargs, hf_split, cfg.streaming)
+        columns = _columns(ds)
+        _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
+        _check_column(cfg.source, columns, cfg.caption_column, "caption", _CAPTION_GUESSES)
+        ds = ds.select_columns([cfg.image_column, cfg.caption_column])
+        if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
+            # decode ourselves: a corrupt file then reaches `decode_image` as bytes and is skipped, not raised; before
+            # the filter, which a stream runs on whole records (it decoded, and a corrupt image stopped the run)
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        loaded.append(ds)
+    ds = loaded[0] if len(loaded) == 1 else _concatenated(cfg, parts, loaded)
     if cfg.include or cfg.exclude:  # on the captions alone, before any image is read
         ds = ds.filter(CaptionFilter(cfg), input_columns=[cfg.caption_column])
     kind = "stream" if isinstance(ds, datasets.IterableDataset) else "map"
     return Source(cfg.source, split, kind, ds, cfg.image_column, cfg.caption_column)
+
+
+def _as_caption_lists(batch: dict, column: str) -> dict:
+    """A batch's captions, each one a list of itself (None, a missing caption, stays None)."""
+    return {column: [None if c is None else [c] for c in batch[column]]}
+
+
+def _is_list(feature: Any) -> bool:
+    return isinstance(feature, list) or hasattr(feature, "feature")  # [..], Sequence, List, LargeList
+
+
+def _concatenated(cfg: DataConfig, names: list[str], parts: list) -> Any:
+    """The splits of `train+validation` as one data set, their image and caption columns first brought to one type:
+    files written by two tools store them differently (large_binary against binary, an Image column against bytes,
+    one caption against a list of captions), and `concatenate_datasets` stopped with a traceback. A difference no
+    cast bridges is one sentence."""
+    import datasets
+
+    features = [p.features for p in parts]
+    if any(f is None for f in features) or all(f == features[0] for f in features):
+        return datasets.concatenate_datasets(parts)  # a stream of unknown types is read as it comes
+    target = datasets.Features(features[0])
+    if any(isinstance(f[cfg.image_column], datasets.Image) for f in features):
+        target[cfg.image_column] = datasets.Image(decode=False)  # bytes and paths cast to it
+    if any(_is_list(f[cfg.caption_column]) for f in features):
+        target[cfg.caption_column] = next(f[cfg.caption_column] for f in features if _is_list(f[cfg.caption_column]))
+    aligned = []
+    for name, part in zip(names, parts):
+        if part.features != target:
+            if _is_list(target[cfg.caption_column]) and not _is_list(part.features[cfg.caption_column]):
+                part = part.map(_as_caption_lists, batched=True, fn_kwargs={"column": cfg.caption_column})
+            try:
+                part = part.cast(target)
+            except (TypeError, ValueError) as e:
+                detail = (str(e).splitlines() or [""])[0][:160]
+                raise UserError(
+                    f"data set '{cfg.source}': split '{name}' stores its columns as {dict(part.features)}, and split "
+                    f"'{names[0]}' as {dict(features[0])}, which no cast joins ({detail}); write the splits with "
+                    "one type per column"
+                ) from None
+        aligned.append(part)
+    return datasets.concatenate_datasets(aligned)
 
 
 # ----------------------------------------------------------------------------------------------
