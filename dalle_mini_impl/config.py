@@ -715,7 +715,7 @@ def check_unclip_decoder_keys(t: TransformerConfig, where: str) -> None:
 
 def load_config(
     path: str | os.PathLike | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str] | str | None = None,
     data: str | None = None,
     split: str | None = None,
 ) -> RunConfig:
@@ -729,8 +729,9 @@ def load_config(
         vae_keys = [f"vae.{name}" for name in preset.get("vae", {})]
         check_vae_kind_keys(cfg.vae, vae_keys, f"in {preset_path}")
         check_unclip_decoder_keys(cfg.transformer, f"in {preset_path}")
-    apply_overrides(cfg, overrides or [])
-    check_vae_kind_keys(cfg.vae, [item.partition("=")[0].strip() for item in overrides or []], "set by --set")
+    overrides = [overrides] if isinstance(overrides, str) else overrides or []
+    apply_overrides(cfg, overrides)
+    check_vae_kind_keys(cfg.vae, [item.partition("=")[0].strip() for item in overrides], "set by --set")
     check_unclip_decoder_keys(cfg.transformer, "set by --set")
     if data is not None:
         cfg.data.source = data
@@ -742,9 +743,10 @@ def load_config(
     return cfg
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `key=value` overrides in place (and return cfg); every key and type is checked."""
-    for item in overrides:
+def apply_overrides(cfg: RunConfig, overrides: list[str] | str) -> RunConfig:
+    """Apply `key=value` overrides in place (and return cfg); every key and type is checked. One str is one
+    override (not one per character)."""
+    for item in [overrides] if isinstance(overrides, str) else overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override '{item}' must look like key=value, e.g. train.dalle.steps=500")

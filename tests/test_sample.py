@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,55 @@ def test_a_prompt_gives_the_same_ids_alone_with_its_seed(pipe):
     alone = pipe.generate(["a green triangle"], seed=together[1][0].seed, progress=False)
     assert together[1][0].seed == 6
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(together[1], alone[0]))
+
+
+def test_the_library_takes_what_a_caller_would_pass_or_says_in_one_sentence(bundle, pipe, tmp_path):
+    """Library use (helper 34's review): a torch.device, a single image where a list is asked, a flat list of ids;
+    and one sentence for a seed that is a Generator, a prompt that is no str, an unknown setting, uint8 pixels.
+    Once: a device object refused as "device 'cpu' is unknown", one image path read as one image per character,
+    ["a red circle"] scored as the text "['a red circle']", and a pipeline's decode mode written into the
+    caller's config."""
+    import numpy as np
+
+    from dalle_mini_impl.config import read_config_json
+
+    assert Pipeline.from_pretrained(bundle, device=torch.device("cpu"), dtype=torch.float32).device.type == "cpu"
+    with pytest.raises(UserError, match="^device 'cuda:x' is unknown"):
+        Pipeline.from_pretrained(bundle, device="cuda:x")
+    cfg = read_config_json(bundle / "config.json")
+    mode = cfg.sample.decode
+    Pipeline(cfg, pipe.text_tokenizer, pipe.transformer, pipe.image_tokenizer, pipe.clip, decode="static")
+    assert cfg.sample.decode == mode  # the caller's config is the caller's
+    for seed, says in [(torch.Generator().manual_seed(0), "--seed is <torch._C.Generator"), (1.5, "--seed is 1.5;")]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            pipe.generate("a red circle", seed=seed, progress=False)
+    with pytest.raises(UserError, match="^prompt 1 is a bytes, not text; give each prompt as a str$"):
+        pipe.generate([b"a red circle"], progress=False)
+    with pytest.raises(UserError, match="^no prompt was given"):
+        pipe.generate(None, progress=False)
+    with pytest.raises(UserError, match="^'method' is not a sampling setting here"):
+        pipe.edit("a red circle", Image.new("RGB", (16, 16)), Image.new("L", (16, 16), 255), method="ar")
+    # one image, as a path, a PIL image or an array, is a list of one; an array reads as the same image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    one = [pipe.image_embeddings(x) for x in (str(tmp_path / "a.png"), image, np.asarray(image), [image])]
+    assert all(e.shape == (1, one[0].shape[1]) and torch.equal(e, one[0]) for e in one)
+    with pytest.raises(UserError, match="^image is a int; give a file path, a PIL image or an"):
+        pipe.image_embeddings([7])
+    # the CLIP scorer: a str is one text; a list where one prompt goes, uint8 or 0..255 pixels are one sentence
+    assert pipe.clip.embed_texts("a red circle").shape[0] == 1
+    with pytest.raises(UserError, match="^score takes one prompt as a str, not a list"):
+        pipe.clip.score(torch.rand(1, 3, 16, 16), ["a red circle"])
+    with pytest.raises(UserError, match=r"^images are a torch.uint8 tensor .* \(uint8 pixels: divide by 255\)$"):
+        pipe.clip.score((torch.rand(1, 3, 16, 16) * 255).to(torch.uint8), "a red circle")
+    with pytest.raises(UserError, match="^images hold values up to 2[0-9][0-9]"):
+        pipe.clip.score(torch.rand(1, 3, 16, 16) * 255, "a red circle")
+    with pytest.raises(UserError, match="^the labels are one string, 'circle'; give a list of labels"):
+        pipe.clip.classify(torch.rand(1, 3, 16, 16), "circle")
+    assert pipe.clip.classify(torch.rand(2, 3, 16, 16), ["circle", "square"], "a {}").shape == (2, 2)
+    # a flat list of ids decodes as one row, as a (t,) tensor does
+    ids = pipe.text_tokenizer.encode(["a red circle"])[0]
+    assert pipe.text_tokenizer.decode(ids.tolist()) == pipe.text_tokenizer.decode(ids) == ["a red circle"]
 
 
 def test_candidates_are_reranked_by_clip(pipe):

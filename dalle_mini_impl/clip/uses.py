@@ -70,7 +70,38 @@ def _check_templates(templates: Sequence[str]) -> None:
             raise UserError(f"prompt template '{t}' has no '{{}}' for the label; write it like 'a photo of a {{}}'")
 
 
+def _texts(texts: Sequence[str] | str, what: str) -> list[str]:
+    """`texts` as a list of str (one str is a list of itself, not of its characters); any other item: one sentence
+    (str() of a list scored the text "['a red circle']")."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise UserError(f"{what} {i + 1} is a {type(t).__name__}, not text; give each as a str")
+    return texts
+
+
+def _check_images(images: torch.Tensor) -> None:
+    """Images must be a float tensor (m, 3, H, W) in [0, 1]: uint8 pixels, a PIL image or 0..255 floats were read
+    as they came (a uint8 image scored 0.28 where its float self scored 0.73)."""
+    if not isinstance(images, torch.Tensor):
+        raise UserError(
+            f"images are a {type(images).__name__}; give a float tensor (m, 3, H, W) in [0, 1] (files and PIL images: "
+            "clip.uses.read_image)"
+        )
+    if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
+        raise UserError(
+            f"images are a {images.dtype} tensor of shape {tuple(images.shape)}; give floats (m, 3, H, W) in [0, 1] "
+            "(uint8 pixels: divide by 255)"
+        )
+    if images.numel() and float(images.max()) > 2:
+        raise UserError(
+            f"images hold values up to {float(images.max()):g}; give them in [0, 1] (0..255 pixels: divide by 255)"
+        )
+
+
 def _check_labels(labels: Sequence[str]) -> None:
+    if isinstance(labels, str):
+        raise UserError(f"the labels are one string, '{labels}'; give a list of labels, e.g. ['circle', 'square']")
     if not labels or any(not str(label).strip() for label in labels):
         raise UserError("the labels are empty; pass them comma-separated, e.g. --labels circle,square,triangle")
     if len(set(labels)) != len(labels):
@@ -110,6 +141,7 @@ class ClipScorer:
 
     def _in_batches(self, images: torch.Tensor, encode, width: int) -> torch.Tensor:
         """encode(images fitted to the model's size) batch by batch: (m, width) float32 on the CPU."""
+        _check_images(images)
         out = [
             encode(_fit(chunk.to(self.device, torch.float32), self.image_size)).float().cpu()
             for chunk in images.split(self.batch_size)
@@ -118,8 +150,8 @@ class ClipScorer:
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Texts (n) -> l2-normalised embeddings (n, e), on the CPU."""
-        texts = [str(t) for t in texts]
+        """Texts (n; one str: n = 1) -> l2-normalised embeddings (n, e), on the CPU."""
+        texts = _texts(texts, "text")
         out = [
             F.normalize(self._encode_texts(texts[i : i + self.batch_size]).float(), dim=-1).cpu()
             for i in range(0, len(texts), self.batch_size)
@@ -132,13 +164,17 @@ class ClipScorer:
 
     def score(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         """Cosine similarity (m,) of each image to one prompt; `.topk(n)` keeps the best n of m."""
-        if not str(prompt).strip():
+        if not isinstance(prompt, str):
+            raise UserError(f"score takes one prompt as a str, not a {type(prompt).__name__}; score each in turn")
+        if not prompt.strip():
             raise UserError("the prompt is empty; describe the image to score against, e.g. 'a red circle'")
         return self.embed_images(images) @ self.embed_texts([prompt])[0]
 
     def embed_labels(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
-        """One embedding per label (n, e): the renormalised mean over the templates filled with it."""
+        """One embedding per label (n, e): the renormalised mean over the templates (one str: one template) filled
+        with it."""
         _check_labels(labels)
+        templates = _texts(templates, "prompt template")
         _check_templates(templates)
         prompts = [t.replace("{}", label) for t in templates for label in labels]
         per_template = self.embed_texts(prompts).view(len(templates), len(labels), -1)  # (T, n, e)
@@ -240,11 +276,21 @@ def clip_score(scorer: ClipScorer, images: torch.Tensor, prompts: Sequence[str])
 # ----------------------------------------------------------------------------------------------
 
 
-def open_image(image: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
-    """A PIL image from a file path (a PIL image as it is); a missing or unreadable file is a UserError naming
-    `what` ("image", "mask" ...)."""
+def open_image(image: str | os.PathLike | Image.Image | np.ndarray, what: str = "image") -> Image.Image:
+    """A PIL image from a file path (a PIL image as it is, an array as PIL reads it); a missing or unreadable file
+    is a UserError naming `what` ("image", "mask" ...)."""
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, np.ndarray):  # an (H, W, 3) or (H, W) uint8 array, as PIL reads it
+        try:
+            return Image.fromarray(image)
+        except (TypeError, ValueError) as e:
+            raise UserError(
+                f"{what} is an array of shape {image.shape} and type {image.dtype}, which is no image ({e}); give "
+                "an (H, W, 3) uint8 array, a PIL image or a file"
+            ) from None
+    if not isinstance(image, (str, os.PathLike)):
+        raise UserError(f"{what} is a {type(image).__name__}; give a file path, a PIL image or an (H, W, 3) array")
     path = Path(image)
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a folder; give an image file in it (PNG or JPEG)")
@@ -368,7 +414,9 @@ def search(scorer: ClipScorer, index_dir: str | os.PathLike, query: str, k: int 
     """The k images of an index closest to a text query: [(path, cosine similarity)], best first."""
     if k < 1:
         raise UserError(f"k is {k}; ask for at least 1 result")
-    if not str(query).strip():
+    if not isinstance(query, str):
+        raise UserError(f"the search query is a {type(query).__name__}; give one query as a str")
+    if not query.strip():
         raise UserError("the search query is empty; describe what to find, e.g. 'a red circle'")
     emb, files, meta = read_index(index_dir)
     mine = scorer.fingerprint()

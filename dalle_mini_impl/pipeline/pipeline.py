@@ -31,6 +31,7 @@ the bundle's `sample` config section. Nothing here writes files: `python -m samp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -40,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -106,22 +108,27 @@ class EditSource:
     cells: torch.Tensor
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' (cuda > mps > cpu), 'cpu', 'cuda' or 'mps' as a device that exists on this machine."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' (cuda > mps > cpu), 'cpu', 'cuda' or 'mps' (with an index, 'cuda:1'; or a torch.device) as a device
+    that exists on this machine."""
     mps = getattr(torch.backends, "mps", None)
     has_mps = mps is not None and mps.is_available()
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}
-    if name not in available:
-        raise UserError(f"device '{name}' is unknown; use auto, cpu, cuda or mps")
-    if not available[name]:
+    kind, _, index = name.partition(":")
+    if kind not in available or (index and not index.isdigit()):
+        raise UserError(f"device '{name}' is unknown; use auto, cpu, cuda (or cuda:N) or mps")
+    if not available[kind] or (kind == "cuda" and index and int(index) >= torch.cuda.device_count()):
         raise UserError(f"device '{name}' is not available on this machine; use --device auto or cpu")
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'fp32', 'bf16' or 'fp16' as the autocast dtype for `device`; fp16 on the CPU is refused."""
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'fp32', 'bf16' or 'fp16' (or the torch.dtype) as the autocast dtype for `device`; fp16 on the CPU is
+    refused."""
+    name = next((short for short, dtype in DTYPES.items() if dtype == name), name)
     if name not in DTYPES:
         raise UserError(f"dtype '{name}' is unknown; use fp32, bf16 or fp16")
     if name == "fp16" and device.type == "cpu":
@@ -133,6 +140,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def check_seed(seed: int) -> None:
     """Seeds seed torch's and numpy's generators; numpy's take no negative number."""
+    if isinstance(seed, bool) or not isinstance(seed, int):  # a torch.Generator, 1.5: the seed, not a generator
+        raise UserError(f"--seed is {seed!r}; give a non-negative integer below 2**62 (prompt i uses seed + i)")
     if not 0 <= seed < 2**62:
         raise UserError(f"--seed is {seed}; use a non-negative integer below 2**62")
 
@@ -141,11 +150,13 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     """The prompts as a list; none, or an empty or blank one, is a UserError."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(prompts)
+    prompts = list(prompts or [])
     if not prompts:
         raise UserError("no prompt was given; describe the image, e.g. python -m sample 'a red circle'")
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str):
+            raise UserError(f"prompt {i + 1} is a {type(p).__name__}, not text; give each prompt as a str")
+        if not p.strip():
             raise UserError(f"prompt {i + 1} is empty; describe the image, e.g. 'a red circle'")
         try:
             p.encode("utf-8")
@@ -279,14 +290,14 @@ class Pipeline:
         prior=None,
         relax: float | None = None,
     ):
-        self.cfg = cfg
+        self.cfg = copy.deepcopy(cfg)  # its own: a setting of this pipeline never reaches the caller's config
         # how `generate` runs a decoding step and how far speculative decoding relaxes its test; None: the bundle's
         how = {k: v for k, v in (("decode", decode), ("speculative_relax", relax)) if v is not None}
         if how:
             self.cfg.sample = dataclasses.replace(cfg.sample, **how)
             check_settings(self.cfg.sample)
         self.text_tokenizer = text_tokenizer
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         # bf16/fp16: the transformer's weights themselves are cast (decoding one token at a time reads every
         # weight per step, so halving their bytes nearly halves its time; autocast would recast them per step)
@@ -304,8 +315,8 @@ class Pipeline:
     def from_pretrained(
         cls,
         path: str | os.PathLike | None = None,
-        device: str = "auto",
-        dtype: str = "fp32",
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "fp32",
         decode: str | None = None,
         relax: float | None = None,
     ) -> Pipeline:
@@ -527,7 +538,15 @@ class Pipeline:
     # -- the whole pipeline --------------------------------------------------------------------
 
     def settings(self, **overrides) -> SampleConfig:
-        """The bundle's `sample` section with every override that is not None, checked."""
+        """The bundle's `sample` section with every override that is not None, checked; a name that is no sampling
+        setting is one sentence (dataclasses' TypeError named SampleConfig.__init__)."""
+        known = {f.name for f in dataclasses.fields(SampleConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(
+                f"'{unknown[0]}' is not a sampling setting here; give keys of the config's sample section, e.g. "
+                "candidates, num_images, guidance_scale, temperature, seed"
+            )
         s = dataclasses.replace(self.cfg.sample, **{k: v for k, v in overrides.items() if v is not None})
         check_settings(s)
         return s
@@ -972,8 +991,16 @@ class Pipeline:
         best = (drawn @ text_emb[0].to(drawn.dtype)).argmax(dim=0)  # (n,)
         return drawn[best, torch.arange(n)].cpu()
 
+    @staticmethod
+    def _image_list(images) -> list:
+        """`images` as a list: one image (a path, a PIL image, an array) is a list of itself, as one prompt is."""
+        if images is None or isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+            return [] if images is None else [images]
+        return list(images)
+
     def _read_images(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
         """Image files or PIL images as pixels (m, 3, S, S) in [0, 1] at the model's resolution."""
+        images = self._image_list(images)
         if not images:
             raise UserError("no image was given; pass at least one PNG or JPEG file")
         from ..clip.uses import read_image
@@ -1067,7 +1094,8 @@ class Pipeline:
         if overrides.get("guidance_scale") is None and text_diff is None and own > 0:
             overrides = overrides | {"guidance_scale": own}
         s = self._embedding_settings("--variations", overrides | {"text_diff_scale": text_diff_scale})
-        given = self._read_images(list(images))
+        images = self._image_list(images)  # once: a generator is read only once
+        given = self._read_images(images)
         pixels = self.as_drawn(given)
         # with unclip.grid, a variation keeps where things are: the decoder reads the source's spatial features too;
         # a text diff changes what the grid shows (a color, a shape), so it reads the embedding alone

@@ -219,9 +219,10 @@ class TextTokenizer:
 
     def decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         """ids (b, t) or (t,) -> b texts: bos and pads dropped, each row read up to its first eos."""
-        rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(r) for r in ids]
-        if rows and not isinstance(rows[0], list):
+        rows = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if rows and not isinstance(rows[0], Iterable):  # one row (t,): a flat list of ids too
             rows = [rows]
+        rows = [[int(i) for i in r] for r in rows]
         texts = []
         for row in rows:
             pieces = []
