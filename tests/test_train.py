@@ -435,6 +435,61 @@ def test_encode_flip_writes_each_image_mirrored_after_it_but_not_for_excluded_ca
         train_encode.main(args_for(flipped, "data.encode_flip=true", "data.encode_flip_exclude=(left"))
 
 
+def test_an_image_with_several_captions_is_a_row_per_caption_encoded_once(run_dir, tmp_path, capsys):
+    """An image with a list of captions (COCO's five) was encoded with one of them, drawn once and kept: the
+    transformer, which trains on the shards, never saw the others. Each usable caption is now a row of its own,
+    with the image's ids, and the mirror image gets the captions a mirror leaves true."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)]
+    captions = [["a red one", "  ", "the left one"], ["a blue one"], ["a cat", "a dog"], ["a sun"]]
+    for split in ("train", "validation"):
+        rows = {"image": [Image.fromarray(a) for a in images], "text": captions}
+        datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(
+            str(tmp_path / f"{split}.parquet")
+        )
+    run = copy_run(run_dir, tmp_path / "run")
+    shutil.rmtree(run / "tokens", ignore_errors=True)
+    data = ["--data", str(tmp_path / "{split}.parquet")]
+    capsys.readouterr()
+    train_encode.main([*args_for(run, "data.encode_flip=true", "data.encode_flip_exclude=left"), *data])
+    splits = {s["split"]: s for s in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]}
+    ids, texts = read_shards(tokens_dir(run, "train"))
+    tokenizer = load_vae(run)
+    pixels = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in images])
+    own, mirrored = tokenizer.encode(pixels), tokenizer.encode(pixels.flip(-1))
+    assert texts == [
+        "a red one", "the left one", "a red one", "a blue one", "a blue one", "a cat", "a dog", "a cat", "a dog",
+        "a sun", "a sun",
+    ]  # fmt: skip
+    rows = [
+        own[0],
+        own[0],
+        mirrored[0],
+        own[1],
+        mirrored[1],
+        own[2],
+        own[2],
+        mirrored[2],
+        mirrored[2],
+        own[3],
+        mirrored[3],
+    ]
+    assert torch.equal(ids, torch.stack(rows))
+    assert (splits["train"]["examples"], splits["train"]["mirrored"], splits["train"]["rows"]) == (4, 4, 11)
+    assert read_shards(tokens_dir(run, "validation"))[1] == [
+        "a red one",
+        "the left one",
+        "a blue one",
+        "a cat",
+        "a dog",
+        "a sun",
+    ]
+
+
 def test_dalle_runs_stops_and_resumes(run_dir):
     train_encode.main(args_for(run_dir))  # the token shards (reused when an earlier test wrote them): alone too
     train_dalle.main(args_for(run_dir, "train.dalle.steps=2", "train.dalle.checkpoint_every=2"))

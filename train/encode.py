@@ -2,8 +2,9 @@
 
 Reads the trained image tokenizer from the run folder (vae.safetensors + vae.json), encodes the
 train split (at most `data.max_examples` examples) and the validation split, and writes token shards
-with their captions under RUN/tokens/<split>/ (see dalle_mini_impl.data.tokens). The transformer then
-trains on ids only, instead of re-encoding pixels at every step as dalle-pytorch does.
+with their captions under RUN/tokens/<split>/ (see dalle_mini_impl.data.tokens): a row per caption, so an
+image with a list of captions is a row for each (encoded once). The transformer then trains on ids only,
+instead of re-encoding pixels at every step as dalle-pytorch does.
 
 Resumable: shards are written atomically and existing ones are skipped on a rerun. Split across
 processes under `accelerate launch`: each process encodes its own share of the examples.
@@ -99,27 +100,39 @@ def encode_split(
     `data.encode_flip` a train-split image's mirror image follows it as a row of its own (`mirror_rule`)."""
     folder = tokens_dir(cfg.out_dir, split)
     shard_size = cfg.data.encode_shard_size
-    stream = ExampleStream(cfg.data, split, train=False, process_index=rank, num_processes=world, endless=False)
+    stream = ExampleStream(
+        cfg.data, split, train=False, process_index=rank, num_processes=world, endless=False, all_captions=True
+    )
     mirrored, flips = mirror_rule(cfg, split)
     data = data_digest(cfg, split, world)
     # this process's share of `limit` (0: everything the split has)
     share = (limit // world + (rank < limit % world)) if limit > 0 else None
     # the bar counts encoded rows: mirror images make more of them than examples
     bar = tqdm(total=share if mirrored is None else None, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
-    images, captions, index, n, n_mirrored, written, reused = [], [], 0, 0, 0, 0, 0
+    # the shard being filled: its images, and for each row the image it draws (an image with several captions is a
+    # row per caption, encoded once) and its caption
+    images, image_of, captions = [], [], []
+    index, n, n_rows, n_mirrored, written, reused = 0, 0, 0, 0, 0, 0
+
+    def add(image: torch.Tensor, texts: list[str]) -> None:
+        nonlocal n_rows
+        images.append(image)
+        image_of.extend([len(images) - 1] * len(texts))
+        captions.extend(texts)
+        n_rows += len(texts)
 
     def flush() -> None:
-        nonlocal images, captions, index, written, reused
+        nonlocal images, image_of, captions, index, written, reused
         path = shard_path(folder, rank, index)
         meta = shard_metadata(path) if path.exists() else None
-        rows = rows_digest(images, captions)
+        rows = rows_digest([images[i] for i in image_of], captions)
         # written by an earlier run: reused when it holds these rows (the same images and captions), this tokenizer
         # wrote it, it mirrors as this run does and the same data settings chose its rows; the last shard of an
         # encode that stopped at a smaller data.max_examples holds fewer, and is encoded again (else the rows after
         # it would be lost); a VAE trained again since writes every shard again
         if (
             meta is not None
-            and shard_rows(path) == len(images)
+            and shard_rows(path) == len(captions)
             and meta.get("tokenizer") == digest
             and meta.get("flips") == flips
             and meta.get("data") == data
@@ -134,23 +147,23 @@ def encode_split(
                     batch = torch.stack(images[i : i + 256]).to(device)
                     ids.append(tokenizer.encode(batch).cpu())
                     bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
-            write_shard(path, torch.cat(ids), captions, tokenizer=digest, flips=flips, data=data, rows=rows)
+            ids = torch.cat(ids)[torch.tensor(image_of)]
+            write_shard(path, ids, captions, tokenizer=digest, flips=flips, data=data, rows=rows)
             written += 1
-        images, captions, index = [], [], index + 1
+        images, image_of, captions, index = [], [], [], index + 1
 
     for example in stream:
         if share is not None and n >= share:
             break
-        images.append(example["image"])
-        captions.append(example["caption"])
         n += 1
-        if mirrored is not None and mirrored(example["caption"]):
-            images.append(example["image"].flip(-1))
-            captions.append(example["caption"])
+        add(example["image"], example["captions"])
+        kept = [text for text in example["captions"] if mirrored is not None and mirrored(text)]
+        if kept:  # the mirror image, with the captions a mirror leaves true
+            add(example["image"].flip(-1), kept)
             n_mirrored += 1
-        if len(images) >= shard_size:  # an example and its mirror image stay in one shard
+        if len(captions) >= shard_size:  # an example's rows and its mirror image's stay in one shard
             flush()
-    if images:
+    if captions:
         flush()
     bar.close()
     # shards of an earlier encode past this one's last (a larger data.max_examples, rows a filter now drops), and
@@ -165,7 +178,7 @@ def encode_split(
         "split": split,
         "examples": n,
         "mirrored": n_mirrored,
-        "rows": n + n_mirrored,
+        "rows": n_rows,
         "shards_written": written,
         "shards_reused": reused,
         "skipped": stream.n_skipped,

@@ -698,6 +698,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         process_index: int = 0,
         num_processes: int = 1,
         endless: bool | None = None,
+        all_captions: bool = False,
     ):
         super().__init__()
         if num_processes < 1 or not 0 <= process_index < num_processes:
@@ -709,6 +710,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.process_index = process_index
         self.num_processes = num_processes
         self.endless = train if endless is None else endless
+        # each example also carries "captions": every usable caption of its record (train.encode writes a row each)
+        self.all_captions = all_captions
         self.epoch = 0
         self.position = 0  # records of this epoch consumed by this process, skipped ones included
         self.skipped: Counter[str] = Counter()
@@ -871,7 +874,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
         for k in self._positions(self.length, w, n_workers):
             index = self.process_index + k * self.num_processes  # this process's k-th global example
             ex = shapes_example(self.cfg.shapes, self.cfg.image_size, self.split, index)
-            yield {"image": from_uint8(ex["image"]), "caption": ex["caption"]}
+            example = {"image": from_uint8(ex["image"]), "caption": ex["caption"]}
+            yield example | {"captions": [ex["caption"]]} if self.all_captions else example
 
     def _stream_pass(self) -> Iterator[dict]:
         read_webdataset_text_leniently()  # in this process too (a DataLoader worker's), where the reader decodes
@@ -909,6 +913,9 @@ class ExampleStream(torch.utils.data.IterableDataset):
         except UnusableRecord as skip:
             self._count(skip, where)
             return None
+        if self.all_captions:  # the list's others too (its blank ones left out, as the choice leaves them)
+            captions = _caption_strings(record[self.source.caption_column], self.cfg.max_caption_chars, Counter())
+            return {"image": image, "caption": caption, "captions": captions}
         return {"image": image, "caption": caption}
 
     def _count(self, skip: UnusableRecord, where: str) -> None:
