@@ -355,6 +355,24 @@ def test_parquet_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
     assert stream.n_skipped == 5
 
 
+def test_a_relative_image_path_in_a_data_file_is_read_beside_it(tmp_path, monkeypatch):
+    """A parquet file's `imgs/0.png` was read from the current folder: from anywhere else every row was skipped as
+    missing_image. It is looked for beside the data file first (then from the current folder, as before)."""
+    (tmp_path / "set" / "imgs").mkdir(parents=True)
+    (tmp_path / "set" / "imgs" / "0.png").write_bytes(_png((200, 0, 0)))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for value in ("imgs/0.png", {"bytes": None, "path": "imgs/0.png"}):  # a path, and datasets' form of one
+        _write_parquet(tmp_path / "set" / "d.parquet", [value, value], ["a", "b"])
+        for source in (tmp_path / "set" / "d.parquet", tmp_path / "set"):
+            stream = ExampleStream(_cfg(source), "train", train=False)
+            assert _captions(stream) == ["a", "b"] and stream.n_skipped == 0, (value, source)
+    (tmp_path / "elsewhere" / "imgs").mkdir()  # a path from the current folder still reads
+    (tmp_path / "elsewhere" / "imgs" / "1.png").write_bytes(_png())
+    _write_parquet(tmp_path / "set" / "d.parquet", ["imgs/1.png"], ["c"])
+    assert _captions(ExampleStream(_cfg(tmp_path / "set" / "d.parquet"), "train", train=False)) == ["c"]
+
+
 def test_a_caption_list_yields_one_of_its_captions(tmp_path):
     captions = [["first caption", "second caption", "  "], ["   "]]
     _write_parquet(tmp_path / "d.parquet", [_png(), _png()], captions)
@@ -409,6 +427,27 @@ def _write_tar(path, items: list[tuple[str, bytes, str]]) -> None:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_folder_of_shards_beside_an_image_reads_the_shards_by_split(tmp_path):
+    """A cloned hub data set (data/train-00000-of-00001.parquet, ...) with a preview image was taken for an
+    imagefolder, and the error named a metadata file it does not have; and a parquet folder's other files were
+    read as parquet. The shards alone are read, dealt to splits by their names; a webdataset folder likewise."""
+    for builder, suffix in (("parquet", "parquet"), ("webdataset", "tar")):
+        root = tmp_path / builder
+        (root / "data").mkdir(parents=True)
+        (root / "assets").mkdir()
+        Image.new("RGB", (8, 8)).save(root / "assets" / "preview.png")
+        for split, captions in (("train", ["a", "b", "c"]), ("validation", ["d"])):
+            path = root / "data" / f"{split}-00000-of-00001.{suffix}"
+            if builder == "parquet":
+                _write_parquet(path, [_png()] * len(captions), captions)
+            else:
+                _write_tar(path, [(f"{i:03d}", _png(), c) for i, c in enumerate(captions)])
+        cfg = _cfg(root, image_column="image" if builder == "parquet" else "png")
+        cfg.caption_column = "text" if builder == "parquet" else "txt"
+        assert _captions(ExampleStream(cfg, "train", train=False)) == ["a", "b", "c"], builder
+        assert _captions(ExampleStream(cfg, "validation", train=False)) == ["d"], builder
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -113,6 +113,7 @@ class Source:
     dataset: Any = None
     image_column: str = "image"
     caption_column: str = "text"
+    base_dirs: tuple[str, ...] = ()  # the folders of its local data files: where a relative image path is looked for
 
 
 def _looks_like_path(text: str) -> bool:
@@ -130,19 +131,19 @@ def is_local_source(source: str) -> bool:
 
 
 def _folder_builder(folder: str) -> str:
-    """imagefolder, unless the folder holds no images but parquet or tar files; a folder with none of them (an empty
-    one, a run folder given as --data) is one sentence."""
+    """parquet where the folder holds .parquet files (an imagefolder's metadata.parquet aside), else webdataset where
+    it holds .tar files, else imagefolder where it holds images: a cloned hub data set's shards beside a preview
+    image, or a parquet file's images beside it, are the data files, not an imagefolder. A folder with none of them
+    (an empty one, a run folder given as --data) is one sentence."""
     found = set()
     for _, _, files in os.walk(folder):
-        for f in files:
-            suffix = Path(f).suffix.lower()
-            if suffix in IMAGE_EXTENSIONS:
-                return "imagefolder"
-            found.add(suffix)
+        found |= {Path(f).suffix.lower() for f in files if Path(f).stem != "metadata"}
     if ".parquet" in found:
         return "parquet"
     if ".tar" in found:
         return "webdataset"
+    if found & IMAGE_EXTENSIONS:
+        return "imagefolder"
     raise UserError(
         f"data folder '{folder}' holds no images, .parquet or .tar files; give --data the folder of a data set "
         "(images with a metadata.jsonl, parquet or webdataset shards)"
@@ -208,7 +209,11 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
         if builder == "imagefolder" and "{split}" not in source and os.path.isdir(split_dir):
             # a folder per split: list that one's files alone, so other splits are never read
             return builder, {"data_files": {"train": os.path.join(glob.escape(split_dir), "**")}}, "train"
-        return builder, {"data_dir": text}, hf_split
+        if builder == "imagefolder":
+            return builder, {"data_dir": text}, hf_split
+        # shards: the builder's files alone (a preview image or the images a parquet file names beside them would
+        # be read as shards), dealt to splits by `datasets`' own naming rules (train-00000-of-00002.parquet, ...)
+        return builder, {"data_files": _split_files(text, ".parquet" if builder == "parquet" else ".tar")}, hf_split
     if os.path.exists(text):
         raise UserError(
             f"data source '{source}' is a file that is neither .parquet nor .tar; "
@@ -219,15 +224,37 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
     return text, {}, hf_split
 
 
+def _split_files(folder: str, suffix: str) -> dict[str, list[str]]:
+    """The files of `folder` ending in `suffix`, by split as `datasets` names them from their paths (a split's name
+    in a file or folder name; none: all train)."""
+    from datasets.data_files import get_data_patterns
+
+    escaped = glob.escape(folder)
+    try:
+        patterns = get_data_patterns(escaped)
+    except Exception:  # noqa: BLE001 - no pattern fits: one split of every file
+        patterns = {"train": ["**"]}
+    out = {}
+    for split, globs in patterns.items():
+        found = {f for p in globs for f in glob.glob(os.path.join(escaped, p), recursive=True)}
+        files = sorted(f for f in found if f.lower().endswith(suffix) and Path(f).stem != "metadata")
+        if files:
+            out[str(split)] = files
+    return out
+
+
 def _as_patterns(kwargs: dict[str, Any]) -> dict[str, Any]:
     """`_resolve`'s keyword arguments as `datasets` reads them, as glob patterns: its literal folder and file paths
-    escaped (a folder named `set [v2]` was read as the class of characters v and 2). A dict of data_files holds
-    patterns already."""
+    escaped (a folder named `set [v2]` was read as the class of characters v and 2). A pattern of a dict of
+    data_files (a str) is one already."""
     out = dict(kwargs)
     if out.get("data_dir"):
         out["data_dir"] = glob.escape(out["data_dir"])
-    if isinstance(out.get("data_files"), list):
-        out["data_files"] = [glob.escape(f) for f in out["data_files"]]
+    files = out.get("data_files")
+    if isinstance(files, list):
+        out["data_files"] = [glob.escape(f) for f in files]
+    elif isinstance(files, dict):
+        out["data_files"] = {k: [glob.escape(f) for f in v] if isinstance(v, list) else v for k, v in files.items()}
     return out
 
 
@@ -299,10 +326,7 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
         warn_of_uncaptioned_images(name, kwargs)
     if path == "webdataset":
         read_webdataset_text_leniently()
-        files = kwargs.get("data_files") or []
-        if kwargs.get("data_dir"):  # a folder of shards
-            files = glob.glob(os.path.join(glob.escape(kwargs["data_dir"]), "**", "*.tar"), recursive=True)
-        warn_of_cut_archives(name, sorted(files) if isinstance(files, list) else [])
+        warn_of_cut_archives(name, sorted(_listed_files(kwargs)))
     try:
         return datasets.load_dataset(path, split=hf_split, streaming=streaming, **_as_patterns(kwargs))
     except ValueError as e:
@@ -311,7 +335,7 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
                 raise UserError(_unreadable(name, path, e, kwargs=kwargs)) from None
             raise
         available = ", ".join(_available_splits(path, kwargs)) or "unknown"
-        hint = " (or put {split} in the path)" if kwargs.get("data_files") else ""
+        hint = " (or put {split} in the path)" if isinstance(kwargs.get("data_files"), list) else ""
         raise UserError(
             f"data set '{name}' has no split '{split}'; available splits: {available}; "
             f"choose one with --split or data.split / data.val_split{hint}"
@@ -510,9 +534,10 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
     parts = split_parts(split)
     if not all(parts):
         raise UserError(f"split '{split}' has an empty part; name splits like train or train+validation")
-    loaded = []
+    loaded, base_dirs = [], []
     for part in parts:
         path, kwargs, hf_split = _resolve(cfg.source, part)
+        base_dirs += _data_dirs(kwargs)
         ds = _load(cfg.source, part, path, kwargs, hf_split, cfg.streaming)
         columns = _columns(ds)
         _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
@@ -527,7 +552,23 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
     if cfg.include or cfg.exclude:  # on the captions alone, before any image is read
         ds = ds.filter(CaptionFilter(cfg), input_columns=[cfg.caption_column])
     kind = "stream" if isinstance(ds, datasets.IterableDataset) else "map"
-    return Source(cfg.source, split, kind, ds, cfg.image_column, cfg.caption_column)
+    return Source(cfg.source, split, kind, ds, cfg.image_column, cfg.caption_column, tuple(dict.fromkeys(base_dirs)))
+
+
+def _data_dirs(kwargs: dict[str, Any]) -> list[str]:
+    """The folders of `_resolve`'s local data files: data_dir, or each listed data file's folder (an imagefolder
+    gives its images' full paths itself)."""
+    if kwargs.get("data_dir"):
+        return [kwargs["data_dir"]]
+    return [os.path.dirname(f) for f in _listed_files(kwargs)]
+
+
+def _listed_files(kwargs: dict[str, Any]) -> list[str]:
+    """The data files `_resolve` listed one by one (not an imagefolder's patterns)."""
+    files = kwargs.get("data_files") or []
+    if isinstance(files, dict):
+        return [f for v in files.values() if isinstance(v, list) for f in v]
+    return list(files)
 
 
 def _as_caption_lists(batch: dict, column: str) -> dict:
@@ -577,8 +618,10 @@ def _concatenated(cfg: DataConfig, names: list[str], parts: list) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_bytes(value: Any) -> tuple[bytes, str]:
-    """The encoded bytes of an image value (bytes, a path, or datasets' {"bytes", "path"}) and its name."""
+def _read_bytes(value: Any, base_dirs: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """The encoded bytes of an image value (bytes, a path, or datasets' {"bytes", "path"}) and its name. A relative
+    path is looked for beside the data files first (`base_dirs`: a parquet file's `imgs/0.png`), then from the
+    current folder."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
     elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -593,6 +636,8 @@ def _read_bytes(value: Any) -> tuple[bytes, str]:
     if data is None:
         if not path:
             raise UnusableRecord("missing_image", "neither bytes nor a path")
+        if not os.path.isabs(path) and "://" not in path:
+            path = next((p for d in base_dirs if os.path.isfile(p := os.path.join(d, path))), path)
         if os.path.isfile(path):
             data = Path(path).read_bytes()
         elif "://" in path:
@@ -610,13 +655,14 @@ def _read_bytes(value: Any) -> tuple[bytes, str]:
     return bytes(data), where
 
 
-def decode_image(value: Any, max_pixels: int) -> Image.Image:
-    """A fully loaded PIL image from a record's image value; raises `UnusableRecord` with the reason otherwise."""
+def decode_image(value: Any, max_pixels: int, base_dirs: tuple[str, ...] = ()) -> Image.Image:
+    """A fully loaded PIL image from a record's image value (a relative path: beside the data files, `base_dirs`,
+    first); raises `UnusableRecord` with the reason otherwise."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, np.ndarray):
         return Image.fromarray(value)
-    data, where = _read_bytes(value)
+    data, where = _read_bytes(value, base_dirs)
     try:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; both mean "too large" here
@@ -904,7 +950,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         rng = self._rng()
         try:
             caption = _clean_caption(record[self.source.caption_column], self.cfg.max_caption_chars, rng)
-            pil = decode_image(record[self.source.image_column], self.cfg.max_image_pixels)
+            pil = decode_image(record[self.source.image_column], self.cfg.max_image_pixels, self.source.base_dirs)
             check_resized(pil, self.cfg.image_size, self.cfg.max_image_pixels)
             try:
                 image = prepare_image(pil, self.cfg.image_size, self.cfg.random_crop and self.train, rng)
