@@ -451,6 +451,41 @@ def test_a_folder_of_shards_beside_an_image_reads_the_shards_by_split(tmp_path):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
+def test_a_folder_save_to_disk_wrote_is_read_by_split(tmp_path, streaming):
+    """A Dataset or DatasetDict saved with save_to_disk, the form a researcher's own preprocessing often ends in,
+    was refused as a folder that "holds no images, .parquet or .tar files"."""
+    import datasets
+
+    def rows(captions):
+        return datasets.Dataset.from_dict({"image": [_png()] * len(captions), "text": captions})
+
+    datasets.DatasetDict({"train": rows(["a", "b"]), "validation": rows(["c"])}).save_to_disk(str(tmp_path / "dict"))
+    rows(["d", "e"]).save_to_disk(str(tmp_path / "one"))
+    for source, split, captions in [
+        ("dict", "train", ["a", "b"]),
+        ("dict", "validation", ["c"]),
+        ("one", "train", ["d", "e"]),
+    ]:
+        stream = ExampleStream(_cfg(tmp_path / source, streaming=streaming), split, train=False)
+        assert _captions(stream) == captions, (source, split)
+    with pytest.raises(UserError, match="^data set '.*dict' has no split 'test'; available splits: train, validation;"):
+        open_dataset(_cfg(tmp_path / "dict"), "test")
+    with pytest.raises(
+        UserError, match="is one Dataset saved with save_to_disk, read as the split 'train', not 'valid"
+    ):
+        open_dataset(_cfg(tmp_path / "one"), "validation")
+
+
+def test_a_split_folder_under_another_name_datasets_takes_is_read_alone(imagefolder, tmp_path):
+    """valid/ beside train/: asking for validation gave the reader the whole folder, so a bad line in
+    train/metadata.jsonl stopped the evaluation of the validation split."""
+    root = shutil.copytree(imagefolder.root, tmp_path / "set")
+    (root / "validation").rename(root / "valid")
+    (root / "train" / "metadata.jsonl").write_text("not json\n")
+    assert _captions(ExampleStream(_cfg(root), "validation", train=False)) == imagefolder.validation_captions
+
+
+@pytest.mark.parametrize("streaming", [False, True])
 def test_webdataset_tar_loads_through_the_same_path(tmp_path, streaming):
     _write_tar(tmp_path / "000.tar", [("000", _png((255, 0, 0)), "red"), ("001", b"\x89PNG broken", "broken")])
     _write_tar(tmp_path / "001.tar", [("002", _png((0, 0, 255)), "blue")])

@@ -204,8 +204,13 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
             f"data source '{source}' matches {', '.join(sorted(suffixes))} files; "
             "give only .parquet files or only .tar (webdataset) files"
         )
+    if os.path.isdir(text) and _saved_to_disk(text):
+        return SAVED, {"dataset_path": text}, hf_split
     if os.path.isdir(text):
-        builder, split_dir = _folder_builder(text), os.path.join(text, split)
+        # the split's own folder, under its name or one `datasets` takes for it (valid/ for validation)
+        names = next((names for names in SPLIT_FOLDERS if split in names), (split,))
+        found = [os.path.join(text, name) for name in names if os.path.isdir(os.path.join(text, name))]
+        builder, split_dir = _folder_builder(text), (found or [os.path.join(text, split)])[0]
         if builder == "imagefolder" and "{split}" not in source and os.path.isdir(split_dir):
             # a folder per split: list that one's files alone, so other splits are never read
             return builder, {"data_files": {"train": os.path.join(glob.escape(split_dir), "**")}}, "train"
@@ -222,6 +227,45 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
     if _looks_like_path(text):
         raise UserError(f"data path '{source}' does not exist; check the path (or give a hub name like 'user/data')")
     return text, {}, hf_split
+
+
+# a folder `datasets.Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote: read with `load_from_disk`
+SAVED = "load_from_disk"
+# the folder names `datasets` reads as one split (datasets.data_files' keywords), the split's own name first
+SPLIT_FOLDERS = (
+    ("train", "training"),
+    ("validation", "valid", "val", "dev"),
+    ("test", "testing", "eval", "evaluation"),
+)
+
+
+def _saved_to_disk(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "dataset_dict.json")) or all(
+        os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_info.json")
+    )
+
+
+def _load_saved(name: str, folder: str, split: str, streaming: bool):
+    """A split of a folder `save_to_disk` wrote: a DatasetDict's split, or a Dataset as the split `train`."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(folder)
+    except Exception as e:  # noqa: BLE001 - a damaged or half-copied folder
+        raise UserError(_unreadable(name, SAVED, e)) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(
+                f"data set '{name}' has no split '{split}'; available splits: {', '.join(ds)}; choose one with "
+                "--split or data.split / data.val_split"
+            )
+        ds = ds[split]
+    elif split != "train":
+        raise UserError(
+            f"data set '{name}' is one Dataset saved with save_to_disk, read as the split 'train', not '{split}'; "
+            "save a DatasetDict for more splits, or use --split train"
+        )
+    return ds.to_iterable_dataset() if streaming else ds
 
 
 def _split_files(folder: str, suffix: str) -> dict[str, list[str]]:
@@ -322,6 +366,9 @@ def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
 def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool):
     import datasets
 
+    if path == SAVED:
+        return _load_saved(name, kwargs["dataset_path"], hf_split, streaming)
+
     if path == "imagefolder":
         warn_of_uncaptioned_images(name, kwargs)
     if path == "webdataset":
@@ -355,6 +402,7 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
 
 
 _UNREADABLE_HINTS = {
+    SAVED: "save it again with save_to_disk, or copy the whole folder",
     "imagefolder": "check its metadata file: one JSON object per line, each column of one type, captions as strings",
     "webdataset": "check its .tar files: complete archives whose samples all have the same members "
     "(000.png + 000.txt), text in UTF-8",
