@@ -209,8 +209,8 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
     if os.path.isdir(text):
         # the split's own folder, under its name or one `datasets` takes for it (valid/ for validation)
         names = next((names for names in SPLIT_FOLDERS if split in names), (split,))
-        found = [os.path.join(text, name) for name in names if os.path.isdir(os.path.join(text, name))]
-        builder, split_dir = _folder_builder(text), (found or [os.path.join(text, split)])[0]
+        builder = _folder_builder(text)
+        split_dir = _split_folder_in(text, names) or os.path.join(text, split)
         if builder == "imagefolder" and "{split}" not in source and os.path.isdir(split_dir):
             # a folder per split: list that one's files alone, so other splits are never read
             return builder, {"data_files": {"train": os.path.join(glob.escape(split_dir), "**")}}, "train"
@@ -237,6 +237,11 @@ SPLIT_FOLDERS = (
     ("validation", "valid", "val", "dev"),
     ("test", "testing", "eval", "evaluation"),
 )
+
+
+def _split_folder_in(folder: str, names: tuple[str, ...]) -> str | None:
+    """The first of `names` that is a folder in `folder` (a split's folder), or None."""
+    return next((os.path.join(folder, n) for n in names if os.path.isdir(os.path.join(folder, n))), None)
 
 
 def _saved_to_disk(folder: str) -> bool:
@@ -364,8 +369,6 @@ def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
 
 
 def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool):
-    import datasets
-
     if path == SAVED:
         return _load_saved(name, kwargs["dataset_path"], hf_split, streaming)
 
@@ -374,6 +377,27 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
     if path == "webdataset":
         read_webdataset_text_leniently()
         warn_of_cut_archives(name, sorted(_listed_files(kwargs)))
+    try:
+        return _load_dataset(name, split, path, kwargs, hf_split, streaming)
+    except UserError:
+        # one bad line of an imagefolder's metadata stops datasets' reader for the whole split: then the split is
+        # read here, without it (not where the folder is read whole for another split than train: the reader's own
+        # split inference stands there)
+        one_split = path == "imagefolder" and (
+            isinstance(kwargs.get("data_files"), dict)
+            or (hf_split == "train" and not any(_split_folder_in(kwargs["data_dir"], n) for n in SPLIT_FOLDERS))
+        )
+        if one_split and _metadata_fault(kwargs) is not None:
+            lenient = _imagefolder_leniently(name, kwargs, streaming)
+            if lenient is not None:
+                return lenient
+        raise
+
+
+def _load_dataset(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool):
+    """`datasets.load_dataset` of `_resolve`'s arguments; what it refuses is one sentence."""
+    import datasets
+
     try:
         return datasets.load_dataset(path, split=hf_split, streaming=streaming, **_as_patterns(kwargs))
     except ValueError as e:
@@ -477,35 +501,78 @@ def warn_of_uncaptioned_images(name: str, kwargs: dict) -> int:
     return len(left_out)
 
 
-def _metadata_fault(kwargs: dict) -> tuple[str, int, str] | None:
-    """The first line of an imagefolder's metadata.jsonl files that the JSON reader cannot take: (file, line
-    number, what is wrong), or None: text that is not UTF-8, a line that is not one JSON object, a list of values
-    of two types, or a value whose type differs from the same key's on an earlier line (a column has one type;
-    null goes with any)."""
+def _metadata_rows(kwargs: dict) -> Iterator[tuple[str, int, dict | None, str | None]]:
+    """Each line of an imagefolder's metadata.jsonl files as (file, line number, its object, None), or (file, line
+    number, None, what is wrong) for one the JSON reader cannot take: text that is not UTF-8, a line that is not one
+    JSON object, a list of values of two types, a value whose type differs from the same key's on an earlier good
+    line (a column has one type, in every file; null goes with any), no file_name naming an image. Blank lines are
+    left out."""
+    seen: dict[str, str] = {}
     for path in _metadata_files(kwargs):
-        seen: dict[str, str] = {}
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    return path, number, f"is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except ValueError:
-                    return path, number, "is not a JSON object"
-                if not isinstance(row, dict):
-                    return path, number, f"is {_json_kind(row)}, not a JSON object"
-                for key, value in row.items():
-                    kind = _json_kind(value) if value is not None else None
-                    if kind is not None and " and " in kind:
-                        return path, number, f"has '{key}' as {kind} (one type a list)"
-                    if kind is not None and seen.setdefault(key, kind) != kind:
-                        shown = repr(value)[:40]
-                        return path, number, f"has '{key}' as {kind} ({shown}) where earlier lines have {seen[key]}"
-    return None
+                row, fault = _metadata_line(raw, seen)
+                if row is not None or fault is not None:
+                    yield path, number, row, fault
+
+
+def _metadata_line(raw: bytes, seen: dict[str, str]) -> tuple[dict | None, str | None]:
+    """(the line's object, None), (None, what is wrong with it) or (None, None) for a blank line; a good line's
+    column types join `seen`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+    if not text.strip():
+        return None, None
+    try:
+        row = json.loads(text)
+    except ValueError:
+        return None, "is not a JSON object"
+    if not isinstance(row, dict):
+        return None, f"is {_json_kind(row)}, not a JSON object"
+    # null, and a list with no typed value, go with any type of their key
+    kinds = {key: kind for key, value in row.items() if value is not None and (kind := _json_kind(value)) != "a list"}
+    for key, kind in kinds.items():
+        if " and " in kind:
+            return None, f"has '{key}' as {kind} (one type a list)"
+        if seen.get(key, kind) != kind:
+            return None, f"has '{key}' as {kind} ({repr(row[key])[:40]}) where earlier lines have {seen[key]}"
+    if not isinstance(row.get("file_name"), str):
+        return None, "has no 'file_name' naming its image"
+    seen.update(kinds)
+    return row, None
+
+
+def _metadata_fault(kwargs: dict) -> tuple[str, int, str] | None:
+    """The first line of an imagefolder's metadata.jsonl files that the JSON reader cannot take (`_metadata_rows`):
+    (file, line number, what is wrong), or None."""
+    return next(((path, number, fault) for path, number, _, fault in _metadata_rows(kwargs) if fault), None)
+
+
+def _imagefolder_leniently(name: str, kwargs: dict, streaming: bool):
+    """An imagefolder split whose metadata.jsonl has lines the JSON reader refuses (`_metadata_fault`), which would
+    stop the reader for the whole split: read here instead, each bad line left out with its image, counted and
+    named in one warning. None where no line is good (the caller then says what is wrong with the first)."""
+    import datasets
+
+    rows, bad = [], []
+    for path, number, row, fault in _metadata_rows(kwargs):
+        if fault is not None:
+            bad.append((path, number, fault))
+            continue
+        image = os.path.join(os.path.dirname(path), row.pop("file_name"))
+        rows.append({"image": image, **{k: v for k, v in row.items() if k != "image"}})
+    if not rows:
+        return None
+    path, number, fault = bad[0]
+    log.warning(
+        "data set %s: %d line(s) of its metadata.jsonl are left out with their images (the first: line %d of '%s' "
+        "%s); fix them to train on those images",
+        name, len(bad), number, path, fault,
+    )  # fmt: skip
+    ds = datasets.Dataset.from_list(rows)
+    return ds.to_iterable_dataset() if streaming else ds
 
 
 def _columns(ds) -> list[str]:
