@@ -368,7 +368,9 @@ def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
     return cut
 
 
-def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool):
+def _load(
+    name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: str, streaming: bool, caption_column: str
+):
     if path == SAVED:
         return _load_saved(name, kwargs["dataset_path"], hf_split, streaming)
 
@@ -388,7 +390,7 @@ def _load(name: str, split: str, path: str, kwargs: dict[str, Any], hf_split: st
             or (hf_split == "train" and not any(_split_folder_in(kwargs["data_dir"], n) for n in SPLIT_FOLDERS))
         )
         if one_split and _metadata_fault(kwargs) is not None:
-            lenient = _imagefolder_leniently(name, kwargs, streaming)
+            lenient = _imagefolder_leniently(name, kwargs, streaming, caption_column)
             if lenient is not None:
                 return lenient
         raise
@@ -550,10 +552,11 @@ def _metadata_fault(kwargs: dict) -> tuple[str, int, str] | None:
     return next(((path, number, fault) for path, number, _, fault in _metadata_rows(kwargs) if fault), None)
 
 
-def _imagefolder_leniently(name: str, kwargs: dict, streaming: bool):
+def _imagefolder_leniently(name: str, kwargs: dict, streaming: bool, caption_column: str):
     """An imagefolder split whose metadata.jsonl has lines the JSON reader refuses (`_metadata_fault`), which would
-    stop the reader for the whole split: read here instead, each bad line left out with its image, counted and
-    named in one warning. None where no line is good (the caller then says what is wrong with the first)."""
+    stop the reader for the whole split: read here instead, as the image paths and the caption column, each bad
+    line left out with its image, counted and named in one warning. None where no line is good, or the good ones'
+    captions still make no column (the caller then says what is wrong with the first bad line)."""
     import datasets
 
     rows, bad = [], []
@@ -561,9 +564,13 @@ def _imagefolder_leniently(name: str, kwargs: dict, streaming: bool):
         if fault is not None:
             bad.append((path, number, fault))
             continue
-        image = os.path.join(os.path.dirname(path), row.pop("file_name"))
-        rows.append({"image": image, **{k: v for k, v in row.items() if k != "image"}})
-    if not rows:
+        image = os.path.join(os.path.dirname(path), row["file_name"])
+        rows.append({caption_column: row.get(caption_column), "image": image})
+    try:
+        ds = datasets.Dataset.from_list(rows) if rows else None
+    except Exception:  # noqa: BLE001 - pyarrow's types of nested values: beyond what `_metadata_line` tells apart
+        return None
+    if ds is None:
         return None
     path, number, fault = bad[0]
     log.warning(
@@ -571,7 +578,6 @@ def _imagefolder_leniently(name: str, kwargs: dict, streaming: bool):
         "%s); fix them to train on those images",
         name, len(bad), number, path, fault,
     )  # fmt: skip
-    ds = datasets.Dataset.from_list(rows)
     return ds.to_iterable_dataset() if streaming else ds
 
 
@@ -653,7 +659,7 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
     for part in parts:
         path, kwargs, hf_split = _resolve(cfg.source, part)
         base_dirs += _data_dirs(kwargs)
-        ds = _load(cfg.source, part, path, kwargs, hf_split, cfg.streaming)
+        ds = _load(cfg.source, part, path, kwargs, hf_split, cfg.streaming, cfg.caption_column)
         columns = _columns(ds)
         _check_column(cfg.source, columns, cfg.image_column, "image", _IMAGE_GUESSES)
         _check_column(cfg.source, columns, cfg.caption_column, "caption", _CAPTION_GUESSES)
