@@ -273,6 +273,25 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_it(tmp_pa
         train(tmp_path / "run", 8, resume=str(aside / "step_00000004"))
 
 
+def test_a_damaged_checkpoint_is_said_once_when_a_stage_first_asks_whether_it_resumes(tmp_path, capsys):
+    """train.unclip asks whether its run resumes (to read --init-from or not) before the loop resumes: the damaged
+    checkpoint's line was printed twice."""
+    import argparse
+
+    from dalle_mini_impl.config import RunConfig
+    from train import finetune
+
+    train(tmp_path / "run", 4)
+    newest = tmp_path / "run" / "checkpoints" / "dalle" / "step_00000004"
+    (newest / "trainer_state.json").write_text("")
+    cfg, args = RunConfig(), argparse.Namespace(resume="latest", no_resume=False)
+    cfg.out_dir = str(tmp_path / "run")
+    capsys.readouterr()
+    assert finetune.resuming(cfg, args, "dalle")
+    assert loop.checkpoint_to_resume(tmp_path / "run" / "checkpoints" / "dalle", args).name == "step_00000002"
+    assert capsys.readouterr().err.count("is damaged") == 1
+
+
 def test_a_sharded_checkpoint_layout_is_not_taken_for_a_damaged_one(tmp_path):
     """DeepSpeed keeps the weights and the optimizer in a `pytorch_model/` folder, FSDP in `pytorch_model_fsdp_0/`
     and `optimizer_0/`: no top-level optimizer file is missing there."""

@@ -112,7 +112,7 @@ def resuming(cfg: RunConfig, args, stage: str) -> bool:
     """Whether the stage's run continues a checkpoint of its own (`loop.checkpoint_to_resume`)."""
     from train.loop import checkpoint_to_resume
 
-    return checkpoint_to_resume(Path(cfg.out_dir) / "checkpoints" / stage, args) is not None
+    return checkpoint_to_resume(Path(cfg.out_dir) / "checkpoints" / stage, args, say=False) is not None
 
 
 def checked_source(given: str) -> Path:

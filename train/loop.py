@@ -578,9 +578,10 @@ def checkpoint_damage(path: Path) -> str | None:
     return None
 
 
-def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | None:
+def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace, say: bool = True) -> Path | None:
     """The checkpoint `--resume` names (for 'latest' the newest under `ckpt_root` that is readable: a damaged one is
-    passed over with a warning, and set aside by the run), or None to start at step 0."""
+    passed over with a warning unless not `say` (a question asked before the run, which says it), and set aside by
+    the run), or None to start at step 0."""
     if getattr(args, "no_resume", False):
         return None
     if args.resume in (None, "", "latest"):
@@ -588,7 +589,7 @@ def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace) -> Path | No
             damage = checkpoint_damage(found)
             if damage is None:
                 return found
-            if process_state().is_main_process:
+            if say and process_state().is_main_process:
                 said = f"checkpoint '{found}' is damaged ({damage}); resuming from the one before it"
                 tqdm.write(said, file=sys.stderr)
         return None
