@@ -769,6 +769,27 @@ def test_openclip_missing_dependency_is_one_sentence(monkeypatch):
         OpenCLIPScorer("ViT-B-32", pretrained="openai")
 
 
+def test_an_open_clip_model_it_cannot_build_is_one_sentence(monkeypatch):
+    """open_clip is an optional package this machine lacks: a stand-in raises what open_clip raises for a name it
+    does not know (its RuntimeError "Model config for X not found."), to hold the adapter's sentence."""
+    import types
+
+    from dalle_mini_impl.clip.openclip import OpenCLIPScorer
+
+    def create_model_and_transforms(name, pretrained=None, device="cpu"):
+        raise RuntimeError(f"Model config for {name} not found.\nsecond line")
+
+    monkeypatch.setitem(
+        sys.modules, "open_clip", types.SimpleNamespace(create_model_and_transforms=create_model_and_transforms)
+    )
+    with pytest.raises(UserError) as e:
+        OpenCLIPScorer("ViT-Q-99", pretrained="laion2b")
+    assert str(e.value) == (
+        "open_clip could not build 'ViT-Q-99' with pretrained='laion2b' (Model config for ViT-Q-99 not found.); "
+        "check the name (open_clip.list_models()) and the weights"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
