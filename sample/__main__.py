@@ -20,7 +20,8 @@ comes from its `sample` config section. For each prompt the best N images are wr
 the slug is the prompt in ASCII (made unique within a run), the seed is the prompt's own (seed + its
 index), so `python -m sample PROMPT --seed S` with a file's S gives that file again. Variations take no
 prompt and are written as variation-SLUG_sSEED_rRANK.png (SLUG: the image's file name), an interpolation
-as interpolate-SLUG-SLUG_sSEED_stepK_rRANK.png with one grid of every step's best; they need a bundle with
+as interpolate-SLUG-SLUG_sSEED_stepK_rRANK.png and _stepK_grid.png per step, plus
+interpolate-SLUG-SLUG_sSEED_path.png, one grid of every step's best; they need a bundle with
 unCLIP's decoder and prior (the shipped shapes bundle has them). Nothing is written anywhere else.
 Progress bars and warnings go to stderr; with --json stdout holds only the JSON lines.
 """

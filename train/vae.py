@@ -8,7 +8,7 @@ with the run).
 
 Writes RUN/vae.safetensors + RUN/vae.json (loadable by `vae.load_pretrained` alone), checkpoints under
 RUN/checkpoints/vae/ and TensorBoard logs under RUN/logs/vae/: losses, temperature, KL weight, PSNR,
-codebook usage (% of codes used over the last `vae.usage_window` batches) and perplexity, validation
+codebook usage (the fraction of the codes used over the last `vae.usage_window` batches) and perplexity, validation
 PSNR/SSIM/usage, and a grid of originals over reconstructions.
 
 `--init-from BUNDLE_OR_RUN` starts from that model's image tokenizer (the same kind and sizes) instead of

@@ -1,4 +1,5 @@
-"""Evaluation commands: `python -m dalle_mini_impl.eval {judge,recon,clip,shapes,emoji} ...`, each printing JSON."""
+"""Evaluation commands: `python -m dalle_mini_impl.eval {judge,recon,clip,shapes,emoji,unclip,edit,compare,runs} ...`,
+each printing JSON."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """CLIP evaluation: text<->image retrieval recall@1/5/10, and zero-shot color/shape/position on shapes.
 
-    python -m dalle_mini_impl.eval clip --model runs/shapes/bundle --data shapes --split validation
+    python -m dalle_mini_impl.eval clip --model runs/shapes --data shapes --split validation
         [--set data.shapes.val_size=500] [--limit N]
 
 prints one JSON object. Retrieval follows CLIP's and open_clip's evaluation: every image of the split
