@@ -322,6 +322,28 @@ def test_the_library_takes_what_a_caller_would_pass_or_says_in_one_sentence(bund
     assert pipe.text_tokenizer.decode(ids.tolist()) == pipe.text_tokenizer.decode(ids) == ["a red circle"]
 
 
+def test_a_bundles_unusable_sampling_setting_is_named_as_its_config_key_when_it_loads(bundle, tmp_path, capsys):
+    """A hand-edited config.json with sample.num_images 0 was refused at the first prompt as "--num-images is 0",
+    a flag the user never gave; an evaluation's --set sample.temperature=0 as "--temperature is 0.0", a flag no
+    evaluation has."""
+    from dalle_mini_impl.config import read_config_json, save_config
+    from dalle_mini_impl.eval import __main__ as eval_cli
+
+    folder = shutil.copytree(bundle, tmp_path / "edited")
+    cfg = read_config_json(folder / "config.json")
+    cfg.sample.num_images = 0
+    save_config(cfg, folder / "config.json")
+    with pytest.raises(UserError) as e:
+        Pipeline.from_pretrained(folder, device="cpu")
+    assert str(e.value) == (
+        f"model '{folder}' (its config.json): config key 'sample.num_images' is 0; keep at least 1 image per prompt"
+    )
+    with pytest.raises(SystemExit):
+        run_cli(eval_cli.main, ["shapes", "--model", str(bundle), "--n", "4", "--set", "sample.temperature=0"])
+    says = "error: --set: config key 'sample.temperature' is 0.0; it must be above 0, at least 1e-06 (use --top-k 1"
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(says)
+
+
 def test_candidates_are_reranked_by_clip(pipe):
     results = pipe.generate(["a red circle"], num_images=4, candidates=4, seed=0, progress=False)[0]
     scores = pipe.clip.score(pipe.decode(torch.stack([r.ids for r in results])), "a red circle")

@@ -703,7 +703,9 @@ def test_variations_take_their_own_guidance_unless_one_is_given(grid_bundle, ima
     pipe.variations([images[0]], **few)
     assert calls[-1][0].guidance_scale == 3.0
     pipe.cfg.sample.variation_guidance_scale = float("nan")
-    with pytest.raises(UserError, match="sample.variation_guidance_scale is nan; give a finite number >= 0"):
+    with pytest.raises(
+        UserError, match="config key 'sample.variation_guidance_scale' is nan; give a finite number >= 0"
+    ):
         pipe.variations([images[0]], **few)
 
 

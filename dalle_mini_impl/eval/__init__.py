@@ -65,6 +65,18 @@ def write_result(path: str | Path, write, option: str = "--out") -> None:
         write_atomic(path, write)
 
 
+def set_sampling(pipe, overrides: list[str], own: dict[str, str], uses: set[str]) -> None:
+    """An evaluation's `--set sample.KEY=VALUE` on its pipeline's config (`config.apply_sample_overrides`), the
+    settings then checked as the config keys they are: `--set sample.temperature=0` was refused as "--temperature
+    is 0.0" at the first prompt, a flag no evaluation has."""
+    from ..config import apply_sample_overrides
+    from ..pipeline.pipeline import check_settings
+
+    apply_sample_overrides(pipe.cfg, overrides, own, uses)
+    if overrides:
+        check_settings(pipe.cfg.sample, "--set")
+
+
 def sample_uses(method: str, guided: int) -> set[str]:
     """What a text-to-image evaluation does with the sampler (config.SAMPLE_USES): unCLIP's prior with
     `--method unclip`, refinement with `--guided K`."""

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.data.images import to_uint8
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.eval import check_counts
+from dalle_mini_impl.eval import check_counts, set_sampling
 from dalle_mini_impl.eval.unclip import _by_renderer, _share, render_pil
 from dalle_mini_impl.shapes.generator import (
     COLORS,
@@ -135,7 +135,7 @@ def evaluate(pipe, edits: list[dict], weights: list[float], s, progress: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.config import EVAL_OWN_SETTINGS, apply_sample_overrides
+    from dalle_mini_impl.config import EVAL_OWN_SETTINGS
     from dalle_mini_impl.pipeline.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval edit", description=__doc__)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model, device="cpu")
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
-    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS, {"edit"})
+    set_sampling(pipe, args.overrides, EVAL_OWN_SETTINGS, {"edit"})
     s = pipe.settings(candidates=args.candidates, seed=args.seed)
     weights = sorted({0.0, s.edit_likelihood_weight})
     if args.weights:

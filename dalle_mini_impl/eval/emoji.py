@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import EVAL_OWN_SETTINGS, DataConfig, RunConfig, apply_sample_overrides
+from ..config import EVAL_OWN_SETTINGS, DataConfig, RunConfig
 from ..data.images import distinct_first, from_uint8, save_grid, to_uint8
 from ..data.streams import split_parts
 from ..errors import UserError
@@ -73,6 +73,7 @@ from . import (
     require_reranker,
     sample_settings,
     sample_uses,
+    set_sampling,
     write_result,
 )
 
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     check_not_shapes(pipe.cfg, f"model '{args.model}'")
     check_method(pipe, args.method, args.guided, args.guided_from)
-    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS, sample_uses(args.method, args.guided))
+    set_sampling(pipe, args.overrides, EVAL_OWN_SETTINGS, sample_uses(args.method, args.guided))
     pipe.cfg.sample.candidates = args.candidates
     judge = load_clip(judge_dir, device=args.device)
     learned = split_parts(judge_cfg.data.split)

@@ -44,6 +44,7 @@ from . import (
     require_reranker,
     sample_settings,
     sample_uses,
+    set_sampling,
     write_result,
 )
 
@@ -173,7 +174,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.config import EVAL_OWN_SETTINGS, apply_sample_overrides
+    from dalle_mini_impl.config import EVAL_OWN_SETTINGS
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     check_method(pipe, args.method, args.guided, args.guided_from)
     if pipe.cfg.data.source != "shapes":
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
-    apply_sample_overrides(pipe.cfg, args.overrides, EVAL_OWN_SETTINGS, sample_uses(args.method, args.guided))
+    set_sampling(pipe, args.overrides, EVAL_OWN_SETTINGS, sample_uses(args.method, args.guided))
     pipe.cfg.sample.seed = args.seed
     if args.held_out is not None:
         pairs = parse_held_out([pair for pair in args.held_out.split(",") if pair.strip()])  # one sentence if bad

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
-from dalle_mini_impl.eval import check_counts, write_result
+from dalle_mini_impl.eval import check_counts, set_sampling, write_result
 from dalle_mini_impl.files import check_out_file
 from dalle_mini_impl.shapes.generator import (
     COLORS,
@@ -229,7 +229,7 @@ def interpolations(pipe, srcs, settings: dict, progress: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_mini_impl.config import EVAL_OWN_SETTINGS, apply_sample_overrides
+    from dalle_mini_impl.config import EVAL_OWN_SETTINGS
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
     parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval unclip", description=__doc__)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"model '{args.model}' was not trained on shapes; the judge only reads shapes images")
     pipe.require_unclip("eval unclip")  # before any work, naming this command (not the sample CLI's flags)
     own = {**EVAL_OWN_SETTINGS, "sample.num_images": "use --num-images"}
-    apply_sample_overrides(pipe.cfg, args.overrides, own, {"variations", "text_diff"})
+    set_sampling(pipe, args.overrides, own, {"variations", "text_diff"})
     scales = [pipe.cfg.sample.text_diff_scale]
     if args.text_diff_scales:
         try:

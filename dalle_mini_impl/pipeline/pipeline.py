@@ -183,30 +183,61 @@ def reads_contrast(s: SampleConfig) -> bool:
     return s.guided_contrast_weight > 0 or s.guided_contrast_guard
 
 
-def check_settings(s: SampleConfig) -> None:
-    """Numbers a sampler cannot use are UserErrors naming the command-line flag."""
+# the command-line flag of each sampling setting `python -m sample` takes (the others are config keys alone)
+SAMPLE_FLAGS = {
+    "guidance_scale": "--guidance-scale", "guidance_until": "--guidance-until", "temperature": "--temperature",
+    "top_p": "--top-p", "top_k": "--top-k", "candidates": "--candidates", "num_images": "--num-images",
+    "speculative_relax": "--relax", "edit_likelihood_weight": "--likelihood-weight",
+    "guided_prior_weight": "--guided-prior-weight", "guided_contrast_weight": "--guided-contrast-weight",
+    "prior_guidance_scale": "--prior-guidance-scale", "text_diff_scale": "--text-diff-scale", "seed": "--seed",
+}  # fmt: skip
+
+
+def check_settings(s: SampleConfig, source: str | None = None) -> None:
+    """Numbers a sampler cannot use are UserErrors naming the command-line flag; with `source` (where the settings
+    were written: a bundle's config.json, an evaluation's --set) naming the config key, after the source."""
+
+    def name(key: str) -> str:
+        return SAMPLE_FLAGS[key] if source is None and key in SAMPLE_FLAGS else f"config key 'sample.{key}'"
+
+    try:
+        _check_settings(s, name)
+    except UserError as e:
+        raise UserError(str(e) if source is None else f"{source}: {e}") from None
+
+
+def _check_settings(s: SampleConfig, name) -> None:
     for flag, value in (
-        ("--guidance-scale", s.guidance_scale),
-        ("--guidance-until", s.guidance_until),
-        ("--temperature", s.temperature),
-        ("--top-p", s.top_p),
+        (name("guidance_scale"), s.guidance_scale),
+        (name("guidance_until"), s.guidance_until),
+        (name("temperature"), s.temperature),
+        (name("top_p"), s.top_p),
     ):
         if not math.isfinite(value):
             raise UserError(f"{flag} is {value}; give a finite number")
     if s.candidates < 1:
-        raise UserError(f"--candidates is {s.candidates}; sample at least 1 candidate per prompt")
+        raise UserError(f"{name('candidates')} is {s.candidates}; sample at least 1 candidate per prompt")
     if s.candidates > MAX_CANDIDATES:  # all of a prompt's candidates are decoded and ranked together
-        raise UserError(f"--candidates is {s.candidates}; sample at most {MAX_CANDIDATES} candidates per prompt")
+        raise UserError(
+            f"{name('candidates')} is {s.candidates}; sample at most {MAX_CANDIDATES} candidates per prompt"
+        )
     if s.num_images < 1:
-        raise UserError(f"--num-images is {s.num_images}; keep at least 1 image per prompt")
+        raise UserError(f"{name('num_images')} is {s.num_images}; keep at least 1 image per prompt")
     if s.num_images > s.candidates:
         raise UserError(
-            f"--num-images {s.num_images} is above --candidates {s.candidates}; ask for fewer images or more candidates"
+            f"{name('num_images')} {s.num_images} is above {name('candidates')} {s.candidates}; ask for fewer images "
+            "or more candidates"
         )
     if not (math.isfinite(s.speculative_relax) and 0 <= s.speculative_relax < 1):
-        raise UserError(f"--relax is {s.speculative_relax}; give a probability mass in [0, 1) (0: exact decoding)")
+        raise UserError(
+            f"{name('speculative_relax')} is {s.speculative_relax}; "
+            "give a probability mass in [0, 1) (0: exact decoding)"
+        )
     if s.speculative_relax > 0 and s.decode != "speculative":
-        raise UserError(f"--relax relaxes speculative decoding's test; add --decode speculative (now {s.decode})")
+        raise UserError(
+            f"{name('speculative_relax')} relaxes speculative decoding's test; "
+            f"add --decode speculative (now {s.decode})"
+        )
     if s.speculative_neighbours < 1:
         raise UserError(
             f"config key 'sample.speculative_neighbours' is {s.speculative_neighbours}; set it to 1 or more"
@@ -217,26 +248,35 @@ def check_settings(s: SampleConfig) -> None:
             "is 1 (the draft alone); set it to 2 or more, or leave --relax out"
         )
     if not 0 <= s.guidance_until <= 1:
-        raise UserError(f"--guidance-until is {s.guidance_until}; give the guided fraction of the image, in [0, 1]")
+        raise UserError(
+            f"{name('guidance_until')} is {s.guidance_until}; give the guided fraction of the image, in [0, 1]"
+        )
     if not s.temperature >= MIN_TEMPERATURE:  # NaN too
         raise UserError(
-            f"--temperature is {s.temperature}; it must be above 0, at least {MIN_TEMPERATURE:g} (use --top-k 1 for "
+            f"{name('temperature')} is {s.temperature}; "
+            f"it must be above 0, at least {MIN_TEMPERATURE:g} (use --top-k 1 for "
             "greedy decoding)"
         )
     if s.top_k < 0:
-        raise UserError(f"--top-k is {s.top_k}; use 0 (off) or a positive number of ids")
+        raise UserError(f"{name('top_k')} is {s.top_k}; use 0 (off) or a positive number of ids")
     if not 0 < s.top_p <= 1:
-        raise UserError(f"--top-p is {s.top_p}; it must lie in (0, 1], 1 is off")
-    check_seed(s.seed)
+        raise UserError(f"{name('top_p')} is {s.top_p}; it must lie in (0, 1], 1 is off")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed < 2**62:
+        raise UserError(f"{name('seed')} is {s.seed!r}; use a non-negative integer below 2**62")
     if s.batch_size < 1:
         raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
     if not (math.isfinite(s.edit_likelihood_weight) and s.edit_likelihood_weight >= 0):
-        raise UserError(f"--likelihood-weight is {s.edit_likelihood_weight}; use 0 (CLIP alone) or a positive weight")
+        raise UserError(
+            f"{name('edit_likelihood_weight')} is {s.edit_likelihood_weight}; use 0 (CLIP alone) or a positive weight"
+        )
     if not (math.isfinite(s.guided_prior_weight) and s.guided_prior_weight >= 0):
-        raise UserError(f"--guided-prior-weight is {s.guided_prior_weight}; use 0 (CLIP alone) or a positive weight")
+        raise UserError(
+            f"{name('guided_prior_weight')} is {s.guided_prior_weight}; use 0 (CLIP alone) or a positive weight"
+        )
     if not (math.isfinite(s.guided_contrast_weight) and s.guided_contrast_weight >= 0):
         raise UserError(
-            f"--guided-contrast-weight is {s.guided_contrast_weight}; use 0 (the prompt alone) or a positive weight"
+            f"{name('guided_contrast_weight')} is {s.guided_contrast_weight}; "
+            "use 0 (the prompt alone) or a positive weight"
         )
     if s.guided_optimizer not in GUIDED_OPTIMIZERS:
         raise UserError(
@@ -247,14 +287,14 @@ def check_settings(s: SampleConfig) -> None:
     if s.prior_samples < 1:
         raise UserError(f"config key 'sample.prior_samples' is {s.prior_samples}; draw at least 1 embedding")
     if not math.isfinite(s.prior_guidance_scale):
-        raise UserError(f"--prior-guidance-scale is {s.prior_guidance_scale}; give a finite number (1: off)")
+        raise UserError(f"{name('prior_guidance_scale')} is {s.prior_guidance_scale}; give a finite number (1: off)")
     if not (math.isfinite(s.variation_guidance_scale) and s.variation_guidance_scale >= 0):
         raise UserError(
-            f"sample.variation_guidance_scale is {s.variation_guidance_scale}; give a finite number >= 0 "
+            f"{name('variation_guidance_scale')} is {s.variation_guidance_scale}; give a finite number >= 0 "
             "(0: sample.guidance_scale)"
         )
     if not (math.isfinite(s.text_diff_scale) and 0 <= s.text_diff_scale <= 1):
-        raise UserError(f"--text-diff-scale is {s.text_diff_scale}; give how far to turn the image, in [0, 1]")
+        raise UserError(f"{name('text_diff_scale')} is {s.text_diff_scale}; give how far to turn the image, in [0, 1]")
     if s.decode not in DECODE_MODES:
         raise UserError(f"decode '{s.decode}' is unknown; use {', '.join(DECODE_MODES)}")
 
@@ -334,6 +374,7 @@ class Pipeline:
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         cfg = read_bundle_config(path)
+        check_settings(cfg.sample, f"model '{path}' (its config.json)")  # before any weight is read
         text_tokenizer = load_text_tokenizer(path, cfg)
         transformer = load_transformer(path)
         image_tokenizer = load_vae(path)
