@@ -178,6 +178,22 @@ def test_a_retrain_stopped_before_its_end_leaves_config_json_describing_the_file
     assert resumed.returncode == 0 and read_config_json(run / "config.json").clip.embed_dim == 8
 
 
+def test_a_stage_train_all_starts_takes_ctrl_c_though_train_all_was_started_ignoring_it(tmp_path):
+    """A script's background job starts with SIGINT ignored, and the stage inherited that: `kill -INT` stopped
+    train.all's encode stage not at all (it ran to its end and train.all reported success). Its handlers are
+    installed before the stage starts, so the stage has SIGINT's default (Python's KeyboardInterrupt)."""
+    from train.all import run_stage
+
+    seen = tmp_path / "handler"
+    child = f"import signal; open({str(seen)!r}, 'w').write(repr(signal.getsignal(signal.SIGINT)))"
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert run_stage([sys.executable, "-c", child]) == 0
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "default_int_handler" in seen.read_text(), seen.read_text()
+
+
 def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
     """The stage runs in its own session (a terminal's Ctrl-C reaches train.all alone), and each SIGINT or SIGTERM
     train.all receives is passed on once: the first stops a training stage with a checkpoint, a second Ctrl-C

@@ -86,17 +86,27 @@ def run_stage(cmd: list[str]) -> int:
     """Run one stage to its end; its exit code. The stage runs in its own session, so a terminal's Ctrl-C
     reaches this process alone, which passes it (and SIGTERM, and a hangup as SIGTERM) on, once per signal: the
     first stops a training stage with a checkpoint, a second Ctrl-C stops it at once (train.loop.StopRequest)."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    started: list[subprocess.Popen] = []
+    pending: list[int] = []  # a signal that came before the stage started: passed on once it has
 
     def forward(signum, frame):
-        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        signum = signal.SIGTERM if signum == signal.SIGHUP else signum
+        if started:
+            started[0].send_signal(signum)
+        else:
+            pending.append(signum)
 
     # a closed terminal's SIGHUP stops the stage as SIGTERM does (it would outlive this process, and a rerun would
-    # train beside it), unless it is ignored (nohup)
+    # train beside it), unless it is ignored (nohup). Installed before the stage starts: a signal this process
+    # ignored (Ctrl-C, for a job a script started in the background) would be ignored by the stage too, whereas a
+    # handled one is the default there again
     hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
     previous = {signum: signal.signal(signum, forward) for signum in (*STOP_SIGNALS, *hangup)}
     try:
-        return proc.wait()
+        started.append(subprocess.Popen(cmd, start_new_session=True))
+        for signum in pending:
+            started[0].send_signal(signum)
+        return started[0].wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
