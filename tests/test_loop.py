@@ -79,7 +79,7 @@ def train(
         extra_state=extra,
         clip_parameters=None if clip is None else lambda: clip(model),
     )
-    tc = TrainConfig(steps=steps, warmup_steps=1, checkpoint_every=2, log_every=1, **kw)
+    tc = TrainConfig(**{"steps": steps, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1} | kw)
     accelerator = loop.make_accelerator(tc)
     args = argparse.Namespace(resume=resume, no_resume=no_resume)
     return loop.run(RunConfig(out_dir=str(run)), tc, stage, accelerator, args), model
@@ -290,6 +290,23 @@ def test_a_damaged_checkpoint_is_said_once_when_a_stage_first_asks_whether_it_re
     assert finetune.resuming(cfg, args, "dalle")
     assert loop.checkpoint_to_resume(tmp_path / "run" / "checkpoints" / "dalle", args).name == "step_00000002"
     assert capsys.readouterr().err.count("is damaged") == 1
+
+
+def test_a_run_that_trains_other_than_its_settings_read_says_so(tmp_path, capsys):
+    """A rerun with fewer steps than its checkpoint's exported the checkpoint's later weights in silence; a run
+    shrunk below the preset's warmup never reached its learning rate, in silence."""
+    train(tmp_path / "run", 4)
+    capsys.readouterr()
+    _, model = train(tmp_path / "run", 2)
+    err = capsys.readouterr().err
+    assert "dalle: the checkpoint resumed is at step 4, past train.dalle.steps=2: nothing trains, and the run " in err
+    assert "exports the weights of step 4; to end at step 2, start over with --no-resume" in err
+    train(tmp_path / "short", 3, warmup_steps=10)
+    err = capsys.readouterr().err
+    assert "dalle: train.dalle.warmup_steps=10 is not below train.dalle.steps=3, so the whole run is warmup" in err
+    assert "learning rate ends at 0.3 x train.dalle.lr; lower warmup_steps to reach lr" in err
+    train(tmp_path / "fine", 3)
+    assert "warmup" not in capsys.readouterr().err
 
 
 def test_a_sharded_checkpoint_layout_is_not_taken_for_a_damaged_one(tmp_path):

@@ -205,8 +205,11 @@ def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_every_code(tmp_pat
         capsys.readouterr()
         # the critic starts at step 3: in the second phase's first step (its step 1, the run's step 3)
         train_vae.main(args_for(run, *VQ, "vae.disc_start=3", "train.vae.steps=2", *extra))
-    phases = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    said = capsys.readouterr()
+    phases = [json.loads(line) for line in said.out.strip().splitlines()]
     assert [p["stage"] for p in phases] == ["vae", "vae_decoder"]
+    # the phase a preset sets (emoji's 1,000 steps) says it follows: once it ran on unannounced after steps=0
+    assert "vae_decoder: 2 more steps of the decoder alone on the fixed codes follow" in said.err
     assert "adversarial" not in phases[0] and phases[1]["adversarial_weight"] > 0
     assert [p.name for p in list_checkpoints(runs["both"] / "checkpoints" / "vae_decoder")] == ["step_00000002"]
     first, both = load_file(str(runs["first"] / "vae.safetensors")), load_file(str(runs["both"] / "vae.safetensors"))
@@ -1080,6 +1083,14 @@ def test_train_all_force_trains_a_finished_stage_again_from_step_0(run_dir, tmp_
     assert [p.name for p in list_checkpoints(run / "checkpoints" / "vae")] == ["step_00000002", "step_00000004"]
     after = load_file(run / "vae.safetensors")  # trained again from nothing: the same weights
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # a finished stage is skipped; with other settings, the skip says which and what would train it
+    assert train_all.main([*args_for(run, "train.vae.steps=6", "train.vae.checkpoint_every=2"), "--only", "vae"]) == 0
+    said = capfd.readouterr()
+    assert '"skipped"' in said.out
+    changed = "stage vae was done with other settings than these (train.vae.steps 4 (now 6)); --force trains it again"
+    assert changed in said.err
+    assert train_all.main([*args, "--only", "vae"]) == 0
+    assert "other settings" not in capfd.readouterr().err
 
 
 def test_an_embeddings_file_with_damaged_tensors_under_its_metadata_is_computed_again(tmp_path):

@@ -30,6 +30,7 @@ copies its text.model, and every later stage but encode starts from its weights 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import subprocess
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from dalle_mini_impl.bench.speed import measure_peak
-from dalle_mini_impl.config import add_config_args, config_from_args
+from dalle_mini_impl.config import add_config_args, config_from_args, read_config_json
 from dalle_mini_impl.data.streams import check_source
 from dalle_mini_impl.errors import UserError, run_cli
 from train.clip import check_config as check_clip_config
@@ -112,6 +113,29 @@ def run_stage(cmd: list[str]) -> int:
             signal.signal(signum, handler)
 
 
+def changed_settings(cfg, out: Path, name: str) -> list[str]:
+    """The `train.<name>` settings (and the VQ's decoder phase's) that differ from those the finished stage ran
+    with (its logs/<name>/config.json), as "key then (now value)": train.all skips a finished stage, and a rerun
+    with more steps once said nothing about what it did not do."""
+    sections = [s for s in (name, "vae_decoder" if name == "vae" else None) if s and hasattr(cfg.train, s)]
+    path = out / "logs" / name / "config.json"
+    if not sections or not path.is_file():
+        return []
+    try:
+        then = read_config_json(path)
+    except UserError:  # a damaged log is no reason to stop a skip
+        return []
+    changed = []
+    for section in sections:
+        old, new = getattr(then.train, section), getattr(cfg.train, section)
+        for field in dataclasses.fields(new):
+            if getattr(old, field.name) != getattr(new, field.name):
+                changed.append(
+                    f"train.{section}.{field.name} {getattr(old, field.name)!r} (now {getattr(new, field.name)!r})"
+                )
+    return changed
+
+
 def cpu_matmul_gflops() -> float:
     """The CPU's dense fp32 matmul rate now, in GFLOP/s: the best of 4 at 1024^3 (a quarter of a second here). On
     the CPU only: measuring a GPU from this process would hold a CUDA context beside every stage's."""
@@ -165,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if (out / marker).exists() and not args.force:
             print(json.dumps({"stage": name, "skipped": f"{out / marker} exists"}), flush=True)
+            changed = changed_settings(cfg, out, name)
+            if changed:
+                print(
+                    f"stage {name} was done with other settings than these ({', '.join(changed)}); --force trains it "
+                    f"again from step 0 (python -m {module} with these settings resumes its last checkpoint instead)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             continue
         t0 = time.perf_counter()
         init = ["--init-from", args.init_from] if args.init_from and name != "encode" else []

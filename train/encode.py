@@ -107,8 +107,11 @@ def encode_split(
     data = data_digest(cfg, split, world)
     # this process's share of `limit` (0: everything the split has)
     share = (limit // world + (rank < limit % world)) if limit > 0 else None
-    # the bar counts encoded rows: mirror images make more of them than examples
-    bar = tqdm(total=share if mirrored is None else None, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
+    # the bar counts encoded images: mirror images make more of them than examples (no total then); an example
+    # skipped as unreadable leaves the bar short of its total
+    length = stream.length  # this process's records, or None for a stream
+    total = length if share is None else share if length is None else min(share, length)
+    bar = tqdm(total=total if mirrored is None else None, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
     # the shard being filled: its images, and for each row the image it draws (an image with several captions is a
     # row per caption, encoded once) and its caption
     images, image_of, captions = [], [], []

@@ -347,6 +347,8 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
 def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argparse.Namespace) -> dict[str, float]:
     t = prepare(cfg, tc, stage, accelerator)
     resume(t, checkpoint_to_resume(t.ckpt_root, args))
+    if t.is_main:
+        say_what_the_schedule_misses(t)
     set_aside_later_checkpoints(t)
     t.writer = open_writer(t)
     batches: Iterator[dict] = iter(stage.batches)
@@ -603,6 +605,26 @@ def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace, say: bool = 
     if damage is not None:
         raise UserError(f"checkpoint '{path}' is damaged ({damage}); pass an older one, or start over with --no-resume")
     return path
+
+
+def say_what_the_schedule_misses(t: Training) -> None:
+    """One line each for a run that trains other than its settings read: resumed past its steps (nothing trains,
+    and the checkpoint's later weights are exported), or all in warmup (its learning rate never reaches lr)."""
+    tc, key = t.tc, f"train.{t.stage.name}"
+    if t.step > tc.steps:
+        tqdm.write(
+            f"{t.stage.name}: the checkpoint resumed is at step {t.step}, past {key}.steps={tc.steps}: nothing "
+            f"trains, and the run exports the weights of step {t.step}; to end at step {tc.steps}, start over with "
+            "--no-resume",
+            file=sys.stderr,
+        )
+    elif 0 < tc.steps <= tc.warmup_steps:
+        tqdm.write(
+            f"{t.stage.name}: {key}.warmup_steps={tc.warmup_steps} is not below {key}.steps={tc.steps}, so the "
+            f"whole run is warmup and its learning rate ends at {tc.steps / tc.warmup_steps:.2g} x {key}.lr; lower "
+            "warmup_steps to reach lr",
+            file=sys.stderr,
+        )
 
 
 def check_processes(t: Training, checkpoint: Path, state: dict) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -141,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in model.parameters():  # each phase freezes what its own settings name, not what the last froze
             p.requires_grad_(True)
         finetune.freeze(model, "vae", frozen, name)
+        if i > 0 and accelerator.is_main_process:  # a phase a preset may set where the command line does not show it
+            print(
+                f"{name}: {tc.steps} more steps of the decoder alone on the fixed codes follow "
+                f"(train.{name}.steps; 0: none)",
+                file=sys.stderr,
+                flush=True,
+            )
         stage = phase(cfg, name, tc, model, accelerator, offset, export=i == len(phases) - 1)
         loop.report(name, loop.run(cfg, tc, stage, accelerator, phase_args(args, names, i)), accelerator)
     return 0
