@@ -655,6 +655,9 @@ def test_cli_classify_index_search(bundle, photos, tmp_path, capsys):
     main(["search", str(tmp_path / "idx"), "a green square", "-k", "1", "--model", str(bundle)])
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["path"].endswith("green.png") and -1 <= row["score"] <= 1
+    # without --model, search loads the bundle that built the index (it was refused as the shipped model's)
+    main(["search", str(tmp_path / "idx"), "a green square", "-k", "1"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [row]
 
 
 @pytest.mark.parametrize(

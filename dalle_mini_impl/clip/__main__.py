@@ -36,7 +36,11 @@ def load_scorer(args: argparse.Namespace) -> ClipScorer:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=None, help="a bundle folder or a shipped bundle's name (default: shapes)")
+    common.add_argument(
+        "--model",
+        default=None,
+        help="a bundle folder or a shipped bundle's name (default: shapes; search: the bundle that built the index)",
+    )
     common.add_argument("--openclip", default=None, metavar="NAME", help="an open_clip model name, e.g. ViT-B-32")
     common.add_argument("--pretrained", default=None, help="with --openclip: a weights file or an open_clip tag")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.k < 1:
             raise UserError(f"-k is {args.k}; ask for at least 1 result")
-        read_index(args.index)  # before the model loads: a wrong folder should fail fast
+        _, _, meta = read_index(args.index)  # before the model loads: a wrong folder should fail fast
+        built_by = str(meta.get("model") or "")
+        if args.model is None and not args.openclip and Path(built_by).is_dir():
+            args.model = built_by  # the bundle that built the index, which alone can search it
         for path, score in search(load_scorer(args), args.index, args.query, args.k):
             print(json.dumps({"path": path, "score": round(score, 4)}))
     return 0
