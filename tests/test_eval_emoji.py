@@ -482,6 +482,13 @@ def test_r_precision_names_are_other_names_each_once_and_the_same_for_a_seed():
     assert drawn != emoji.rprecision_names("thing 7", names, seed=1, index=3)
     with pytest.raises(UserError, match="needs at least 100 names"):
         emoji.rprecision_names("thing 7", NAMES[:50], seed=0, index=0)
+    # the draw from the sorted pool without the true name (its names after it one place down: the pool is sorted
+    # once for every caption), for a true name first, last, inside and outside the pool
+    for true in (min(NAMES), max(NAMES), "thing 7", "not a train name"):
+        pool = sorted(set(names) - {true})
+        rng = np.random.default_rng([5, 2])
+        want = [pool[j] for j in rng.choice(len(pool), 99, replace=False)]
+        assert emoji.rprecision_names(true, names, seed=5, index=2) == want, true
 
 
 def test_cmmd_is_zero_for_identical_sets_and_positive_for_different_ones():
@@ -493,6 +500,18 @@ def test_cmmd_is_zero_for_identical_sets_and_positive_for_different_ones():
     # the definition: scale * (mean k(x, x') + mean k(y, y') - 2 mean k(x, y)), k = exp(-|a - b|^2 / 200)
     k = lambda a, b: torch.exp(-(torch.cdist(a.double(), b.double()) ** 2) / 200).mean()  # noqa: E731
     assert emoji.cmmd(x, y) == pytest.approx(1000 * float(k(x, x) + k(y, y) - 2 * k(x, y)), rel=1e-9)
+
+
+def test_cmmd_of_sets_larger_than_a_chunk_is_the_whole_matrixs(monkeypatch):
+    """The kernel matrix is summed CMMD_CHUNK rows at a time (the whole matrix of 16,000 embeddings took 6 GB):
+    the same number as in one piece, and 0 for identical sets."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(70, 8, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(50, 8, generator=g) + 1, dim=-1)
+    whole = emoji.cmmd(x, y)
+    monkeypatch.setattr(emoji, "CMMD_CHUNK", 16)
+    assert emoji.cmmd(x, y) == pytest.approx(whole, rel=1e-12) and emoji.cmmd(x, y) > 0
+    assert emoji.cmmd(x, x) == 0.0
 
 
 def test_captions_parse_or_say_what_they_should_be():
