@@ -606,6 +606,15 @@ def test_token_shards_with_a_gap_or_unusable_contents_are_one_sentence(tmp_path)
     for index in range(3):
         write_shard(shard_path(folder, 0, index), ids, ["a", "b"])
     assert read_shards(folder)[0].shape == (6, 4, 4)
+    # the training stream keeps them as stored (int16: a quarter of int64's memory, in every process) and gives
+    # each batch's as int64
+    from dalle_mini_impl.data.tokens import TokenStream
+
+    assert read_shards(folder)[0].dtype == torch.int64 and read_shards(folder, stored=True)[0].dtype == torch.int16
+    stream = TokenStream(folder, 3, train=False)
+    assert stream.image_ids.dtype == torch.int16
+    batch = next(iter(stream))["image_ids"]
+    assert batch.dtype == torch.int64 and torch.equal(batch, torch.cat([ids, ids])[:3])
     shard_path(folder, 0, 1).unlink()
     with pytest.raises(UserError, match="lack 'shard_000_00001.safetensors'; rerun train.encode to write it"):
         read_shards(folder)

@@ -123,8 +123,9 @@ def list_shards(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if SHARD_RE.match(p.name))
 
 
-def read_shards(folder: Path) -> tuple[torch.Tensor, list[str]]:
-    """All rows of a split: image ids (N, h, w) as int64 and their captions."""
+def read_shards(folder: Path, stored: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """All rows of a split: image ids (N, h, w) as int64 (`stored`: as the shards store them, int16 for a codebook
+    below 32,768, a quarter of the memory: `TokenStream` keeps them so, every process a copy) and their captions."""
     shards = list_shards(folder)
     if not shards:
         raise UserError(f"no token shards in '{folder}'; run `python -m train.encode` with the same config first")
@@ -147,7 +148,7 @@ def read_shards(folder: Path) -> tuple[torch.Tensor, list[str]]:
         fault = _shard_fault(shard, texts, ids[0].shape[1:] if ids else None)
         if fault is not None:
             raise UserError(f"token shard '{path}' {fault}; delete it and rerun train.encode")
-        ids.append(shard.long())
+        ids.append(shard if stored else shard.long())
         captions += texts
     return torch.cat(ids), captions
 
@@ -190,7 +191,7 @@ class TokenStream:
         num_processes: int = 1,
         extra: dict[str, torch.Tensor] | None = None,
     ):
-        self.image_ids, self.captions = read_shards(folder)
+        self.image_ids, self.captions = read_shards(folder, stored=True)  # each batch's as int64
         self.extra = dict(extra or {})
         for key, rows in self.extra.items():
             if rows.shape[0] != len(self.captions):
@@ -227,7 +228,7 @@ class TokenStream:
                 idx = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
                 if len(idx) == 0:
                     continue
-                batch = {"image_ids": self.image_ids[idx], "caption": [self.captions[i] for i in idx]}
+                batch = {"image_ids": self.image_ids[idx].long(), "caption": [self.captions[i] for i in idx]}
                 yield batch | {key: rows[idx] for key, rows in self.extra.items()}
             if not self.train:
                 return
