@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserError, run_cli
 from ..pipeline.bundle import load_clip
-from .uses import DEFAULT_TEMPLATES, ClipScorer, build_index, read_image, read_index, search
+from .uses import DEFAULT_TEMPLATES, ClipScorer, build_index, load_index, read_image, search
 
 
 def load_scorer(args: argparse.Namespace) -> ClipScorer:
@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.k < 1:
             raise UserError(f"-k is {args.k}; ask for at least 1 result")
-        _, _, meta = read_index(args.index)  # before the model loads: a wrong folder should fail fast
-        built_by = str(meta.get("model") or "")
+        index = load_index(args.index)  # before the model loads: a wrong folder should fail fast
+        built_by = str(index.meta.get("model") or "")
         if args.model is None and not args.openclip and Path(built_by).is_dir():
             args.model = built_by  # the bundle that built the index, which alone can search it
-        for path, score in search(load_scorer(args), args.index, args.query, args.k):
+        for path, score in search(load_scorer(args), index, args.query, args.k):
             print(json.dumps({"path": path, "score": round(score, 4)}))
     return 0
 

@@ -28,6 +28,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -410,15 +411,31 @@ def read_index(index_dir: str | os.PathLike) -> tuple[np.ndarray, list[str], dic
     return emb, files, meta
 
 
-def search(scorer: ClipScorer, index_dir: str | os.PathLike, query: str, k: int = 5) -> list[tuple[str, float]]:
-    """The k images of an index closest to a text query: [(path, cosine similarity)], best first."""
+class LoadedIndex(NamedTuple):
+    """An index folder read into memory (`load_index`): what a server searches again and again."""
+
+    path: Path
+    embeddings: np.ndarray
+    files: list[str]
+    meta: dict
+
+
+def load_index(index_dir: str | os.PathLike) -> LoadedIndex:
+    return LoadedIndex(Path(index_dir), *read_index(index_dir))
+
+
+def search(
+    scorer: ClipScorer, index: str | os.PathLike | LoadedIndex, query: str, k: int = 5
+) -> list[tuple[str, float]]:
+    """The k images of an index (a folder, or one `load_index` read: the web app's, read once, not per query)
+    closest to a text query: [(path, cosine similarity)], best first."""
     if k < 1:
         raise UserError(f"k is {k}; ask for at least 1 result")
     if not isinstance(query, str):
         raise UserError(f"the search query is a {type(query).__name__}; give one query as a str")
     if not query.strip():
         raise UserError("the search query is empty; describe what to find, e.g. 'a red circle'")
-    emb, files, meta = read_index(index_dir)
+    index_dir, emb, files, meta = index if isinstance(index, LoadedIndex) else load_index(index)
     mine = scorer.fingerprint()
     if meta["fingerprint"] != mine:
         raise UserError(
