@@ -348,6 +348,10 @@ def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
         if not path.endswith(".tar") or not os.path.isfile(path):
             continue
         size = os.path.getsize(path)
+        with open(path, "rb") as f:  # whole blocks ending in the end-of-archive blocks: complete, unread (fast path)
+            f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+            if size % tarfile.BLOCKSIZE == 0 and size >= 3 * tarfile.BLOCKSIZE and not any(f.read()):
+                continue
         try:
             with tarfile.open(path, "r:") as archive:
                 end = 0
