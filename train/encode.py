@@ -57,15 +57,56 @@ def data_digest(cfg: RunConfig, split: str, world: int) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rows_digest(images: list[torch.Tensor], captions: list[str]) -> str:
-    """A digest of a shard's rows, the images as the stream prepared them and their captions: what a rerun's rows
-    must equal for their shard to be reused. The settings' digest alone let a shard of the same count be reused
-    over other rows (an image repaired between two encodes shifted every row after it by one)."""
-    h = hashlib.sha256()
-    for image, caption in zip(images, captions):
-        h.update(image.contiguous().numpy().tobytes())
-        h.update(json.dumps(caption).encode())
-    return h.hexdigest()[:16]
+ENCODE_BATCH = 256  # images encoded at once
+
+
+class Shard:
+    """The rows of one token shard being filled: its images, and for each row the image it draws (an image with
+    several captions is a row per caption, encoded once) and its caption. With `encode_as_they_come` the images
+    are encoded 256 at a time and let go (a shard of 10,000 float images at 256 px would take 7.9 GB); otherwise
+    they wait for `row_ids`, since an earlier run's shard of the same rows is reused unencoded. The rows' digest
+    is kept as they come: of each row's image, as the stream prepared it, and caption (what a rerun's rows must
+    equal for their shard to be reused; the settings' digest alone let a shard of the same count be reused over
+    other rows, when an image repaired between two encodes shifted every row after it by one)."""
+
+    def __init__(self, path: Path, tokenizer, device, bar, encode_as_they_come: bool):
+        self.path, self.tokenizer, self.device, self.bar = path, tokenizer, device, bar
+        self.encode_as_they_come = encode_as_they_come
+        self.pending: list[torch.Tensor] = []  # images not encoded yet
+        self.ids: list[torch.Tensor] = []  # the codes of those encoded, in order
+        self.images = 0
+        self.image_of: list[int] = []
+        self.captions: list[str] = []
+        self._digest = hashlib.sha256()
+
+    def add(self, image: torch.Tensor, texts: list[str]) -> None:
+        pixels = image.contiguous().numpy().tobytes()
+        for text in texts:
+            self.image_of.append(self.images)
+            self.captions.append(text)
+            self._digest.update(pixels)
+            self._digest.update(json.dumps(text).encode())
+        self.images += 1
+        self.pending.append(image)
+        if self.encode_as_they_come and len(self.pending) >= ENCODE_BATCH:
+            self._encode()
+
+    def rows(self) -> str:
+        """The digest of the rows so far."""
+        return self._digest.hexdigest()[:16]
+
+    def row_ids(self) -> torch.Tensor:
+        """The codes of every row (rows, h, w), the images left encoded first."""
+        self._encode()
+        return torch.cat(self.ids)[torch.tensor(self.image_of)]
+
+    def _encode(self) -> None:
+        with torch.inference_mode():
+            for i in range(0, len(self.pending), ENCODE_BATCH):
+                batch = torch.stack(self.pending[i : i + ENCODE_BATCH]).to(self.device)
+                self.ids.append(self.tokenizer.encode(batch).cpu())
+                self.bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
+        self.pending = []
 
 
 def check_ends(cfg: RunConfig) -> None:
@@ -112,62 +153,56 @@ def encode_split(
     length = stream.length  # this process's records, or None for a stream
     total = length if share is None else share if length is None else min(share, length)
     bar = tqdm(total=total if mirrored is None else None, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
-    # the shard being filled: its images, and for each row the image it draws (an image with several captions is a
-    # row per caption, encoded once) and its caption
-    images, image_of, captions = [], [], []
     index, n, n_rows, n_mirrored, written, reused = 0, 0, 0, 0, 0, 0
 
-    def add(image: torch.Tensor, texts: list[str]) -> None:
-        nonlocal n_rows
-        images.append(image)
-        image_of.extend([len(images) - 1] * len(texts))
-        captions.extend(texts)
-        n_rows += len(texts)
-
-    def flush() -> None:
-        nonlocal images, image_of, captions, index, written, reused
-        path = shard_path(folder, rank, index)
+    def written_alike(path: Path) -> bool:
+        """Whether an earlier run wrote the shard at `path` with this tokenizer, mirroring as this run does, its
+        rows chosen by the same data settings (a VAE trained again since writes every shard again)."""
         meta = shard_metadata(path) if path.exists() else None
-        rows = rows_digest([images[i] for i in image_of], captions)
-        # written by an earlier run: reused when it holds these rows (the same images and captions), this tokenizer
-        # wrote it, it mirrors as this run does and the same data settings chose its rows; the last shard of an
+        return meta is not None and all(
+            meta.get(k) == v for k, v in (("tokenizer", digest), ("flips", flips), ("data", data))
+        )
+
+    def start() -> Shard:
+        # a shard written alike may be reused, so its images wait until its rows are known; any other's are
+        # encoded as they come
+        path = shard_path(folder, rank, index)
+        return Shard(path, tokenizer, device, bar, encode_as_they_come=not written_alike(path))
+
+    def flush(shard: Shard) -> None:
+        nonlocal index, written, reused
+        # reused when written alike and holding these rows (the same images and captions); the last shard of an
         # encode that stopped at a smaller data.max_examples holds fewer, and is encoded again (else the rows after
-        # it would be lost); a VAE trained again since writes every shard again
+        # it would be lost)
         if (
-            meta is not None
-            and shard_rows(path) == len(captions)
-            and meta.get("tokenizer") == digest
-            and meta.get("flips") == flips
-            and meta.get("data") == data
-            and meta.get("rows") == rows
+            written_alike(shard.path)
+            and shard_rows(shard.path) == len(shard.captions)
+            and shard_metadata(shard.path).get("rows") == shard.rows()
         ):
             reused += 1
-            bar.update(len(images))
+            bar.update(shard.images)
         else:
-            ids = []
-            with torch.inference_mode():
-                for i in range(0, len(images), 256):
-                    batch = torch.stack(images[i : i + 256]).to(device)
-                    ids.append(tokenizer.encode(batch).cpu())
-                    bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
-            ids = torch.cat(ids)[torch.tensor(image_of)]
-            write_shard(path, ids, captions, tokenizer=digest, flips=flips, data=data, rows=rows)
+            ids = shard.row_ids()
+            write_shard(shard.path, ids, shard.captions, tokenizer=digest, flips=flips, data=data, rows=shard.rows())
             written += 1
-        images, image_of, captions, index = [], [], [], index + 1
+        index += 1
 
+    shard = start()
     for example in stream:
         if share is not None and n >= share:
             break
         n += 1
-        add(example["image"], example["captions"])
+        shard.add(example["image"], example["captions"])
         kept = [text for text in example["captions"] if mirrored is not None and mirrored(text)]
         if kept:  # the mirror image, with the captions a mirror leaves true
-            add(example["image"].flip(-1), kept)
+            shard.add(example["image"].flip(-1), kept)
             n_mirrored += 1
-        if len(captions) >= shard_size:  # an example's rows and its mirror image's stay in one shard
-            flush()
-    if captions:
-        flush()
+        n_rows += len(example["captions"]) + len(kept)
+        if len(shard.captions) >= shard_size:  # an example's rows and its mirror image's stay in one shard
+            flush(shard)
+            shard = start()
+    if shard.captions:
+        flush(shard)
     bar.close()
     # shards of an earlier encode past this one's last (a larger data.max_examples, rows a filter now drops), and
     # those of processes this run does not have: read_shards would read them as rows of this split

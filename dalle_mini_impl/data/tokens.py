@@ -91,7 +91,7 @@ def write_shard(
     """Write one shard atomically. `image_ids` is (N, h, w); stored as int16 when the codebook fits. tokenizer:
     the `tokenizer_digest` of the image tokenizer that made the ids; flips: what says which rows have a mirrored
     row beside them (`data.encode_flip`); data: a digest of the data settings that chose and drew its rows; rows:
-    a digest of the images and captions it encodes (`train.encode.rows_digest`); all kept in the shard's
+    a digest of the images and captions it encodes (`train.encode.Shard.rows`); all kept in the shard's
     metadata."""
     assert image_ids.dim() == 3 and len(captions) == image_ids.shape[0]
     dtype = torch.int16 if int(image_ids.max()) < 2**15 else torch.int32
