@@ -32,6 +32,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import ipaddress
 import json
@@ -54,7 +55,7 @@ from dalle_mini_impl.data.images import prepare_image, to_rgb
 from dalle_mini_impl.data.streams import SKIP_REASONS, UnusableRecord, decode_image
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import bundle_path
-from dalle_mini_impl.pipeline.pipeline import Pipeline
+from dalle_mini_impl.pipeline.pipeline import Pipeline, check_settings
 
 PAGE = Path(__file__).resolve().parent / "static" / "app.html"
 SHIPPED = ("shapes", "emoji")  # the bundles the page offers besides --model
@@ -113,6 +114,14 @@ def read_settings(body: dict) -> dict:
         for key, kind in SETTINGS.items()
         if body.get(key) not in (None, "")
     }
+
+
+def checked_settings(model: Model, body: dict) -> dict:
+    """`read_settings`, the values checked as the page names them ("the setting temperature is 0.0"), not as the
+    command line's flags ("--temperature"), which the page has none of."""
+    settings = read_settings(body)
+    check_settings(dataclasses.replace(model.pipe.cfg.sample, **settings), fields=True)
+    return settings
 
 
 def pick(items: Sequence, value, what: str):
@@ -254,18 +263,18 @@ class App:
     def generate(self, body: dict) -> dict:
         model = self.model(body)
         method = body.get("method") or "ar"
+        settings = checked_settings(model, body)
         with caught_warnings(model) as said:
-            groups = model.pipe.generate(
-                [text_field(body, "prompt")], method=str(method), progress=False, **read_settings(body)
-            )
+            groups = model.pipe.generate([text_field(body, "prompt")], method=str(method), progress=False, **settings)
         return results_json(groups, said)
 
     def edit(self, body: dict) -> dict:
         model = self.model(body)
         max_pixels = model.pipe.cfg.data.max_image_pixels
         image, mask = read_upload(body, "image", max_pixels), read_upload(body, "mask", max_pixels)
+        settings = checked_settings(model, body)
         with caught_warnings(model) as said:
-            groups = model.pipe.edit([text_field(body, "prompt")], image, mask, progress=False, **read_settings(body))
+            groups = model.pipe.edit([text_field(body, "prompt")], image, mask, progress=False, **settings)
         return results_json(groups, said)
 
     def classify(self, body: dict) -> dict:

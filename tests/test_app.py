@@ -247,10 +247,11 @@ def test_generate_answers_the_pipelines_warnings_with_its_images(url, capsys):
 
 def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
     cases = [
-        ({"prompt": "a red circle", "temperature": 0}, "temperature"),
-        ({"prompt": "a red circle", "temperature": "-1"}, "temperature"),
-        ({"prompt": "a red circle", "top_p": "1.5"}, "top-p"),
-        ({"prompt": "a red circle", "num_images": 9, "candidates": 2}, "candidates"),
+        # named as the page names them (once as the command line's flags, "--temperature", which the page lacks)
+        ({"prompt": "a red circle", "temperature": 0}, "the setting temperature is 0.0; it must be above 0"),
+        ({"prompt": "a red circle", "temperature": "-1"}, "the setting temperature is -1.0"),
+        ({"prompt": "a red circle", "top_p": "1.5"}, "the setting top_p is 1.5"),
+        ({"prompt": "a red circle", "num_images": 9, "candidates": 2}, "the setting num_images 9 is above the setting"),
         ({"prompt": "a red circle", "candidates": "many"}, "candidates"),
         ({"prompt": "a red circle", "num_images": "2.5"}, "whole number"),
         ({"prompt": "a red circle", "temperature": 10**400}, "give a number"),  # too large for a float

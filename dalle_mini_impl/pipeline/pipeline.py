@@ -193,11 +193,14 @@ SAMPLE_FLAGS = {
 }  # fmt: skip
 
 
-def check_settings(s: SampleConfig, source: str | None = None) -> None:
+def check_settings(s: SampleConfig, source: str | None = None, fields: bool = False) -> None:
     """Numbers a sampler cannot use are UserErrors naming the command-line flag; with `source` (where the settings
-    were written: a bundle's config.json, an evaluation's --set) naming the config key, after the source."""
+    were written: a bundle's config.json, an evaluation's --set) naming the config key, after the source; with
+    `fields`, naming the setting as a form's field (the web app's page)."""
 
     def name(key: str) -> str:
+        if fields:
+            return f"the setting {key}"
         return SAMPLE_FLAGS[key] if source is None and key in SAMPLE_FLAGS else f"config key 'sample.{key}'"
 
     try:
