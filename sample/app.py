@@ -247,7 +247,7 @@ class App:
                 if model.pipe.clip is not None:  # an index is its CLIP's: one per model and folder
                     out = Path(index_root) / f"model{i}-folder{j}"
                     self.sizes[j] = build_index(model.pipe.clip, folder, out)["n"]
-                    index = load_index(out)  # read once: a search read it again per query (85% of its time)
+                    index = load_index(out)  # read once: a search read it again per query, most of its time
                 model.indexes.append(index)
 
     def info(self) -> dict:

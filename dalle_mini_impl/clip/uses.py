@@ -83,7 +83,7 @@ def _texts(texts: Sequence[str] | str, what: str) -> list[str]:
 
 def _check_images(images: torch.Tensor) -> None:
     """Images must be a float tensor (m, 3, H, W) in [0, 1]: uint8 pixels, a PIL image or 0..255 floats were read
-    as they came (a uint8 image scored 0.28 where its float self scored 0.73)."""
+    as they came, scored as other images than they are."""
     if not isinstance(images, torch.Tensor):
         raise UserError(
             f"images are a {type(images).__name__}; give a float tensor (m, 3, H, W) in [0, 1] (files and PIL images: "

@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     split = args.split or cfg.data.val_split
     scorer = load_clip(args.model, device=args.device)
     scorer.batch_size = args.batch_size
-    # the split's images are embedded a batch at a time and let go (all of them as floats took 1.6 GB for 8,000
-    # images at 64 px); on shapes, the judge's objects in them are kept for the ceiling
+    # the split's images are embedded a batch at a time and let go (all of them were held as floats, and stacked
+    # again); on shapes, the judge's objects in them are kept for the ceiling
     shapes = cfg.data.source == "shapes"
     embedded, found, captions, buffer = [], [], [], []
 

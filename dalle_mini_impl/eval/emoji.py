@@ -109,7 +109,7 @@ def rprecision_names(true_name: str, names: Sequence[str], seed: int, index: int
 
 def _draw_names(true_name: str, pool: list[str], seed: int, index: int) -> list[str]:
     """`rprecision_names` from the sorted distinct names `pool` (sorted once for every caption: sorting the train
-    split's names again per caption cost seconds at 16,000 captions): the same draw from the pool without
+    split's names again per caption grew with captions times names): the same draw from the pool without
     `true_name`, whose names after it move down one place."""
     at = bisect.bisect_left(pool, true_name)
     skip = at < len(pool) and pool[at] == true_name
@@ -123,7 +123,7 @@ def _draw_names(true_name: str, pool: list[str], seed: int, index: int) -> list[
     return [pool[j + (skip and j >= at)] for j in rng.choice(others, R_PRECISION_POOL - 1, replace=False)]
 
 
-# rows of the kernel matrix summed at once: the whole matrix of 16,000 embeddings took 6 GB
+# rows of the kernel matrix summed at once: the whole matrix grows with the square of the set
 CMMD_CHUNK = 1024
 
 
