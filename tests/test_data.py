@@ -411,6 +411,16 @@ def test_splits_written_with_other_column_types_are_read_as_one(tmp_path):
         open_dataset(_cfg(tmp_path / "{split}.parquet"), "train+test")
 
 
+def test_a_caption_list_of_only_text_that_was_not_utf8_is_a_bad_caption(tmp_path):
+    """A list whose every caption held U+FFFD was kept (one of them drawn), and train.encode, which writes a row
+    per usable caption, then encoded its image for no row, counted nowhere."""
+    _write_parquet(tmp_path / "d.parquet", [_png()] * 3, [["a"], ["caf\ufffd"], ["b", "x\ufffd"]])
+    stream = ExampleStream(_cfg(tmp_path / "d.parquet"), "train", train=False, all_captions=True)
+    examples = list(stream)
+    assert [(ex["caption"], ex["captions"]) for ex in examples] == [("a", ["a"]), ("b", ["b"])]
+    assert dict(stream.skipped) == {"bad_caption": 1}
+
+
 def test_a_pass_with_nothing_readable_is_a_user_error(tmp_path):
     _write_parquet(tmp_path / "bad.parquet", [b"junk", b""], ["a", "b"])
     with pytest.raises(UserError, match=r"has no readable example \(2 skipped: empty_file: 1, not_an_image: 1\)"):

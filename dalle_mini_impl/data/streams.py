@@ -832,10 +832,12 @@ def _clean_caption(value: Any, max_chars: int, rng: random.Random) -> str:
         if not all(isinstance(v, str) for v in value):
             raise UnusableRecord("bad_caption", f"a list holding {sorted({type(v).__name__ for v in value})}")
         options = [" ".join(v.split()) for v in value]
-        options = [v for v in options if v]
-        if not options:
+        readable = [v for v in options if v and "\ufffd" not in v]  # as a caption alone: bytes that were not UTF-8
+        if not readable:
+            if any("\ufffd" in v for v in options):
+                raise UnusableRecord("bad_caption", "a list whose captions hold U+FFFD (bytes that were not UTF-8)")
             raise UnusableRecord("empty_caption")
-        text = rng.choice(options)
+        text = rng.choice(readable)
     elif isinstance(value, str):
         text = " ".join(value.split())
         if not text:
