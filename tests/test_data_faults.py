@@ -462,6 +462,25 @@ def test_a_webdataset_archive_cut_short_is_named_in_a_warning(tmp_path, caplog):
     assert n < 20 and len(said) == 1 and str(cut) in said[0] and str(whole) not in said[0]
 
 
+def test_an_archive_cut_after_a_member_ending_in_zeros_is_found_and_a_whole_one_walked_once(tmp_path, monkeypatch):
+    """An archive cut just after a member whose data ends in zeros (an uncompressed black image) ends in zero
+    blocks as a whole one does: a check of its last blocks alone passed it, losing the samples after the cut."""
+    members = [*_samples(2), ("002.bmp", bytes(4096)), ("002.txt", b"black"), *_samples(5)[4:]]
+    whole = tmp_path / "whole.tar"
+    _write_tar(whole, members)
+    with tarfile.open(whole) as archive:
+        black = archive.getmember("002.bmp")
+    cut = tmp_path / "cut.tar"
+    _write_tar(cut, members, cut=black.offset_data + 4096)  # right after the zeros, at a block's end
+    assert data.warn_of_cut_archives("x", [str(cut), str(whole)]) == [str(cut)]
+    # the whole one, walked once, is not walked again while it is unchanged; the cut one is every time
+    def walked(*args, **kwargs):
+        raise AssertionError("walked again")
+
+    monkeypatch.setattr(tarfile, "open", walked)
+    assert data.warn_of_cut_archives("x", [str(whole)]) == []
+
+
 def test_images_no_metadata_row_names_are_counted_in_a_warning(tmp_path, caplog):
     """The imagefolder reader leaves out an image that no metadata.jsonl row names, without a word."""
     png = _encode(Image.new("RGB", (W, H), (1, 2, 3)), "PNG")
