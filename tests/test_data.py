@@ -458,6 +458,22 @@ def test_a_folder_of_shards_beside_an_image_reads_the_shards_by_split(tmp_path):
         cfg.caption_column = "text" if builder == "parquet" else "txt"
         assert _captions(ExampleStream(cfg, "train", train=False)) == ["a", "b", "c"], builder
         assert _captions(ExampleStream(cfg, "validation", train=False)) == ["d"], builder
+    # other files whose names hold a split's (the images a parquet names: images/test/0.png) decide nothing
+    (tmp_path / "named" / "images" / "test").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "named" / "images" / "test" / "0.png")
+    _write_parquet(tmp_path / "named" / "data.parquet", [_png()] * 2, ["e", "f"])
+    assert _captions(ExampleStream(_cfg(tmp_path / "named"), "train", train=False)) == ["e", "f"]
+    # splits stored with other column types read each with its own (the reader took the first file's for all)
+    import datasets
+
+    typed = tmp_path / "typed"
+    typed.mkdir()
+    own = datasets.Dataset.from_dict({"image": [_png()], "text": ["g"]}).cast_column("image", datasets.Image())
+    own.to_parquet(str(typed / "train-00000-of-00001.parquet"))
+    _write_parquet(typed / "validation-00000-of-00001.parquet", [_png()], [["h", "h"]])
+    assert _captions(ExampleStream(_cfg(typed), "train+validation", train=False)) == ["g", "h"]
+    with pytest.raises(UserError, match=r"has no split 'test'; available splits: train, validation; choose one"):
+        open_dataset(_cfg(typed), "test")
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -216,9 +216,10 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
             return builder, {"data_files": {"train": os.path.join(glob.escape(split_dir), "**")}}, "train"
         if builder == "imagefolder":
             return builder, {"data_dir": text}, hf_split
-        # shards: the builder's files alone (a preview image or the images a parquet file names beside them would
-        # be read as shards), dealt to splits by `datasets`' own naming rules (train-00000-of-00002.parquet, ...)
-        return builder, {"data_files": _split_files(text, ".parquet" if builder == "parquet" else ".tar")}, hf_split
+        # shards: the split's files alone, so that the reader builds it from its own files' columns (with the other
+        # splits' it took the first file's, and a split stored otherwise stopped it)
+        suffix = ".parquet" if builder == "parquet" else ".tar"
+        return builder, {"data_files": _split_files(text, suffix, split, whole="{split}" in source)}, "train"
     if os.path.exists(text):
         raise UserError(
             f"data source '{source}' is a file that is neither .parquet nor .tar; "
@@ -273,23 +274,38 @@ def _load_saved(name: str, folder: str, split: str, streaming: bool):
     return ds.to_iterable_dataset() if streaming else ds
 
 
-def _split_files(folder: str, suffix: str) -> dict[str, list[str]]:
-    """The files of `folder` ending in `suffix`, by split as `datasets` names them from their paths (a split's name
-    in a file or folder name; none: all train)."""
-    from datasets.data_files import get_data_patterns
+def _split_words(split: str) -> tuple[str, ...]:
+    """The names a file or folder may give `split` (`datasets`' keywords: valid, val and dev for validation)."""
+    return next((names for names in SPLIT_FOLDERS if split in names), (split,))
 
+
+def _split_files(folder: str, suffix: str, split: str, whole: bool) -> list[str]:
+    """The files under `folder` ending in `suffix` (its other files left out: a hub clone's preview image, the
+    images a parquet file names) that belong to `split`: those whose path relative to the folder has one of the
+    split's names as a word (train-00000-of-00002.parquet, validation/0.tar: `datasets`' rule), or all of them
+    where none names a split, or `whole` (the folder is the split's already). No file of the split: one sentence
+    naming the splits there are."""
     escaped = glob.escape(folder)
-    try:
-        patterns = get_data_patterns(escaped)
-    except Exception:  # noqa: BLE001 - no pattern fits: one split of every file
-        patterns = {"train": ["**"]}
-    out = {}
-    for split, globs in patterns.items():
-        found = {f for p in globs for f in glob.glob(os.path.join(escaped, p), recursive=True)}
-        files = sorted(f for f in found if f.lower().endswith(suffix) and Path(f).stem != "metadata")
-        if files:
-            out[str(split)] = files
-    return out
+    files = sorted(
+        f
+        for f in glob.glob(os.path.join(escaped, "**", "*"), recursive=True)
+        if f.lower().endswith(suffix) and Path(f).stem != "metadata" and os.path.isfile(f)
+    )
+
+    def words(path: str) -> set[str]:
+        return set(re.split(r"[^a-z]+", os.path.relpath(path, folder).lower()))
+
+    named = {names[0]: [f for f in files if words(f) & set(names)] for names in SPLIT_FOLDERS}
+    if whole or not any(named.values()):
+        return files
+    mine = [f for f in files if words(f) & set(_split_words(split))]
+    if not mine:
+        there = ", ".join(name for name, found in named.items() if found)
+        raise UserError(
+            f"data set '{folder}' has no split '{split}'; available splits: {there}; choose one with --split or "
+            "data.split / data.val_split"
+        )
+    return mine
 
 
 def _as_patterns(kwargs: dict[str, Any]) -> dict[str, Any]:
