@@ -303,9 +303,9 @@ def test_a_run_that_trains_other_than_its_settings_read_says_so(tmp_path, capsys
     assert "exports the weights of step 4; to end at step 2, start over with --no-resume" in err
     train(tmp_path / "short", 3, warmup_steps=10)
     err = capsys.readouterr().err
-    assert "dalle: train.dalle.warmup_steps=10 is not below train.dalle.steps=3, so the whole run is warmup" in err
+    assert "dalle: train.dalle.warmup_steps=10 is above train.dalle.steps=3, so the whole run is warmup" in err
     assert "learning rate ends at 0.3 x train.dalle.lr; lower warmup_steps to reach lr" in err
-    train(tmp_path / "fine", 3)
+    train(tmp_path / "fine", 3, warmup_steps=3)  # its last step reaches lr: (step + 1) / warmup_steps = 1
     assert "warmup" not in capsys.readouterr().err
 
 

@@ -618,10 +618,10 @@ def say_what_the_schedule_misses(t: Training) -> None:
             "--no-resume",
             file=sys.stderr,
         )
-    elif 0 < tc.steps <= tc.warmup_steps:
+    elif 0 < tc.steps < tc.warmup_steps:
         tqdm.write(
-            f"{t.stage.name}: {key}.warmup_steps={tc.warmup_steps} is not below {key}.steps={tc.steps}, so the "
-            f"whole run is warmup and its learning rate ends at {tc.steps / tc.warmup_steps:.2g} x {key}.lr; lower "
+            f"{t.stage.name}: {key}.warmup_steps={tc.warmup_steps} is above {key}.steps={tc.steps}, so the whole "
+            f"run is warmup and its learning rate ends at {tc.steps / tc.warmup_steps:.2g} x {key}.lr; lower "
             "warmup_steps to reach lr",
             file=sys.stderr,
         )
