@@ -701,6 +701,27 @@ UNCLIP_DECODER_KEYS = {
 }
 
 
+def warn_of_unread_preset_vae_keys(v: VAEConfig, keys: list[str]) -> None:
+    """A warning for the preset's `vae` keys (`keys`) that --set vae.kind turned into another kind's: the
+    preset's dVAE schedule under `--set vae.kind=vq` is left unread (the product-code keys: refused when the
+    tokenizer is built)."""
+    defaults = VAEConfig()
+    stray = [
+        key
+        for key in keys
+        if (name := key.partition(".")[2]) not in VAE_KIND_KEYS.get(v.kind, ())
+        and any(name in names for kind, names in VAE_KIND_KEYS.items() if kind != v.kind)
+        and name not in ("group_sizes", "group_dropout", "group_inputs")
+        and getattr(v, name) != getattr(defaults, name)
+    ]
+    if stray:
+        warnings.warn(
+            f"the preset's {', '.join(stray)} are not read by the {v.kind} image tokenizer that vae.kind now names; "
+            "they do nothing in this run",
+            stacklevel=3,
+        )
+
+
 def check_unclip_decoder_keys(t: TransformerConfig, where: str) -> None:
     """One sentence for a `transformer.cond_*` key set away from its default (see UNCLIP_DECODER_KEYS)."""
     defaults = TransformerConfig()
@@ -722,6 +743,7 @@ def load_config(
     """Defaults <- TOML preset (over its `base`, `read_preset`) <- `key=value` overrides <- `--data`/`--split`
     shortcuts."""
     cfg = RunConfig()
+    vae_keys: list[str] = []
     if path is not None:
         preset_path = resolve_config_path(path)
         preset = read_preset(preset_path)
@@ -731,8 +753,10 @@ def load_config(
         check_unclip_decoder_keys(cfg.transformer, f"in {preset_path}")
     overrides = [overrides] if isinstance(overrides, str) else overrides or []
     apply_overrides(cfg, overrides)
-    check_vae_kind_keys(cfg.vae, [item.partition("=")[0].strip() for item in overrides], "set by --set")
+    set_keys = [item.partition("=")[0].strip() for item in overrides]
+    check_vae_kind_keys(cfg.vae, set_keys, "set by --set")
     check_unclip_decoder_keys(cfg.transformer, "set by --set")
+    warn_of_unread_preset_vae_keys(cfg.vae, [k for k in vae_keys if k not in set_keys])
     if data is not None:
         cfg.data.source = data
     if split is not None:

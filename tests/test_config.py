@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import warnings
 
 import pytest
 
@@ -450,6 +451,18 @@ def test_a_setting_of_the_other_tokenizer_kind_is_one_sentence_when_the_config_l
     }
     one_kind = {name: kinds.pop() for name, kinds in readers.items() if len(kinds) == 1}
     assert {name: kind for kind, names in VAE_KIND_KEYS.items() for name in names} == one_kind
+
+
+def test_a_kind_switched_by_set_warns_of_the_presets_keys_it_leaves_unread():
+    """--set vae.kind=vq on the shapes preset kept its dVAE schedule (temperature_steps, kl_warmup_steps) and
+    said nothing, where --set of the same keys was refused: now it is a warning naming them."""
+    with pytest.warns(UserWarning, match=r"^the preset's vae.temperature_steps, vae.kl_warmup_steps are not read by "):
+        load_config("shapes", ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("shapes", [])  # its own kind
+        load_config("shapes", ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]", "vae.temperature_steps=5000",
+                               "vae.kl_warmup_steps=2000"])  # fmt: skip
 
 
 def test_unclip_decoder_keys_of_the_transformer_section_are_one_sentence_when_the_config_loads(tmp_path):
