@@ -578,6 +578,29 @@ def test_grid_command_writes_a_png(tmp_path, imagefolder, capsys):
     assert "3 examples" in capsys.readouterr().out
 
 
+
+def test_the_data_commands_stream_a_data_set_when_they_read_its_first_examples(tmp_path, monkeypatch, capsys):
+    """grid (and stats --n) read the first examples, and loading the split whole first converted all of a parquet
+    or tar split into datasets' cache (minutes and gigabytes for 16 examples of a large one)."""
+    import dalle_mini_impl.data.__main__ as data_cli
+
+    kinds = []
+
+    class Recording(ExampleStream):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kinds.append(self.source.kind)
+
+    monkeypatch.setattr(data_cli, "ExampleStream", Recording)
+    _write_parquet(tmp_path / "d.parquet", [_png()] * 5, list("abcde"))
+    data = ["--data", str(tmp_path / "d.parquet")]
+    assert main(["grid", *data, "--out", str(tmp_path / "g.png"), "--n", "2"]) == 0
+    assert main(["stats", *data, "--n", "3"]) == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 3
+    assert main(["stats", *data]) == 0  # the whole split: loaded, as training loads it
+    assert main(["grid", "--out", str(tmp_path / "s.png"), "--n", "2"]) == 0  # shapes: drawn, never streamed
+    assert kinds == ["stream", "stream", "map", "shapes"]
+
+
 def test_a_split_folder_is_read_alone_and_splits_join_with_plus(imagefolder, tmp_path):
     root = tmp_path / "folder"
     shutil.copytree(imagefolder.root, root)

@@ -27,12 +27,21 @@ from .streams import ExampleStream, collate, is_endless
 MAX_GRID = 1024
 
 
+def _first_of(cfg) -> None:
+    """For a command that reads the first examples alone: a data set's files are streamed (loaded whole, a parquet
+    or tar split is first converted into `datasets`' cache in full, minutes and gigabytes for 16 examples of a
+    large one); the same records, read and skipped as training reads them."""
+    if cfg.data.source != "shapes":  # drawn, not read
+        cfg.data.streaming = True
+
+
 def _grid(cfg, args) -> int:
     if not args.out:
         raise UserError("grid needs --out FILE.png, the image to write")
     if not 1 <= args.n <= MAX_GRID:
         raise UserError(f"--n {args.n} must be 1 to {MAX_GRID} examples; look at more with several grids or data stats")
     check_out_file(args.out, "--out", "grid.png")
+    _first_of(cfg)
     stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
     examples = list(itertools.islice(stream, args.n))
     batch = collate(examples)
@@ -47,6 +56,8 @@ def _stats(cfg, args) -> int:
         raise UserError(f"--n {args.n} must be at least 1")
     if args.n is None and is_endless(cfg.data, cfg.data.split):
         raise UserError("the shapes training stream is endless; pass --n N or set data.shapes.train_size")
+    if args.n is not None:
+        _first_of(cfg)
     stream = ExampleStream(cfg.data, cfg.data.split, train=False, seed=cfg.seed)
     t0 = time.perf_counter()
     n, chars, captions = 0, 0, set()
