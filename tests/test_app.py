@@ -405,10 +405,9 @@ def test_search_finds_indexed_images_and_reads_nothing_else(url, app):
     assert_one_sentence(*post(url, "/api/search", {"model": 0, "folder": 0, "query": " "}), 400, "query")
 
 
-
 def test_a_search_reads_the_index_loaded_at_start_not_the_disk(url, app, monkeypatch):
-    """Every query read the whole index again (embeddings.npy, as float32: 85% of a query's time at 400,000
-    images); it is read once, when the app indexes the folder."""
+    """Every query read the whole index again (embeddings.npy, as float32: most of a query's time on a large
+    folder); it is read once, when the app indexes the folder."""
     from dalle_mini_impl.clip import uses
 
     def no_reading(index_dir):

@@ -578,7 +578,6 @@ def test_grid_command_writes_a_png(tmp_path, imagefolder, capsys):
     assert "3 examples" in capsys.readouterr().out
 
 
-
 def test_the_data_commands_stream_a_data_set_when_they_read_its_first_examples(tmp_path, monkeypatch, capsys):
     """grid (and stats --n) read the first examples, and loading the split whole first converted all of a parquet
     or tar split into datasets' cache (minutes and gigabytes for 16 examples of a large one)."""
@@ -618,7 +617,7 @@ def test_a_split_folder_is_read_alone_and_splits_join_with_plus(imagefolder, tmp
         ExampleStream(_cfg(root), "train+", train=False)
 
 
-def test_captions_filter_the_examples_before_any_image_is_read(imagefolder):
+def test_captions_filter_the_examples_before_any_image_is_read(imagefolder, tmp_path):
     cfg = _cfg(imagefolder.root, include="gray|palette", exclude="noise")
     keep = _captions(ExampleStream(cfg, "train", train=False))
     assert keep == ["a gray card", "a palette image with a hole", "a striped palette image"]
@@ -630,6 +629,14 @@ def test_captions_filter_the_examples_before_any_image_is_read(imagefolder):
         ExampleStream(_cfg(imagefolder.root, exclude="(unclosed"), "train", train=False)
     with pytest.raises(UserError, match="data.include and data.exclude filter a data set's captions, not shapes"):
         ExampleStream(DataConfig(source="shapes", include="red"), "train", train=False)
+    # a filter that keeps nothing is named (the sentence sent the user to the files and the columns)
+    with pytest.raises(UserError, match=r"; data.include / data.exclude may keep no caption of it: loosen them, or "):
+        list(ExampleStream(_cfg(imagefolder.root, include="zzz"), "train", train=False))
+    from train.tokenizer import main as tokenizer_main
+
+    argv = ["--data", str(imagefolder.root), "--set", "data.include=zzz", "--out", str(tmp_path / "t")]
+    with pytest.raises(UserError, match=r"^data.include / data.exclude keep no caption of split 'train' of '.*'; loo"):
+        tokenizer_main(argv)
     # the keys that reading files uses: set on shapes they did nothing (train.vae trained the same bytes)
     for key, value in [("random_crop", True), ("streaming", True), ("shuffle_buffer", 3), ("caption_column", "x")]:
         with pytest.raises(UserError) as e:

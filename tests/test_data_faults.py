@@ -473,6 +473,7 @@ def test_an_archive_cut_after_a_member_ending_in_zeros_is_found_and_a_whole_one_
     cut = tmp_path / "cut.tar"
     _write_tar(cut, members, cut=black.offset_data + 4096)  # right after the zeros, at a block's end
     assert data.warn_of_cut_archives("x", [str(cut), str(whole)]) == [str(cut)]
+
     # the whole one, walked once, is not walked again while it is unchanged; the cut one is every time
     def walked(*args, **kwargs):
         raise AssertionError("walked again")

@@ -169,10 +169,20 @@ def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
         ("judge.clip.flip_p=2", "config key 'judge.clip.flip_p' is 2.0"),
         ("judge.train.lr=-1", "judge.train.lr is -1.0"),
         ("judge.clip.patch_size=7", "config key 'judge.clip.patch_size' \\(7\\) does not divide the image size"),
+        ("judge.vocab_size=0", "^config key 'judge.vocab_size' is 0; use a positive size"),  # once: text.vocab_size
     ]:
         with pytest.raises(UserError, match=says):
             train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--out", str(out), "--set", setting])
     assert not (out / "text.model").exists()
+
+
+def test_the_judges_training_messages_name_its_own_keys(folder, tmp_path):
+    """Its freeze and its schedule were named train.clip.* (the judge's config holds them there), a key whose
+    --set changes nothing in a judge: they are judge.train.*."""
+    argv = ["--config", "emoji64", "--data", str(folder), "--set", "judge.splits=train"]
+    settings = [*JUDGE_TINY, 'judge.train.freeze=["bogus"]']
+    with pytest.raises(UserError, match=r"^judge.train.freeze names 'bogus', which is not a parameter group"):
+        train_judge.main([*argv, "--out", str(tmp_path / "j"), *[x for item in settings for x in ("--set", item)]])
 
 
 def emoji_like(folder: Path):

@@ -204,7 +204,7 @@ def test_relaxed_speculative_decoding_samples_and_needs_the_speculative_mode(bun
     assert code == 0 and len(out.splitlines()) == 2
     assert "runs as plain cached decoding (exact: --relax 0.3 changes nothing) for 4 model rows" in err
     code, _, err = run([*base, "--relax", "0.3"], capsys)
-    assert code == 2 and "--relax relaxes speculative decoding's test; add --decode speculative (now cached)" in err
+    assert code == 2 and "--relax relaxes speculative decoding's test, and --decode is cached; set it to" in err
     code, _, err = run([*base, "--decode", "speculative", "--relax", "1"], capsys)
     assert code == 2 and "--relax is 1.0; give a probability mass in [0, 1)" in err
     # the relaxed test's group is the draft and its nearest codes: one neighbour (the draft alone) relaxes nothing
@@ -340,7 +340,8 @@ def test_a_bundles_unusable_sampling_setting_is_named_as_its_config_key_when_it_
     )
     with pytest.raises(SystemExit):
         run_cli(eval_cli.main, ["shapes", "--model", str(bundle), "--n", "4", "--set", "sample.temperature=0"])
-    says = "error: --set: config key 'sample.temperature' is 0.0; it must be above 0, at least 1e-06 (use --top-k 1"
+    says = "error: --set: config key 'sample.temperature' is 0.0; it must be above 0, at least 1e-06 (greedy decoding: "
+    says += "config key 'sample.top_k' 1)"
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(says)
 
 

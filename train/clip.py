@@ -140,7 +140,7 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.", section: str = "c
     model = clip_from_config(cfg, tokenizer)
     if source is not None:
         finetune.start_from(model, source, "clip", "CLIP", cfg, "clip")
-    finetune.freeze(model, "clip", tc.freeze, "clip")
+    finetune.freeze(model, "clip", tc.freeze, "clip", key)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = adamw(_param_groups(model, tc.weight_decay), tc, accelerator)
@@ -232,6 +232,7 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.", section: str = "c
         log_images=log_images,
         export=export,
         after_step=after_step,
+        settings_key=key,
     )
     result = loop.run(cfg, tc, stage, accelerator, args)
     loop.report("clip", result, accelerator)

@@ -59,7 +59,8 @@ def check_text_settings(cfg: RunConfig) -> None:
         key, mine, want = mismatch
         raise UserError(
             f"config key 'text.{key}' is {mine!r} but the run's text tokenizer was trained with {want!r} "
-            f"({path}); leave --set text.{key} out, or train the tokenizer again with it in a new --out"
+            f"({path}); use the --config and --set the run was trained with, or train the tokenizer again with it in "
+            "a new --out"
         )
 
 
@@ -76,7 +77,7 @@ def check_image_size(cfg: RunConfig) -> None:
     if cfg.data.image_size != recorded:
         raise UserError(
             f"config key 'data.image_size' is {cfg.data.image_size} but the run's config.json says {recorded} "
-            f"({path}); leave --set data.image_size out, or train at the new size in a new --out"
+            f"({path}); use the --config and --set the run was trained with, or train at the new size in a new --out"
         )
 
 

@@ -94,10 +94,8 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
     run's alone."""
     parts = check_paths(run, dest)
     cfg = apply_sample_overrides(read_config_json(part_path(run, "config")), list(sample_overrides))
-    try:  # a bundle whose own defaults python -m sample refuses would refuse every use
-        check_settings(cfg.sample)
-    except UserError as e:
-        raise UserError(f"the bundle's sampling settings would be refused ({e}); change that sample value") from None
+    # a bundle whose own defaults python -m sample refuses would refuse every use
+    check_settings(cfg.sample, "the bundle's sampling settings (the run's, with --set)")
     if is_local_source(cfg.data.source):  # a path on this machine: meaningless, and private, where a bundle goes
         cfg.data.source = ""
     dest.mkdir(parents=True, exist_ok=True)

@@ -289,16 +289,18 @@ def group_names(model: torch.nn.Module, kind: str) -> list[str]:
     return groups + [f"blocks.{i}" for i in blocks]
 
 
-def freeze(model: torch.nn.Module, kind: str, groups: list[str], stage: str) -> None:
-    """Turn off the gradients of the named groups' parameters (`train.<stage>.freeze`); an unknown name, or one
-    that leaves nothing to train, is a one-sentence error."""
+def freeze(model: torch.nn.Module, kind: str, groups: list[str], stage: str, key: str = "") -> None:
+    """Turn off the gradients of the named groups' parameters (`train.<stage>.freeze`, or `<key>freeze` where the
+    settings are elsewhere: the judge's `judge.train.`); an unknown name, or one that leaves nothing to train, is
+    a one-sentence error."""
     if not groups:
         return
+    key = key or f"train.{stage}."
     valid = group_names(model, kind)
     for g in groups:
         if g not in valid:
             raise UserError(
-                f"train.{stage}.freeze names '{g}', which is not a parameter group of the {MODEL_NAMES[kind]}; "
+                f"{key}freeze names '{g}', which is not a parameter group of the {MODEL_NAMES[kind]}; "
                 f"choose from: {', '.join(valid)}"
             )
     for name, p in model.named_parameters():
@@ -307,8 +309,7 @@ def freeze(model: torch.nn.Module, kind: str, groups: list[str], stage: str) -> 
     # the VQ's patch critic has an optimizer of its own: the main one needs something besides it
     if not any(p.requires_grad for n, p in model.named_parameters() if not _under(n, "discriminator")):
         raise UserError(
-            f"train.{stage}.freeze = {groups} freezes every parameter of the {MODEL_NAMES[kind]}; "
-            "leave a group to train"
+            f"{key}freeze = {groups} freezes every parameter of the {MODEL_NAMES[kind]}; leave a group to train"
         )
     quantizer = getattr(model, "quantizer", None)
     if kind == "vae" and "codebook" in groups and quantizer is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from dalle_mini_impl.config import RunConfig, read_config_json
 from dalle_mini_impl.data.streams import split_parts
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.text.tokenizer import MAX_VOCAB
 from train import loop
 from train.clip import check_config as check_clip_config
 from train.clip import train_clip
@@ -77,6 +78,10 @@ def check_judge(jcfg: RunConfig) -> None:
     (`judge.clip.*`, `judge.train.*`: the judge's config holds them as `clip.*`, `train.clip.*`)."""
     check_clip_config(jcfg, JUDGE_SECTION)
     loop.check_training_values(jcfg.train.clip, JUDGE_KEY)
+    if not 1 <= jcfg.text.vocab_size <= MAX_VOCAB:  # the tokenizer would name text.vocab_size, not the judge's key
+        raise UserError(
+            f"config key 'judge.vocab_size' is {jcfg.text.vocab_size}; use a positive size up to {MAX_VOCAB:,}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,6 +170,12 @@ class Stage:
     # () -> the parameters whose gradient is clipped and logged as grad_norm (None: the model's); a part that
     # after_step trains (a critic) is left out, since the stage's loss leaves gradients in it that its step drops
     clip_parameters: Callable[[], Iterable[torch.nn.Parameter]] | None = None
+    # where its training settings are set, as messages name them ("": `train.<name>.`; the judge's `judge.train.`)
+    settings_key: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.settings_key or f"train.{self.name}."
 
 
 def replay(batches: Any, limit: int) -> Callable[[], Iterator[dict]]:
@@ -527,8 +533,8 @@ def prepare(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator) -> Train
     sharded = shards_weights(model, accelerator)
     if sharded and tc.ema_decay > 0:
         raise UserError(
-            f"train.{stage.name}.ema_decay needs every process to hold all the weights, which FSDP and ZeRO-3 "
-            f"do not; set train.{stage.name}.ema_decay=0 or launch with DDP or ZeRO-2"
+            f"{stage.key}ema_decay needs every process to hold all the weights, which FSDP and ZeRO-3 "
+            f"do not; set {stage.key}ema_decay=0 or launch with DDP or ZeRO-2"
         )
     if sharded and stage.needs_whole_weights:
         raise UserError(
@@ -610,7 +616,7 @@ def checkpoint_to_resume(ckpt_root: Path, args: argparse.Namespace, say: bool = 
 def say_what_the_schedule_misses(t: Training) -> None:
     """One line each for a run that trains other than its settings read: resumed past its steps (nothing trains,
     and the checkpoint's later weights are exported), or all in warmup (its learning rate never reaches lr)."""
-    tc, key = t.tc, f"train.{t.stage.name}"
+    tc, key = t.tc, t.stage.key.rstrip(".")
     if t.step > tc.steps:
         tqdm.write(
             f"{t.stage.name}: the checkpoint resumed is at step {t.step}, past {key}.steps={tc.steps}: nothing "
@@ -660,7 +666,7 @@ def resume(t: Training, checkpoint: Path | None) -> None:
     trainable = trainable_digest(t.unwrapped)
     if state.get("trainable", trainable) != trainable:  # a checkpoint written before the digest: not compared
         raise UserError(
-            f"checkpoint '{checkpoint}' was trained with other parameters frozen than train.{t.stage.name}.freeze "
+            f"checkpoint '{checkpoint}' was trained with other parameters frozen than {t.stage.key}freeze "
             "freezes now; resume with the freeze it was trained with, or start over with --no-resume or another --out"
         )
     check_processes(t, checkpoint, state)
@@ -776,7 +782,7 @@ def skip_step(t: Training, bar) -> None:
         bar.close()
         raise UserError(
             f"{t.stage.name} training stopped at step {t.step}: {t.bad_in_row} steps in a row had a non-finite "
-            f"loss or gradient; lower train.{t.stage.name}.lr or use mixed_precision=bf16, then rerun "
+            f"loss or gradient; lower {t.stage.key}lr or use mixed_precision=bf16, then rerun "
             "to resume from the last good checkpoint"
         )
 

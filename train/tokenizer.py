@@ -55,6 +55,11 @@ def train_tokenizer(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     skipped: Counter = Counter()
     captions = list(iter_captions(cfg.data, cfg.data.split, cfg.text.max_train_captions, skipped))
+    if not captions and (cfg.data.include or cfg.data.exclude):
+        raise UserError(
+            f"data.include / data.exclude keep no caption of split '{cfg.data.split}' of '{cfg.data.source}'; loosen "
+            "them"
+        )
     tok = TextTokenizer.train(captions, cfg.text, out / "text.model")
     record_stage_config(cfg, out, "tokenizer")
     summary = {

@@ -32,7 +32,7 @@ def check_group_sizes(codebook_size: int, group_sizes: Sequence[int] | None) -> 
         raise VAEError(
             f"codebook_size {codebook_size} is not the product of group_sizes {list(sizes)} ({math.prod(sizes)}); "
             f"set codebook_size to {math.prod(sizes)}, or group_sizes to sizes whose product is {codebook_size} "
-            '(--set "vae.group_sizes=[]" for one group)'
+            '(--set "vae.group_sizes=[]" --set "vae.group_inputs=[]" for one group)'
         )
     return sizes
 

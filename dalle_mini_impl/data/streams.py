@@ -1027,9 +1027,12 @@ class ExampleStream(torch.utils.data.IterableDataset):
     def _nothing_readable(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "the split is empty"
         whose = "" if self.num_processes == 1 else f"process {self.process_index}'s share of "
+        fix = "check the files and data.image_column / data.caption_column"
+        if self.cfg.include or self.cfg.exclude:  # the filter may be what left nothing
+            fix = f"data.include / data.exclude may keep no caption of it: loosen them, or {fix}"
         return (
             f"{whose}data set '{self.source.name}' (split '{self.split}') has no readable example "
-            f"({self.n_skipped} skipped: {reasons}); check the files and data.image_column / data.caption_column"
+            f"({self.n_skipped} skipped: {reasons}); {fix}"
         )
 
     def _rng(self) -> random.Random:

@@ -190,6 +190,7 @@ SAMPLE_FLAGS = {
     "speculative_relax": "--relax", "edit_likelihood_weight": "--likelihood-weight",
     "guided_prior_weight": "--guided-prior-weight", "guided_contrast_weight": "--guided-contrast-weight",
     "prior_guidance_scale": "--prior-guidance-scale", "text_diff_scale": "--text-diff-scale", "seed": "--seed",
+    "decode": "--decode",
 }  # fmt: skip
 
 
@@ -238,8 +239,8 @@ def _check_settings(s: SampleConfig, name) -> None:
         )
     if s.speculative_relax > 0 and s.decode != "speculative":
         raise UserError(
-            f"{name('speculative_relax')} relaxes speculative decoding's test; "
-            f"add --decode speculative (now {s.decode})"
+            f"{name('speculative_relax')} relaxes speculative decoding's test, and {name('decode')} is {s.decode}; "
+            "set it to speculative"
         )
     if s.speculative_neighbours < 1:
         raise UserError(
@@ -247,8 +248,9 @@ def _check_settings(s: SampleConfig, name) -> None:
         )
     if s.speculative_relax > 0 and s.speculative_neighbours < 2:
         raise UserError(
-            "--relax tests each draft together with its nearest codes, and config key 'sample.speculative_neighbours' "
-            "is 1 (the draft alone); set it to 2 or more, or leave --relax out"
+            f"{name('speculative_relax')} tests each draft together with its nearest codes, and config key "
+            f"'sample.speculative_neighbours' is 1 (the draft alone); set it to 2 or more, or leave "
+            f"{name('speculative_relax')} at 0"
         )
     if not 0 <= s.guidance_until <= 1:
         raise UserError(
@@ -257,8 +259,7 @@ def _check_settings(s: SampleConfig, name) -> None:
     if not s.temperature >= MIN_TEMPERATURE:  # NaN too
         raise UserError(
             f"{name('temperature')} is {s.temperature}; "
-            f"it must be above 0, at least {MIN_TEMPERATURE:g} (use --top-k 1 for "
-            "greedy decoding)"
+            f"it must be above 0, at least {MIN_TEMPERATURE:g} (greedy decoding: {name('top_k')} 1)"
         )
     if s.top_k < 0:
         raise UserError(f"{name('top_k')} is {s.top_k}; use 0 (off) or a positive number of ids")
