@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,10 +32,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """Call write(tmp) on a temporary path beside `path` (its folder made if missing), then rename it to `path`.
     Writers that pick a format by the file's suffix must name it (PIL: format="PNG"): the temporary name ends
     in .tmp. A writer that raises leaves `path` as it was. The file gets the mode a new file gets (0o666 less the
-    umask): safetensors writes 0600, which no other account could read a shared bundle by. Returns `path`."""
+    umask): safetensors writes 0600, which no other account could read a shared bundle by. The temporary name is
+    this writer's own (process and thread): two writers of one file each rename a whole file, where with one
+    name one renamed the other's half-written file into place and the other failed. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)

@@ -34,6 +34,36 @@ def test_a_writer_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path):
     assert read_config_json(path) == RunConfig()  # still loads
 
 
+def test_two_writers_of_one_file_each_rename_a_whole_file(tmp_path):
+    """With one temporary name for every writer, a second writer renamed the first's half-written file into place
+    (a torn config.json for readers) and the first failed with a FileNotFoundError (two train.encode on one run
+    folder: a traceback). Each writer's temporary file is its own."""
+    import threading
+
+    path = tmp_path / "config.json"
+    started, errors = threading.Barrier(2), []
+
+    def writer(text: str) -> None:
+        def write(tmp):
+            tmp.write_text(text[:5])
+            started.wait(timeout=10)  # both are half-way through their writes at once
+            with open(tmp, "a") as f:
+                f.write(text[5:])
+
+        try:
+            write_atomic(path, write)
+        except BaseException as e:  # noqa: BLE001 - what the old temporary name raised
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(text,)) for text in ('{"a": 1111}', '{"b": 2222}')]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and path.read_text() in ('{"a": 1111}', '{"b": 2222}')
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
 def test_read_json_object_names_the_file_and_the_fix_for_each_way_it_can_be_wrong(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"a": [1, 2]}')

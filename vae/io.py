@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ os.umask(_UMASK)
 
 def _write_atomic(path: Path, write) -> None:
     """write(tmp), then rename it to `path`, with the mode a new file gets (safetensors writes 0600)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # its own: files.write_atomic
     write(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
