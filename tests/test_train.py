@@ -859,6 +859,31 @@ def test_export_checks_its_folders_before_writing_and_drops_parts_of_an_earlier_
     assert not (bundle / "unclip.safetensors").exists() and not (bundle / "unclip.json").exists()
 
 
+def test_an_export_that_stops_mid_copy_leaves_the_bundles_files_whole(run_dir, tmp_path, monkeypatch):
+    """The bundle's copied files (text.model, vae.json, transformer.json) were copied in place: an export stopped
+    half-way, or a bundle loaded while being exported again, read torn files."""
+    import shutil as shutil_module
+
+    from train import export as train_export
+
+    with_bundle_parts(run_dir)
+    bundle = tmp_path / "bundle"
+    train_export.main([str(run_dir), str(bundle)])
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    copy = shutil_module.copyfile
+
+    def half_then_stop(source, dest):
+        copy(source, dest)
+        with open(dest, "r+b") as f:
+            f.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_export.shutil, "copyfile", half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_export.main([str(run_dir), str(bundle)])
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+
+
 def test_export_leaves_a_local_data_path_behind(run_dir, tmp_path):
     from dalle_mini_impl.config import read_config_json, save_config
     from dalle_mini_impl.data.streams import is_local_source

@@ -30,7 +30,7 @@ import torch
 from dalle_mini_impl.config import apply_sample_overrides, read_config_json, save_config
 from dalle_mini_impl.data.streams import is_local_source
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.files import file_above
+from dalle_mini_impl.files import file_above, write_atomic
 from dalle_mini_impl.pipeline.bundle import FILES, UNCLIP_PARTS, load_state_dict, part_path, save_state_dict
 from dalle_mini_impl.pipeline.pipeline import check_settings
 from train.judge import is_judge
@@ -84,8 +84,15 @@ def without_critic(state: dict[str, torch.Tensor], vae_json: Path) -> dict[str, 
     if kwargs.get("disc_start", -1) < 0:
         return state
     kwargs["disc_start"] = -1
-    vae_json.write_text(json.dumps(meta, indent=2) + "\n")
+    text = json.dumps(meta, indent=2) + "\n"
+    write_atomic(vae_json, lambda tmp: tmp.write_text(text))
     return {name: t for name, t in state.items() if not name.startswith(CRITIC_PREFIX)}
+
+
+def copy_atomic(source: Path, dest: Path) -> None:
+    """A copy written whole or not at all (`files.write_atomic`): a bundle being loaded while it is exported again
+    read half-copied files (text.model, transformer.json)."""
+    write_atomic(dest, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str] = ()) -> dict:
@@ -101,12 +108,12 @@ def export(run: Path, dest: Path, dtype: torch.dtype, sample_overrides: list[str
     dest.mkdir(parents=True, exist_ok=True)
     sizes = {}
     save_config(cfg, dest / FILES["config"])
-    shutil.copyfile(part_path(run, "text"), dest / FILES["text"])
+    copy_atomic(part_path(run, "text"), dest / FILES["text"])
     for name in () if parts == ["clip"] else SIDE_FILES:
-        shutil.copyfile(run / name, dest / name)
+        copy_atomic(run / name, dest / name)
     for part in parts:
         if part in UNCLIP_PARTS:
-            shutil.copyfile(run / f"{part}.json", dest / f"{part}.json")
+            copy_atomic(run / f"{part}.json", dest / f"{part}.json")
         state = load_state_dict(part_path(run, part))
         if part == "vae":
             state = without_critic(state, dest / "vae.json")
