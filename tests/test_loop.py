@@ -461,7 +461,7 @@ def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_killed_
     other = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "locked"
-        says = f"train.dalle is already training into '.*' \\(process {other.pid}\\); stop it"
+        says = f"train.dalle is already running in '.*' \\(process {other.pid}\\); stop it"
         with pytest.raises(loop.UserError, match=says):
             train(tmp_path, 2)
         # the lock met inside a launch of several processes: they all took themselves for the main one (the
@@ -470,7 +470,7 @@ def test_a_second_trainer_of_a_stage_in_one_folder_is_one_sentence_and_a_killed_
             env.setenv("WORLD_SIZE", "2")
             with pytest.raises(loop.UserError, match="launched as 2 processes, but each takes itself for the only"):
                 train(tmp_path, 2)
-            with pytest.raises(loop.UserError, match="already training"):  # two processes that know it: a real run
+            with pytest.raises(loop.UserError, match="already running"):  # two processes that know it: a real run
                 with loop.one_trainer(tmp_path, "dalle", True, processes=2):
                     pass
     finally:

@@ -526,6 +526,25 @@ def test_a_shard_no_earlier_run_wrote_encodes_its_images_as_they_come_and_digest
         assert torch.equal(shard.row_ids(), want) and shard.rows() == digest.hexdigest()[:16]
 
 
+def test_shards_an_encode_is_writing_are_not_trained_on_and_two_encodes_do_not_run_at_once(run_dir, tmp_path):
+    """train.dalle beside a running train.encode trained on the shards written so far as the whole split (30% of
+    it, and train.all then skipped the stage); two encodes of one run wrote the same shards (a traceback)."""
+    from dalle_mini_impl.data.tokens import ENCODING
+    from train.loop import one_trainer
+
+    run = copy_run(run_dir, tmp_path / "run")
+    train_encode.main(args_for(run))
+    assert not any(tokens_dir(run, s).joinpath(ENCODING).exists() for s in ("train", "validation"))
+    (tokens_dir(run, "train") / ENCODING).write_text("123\n")  # as while an encode writes, or after one stopped
+    with pytest.raises(UserError, match=r"^the token shards in '.*train' are being written by train.encode, or it"):
+        train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    train_encode.main(args_for(run))  # the encode run again finishes them
+    train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    with one_trainer(run, "encode", is_main=True):  # another encode holds the run
+        with pytest.raises(UserError, match=r"^train.encode is already running in '.*' \(process \d+\); stop it"):
+            train_encode.main(args_for(run))
+
+
 def test_dalle_runs_stops_and_resumes(run_dir):
     train_encode.main(args_for(run_dir))  # the token shards (reused when an earlier test wrote them): alone too
     train_dalle.main(args_for(run_dir, "train.dalle.steps=2", "train.dalle.checkpoint_every=2"))

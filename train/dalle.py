@@ -26,7 +26,15 @@ import torch
 
 from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.data.images import make_grid
-from dalle_mini_impl.data.tokens import TokenStream, check_shards_tokenizer, list_shards, tokenizer_digest, tokens_dir
+from dalle_mini_impl.data.tokens import (
+    ENCODING,
+    TokenStream,
+    check_encoded,
+    check_shards_tokenizer,
+    list_shards,
+    tokenizer_digest,
+    tokens_dir,
+)
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.model.generate import generate
@@ -75,7 +83,8 @@ def token_batches(
     """Token batches of a split: from its shards, else encoded on the fly. `extra` (per-row tensors beside the
     shards, keyed as the batches will carry them) needs the shards."""
     folder = tokens_dir(cfg.out_dir, split)
-    if list_shards(folder):
+    if list_shards(folder) or (folder / ENCODING).exists():
+        check_encoded(folder)
         weights = Path(cfg.out_dir) / FILES["vae"]
         if weights.is_file():  # ids of another tokenizer would name other codes: refused, not trained on
             check_shards_tokenizer(folder, tokenizer_digest(weights))

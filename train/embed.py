@@ -24,7 +24,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dalle_mini_impl.clip.uses import state_fingerprint
-from dalle_mini_impl.data.tokens import check_shards_tokenizer, read_shards, tokenizer_digest, tokens_dir
+from dalle_mini_impl.data.tokens import check_encoded, check_shards_tokenizer, read_shards, tokenizer_digest, tokens_dir
 from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, part_path, save_state_dict
 from train.common import process_state, require_parts
 
@@ -66,6 +66,7 @@ def clip_embeddings(
     grid > 0 also "grid" (N, G), CLIP's spatial features pooled to grid x grid (`CLIP.image_grid`)."""
     require_parts(run_dir, "vae", "clip")  # naming the stage to run first
     folder = tokens_dir(run_dir, split)
+    check_encoded(folder)
     ids, captions = read_shards(folder)  # a missing split is a one-sentence error
     check_shards_tokenizer(folder, tokenizer_digest(part_path(run_dir, "vae")))  # the images are the VAE's drawings
     clip, vae = load_clip(run_dir, device=device), load_vae(run_dir).to(device)

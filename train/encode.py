@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import ExampleStream, caption_regex, is_endless
 from dalle_mini_impl.data.tokens import (
+    ENCODING,
     SHARD_RE,
     list_shards,
     shard_metadata,
@@ -37,6 +39,7 @@ from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_config
 from train.common import check_image_size, process_state, require_parts
+from train.loop import one_trainer
 
 
 def data_digest(cfg: RunConfig, split: str, world: int) -> str:
@@ -254,21 +257,33 @@ def main(argv: list[str] | None = None) -> int:
     digest = tokenizer_digest(part_path(cfg.out_dir, "vae"))
     if cfg.data.split in splits:  # the one max_examples limits
         check_ends(cfg)
-    results = []
-    for split in splits:
-        limit = cfg.data.max_examples if split == cfg.data.split else 0
-        results.append(
-            encode_split(cfg, tokenizer, split, limit, state.process_index, state.num_processes, state.device, digest)
-        )
-    state.wait_for_everyone()
-    results = summed_over_processes(results, state)
-    if state.is_main_process:
-        record_stage_config(cfg, cfg.out_dir, "encode")
-        summary = {"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}
-        # written last: its presence says every split is complete (train.all skips the stage then)
-        text = json.dumps(summary, indent=2) + "\n"
-        write_atomic(Path(cfg.out_dir) / "tokens" / "manifest.json", lambda tmp: tmp.write_text(text))
-        print(json.dumps(summary))
+    # one encode of a run at a time (two wrote the same shards); while it writes a split, its folder says so
+    # (`tokens.ENCODING`), and the stages that read shards wait for it instead of training on a part of the split
+    with one_trainer(Path(cfg.out_dir), "encode", state.is_main_process, state.num_processes):
+        markers = [tokens_dir(cfg.out_dir, split) / ENCODING for split in splits]
+        if state.is_main_process:
+            for marker in markers:
+                write_atomic(marker, lambda tmp: tmp.write_text(f"{os.getpid()}\n"))
+        state.wait_for_everyone()
+        results = []
+        for split in splits:
+            limit = cfg.data.max_examples if split == cfg.data.split else 0
+            results.append(
+                encode_split(
+                    cfg, tokenizer, split, limit, state.process_index, state.num_processes, state.device, digest
+                )
+            )
+        state.wait_for_everyone()
+        results = summed_over_processes(results, state)
+        if state.is_main_process:
+            record_stage_config(cfg, cfg.out_dir, "encode")
+            summary = {"tokens": str(Path(cfg.out_dir) / "tokens"), "splits": results}
+            for marker in markers:
+                marker.unlink()
+            # written last: its presence says every split is complete (train.all skips the stage then)
+            text = json.dumps(summary, indent=2) + "\n"
+            write_atomic(Path(cfg.out_dir) / "tokens" / "manifest.json", lambda tmp: tmp.write_text(text))
+            print(json.dumps(summary))
     return 0
 
 

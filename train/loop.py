@@ -334,7 +334,7 @@ def one_trainer(out: Path, name: str, is_main: bool, processes: int = 1) -> Iter
                     f"they collide in '{out}'; on a CPU launch with ACCELERATE_USE_CPU=true (docs/SCALING.md)"
                 ) from None
             raise UserError(
-                f"train.{name} is already training into '{out}' (process {holder}); stop it (or wait for it) "
+                f"train.{name} is already running in '{out}' (process {holder}); stop it (or wait for it) "
                 "before running it again"
             ) from None
         os.ftruncate(fd, 0)

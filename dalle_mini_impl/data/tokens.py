@@ -37,6 +37,20 @@ def tokens_dir(out_dir: str | os.PathLike, split: str) -> Path:
     return Path(out_dir) / "tokens" / split
 
 
+# in a split's token folder while train.encode writes it (and after an encode that was stopped): its shards are
+# not the split yet, and training on them took the shards written so far for the whole split
+ENCODING = ".encoding"
+
+
+def check_encoded(folder: Path) -> None:
+    """One sentence when train.encode is writing `folder`'s shards, or stopped before it finished them."""
+    if (folder / ENCODING).exists():
+        raise UserError(
+            f"the token shards in '{folder}' are being written by train.encode, or it stopped before finishing "
+            "them; let it finish (or run it again), then train"
+        )
+
+
 def shard_path(folder: Path, rank: int, index: int) -> Path:
     return folder / f"shard_{rank:03d}_{index:05d}.safetensors"
 
