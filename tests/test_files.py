@@ -64,6 +64,40 @@ def test_two_writers_of_one_file_each_rename_a_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
+def test_two_stages_recording_their_sections_at_once_keep_each_others(tmp_path, monkeypatch):
+    """record_stage_config reads the run's config.json, puts its stage's sections in and writes it back: two
+    stages of one run ending together (dalle and clip) each wrote back the file as it read it, losing the other's
+    sections. The read-change-write holds a lock."""
+    import dataclasses
+    import threading
+    import time
+
+    from dalle_mini_impl.pipeline import bundle
+
+    save_config(RunConfig(), tmp_path / "config.json")
+    reading = bundle.read_config_json
+
+    def slow_read(path):  # both stages read before either writes, unless the lock keeps them apart
+        value = reading(path)
+        time.sleep(0.3)
+        return value
+
+    monkeypatch.setattr(bundle, "read_config_json", slow_read)
+    base = RunConfig()
+    dalle = dataclasses.replace(base, transformer=dataclasses.replace(base.transformer, dim=96))
+    clip = dataclasses.replace(base, clip=dataclasses.replace(base.clip, embed_dim=48))
+    threads = [
+        threading.Thread(target=bundle.record_stage_config, args=(c, tmp_path, s))
+        for c, s in ((dalle, "dalle"), (clip, "clip"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written = read_config_json(tmp_path / "config.json")
+    assert (written.transformer.dim, written.clip.embed_dim) == (96, 48)
+
+
 def test_read_json_object_names_the_file_and_the_fix_for_each_way_it_can_be_wrong(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"a": [1, 2]}')

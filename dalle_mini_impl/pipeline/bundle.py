@@ -16,8 +16,10 @@ the config, and says in one sentence what to do when it does not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -151,18 +153,34 @@ def record_stage_config(cfg: RunConfig, run: str | os.PathLike, stage: str) -> N
     run = Path(run)
     save_config(cfg, run / "logs" / stage / "config.json")
     path = run / FILES["config"]
-    if not path.is_file():
-        save_config(cfg, path)
-        return
-    merged = config_to_dict(read_config_json(path))
-    mine = config_to_dict(cfg)
-    for section in STAGE_SECTIONS[stage]:
-        *parents, leaf = section.split(".")
-        src, dst = mine, merged
-        for p in parents:
-            src, dst = src[p], dst[p]
-        dst[leaf] = src[leaf]
-    save_config(config_from_dict(merged), path)
+    with _locked(run / ".config.lock"):  # two stages of a run ending at once: each keeps the other's sections
+        if not path.is_file():
+            save_config(cfg, path)
+            return
+        merged = config_to_dict(read_config_json(path))
+        mine = config_to_dict(cfg)
+        for section in STAGE_SECTIONS[stage]:
+            *parents, leaf = section.split(".")
+            src, dst = mine, merged
+            for p in parents:
+                src, dst = src[p], dst[p]
+            dst[leaf] = src[leaf]
+        save_config(config_from_dict(merged), path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock (flock) on `path` while the block runs: a read-change-write of a file that two processes
+    may do at once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_state_dict(
