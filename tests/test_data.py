@@ -360,15 +360,17 @@ def test_a_relative_image_path_in_a_data_file_is_read_beside_it(tmp_path, monkey
     missing_image. It is looked for beside the data file first (then from the current folder, as before)."""
     (tmp_path / "set" / "imgs").mkdir(parents=True)
     (tmp_path / "set" / "imgs" / "0.png").write_bytes(_png((200, 0, 0)))
-    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "imgs").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "imgs" / "0.png").write_bytes(_png((0, 0, 200)))  # the same name, from here: blue
     monkeypatch.chdir(tmp_path / "elsewhere")
     for value in ("imgs/0.png", {"bytes": None, "path": "imgs/0.png"}):  # a path, and datasets' form of one
         _write_parquet(tmp_path / "set" / "d.parquet", [value, value], ["a", "b"])
         for source in (tmp_path / "set" / "d.parquet", tmp_path / "set"):
-            stream = ExampleStream(_cfg(source), "train", train=False)
-            assert _captions(stream) == ["a", "b"] and stream.n_skipped == 0, (value, source)
-    (tmp_path / "elsewhere" / "imgs").mkdir()  # a path from the current folder still reads
-    (tmp_path / "elsewhere" / "imgs" / "1.png").write_bytes(_png())
+            examples = list(ExampleStream(_cfg(source), "train", train=False))
+            assert [ex["caption"] for ex in examples] == ["a", "b"], (value, source)
+            red, _, blue = examples[0]["image"].mean((1, 2)).tolist()
+            assert red > 0.5 > blue, (value, source)  # the red one beside the parquet file, not the current folder's
+    (tmp_path / "elsewhere" / "imgs" / "1.png").write_bytes(_png())  # a path from the current folder still reads
     _write_parquet(tmp_path / "set" / "d.parquet", ["imgs/1.png"], ["c"])
     assert _captions(ExampleStream(_cfg(tmp_path / "set" / "d.parquet"), "train", train=False)) == ["c"]
 

@@ -473,13 +473,19 @@ def test_an_archive_cut_after_a_member_ending_in_zeros_is_found_and_a_whole_one_
     cut = tmp_path / "cut.tar"
     _write_tar(cut, members, cut=black.offset_data + 4096)  # right after the zeros, at a block's end
     assert data.warn_of_cut_archives("x", [str(cut), str(whole)]) == [str(cut)]
+    assert data.warn_of_cut_archives("x", [str(cut)]) == [str(cut)]  # said at every open, never taken as whole
+    # the whole one, walked once, is not walked again while it is unchanged
+    walk = tarfile.open
 
-    # the whole one, walked once, is not walked again while it is unchanged; the cut one is every time
     def walked(*args, **kwargs):
         raise AssertionError("walked again")
 
     monkeypatch.setattr(tarfile, "open", walked)
     assert data.warn_of_cut_archives("x", [str(whole)]) == []
+    # ... and is walked again once it changes (cut short since)
+    monkeypatch.setattr(tarfile, "open", walk)
+    whole.write_bytes(cut.read_bytes())
+    assert data.warn_of_cut_archives("x", [str(whole)]) == [str(whole)]
 
 
 def test_images_no_metadata_row_names_are_counted_in_a_warning(tmp_path, caplog):

@@ -526,19 +526,40 @@ def test_a_shard_no_earlier_run_wrote_encodes_its_images_as_they_come_and_digest
         assert torch.equal(shard.row_ids(), want) and shard.rows() == digest.hexdigest()[:16]
 
 
-def test_shards_an_encode_is_writing_are_not_trained_on_and_two_encodes_do_not_run_at_once(run_dir, tmp_path):
+def test_shards_an_encode_is_writing_are_not_trained_on_and_two_encodes_do_not_run_at_once(
+    run_dir, tmp_path, monkeypatch
+):
     """train.dalle beside a running train.encode trained on the shards written so far as the whole split (30% of
     it, and train.all then skipped the stage); two encodes of one run wrote the same shards (a traceback)."""
     from dalle_mini_impl.data.tokens import ENCODING
+    from train import embed as train_embed
     from train.loop import one_trainer
 
     run = copy_run(run_dir, tmp_path / "run")
-    train_encode.main(args_for(run))
-    assert not any(tokens_dir(run, s).joinpath(ENCODING).exists() for s in ("train", "validation"))
-    (tokens_dir(run, "train") / ENCODING).write_text("123\n")  # as while an encode writes, or after one stopped
-    with pytest.raises(UserError, match=r"^the token shards in '.*train' are being written by train.encode, or it"):
+    train_clip.main(args_for(run, "train.clip.steps=1"))  # train.embed's CLIP
+    encode_split = train_encode.encode_split
+    marked = []
+
+    def stopped_in(cfg, tokenizer, split, *args, **kwargs):  # an encode stopped while it writes the train split
+        marked.append(
+            (tokens_dir(run, "train") / ENCODING).exists() and (tokens_dir(run, "validation") / ENCODING).exists()
+        )
+        if split == "train":
+            raise KeyboardInterrupt
+        return encode_split(cfg, tokenizer, split, *args, **kwargs)
+
+    monkeypatch.setattr(train_encode, "encode_split", stopped_in)
+    with pytest.raises(KeyboardInterrupt):
+        train_encode.main(args_for(run))
+    assert marked == [True]  # both splits marked before the first shard is written, and left so by the stop
+    says = r"^the token shards in '.*train' are being written by train.encode, or it stopped before finishing"
+    with pytest.raises(UserError, match=says):
         train_dalle.main(args_for(run, "train.dalle.steps=1"))
+    with pytest.raises(UserError, match=says):
+        train_embed.main(args_for(run))
+    monkeypatch.undo()
     train_encode.main(args_for(run))  # the encode run again finishes them
+    assert not any(tokens_dir(run, s).joinpath(ENCODING).exists() for s in ("train", "validation"))
     train_dalle.main(args_for(run, "train.dalle.steps=1"))
     with one_trainer(run, "encode", is_main=True):  # another encode holds the run
         with pytest.raises(UserError, match=r"^train.encode is already running in '.*' \(process \d+\); stop it"):
@@ -890,17 +911,26 @@ def test_an_export_that_stops_mid_copy_leaves_the_bundles_files_whole(run_dir, t
     train_export.main([str(run_dir), str(bundle)])
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
     copy = shutil_module.copyfile
+    copied = []
 
-    def half_then_stop(source, dest):
-        copy(source, dest)
-        with open(dest, "r+b") as f:
-            f.truncate(10)
-        raise KeyboardInterrupt
+    def half_then_stop_at(nth: int):
+        def copyfile(source, dest):
+            copied.append(Path(source).name)
+            copy(source, dest)
+            if len(copied) == nth:
+                with open(dest, "r+b") as f:
+                    f.truncate(10)
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_export.shutil, "copyfile", half_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_export.main([str(run_dir), str(bundle)])
-    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+        return copyfile
+
+    for nth in (1, 2, 3):  # text.model, then the run's side files (vae.json, transformer.json)
+        copied.clear()
+        monkeypatch.setattr(train_export.shutil, "copyfile", half_then_stop_at(nth))
+        with pytest.raises(KeyboardInterrupt):
+            train_export.main([str(run_dir), str(bundle)])
+        assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before, copied
+    assert set(copied) == {"text.model", "vae.json", "transformer.json"}
 
 
 def test_export_leaves_a_local_data_path_behind(run_dir, tmp_path):
