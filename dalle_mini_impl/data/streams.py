@@ -208,9 +208,8 @@ def _resolve(source: str, split: str) -> tuple[str, dict[str, Any], str]:
         return SAVED, {"dataset_path": text}, hf_split
     if os.path.isdir(text):
         # the split's own folder, under its name or one `datasets` takes for it (valid/ for validation)
-        names = next((names for names in SPLIT_FOLDERS if split in names), (split,))
         builder = _folder_builder(text)
-        split_dir = _split_folder_in(text, names) or os.path.join(text, split)
+        split_dir = _split_folder_in(text, _split_words(split)) or os.path.join(text, split)
         if builder == "imagefolder" and "{split}" not in source and os.path.isdir(split_dir):
             # a folder per split: list that one's files alone, so other splits are never read
             return builder, {"data_files": {"train": os.path.join(glob.escape(split_dir), "**")}}, "train"
