@@ -138,12 +138,13 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_seed(seed: int) -> None:
-    """Seeds seed torch's and numpy's generators; numpy's take no negative number."""
+def check_seed(seed: int, name: str = "--seed") -> None:
+    """Seeds seed torch's and numpy's generators; numpy's take no negative number. `name`: the seed's, as the
+    sentence names it (`check_settings` names a config's)."""
     if isinstance(seed, bool) or not isinstance(seed, int):  # a torch.Generator, 1.5: the seed, not a generator
-        raise UserError(f"--seed is {seed!r}; give a non-negative integer below 2**62 (prompt i uses seed + i)")
+        raise UserError(f"{name} is {seed!r}; give a non-negative integer below 2**62 (prompt i uses seed + i)")
     if not 0 <= seed < 2**62:
-        raise UserError(f"--seed is {seed}; use a non-negative integer below 2**62")
+        raise UserError(f"{name} is {seed}; use a non-negative integer below 2**62")
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -265,8 +266,7 @@ def _check_settings(s: SampleConfig, name) -> None:
         raise UserError(f"{name('top_k')} is {s.top_k}; use 0 (off) or a positive number of ids")
     if not 0 < s.top_p <= 1:
         raise UserError(f"{name('top_p')} is {s.top_p}; it must lie in (0, 1], 1 is off")
-    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed < 2**62:
-        raise UserError(f"{name('seed')} is {s.seed!r}; use a non-negative integer below 2**62")
+    check_seed(s.seed, name("seed"))
     if s.batch_size < 1:
         raise UserError(f"config key 'sample.batch_size' is {s.batch_size}; set it to 1 or more")
     if not (math.isfinite(s.edit_likelihood_weight) and s.edit_likelihood_weight >= 0):
