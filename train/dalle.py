@@ -27,7 +27,6 @@ import torch
 from dalle_mini_impl.config import RunConfig, config_to_dict
 from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.data.tokens import (
-    ENCODING,
     TokenStream,
     check_encoded,
     check_shards_tokenizer,
@@ -83,8 +82,8 @@ def token_batches(
     """Token batches of a split: from its shards, else encoded on the fly. `extra` (per-row tensors beside the
     shards, keyed as the batches will carry them) needs the shards."""
     folder = tokens_dir(cfg.out_dir, split)
-    if list_shards(folder) or (folder / ENCODING).exists():
-        check_encoded(folder)
+    check_encoded(folder)  # shards an encode is writing are not the split yet
+    if list_shards(folder):
         weights = Path(cfg.out_dir) / FILES["vae"]
         if weights.is_file():  # ids of another tokenizer would name other codes: refused, not trained on
             check_shards_tokenizer(folder, tokenizer_digest(weights))
