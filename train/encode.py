@@ -158,30 +158,29 @@ def encode_split(
     bar = tqdm(total=total if mirrored is None else None, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
     index, n, n_rows, n_mirrored, written, reused = 0, 0, 0, 0, 0, 0
 
-    def written_alike(path: Path) -> bool:
-        """Whether an earlier run wrote the shard at `path` with this tokenizer, mirroring as this run does, its
-        rows chosen by the same data settings (a VAE trained again since writes every shard again)."""
+    def written_alike(path: Path) -> dict | None:
+        """The metadata of the shard at `path` when an earlier run wrote it with this tokenizer, mirroring as this
+        run does, its rows chosen by the same data settings (a VAE trained again since writes every shard again);
+        else None."""
         meta = shard_metadata(path) if path.exists() else None
-        return meta is not None and all(
+        alike = meta is not None and all(
             meta.get(k) == v for k, v in (("tokenizer", digest), ("flips", flips), ("data", data))
         )
+        return meta if alike else None
 
     def start() -> Shard:
         # a shard written alike may be reused, so its images wait until its rows are known; any other's are
         # encoded as they come
         path = shard_path(folder, rank, index)
-        return Shard(path, tokenizer, device, bar, encode_as_they_come=not written_alike(path))
+        return Shard(path, tokenizer, device, bar, encode_as_they_come=written_alike(path) is None)
 
     def flush(shard: Shard) -> None:
         nonlocal index, written, reused
         # reused when written alike and holding these rows (the same images and captions); the last shard of an
         # encode that stopped at a smaller data.max_examples holds fewer, and is encoded again (else the rows after
         # it would be lost)
-        if (
-            written_alike(shard.path)
-            and shard_rows(shard.path) == len(shard.captions)
-            and shard_metadata(shard.path).get("rows") == shard.rows()
-        ):
+        meta = written_alike(shard.path)
+        if meta is not None and shard_rows(shard.path) == len(shard.captions) and meta.get("rows") == shard.rows():
             reused += 1
             bar.update(shard.images)
         else:
