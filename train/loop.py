@@ -567,8 +567,9 @@ def checkpoint_damage(path: Path) -> str | None:
         return "trainer_state.json is unreadable"
     if not isinstance(state, dict) or "step" not in state:
         return "trainer_state.json holds no step"
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    if not any(p.is_dir() for p in path.iterdir()):  # FSDP's and DeepSpeed's layouts keep these in folders
+    entries = list(path.iterdir())
+    files = sorted(p for p in entries if p.is_file())
+    if not any(p.is_dir() for p in entries):  # FSDP's and DeepSpeed's layouts keep these in folders
         for needed, prefixes in (("model weights", ("model", "pytorch_model")), ("optimizer state", ("optimizer",))):
             if not any(file.name.startswith(prefixes) for file in files):
                 return f"its {needed} file is missing"
