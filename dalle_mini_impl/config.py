@@ -675,6 +675,11 @@ VAE_KIND_KEYS = {
 }  # fmt: skip
 
 
+def _only_reader(name: str) -> str | None:
+    """The tokenizer kind that alone reads the `vae` key `name` (VAE_KIND_KEYS), or None: both kinds read it."""
+    return next((kind for kind, names in VAE_KIND_KEYS.items() if name in names), None)
+
+
 def check_vae_kind_keys(v: VAEConfig, keys: list[str], where: str) -> None:
     """One sentence for a key of `keys` (dotted) set away from its default that only another tokenizer kind than
     `v.kind` reads: a VQ's critic set on a dVAE run trained no critic, a dVAE's KL schedule on a VQ run changed
@@ -682,8 +687,8 @@ def check_vae_kind_keys(v: VAEConfig, keys: list[str], where: str) -> None:
     defaults = VAEConfig()
     for key in keys:
         section, _, name = key.partition(".")
-        other = next((k for k, names in VAE_KIND_KEYS.items() if section == "vae" and name in names), v.kind)
-        if other != v.kind and getattr(v, name) != getattr(defaults, name):
+        other = _only_reader(name) if section == "vae" else None
+        if other not in (None, v.kind) and getattr(v, name) != getattr(defaults, name):
             raise UserError(
                 f"config key '{key}' ({where}) is read by the {other} image tokenizer alone, and this run's vae.kind "
                 f"is '{v.kind}'; remove it, or set vae.kind={other}"
@@ -709,8 +714,7 @@ def warn_of_unread_preset_vae_keys(v: VAEConfig, keys: list[str]) -> None:
     stray = [
         key
         for key in keys
-        if (name := key.partition(".")[2]) not in VAE_KIND_KEYS.get(v.kind, ())
-        and any(name in names for kind, names in VAE_KIND_KEYS.items() if kind != v.kind)
+        if _only_reader(name := key.partition(".")[2]) not in (None, v.kind)
         and name not in ("group_sizes", "group_dropout", "group_inputs")
         and getattr(v, name) != getattr(defaults, name)
     ]
