@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     result["n"] = len(captions)
     if shapes:
         result["t2i_R@1_ceiling"] = ceiling_of(found, captions, cfg.data.image_size)
-    if cfg.data.source == "shapes" and args.zero_shot > 0:
+    if shapes and args.zero_shot > 0:
         zs_images, objects = one_object_scenes(cfg.data.shapes, scorer.image_size, split, args.zero_shot)
         zero_shot = zero_shot_shapes(scorer, zs_images, objects)
         result["zero_shot"] = {k: round(v, 4) for k, v in zero_shot.items()} | {"n": len(objects)}
