@@ -415,7 +415,7 @@ def _load(
             isinstance(kwargs.get("data_files"), dict)
             or (hf_split == "train" and not any(_split_folder_in(kwargs["data_dir"], n) for n in SPLIT_FOLDERS))
         )
-        if one_split and _metadata_fault(kwargs) is not None:
+        if one_split:
             lenient = _imagefolder_leniently(name, kwargs, streaming, caption_column)
             if lenient is not None:
                 return lenient
@@ -581,8 +581,9 @@ def _metadata_fault(kwargs: dict) -> tuple[str, int, str] | None:
 def _imagefolder_leniently(name: str, kwargs: dict, streaming: bool, caption_column: str):
     """An imagefolder split whose metadata.jsonl has lines the JSON reader refuses (`_metadata_fault`), which would
     stop the reader for the whole split: read here instead, as the image paths and the caption column, each bad
-    line left out with its image, counted and named in one warning. None where no line is good, or the good ones'
-    captions still make no column (the caller then says what is wrong with the first bad line)."""
+    line left out with its image, counted and named in one warning. None where no line is bad (the reader failed
+    for another reason), no line is good, or the good ones' captions still make no column (the caller then says
+    what is wrong)."""
     import datasets
 
     rows, bad = [], []
@@ -592,6 +593,8 @@ def _imagefolder_leniently(name: str, kwargs: dict, streaming: bool, caption_col
             continue
         image = os.path.join(os.path.dirname(path), row["file_name"])
         rows.append({caption_column: row.get(caption_column), "image": image})
+    if not bad:
+        return None
     try:
         ds = datasets.Dataset.from_list(rows) if rows else None
     except Exception:  # noqa: BLE001 - pyarrow's types of nested values: beyond what `_metadata_line` tells apart
