@@ -48,6 +48,38 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+class LockHeld(Exception):
+    """Another process holds the lock that `locked(..., wait=False)` asked for; `holder` is the note it left."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, wait: bool = True, note: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock (flock) on the file at `path` while the block runs. The kernel's lock goes with its
+    process, so a killed holder leaves none behind. With `wait=False`, a lock another process holds raises
+    LockHeld at once, with the note that process wrote into the file: `note` (a process id, say), written once
+    the lock is held."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise LockHeld(os.read(fd, 32).decode(errors="replace").strip() or "unknown") from None
+        if note is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note.encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
 def read_json_object(path: str | os.PathLike, what: str, fix: str, missing_fix: str | None = None) -> dict:
     """The JSON object in `path`. A file that is missing, not UTF-8 JSON, or holds no object is one sentence:
     "{what} '{path}' ...; {fix}" (`missing_fix` instead of `fix` when it is missing)."""

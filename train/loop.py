@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args, save_config
 from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.files import LockHeld, locked
 from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
 from train.common import destroy_process_group_at_exit, process_state
 
@@ -310,38 +311,27 @@ def check_deepspeed_accumulation(grad_accum: int, deepspeed_accum: object | None
 def one_trainer(out: Path, name: str, is_main: bool, processes: int = 1) -> Iterator[None]:
     """Hold an exclusive lock on RUN/.NAME.lock while a stage trains there, so that a second trainer of the stage
     in the folder (a rerun while the first still runs, say after a terminal closed) stops in one sentence instead
-    of writing the same checkpoints. The kernel's lock (flock) goes with its process, so a killed trainer leaves
-    none behind; the file stays, holding the last trainer's process id for the sentence. The main process locks.
+    of writing the same checkpoints. A killed trainer leaves no lock behind (`files.locked`); the file stays,
+    holding the last trainer's process id for the sentence. The main process locks.
     `processes`: how many accelerate sees; fewer than the launch's WORLD_SIZE means each took itself for the only
     one (a CPU launch without ACCELERATE_USE_CPU=true), and the sentence says that instead."""
     if not is_main:
         yield
         return
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f".{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-            if world > processes:  # a launch of several processes in which each took itself for the only one
-                raise UserError(
-                    f"train.{name} was launched as {world} processes, but each takes itself for the only one, so "
-                    f"they collide in '{out}'; on a CPU launch with ACCELERATE_USE_CPU=true (docs/SCALING.md)"
-                ) from None
+        with locked(out / f".{name}.lock", wait=False, note=str(os.getpid())):
+            yield
+    except LockHeld as held:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > processes:  # a launch of several processes in which each took itself for the only one
             raise UserError(
-                f"train.{name} is already running in '{out}' (process {holder}); stop it (or wait for it) "
-                "before running it again"
+                f"train.{name} was launched as {world} processes, but each takes itself for the only one, so "
+                f"they collide in '{out}'; on a CPU launch with ACCELERATE_USE_CPU=true (docs/SCALING.md)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # and with it the lock
+        raise UserError(
+            f"train.{name} is already running in '{out}' (process {held.holder}); stop it (or wait for it) "
+            "before running it again"
+        ) from None
 
 
 def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argparse.Namespace) -> dict[str, float]:

@@ -16,10 +16,8 @@ the config, and says in one sentence what to do when it does not.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig, TransformerConfig, config_from_dict, config_to_dict, read_config_json, save_config
 from ..errors import UserError
-from ..files import write_atomic
+from ..files import locked, write_atomic
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the bundles shipped in the package, one folder each
 # the model `python -m sample` and `python -m dalle_mini_impl.clip` use when no --model is given
@@ -153,7 +151,7 @@ def record_stage_config(cfg: RunConfig, run: str | os.PathLike, stage: str) -> N
     run = Path(run)
     save_config(cfg, run / "logs" / stage / "config.json")
     path = run / FILES["config"]
-    with _locked(run / ".config.lock"):  # two stages of a run ending at once: each keeps the other's sections
+    with locked(run / ".config.lock"):  # two stages of a run ending at once: each keeps the other's sections
         if not path.is_file():
             save_config(cfg, path)
             return
@@ -166,21 +164,6 @@ def record_stage_config(cfg: RunConfig, run: str | os.PathLike, stage: str) -> N
                 src, dst = src[p], dst[p]
             dst[leaf] = src[leaf]
         save_config(config_from_dict(merged), path)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock (flock) on `path` while the block runs: a read-change-write of a file that two processes
-    may do at once."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def save_state_dict(
