@@ -515,3 +515,23 @@ def test_a_stop_signal_after_the_terminal_closed_still_stops_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert result.read_text() == f"stopped {int(signal.SIGTERM)}"
+
+
+def test_the_logs_hold_one_value_a_step_after_a_resume_and_only_this_runs_after_no_resume(tmp_path):
+    """Once a stage killed between checkpoints logged the steps after its last one twice in TensorBoard (again when
+    resumed), and a `--no-resume` run showed the earlier run's later steps as its own."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged_steps():
+        events = EventAccumulator(str(tmp_path / "logs" / "dalle"))
+        events.Reload()
+        return [e.step for e in events.Scalars("dalle/loss")]
+
+    train(tmp_path, 4)
+    shutil.rmtree(tmp_path / "checkpoints" / "dalle" / "step_00000004")  # killed before its last checkpoint
+    train(tmp_path, 4)  # resumes at step 2: logs steps 3 and 4 again
+    assert logged_steps() == [1, 2, 3, 4]
+    train(tmp_path, 3, no_resume=True)
+    assert logged_steps() == [1, 2, 3]

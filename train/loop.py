@@ -718,12 +718,15 @@ def set_aside_later_checkpoints(t: Training) -> None:
 
 
 def open_writer(t: Training):
-    """A TensorBoard writer for the stage's logs (RUN/logs/<stage>) on the main process; None on the others."""
+    """A TensorBoard writer for the stage's logs (RUN/logs/<stage>) on the main process; None on the others. What
+    earlier runs in the folder logged from the step this one starts at is purged (TensorBoard drops it on reading):
+    a resume from the last checkpoint would log the steps after it a second time, and `--no-resume` would show
+    the earlier run's later steps as this one's."""
     if not t.is_main:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(t.out / "logs" / t.stage.name))
+    return SummaryWriter(str(t.out / "logs" / t.stage.name), purge_step=t.step + 1)
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager:
