@@ -594,6 +594,17 @@ def test_the_transformer_trains_from_token_shards_without_the_images_or_datasets
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["stage"] == "dalle"
     assert (run / "transformer.safetensors").is_file()
+    # another data set than shapes: the grid samples its first validation captions below their images (once four
+    # fixed prompts of another data set's kind, "a red apple | a smiling face | ...", whatever the data)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs" / "dalle"))
+    events.Reload()
+    shown = events.Tensors("dalle/prompts/text_summary")[0].tensor_proto.string_val[0].decode()
+    captions = read_shards(tokens_dir(run, "validation"))[1][:4]
+    assert shown == "validation images (top) and samples of their captions: " + " | ".join(captions)
+    grid = events.Images("dalle/samples")[0]
+    assert (grid.width, grid.height) == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)
 
 
 def test_a_stage_writes_its_weights_the_marker_of_done_after_its_json(run_dir, tmp_path, monkeypatch):

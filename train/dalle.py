@@ -50,6 +50,13 @@ from train.common import (
 
 # the unCLIP decoder's weights a transformer has not: the CLIP embedding's projection and position vectors
 DECODER_OWN = ("cond_proj.weight", "cond_pos.weight", "cond_token_proj.weight")
+# the prompts whose samples the stage logs on shapes; on other data, the first validation captions (as many)
+SHAPES_PROMPTS = [
+    "a large red circle in the center",
+    "a small blue square in the top left corner",
+    "a green triangle at the bottom",
+    "a yellow circle to the left of a purple square",
+]
 
 
 class EncodedOnTheFly:
@@ -325,11 +332,15 @@ def train(cfg: RunConfig, args, stage: str) -> int:
             "val_image_loss": float(sums[2]) / n,
         }
 
-    prompts, sources, cond = fixed_prompts(cfg), None, None
+    prompts, sources, cond = SHAPES_PROMPTS if cfg.data.source == "shapes" else None, None, None
     if extra:  # unCLIP: variations of the first validation images (caption dropped), shown above them
         val = next(iter(validation_batches()))
-        sources, cond = val["image_ids"][: len(prompts)], val["embedding"][: len(prompts)].to(accelerator.device)
+        sources = val["image_ids"][: len(SHAPES_PROMPTS)]
+        cond = val["embedding"][: len(sources)].to(accelerator.device)
         prompts = [""] * cond.shape[0]
+    elif prompts is None:  # the data's own captions: the first validation ones, their images above their samples
+        val = next(iter(validation_batches()))
+        sources, prompts = val["image_ids"][: len(SHAPES_PROMPTS)], list(val["caption"][: len(SHAPES_PROMPTS)])
 
     def log_images(m, step):
         gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
@@ -343,7 +354,12 @@ def train(cfg: RunConfig, args, stage: str) -> int:
             ids = torch.cat([sources.to(ids.device).flatten(1), ids])
         with torch.inference_mode():
             images = image_tokenizer.decode(ids.view(-1, h, w)).float().cpu()
-        shown = "sources (top) and their variations" if sources is not None else " | ".join(prompts)
+        if cond is not None:
+            shown = "sources (top) and their variations"
+        elif sources is not None:
+            shown = "validation images (top) and samples of their captions: " + " | ".join(prompts)
+        else:
+            shown = " | ".join(prompts)
         return {f"{stage}/samples": make_grid(images, nrow=len(prompts)), f"{stage}/prompts": shown}
 
     name = "transformer" if stage == "dalle" else "unclip"
@@ -368,18 +384,6 @@ def train(cfg: RunConfig, args, stage: str) -> int:
     )
     loop.report(stage, loop.run(cfg, tc, stage_, accelerator, args), accelerator)
     return 0
-
-
-def fixed_prompts(cfg: RunConfig) -> list[str]:
-    """The prompts whose samples are logged during training."""
-    if cfg.data.source == "shapes":
-        return [
-            "a large red circle in the center",
-            "a small blue square in the top left corner",
-            "a green triangle at the bottom",
-            "a yellow circle to the left of a purple square",
-        ]
-    return ["a red apple", "a smiling face", "a flag", "a cat"]
 
 
 if __name__ == "__main__":
