@@ -20,7 +20,7 @@ from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.model.generate import generate
 from dalle_mini_impl.model.prior import EmbeddingPrior, slerp
 from dalle_mini_impl.model.transformer import DALLE, preset_config
-from dalle_mini_impl.pipeline.pipeline import Pipeline
+from dalle_mini_impl.pipeline.pipeline import Pipeline, ranked
 from dalle_mini_impl.shapes.generator import parse_caption
 from sample.__main__ import main
 from tests.bundle_factory import make_tiny_bundle
@@ -321,7 +321,25 @@ def test_a_variation_is_never_its_source_as_the_tokenizer_draws_it(bundle, image
     only = pipe._distinct("v", lambda: (ids[:1], drawn[:1], scores[:1]), one, None, exclude=source)
     assert torch.equal(only[0], ids[:1])  # nothing else was drawn: the copy rather than no image at all
     two = pipe._distinct("v", lambda: (ids, drawn, scores), pipe.settings(num_images=2), None, exclude=source)
-    assert torch.equal(two[0], ids[:2]) and two[2][0] < two[2][1]  # too few others: the copy fills, ranked last
+    assert torch.equal(two[0], ids[:2]) and torch.equal(two[2], scores[:2])  # too few others: the copy fills,
+    assert torch.equal(ranked(two[2], two[3]), torch.tensor([1, 0]))  # ranked last, its own score kept
+
+
+def test_an_extra_rounds_images_only_fill_places_so_the_first_image_does_not_hang_on_num_images(bundle, images):
+    """Once a looser extra round's image, drawn because --num-images 4 asked for more distinct images than the
+    first round had, outranked the first round's best: the first variation of a seed hung on --num-images."""
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    a, b = (pipe.as_drawn(pipe._read_images([im])) for im in images[:2])
+    rounds = iter([(torch.tensor([[1], [1]]), torch.cat([a, a]), torch.tensor([0.5, 0.5])),
+                   (torch.tensor([[2]]), b, torch.tensor([0.9]))])  # fmt: skip
+    ids, _, scores, tiers = pipe._distinct("v", lambda: next(rounds), pipe.settings(num_images=2), None)
+    assert torch.equal(ids, torch.tensor([[1], [2]])) and torch.equal(scores, torch.tensor([0.5, 0.9]))
+    assert torch.equal(ranked(scores, tiers), torch.tensor([0, 1]))  # the first round's image first, 0.9 after
+    assert torch.equal(ranked(None, tiers), torch.tensor([0, 1])) and torch.equal(
+        ranked(torch.tensor([0.1, 0.3, 0.2]), torch.tensor([0, 0, 0])), torch.tensor([1, 2, 0])
+    )
+    result = [pipe.variations([images[0]], seed=3, num_images=n, progress=False)[0][0] for n in (1, 4)]
+    assert torch.equal(result[0].ids, result[1].ids)
 
 
 def test_a_prior_of_another_clip_or_text_tokenizer_is_one_sentence_at_load(bundle, tmp_path):

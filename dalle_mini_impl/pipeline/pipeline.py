@@ -75,6 +75,13 @@ MAX_EXTRA_ROUNDS = 4
 MAX_SPECULATIVE_ROWS_CPU = WINDOW_TOKENS_CPU[torch.bfloat16] // MIN_WINDOW
 
 
+def ranked(scores: torch.Tensor | None, tiers: torch.Tensor) -> torch.Tensor:
+    """Candidate indices best first: by tier (`Pipeline._distinct`'s: a first-round candidate before an extra
+    round's, a kept copy last), then by score, higher first (None: sample order), ties in sample order."""
+    order = torch.arange(len(tiers)) if scores is None else scores.sort(descending=True, stable=True)[1]
+    return order[tiers[order].sort(stable=True)[1]]
+
+
 def kept_order(order: torch.Tensor, num_images: int) -> torch.Tensor:
     """The first `num_images` of `order` (candidate indices, best first); when fewer exist, the last resort,
     each repeated in rank order, the better ones first: [a, a, b, b] for two of four, [a, a, b, c] for three."""
@@ -711,8 +718,8 @@ class Pipeline:
                     results.append(self._results(prompt, s.seed + i, ids, images, scores))
                     continue
                 draw = functools.partial(self.candidates, prompt_parts, s, generator, prime, bar, method)
-                ids, images, scores = self._distinct(prompt, draw, s, bar)
-                order = torch.arange(len(ids)) if scores is None else scores.sort(descending=True, stable=True)[1]
+                ids, images, scores, tiers = self._distinct(prompt, draw, s, bar)
+                order = ranked(scores, tiers)
                 if method == "clip-guided":
                     ids, images, scores = self._refine_distinct(
                         prompt, ids.view(-1, h, w)[order], prompt_parts, s, generator, keep_rows, progress
@@ -725,15 +732,16 @@ class Pipeline:
         return results
 
     def _distinct(self, prompt: str, draw, s: SampleConfig, bar, again=None, exclude=None):
-        """The (ids, images, scores) of `draw()` (one round of candidates) with identical images counted once (the
-        first in sample order kept): identical code sequences, and also different codes that decode to the same
-        pixels (a background cell has several).
+        """The (ids, images, scores, tiers) of `draw()` (one round of candidates) with identical images counted
+        once (the first in sample order kept): identical code sequences, and also different codes that decode to
+        the same pixels (a background cell has several).
 
         While fewer than `s.num_images` are distinct, another round is drawn by `again()` (None: `draw()`; the
         same generator, so new samples), up to MAX_EXTRA_ROUNDS; a warning names `prompt` when that was not enough.
         exclude: images (r, 3, H, W) that do not count as new (a variation's source as the tokenizer draws it):
         rounds are drawn until `s.num_images` others differ, and a copy of one is kept only when too few others
-        came, scored below all of them.
+        came. tiers, for `ranked`: 0 a first-round candidate, 1 an extra round's, 2 a copy. The extra rounds only
+        fill places: the first image is the first round's best whatever `s.num_images` asks for.
         """
         rounds = [draw()]
         while True:
@@ -758,12 +766,10 @@ class Pipeline:
                 f"some of its {s.num_images} images repeat (raise --temperature or lower --num-images)",
                 stacklevel=3,
             )
-        if rounds[0][2] is None:
-            return ids[first], images[first], None
-        scores = torch.cat([r[2] for r in rounds])[first]
-        if copies.any():  # kept only to fill: ranked after every new image
-            scores = torch.where(copies, scores - (scores.max() - scores.min()) - 1, scores)
-        return ids[first], images[first], scores
+        extra = torch.cat([torch.full((len(r[0]),), k > 0) for k, r in enumerate(rounds)])[first]
+        tiers = extra.long() + 2 * copies.long()
+        scores = None if rounds[0][2] is None else torch.cat([r[2] for r in rounds])[first]
+        return ids[first], images[first], scores, tiers
 
     def _prime(self, init_image, keep_rows: int | None) -> torch.Tensor | None:
         """The kept codes (1, keep_rows * w) of the init image (keep_rows None: half its rows), or None."""
@@ -965,9 +971,8 @@ class Pipeline:
                 bar.set_description(f"edit {i + 1}/{len(prompts)}")
                 generator = torch.Generator().manual_seed(s.seed + i)
                 draw = functools.partial(self.edit_candidates, prompt, source, s, generator, bar)
-                ids, images, terms = self._distinct(prompt, draw, s, bar)
-                score = terms[:, 0] + s.edit_likelihood_weight * terms[:, 1]
-                keep = kept_order(score.sort(descending=True, stable=True)[1], s.num_images)
+                ids, images, terms, tiers = self._distinct(prompt, draw, s, bar)
+                keep = kept_order(ranked(terms[:, 0] + s.edit_likelihood_weight * terms[:, 1], tiers), s.num_images)
                 clip = None if self.clip is None else terms[keep, 0]
                 results.append(self._results(prompt, s.seed + i, ids[keep].view(-1, h, w), images[keep], clip))
         return results
@@ -1104,8 +1109,8 @@ class Pipeline:
             looser = dataclasses.replace(s, temperature=next(temperatures))
             return self._from_embedding(cond, targets, looser, generator, bar)
 
-        ids, images, scores = self._distinct(label, draw, s, bar, again, exclude=source)
-        keep = kept_order(scores.sort(descending=True, stable=True)[1], s.num_images)
+        ids, images, scores, tiers = self._distinct(label, draw, s, bar, again, exclude=source)
+        keep = kept_order(ranked(scores, tiers), s.num_images)
         h, w = self.grid
         results = self._results(label, seed, ids[keep].view(-1, h, w), images[keep], scores[keep])
         for r in results:
