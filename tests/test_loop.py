@@ -535,3 +535,20 @@ def test_the_logs_hold_one_value_a_step_after_a_resume_and_only_this_runs_after_
     assert logged_steps() == [1, 2, 3, 4]
     train(tmp_path, 3, no_resume=True)
     assert logged_steps() == [1, 2, 3]
+
+
+def test_weights_that_are_not_finite_or_give_a_nan_evaluation_are_not_exported(tmp_path):
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(1, 1)
+    t = SimpleNamespace(
+        unwrapped=model, accelerator=loop.make_accelerator(TrainConfig()), step=3, ckpt_root=tmp_path / "ckpt",
+        stage=SimpleNamespace(name="dalle", key="train.dalle."),
+    )  # fmt: skip
+    loop.check_not_diverged(t, {"loss": 1.0, "eval/val_loss": 2.0, "eval/val_psnr": float("inf")})  # a perfect PSNR
+    with pytest.raises(loop.UserError, match=r"dalle trained to step 3, but its weights give a NaN eval/val_loss"):
+        loop.check_not_diverged(t, {"eval/val_loss": float("nan")})
+    with torch.no_grad():
+        model.bias.fill_(float("inf"))
+    with pytest.raises(loop.UserError, match=r"its weights hold values that are not finite \(bias\): the run diver"):
+        loop.check_not_diverged(t, {})

@@ -117,6 +117,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(base_run, tmp_path):
     state = json.loads((good[-1] / "trainer_state.json").read_text())
     assert state["step"] >= 1
     assert all(torch.isfinite(v).all() for v in load_file(str(good[-1] / "model.safetensors")).values())
+    # rerun as told: it resumes the last checkpoint, whose weights diverged already (finite, but every step after
+    # them is not): once the same sentence again, which no lower learning rate got out of
+    again = run_dalle(run, "train.dalle.lr=1e-4", "train.dalle.checkpoint_every=1", "train.dalle.max_bad_steps=3")
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    said = again.stderr.strip().splitlines()[-1]
+    assert f"the checkpoint it resumed (step {state['step']}) may hold weights that diverged already" in said
+    assert "--no-resume" in said
 
 
 def test_a_tokenizer_killed_in_its_decoder_phase_resumes_there_to_the_same_weights(base_run, tmp_path):
@@ -240,3 +247,16 @@ def test_train_all_passes_each_signal_to_the_stage_running_once(tmp_path):
     assert [int(signum) for signum, _ in lines] == [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]  # once, in order
     assert all(int(sid) != os.getsid(0) for _, sid in lines)  # its own session
     assert after == handlers
+
+
+def test_weights_that_diverged_in_their_last_step_are_not_exported(base_run, tmp_path):
+    """One step at an absurd learning rate leaves finite weights (its loss and gradient were finite) whose forward
+    pass overflows: the final evaluation's loss is NaN. Once they were exported and the run exited 0 (train.all
+    went on), and every code sampled from the bundle was the vocabulary's last."""
+    run = copy_run(base_run, tmp_path / "diverged")
+    proc = run_dalle(run, "train.dalle.lr=1e6", "train.dalle.warmup_steps=0", "train.dalle.steps=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    said = proc.stderr.strip().splitlines()[-1]
+    assert said.startswith("error: dalle trained to step 1, but its weights give a NaN eval/val_loss on the valid")
+    assert "lower train.dalle.lr and rerun with --no-resume" in said
+    assert not (run / "transformer.safetensors").exists()

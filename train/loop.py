@@ -343,6 +343,7 @@ def run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpar
 def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argparse.Namespace) -> dict[str, float]:
     t = prepare(cfg, tc, stage, accelerator)
     resume(t, checkpoint_to_resume(t.ckpt_root, args))
+    t.start_step = t.step
     if t.is_main:
         say_what_the_schedule_misses(t)
     set_aside_later_checkpoints(t)
@@ -379,6 +380,7 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
                 stop.save_and_exit(t)
     bar.close()
     logged.update(end_of_run_scalars(t))
+    check_not_diverged(t, logged)
     export(t)
     close(t)
     return logged
@@ -469,6 +471,7 @@ class Training:
     step: int = 0  # optimizer steps taken
     bad_in_row: int = 0  # non-finite steps since the last finite one
     bad_total: int = 0  # non-finite steps skipped in the whole run, resumes included
+    start_step: int = 0  # the step this run started at: a resumed checkpoint's
     cfg: RunConfig | None = None  # the run's config, recorded in config.json when the stage exports
 
     @property
@@ -774,10 +777,15 @@ def skip_step(t: Training, bar) -> None:
         t.writer.add_scalar(f"{t.stage.name}/skipped_nonfinite_steps", t.bad_total, t.step)
     if t.bad_in_row >= t.tc.max_bad_steps:
         bar.close()
+        rerun = "then rerun to resume from the last good checkpoint"
+        if t.step == t.start_step > 0:  # not one step since the resume: the checkpoint's weights may be the fault
+            rerun = (
+                f"the checkpoint it resumed (step {t.step}) may hold weights that diverged already: rerun with "
+                f"--resume of an earlier one in '{t.ckpt_root}' or with --no-resume"
+            )
         raise UserError(
             f"{t.stage.name} training stopped at step {t.step}: {t.bad_in_row} steps in a row had a non-finite "
-            f"loss or gradient; lower {t.stage.key}lr or use mixed_precision=bf16, then rerun "
-            "to resume from the last good checkpoint"
+            f"loss or gradient; lower {t.stage.key}lr or use mixed_precision=bf16, {rerun}"
         )
 
 
@@ -902,6 +910,28 @@ def end_of_run_scalars(t: Training) -> dict[str, float]:
         result["ranks_in_sync"] = float(_ranks_in_sync(t.accelerator, t.unwrapped))
     result["num_processes"] = float(t.accelerator.num_processes)
     return result
+
+
+def check_not_diverged(t: Training, logged: dict[str, float]) -> None:
+    """Refuse to export weights that diverged: a parameter not finite, or a NaN from the last evaluation (weights
+    whose forward pass overflows, though each is finite: the step that made them had a finite loss). Once such a
+    transformer was exported, `train.all` went on, and every sampled code was the vocabulary's last. Collective."""
+    bad = next((n for n, p in t.unwrapped.named_parameters() if not torch.isfinite(p).all()), None)
+    nan = next((k for k, v in logged.items() if k.startswith("eval/") and math.isnan(float(v))), None)
+    local = torch.tensor(float(bad is not None or nan is not None), device=t.accelerator.device)
+    if not t.accelerator.reduce(local, "max").item():
+        return
+    if bad is not None:
+        what = f"hold values that are not finite ({bad})"
+    elif nan is not None:
+        what = f"give a NaN {nan} on the validation split"
+    else:  # another process's share
+        what = "hold values that are not finite on another process"
+    raise UserError(
+        f"{t.stage.name} trained to step {t.step}, but its weights {what}: the run diverged, and they are not "
+        f"exported; lower {t.stage.key}lr and rerun with --no-resume, or with --resume of a checkpoint from before "
+        f"it diverged in '{t.ckpt_root}'"
+    )
 
 
 def export(t: Training) -> None:
