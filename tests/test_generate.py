@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dalle_mini_impl.config import TransformerConfig
-from dalle_mini_impl.model.generate import filter_logits, generate, sample_logits
+from dalle_mini_impl.model.generate import NonFiniteLogits, filter_logits, generate, sample_logits
 from dalle_mini_impl.model.transformer import DALLE
 
 PAD, BOS, EOS = 0, 1, 2
@@ -203,6 +203,24 @@ def test_guidance_changes_the_samples_and_needs_an_empty_caption():
     assert not torch.equal(a, b)
     with pytest.raises(ValueError, match="null_text"):
         generate(model, TEXT, guidance_scale=3.0)
+
+
+@pytest.mark.parametrize("decode", ["cached", "static", "uncached", "speculative"])
+def test_logits_that_are_not_finite_are_one_sentence_not_the_last_id(decode):
+    """NaN logits (a diverged model's, or guidance overflowing float32) make no distribution: the inverse CDF drew
+    the vocabulary's last id for every cell, and the speculative test accepted every draft."""
+    model = make(seed=3)
+    kw = dict(decode=decode, window=4 if decode == "speculative" else 0)
+    g = torch.Generator().manual_seed(0)
+    assert generate(model, TEXT, null_text=NULL, guidance_scale=1e20, generator=g, **kw).max() < IV
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)  # logits far apart enough that the guided ones pass float32's largest
+    with pytest.raises(NonFiniteLogits, match="logits are not finite .* or the guidance scale 1e\\+38 overflowed"):
+        generate(model, TEXT, null_text=NULL, guidance_scale=1e38, generator=g, **kw)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")  # every logit NaN
+    with pytest.raises(NonFiniteLogits, match="its weights diverged in training"):
+        generate(model, TEXT, generator=g, **kw)
 
 
 @pytest.mark.parametrize("decode", ["cached", "static", "uncached"])

@@ -214,6 +214,12 @@ def test_relaxed_speculative_decoding_samples_and_needs_the_speculative_mode(bun
         check_settings(dataclasses.replace(relaxed, speculative_neighbours=1))
     with pytest.raises(UserError, match="'sample.speculative_neighbours' is 0; set it to 1 or more"):
         check_settings(dataclasses.replace(relaxed, speculative_neighbours=0))
+    # sizes a downloaded bundle's config.json may hold: each once allocated tens of GB when its method ran
+    sizes = (("prior_samples", 10**8, "draw 1 to 64 embeddings"), ("guided_cutouts", 10**7, "use 1 to 256"))
+    for key, bad, say in sizes:
+        check_settings(dataclasses.replace(relaxed, **{key: 2}))
+        with pytest.raises(UserError, match=f"^config key 'sample.{key}' is {bad}; {say}"):
+            check_settings(dataclasses.replace(relaxed, **{key: bad}))
 
 
 def test_clip_guided_from_random_codes_with_the_prior_writes_its_images(bundle, tmp_path, capsys):

@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..errors import UserError
 from .transformer import DALLE, KVCache
 
 DECODE_MODES = ("uncached", "cached", "static", "compiled", "speculative")
@@ -420,6 +421,11 @@ def _speculative(
     return passes
 
 
+class NonFiniteLogits(UserError):
+    """Sampling met logits that are NaN or inf (diverged weights, an overflowing guidance scale): no distribution to
+    draw from, where the inverse CDF would have drawn the vocabulary's last id every time."""
+
+
 def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
     """One sentence for ids outside [0, vocab), which the embedding would meet as an IndexError."""
     if ids.dtype != torch.long or (ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab)):
@@ -621,8 +627,16 @@ def generate(
             weight = model.head.weight
             width = window_width(rows_text.shape[0], weight.device, weight.dtype, window, n - max(k, 1))
         passes = end - k
+        nonfinite = torch.zeros((), dtype=torch.bool, device=out.device)
+
+        def probs_of(logits: torch.Tensor) -> torch.Tensor:
+            probs = final_probs(logits, temperature, top_k, top_p)
+            # a row that is no distribution (NaN or inf logits) would draw the last id: noted without a sync,
+            # which would stall a GPU's queue every step, and said once, at the end
+            nonfinite.logical_or_(~torch.isfinite(probs.sum(dim=-1)).all())
+            return probs
+
         if width > 1 and b > 0:
-            probs_of = lambda logits: final_probs(logits, temperature, top_k, top_p)  # noqa: E731
             passes = _speculative(
                 model, prefix, out, k, masks, stop, guidance_scale, probs_of, generator, width, draft, redraft, on_row,
                 shared, None if neighbours is None else neighbours.to(out.device), relax,
@@ -638,14 +652,18 @@ def generate(
                 if redraw is None or redraw[i]:  # else a kept cell: its id is in out already
                     if i < stop:
                         logits = _guide(logits, guidance_scale)
-                    out[:, i] = sample_logits(
-                        logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-                    )
+                    out[:, i] = draw(probs_of(logits), generator)
                 if on_row is not None and (i + 1) % w == 0:
                     on_row(i // w, out[:, : i + 1].clone())
             if on_row is not None:  # the kept rows after the last redrawn cell's row, complete already
                 for r in range(end // w, n // w):
                     on_row(r, out[:, : (r + 1) * w].clone())
+        if bool(nonfinite):
+            raise NonFiniteLogits(
+                "the transformer's next-token logits are not finite (NaN or inf): its weights diverged in training, "
+                f"or the guidance scale {guidance_scale:g} overflowed them; retrain it at a lower learning rate, or "
+                "lower the guidance scale"
+            )
         if stats is not None:
             stats.update(passes=passes, window=width if b > 0 else 1, rows=rows_text.shape[0])
     finally:
@@ -656,6 +674,7 @@ def generate(
 __all__ = [
     "DECODE_MODES",
     "DRAFTS",
+    "NonFiniteLogits",
     "REDRAFTS",
     "compiled_step",
     "draw",

@@ -70,6 +70,10 @@ MAX_CANDIDATES = 10_000  # per prompt; more would hold too many decoded images a
 # temperature 1.5), 1 of eval unclip's 300 seed-2 sources ("a small square") still got its own codes 32 times
 # and kept four copies of itself; the fourth round, at 1.75, drew three new images (docs/RESULTS.md)
 MAX_EXTRA_ROUNDS = 4
+# --method unclip: embeddings the prior draws per candidate (DALL-E 2 draws 2), all candidates' at once
+MAX_PRIOR_SAMPLES = 64
+# --method clip-guided: crops of every image through CLIP at each refinement step, all at once
+MAX_GUIDED_CUTOUTS = 256
 
 
 MAX_SPECULATIVE_ROWS_CPU = WINDOW_TOKENS_CPU[torch.bfloat16] // MIN_WINDOW
@@ -295,8 +299,14 @@ def _check_settings(s: SampleConfig, name) -> None:
         )
     if not (math.isfinite(s.guided_jacobi_lr) and s.guided_jacobi_lr >= 0):
         raise UserError(f"config key 'sample.guided_jacobi_lr' is {s.guided_jacobi_lr}; set it to 0 or more")
-    if s.prior_samples < 1:
-        raise UserError(f"config key 'sample.prior_samples' is {s.prior_samples}; draw at least 1 embedding")
+    if not 1 <= s.prior_samples <= MAX_PRIOR_SAMPLES:
+        raise UserError(
+            f"config key 'sample.prior_samples' is {s.prior_samples}; draw 1 to {MAX_PRIOR_SAMPLES} embeddings"
+        )
+    if not 1 <= s.guided_cutouts <= MAX_GUIDED_CUTOUTS:  # a crafted bundle's once asked for a 123 GB batch
+        raise UserError(
+            f"config key 'sample.guided_cutouts' is {s.guided_cutouts}; use 1 to {MAX_GUIDED_CUTOUTS} cutouts"
+        )
     if not math.isfinite(s.prior_guidance_scale):
         raise UserError(f"{name('prior_guidance_scale')} is {s.prior_guidance_scale}; give a finite number (1: off)")
     if not (math.isfinite(s.variation_guidance_scale) and s.variation_guidance_scale >= 0):
