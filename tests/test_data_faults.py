@@ -11,9 +11,12 @@ with nothing readable, which stops with one sentence naming it.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
 import logging
+import lzma
 import random
 import re
 import struct
@@ -472,8 +475,8 @@ def test_an_archive_cut_after_a_member_ending_in_zeros_is_found_and_a_whole_one_
         black = archive.getmember("002.bmp")
     cut = tmp_path / "cut.tar"
     _write_tar(cut, members, cut=black.offset_data + 4096)  # right after the zeros, at a block's end
-    assert data.warn_of_cut_archives("x", [str(cut), str(whole)]) == [str(cut)]
-    assert data.warn_of_cut_archives("x", [str(cut)]) == [str(cut)]  # said at every open, never taken as whole
+    assert data.check_archives("x", [str(cut), str(whole)]) == [str(cut)]
+    assert data.check_archives("x", [str(cut)]) == [str(cut)]  # said at every open, never taken as whole
     # the whole one, walked once, is not walked again while it is unchanged
     walk = tarfile.open
 
@@ -481,11 +484,44 @@ def test_an_archive_cut_after_a_member_ending_in_zeros_is_found_and_a_whole_one_
         raise AssertionError("walked again")
 
     monkeypatch.setattr(tarfile, "open", walked)
-    assert data.warn_of_cut_archives("x", [str(whole)]) == []
+    assert data.check_archives("x", [str(whole)]) == []
     # ... and is walked again once it changes (cut short since)
     monkeypatch.setattr(tarfile, "open", walk)
     whole.write_bytes(cut.read_bytes())
-    assert data.warn_of_cut_archives("x", [str(whole)]) == [str(whole)]
+    assert data.check_archives("x", [str(whole)]) == [str(whole)]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+@pytest.mark.parametrize("suffix, compress", [("gz", gzip.compress), ("bz2", bz2.compress), ("xz", lzma.compress)])
+def test_a_webdataset_member_that_decompresses_past_the_limit_is_one_sentence(
+    tmp_path, monkeypatch, suffix, compress, streaming
+):
+    """`datasets`' reader decompresses a .gz/.bz2/.xz member whole into memory, of a field no column names too,
+    already while it infers the columns: a shard of a few MB holding gigabytes of gzipped zeros ended in a
+    MemoryError traceback, or filled the machine's memory."""
+    monkeypatch.setattr(data, "MAX_INFLATED_MEMBER_BYTES", 2**20)  # the check as at the real limit, on a tiny shard
+    shard = tmp_path / "shards" / "000.tar"
+    _write_tar(shard, [*_samples(2), (f"001.meta.{suffix}", compress(bytes(2**20 + 1)))])
+    cfg = _cfg(tmp_path / "shards" / "*.tar", image_column="png", caption_column="txt", streaming=streaming)
+    with pytest.raises(UserError) as e:
+        list(ExampleStream(cfg, "train", train=False))
+    said = str(e.value)
+    assert f"member '001.meta.{suffix}' of archive '{shard}' decompresses to more than 1 MiB" in said
+    assert said.endswith("remove it from the shard, or store it uncompressed") and "\n" not in said
+
+
+def test_a_compressed_webdataset_member_below_the_limit_is_read(tmp_path, monkeypatch):
+    """The limit refuses only what would not fit: a sample's small .json.gz is decompressed and read as before,
+    and its archive, found whole, is not walked again."""
+    monkeypatch.setattr(data, "MAX_INFLATED_MEMBER_BYTES", 2**20)
+    meta = [(f"{i:03d}.json.gz", gzip.compress(json.dumps({"i": i, "pad": "x" * 2**19}).encode())) for i in range(3)]
+    shard = tmp_path / "shards" / "000.tar"
+    samples = _samples(3)
+    _write_tar(shard, [m for i in range(3) for m in (samples[2 * i], samples[2 * i + 1], meta[i])])
+    cfg = _cfg(tmp_path / "shards" / "*.tar", image_column="png", caption_column="txt")
+    stream = ExampleStream(cfg, "train", train=False)
+    assert [ex["caption"] for ex in stream] == [f"sample {i}" for i in range(3)]
+    assert any(stamp[0] == str(shard) for stamp in data._COMPLETE_ARCHIVES)
 
 
 def test_images_no_metadata_row_names_are_counted_in_a_warning(tmp_path, caplog):

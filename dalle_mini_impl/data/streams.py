@@ -46,20 +46,23 @@ Design (after open_clip's and LlamaGen's data pipelines, written for resumable r
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import json
 import logging
+import lzma
 import os
 import random
 import re
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -355,20 +358,54 @@ def read_webdataset_text_leniently() -> None:
 
 
 _COMPLETE_ARCHIVES: set[tuple[str, int, int]] = set()  # (path, size, mtime) of archives walked and found whole
+# `datasets`' webdataset reader decompresses a compressed member (000.meta.gz) whole into memory, of every field,
+# named in the config or not, already while it infers the columns: one member that inflates past this stops the
+# read before the reader starts, with one sentence, not a MemoryError. Far above any caption or metadata member, and
+# above an image at the default data.max_image_pixels stored raw as RGBA (160 MB): only a member no sample here needs
+# is refused.
+MAX_INFLATED_MEMBER_BYTES = 256 * 2**20
 
 
-def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
+def _member_decompressors() -> dict[str, Callable[..., IO[bytes]]]:
+    """The suffixes of the members `datasets`' webdataset reader decompresses (.gz .gzip .bz2 .xz, and .lz4 .zst
+    where their libraries are installed), each with the opener it decompresses them with."""
+    try:
+        from datasets.filesystems import EXTENSION_TO_COMPRESSION_FS_FILE_CLS
+    except ImportError:  # another `datasets` layout: the formats the standard library reads
+        return {".gz": gzip.open, ".gzip": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    return dict(EXTENSION_TO_COMPRESSION_FS_FILE_CLS)
+
+
+def _inflates_past(data: IO[bytes], open_compressed: Callable[..., IO[bytes]], limit: int) -> bool:
+    """Whether the compressed `data` decompresses to more than `limit` bytes; read a chunk at a time, so no more
+    than a chunk of it is ever in memory."""
+    size = 0
+    try:
+        with open_compressed(data, mode="rb") as inflated:
+            while chunk := inflated.read(2**20):
+                size += len(chunk)
+                if size > limit:
+                    return True
+    except Exception:  # a corrupt stream, in whichever library's own error: the reader fails on it and says so
+        return False
+    return False
+
+
+def check_archives(name: str, files: list[str]) -> list[str]:
     """The local .tar files among `files` that end before their last member does, or without the end-of-archive
     blocks: `tarfile` stops at the cut silently, losing the samples after it uncounted. Each is logged as a
-    warning and returned."""
+    warning and returned. A compressed member that decompresses past MAX_INFLATED_MEMBER_BYTES stops the read
+    with one sentence (see there)."""
     cut = []
+    decompressors = _member_decompressors()
+    limit = MAX_INFLATED_MEMBER_BYTES
     for path in files:
         if not path.endswith(".tar") or not os.path.isfile(path):
             continue
         size = os.path.getsize(path)
-        # walked once per file as it is in this process (its members' headers: seconds for 160,000 samples, and
-        # a stage opens its splits several times); a file that ends in zero blocks may still be cut, after a
-        # member whose data ends in zeros, so the walk is not skipped
+        # walked once per file as it is in this process (its members' headers: seconds for 160,000 samples, and a
+        # stage opens its splits several times; and the data of its compressed members only); a file that ends in
+        # zero blocks may still be cut, after a member whose data ends in zeros, so the walk is not skipped
         stamp = (path, size, os.stat(path).st_mtime_ns)
         if stamp in _COMPLETE_ARCHIVES:
             continue
@@ -377,6 +414,19 @@ def warn_of_cut_archives(name: str, files: list[str]) -> list[str]:
                 end = 0
                 for member in archive:
                     end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    # the members the reader reads (regular files, not hidden), by the suffix it goes by
+                    decompress = decompressors.get("." + member.name.split(".")[-1].lower())
+                    if decompress is None or not member.isreg():
+                        continue
+                    if os.path.basename(member.name).startswith((".", "__")):
+                        continue
+                    if _inflates_past(archive.extractfile(member), decompress, limit):
+                        raise UserError(
+                            f"data set '{name}': member '{member.name}' of archive '{path}' decompresses to more "
+                            f"than {limit / 2**20:g} MiB, and the webdataset reader decompresses every compressed "
+                            "member whole into memory, even one no column names; remove it from the shard, or "
+                            "store it uncompressed"
+                        )
             with open(path, "rb") as f:
                 f.seek(end)
                 tail = f.read(2 * tarfile.BLOCKSIZE)
@@ -404,7 +454,7 @@ def _load(
         warn_of_uncaptioned_images(name, kwargs)
     if path == "webdataset":
         read_webdataset_text_leniently()
-        warn_of_cut_archives(name, sorted(_listed_files(kwargs)))
+        check_archives(name, sorted(_listed_files(kwargs)))
     try:
         return _load_dataset(name, split, path, kwargs, hf_split, streaming)
     except UserError:
