@@ -63,6 +63,9 @@ DEFAULT_PROMPT = "a red circle"
 MAX_BODY = 8 * 2**20  # bytes of one request; an image of about 6 MB, as base64 in JSON
 MAX_DRAINED = 8 * MAX_BODY  # a larger refused body is not read at all: its connection is closed
 THUMB = 128  # px: the longer side of a search result's thumbnail
+# labels of one request to label an image: each is embedded four times (CLIP's templates) while the model's lock
+# is held, so a body of a million labels would keep every other request of the model waiting for tens of minutes
+MAX_LABELS = 100
 # the sampling settings the page sends, as the bundle's `sample` section types them
 SETTINGS = {
     "num_images": int,
@@ -282,6 +285,8 @@ class App:
         model.require_clip("label images")
         image = read_upload(body, "image", model.pipe.cfg.data.max_image_pixels)
         labels = [label.strip() for label in text_field(body, "labels").split(",") if label.strip()]
+        if len(labels) > MAX_LABELS:
+            raise UserError(f"the labels are {len(labels)}; give at most {MAX_LABELS}, comma-separated")
         with model.lock:
             probs = model.pipe.clip.classify(prepare_image(image, model.pipe.clip.image_size)[None], labels)[0]
         ranked = sorted(zip(labels, probs.tolist()), key=lambda pair: -pair[1])

@@ -349,6 +349,14 @@ def test_labels_are_probabilities_best_first(url):
     # a lone surrogate in the JSON: once the text tokenizer's TypeError, a 500
     lone = {"model": 0, "image": image, "labels": "a\ud800, b"}
     assert_one_sentence(*post(url, "/api/classify", lone), 400, "the labels text is not valid UTF-8")
+    # a body of thousands of labels held the model's lock for tens of seconds (a million fit in one body); a
+    # repeated one was echoed with the whole list, a megabyte of "sentence"
+    many = {"model": 0, "image": image, "labels": ",".join(str(i) for i in range(20000))}
+    assert_one_sentence(*post(url, "/api/classify", many), 400, "the labels are 20000; give at most 100")
+    twice = {"model": 0, "image": image, "labels": ",".join(["circle"] + [f"shape {i}" for i in range(40)] * 2)}
+    status, answer = post(url, "/api/classify", twice)
+    assert_one_sentence(status, answer, 400, "the label 'shape 0' is given twice; give each label once")
+    assert len(answer["error"]) < 100
 
 
 # ----------------------------------------------------------------------------------------------

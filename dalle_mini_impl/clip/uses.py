@@ -105,8 +105,9 @@ def _check_labels(labels: Sequence[str]) -> None:
         raise UserError(f"the labels are one string, '{labels}'; give a list of labels, e.g. ['circle', 'square']")
     if not labels or any(not str(label).strip() for label in labels):
         raise UserError("the labels are empty; pass them comma-separated, e.g. --labels circle,square,triangle")
-    if len(set(labels)) != len(labels):
-        raise UserError(f"the labels {list(labels)} repeat one; give each label once")
+    repeated = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+    if repeated is not None:  # named alone: a long list echoed whole is no sentence
+        raise UserError(f"the label '{repeated}' is given twice; give each label once")
 
 
 class ClipScorer:
