@@ -398,8 +398,9 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
     """A temperature of 0 stopped train.vae's first step with a ValueError (under train.all after the tokenizer
     stage), a usage window of 0 too; a negative KL or commitment weight trained away from the data in silence."""
     for setting, says in [
-        ("vae.temperature_start=0", "'vae.temperature_start' is 0.0; set it above 0, e.g. 1.0"),
-        ("vae.temperature_end=-1", "'vae.temperature_end' is -1.0; set it above 0"),
+        ("vae.temperature_start=0", "'vae.temperature_start' is 0.0; set it at least 0.001, e.g. 1.0"),
+        ("vae.temperature_end=-1", "'vae.temperature_end' is -1.0; set it at least 0.001"),
+        ("vae.temperature_end=1e-38", "'vae.temperature_end' is 1e-38; set it at least 0.001"),  # a traceback once
         ("vae.usage_window=0", "'vae.usage_window' is 0; set it at least 1, e.g. 100"),
         ("vae.kl_weight=-1", "'vae.kl_weight' is -1.0; set it at least 0"),
         ("vae.commitment_weight=nan", "'vae.commitment_weight' is nan; set it at least 0"),  # on the emoji VQ
@@ -408,7 +409,8 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
         preset = "emoji" if setting.startswith("vae.commitment") else "shapes"
         with pytest.raises(UserError, match=f"^config key {re.escape(says)}"):
             check_phases(load_config(preset, [setting]))
-    check_phases(load_config("shapes", ["vae.temperature_steps=0", "vae.kl_weight=0"]))  # the edges are uses
+    # the edges are uses
+    check_phases(load_config("shapes", ["vae.temperature_steps=0", "vae.kl_weight=0", "vae.temperature_end=0.001"]))
 
 
 def test_a_setting_of_the_other_tokenizer_kind_is_one_sentence_when_the_config_loads(tmp_path):

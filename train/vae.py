@@ -67,10 +67,12 @@ def adversarial(cfg) -> bool:
     return cfg.vae.kind == "vq" and cfg.vae.disc_start >= 0
 
 
+MIN_TEMPERATURE = 1e-3  # the dVAE's lowest Gumbel-softmax temperature; DALL-E's anneals to 1/16
 # the training settings of the image tokenizer that building it does not read: (key, lowest, above it strictly?, e.g.)
 SCHEDULE_BOUNDS = (
-    ("temperature_start", 0, True, "1.0"),
-    ("temperature_end", 0, True, "0.0625"),
+    # the Gumbel-softmax divides by the temperature: near 0 it overflows (1e-38 stopped a step with a traceback)
+    ("temperature_start", MIN_TEMPERATURE, False, "1.0"),
+    ("temperature_end", MIN_TEMPERATURE, False, "0.0625"),
     ("temperature_steps", 0, False, "5000"),
     ("kl_weight", 0, False, "1e-4"),
     ("kl_warmup_steps", 0, False, "2000"),
@@ -86,7 +88,7 @@ def check_schedules(v) -> None:
     for key, lowest, strictly, example in SCHEDULE_BOUNDS:
         value = getattr(v, key)
         if not math.isfinite(value) or value < lowest or (strictly and value == lowest):
-            bound = f"above {lowest}" if strictly else f"at least {lowest}"
+            bound = f"above {lowest:g}" if strictly else f"at least {lowest:g}"
             raise UserError(f"config key 'vae.{key}' is {value}; set it {bound}, e.g. {example}")
 
 
