@@ -346,7 +346,7 @@ def evaluate(
     s = pipe.settings(num_images=1)
     reranked, first, every, distinct = [], [], [], []
     refined = RefinedColumns("reranked_same")  # the refined images, per column
-    for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=not progress)):
+    for i, caption in enumerate(tqdm(captions, desc="eval emoji", disable=None if progress else True)):
         generator = torch.Generator().manual_seed(s.seed + i)
         # ids (N, n), images (N, 3, S, S), CLIP's scores (N,)
         ids, images, scores = pipe.candidates([(caption, 1.0)], s, generator, method=method)

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
@@ -145,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     stream = ExampleStream(cfg.data, args.split, train=False)
     check_finite(stream, args.limit)
-    limited = _take(batches(stream, args.batch_size), args.limit)
-    result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")
+    known = [n for n in (args.limit, stream.length) if n]  # images read: the limit, the split's, or unknown
+    with tqdm(total=min(known) if known else None, desc="eval recon", unit="img", disable=None) as bar:
+        limited = _take(batches(stream, args.batch_size), args.limit, bar)
+        result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")
     result.update(source=cfg.data.source, split=args.split, image_size=cfg.data.image_size, skipped=stream.n_skipped)
     result = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
     if args.judge:
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _take(batch_iter, limit: int):
+def _take(batch_iter, limit: int, bar=None):
+    """The batches, cut after `limit` images (0: all), counted on `bar`."""
     seen = 0
     for batch in batch_iter:
         if limit and seen >= limit:
@@ -167,6 +171,8 @@ def _take(batch_iter, limit: int):
             batch = {k: v[: limit - seen] for k, v in batch.items()}
         seen += len(batch["image"])
         yield batch
+        if bar is not None:  # once the batch is done with
+            bar.update(len(batch["image"]))
 
 
 if __name__ == "__main__":

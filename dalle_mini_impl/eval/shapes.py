@@ -141,7 +141,7 @@ def evaluate(
     guided_kinds, distinct = [], []
     refined = RefinedColumns("top1_of_8_same_prompts")  # verdicts of the refined images, per column
     kinds = [k for k, _ in prompts]
-    for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=not progress)):
+    for i, (kind, prompt) in enumerate(tqdm(prompts, desc="eval shapes", disable=None if progress else True)):
         generator = torch.Generator().manual_seed(s.seed + i)
         ids, images, scores = pipe.candidates(
             [(prompt, 1.0)], s, generator, method=method

@@ -42,6 +42,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import ShapesConfig
 from dalle_mini_impl.errors import UserError
@@ -200,6 +201,7 @@ def text_diffs(pipe, srcs, scales: list[float], settings: dict, seed: int, progr
     held_out = pipe.cfg.data.shapes.held_out
     edits = [recolor(c, rng, held_out) for c, _, _ in srcs]
     out = {"n": len(srcs)}
+    bar = tqdm(total=len(scales) * len(srcs), desc="text diffs", disable=None if progress else True)
     for scale in scales:
         edited_ok, source_ok = [], []
         for (caption, img, _), edit in zip(srcs, edits):
@@ -208,14 +210,16 @@ def text_diffs(pipe, srcs, scales: list[float], settings: dict, seed: int, progr
             )[0]
             edited_ok.append(judge(np.asarray(kept[0].image), edit).ok)
             source_ok.append(judge(np.asarray(kept[0].image), caption).ok)
+            bar.update()
         out[f"scale_{scale:g}"] = {"edited_caption": _share(edited_ok), "source_caption": _share(source_ok)}
+    bar.close()
     return out
 
 
 def interpolations(pipe, srcs, settings: dict, progress: bool) -> dict:
     pairs = [(srcs[2 * i], srcs[2 * i + 1]) for i in range(len(srcs) // 2)]
     per_step = [[] for _ in range(STEPS)]
-    for (ca, ia, _), (cb, ib, _) in pairs:
+    for (ca, ia, _), (cb, ib, _) in tqdm(pairs, desc="interpolations", disable=None if progress else True):
         steps = pipe.interpolate(Image.fromarray(ia), Image.fromarray(ib), STEPS, progress=False, **settings)
         for k, kept in enumerate(steps):
             t, image = kept[0].t, np.asarray(kept[0].image)
