@@ -72,8 +72,8 @@ class Shard:
     equal for their shard to be reused; the settings' digest alone let a shard of the same count be reused over
     other rows, when an image repaired between two encodes shifted every row after it by one)."""
 
-    def __init__(self, path: Path, tokenizer, device, bar, encode_as_they_come: bool):
-        self.path, self.tokenizer, self.device, self.bar = path, tokenizer, device, bar
+    def __init__(self, path: Path, tokenizer, device, encode_as_they_come: bool):
+        self.path, self.tokenizer, self.device = path, tokenizer, device
         self.encode_as_they_come = encode_as_they_come
         self.pending: list[torch.Tensor] = []  # images not encoded yet
         self.ids: list[torch.Tensor] = []  # the codes of those encoded, in order
@@ -108,7 +108,6 @@ class Shard:
             for i in range(0, len(self.pending), ENCODE_BATCH):
                 batch = torch.stack(self.pending[i : i + ENCODE_BATCH]).to(self.device)
                 self.ids.append(self.tokenizer.encode(batch).cpu())
-                self.bar.update(batch.shape[0])  # the bar counts encoded images: encoding is the slow part
         self.pending = []
 
 
@@ -151,11 +150,11 @@ def encode_split(
     data = data_digest(cfg, split, world)
     # this process's share of `limit` (0: everything the split has)
     share = (limit // world + (rank < limit % world)) if limit > 0 else None
-    # the bar counts encoded images: mirror images make more of them than examples (no total then); an example
-    # skipped as unreadable leaves the bar short of its total
+    # the bar counts the records read, skipped ones too (counting encoded images, a split with mirror images had no
+    # total, and one with unreadable records ended short of it); a record counts once it waits to be encoded
     length = stream.length  # this process's records, or None for a stream
     total = length if share is None else share if length is None else min(share, length)
-    bar = tqdm(total=total if mirrored is None else None, desc=f"encode {split}", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"encode {split}", unit="record", disable=rank != 0, dynamic_ncols=True)
     index, n, n_rows, n_mirrored, written, reused = 0, 0, 0, 0, 0, 0
 
     def written_alike(path: Path) -> dict | None:
@@ -172,7 +171,7 @@ def encode_split(
         # a shard written alike may be reused, so its images wait until its rows are known; any other's are
         # encoded as they come
         path = shard_path(folder, rank, index)
-        return Shard(path, tokenizer, device, bar, encode_as_they_come=written_alike(path) is None)
+        return Shard(path, tokenizer, device, encode_as_they_come=written_alike(path) is None)
 
     def flush(shard: Shard) -> None:
         nonlocal index, written, reused
@@ -182,7 +181,6 @@ def encode_split(
         meta = written_alike(shard.path)
         if meta is not None and shard_rows(shard.path) == len(shard.captions) and meta.get("rows") == shard.rows():
             reused += 1
-            bar.update(shard.images)
         else:
             ids = shard.row_ids()
             write_shard(shard.path, ids, shard.captions, tokenizer=digest, flips=flips, data=data, rows=shard.rows())
@@ -194,6 +192,7 @@ def encode_split(
         if share is not None and n >= share:
             break
         n += 1
+        bar.update(n + stream.n_skipped - bar.n)
         shard.add(example["image"], example["captions"])
         kept = [text for text in example["captions"] if mirrored is not None and mirrored(text)]
         if kept:  # the mirror image, with the captions a mirror leaves true
@@ -205,6 +204,7 @@ def encode_split(
             shard = start()
     if shard.captions:
         flush(shard)
+    bar.update(n + stream.n_skipped - bar.n)  # records skipped after the last example
     bar.close()
     # shards of an earlier encode past this one's last (a larger data.max_examples, rows a filter now drops), and
     # those of processes this run does not have: read_shards would read them as rows of this split
