@@ -552,3 +552,21 @@ def test_weights_that_are_not_finite_or_give_a_nan_evaluation_are_not_exported(t
         model.bias.fill_(float("inf"))
     with pytest.raises(loop.UserError, match=r"its weights hold values that are not finite \(bias\): the run diver"):
         loop.check_not_diverged(t, {})
+
+
+def test_a_training_bar_in_a_log_draws_a_frame_every_30_seconds_and_tqdm_disable_turns_it_off():
+    """Every training bar passed `disable=` itself, which overrides tqdm's TQDM_DISABLE, and drew a frame a step
+    into a log file."""
+    import subprocess
+    import sys
+
+    code = (
+        "from train.common import progress_bar\nb = progress_bar(True, total=3)\n"
+        "print(b.disable, b.__dict__.get('mininterval'))"
+    )
+    for env, said in (({}, "False 30.0"), ({"TQDM_DISABLE": "1"}, "True")):  # stdout and stderr are pipes here
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+        assert run.stdout.startswith(said), run.stderr[-2000:]
+    from train.common import progress_bar
+
+    assert progress_bar(False, total=3).disable  # another process than the main one draws none

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import atexit
 import functools
+import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, TextConfig, TrainConfig
+
+# seconds between two frames of a training bar written to a file or pipe (a log): a frame per step fills the log
+LOG_BAR_SECONDS = 30.0
+
+
+def progress_bar(main: bool, **kw) -> tqdm:
+    """The bar of a stage's long work, on the main process: at a terminal redrawn as tqdm does; written to a
+    file or pipe (a log), a frame every LOG_BAR_SECONDS. `TQDM_DISABLE=1` turns it off (an explicit `disable`
+    would override tqdm's reading of it)."""
+    if not main:
+        kw["disable"] = True
+    elif not sys.stderr.isatty():
+        kw.setdefault("mininterval", LOG_BAR_SECONDS)
+    return tqdm(dynamic_ncols=True, **kw)
 
 
 def example_batches(cfg: RunConfig, split: str, batch_size: int, *, train: bool, accelerator):

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from dalle_mini_impl.clip.uses import state_fingerprint
 from dalle_mini_impl.data.tokens import check_encoded, check_shards_tokenizer, read_shards, tokenizer_digest, tokens_dir
 from dalle_mini_impl.pipeline.bundle import load_clip, load_vae, part_path, save_state_dict
-from train.common import process_state, require_parts
+from train.common import process_state, progress_bar, require_parts
 
 FILE = "clip.safetensors"
 
@@ -76,7 +75,7 @@ def clip_embeddings(
     if found is not None:
         return found
     out = {"image": [], "text": [], "grid": []}
-    for start in tqdm(range(0, len(captions), batch_size), desc=f"CLIP embeddings {split}", dynamic_ncols=True):
+    for start in progress_bar(True, iterable=range(0, len(captions), batch_size), desc=f"CLIP embeddings {split}"):
         with torch.inference_mode():
             pixels = vae.decode(ids[start : start + batch_size].to(device)).float()
         if grid:  # float16: 64,000 rows of a 4 x 4 grid of width 128 take 262 MB

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import ExampleStream, caption_regex, is_endless
@@ -38,7 +37,7 @@ from dalle_mini_impl.data.tokens import (
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.pipeline.bundle import load_vae, part_path, record_stage_config
-from train.common import check_image_size, process_state, require_parts
+from train.common import check_image_size, process_state, progress_bar, require_parts
 from train.loop import one_trainer
 
 
@@ -154,7 +153,7 @@ def encode_split(
     # total, and one with unreadable records ended short of it); a record counts once it waits to be encoded
     length = stream.length  # this process's records, or None for a stream
     total = length if share is None else share if length is None else min(share, length)
-    bar = tqdm(total=total, desc=f"encode {split}", unit="record", disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(rank == 0, total=total, desc=f"encode {split}", unit="record")
     index, n, n_rows, n_mirrored, written, reused = 0, 0, 0, 0, 0, 0
 
     def written_alike(path: Path) -> dict | None:

@@ -59,7 +59,7 @@ from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, conf
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.files import LockHeld, locked
 from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
-from train.common import destroy_process_group_at_exit, process_state
+from train.common import destroy_process_group_at_exit, process_state, progress_bar
 
 from .sharded import full_state_dict, shards_weights, whole_weights
 
@@ -349,7 +349,7 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
     set_aside_later_checkpoints(t)
     t.writer = open_writer(t)
     batches: Iterator[dict] = iter(stage.batches)
-    bar = tqdm(total=tc.steps, initial=t.step, disable=not t.is_main, desc=stage.name, dynamic_ncols=True)
+    bar = progress_bar(t.is_main, total=tc.steps, initial=t.step, desc=stage.name)
     logged: dict[str, float] = {}
     window = Throughput()
     t.model.train()
