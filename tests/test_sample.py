@@ -476,6 +476,59 @@ def test_a_missing_or_broken_model_file_is_one_sentence(bundle, tmp_path, capsys
     assert code == 2 and message in stderr and stderr.count("\n") == 1
 
 
+# side files edited to sizes the weights do not have: each once allocated gigabytes (or built layers for hours) before
+# the weights were compared with them, and ended in "DefaultCPUAllocator: can't allocate memory"
+HUGE_SIDES = [
+    ("transformer.json", ("heads",), 10**6, "transformer.json' does not describe the weights in"),
+    ("transformer.json", ("text_vocab",), 4 * 10**6, "('text_emb.weight' has shape ("),
+    ("unclip.json", ("heads",), 10**6, "unclip.json' does not describe the weights in"),
+    ("vae.json", ("kwargs", "res_blocks"), 10**8, "vae.json' does not describe the weights in"),
+    ("config.json", ("clip", "image_depth"), 10**7, "config.json' (its clip, data and text sections"),
+    ("prior.json", ("prior", "depth"), 10**7, "build more than the"),
+    # sizes no tensor can have, not even on the meta device: a negative width, a size that overflows
+    ("transformer.json", ("mlp_ratio",), -3.0, "transformer.json' is not a valid transformer config (Trying to create"),
+    ("vae.json", ("kwargs", "code_dim"), 2**62, "vae.json' holds settings this code cannot build (Storage size"),
+]
+
+
+def test_a_side_file_asking_for_huge_sizes_is_one_sentence_before_any_memory_is_spent(tmp_path):
+    """Every model is first built on the meta device from its side file's sizes and compared with the weights'
+    header. Loaded in a process whose data segment may grow by 300 MB at most, so that a side file read the old
+    way fails there rather than filling this machine's memory."""
+    bundle = make_tiny_bundle(tmp_path / "bundle", unclip=True)
+    folders = []
+    for i, (name, keys, value, _) in enumerate(HUGE_SIDES):
+        folder = Path(shutil.copytree(bundle, tmp_path / f"huge{i}"))
+        values = json.loads((folder / name).read_text())
+        node = values
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+        (folder / name).write_text(json.dumps(values))
+        folders.append(str(folder))
+    code = (
+        "import json, re, resource, sys\n"
+        "from dalle_mini_impl.errors import UserError\n"
+        "from dalle_mini_impl.pipeline.pipeline import Pipeline\n"
+        "used = int(re.search(r'VmData:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (used + 300 * 2**20, resource.RLIM_INFINITY))\n"
+        "for folder in sys.argv[1:]:\n"
+        "    try:\n"
+        "        Pipeline.from_pretrained(folder, device='cpu')\n"
+        "        print(json.dumps('loaded'), flush=True)\n"
+        "    except UserError as e:\n"
+        "        print(json.dumps(str(e)), flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *folders], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120
+    )
+    said = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(said) == len(HUGE_SIDES), done.stderr[-2000:]
+    for message, (name, keys, value, expected), folder in zip(said, HUGE_SIDES, folders):
+        assert expected in message and "\n" not in message, (name, keys, value, message)
+        assert message.startswith(f"'{folder}/{name}'"), message  # names the side file
+
+
 def test_a_missing_model_folder_and_the_missing_shipped_model(tmp_path, monkeypatch, capsys):
     code, _, stderr = run(["a red circle", "--model", str(tmp_path / "nope")], capsys)
     assert code == 2 and "does not exist; pass --model" in stderr

@@ -14,12 +14,12 @@ import inspect
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .base import ImageTokenizer, VAEError
@@ -126,17 +126,84 @@ def read_pretrained_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pretrained(folder: str | os.PathLike) -> ImageTokenizer:
-    """The tokenizer saved in `folder`, on the CPU, in eval mode; weights read with safetensors only."""
+    """The tokenizer saved in `folder`, on the CPU, in eval mode; weights read with safetensors only.
+
+    vae.json's settings must build the weights' shapes before any memory is spent on them: a hand-edited
+    res_blocks 100000000 is refused from the file's header, not by running out of memory building it.
+    """
     meta = read_pretrained_config(folder)
-    path = Path(folder) / CONFIG_FILE
+    path, weights = Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE
+    shapes = header_shapes(weights)
     try:
-        model = build(meta["kind"], **meta["kwargs"])
+        differs = shape_mismatch(lambda: build(meta["kind"], **meta["kwargs"]), shapes)
+        model = build(meta["kind"], **meta["kwargs"]) if differs is None else None
     except VAEError as e:  # a setting out of range: say which file holds it
         raise VAEError(f"'{path}': {e}") from None
-    except (TypeError, ValueError, KeyError) as e:  # a hand-edited setting of the wrong type
-        raise VAEError(f"'{path}' holds settings this code cannot build ({e}); save the tokenizer again") from None
-    load_weights(model, Path(folder) / WEIGHTS_FILE)
+    # a hand-edited setting of the wrong type, or sizes no tensor can have (negative, overflowing) or take in memory
+    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise VAEError(f"'{path}' holds settings this code cannot build ({reason}); save the tokenizer again") from None
+    if differs is not None:
+        raise VAEError(
+            f"'{path}' does not describe the weights in '{weights}' ({differs}); restore the {CONFIG_FILE} saved "
+            "with them, or save the tokenizer again"
+        )
+    load_weights(model, weights)
     return model.eval()
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a safetensors file, read from its header alone (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VAEError(f"weights file '{path}' does not exist; save the tokenizer with vae.save_pretrained")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _corrupt(path, e) from None
+
+
+class _TooManyTensors(Exception):
+    pass
+
+
+def shape_mismatch(build: Callable[[], torch.nn.Module], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """How the weights of the module `build()` makes differ from a file's (`shapes`: names and shapes, from its
+    header), in a phrase naming the first weight that differs; None when they agree.
+
+    The module is built on the meta device, where a tensor has a shape but no memory, so a config asking for a
+    billion-row embedding costs nothing to compare. Building its layers still takes time, so a build that
+    registers far more tensors than the file holds (a depth of 10**8) is stopped there. Only this thread's
+    registrations count: another thread building a model does not stop this one.
+    """
+    most, seen, me = 2 * len(shapes) + 64, 0, threading.get_ident()
+
+    def count(*_: Any) -> None:
+        nonlocal seen
+        if threading.get_ident() == me:
+            seen += 1
+            if seen > most:
+                raise _TooManyTensors
+
+    registered = torch.nn.modules.module
+    hooks = [registered.register_module_parameter_registration_hook(count)]
+    hooks.append(registered.register_module_buffer_registration_hook(count))
+    try:
+        with torch.device("meta"):
+            own = {name: tuple(t.shape) for name, t in build().state_dict().items()}
+    except _TooManyTensors:
+        return f"these settings build more than the {len(shapes)} tensors the file holds"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, shape in own.items():
+        if name not in shapes:
+            return f"'{name}' is missing from the file"
+        if tuple(shapes[name]) != shape:
+            return f"'{name}' has shape {tuple(shapes[name])} in the file but {shape} from these settings"
+    extra = sorted(set(shapes) - set(own))
+    return f"'{extra[0]}' is in the file but not in the model these settings build" if extra else None
 
 
 def load_weights(model: ImageTokenizer, path: str | os.PathLike) -> ImageTokenizer:
@@ -147,9 +214,13 @@ def load_weights(model: ImageTokenizer, path: str | os.PathLike) -> ImageTokeniz
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
-        raise VAEError(f"weights file '{path}' is corrupt or not safetensors ({reason}); save it again") from None
+        raise _corrupt(path, e) from None
     return copy_state(model, state, f"weights file '{path}'", "load it with the vae.json saved beside it")
+
+
+def _corrupt(path: Path, e: Exception) -> VAEError:
+    reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+    return VAEError(f"weights file '{path}' is corrupt or not safetensors ({reason}); save it again")
 
 
 def copy_state(model: ImageTokenizer, state: dict[str, torch.Tensor], source: str, fix: str) -> ImageTokenizer:

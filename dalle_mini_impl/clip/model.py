@@ -92,7 +92,9 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, drop_path: float = 0.0):
         super().__init__()
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        # one block at a time, no list of depth rates first: a bundle's edited depth is then refused after a few
+        # blocks (`vae.io.shape_mismatch` counts them), not after a list of 10**9 floats
+        rates = (drop_path * i / max(depth - 1, 1) for i in range(depth))
         self.blocks = nn.ModuleList(Block(dim, heads, drop_path=rate) for rate in rates)
         self.grad_checkpointing = False
 

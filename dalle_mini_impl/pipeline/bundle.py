@@ -11,18 +11,22 @@
 
 Every write goes to a temporary name first and is renamed into place, so a killed run never leaves a
 half-written file behind. Every read checks that the file exists, parses, and fits the model built from
-the config, and says in one sentence what to do when it does not.
+the config (its shapes compared on the meta device first, so a side file edited to huge sizes allocates
+nothing), and says in one sentence what to do when it does not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from vae.io import shape_mismatch
 
 from ..config import RunConfig, TransformerConfig, config_from_dict, config_to_dict, read_config_json, save_config
 from ..errors import UserError
@@ -237,6 +241,21 @@ def _check_transformer_size(values: dict, weights: Path, config: Path) -> None:
             )
 
 
+def _check_side_file(build: Callable[[], torch.nn.Module], weights: Path, side: str, restore: str) -> None:
+    """The model `build()` makes from a side file's sizes must have the weights' names and shapes, compared on the
+    meta device (`vae.io.shape_mismatch`) before the model is built for real.
+
+    A hand-edited or corrupt side file ("heads": 1000000, a vocabulary of millions) would otherwise allocate
+    gigabytes, or run out of memory, before `load_module` found that the weights do not fit it.
+    """
+    differs = shape_mismatch(build, weight_shapes(weights))
+    if differs is not None:
+        raise UserError(
+            f"{side} does not describe the weights in '{weights}' ({differs}); restore the {restore} saved with "
+            "them, or export the bundle again"
+        )
+
+
 def load_module(module: torch.nn.Module, path: str | os.PathLike, what: str | None = None) -> torch.nn.Module:
     """Load weights into `module` in place (cast to its dtypes); a mismatch says which config to use."""
     state = load_state_dict(path)
@@ -284,6 +303,17 @@ def load_text_tokenizer(bundle: str | os.PathLike, cfg: RunConfig):
     return TextTokenizer.load(part_path(bundle, "text"), cfg.text.text_len, cfg.text.lowercase)
 
 
+# what reading a side JSON and building its model raise when the file is no such model's: unreadable, not JSON,
+# wrong types; sizes no tensor can have (negative, overflowing) fail as RuntimeErrors, on the meta device too, as
+# do buffers the weights do not record (a rotary grid's attention masks) that this machine cannot hold
+_SIDE_ERRORS = (OSError, UnicodeDecodeError, ValueError, TypeError, RuntimeError, OverflowError)
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message as part of one sentence: torch's run over several lines."""
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
 def _side_json(bundle: Path, part: str) -> Path:
     path = bundle / f"{part}.json"
     if not path.is_file():
@@ -306,9 +336,13 @@ def load_transformer(bundle: str | os.PathLike, part: str = "transformer"):
         if not isinstance(values, dict):
             raise ValueError("not an object")
         _check_transformer_size(values, weights, path)
-        model = DALLE(_side_config(values, TransformerConfig))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise UserError(f"'{path}' is not a valid transformer config ({e}); retrain or copy the whole bundle") from None
+        cfg = _side_config(values, TransformerConfig)
+        _check_side_file(lambda: DALLE(cfg), weights, f"'{path}'", path.name)
+        model = DALLE(cfg)
+    except _SIDE_ERRORS as e:
+        raise UserError(
+            f"'{path}' is not a valid transformer config ({_first_line(e)}); retrain or copy the whole bundle"
+        ) from None
     return load_module(model, weights, "transformer" if part == "transformer" else "unCLIP decoder").eval()
 
 
@@ -334,9 +368,12 @@ def load_prior(bundle: str | os.PathLike):
         geometry = {k: int(values[k]) for k in ("embed_dim", "text_vocab", "text_len", "pad_id")}
         if min(geometry["embed_dim"], geometry["text_vocab"], geometry["text_len"]) < 1:
             raise ValueError(f"sizes below 1: {geometry}")
-        model = EmbeddingPrior(_side_config(values["prior"], PriorConfig), **geometry)
-    # a JSON that is no prior's: wrong types (a list for "prior" has no keys), sizes no model can have
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        cfg = _side_config(values["prior"], PriorConfig)
+        _check_side_file(lambda: EmbeddingPrior(cfg, **geometry), weights, f"'{path}'", path.name)
+        model = EmbeddingPrior(cfg, **geometry)
+    # a JSON that is no prior's: wrong types (a list for "prior" has no keys), sizes no model can have, or a noise
+    # schedule (timesteps, which the weights do not record) longer than this machine can hold
+    except (*_SIDE_ERRORS, KeyError, AttributeError) as e:
         raise UserError(f"'{path}' is not a valid prior config ({e!r}); retrain or copy the whole bundle") from None
     return load_module(model, weights, "unCLIP prior").eval()
 
@@ -354,6 +391,16 @@ def load_clip(bundle: str | os.PathLike, device: str | torch.device = "cpu"):
     weights = part_path(bundle, "clip")
     device = resolve_device(device) if isinstance(device, str) else device
     tokenizer = load_text_tokenizer(bundle, cfg)
-    model = load_module(clip_from_config(cfg, tokenizer), weights, "CLIP")
+    config = part_path(bundle, "config")
+    side = f"'{config}' (its clip, data and text sections, with the vocabulary of text.model)"
+    try:
+        _check_side_file(lambda: clip_from_config(cfg, tokenizer), weights, side, "config.json and text.model")
+        model = clip_from_config(cfg, tokenizer)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:  # sizes no tensor can have: negative, overflowing
+        raise UserError(
+            f"'{config}' holds CLIP sizes no model can have ({_first_line(e)}); restore the config.json saved with "
+            "the bundle, or export it again"
+        ) from None
+    model = load_module(model, weights, "CLIP")
     digest = hashlib.sha256(part_path(bundle, "text").read_bytes()).hexdigest()
     return BundleClipScorer(model, tokenizer, source=str(bundle), device=device, tokenizer_digest=digest)
