@@ -166,6 +166,19 @@ def test_imagefolder_loads_with_exactly_the_corrupt_png_skipped(imagefolder):
         assert 0 <= ex["image"].min() and ex["image"].max() <= 1
 
 
+def test_a_bad_record_of_a_replayed_evaluation_split_is_warned_of_once(imagefolder, caplog):
+    """An evaluation split is read from its start at every evaluation (its position, and the skip counts, restored):
+    its bad record was warned of each time, over the training bar."""
+    stream = ExampleStream(_cfg(imagefolder.root), "train", train=False)
+    start = stream.state_dict()
+    with caplog.at_level("WARNING", logger="dalle_mini_impl.data.streams"):
+        for _ in range(3):
+            stream.load_state_dict(start)
+            assert len(list(stream)) == len(imagefolder.train_captions) and stream.skipped == {"truncated": 1}
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert len(warned) == 1 and "truncated" in warned[0], warned
+
+
 def test_imagefolder_modes_arrive_as_rgb_on_white(imagefolder):
     examples = {ex["caption"]: ex["image"] for ex in ExampleStream(_cfg(imagefolder.root), "train", train=False)}
     half = examples["a blue half on white 🐱"]  # left half transparent, right half opaque blue

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args, save_config
 from dalle_mini_impl.errors import UserError
@@ -353,7 +354,8 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
     logged: dict[str, float] = {}
     window = Throughput()
     t.model.train()
-    with StopRequest() as stop:
+    # the data's warnings (a skipped record) printed above the bar, not glued to its line
+    with StopRequest() as stop, logging_redirect_tqdm():
         while t.step < tc.steps:
             g = compute_gradients(t, batches)
             window.items += g.items
@@ -362,7 +364,7 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
                 continue
             scalars = take_step(t, g)
             bar.update(1)
-            bar.set_postfix(loss=f"{g.loss:.4f}")
+            bar.set_postfix(loss=f"{g.loss:.4f}", refresh=False)  # drawn with the bar, at its own interval
 
             if _due(t.step, tc.log_every, tc.steps):
                 logged = log_scalars(t, g, scalars, window)

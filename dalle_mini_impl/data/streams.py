@@ -963,6 +963,9 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.position = 0  # records of this epoch consumed by this process, skipped ones included
         self.skipped: Counter[str] = Counter()
+        # the records warned of in this process, by reason: an evaluation split replayed from its start at every
+        # evaluation (its position, and with it `skipped`, restored) warned of its one bad record every time
+        self._warned: dict[str, set[str]] = {}
         # PIL's own bomb check; `decode_image` turns its warning into a skip as well
         Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
         self.source = open_dataset(cfg, split)
@@ -1171,7 +1174,11 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
     def _count(self, skip: UnusableRecord, where: str) -> None:
         self.skipped[skip.reason] += 1
-        level = logging.WARNING if self.skipped[skip.reason] <= _WARN_PER_REASON else logging.DEBUG
+        warned = self._warned.setdefault(skip.reason, set())
+        level = logging.DEBUG
+        if len(warned) < _WARN_PER_REASON and where not in warned:  # the first few of each reason, each once
+            warned.add(where)
+            level = logging.WARNING
         log.log(
             level, "skipped %s of %s (split %s): %s %s", where, self.source.name, self.split, skip.reason, skip.detail
         )
