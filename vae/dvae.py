@@ -286,7 +286,9 @@ class DiscreteVAE(ImageTokenizer):
         (b, h, w), the argmax codes for usage tracking, and reconstruction (b, 3, H, W) in [0, 1].
         """
         x = self.check_images(images)
-        logits = self.free_latent(x)  # (b, K_1 + .. + K_G, h, w)
+        # (b, K_1 + .. + K_G, h, w), in float32: CPU autocast leaves softmax in bf16, where the Gumbel-softmax, KL
+        # and diversity terms were rounded to 3 significant digits (a no-op in a float32 run)
+        logits = self.free_latent(x).float()
         stats = self.decoder(self.mix(self.relaxed_one_hot(logits, temperature)))  # (b, 3 or 6, H, W)
         recon = reconstruction_loss(x, stats, self.recon_loss)
         kl = diversity = 0.0
