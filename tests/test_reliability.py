@@ -112,6 +112,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(base_run, tmp_path):
     assert message.startswith("error: dalle training stopped at step ")
     assert "3 steps in a row had a non-finite loss or gradient" in message
     assert "Traceback" not in proc.stderr
+    # the first step's grid could not be drawn from the blown-up weights: said, and training went on to the stop
+    # (once the sampler's sentence stopped the run there, before the bar's last frame)
+    assert "dalle: no sample grid at step 1: the model's logits are not finite" in proc.stderr
     good = list_checkpoints(run / "checkpoints" / "dalle")
     assert good, "the last good checkpoint must be kept"
     state = json.loads((good[-1] / "trainer_state.json").read_text())

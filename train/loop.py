@@ -59,6 +59,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, config_from_args, save_config
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.files import LockHeld, locked
+from dalle_mini_impl.model.generate import NonFiniteLogits
 from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
 from train.common import destroy_process_group_at_exit, process_state, progress_bar
 
@@ -354,8 +355,9 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
     logged: dict[str, float] = {}
     window = Throughput()
     t.model.train()
-    # the data's warnings (a skipped record) printed above the bar, not glued to its line
-    with StopRequest() as stop, logging_redirect_tqdm():
+    # the data's warnings (a skipped record) printed above the bar, not glued to its line; the bar closed on any
+    # way out, so that an error's sentence comes after its last frame, not before
+    with StopRequest() as stop, logging_redirect_tqdm(), bar:
         while t.step < tc.steps:
             g = compute_gradients(t, batches)
             window.items += g.items
@@ -380,7 +382,6 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
             if t.step < tc.steps and stop.agreed(t.accelerator):
                 bar.close()
                 stop.save_and_exit(t)
-    bar.close()
     logged.update(end_of_run_scalars(t))
     check_not_diverged(t, logged)
     export(t)
@@ -851,8 +852,17 @@ def log_image_grids(t: Training) -> None:
     if t.writer is None and not t.sharded:
         return
     t.model.eval()
-    with whole_weights(t.model, t.accelerator):
-        grids = t.stage.log_images(t.unwrapped, t.step)
+    try:
+        with whole_weights(t.model, t.accelerator):
+            grids = t.stage.log_images(t.unwrapped, t.step)
+    except NonFiniteLogits:  # a diverging model: no samples to draw, but the run goes on (`check_not_diverged`)
+        grids = {}
+        if t.is_main:
+            tqdm.write(
+                f"{t.stage.name}: no sample grid at step {t.step}: the model's logits are not finite (its weights "
+                "are diverging)",
+                file=sys.stderr,
+            )
     t.model.train()
     if t.writer is None:
         return
