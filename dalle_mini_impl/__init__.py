@@ -8,7 +8,7 @@ The library, one subpackage per part of the pipeline (captions and images in, ra
     clip/      CLIP trained here: reranking, zero-shot labels, image search
     pipeline/  bundles (a trained model as a folder), the sample-then-rerank pipeline, guided refinement
     shapes/    the procedural data set and its judge
-    eval/      `python -m dalle_mini_impl.eval {shapes,emoji,recon,clip,judge}`
+    eval/      `python -m dalle_mini_impl.eval {shapes,emoji,recon,clip,judge,unclip,edit,compare,runs}`
     bench/     speed benchmarks (tools, not library)
 
 The image tokenizers live beside this package in `vae/`. The public API is named here and imported on

@@ -190,7 +190,7 @@ def test_the_anchor_figures_are_an_input(tmp_path, capsys):
     train = {"bf16": {"tokens_per_s": 200_000.0, "mfu": 0.3}}
     result = {"presets": {"dalle256": {"train": train, "sample": {}}}}
     assert gpu_check.check(result, other)["train_vs_anchor"] == {"value": 2.0, "target": ">= 4.0", "met": False}
-    ratios = anchor.compute_ratios("tiny", {}, {}, figures["cpu_targets"]["tiny"])
+    ratios = anchor.compute_ratios({}, {}, figures["cpu_targets"]["tiny"])
     assert ratios["targets"] == {}  # nothing measured: no target reported as met or missed
     for bad, message in (
         (tmp_path / "none.json", "figures file '.*none.json' does not exist; pass --figures"),

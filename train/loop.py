@@ -60,7 +60,7 @@ from dalle_mini_impl.config import RunConfig, TrainConfig, add_config_args, conf
 from dalle_mini_impl.errors import UserError
 from dalle_mini_impl.files import LockHeld, locked
 from dalle_mini_impl.model.generate import NonFiniteLogits
-from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_state_dict
+from dalle_mini_impl.pipeline.bundle import load_state_dict, record_stage_config, save_module, save_state_dict
 from train.common import destroy_process_group_at_exit, process_state, progress_bar
 
 from .sharded import full_state_dict, shards_weights, whole_weights
@@ -1009,7 +1009,7 @@ def _extra_path(obj: Any, folder: Path, name: str) -> Path:
 
 def _save_extra(obj: Any, path: Path) -> None:
     if isinstance(obj, torch.nn.Module):
-        save_state_dict({k: v.clone() for k, v in obj.state_dict().items()}, path)
+        save_module(obj, path)
     else:
         torch.save(obj.state_dict(), path)
 

@@ -156,10 +156,3 @@ def module_tensors(module: Any, prefix: str = "") -> dict[str, torch.Tensor]:
             tensors.update(module_tensors(child, f"{prefix}{name}."))
     return tensors
 
-
-def module_fields(module: Any) -> dict[str, Any]:
-    """The plain attributes (numbers, strings, booleans) of a pickled nn.Module stand-in."""
-    state = module.state if isinstance(module, Inert) else None
-    if not isinstance(state, dict):
-        return {}
-    return {k: v for k, v in state.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}

@@ -199,7 +199,7 @@ def target_entry(value: float | None, op: str, bound: float) -> dict[str, Any]:
     return {"value": value, "target": f"{op} {bound}", "met": met}
 
 
-def compute_ratios(cfg: str, anchor: dict[str, Any], ours: dict[str, Any], targets: dict[str, list]) -> dict[str, Any]:
+def compute_ratios(anchor: dict[str, Any], ours: dict[str, Any], targets: dict[str, list]) -> dict[str, Any]:
     """Ratios of the medians, each round's paired ratio beside them, and `targets` (name -> [op, bound]) checked."""
 
     def med(side: dict[str, Any], key: str) -> float | None:
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                         "anchor": anchor,
                         "ours": ours,
                         "process_wall_s": {"anchor": raw[c]["anchor_wall_s"], "ours": raw[c]["ours_wall_s"]},
-                        "ratios": compute_ratios(c, anchor, ours, targets.get(c, {})),
+                        "ratios": compute_ratios(anchor, ours, targets.get(c, {})),
                     }
                 flush()
 

@@ -249,6 +249,7 @@ def save_grid(
 
 __all__ = [
     "center_square",
+    "distinct_first",
     "from_uint8",
     "make_grid",
     "prepare_image",

@@ -1247,6 +1247,7 @@ __all__ = [
     "Pipeline",
     "Result",
     "check_prompts",
+    "check_seed",
     "check_settings",
     "kept_order",
 ]

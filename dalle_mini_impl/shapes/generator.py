@@ -451,6 +451,7 @@ __all__ = [
     "format_caption",
     "iter_shapes",
     "parse_caption",
+    "parse_held_out",
     "render",
     "sample_scene",
     "shapes_example",

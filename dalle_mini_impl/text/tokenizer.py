@@ -238,4 +238,4 @@ class TextTokenizer:
         return f"TextTokenizer({self.name!r}, vocab_size={self.vocab_size}, text_len={self.text_len})"
 
 
-__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "TextTokenizer"]
+__all__ = ["BOS_ID", "EOS_ID", "MAX_VOCAB", "PAD_ID", "UNK_ID", "TextTokenizer"]
