@@ -45,12 +45,11 @@ def test_trains_on_shapes_captions_and_round_trips(shapes_tok, shapes_captions):
         "▁blue",
         "▁square",
     ]
-    truncated = shapes_tok.truncated  # the shared tokenizer's count so far (other tests truncate on purpose)
-    ids = shapes_tok.encode(shapes_captions[:200])
+    ids, dropped = shapes_tok.encode_with_info(shapes_captions[:200])
     assert ids.shape == (200, TEXT_LEN) and ids.dtype == torch.long
     assert torch.all(ids[:, 0] == BOS_ID)
     assert shapes_tok.decode(ids) == shapes_captions[:200]
-    assert shapes_tok.truncated == truncated  # every shapes caption fits in 16 ids
+    assert dropped == [0] * 200  # every shapes caption fits in 16 ids
 
 
 def test_trains_on_imagefolder_captions_with_any_unicode(imagefolder, tmp_path):
@@ -83,24 +82,20 @@ def test_case_is_kept_when_lowercase_is_off_and_the_model_says_so(tmp_path, shap
 
 def test_a_long_prompt_is_truncated_counted_and_keeps_bos_and_eos(shapes_tok):
     prompt = "a red circle " * 770  # 10,010 characters
-    before = shapes_tok.truncated
     ids, dropped = shapes_tok.encode_with_info([prompt, "a red circle"])
     assert ids.shape == (2, TEXT_LEN)
     assert ids[0, 0] == BOS_ID and ids[0, -1] == EOS_ID and PAD_ID not in ids[0].tolist()
     assert dropped == [len(shapes_tok.sp.encode(prompt)) - (TEXT_LEN - 2), 0]
-    assert shapes_tok.last_dropped == dropped
-    assert shapes_tok.truncated == before + 1
     assert shapes_tok.decode(ids[:1]) == [" ".join(["a red circle"] * 4) + " a red"]  # the first 14 pieces
 
 
 def test_null_ids_is_the_empty_caption(shapes_tok):
-    before = shapes_tok.truncated
     null = shapes_tok.null_ids()
     assert null.shape == (TEXT_LEN,)
     assert null.tolist() == [BOS_ID, EOS_ID] + [PAD_ID] * (TEXT_LEN - 2)
     assert torch.equal(null, shapes_tok.encode([""])[0])
     assert shapes_tok.decode(null) == [""]
-    assert shapes_tok.truncated == before
+    assert shapes_tok.encode_with_info([""])[1] == [0]
 
 
 def test_decode_stops_at_eos_and_ignores_pads_and_out_of_range_ids(shapes_tok):

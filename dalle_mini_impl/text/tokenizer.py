@@ -81,11 +81,9 @@ class _Writer:
 
 
 class TextTokenizer:
-    """Captions <-> LongTensor (b, text_len) of sentencepiece ids framed by bos/eos and padded.
-
-    `truncated` counts prompts cut to fit text_len since creation; `last_dropped` holds, for each text
-    of the last `encode` call, how many pieces were cut (0 when it fitted).
-    """
+    """Captions <-> LongTensor (b, text_len) of sentencepiece ids framed by bos/eos and padded; `encode_with_info`
+    also says how many pieces each text lost to truncation. Encoding changes nothing in it (once it kept the last
+    call's counts, which a tokenizer the web app's requests share would have mixed up)."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, text_len: int, name: str = "<memory>"):
         if text_len < 2:
@@ -93,8 +91,6 @@ class TextTokenizer:
         self.sp = processor
         self.text_len = text_len
         self.name = name
-        self.truncated = 0
-        self.last_dropped: list[int] = []
 
     # -- creating ------------------------------------------------------------------------------
 
@@ -204,10 +200,7 @@ class TextTokenizer:
         """(ids (b, text_len), pieces dropped per text); a too-long text keeps its start, bos and eos."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
-        ids, dropped = self._frame(self.sp.encode(list(texts)) if texts else [])
-        self.truncated += sum(d > 0 for d in dropped)
-        self.last_dropped = dropped
-        return ids, dropped
+        return self._frame(self.sp.encode(list(texts)) if texts else [])
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """A list of b texts -> LongTensor (b, text_len): [bos, pieces..., eos, pad...]."""
