@@ -26,6 +26,9 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run `main(argv)` and exit: 0 on success, 2 with one sentence for a `UserError`, 130 on Ctrl-C."""
+    for stream in (sys.stdout, sys.stderr):  # a console in a legacy code page (Windows) cannot print an emoji
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning

@@ -15,9 +15,11 @@ work is not lost at its end, and says a failed write in one sentence (`said_if_u
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +50,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+@functools.cache
+def _warn_once_unlocked() -> None:
+    warnings.warn(
+        "this system has no file locks (fcntl): a second trainer started in the same run folder is not refused, "
+        "so start one at a time",
+        stacklevel=4,
+    )
+
+
 class LockHeld(Exception):
     """Another process holds the lock that `locked(..., wait=False)` asked for; `holder` is the note it left."""
 
@@ -61,20 +72,26 @@ def locked(path: str | os.PathLike, wait: bool = True, note: str | None = None) 
     """Hold an exclusive lock (flock) on the file at `path` while the block runs. The kernel's lock goes with its
     process, so a killed holder leaves none behind. With `wait=False`, a lock another process holds raises
     LockHeld at once, with the note that process wrote into the file: `note` (a process id, say), written once
-    the lock is held."""
-    import fcntl
+    the lock is held. Where the system has no flock (Windows), the block runs unlocked, with a warning once."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+        _warn_once_unlocked()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise LockHeld(os.read(fd, 32).decode(errors="replace").strip() or "unknown") from None
         if note is not None:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, note.encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, note.encode())
         yield
     finally:
         os.close(fd)  # and with it the lock

@@ -29,10 +29,12 @@ Progress bars and warnings go to stderr; with --json stdout holds only the JSON 
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
 import re
+import sys
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -342,8 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             record = {"prompt": r.prompt, "path": str(path), "rank": r.rank, "clip_score": r.clip_score, "seed": r.seed}
             record |= source  # a variation's source image, an interpolation's two ends
             record |= {} if r.t is None else {"t": r.t}
-            # a path holding bytes that are not UTF-8 (lone surrogates) cannot be printed as is: escape it
-            print(json.dumps(record, ensure_ascii=not _is_utf8(str(path))), flush=True)
+            # a path holding bytes that are not UTF-8 (lone surrogates), or an output that is not UTF-8 (a Windows
+            # console's code page, redirected), cannot take it as is: escaped
+            print(json.dumps(record, ensure_ascii=not (_is_utf8(str(path)) and _utf8_out())), flush=True)
     if args.interpolate:  # the path at a glance: every step's best, in order
         best = [kept[0] for kept in groups]
         path_grid = _save_grid(best, out, stems[0].rsplit("_step", 1)[0] + "_path", [f"t={r.t:.2f}" for r in best])
@@ -368,6 +371,13 @@ def _save(kept: list, out: Path, stem: str) -> tuple[list[Path], Path]:
         raise UserError(
             f"cannot write the PNGs to --out '{out}' ({e.strerror or e}); pass a folder you can write to"
         ) from None
+
+
+def _utf8_out() -> bool:
+    try:
+        return codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
+    except LookupError:
+        return False
 
 
 def _is_utf8(text: str) -> bool:

@@ -163,3 +163,19 @@ def test_a_file_where_a_run_keeps_a_folder_is_one_sentence(tmp_path):
         with pytest.raises(UserError, match=f"^'{run / kept}' is a file where the run keeps a folder; move it away"):
             check_run_folder(str(run))
 
+
+
+def test_without_file_locks_the_block_runs_unlocked_with_one_warning(tmp_path, monkeypatch):
+    """Windows has no fcntl: every training stage once stopped there with a ModuleNotFoundError traceback."""
+    import sys
+
+    from dalle_mini_impl import files
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
+    files._warn_once_unlocked.cache_clear()
+    with pytest.warns(UserWarning, match="no file locks \\(fcntl\\): a second trainer .* is not refused"):
+        with files.locked(tmp_path / ".dalle.lock", wait=False, note="1234"):
+            with files.locked(tmp_path / ".dalle.lock", wait=False, note="5678"):  # not refused: no lock
+                pass
+    assert (tmp_path / ".dalle.lock").read_text() == "5678"
+    files._warn_once_unlocked.cache_clear()

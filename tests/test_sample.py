@@ -583,6 +583,23 @@ def test_a_real_subprocess_says_one_sentence_without_traceback(bundle, tmp_path)
     assert proc.stdout == ""
 
 
+def test_a_prompt_with_an_emoji_prints_to_an_output_that_is_not_utf8(bundle, tmp_path):
+    """A Windows console's code page, redirected: once a UnicodeEncodeError traceback after the PNGs were written,
+    with the summary line and with --json."""
+    prompt = "a red circle \U0001f355"
+    base = [sys.executable, "-m", "sample", prompt, "--model", str(bundle), "--num-images", "1", "--candidates", "1"]
+    cp1252 = {**env(), "PYTHONIOENCODING": "cp1252"}
+    for extra in ([], ["--json"]):
+        cmd = [*base, "--out", str(tmp_path / f"out{len(extra)}"), *extra]
+        proc = subprocess.run(cmd, capture_output=True, env=cp1252, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode("cp1252")[-2000:]
+        first = proc.stdout.decode("cp1252").splitlines()[0]
+        if extra:
+            assert json.loads(first)["prompt"] == prompt  # escaped as JSON escapes it
+        else:
+            assert first.startswith("'a red circle \\U0001f355': ")
+
+
 def test_the_sampling_path_imports_no_training_libraries(bundle, tmp_path):
     code = (
         "import json, sys\n"

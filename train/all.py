@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -90,8 +91,12 @@ def run_stage(cmd: list[str]) -> int:
     started: list[subprocess.Popen] = []
     pending: list[int] = []  # a signal that came before the stage started: passed on once it has
 
+    hup = getattr(signal, "SIGHUP", None)  # none on Windows
+
     def forward(signum, frame):
-        signum = signal.SIGTERM if signum == signal.SIGHUP else signum
+        if os.name == "nt" and signum == signal.SIGINT:  # no sessions there: the console's Ctrl-C reached the stage
+            return
+        signum = signal.SIGTERM if signum == hup else signum
         if started:
             started[0].send_signal(signum)
         else:
@@ -101,7 +106,7 @@ def run_stage(cmd: list[str]) -> int:
     # train beside it), unless it is ignored (nohup). Installed before the stage starts: a signal this process
     # ignored (Ctrl-C, for a job a script started in the background) would be ignored by the stage too, whereas a
     # handled one is the default there again
-    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    hangup = () if hup is None or signal.getsignal(hup) == signal.SIG_IGN else (hup,)
     previous = {signum: signal.signal(signum, forward) for signum in (*STOP_SIGNALS, *hangup)}
     try:
         started.append(subprocess.Popen(cmd, start_new_session=True))

@@ -54,7 +54,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -183,16 +182,27 @@ def reset_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """GPU: the allocator's peak since the last reset; CPU: the process's peak resident set (Linux KiB)."""
+    """GPU: the allocator's peak since the last reset; CPU: the process's peak resident set."""
     if device.type == "cuda":
         return {
             "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
             "peak_mem_kind": "cuda_max_allocated",
         }
     return {
-        "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_mem_mb": round(peak_rss_bytes() / 2**20, 1),
         "peak_mem_kind": "ru_maxrss",
     }
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set in bytes: `ru_maxrss` is in KiB on Linux and in bytes on macOS. 0 where
+    the `resource` module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def step_stats(times: list[float], work: float, unit: str) -> dict[str, float]:

@@ -154,15 +154,15 @@ def _drop_unconditional(b: int, masks: list, cache: list | None = None) -> None:
         layer.k, layer.v = layer.k[:b], layer.v[:b]
 
 
-def _distinct_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For the rows of key (B, m): (first, inverse), one row index per distinct row and each row's distinct
-    row, or None when no two rows are equal."""
+def _distinct_rows(key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For the rows of key (B, m): (first, inverse) on `device`, one row index per distinct row and each row's
+    distinct row, or None when no two rows are equal."""
     distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
     if distinct.shape[0] == key.shape[0]:
         return None
     rows = torch.arange(key.shape[0], device=key.device)
     first = torch.full((distinct.shape[0],), key.shape[0], device=key.device)
-    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+    return first.scatter_reduce_(0, inverse, rows, "amin").to(device), inverse.to(device)
 
 
 def _prefill(model: DALLE, x: torch.Tensor, masks: list, cache: list, shared) -> torch.Tensor:
@@ -621,7 +621,8 @@ def generate(
         prefix = model.embed_prefix(rows_text, cond)  # (B, P, d)
         # rows whose prefill inputs are equal (a prompt's candidates, the unconditional rows) share its work
         inputs = [rows_text, _pair(out[:, :k], guided)] + ([] if cond is None else [cond])
-        shared = _distinct_rows(torch.cat([t.double() for t in inputs], dim=1))
+        # compared on the CPU in float64, exact for ids and embeddings alike (MPS has no float64)
+        shared = _distinct_rows(torch.cat([t.detach().cpu().double() for t in inputs], dim=1), out.device)
         width = 1
         if decode == "speculative":  # a window never reaches back to the text: it starts at cell 1 or later
             weight = model.head.weight
