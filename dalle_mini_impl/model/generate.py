@@ -123,17 +123,30 @@ def final_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row of probs (b, k) -> (b,), by inverse CDF from one uniform number per row.
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One id per row of probs (b, k) -> (b,), by inverse CDF from one uniform number per row (`u` (b, 1), drawn
+    from `generator` when not given).
 
     The weights need not sum to 1 (a residual distribution of speculative decoding does not).
     """
     cdf = probs.cumsum(dim=-1)  # (b, k)
-    device = generator.device if generator is not None else probs.device
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=device)  # (b, 1)
+    if u is None:
+        device = generator.device if generator is not None else probs.device
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=device)  # (b, 1)
     # the first id whose cdf exceeds u * total: never an id of probability 0, whose cdf step is flat
     ids = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)  # (b, 1)
     return ids.clamp_(max=probs.shape[-1] - 1).squeeze(1)
+
+
+def _uniforms(generator: torch.Generator | None, b: int, cells: int, device: torch.device) -> Iterator | None:
+    """The uniform numbers `draw` takes for `cells` steps of b rows, drawn at once from a generator on another
+    device than the rows (a CPU generator for GPU sampling) and moved in one copy: drawn a step at a time, each
+    copy from the CPU waited for the GPU to finish the step before the next could be queued. The same numbers
+    as a step at a time (the generator's stream is consumed in the same order); None where the generator is on
+    the rows' device, which draws as it goes."""
+    if generator is None or generator.device == device:
+        return None
+    return iter(torch.rand(cells, b, 1, generator=generator, device=generator.device).to(device))
 
 
 def _pair(ids: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -649,11 +662,12 @@ def generate(
                 source = _cached_logits(
                     model, prefix, out, k, masks, stop, "cached" if decode == "speculative" else decode, shared
                 )
+            uniforms = _uniforms(generator, b, sum(redraw[k:end]) if redraw is not None else end - k, out.device)
             for i, logits in zip(range(k, end), source):
                 if redraw is None or redraw[i]:  # else a kept cell: its id is in out already
                     if i < stop:
                         logits = _guide(logits, guidance_scale)
-                    out[:, i] = draw(probs_of(logits), generator)
+                    out[:, i] = draw(probs_of(logits), generator, None if uniforms is None else next(uniforms))
                 if on_row is not None and (i + 1) % w == 0:
                     on_row(i // w, out[:, : i + 1].clone())
             if on_row is not None:  # the kept rows after the last redrawn cell's row, complete already
