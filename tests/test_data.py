@@ -179,6 +179,15 @@ def test_a_bad_record_of_a_replayed_evaluation_split_is_warned_of_once(imagefold
     assert len(warned) == 1 and "truncated" in warned[0], warned
 
 
+def test_a_data_set_without_the_datasets_package_is_one_sentence(imagefolder, monkeypatch):
+    """The lent GPU machines have no `datasets`: the GPU preset's first stage ended in a ModuleNotFoundError
+    traceback there."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError, as there
+    with pytest.raises(UserError, match="needs the Hugging Face datasets package, which is not installed; pip ins"):
+        ExampleStream(_cfg(imagefolder.root), "train", train=False)
+    assert len(list(itertools.islice(ExampleStream(_shapes_cfg(), "train", train=False), 2))) == 2  # none needed
+
+
 def test_imagefolder_modes_arrive_as_rgb_on_white(imagefolder):
     examples = {ex["caption"]: ex["image"] for ex in ExampleStream(_cfg(imagefolder.root), "train", train=False)}
     half = examples["a blue half on white 🐱"]  # left half transparent, right half opaque blue

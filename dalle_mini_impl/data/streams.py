@@ -729,7 +729,14 @@ def open_dataset(cfg: DataConfig, split: str) -> Source:
         shapes_length(cfg.shapes, split)  # checks the split name
         return Source(name="shapes", split=split, kind="shapes")
 
-    import datasets
+    try:
+        import datasets
+    except ImportError:  # a machine set up to train from token shards alone (the lent GPU machines)
+        raise UserError(
+            f"reading data set '{cfg.source}' needs the Hugging Face datasets package, which is not installed; "
+            "pip install datasets, or encode the images where it is and train from the run folder's token shards "
+            "(docs/SCALING.md)"
+        ) from None
 
     parts = split_parts(split)
     if not all(parts):
