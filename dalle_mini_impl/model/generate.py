@@ -249,9 +249,12 @@ def _decode_step(model: DALLE, decode: str, masks: list, cache: list) -> Callabl
     def static_step(ids: torch.Tensor, c: int) -> torch.Tensor:
         if decode == "compiled" and ids.shape[0] not in marked:  # and again once guidance stops: new views
             marked.add(ids.shape[0])
-            for layer in cache:  # fixed addresses: a CUDA graph replays them, and the step writes them in place
-                torch._dynamo.mark_static_address(layer.k)
-                torch._dynamo.mark_static_address(layer.v)
+            # fixed addresses: a CUDA graph replays them, and the step writes them in place. Unguarded, as newer
+            # torch has it by default: a guard (older torch's default) recompiled for each call's new cache and
+            # kept every one alive
+            for layer in cache:
+                torch._dynamo.mark_static_address(layer.k, guard=False)
+                torch._dynamo.mark_static_address(layer.v, guard=False)
         cell.fill_(c)
         return fixed(ids, cell, masks, cache).clone()  # a CUDA graph's output is overwritten by its next replay
 
