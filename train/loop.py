@@ -748,7 +748,7 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
     the step is finite. Collective: every process calls it."""
     tc, accelerator = t.tc, t.accelerator
     scalars: dict[str, float] = {}
-    loss_sum, finite, items = 0.0, True, 0
+    losses, items = [], 0
     for micro in range(tc.grad_accum):
         batch = _move(next(batches), accelerator.device)
         items += t.stage.items_per_batch(batch)
@@ -756,9 +756,13 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
         ctx = accelerator.no_sync(t.model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()
         with ctx, accelerator.autocast(), attention_kernel(tc.attention):
             loss, scalars = t.forward(batch, t.step, micro)
-        finite &= bool(torch.isfinite(loss.detach()).all())
         accelerator.backward(loss / tc.grad_accum)
-        loss_sum += float(loss.detach()) / tc.grad_accum
+        losses.append(loss.detach())
+    # read once every backward is queued: read between a forward and its backward, a GPU sat idle there
+    finite = all(bool(torch.isfinite(loss).all()) for loss in losses)
+    loss_sum = 0.0
+    for loss in losses:
+        loss_sum += float(loss) / tc.grad_accum
     clipped = t.model.parameters() if t.stage.clip_parameters is None else t.stage.clip_parameters()
     grad_norm = accelerator.clip_grad_norm_(clipped, tc.grad_clip if tc.grad_clip > 0 else 1e12)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
