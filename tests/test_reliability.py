@@ -263,3 +263,8 @@ def test_weights_that_diverged_in_their_last_step_are_not_exported(base_run, tmp
     assert said.startswith("error: dalle trained to step 1, but its weights give a NaN eval/val_loss on the valid")
     assert "lower train.dalle.lr and rerun with --no-resume" in said
     assert not (run / "transformer.safetensors").exists()
+    # the same command again resumes the last checkpoint, at the last step: nothing trains, and once nothing was
+    # evaluated either, so the weights refused a moment ago were exported
+    again = run_dalle(run, "train.dalle.lr=1e6", "train.dalle.warmup_steps=0", "train.dalle.steps=1")
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == said
+    assert not (run / "transformer.safetensors").exists()

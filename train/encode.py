@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dalle_mini_impl.config import RunConfig, add_config_args, config_from_args
 from dalle_mini_impl.data.streams import ExampleStream, caption_regex, is_endless
@@ -150,10 +151,17 @@ def encode_split(
     # this process's share of `limit` (0: everything the split has)
     share = (limit // world + (rank < limit % world)) if limit > 0 else None
     # the bar counts the records read, skipped ones too (counting encoded images, a split with mirror images had no
-    # total, and one with unreadable records ended short of it); a record counts once it waits to be encoded
+    # total, and one with unreadable records ended short of it); a record counts once it waits to be encoded. Under
+    # a limit below the split's length it counts the examples kept: records skipped before the cut would carry it
+    # past its total
     length = stream.length  # this process's records, or None for a stream
     total = length if share is None else share if length is None else min(share, length)
+    counts_examples = share is not None and (length is None or share <= length)
     bar = progress_bar(rank == 0, total=total, desc=f"encode {split}", unit="record")
+
+    def count() -> None:
+        bar.update(n + (0 if counts_examples else stream.n_skipped) - bar.n)
+
     index, n, n_rows, n_mirrored, written, reused = 0, 0, 0, 0, 0, 0
 
     def written_alike(path: Path) -> dict | None:
@@ -186,25 +194,26 @@ def encode_split(
             written += 1
         index += 1
 
-    shard = start()
-    for example in stream:
-        if share is not None and n >= share:
-            break
-        n += 1
-        bar.update(n + stream.n_skipped - bar.n)
-        shard.add(example["image"], example["captions"])
-        kept = [text for text in example["captions"] if mirrored is not None and mirrored(text)]
-        if kept:  # the mirror image, with the captions a mirror leaves true
-            shard.add(example["image"].flip(-1), kept)
-            n_mirrored += 1
-        n_rows += len(example["captions"]) + len(kept)
-        if len(shard.captions) >= shard_size:  # an example's rows and its mirror image's stay in one shard
+    # the data's warnings (a skipped record) printed above the bar, not glued to its line; closed on any way out
+    with logging_redirect_tqdm(), bar:
+        shard = start()
+        for example in stream:
+            if share is not None and n >= share:
+                break
+            n += 1
+            count()
+            shard.add(example["image"], example["captions"])
+            kept = [text for text in example["captions"] if mirrored is not None and mirrored(text)]
+            if kept:  # the mirror image, with the captions a mirror leaves true
+                shard.add(example["image"].flip(-1), kept)
+                n_mirrored += 1
+            n_rows += len(example["captions"]) + len(kept)
+            if len(shard.captions) >= shard_size:  # an example's rows and its mirror image's stay in one shard
+                flush(shard)
+                shard = start()
+        if shard.captions:
             flush(shard)
-            shard = start()
-    if shard.captions:
-        flush(shard)
-    bar.update(n + stream.n_skipped - bar.n)  # records skipped after the last example
-    bar.close()
+        count()  # records skipped after the last example
     # shards of an earlier encode past this one's last (a larger data.max_examples, rows a filter now drops), and
     # those of processes this run does not have: read_shards would read them as rows of this split
     for path in list_shards(folder):

@@ -383,6 +383,10 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
                 bar.close()
                 stop.save_and_exit(t)
     logged.update(end_of_run_scalars(t))
+    if stage.evaluate is not None and not any(k.startswith("eval/") for k in logged):
+        # a run resumed at its last step trains nothing: evaluated here, else weights refused as diverged by the
+        # run before would be exported by a plain rerun of its command
+        logged.update(evaluate(t))
     check_not_diverged(t, logged)
     export(t)
     close(t)

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dalle_mini_impl.config import apply_overrides, load_config
 from dalle_mini_impl.errors import UserError
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     stream = ExampleStream(cfg.data, args.split, train=False)
     check_finite(stream, args.limit)
     known = [n for n in (args.limit, stream.length) if n]  # images read: the limit, the split's, or unknown
-    with tqdm(total=min(known) if known else None, desc="eval recon", unit="img", disable=None) as bar:
+    bar = tqdm(total=min(known) if known else None, desc="eval recon", unit="img", disable=None)
+    with logging_redirect_tqdm(), bar:  # a skipped record's warning above the bar, not glued to its line
         limited = _take(batches(stream, args.batch_size), args.limit, bar)
         result = recon_metrics(tokenizer, limited, judge_captions=cfg.data.source == "shapes")
     result.update(source=cfg.data.source, split=args.split, image_size=cfg.data.image_size, skipped=stream.n_skipped)

@@ -677,10 +677,11 @@ def generate(
                 for r in range(end // w, n // w):
                     on_row(r, out[:, : (r + 1) * w].clone())
         if bool(nonfinite):
+            cause = f", or the guidance scale {guidance_scale:g} overflowed them" if guided else ""
+            fix = ", or lower the guidance scale" if guided else ""
             raise NonFiniteLogits(
-                "the transformer's next-token logits are not finite (NaN or inf): its weights diverged in training, "
-                f"or the guidance scale {guidance_scale:g} overflowed them; retrain it at a lower learning rate, or "
-                "lower the guidance scale"
+                "the transformer's next-token logits are not finite (NaN or inf): its weights diverged in training"
+                f"{cause}; retrain it at a lower learning rate{fix}"
             )
         if stats is not None:
             stats.update(passes=passes, window=width if b > 0 else 1, rows=rows_text.shape[0])
