@@ -300,7 +300,7 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         text = text_ids(batch["caption"], (step, micro))
         image = batch["image_ids"].flatten(1)  # (b, n)
         value, parts = m.loss(text, image, cond_of(batch, (step, micro)))
-        return value, {k: float(v) for k, v in parts.items()}
+        return value, {k: v.detach() for k, v in parts.items()}  # read by the loop once the backward is queued
 
     validation_batches = loop.replay(
         token_batches(

@@ -148,10 +148,11 @@ class Stage:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batches: Any  # an iterable of batches for this process, with state_dict() / load_state_dict()
-    # (model, batch, step, micro) -> (loss, scalars to log), micro the micro-batch's index within the step (0 ..
-    # grad_accum - 1: a stage that seeds its draws by step adds it, so that micro-batches draw apart); runs under
-    # autocast as the forward of a wrapper module, so everything that needs gradients must happen inside it
-    loss: Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict[str, float]]]
+    # (model, batch, step, micro) -> (loss, scalars to log: numbers or 0-d tensors, read once the step's backward is
+    # queued), micro the micro-batch's index within the step (0 .. grad_accum - 1: a stage that seeds its draws by
+    # step adds it, so that micro-batches draw apart); runs under autocast as the forward of a wrapper module, so
+    # everything that needs gradients must happen inside it
+    loss: Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
     items_per_batch: Callable[[dict], int] = lambda batch: len(next(iter(batch.values())))
     item_name: str = "images"  # throughput is logged as <item_name>/s
     # (unwrapped model, step) -> scalars; run on every process (they may all-gather), logged by the main one
@@ -763,6 +764,7 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
         accelerator.backward(loss / tc.grad_accum)
         losses.append(loss.detach())
     # read once every backward is queued: read between a forward and its backward, a GPU sat idle there
+    scalars = {k: float(v) for k, v in scalars.items()}
     finite = all(bool(torch.isfinite(loss).all()) for loss in losses)
     loss_sum = 0.0
     for loss in losses:
