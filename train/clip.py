@@ -182,7 +182,7 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.", section: str = "c
         if false_ids is not None:
             negatives = m.encode_text(false_ids) if len(false_ids) else image_feats[:0]
         value = m.loss(image_feats, text_feats, scale, negatives)
-        return value, {"logit_scale": float(scale.detach())}
+        return value, {"logit_scale": scale.detach()}  # read by the loop once the backward is queued
 
     def after_step(m, batch, step, acc):
         m.clamp_logit_scale_()
