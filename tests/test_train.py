@@ -1249,3 +1249,17 @@ def test_shard_ids_past_the_codebook_are_one_sentence_before_training(run_dir, t
     write_shard(shard, ids[:n] + 1000, captions[:n], tokenizer=meta["tokenizer"], data=meta.get("data"))
     with pytest.raises(UserError, match="hold the image id 10\\d\\d, past the image tokenizer's 32 codes; delete"):
         train_dalle.main(args_for(run, "train.dalle.steps=1"))
+
+
+def test_an_evaluation_splits_skipped_records_are_counted_at_every_evaluation(imagefolder, tmp_path, capsys):
+    """They were warned of (now once) but never counted: `data_skipped` counted the training stream alone."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    settings = ["train.vae.steps=2", "train.vae.eval_every=1", "train.vae.batch_size=4", "data.val_split=train"]
+    train_vae.main([*args_for(run, *settings), "--data", str(imagefolder.root)])
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert said["eval/data_skipped"] == 1.0  # the truncated image of the split, in each pass
+    events = EventAccumulator(str(run / "logs" / "vae"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("vae/eval/data_skipped")] == [(1, 1.0), (2, 1.0)]

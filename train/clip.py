@@ -188,7 +188,7 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.", section: str = "c
         m.clamp_logit_scale_()
         return {}
 
-    validation_batches = loop.replay(
+    validation_batches = loop.Replay(
         example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator),
         tc.eval_batches,
     )
@@ -210,7 +210,7 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.", section: str = "c
         if captions:
             # every process evaluates its own share; the main process's numbers are logged
             results.update(retrieval_metrics(torch.cat(image_feats).cpu(), torch.cat(text_feats).cpu(), captions))
-        return results
+        return results | {"data_skipped": float(validation_batches.skipped)}  # warned of once, counted every time
 
     def log_images(m, step):
         batch = next(validation_batches())

@@ -302,7 +302,7 @@ def train(cfg: RunConfig, args, stage: str) -> int:
         value, parts = m.loss(text, image, cond_of(batch, (step, micro)))
         return value, {k: v.detach() for k, v in parts.items()}  # read by the loop once the backward is queued
 
-    validation_batches = loop.replay(
+    validation_batches = loop.Replay(
         token_batches(
             cfg,
             cfg.data.val_split,

@@ -182,18 +182,23 @@ class Stage:
         return self.settings_key or f"train.{self.name}."
 
 
-def replay(batches: Any, limit: int) -> Callable[[], Iterator[dict]]:
-    """A function giving the first `limit` batches of an evaluation stream, from its start, on every call."""
-    start = batches.state_dict()
+class Replay:
+    """Called, the first `limit` batches of an evaluation stream, from its start, every time; `skipped` counts the
+    records the last pass skipped (unreadable images, empty captions), for a stage's evaluation to log."""
 
-    def first() -> Iterator[dict]:
-        batches.load_state_dict(start)
-        for i, batch in enumerate(batches):
-            if i >= limit:
+    def __init__(self, batches: Any, limit: int):
+        self.batches, self.limit, self.start = batches, limit, batches.state_dict()
+
+    def __call__(self) -> Iterator[dict]:
+        self.batches.load_state_dict(self.start)
+        for i, batch in enumerate(self.batches):
+            if i >= self.limit:
                 return
             yield batch
 
-    return first
+    @property
+    def skipped(self) -> int:
+        return int(getattr(self.batches, "n_skipped", 0))  # token shards skip nothing
 
 
 def report(name: str, result: dict[str, float], accelerator) -> None:

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         value, parts = m.loss(text, text_emb, image_emb, generator=gen, keep=keep)
         return value, {k: float(v) for k, v in parts.items()}
 
-    validation_batches = loop.replay(stream(cfg.data.val_split, False, tc.batch_size), tc.eval_batches)
+    validation_batches = loop.Replay(stream(cfg.data.val_split, False, tc.batch_size), tc.eval_batches)
 
     @torch.no_grad()
     def evaluate(m, step):

@@ -211,7 +211,7 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
             critic_opt.zero_grad(set_to_none=True)
             return {k: float(v) for k, v in metrics.items()}
 
-    validation_batches = loop.replay(
+    validation_batches = loop.Replay(
         example_batches(cfg, cfg.data.val_split, tc.batch_size, train=False, accelerator=accelerator),
         tc.eval_batches,
     )
@@ -219,7 +219,8 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
     def evaluate(m, step):
         m.eval()
         metrics = recon_metrics(m, validation_batches(), accelerator.device)
-        return {f"val_{k}": float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "usage", "perplexity")}
+        kept = {f"val_{k}": float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "usage", "perplexity")}
+        return kept | {"data_skipped": float(validation_batches.skipped)}  # warned of once, counted every time
 
     def log_images(m, step):
         batch = next(validation_batches())
