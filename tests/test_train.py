@@ -1256,10 +1256,27 @@ def test_an_evaluation_splits_skipped_records_are_counted_at_every_evaluation(im
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    settings = ["train.vae.steps=2", "train.vae.eval_every=1", "train.vae.batch_size=4", "data.val_split=train"]
+    settings = ["train.vae.steps=2", "train.vae.eval_every=1", "train.vae.batch_size=4", "train.vae.eval_batches=2"]
+    settings.append("data.val_split=train")  # 9 records, the fifth truncated: two batches of 4 hold it
     train_vae.main([*args_for(run, *settings), "--data", str(imagefolder.root)])
     said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert said["eval/data_skipped"] == 1.0  # the truncated image of the split, in each pass
     events = EventAccumulator(str(run / "logs" / "vae"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("vae/eval/data_skipped")] == [(1, 1.0), (2, 1.0)]
+    # a rerun of the finished stage resumes at its last step and evaluates (for the divergence check), logging
+    # nothing again: once each rerun stacked one more point on the last step
+    train_vae.main([*args_for(run, *settings), "--data", str(imagefolder.root)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval/data_skipped"] == 1.0
+    events = EventAccumulator(str(run / "logs" / "vae"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("vae/eval/val_psnr")] == [1, 2]
+    # an evaluation of its first batches alone counts their records only: the batch after the last was drawn whole
+    # (and the truncated fifth record with it) before the limit was met
+    from dalle_mini_impl.config import DataConfig
+    from dalle_mini_impl.data.streams import ExampleStream, batches
+    from train.loop import Replay
+
+    stream = ExampleStream(DataConfig(source=str(imagefolder.root), image_size=16), "train", train=False)
+    first = Replay(batches(stream, 4), 1)
+    assert len(next(iter(first()))["caption"]) == 4 and len(list(first())) == 1 and first.skipped == 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -191,10 +192,8 @@ class Replay:
 
     def __call__(self) -> Iterator[dict]:
         self.batches.load_state_dict(self.start)
-        for i, batch in enumerate(self.batches):
-            if i >= self.limit:
-                return
-            yield batch
+        # islice stops before drawing the batch after the last: its records, read and skipped, counted as this pass's
+        yield from itertools.islice(self.batches, self.limit)
 
     @property
     def skipped(self) -> int:
@@ -391,8 +390,8 @@ def _run(cfg: RunConfig, tc: TrainConfig, stage: Stage, accelerator, args: argpa
     logged.update(end_of_run_scalars(t))
     if stage.evaluate is not None and not any(k.startswith("eval/") for k in logged):
         # a run resumed at its last step trains nothing: evaluated here, else weights refused as diverged by the
-        # run before would be exported by a plain rerun of its command
-        logged.update(evaluate(t))
+        # run before would be exported by a plain rerun of its command; not logged again (the run before did)
+        logged.update(evaluate(t, log=False))
     check_not_diverged(t, logged)
     export(t)
     close(t)
@@ -848,14 +847,14 @@ def log_scalars(t: Training, g: Gradients, scalars: dict[str, float], window: Th
     return logged
 
 
-def evaluate(t: Training) -> dict[str, float]:
-    """The stage's `evaluate` hook with the weights whole, written to TensorBoard and returned under eval/.
-    Collective: every process calls it."""
+def evaluate(t: Training, log: bool = True) -> dict[str, float]:
+    """The stage's `evaluate` hook with the weights whole, written to TensorBoard (unless `log` is false: a step
+    an earlier run logged already) and returned under eval/. Collective: every process calls it."""
     t.model.eval()
     with t.accelerator.autocast(), whole_weights(t.model, t.accelerator):
         results = t.stage.evaluate(t.unwrapped, t.step)
     t.model.train()
-    if t.writer is not None:
+    if t.writer is not None and log:
         for k, v in results.items():
             t.writer.add_scalar(f"{t.stage.name}/eval/{k}", float(v), t.step)
     return {f"eval/{k}": v for k, v in results.items()}
