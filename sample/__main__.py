@@ -216,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print one JSON object per ranked image (prompt, path, rank, clip_score, seed; a variation's source, "
-        "an interpolation's sources and t), nothing else; the grids are not listed",
+        "an interpolation's sources, step and t), nothing else; the grids are not listed",
     )
     return p
 

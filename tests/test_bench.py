@@ -177,7 +177,12 @@ def test_gpu_check_reads_the_targets_and_refuses_a_machine_without_gpu(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             run_cli(gpu_check.main, [])
-        assert e.value.code == 2 and "torch sees no GPU" in capsys.readouterr().err
+        said = capsys.readouterr().err
+        # once "run with --device cpu", which ran the GPU preset on the CPU for over ten minutes
+        assert e.value.code == 2 and "needs a GPU and torch sees none; on a CPU run python -m dalle_mini_impl" in said
+        with pytest.raises(SystemExit) as e:
+            run_cli(gpu_check.main, ["--device", "cpu"])
+        assert e.value.code == 2 and "runs on the GPU alone; leave out --device" in capsys.readouterr().err
 
 
 def test_the_anchor_figures_are_an_input(tmp_path, capsys):

@@ -590,6 +590,8 @@ def test_stats_command_prints_json(imagefolder, capsys):
     assert out["source"] == str(imagefolder.root) and out["split"] == "train"
     assert (out["n"], out["skipped"], out["skipped_by_reason"]) == (8, 1, {"truncated": 1})
     assert out["image_size"] == 8
+    with pytest.raises(UserError, match="data stats prints its JSON and writes no file; leave out --out"):
+        main(["stats", "--data", str(imagefolder.root), "--out", "stats.json"])  # once accepted and ignored
 
 
 def test_grid_command_writes_a_png(tmp_path, imagefolder, capsys):

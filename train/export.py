@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a trained run folder (every stage done)")
     parser.add_argument("dest", help="the bundle folder to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="the weights' dtype (default: fp16)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="sample.KEY=VALUE",
         help="change a sampling default of the bundle (repeatable); e.g. --set sample.guidance_scale=2",

@@ -82,7 +82,11 @@ on_event: Callable[[str, int], None] | None = None
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[RunConfig, argparse.Namespace]:
     """The arguments every training entry point takes: config, overrides, data, resume, the weights to start from."""
-    parser = argparse.ArgumentParser(description=description)
+    entry = Path(sys.argv[0])  # train/dalle.py under `python -m train.dalle`: usage names the module, not the file
+    prog = f"python -m train.{entry.stem}" if entry.suffix == ".py" and entry.parent.name == "train" else None
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(parser)
     parser.add_argument(
         "--resume",

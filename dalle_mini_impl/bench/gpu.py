@@ -18,7 +18,9 @@ import json
 import sys
 from typing import Any
 
-from ..errors import run_cli
+import torch
+
+from ..errors import UserError, run_cli
 from .anchor import read_figures, target_entry
 from .speed import run as run_bench
 
@@ -54,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dalle_mini_impl.bench.gpu", description=__doc__.split("\n")[0])
     ap.add_argument("--figures", default=None, help="targets and anchor figures (default: bench/anchor.json)")
     args, extra = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if any(a == "--device" or a.startswith("--device=") for a in extra):
+        raise UserError("python -m dalle_mini_impl.bench.gpu runs on the GPU alone; leave out --device")
+    if not torch.cuda.is_available():  # its advice to add --device cpu ran the GPU preset on a CPU for minutes
+        raise UserError(
+            "python -m dalle_mini_impl.bench.gpu needs a GPU and torch sees none; on a CPU run python -m "
+            "dalle_mini_impl.bench"
+        )
     figures = read_figures(args.figures)  # a bad file stops before minutes of GPU work
     bench = run_bench(["--device", "cuda", "--dtype", "bf16", "--compile", "--preset", PRESET, *extra])
     print(json.dumps({"bench": bench, "targets": check(bench, figures)}), flush=True)

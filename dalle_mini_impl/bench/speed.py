@@ -32,6 +32,7 @@ The last line of stdout is one JSON object; progress goes to stderr. Phases:
           anchor's tiny dVAE (512 codes, code width 256, two stride-2 levels, hidden 64, no res-blocks),
           the same with the hidden width that matches the anchor's parameter count, and the shapes
           preset's (hidden 64, one res-block); parameter counts beside each.
+  cli     the whole default `python -m sample` command, end to end, against a bare `import torch`.
 Without --only each (phase, preset) runs in its own child process, so that peak memory (ru_maxrss on CPU)
 is that phase's own; on GPU it is torch.cuda.max_memory_allocated, reset before each measurement.
 

@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     for action in grid._actions:
         if action.dest == "out":
             action.help = "the PNG file to write"
+    for action in stats._actions:
+        if action.dest == "out":  # stats prints its JSON; a run folder means nothing to it
+            action.help = argparse.SUPPRESS
     args = parser.parse_args(argv)
+    if args.command == "stats" and args.out is not None:  # accepted and ignored once
+        raise UserError("data stats prints its JSON and writes no file; leave out --out (redirect the output instead)")
     out = args.out
     args.out = None  # --out names this command's output file, not a run folder
     cfg = config_from_args(args)
