@@ -141,8 +141,9 @@ def load_pretrained(folder: str | os.PathLike) -> ImageTokenizer:
         raise VAEError(f"'{path}': {e}") from None
     # a hand-edited setting of the wrong type, or sizes no tensor can have (negative, overflowing) or take in memory
     except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise VAEError(f"'{path}' holds settings this code cannot build ({reason}); save the tokenizer again") from None
+        raise VAEError(
+            f"'{path}' holds settings this code cannot build ({first_line(e)}); save the tokenizer again"
+        ) from None
     if differs is not None:
         raise VAEError(
             f"'{path}' does not describe the weights in '{weights}' ({differs}); restore the {CONFIG_FILE} saved "
@@ -219,8 +220,13 @@ def load_weights(model: ImageTokenizer, path: str | os.PathLike) -> ImageTokeniz
 
 
 def _corrupt(path: Path, e: Exception) -> VAEError:
-    reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
-    return VAEError(f"weights file '{path}' is corrupt or not safetensors ({reason}); save it again")
+    return VAEError(f"weights file '{path}' is corrupt or not safetensors ({first_line(e, 80)}); save it again")
+
+
+def first_line(e: Exception, width: int = 120) -> str:
+    """An exception's message as part of one sentence: its first line (torch's run over several), cut to `width`;
+    the exception's type where it has none."""
+    return str(e).splitlines()[0][:width] if str(e) else type(e).__name__
 
 
 def copy_state(model: ImageTokenizer, state: dict[str, torch.Tensor], source: str, fix: str) -> ImageTokenizer:

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vae.io import shape_mismatch
+from vae.io import first_line, shape_mismatch
 
 from ..config import RunConfig, TransformerConfig, config_from_dict, config_to_dict, read_config_json, save_config
 from ..errors import UserError
@@ -224,13 +224,13 @@ def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise _corrupted(path, e) from None
 
 
-def _check_transformer_size(values: dict, weights: Path, config: Path) -> None:
-    """The config's depth and width must be the weights' before a model of that size is built.
+def _check_transformer_size(values: dict, shapes: dict, weights: Path, config: Path) -> None:
+    """The config's depth and width must be the weights' (`shapes`, from their header) before a model of that size
+    is built.
 
     A hand-edited transformer.json (depth 2**70, say) would otherwise spend forever building the model
     that `load_module` then finds does not fit.
     """
-    shapes = weight_shapes(weights)
     depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
     dim = shapes.get("text_pos.weight", (0, 0))[-1]
     for key, have in (("depth", depth), ("dim", dim)):
@@ -241,14 +241,16 @@ def _check_transformer_size(values: dict, weights: Path, config: Path) -> None:
             )
 
 
-def _check_side_file(build: Callable[[], torch.nn.Module], weights: Path, side: str, restore: str) -> None:
-    """The model `build()` makes from a side file's sizes must have the weights' names and shapes, compared on the
-    meta device (`vae.io.shape_mismatch`) before the model is built for real.
+def _check_side_file(
+    build: Callable[[], torch.nn.Module], shapes: dict, weights: Path, side: str, restore: str
+) -> None:
+    """The model `build()` makes from a side file's sizes must have the weights' names and shapes (`shapes`, from
+    their header), compared on the meta device (`vae.io.shape_mismatch`) before the model is built for real.
 
     A hand-edited or corrupt side file ("heads": 1000000, a vocabulary of millions) would otherwise allocate
     gigabytes, or run out of memory, before `load_module` found that the weights do not fit it.
     """
-    differs = shape_mismatch(build, weight_shapes(weights))
+    differs = shape_mismatch(build, shapes)
     if differs is not None:
         raise UserError(
             f"{side} does not describe the weights in '{weights}' ({differs}); restore the {restore} saved with "
@@ -309,11 +311,6 @@ def load_text_tokenizer(bundle: str | os.PathLike, cfg: RunConfig):
 _SIDE_ERRORS = (OSError, UnicodeDecodeError, ValueError, TypeError, RuntimeError, OverflowError)
 
 
-def _first_line(e: Exception) -> str:
-    """An exception's message as part of one sentence: torch's run over several lines."""
-    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-
-
 def _side_json(bundle: Path, part: str) -> Path:
     path = bundle / f"{part}.json"
     if not path.is_file():
@@ -335,13 +332,14 @@ def load_transformer(bundle: str | os.PathLike, part: str = "transformer"):
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
             raise ValueError("not an object")
-        _check_transformer_size(values, weights, path)
+        shapes = weight_shapes(weights)  # the header, read once for both checks
+        _check_transformer_size(values, shapes, weights, path)
         cfg = _side_config(values, TransformerConfig)
-        _check_side_file(lambda: DALLE(cfg), weights, f"'{path}'", path.name)
+        _check_side_file(lambda: DALLE(cfg), shapes, weights, f"'{path}'", path.name)
         model = DALLE(cfg)
     except _SIDE_ERRORS as e:
         raise UserError(
-            f"'{path}' is not a valid transformer config ({_first_line(e)}); retrain or copy the whole bundle"
+            f"'{path}' is not a valid transformer config ({first_line(e)}); retrain or copy the whole bundle"
         ) from None
     return load_module(model, weights, "transformer" if part == "transformer" else "unCLIP decoder").eval()
 
@@ -369,7 +367,9 @@ def load_prior(bundle: str | os.PathLike):
         if min(geometry["embed_dim"], geometry["text_vocab"], geometry["text_len"]) < 1:
             raise ValueError(f"sizes below 1: {geometry}")
         cfg = _side_config(values["prior"], PriorConfig)
-        _check_side_file(lambda: EmbeddingPrior(cfg, **geometry), weights, f"'{path}'", path.name)
+        _check_side_file(
+            lambda: EmbeddingPrior(cfg, **geometry), weight_shapes(weights), weights, f"'{path}'", path.name
+        )
         model = EmbeddingPrior(cfg, **geometry)
     # a JSON that is no prior's: wrong types (a list for "prior" has no keys), sizes no model can have, or a noise
     # schedule (timesteps, which the weights do not record) longer than this machine can hold
@@ -394,11 +394,12 @@ def load_clip(bundle: str | os.PathLike, device: str | torch.device = "cpu"):
     config = part_path(bundle, "config")
     side = f"'{config}' (its clip, data and text sections, with the vocabulary of text.model)"
     try:
-        _check_side_file(lambda: clip_from_config(cfg, tokenizer), weights, side, "config.json and text.model")
+        shapes = weight_shapes(weights)
+        _check_side_file(lambda: clip_from_config(cfg, tokenizer), shapes, weights, side, "config.json and text.model")
         model = clip_from_config(cfg, tokenizer)
     except (ValueError, TypeError, RuntimeError, OverflowError) as e:  # sizes no tensor can have: negative, overflowing
         raise UserError(
-            f"'{config}' holds CLIP sizes no model can have ({_first_line(e)}); restore the config.json saved with "
+            f"'{config}' holds CLIP sizes no model can have ({first_line(e)}); restore the config.json saved with "
             "the bundle, or export it again"
         ) from None
     model = load_module(model, weights, "CLIP")
