@@ -146,6 +146,18 @@ def test_swaps_seen_only_never_name_a_held_out_cell_in_the_judges_steps(folder, 
     assert train_clip._seen_captions(cfg) == train_captions
 
 
+def test_the_judges_help_lists_no_option_it_refuses(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_judge.main(["--help"])
+    said = capsys.readouterr().out
+    assert "--data" in said and "--no-resume" in said and "--split" not in said and "--init-from" not in said
+    # still parsed, to be refused in a sentence rather than as an unknown option
+    with pytest.raises(UserError, match="train.judge reads the splits of judge.splits; set those instead of --split"):
+        train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--split", "train"])
+    with pytest.raises(UserError, match="never from a model's weights; leave out --init-from"):
+        train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--init-from", "emoji"])
+
+
 def test_the_judge_refuses_to_learn_from_the_graded_split(tmp_path):
     with pytest.raises(UserError, match="'judge.splits' is 'train\\+test'; the judge grades the test split"):
         train_judge.main(["--config", "emoji64", "--data", str(tmp_path), "--set", "judge.splits=train+test"])

@@ -85,7 +85,7 @@ def check_judge(jcfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = loop.parse_args(argv, __doc__)
+    cfg, args = loop.parse_args(argv, __doc__, refused=("split", "init_from"))
     if args.split:
         raise UserError("train.judge reads the splits of judge.splits; set those instead of --split")
     if args.init_from:

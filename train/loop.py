@@ -80,8 +80,13 @@ on_event: Callable[[str, int], None] | None = None
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None, description: str) -> tuple[RunConfig, argparse.Namespace]:
-    """The arguments every training entry point takes: config, overrides, data, resume, the weights to start from."""
+def parse_args(
+    argv: list[str] | None, description: str, refused: tuple[str, ...] = ()
+) -> tuple[RunConfig, argparse.Namespace]:
+    """The arguments every training entry point takes: config, overrides, data, resume, the weights to start from.
+
+    `refused` names the options (`"split"`, `"init_from"`) a stage still parses, to refuse them in a sentence of its
+    own, but does not list in its --help."""
     entry = Path(sys.argv[0])  # train/dalle.py under `python -m train.dalle`: usage names the module, not the file
     prog = f"python -m train.{entry.stem}" if entry.suffix == ".py" and entry.parent.name == "train" else None
     parser = argparse.ArgumentParser(
@@ -102,6 +107,9 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[RunConfig, arg
         help="start from this bundle's or run's weights for the stage (a folder, or a shipped model's name); "
         "read only when the run has no checkpoint of its own (train.finetune)",
     )
+    for action in parser._actions:
+        if action.dest in refused:
+            action.help = argparse.SUPPRESS
     args = parser.parse_args(argv)
     return config_from_args(args), args
 
