@@ -163,3 +163,16 @@ def test_compare_refuses_what_is_no_evaluation_result(tmp_path):
             read_result(str(path))
     (tmp_path / "ok.json").write_text(json.dumps({"seed": 3, "n": 2, "reranked": {"style_acc": 0.5}}))
     assert list(read_result(str(tmp_path / "ok.json"))[1]) == ["3"]
+
+
+@pytest.mark.parametrize("command", ["shapes", "unclip", "edit", "recon"])
+def test_eval_help_keeps_the_docstrings_layout(capsys, command):
+    """The usage lines and bullet lists of a command's docstring are its --help's, not one reflowed paragraph."""
+    import importlib
+
+    doc = importlib.import_module(f"dalle_mini_impl.eval.{command}").__doc__
+    with pytest.raises(SystemExit):
+        eval_cli.main([command, "--help"])
+    said = capsys.readouterr().out
+    command_line = next(line for line in doc.splitlines() if line.lstrip().startswith("python -m"))
+    assert "\n" + command_line.rstrip() + "\n" in said

@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.config import EVAL_OWN_SETTINGS
     from dalle_mini_impl.pipeline.pipeline import Pipeline
 
-    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval edit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle_mini_impl.eval edit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default=None, help="a shipped bundle's name or a bundle folder (default: shapes)")
     parser.add_argument("--n", type=int, default=200, help="edits (the four relations in turn)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sources and of sampling")

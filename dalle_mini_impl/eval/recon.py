@@ -104,7 +104,11 @@ def recon_metrics(
 def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.data.streams import ExampleStream, batches
 
-    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval recon", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle_mini_impl.eval recon",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--model",
         required=True,

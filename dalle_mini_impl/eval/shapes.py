@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.config import EVAL_OWN_SETTINGS
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
-    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval shapes", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle_mini_impl.eval shapes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--model", default=None, help="a shipped bundle's name or a bundle or run folder (default: shapes)"
     )

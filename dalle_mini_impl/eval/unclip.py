@@ -236,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     from dalle_mini_impl.config import EVAL_OWN_SETTINGS
     from dalle_mini_impl.pipeline.pipeline import Pipeline, check_seed
 
-    parser = argparse.ArgumentParser(prog="python -m dalle_mini_impl.eval unclip", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle_mini_impl.eval unclip",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default=None, help="a shipped bundle's name or a bundle folder (default: shapes)")
     parser.add_argument("--n", type=int, default=300, help="variation sources")
     parser.add_argument("--diffs", type=int, default=100, help="text-diff sources (one-object, color stated)")
