@@ -281,6 +281,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False
+    # fp32 matmuls and convolutions on a CUDA GPU in TensorFloat-32 (Ampere and later: 10 mantissa bits, several
+    # times the fp32 rate; nanoGPT's setting); false keeps IEEE fp32. Ignored on other devices; bf16/fp16 autocast
+    # regions are unaffected
+    tf32: bool = True
     # the attention kernel of training steps: auto (PyTorch's choice) | math (matmul and softmax, forward and
     # backward: faster on the CPU for CLIP's short sequences, slower for the emoji transformer's; docs/RESULTS.md)
     attention: str = "auto"

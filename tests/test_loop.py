@@ -570,3 +570,25 @@ def test_a_training_bar_in_a_log_draws_a_frame_every_30_seconds_and_tqdm_disable
     from train.common import progress_bar
 
     assert progress_bar(False, total=3).disable  # another process than the main one draws none
+
+
+def test_tf32_is_set_both_ways_on_cuda_and_left_alone_elsewhere():
+    """`train.<stage>.tf32` sets PyTorch's CUDA flags (plain flags: a CPU build holds them too), never the CPU's."""
+    matmul = torch.backends.cuda.matmul
+    newer = hasattr(matmul, "fp32_precision")
+    read = (lambda: matmul.fp32_precision) if newer else (lambda: matmul.allow_tf32)
+    conv_before = torch.backends.cudnn.conv.fp32_precision if newer else torch.backends.cudnn.allow_tf32
+    before, cpu_before = read(), torch.get_float32_matmul_precision()
+    try:
+        loop.set_tf32(torch.device("cuda", 0), True)
+        assert read() == ("tf32" if newer else True)
+        loop.set_tf32(torch.device("cpu"), False)  # not a CUDA device: nothing moves
+        assert read() == ("tf32" if newer else True)
+        loop.set_tf32(torch.device("cuda"), False)
+        assert read() == ("ieee" if newer else False)
+        assert torch.get_float32_matmul_precision() == cpu_before
+    finally:
+        if newer:
+            matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before, conv_before
+        else:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before, conv_before

@@ -302,9 +302,26 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key:
         dynamo_backend="no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+    set_tf32(accelerator.device, tc.tf32)
     plugin = accelerator.state.deepspeed_plugin
     check_deepspeed_accumulation(tc.grad_accum, None if plugin is None else plugin.gradient_accumulation_steps)
     return accelerator
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TensorFloat-32 for fp32 matmuls and cuDNN convolutions on a CUDA device (`train.<stage>.tf32`); set both
+    ways, since train.all's stages share no process but a library caller's may. PyTorch refuses to read the flags
+    after a mix of its legacy `allow_tf32` and its newer `fp32_precision` settings, so the newer one is used where
+    it exists. Never torch.set_float32_matmul_precision: it would also switch the CPU's oneDNN matmuls."""
+    if device.type != "cuda":
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def check_deepspeed_accumulation(grad_accum: int, deepspeed_accum: object | None) -> None:
