@@ -112,6 +112,8 @@ class VAEConfig:
     temperature_steps: int = 5000
     kl_weight: float = 1e-4
     kl_warmup_steps: int = 2000
+    # dvae: weight of the KL of the batch-averaged code distribution to uniform (wav2vec 2.0's diversity loss)
+    diversity_weight: float = 0.01
     straight_through: bool = False
     # dvae product codes (wav2vec 2.0's quantiser): each cell picks one code in each group of these sizes,
     # whose product must be codebook_size; the transformer then embeds and predicts the groups separately
@@ -674,7 +676,7 @@ def read_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 # tests/test_config.py holds them to vae.io's constructors)
 VAE_KIND_KEYS = {
     "dvae": ("temperature_start", "temperature_end", "temperature_steps", "kl_weight", "kl_warmup_steps",
-             "straight_through", "group_sizes", "group_dropout", "group_inputs"),
+             "diversity_weight", "straight_through", "group_sizes", "group_dropout", "group_inputs"),
     "vq": ("lookup_dim", "ema", "ema_decay", "commitment_weight", "dead_code_steps", "disc_start", "disc_weight"),
 }  # fmt: skip
 

@@ -21,7 +21,7 @@ from dalle_mini_impl.config import (
 )
 from dalle_mini_impl.errors import UserError, run_cli
 from train.loop import check_training_values
-from train.vae import check_phases
+from train.vae import build_tokenizer, check_phases
 
 
 @pytest.mark.parametrize("preset", available_presets())
@@ -403,6 +403,7 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
         ("vae.temperature_end=1e-38", "'vae.temperature_end' is 1e-38; set it at least 0.001"),  # a traceback once
         ("vae.usage_window=0", "'vae.usage_window' is 0; set it at least 1, e.g. 100"),
         ("vae.kl_weight=-1", "'vae.kl_weight' is -1.0; set it at least 0"),
+        ("vae.diversity_weight=-0.5", "'vae.diversity_weight' is -0.5; set it at least 0, e.g. 0.01"),
         ("vae.commitment_weight=nan", "'vae.commitment_weight' is nan; set it at least 0"),  # on the emoji VQ
         ("vae.temperature_steps=-5", "'vae.temperature_steps' is -5; set it at least 0"),
     ]:
@@ -411,6 +412,9 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
             check_phases(load_config(preset, [setting]))
     # the edges are uses
     check_phases(load_config("shapes", ["vae.temperature_steps=0", "vae.kl_weight=0", "vae.temperature_end=0.001"]))
+    # the dVAE's diversity weight was its constructor's alone (0.01), out of every config's reach
+    assert build_tokenizer(load_config("shapes", ["vae.diversity_weight=0"])).diversity_weight == 0
+    assert build_tokenizer(load_config("shapes", [])).diversity_weight == 0.01
 
 
 def test_a_setting_of_the_other_tokenizer_kind_is_one_sentence_when_the_config_loads(tmp_path):

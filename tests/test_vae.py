@@ -438,8 +438,8 @@ def test_project_config_maps_onto_constructor_and_schedules():
     for kind in vae.KINDS:
         model = vae.build(kind, **vae.model_kwargs(kind, fields))
         assert model.kind == kind
-        # every constructor argument comes from the config, except the dVAE's documented extra
-        assert set(vae.constructor_fields(kind)) - set(fields) <= {"diversity_weight"}
+        # every constructor argument comes from the config
+        assert set(vae.constructor_fields(kind)) <= set(fields)
         assert not set(vae.constructor_fields(kind)) & set(vae.SCHEDULE_FIELDS)
     values = schedules.values_at(10, **{k: fields[k] for k in vae.SCHEDULE_FIELDS})
     assert set(values) == {"temperature", "kl_weight"}

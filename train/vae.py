@@ -76,6 +76,7 @@ SCHEDULE_BOUNDS = (
     ("temperature_steps", 0, False, "5000"),
     ("kl_weight", 0, False, "1e-4"),
     ("kl_warmup_steps", 0, False, "2000"),
+    ("diversity_weight", 0, False, "0.01"),
     ("commitment_weight", 0, False, "0.25"),
     ("disc_weight", 0, False, "0.1"),
     ("usage_window", 1, False, "100"),
