@@ -7,21 +7,28 @@ both must end with the same weights.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import vae
+from dalle_mini_impl.config import read_config_json
+from dalle_mini_impl.eval.recon import recon_metrics
 from tests.test_train import args_for, copy_run, encoded_run, tokenizer_run
 from train import dalle as train_dalle
+from train.common import example_batches
 from train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
+ONE_PROCESS = types.SimpleNamespace(process_index=0, num_processes=1)  # what example_batches reads of an accelerator
 
 # the text loss averages over non-pad targets per process; weight 0 makes the loss a plain batch mean
 SAME_MATH = ["transformer.caption_dropout=0", "transformer.text_loss_weight=0"]
@@ -159,7 +166,15 @@ def test_the_tokenizers_decoder_phase_trains_on_two_processes(base_run, tmp_path
     run = tokenizer_run(base_run, tmp_path / "vae")
     vq = ["vae.kind=vq", "vae.group_sizes=[]", "vae.group_inputs=[]", critic]
     phases = ["train.vae.steps=2", "train.vae_decoder.steps=2", "train.vae_decoder.batch_size=8"]
-    result = launch("train.vae", args_for(run, *vq, *phases), reports=2)
+    result = launch("train.vae", args_for(run, *vq, *phases, "train.vae_decoder.eval_batches=1"), reports=2)
     assert result["stage"] == "vae_decoder" and result["num_processes"] == 2 and result["ranks_in_sync"] == 1
     assert [p.name for p in list_checkpoints(run / "checkpoints" / "vae_decoder")] == ["step_00000002"]
     assert (run / "vae.safetensors").is_file()
+    # its evaluation is both processes' shares (one batch of 8 each: the split's first 16 images), not the main's
+    # 8 alone, as the exported tokenizer reconstructs them in one process
+    cfg = read_config_json(run / "config.json")
+    shares = itertools.islice(example_batches(cfg, cfg.data.val_split, 8, train=False, accelerator=ONE_PROCESS), 2)
+    whole = recon_metrics(vae.load_pretrained(run), shares)
+    assert whole["n"] == 16
+    assert result["eval/val_psnr"] == pytest.approx(whole["psnr"], abs=1e-3)
+    assert result["eval/val_usage"] == pytest.approx(whole["usage"], abs=1e-5)

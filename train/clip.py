@@ -208,7 +208,8 @@ def train_clip(cfg: RunConfig, args, key: str = "train.clip.", section: str = "c
             text_feats.append(m.encode_text(tokenizer.encode(batch["caption"]).to(device)).float())
             captions += batch["caption"]
         if captions:
-            # every process evaluates its own share; the main process's numbers are logged
+            # every process evaluates its own share; the main process's numbers are logged (retrieval over a
+            # larger gallery would be another number), the skipped records are everyone's (`loop.evaluate`)
             results.update(retrieval_metrics(torch.cat(image_feats).cpu(), torch.cat(text_feats).cpu(), captions))
         return results | {"data_skipped": float(validation_batches.skipped)}  # warned of once, counted every time
 

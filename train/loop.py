@@ -883,6 +883,9 @@ def evaluate(t: Training, log: bool = True) -> dict[str, float]:
     with t.accelerator.autocast(), whole_weights(t.model, t.accelerator):
         results = t.stage.evaluate(t.unwrapped, t.step)
     t.model.train()
+    if "data_skipped" in results and t.accelerator.num_processes > 1:  # each process's share of the split, summed
+        skipped = torch.tensor(float(results["data_skipped"]), dtype=torch.float64, device=t.accelerator.device)
+        results["data_skipped"] = float(t.accelerator.reduce(skipped, "sum"))
     if t.writer is not None and log:
         for k, v in results.items():
             t.writer.add_scalar(f"{t.stage.name}/eval/{k}", float(v), t.step)

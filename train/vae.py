@@ -42,7 +42,7 @@ import torch
 import vae
 from dalle_mini_impl.data.images import make_grid
 from dalle_mini_impl.errors import UserError, run_cli
-from dalle_mini_impl.eval.recon import recon_metrics
+from dalle_mini_impl.eval.recon import recon_summary, recon_sums
 from train import finetune, loop
 from train.common import adamw, example_batches, seed_everything, trainable
 from vae.vq import CRITIC_PREFIX
@@ -219,7 +219,10 @@ def phase(cfg, name: str, tc, model, accelerator, offset: int, export: bool) -> 
 
     def evaluate(m, step):
         m.eval()
-        metrics = recon_metrics(m, validation_batches(), accelerator.device)
+        sums, counts = recon_sums(m, validation_batches(), accelerator.device)
+        if accelerator.num_processes > 1:  # each process evaluated its own share of the split: the numbers are all's
+            sums, counts = (accelerator.reduce(t.to(accelerator.device), "sum").cpu() for t in (sums, counts))
+        metrics = recon_summary(sums, counts)
         kept = {f"val_{k}": float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "usage", "perplexity")}
         return kept | {"data_skipped": float(validation_batches.skipped)}  # warned of once, counted every time
 

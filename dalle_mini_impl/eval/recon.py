@@ -66,22 +66,37 @@ def recon_metrics(
 
     judge_captions: also the fraction of reconstructions the shapes judge accepts under their captions.
     """
-    sq_err, pixels, ssim_sum, n, accepted = 0.0, 0, 0.0, 0, 0
+    return recon_summary(*recon_sums(tokenizer, batches, device, judge_captions), judge_captions)
+
+
+def recon_sums(
+    tokenizer, batches: Iterable[dict], device: torch.device | str = "cpu", judge_captions: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `recon_summary` reads, as sums that add across processes (training evaluates each process's share):
+    float64 (squared error, pixels, SSIM, images, judge accepts) and the code histogram (codebook_size,)."""
+    sums = torch.zeros(5, dtype=torch.float64)
     counts = torch.zeros(tokenizer.codebook_size, dtype=torch.long)
     for batch in batches:
         x = batch["image"].to(device).float()
         ids = tokenizer.encode(x)
         y = tokenizer.decode(ids).float()
-        sq_err += float(((y - x) ** 2).sum())
-        pixels += x.numel()
-        ssim_sum += float(ssim(y, x).sum())
-        counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.codebook_size)
-        n += x.shape[0]
+        accepted = 0
         if judge_captions:
             from dalle_mini_impl.data.images import to_uint8
             from dalle_mini_impl.shapes.judge import judge
 
-            accepted += sum(judge(image, caption).ok for image, caption in zip(to_uint8(y.cpu()), batch["caption"]))
+            accepted = sum(judge(image, caption).ok for image, caption in zip(to_uint8(y.cpu()), batch["caption"]))
+        sums += torch.tensor(
+            [float(((y - x) ** 2).sum()), x.numel(), float(ssim(y, x).sum()), x.shape[0], accepted],
+            dtype=torch.float64,
+        )
+        counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.codebook_size)
+    return sums, counts
+
+
+def recon_summary(sums: torch.Tensor, counts: torch.Tensor, judge_captions: bool = False) -> dict[str, float]:
+    """`recon_metrics`'s numbers from `recon_sums`' (summed over processes, or one process's own)."""
+    sq_err, pixels, ssim_sum, n, accepted = sums.tolist()
     if n == 0:
         raise UserError("the evaluation split gave no images; check --data and --split")
     mse = sq_err / pixels
@@ -91,10 +106,10 @@ def recon_metrics(
         "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
         "mse": mse,
         "ssim": ssim_sum / n,
-        "usage": float((counts > 0).sum()) / tokenizer.codebook_size,
+        "usage": float((counts > 0).sum()) / len(counts),
         "codes_used": int((counts > 0).sum()),
         "perplexity": math.exp(entropy),
-        "n": n,
+        "n": int(n),
     }
     if judge_captions:
         out["judge_accepts"] = accepted / n
