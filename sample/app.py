@@ -9,7 +9,7 @@ standard-library server, so the core install does not grow:
   GET  /               the page
   GET  /api/info       the models (image size, sampling defaults from the bundle's `sample` section, methods)
                        and the search folders, by index
-  POST /api/generate   {model, prompt, settings, method}      -> {images: [{png, clip_score, rank, seed}]}
+  POST /api/generate   {model, prompt, settings, method}      -> {images: [{png, clip_score, rank, seed, file}]}
   POST /api/edit       {model, prompt, image, mask, settings} -> the same; mask white = redraw (Pipeline.edit)
   POST /api/classify   {model, image, labels: "a, b"}         -> {labels: [[label, probability]]}, best first
   POST /api/search     {model, folder, query, k}              -> {results: [{name, png, score}]}, best first
@@ -56,6 +56,7 @@ from dalle_mini_impl.data.streams import SKIP_REASONS, UnusableRecord, decode_im
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import bundle_path
 from dalle_mini_impl.pipeline.pipeline import Pipeline, check_settings
+from sample.__main__ import slugify
 
 PAGE = Path(__file__).resolve().parent / "static" / "app.html"
 SHIPPED = ("shapes", "emoji")  # the bundles the page offers besides --model
@@ -209,7 +210,14 @@ def results_json(groups: list[list], said: list[str]) -> dict:
     distinct images than asked, a prompt cut to the model's text length)."""
     return {
         "images": [
-            {"png": png_url(r.image), "clip_score": r.clip_score, "rank": r.rank, "seed": r.seed} for r in groups[0]
+            {
+                "png": png_url(r.image),
+                "clip_score": r.clip_score,
+                "rank": r.rank,
+                "seed": r.seed,
+                "file": f"{slugify(r.prompt)}_s{r.seed}_r{r.rank}.png",  # as python -m sample names it
+            }
+            for r in groups[0]
         ],
         "warnings": said,
     }

@@ -204,6 +204,81 @@ def test_browser_shows_the_servers_warning_beside_repeated_images(page):
     assert not by_id(page, "error").is_displayed() and len(shown_images(page, "results")) == 2
 
 
+def test_browser_run_keeps_the_model_and_settings_it_started_with(page):
+    """Picking another model mid-run once sampled the later prompts with it (and its defaults, written over the
+    fields): a run now reads them once, and they are locked until it ends."""
+    page.execute_script("""
+        window.lockedAtCall = [];
+        const fetched = window.fetch;
+        window.fetch = (...args) => {
+          window.lockedAtCall.push(document.getElementById("model").disabled
+                                   && document.querySelector("[data-setting=temperature]").disabled);
+          document.querySelector("[data-setting=temperature]").value = "0";  // refused, if it were read again
+          return fetched(...args);
+        };""")
+    set_field(page, "prompts", "a red circle\na blue square")
+    by_id(page, "generate").click()
+    wait_done(page)
+    assert not by_id(page, "error").is_displayed() and len(shown_images(page, "results")) == 4
+    assert page.execute_script("return window.lockedAtCall") == [True, True]
+    assert by_id(page, "model").is_enabled() and page.execute_script(
+        "return !document.querySelector('[data-setting=temperature]').disabled"
+    )
+
+
+def test_browser_names_downloads_as_the_command_line_does(page):
+    """A prompt of no ASCII letters was saved as image_sSEED_rRANK.png (two such prompts, one name), accents were
+    cut (café -> caf), and a seed typed with a space gave every prompt the same seed."""
+    import hashlib
+
+    set_field(page, "prompts", "café crème\n🍕🍔")
+    set_field(page, "seed", " 5")
+    by_id(page, "generate").click()
+    wait_done(page)
+    names = [a.get_attribute("download") for a in by_id(page, "results").find_elements("css selector", "a[download]")]
+    pizza = "prompt-" + hashlib.sha1("🍕🍔".encode()).hexdigest()[:8]
+    assert names == ["cafe-creme_s5_r1.png", "cafe-creme_s5_r2.png", f"{pizza}_s6_r1.png", f"{pizza}_s6_r2.png"]
+    assert [i.get_attribute("alt") for i in by_id(page, "results").find_elements("css selector", "img")][2] == (
+        "🍕🍔, rank 1"
+    )
+
+
+def test_browser_keyboard_enter_runs_and_the_focus_comes_back(page):
+    from selenium.webdriver.common.keys import Keys
+
+    by_id(page, "generate").send_keys(Keys.ENTER)  # the focused button, pressed by keyboard
+    wait_done(page)
+    assert page.execute_script("return document.activeElement.id") == "generate"  # not lost to <body>
+    page.execute_script("showTab('labels')")
+    by_id(page, "labels-text").send_keys(Keys.ENTER)  # no image: the server's sentence, shown
+    wait_done(page)
+    assert by_id(page, "error").is_displayed() and page.execute_script("return document.activeElement.id") == (
+        "labels-text"
+    )
+    named = page.execute_script(
+        "return ['prompts', 'edit-prompt', 'labels-text', 'query'].map((id) => document.getElementById(id).ariaLabel)"
+    )
+    assert all(named), named
+
+
+def test_browser_page_fits_a_phone_screen(page):
+    page.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 360, "height": 740, "deviceScaleFactor": 1, "mobile": True}
+    )
+    try:
+        set_field(page, "prompts", "a red circle")
+        by_id(page, "generate").click()
+        wait_done(page)
+        assert len(shown_images(page, "results")) == 2
+        wide = page.execute_script(
+            "return [...document.querySelectorAll('*')].filter((e) => e.getBoundingClientRect().right > 360)"
+            ".map((e) => `${e.tagName}#${e.id}.${e.className} ${e.getBoundingClientRect().right}`)"
+        )
+        assert page.execute_script("return document.documentElement.scrollWidth") <= 360, wide
+    finally:
+        page.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
 def test_browser_page_asks_nothing_of_any_host_but_the_server(page, url):
     set_field(page, "prompts", "a red circle")
     by_id(page, "generate").click()
