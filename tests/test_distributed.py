@@ -178,3 +178,14 @@ def test_the_tokenizers_decoder_phase_trains_on_two_processes(base_run, tmp_path
     assert whole["n"] == 16
     assert result["eval/val_psnr"] == pytest.approx(whole["psnr"], abs=1e-3)
     assert result["eval/val_usage"] == pytest.approx(whole["usage"], abs=1e-5)
+
+
+def test_one_process_with_a_non_finite_step_stops_every_process_from_taking_it():
+    """The flags were reduced by "min", which accelerate does not know and sums: rank 0's finite step outvoted
+    rank 1's non-finite one."""
+    proc = launch_two("tests.agree_worker", [])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = sorted(
+        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"]
+    )
+    assert [d["all_finite"] for d in said] == [[True, False, False, False]] * 2

@@ -806,9 +806,15 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
     grad_norm = accelerator.clip_grad_norm_(clipped, tc.grad_clip if tc.grad_clip > 0 else 1e12)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     # every rank sees the same all-reduced gradient, so every rank takes the same decision here
-    finite = finite and math.isfinite(grad_norm)
-    finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "min").item())
+    finite = all_finite(accelerator, finite and math.isfinite(grad_norm))
     return Gradients(loss_sum, grad_norm, finite, scalars, batch, items)
+
+
+def all_finite(accelerator, finite: bool) -> bool:
+    """Whether every process's step is finite (collective). accelerate's reduce knows sum, mean and max, and sums
+    any other name: a "min" over the flags once let one finite process outvote another's non-finite step."""
+    bad = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
+    return not bool(accelerator.reduce(bad, "max").item())
 
 
 def skip_step(t: Training, bar) -> None:
