@@ -138,6 +138,7 @@ def test_under_fp16_a_skipped_step_backs_off_the_loss_scale_and_training_goes_on
         return accelerator
 
     monkeypatch.setattr(loop, "make_accelerator", with_scaler)
+    monkeypatch.setattr(loop, "check_precision", lambda *_: None)  # the refusal of fp16 on a CPU, below
     AcceleratorState._reset_state(True)  # the process's accelerate state is a singleton: fp16 here, then as it was
     try:
         logged, model = train(tmp_path, 3, nan_at={1}, mixed_precision="fp16")
@@ -145,6 +146,14 @@ def test_under_fp16_a_skipped_step_backs_off_the_loss_scale_and_training_goes_on
         AcceleratorState._reset_state(True)
     assert logged["skipped_nonfinite_steps"] == 1 and scaler.get_scale() == 128.0  # halved once, for the skip
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_accelerator_is_made(tmp_path):
+    """It trained in fp32 under the fp16 name: accelerate makes no fp16 autocast or GradScaler on a CPU."""
+    with pytest.raises(loop.UserError, match="^train.dalle.mixed_precision is 'fp16', which accelerate runs on a GPU"):
+        loop.make_accelerator(loop.TrainConfig(mixed_precision="fp16"), key="train.dalle.")
+    loop.check_precision(loop.TrainConfig(mixed_precision="fp16"), torch.device("cuda"))  # a GPU's
+    loop.check_precision(loop.TrainConfig(mixed_precision="bf16"), torch.device("cpu"))
 
 
 def test_each_micro_batch_of_a_step_gets_its_own_index(tmp_path):

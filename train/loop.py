@@ -289,11 +289,12 @@ def check_training_values(tc: TrainConfig, key: str = "") -> None:
 def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key: str = ""):
     """An Accelerator for one stage; launch settings (DDP, FSDP, DeepSpeed) come from `accelerate launch`.
     key: the stage's config prefix ("train.dalle."), named in the sentence of a setting refused."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
     check_training_values(tc, key)
     destroy_process_group_at_exit()
+    check_precision(tc, PartialState().device, key)  # before the Accelerator: its precision is the process's
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
@@ -306,6 +307,16 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key:
     plugin = accelerator.state.deepspeed_plugin
     check_deepspeed_accumulation(tc.grad_accum, None if plugin is None else plugin.gradient_accumulation_steps)
     return accelerator
+
+
+def check_precision(tc: TrainConfig, device: torch.device, key: str = "") -> None:
+    """fp16 is a GPU's: on the CPU accelerate builds neither fp16 autocast nor a GradScaler, and the stage trained in
+    fp32 under the fp16 name, in silence (sampling refuses --dtype fp16 on the CPU the same way)."""
+    if tc.mixed_precision == "fp16" and device.type == "cpu":
+        raise UserError(
+            f"{key}mixed_precision is 'fp16', which accelerate runs on a GPU only (on the CPU the stage would train "
+            "in fp32); use 'bf16' or 'no'"
+        )
 
 
 def set_tf32(device: torch.device, enabled: bool) -> None:
