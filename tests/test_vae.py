@@ -244,6 +244,24 @@ def test_vq_ema_moves_codes_towards_their_latents():
     assert float(model.quantizer.codes()[code] @ target) > float(before[code] @ target)
 
 
+def test_vq_ema_counts_and_sums_in_float32_under_bf16_latents():
+    """Under bf16 autocast on a CPU the latents reach the EMA as bf16, whose counts and sums once rounded there
+    (a code chosen 4,187 times counted as 4,192)."""
+    from vae.vq import CosineCodebook
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(6000, 8, generator=gen), dim=-1).bfloat16()
+    ids = torch.cat([torch.zeros(4187, dtype=torch.long), torch.randint(1, 4, (1813,), generator=gen)])
+    books = []
+    for latents in (z, z.float()):  # the same values, as bf16 and as float32
+        torch.manual_seed(0)
+        book = CosineCodebook(4, 8, ema=True, ema_decay=0.5, dead_code_steps=0)
+        book.update(latents, ids)
+        books.append(book)
+    for name in ("cluster_size", "embed_sum", "embed"):
+        assert torch.equal(getattr(books[0], name), getattr(books[1], name)), name
+
+
 def test_dead_codes_restart_from_the_batch_and_get_used():
     model = tiny("vq", codebook_size=64, dead_code_steps=3)
     images = rectangles(8)

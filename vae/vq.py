@@ -96,6 +96,7 @@ class CosineCodebook(nn.Module):
         """One training step's bookkeeping on unit latents (m, l) and their ids (m,): EMA move, then
         restarts of dead codes. Returns the number of codes restarted (0-dim tensor; no host sync)."""
         k = self.codebook_size
+        z = z.float()  # under bf16 autocast the latents are bf16, whose counts and sums round (4188 codes as 4192)
         counts = torch.bincount(ids, minlength=k).to(z.dtype)  # (k,)
         sums = torch.zeros(k, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, ids, z)  # (k, l)
         if _distributed():
