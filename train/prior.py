@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = torch.from_numpy(rng.random(len(batch["caption"])) >= drop_p).to(device)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         value, parts = m.loss(text, text_emb, image_emb, generator=gen, keep=keep)
-        return value, {k: float(v) for k, v in parts.items()}
+        return value, {k: v.detach() for k, v in parts.items()}  # read by the loop once the backward is queued
 
     validation_batches = loop.Replay(stream(cfg.data.val_split, False, tc.batch_size), tc.eval_batches)
 
