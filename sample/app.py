@@ -24,6 +24,8 @@ one sentence and the traceback on stderr, and the server carries on. Torch model
 each model has a lock: two tabs sampling at once both get their results, one after the other. Generating and
 editing also hold one lock for the whole process, under which the pipeline's warnings (repeated images, a
 shortened prompt) are caught and answered beside the images: Python's warning filters are the process's.
+A generation or edit whose client leaves (the page's Stop aborts its request; a closed tab) stops at the next
+image row (`Pipeline.generate(should_stop=...)`), so the model is free for the next request at once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import dataclasses
 import io
 import ipaddress
 import json
+import select
 import socket
 import sys
 import tempfile
@@ -43,7 +46,7 @@ import threading
 import traceback
 import urllib.parse
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -55,7 +58,7 @@ from dalle_mini_impl.data.images import prepare_image, to_rgb
 from dalle_mini_impl.data.streams import SKIP_REASONS, UnusableRecord, decode_image
 from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.pipeline.bundle import bundle_path
-from dalle_mini_impl.pipeline.pipeline import Pipeline, check_settings
+from dalle_mini_impl.pipeline.pipeline import Pipeline, Stopped, check_settings
 from sample.__main__ import slugify
 
 PAGE = Path(__file__).resolve().parent / "static" / "app.html"
@@ -271,21 +274,27 @@ class App:
     def model(self, body: dict) -> Model:
         return pick(self.models, body.get("model"), "model")
 
-    def generate(self, body: dict) -> dict:
+    def generate(self, body: dict, should_stop: Callable[[], bool] | None = None) -> dict:
+        """should_stop: asked at each image row (the client gone: the page's Stop, a closed tab); then the
+        pipeline's `Stopped` ends the work and frees the model for the next request."""
         model = self.model(body)
         method = body.get("method") or "ar"
         settings = checked_settings(model, body)
+        prompt = text_field(body, "prompt")
         with caught_warnings(model) as said:
-            groups = model.pipe.generate([text_field(body, "prompt")], method=str(method), progress=False, **settings)
+            groups = model.pipe.generate(
+                [prompt], method=str(method), progress=False, should_stop=should_stop, **settings
+            )
         return results_json(groups, said)
 
-    def edit(self, body: dict) -> dict:
+    def edit(self, body: dict, should_stop: Callable[[], bool] | None = None) -> dict:
         model = self.model(body)
         max_pixels = model.pipe.cfg.data.max_image_pixels
         image, mask = read_upload(body, "image", max_pixels), read_upload(body, "mask", max_pixels)
         settings = checked_settings(model, body)
+        prompt = text_field(body, "prompt")
         with caught_warnings(model) as said:
-            groups = model.pipe.edit([text_field(body, "prompt")], image, mask, progress=False, **settings)
+            groups = model.pipe.edit([prompt], image, mask, progress=False, should_stop=should_stop, **settings)
         return results_json(groups, said)
 
     def classify(self, body: dict) -> dict:
@@ -331,6 +340,17 @@ ROUTES = {
     "/api/classify": App.classify,
     "/api/search": App.search,
 }
+STOPPABLE = (App.generate, App.edit)  # the long ones: stopped when their client leaves
+
+
+def client_left(connection: socket.socket) -> bool:
+    """Whether the client closed its end of a connection whose request was read whole: it is then readable, with
+    nothing to read (the page's Stop aborts its fetch; a closed tab closes it too)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset or closed: gone as well
+        return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +382,10 @@ class Handler(BaseHTTPRequestHandler):
         if route is None:
             self.send_json(404, {"error": f"there is no endpoint {self.path}; the page knows the right ones"})
             return
-        self.answer(lambda: route(self.server.app, self.read_json()))
+        if route in STOPPABLE:
+            self.answer(lambda: route(self.server.app, self.read_json(), lambda: client_left(self.connection)))
+        else:
+            self.answer(lambda: route(self.server.app, self.read_json()))
 
     def addressed_here(self) -> bool:
         """Whether the request names this machine as its host, when the server listens on a loopback address; a
@@ -408,6 +431,9 @@ class Handler(BaseHTTPRequestHandler):
         500 with one sentence for anything else, its traceback in the log."""
         try:
             self.send_json(200, work())
+        except Stopped:  # no one to answer
+            print(f"stopped: {self.command} {self.path}: the client left before the answer", file=sys.stderr)
+            self.close_connection = True
         except UserError as e:
             self.send_json(getattr(e, "status", 400), {"error": str(e)})
         except Exception as e:  # a bug or a resource limit: one sentence here, the traceback in the log

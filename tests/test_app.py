@@ -245,6 +245,31 @@ def test_generate_answers_the_pipelines_warnings_with_its_images(url, capsys):
     assert status == 200 and answer["warnings"] == [] and len({r["png"] for r in answer["images"]}) == 2
 
 
+def test_a_request_whose_client_leaves_is_stopped_and_frees_the_model(url, app, capsys):
+    """The page's Stop (or a closed tab) once left the server sampling thousands of candidates for no one, and every
+    later request of the model waited behind them (81 s in a review)."""
+    import socket
+    import time
+
+    body = json.dumps({"model": 0, "prompt": "a red circle", "candidates": 10000, "num_images": 1}).encode()
+    head = "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    lock = app.models[0].lock
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 60
+        while not lock.locked():  # sampling has begun
+            assert time.monotonic() < deadline, "the server never started sampling"
+            time.sleep(0.005)
+    deadline = time.monotonic() + 60
+    while lock.locked():  # the client is gone: the server stops and lets go of the model
+        assert time.monotonic() < deadline, "the server sampled on for a client that had left"
+        time.sleep(0.01)
+    assert "stopped: POST /api/generate: the client left before the answer" in capsys.readouterr().err
+    status, answer = post(url, "/api/generate", {"model": 0, "prompt": "a red circle", "seed": 0})
+    assert status == 200 and len(answer["images"]) == 2
+
+
 def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
     cases = [
         # named as the page names them (once as the command line's flags, "--temperature", which the page lacks)

@@ -279,6 +279,27 @@ def test_browser_page_fits_a_phone_screen(page):
         page.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def test_browser_stop_ends_a_long_run_and_the_next_one_runs(page):
+    """There was no way to stop a run: a prompt of thousands of candidates held the model for everyone."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    set_field(page, "prompts", "a red circle\na blue square")
+    set_field(page, "candidates", "10000")
+    set_field(page, "num_images", "1")
+    by_id(page, "generate").click()
+    WebDriverWait(page, 30, poll_frequency=0.02).until(lambda d: by_id(d, "stop").is_displayed())
+    by_id(page, "stop").click()
+    wait_done(page)
+    error = by_id(page, "error")
+    assert error.is_displayed() and error.text == "stopped; what was finished before is kept"
+    assert not by_id(page, "progress").is_displayed()
+    set_field(page, "candidates", "4")
+    set_field(page, "prompts", "a red circle")
+    by_id(page, "generate").click()
+    wait_done(page)
+    assert not by_id(page, "error").is_displayed() and len(shown_images(page, "results")) == 1
+
+
 def test_browser_page_asks_nothing_of_any_host_but_the_server(page, url):
     set_field(page, "prompts", "a red circle")
     by_id(page, "generate").click()

@@ -279,6 +279,28 @@ def test_a_prompt_gives_the_same_ids_alone_with_its_seed(pipe):
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(together[1], alone[0]))
 
 
+def test_should_stop_is_asked_at_each_row_and_stops_generate_and_edit(pipe):
+    from dalle_mini_impl.pipeline.pipeline import Stopped
+
+    asked = []
+
+    def stop_at_the_third():
+        asked.append(1)
+        return len(asked) == 3
+
+    with pytest.raises(Stopped):
+        pipe.generate("a red circle", candidates=8, progress=False, should_stop=stop_at_the_third)
+    assert len(asked) == 3
+    never = pipe.generate("a red circle", candidates=8, seed=3, progress=False, should_stop=lambda: False)
+    plain = pipe.generate("a red circle", candidates=8, seed=3, progress=False)
+    assert [torch.equal(a.ids, b.ids) for a, b in zip(never[0], plain[0])] == [True] * len(plain[0])
+    image = plain[0][0].image
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (0, 0, image.size[0], image.size[1] // 2))
+    with pytest.raises(Stopped):
+        pipe.edit("a blue square", image, mask, progress=False, should_stop=lambda: True)
+
+
 def test_the_library_takes_what_a_caller_would_pass_or_says_in_one_sentence(bundle, pipe, tmp_path):
     """Library use (helper 34's review): a torch.device, a single image where a list is asked, a flat list of ids;
     and one sentence for a seed that is a Generator, a prompt that is no str, an unknown setting, uint8 pixels.

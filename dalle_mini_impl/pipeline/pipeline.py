@@ -37,7 +37,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,23 @@ def kept_order(order: torch.Tensor, num_images: int) -> torch.Tensor:
     if len(order) >= num_images:
         return order[:num_images]
     return order[torch.arange(num_images) * len(order) // num_images]
+
+
+class Stopped(Exception):
+    """Raised out of `Pipeline.generate` or `edit` when their `should_stop()` said so (the web page's Stop)."""
+
+
+class _Bar(tqdm):
+    """The sampling bar, which asks `should_stop` at each update (each image row of a batch of candidates)."""
+
+    def __init__(self, *args, should_stop: Callable[[], bool] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.should_stop = should_stop
+
+    def update(self, n: float | None = 1):
+        if self.should_stop is not None and self.should_stop():
+            raise Stopped("stopped before the end, as asked")
+        return super().update(n)
 
 
 @dataclass
@@ -636,6 +653,7 @@ class Pipeline:
         init_image: str | os.PathLike | Image.Image | None = None,
         keep_rows: int | None = None,
         progress: bool = True,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Result]]:
         """For each prompt, its best `num_images` of `candidates` samples, best first (None: bundle default).
 
@@ -645,6 +663,8 @@ class Pipeline:
             random codes, no sampling: VQGAN+CLIP as Pixray runs it).
         init_image, keep_rows: complete an image from its top keep_rows rows of codes (1 .. h-1; None: h // 2).
         progress: tqdm bars on stderr over prompts and tokens (and guided steps).
+        should_stop: asked at each image row sampled; when it answers true, `Stopped` is raised (a server's client
+            gone). Refinement's steps are not asked.
         """
         prompts = check_prompts(prompts)
         if init == "random":  # no samples: refinement starts from num_images random codes
@@ -711,8 +731,12 @@ class Pipeline:
                 self.contrast_captions(max(prompt_parts, key=lambda part: part[1])[0])
 
         h, w = self.grid
-        bar = tqdm(
-            total=len(prompts) * s.candidates * h * w, unit="tok", desc="sample", disable=None if progress else True
+        bar = _Bar(
+            total=len(prompts) * s.candidates * h * w,
+            unit="tok",
+            desc="sample",
+            disable=None if progress else True,
+            should_stop=should_stop,
         )
         results = []
         with bar:
@@ -953,6 +977,7 @@ class Pipeline:
         *,
         likelihood_weight: float | None = None,
         progress: bool = True,
+        should_stop: Callable[[], bool] | None = None,
         **overrides,
     ) -> list[list[Result]]:
         """For each prompt, `image` with the cells under `mask`'s white part redrawn (inpainting; outpainting
@@ -965,6 +990,7 @@ class Pipeline:
         plus likelihood_weight (None: the bundle's sample.edit_likelihood_weight) times the transformer's mean
         log-likelihood of those later kept cells given the rest: a region that agrees with what follows it.
         Result.clip_score is CLIP's part. overrides: sampling settings as in `generate` (not decode speculative).
+        should_stop: as `generate`'s.
         """
         prompts = check_prompts(prompts)
         s = self.settings(edit_likelihood_weight=likelihood_weight, **overrides)
@@ -972,8 +998,12 @@ class Pipeline:
             raise UserError("editing samples the masked cells one pass at a time; use --decode cached, not speculative")
         source = self.edit_source(image, mask)
         h, w = self.grid
-        bar = tqdm(
-            total=len(prompts) * s.candidates * h * w, unit="tok", desc="edit", disable=None if progress else True
+        bar = _Bar(
+            total=len(prompts) * s.candidates * h * w,
+            unit="tok",
+            desc="edit",
+            disable=None if progress else True,
+            should_stop=should_stop,
         )
         results = []
         with bar:
@@ -1246,6 +1276,7 @@ __all__ = [
     "EditSource",
     "Pipeline",
     "Result",
+    "Stopped",
     "check_prompts",
     "check_seed",
     "check_settings",
