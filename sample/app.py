@@ -39,6 +39,7 @@ import io
 import ipaddress
 import json
 import select
+import signal
 import socket
 import sys
 import tempfile
@@ -551,8 +552,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"warning: the app is reachable from other machines at {server.url}; it has no login", file=sys.stderr
             )
         print(server.url, flush=True)
-        with server:
-            server.serve_forever()
+        # a kill, docker stop or systemd stop sends SIGTERM, whose default skips every `with` block's exit (the
+        # index folder stayed in the temp dir): it ends the server as Ctrl+C does, the folder removed
+        before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        try:
+            with server:
+                server.serve_forever()
+        finally:
+            signal.signal(signal.SIGTERM, before)
     return 0
 
 

@@ -1,13 +1,15 @@
 """Shared test fixtures: a small on-disk imagefolder with every image mode and one corrupt file.
 
-Tests never touch the network: the hub is switched to offline mode before `datasets` is imported, and
-`datasets`' cache goes to one folder under the system temp dir instead of the user's home.
+Tests never touch the network: the hub is switched to offline mode before `datasets` is imported, whatever the
+caller's environment says, and `datasets`' cache goes to a folder of this session's own, removed at its end (once
+a fixed folder under the system temp dir, which grew by every run's fingerprints, or the caller's own cache).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", str(Path(tempfile.gettempdir()) / "dalle_mini_impl_tests_hf_cache"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+HF_CACHE = tempfile.mkdtemp(prefix="dalle_mini_impl_tests_hf_")
+os.environ["HF_DATASETS_CACHE"] = HF_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(HF_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -456,8 +456,8 @@ def test_a_search_reads_the_index_loaded_at_start_not_the_disk(url, app, monkeyp
 # ----------------------------------------------------------------------------------------------
 
 
-def test_the_command_prints_its_address_and_serves_every_model(bundle):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def test_the_command_prints_its_address_and_serves_every_model(bundle, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "sample.app", "--model", str(bundle), "--port", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
@@ -467,9 +467,12 @@ def test_the_command_prints_its_address_and_serves_every_model(bundle):
         assert status == 200
         assert [m["name"] for m in json.loads(body)["models"]] == ["shapes", "emoji", str(bundle)]
         assert get(address, "/")[1] == PAGE.read_bytes()
+        assert len(list(tmp_path.glob("dalle-app-index-*"))) == 1  # the search indexes' folder
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # stopped by SIGTERM (a kill, docker stop) as by Ctrl+C: the folder is gone (it once stayed behind)
+    assert proc.returncode == 128 + 15 and list(tmp_path.glob("dalle-app-index-*")) == []
 
 
 def test_bad_command_lines_are_one_sentence(tmp_path, capsys):

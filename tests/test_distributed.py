@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import vae
 from dalle_mini_impl.config import read_config_json
 from dalle_mini_impl.eval.recon import recon_metrics
-from tests.test_train import args_for, copy_run, encoded_run, tokenizer_run
+from tests.test_train import ROOT, args_for, copy_run, encoded_run, tokenizer_run
 from train import dalle as train_dalle
 from train.common import example_batches
 from train.loop import list_checkpoints
@@ -37,7 +37,7 @@ SAME_MATH = ["transformer.caption_dropout=0", "transformer.text_loss_weight=0"]
 def launch_two(module: str, argv: list[str], config_file: str | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 -m module ARGV` on the CPU, one thread each (or with
     `--config_file config_file` in place of the flags)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", *(["--config_file", config_file] if config_file else flags),

@@ -574,7 +574,8 @@ def test_a_training_bar_in_a_log_draws_a_frame_every_30_seconds_and_tqdm_disable
         "print(b.disable, b.__dict__.get('mininterval'))"
     )
     for env, said in (({}, "False 30.0"), ({"TQDM_DISABLE": "1"}, "True")):  # stdout and stderr are pipes here
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+        unset = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the caller's own setting too
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**unset, **env})
         assert run.stdout.startswith(said), run.stderr[-2000:]
     from train.common import progress_bar
 

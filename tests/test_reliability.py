@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from dalle_mini_impl.eval.runs import compare_runs
-from tests.test_train import VQ, args_for, copy_run, encoded_run, tokenizer_run
+from tests.test_train import ROOT, VQ, args_for, copy_run, encoded_run, tokenizer_run
 from train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ DALLE = ["train.dalle.steps=6", "train.dalle.checkpoint_every=2", "train.dalle.k
 def run_stage(stage: str, run, *settings: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
     """`python -m train.STAGE` on `run` with the tiny settings and `settings`; with `kill_at` ("step:N" or
     "checkpoint:N") through `tests.kill_at`, which SIGKILLs the process at that point."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tests.kill_at from any folder
     entry = ["-m", "tests.kill_at", kill_at, f"train.{stage}"] if kill_at else ["-m", f"train.{stage}"]
     cmd = [sys.executable, *entry, *args_for(run, *settings)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
