@@ -289,12 +289,11 @@ def check_training_values(tc: TrainConfig, key: str = "") -> None:
 def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key: str = ""):
     """An Accelerator for one stage; launch settings (DDP, FSDP, DeepSpeed) come from `accelerate launch`.
     key: the stage's config prefix ("train.dalle."), named in the sentence of a setting refused."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     check_training_values(tc, key)
     destroy_process_group_at_exit()
-    check_precision(tc, PartialState().device, key)  # before the Accelerator: its precision is the process's
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is done by the loop itself
@@ -303,6 +302,9 @@ def make_accelerator(tc: TrainConfig, find_unused_parameters: bool = False, key:
         dynamo_backend="no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+    # accelerate's own choice of device (never a bare PartialState() before it: that one ignores
+    # ACCELERATE_USE_CPU, and two CPU processes each took itself for the only one)
+    check_precision(tc, accelerator.device, key)
     set_tf32(accelerator.device, tc.tf32)
     plugin = accelerator.state.deepspeed_plugin
     check_deepspeed_accumulation(tc.grad_accum, None if plugin is None else plugin.gradient_accumulation_steps)
