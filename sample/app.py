@@ -346,11 +346,18 @@ STOPPABLE = (App.generate, App.edit)  # the long ones: stopped when their client
 
 def client_left(connection: socket.socket) -> bool:
     """Whether the client closed its end of a connection whose request was read whole: it is then readable, with
-    nothing to read (the page's Stop aborts its fetch; a closed tab closes it too)."""
+    nothing to read (the page's Stop aborts its fetch; a closed tab closes it too). A client that only shuts its
+    sending side after the request looks the same to the server and is taken for gone; the page never does that.
+    poll, not select: select cannot watch a descriptor numbered 1024 or more (Windows has no poll, nor that limit)."""
     try:
-        readable, _, _ = select.select([connection], [], [], 0)
-        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):  # reset or closed: gone as well
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(connection, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([connection], [], [], 0)[0])
+        return readable and connection.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionError:  # reset: gone as well
         return True
 
 

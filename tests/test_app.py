@@ -270,6 +270,29 @@ def test_a_request_whose_client_leaves_is_stopped_and_frees_the_model(url, app, 
     assert status == 200 and len(answer["images"]) == 2
 
 
+def test_a_client_is_gone_only_once_it_closed_its_end_whatever_its_descriptor():
+    """select() cannot watch descriptor 1024 or more, and its ValueError was read as "gone": a server with that many
+    files open stopped every request."""
+    import resource
+    import socket
+
+    from sample.app import client_left
+
+    room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 1600  # for descriptor 1500 (this machine's: 20,000)
+    for number in (None, 1500) if room else (None,):
+        server_end, client = socket.socketpair()
+        if number is not None:
+            os.dup2(server_end.detach(), number)
+            server_end = socket.socket(fileno=number)
+        with server_end:
+            assert not client_left(server_end)
+            client.sendall(b"\r\n")  # more bytes after the request: still there
+            assert not client_left(server_end)
+            server_end.recv(2)
+            client.close()
+            assert client_left(server_end)
+
+
 def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):
     cases = [
         # named as the page names them (once as the command line's flags, "--temperature", which the page lacks)
