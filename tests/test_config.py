@@ -412,6 +412,13 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
             check_phases(load_config(preset, [setting]))
     # the edges are uses
     check_phases(load_config("shapes", ["vae.temperature_steps=0", "vae.kl_weight=0", "vae.temperature_end=0.001"]))
+    with pytest.raises(UserError, match="^vae.disc_start is 0 and train.vae.mixed_precision 'fp16': the critic"):
+        check_phases(load_config("emoji", ["vae.disc_start=0", "train.vae.mixed_precision=fp16"]))
+    check_phases(
+        load_config(
+            "emoji", ["vae.disc_start=0", "train.vae.mixed_precision=bf16", "train.vae_decoder.mixed_precision=bf16"]
+        )
+    )
     # the dVAE's diversity weight was its constructor's alone (0.01), out of every config's reach
     assert build_tokenizer(load_config("shapes", ["vae.diversity_weight=0"])).diversity_weight == 0
     assert build_tokenizer(load_config("shapes", [])).diversity_weight == 0.01

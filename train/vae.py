@@ -103,6 +103,11 @@ def check_phases(cfg) -> None:
             raise UserError(
                 f"train.{name}.grad_checkpointing is true, and the image tokenizer has none; set it to false"
             )
+    if adversarial(cfg) and cfg.train.vae.mixed_precision == "fp16":
+        raise UserError(
+            f"vae.disc_start is {cfg.vae.disc_start} and train.vae.mixed_precision 'fp16': the critic and the adaptive "
+            "weight of its loss step outside the loop's loss scaling, where fp16 gradients underflow; use 'bf16'"
+        )
     tc, first = cfg.train.vae_decoder, cfg.train.vae
     loop.check_training_values(tc, "train.vae_decoder.")
     if tc.steps == 0:
