@@ -38,6 +38,7 @@ import dataclasses
 import io
 import ipaddress
 import json
+import os
 import select
 import signal
 import socket
@@ -546,6 +547,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(folder).is_dir():
             raise UserError(f"--search-dir '{folder}' does not exist or is not a folder; pass a folder of images")
     models = load_models([*SHIPPED, *args.model], args.device, args.dtype)
+    try:
+        return serve(args, models)
+    except Terminated as stop:  # the index folder is gone; no interpreter teardown under worker threads after it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code)
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised in the serving thread so that every `with` block exits (the index folder removed)."""
+
+
+def serve(args, models: list[Model]) -> int:
+    """Index the search folders into a temporary folder and serve until Ctrl+C or SIGTERM."""
     with tempfile.TemporaryDirectory(prefix="dalle-app-index-") as index_root:
         app = App(models, args.search_dir, index_root)
         try:
@@ -559,9 +574,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"warning: the app is reachable from other machines at {server.url}; it has no login", file=sys.stderr
             )
         print(server.url, flush=True)
+
         # a kill, docker stop or systemd stop sends SIGTERM, whose default skips every `with` block's exit (the
         # index folder stayed in the temp dir): it ends the server as Ctrl+C does, the folder removed
-        before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        def terminated(signum, frame):
+            raise Terminated(128 + signum)
+
+        before = signal.signal(signal.SIGTERM, terminated)
         try:
             with server:
                 server.serve_forever()
