@@ -1213,6 +1213,39 @@ def test_train_all_force_trains_a_finished_stage_again_from_step_0(run_dir, tmp_
     assert "other settings" not in capfd.readouterr().err
 
 
+def test_a_forced_run_that_stopped_is_continued_by_the_command_without_force(run_dir, tmp_path, monkeypatch, capfd):
+    """A stopped `--force` run said "rerun the same command to resume": with --force it started over, without it
+    every stage whose earlier output still existed was skipped, the new checkpoints ignored."""
+    from train import all as train_all
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # tests.kill_at
+    args = args_for(run, "train.vae.steps=4", "train.vae.checkpoint_every=2")
+    assert train_all.main([*args, "--only", "vae", "--force"]) == 0
+    straight = load_file(run / "vae.safetensors")
+    run_stage = train_all.run_stage
+
+    def stopped_at_step_2(cmd):  # the real stage, sent SIGINT (Ctrl-C) after its step 2
+        at = cmd.index("train.vae")
+        return run_stage([*cmd[: at - 1], "-m", "tests.kill_at", "step:2:SIGINT", *cmd[at:]])
+
+    monkeypatch.setattr(train_all, "run_stage", stopped_at_step_2)
+    assert train_all.main([*args, "--only", "vae", "--force"]) == 128 + 2
+    assert (
+        "stage train.vae stopped (exit code 130); rerun the command without --force to resume" in capfd.readouterr().err
+    )
+    assert json.loads((run / ".force-pending.json").read_text()) == {"vae": "resume"}
+    monkeypatch.setattr(train_all, "run_stage", run_stage)
+    assert train_all.main([*args, "--only", "vae"]) == 0  # not skipped: resumed at step 2, trained to 4
+    said = capfd.readouterr()
+    assert '"skipped"' not in said.out and "resumed vae" in said.err and "step 2" in said.err, said.err[-2000:]
+    after = load_file(run / "vae.safetensors")
+    assert all(torch.equal(straight[k], after[k]) for k in straight)  # as the run that never stopped
+    assert not (run / ".force-pending.json").exists()
+    assert train_all.main([*args, "--only", "vae"]) == 0 and '"skipped"' in capfd.readouterr().out
+
+
 def test_an_embeddings_file_with_damaged_tensors_under_its_metadata_is_computed_again(tmp_path):
     """A NaN embedding under intact metadata was read, and stopped train.unclip / train.prior as a run of
     non-finite losses whose sentence blamed the learning rate; a train split of another width than validation's

@@ -14,7 +14,8 @@ Runs, in order, each as its own process with the same config and overrides:
 RUN (`out_dir`) is then a complete bundle: `python -m sample "a red circle" --model RUN`. A stage
 whose output already exists is skipped, and a stage that was interrupted resumes from its last
 checkpoint, so rerunning the command after a kill continues the work; `--force` runs every stage again, the
-training stages from step 0. Ctrl-C (or SIGTERM to this
+training stages from step 0, and a `--force` run that stopped is continued by the command without `--force`
+(RUN/.force-pending.json lists the stages it has not redone). Ctrl-C (or SIGTERM to this
 command) is passed to the stage running: a training stage finishes its step, saves a checkpoint there and
 stops, and the command exits with its code (130 or 143); a second Ctrl-C stops the stage at once. On
 several GPUs, run the same sequence with `accelerate launch -m train.<stage>` (docs/SCALING.md). Prints one JSON
@@ -45,6 +46,7 @@ from dalle_mini_impl.bench.speed import measure_peak
 from dalle_mini_impl.config import add_config_args, config_from_args, read_config_json
 from dalle_mini_impl.data.streams import check_source
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.files import write_atomic
 from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
 from train.encode import check_ends, mirror_rule
@@ -55,6 +57,26 @@ from train.vae import check_phases
 # the stages with no checkpoints to resume: each runs whole every time (encode reuses only the shards its
 # digests say hold the same rows from the same image tokenizer)
 UNTRAINED = ("tokenizer", "encode")
+# a --force run's stages not yet redone, in RUN: {stage: "fresh" (its earlier checkpoints still there: start from step
+# 0) or "resume" (it ran under this --force, so its checkpoints are this run's)}. A stopped --force run is resumed by
+# the command without --force, which would otherwise skip every stage whose earlier output still exists
+FORCE_PENDING = ".force-pending.json"
+
+
+def read_pending(out: Path) -> dict[str, str]:
+    path = out / FORCE_PENDING
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):  # unreadable: as if none, every earlier output counts as done
+        return {}
+
+
+def write_pending(out: Path, pending: dict[str, str]) -> None:
+    path = out / FORCE_PENDING
+    if pending:
+        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(pending)))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def stages(cfg) -> list[tuple[str, str]]:
@@ -186,13 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out_dir)
     if (only is None or "encode" in only) and (args.force or not (out / dict(stages(cfg))["train.encode"]).exists()):
         check_ends(cfg)  # an endless training split, before the stages ahead of encode train
+    chosen = [module.split(".")[1] for module, _ in stages(cfg) if only is None or module.split(".")[1] in only]
+    pending = {name: "fresh" for name in chosen} if args.force else read_pending(out)
+    write_pending(out, pending)
     speed = {"start": cpu_matmul_gflops()}
     total = time.perf_counter()
     for module, marker in stages(cfg):
         name = module.split(".")[1]
-        if only is not None and name not in only:
+        if name not in chosen:
             continue
-        if (out / marker).exists() and not args.force:
+        if (out / marker).exists() and name not in pending:
             print(json.dumps({"stage": name, "skipped": f"{out / marker} exists"}), flush=True)
             changed = changed_settings(cfg, out, name)
             if changed:
@@ -206,13 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         init = ["--init-from", args.init_from] if args.init_from and name != "encode" else []
         # a forced training stage would otherwise resume its last checkpoint, at its last step: nothing trained again
-        fresh = ["--no-resume"] if args.force and name not in UNTRAINED else []
+        fresh = ["--no-resume"] if pending.get(name) == "fresh" and name not in UNTRAINED else []
         code = run_stage([sys.executable, "-m", module, *passthrough, *init, *fresh])
+        if name in pending:  # it ran: whatever checkpoints it left are this --force run's
+            pending[name] = "resume"
+            write_pending(out, pending)
         if code in STOPPED_EXIT_CODES:
-            print(f"stage {module} stopped (exit code {code}); rerun the same command to resume", file=sys.stderr)
+            again = "the command without --force" if args.force else "the same command"
+            print(f"stage {module} stopped (exit code {code}); rerun {again} to resume", file=sys.stderr)
             return code
         if code != 0:
-            raise UserError(f"stage {module} failed with exit code {code}; fix it and rerun to resume")
+            again = "without --force " if args.force else ""
+            raise UserError(f"stage {module} failed with exit code {code}; fix it and rerun {again}to resume")
+        pending.pop(name, None)
+        write_pending(out, pending)
         print(json.dumps({"stage": name, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
     total_wall_s = round(time.perf_counter() - total, 1)
     speed["end"] = cpu_matmul_gflops()
