@@ -245,14 +245,20 @@ def test_generate_answers_the_pipelines_warnings_with_its_images(url, capsys):
     assert status == 200 and answer["warnings"] == [] and len({r["png"] for r in answer["images"]}) == 2
 
 
-def test_a_request_whose_client_leaves_is_stopped_and_frees_the_model(url, app, capsys):
+@pytest.mark.parametrize("path", ["/api/generate", "/api/edit"])
+def test_a_request_whose_client_leaves_is_stopped_and_frees_the_model(url, app, capsys, path):
     """The page's Stop (or a closed tab) once left the server sampling thousands of candidates for no one, and every
     later request of the model waited behind them (81 s in a review)."""
     import socket
     import time
 
-    body = json.dumps({"model": 0, "prompt": "a red circle", "candidates": 10000, "num_images": 1}).encode()
-    head = "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    request = {"model": 0, "prompt": "a red circle", "candidates": 10000, "num_images": 1}
+    if path == "/api/edit":
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        mask[:, SIZE // 2 :] = 255
+        request |= {"image": png_url(Image.new("RGB", (SIZE, SIZE), "red")), "mask": png_url(Image.fromarray(mask))}
+    body = json.dumps(request).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     lock = app.models[0].lock
     host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
     with socket.create_connection((host, int(port))) as client:
@@ -265,7 +271,7 @@ def test_a_request_whose_client_leaves_is_stopped_and_frees_the_model(url, app, 
     while lock.locked():  # the client is gone: the server stops and lets go of the model
         assert time.monotonic() < deadline, "the server sampled on for a client that had left"
         time.sleep(0.01)
-    assert "stopped: POST /api/generate: the client left before the answer" in capsys.readouterr().err
+    assert f"stopped: POST {path}: the client left before the answer" in capsys.readouterr().err
     status, answer = post(url, "/api/generate", {"model": 0, "prompt": "a red circle", "seed": 0})
     assert status == 200 and len(answer["images"]) == 2
 
@@ -275,6 +281,8 @@ def test_a_client_is_gone_only_once_it_closed_its_end_whatever_its_descriptor():
     files open stopped every request."""
     import resource
     import socket
+    import struct
+    import time
 
     from sample.app import client_left
 
@@ -291,6 +299,16 @@ def test_a_client_is_gone_only_once_it_closed_its_end_whatever_its_descriptor():
             server_end.recv(2)
             client.close()
             assert client_left(server_end)
+    # a reset (a client that closes with SO_LINGER 0, as a killed one may): gone as well
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        server_end, _ = listener.accept()
+        with server_end:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            deadline = time.monotonic() + 10
+            while not client_left(server_end):
+                assert time.monotonic() < deadline, "a reset connection was taken for a live one"
 
 
 def test_a_bad_prompt_or_setting_is_400_with_the_pipelines_sentence(url):

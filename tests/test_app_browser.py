@@ -259,6 +259,22 @@ def test_browser_keyboard_enter_runs_and_the_focus_comes_back(page):
         "return ['prompts', 'edit-prompt', 'labels-text', 'query'].map((id) => document.getElementById(id).ariaLabel)"
     )
     assert all(named), named
+    page.execute_script("showTab('edit')")  # Enter in a panel's field runs its button
+    by_id(page, "edit-prompt").send_keys(Keys.ENTER)
+    wait_done(page)
+    assert "there is no image to edit" in by_id(page, "error").text
+    page.execute_script("showTab('search')")
+    set_field(page, "query", "a red square")
+    by_id(page, "query").send_keys(Keys.ENTER)
+    wait_done(page)
+    assert by_id(page, "found").find_elements("css selector", ".card")
+    selected = page.execute_script("return [...document.querySelectorAll('#tabs button')].map((b) => b.ariaSelected)")
+    assert selected == ["false", "false", "false", "true"]  # the search tab, as shown
+    page.execute_script("showTab('generate')")
+    set_field(page, "prompts", "a blue square")
+    by_id(page, "prompts").send_keys(Keys.CONTROL, Keys.ENTER)
+    wait_done(page)
+    assert [h.text for h in by_id(page, "results").find_elements("css selector", ".group h3")] == ["a blue square"]
 
 
 def test_browser_page_fits_a_phone_screen(page):

@@ -419,6 +419,7 @@ def test_an_image_tokenizer_schedule_no_run_can_use_is_one_sentence_before_train
             "emoji", ["vae.disc_start=0", "train.vae.mixed_precision=bf16", "train.vae_decoder.mixed_precision=bf16"]
         )
     )
+    check_phases(load_config("emoji", ["train.vae.mixed_precision=fp16", "train.vae_decoder.mixed_precision=fp16"]))
     # the dVAE's diversity weight was its constructor's alone (0.01), out of every config's reach
     assert build_tokenizer(load_config("shapes", ["vae.diversity_weight=0"])).diversity_weight == 0
     assert build_tokenizer(load_config("shapes", [])).diversity_weight == 0.01

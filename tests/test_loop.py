@@ -600,11 +600,22 @@ def test_tf32_is_set_both_ways_on_cuda_and_left_alone_elsewhere():
         assert read() == ("tf32" if newer else True)
         loop.set_tf32(torch.device("cpu"), False)  # not a CUDA device: nothing moves
         assert read() == ("tf32" if newer else True)
+        if newer:
+            assert torch.backends.cudnn.conv.fp32_precision == "tf32"
         loop.set_tf32(torch.device("cuda"), False)
         assert read() == ("ieee" if newer else False)
+        if newer:
+            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
         assert torch.get_float32_matmul_precision() == cpu_before
     finally:
         if newer:
             matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before, conv_before
         else:
             matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before, conv_before
+
+
+def test_every_stages_accelerator_sets_tf32_as_its_setting_says(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "set_tf32", lambda device, enabled: calls.append((device.type, enabled)))
+    accelerator = loop.make_accelerator(loop.TrainConfig(tf32=False))
+    assert calls == [(accelerator.device.type, False)]

@@ -1030,6 +1030,22 @@ def test_eval_recon_prints_psnr_ssim_usage(run_dir, capsys):
         mse = float(((tokenizer.decode(ids).float() - images) ** 2).mean())
     assert metrics["n"] == 6 and metrics["codes_used"] == len(ids.unique())
     assert metrics["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    with torch.no_grad():
+        assert metrics["ssim"] == pytest.approx(float(ssim(tokenizer.decode(ids).float(), images).mean()), rel=1e-5)
+    assert metrics["usage"] == len(ids.unique()) / tokenizer.codebook_size
+    # the summary of sums (added over processes in training) by hand: 8 / 32 squared error, SSIM 3 over 4 images,
+    # 2 judged right, codes 0 and 2 used 3 and 1 times of 4
+    from dalle_mini_impl.eval.recon import recon_summary
+
+    sums = torch.tensor([8.0, 32.0, 3.0, 4.0, 2.0], dtype=torch.float64)
+    summary = recon_summary(sums, torch.tensor([3, 0, 1, 0]), judge_captions=True)
+    assert summary == pytest.approx(
+        {"psnr": 10 * math.log10(4), "mse": 0.25, "ssim": 0.75, "usage": 0.5, "codes_used": 2,
+         "perplexity": math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), "n": 4, "judge_accepts": 0.5}
+    )  # fmt: skip
+    assert type(summary["n"]) is int  # printed as 4, not 4.0
+    with pytest.raises(UserError, match="^the evaluation split gave no images; check --data and --split"):
+        recon_summary(torch.zeros(5, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
     x = torch.rand(2, 3, 16, 16)
     assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)  # identical images: SSIM 1
     assert (ssim(x, torch.rand(2, 3, 16, 16)) < 0.5).all()
@@ -1108,6 +1124,7 @@ def test_unclip_stages_train_export_and_draw_variations(run_dir, tmp_path, capsy
     logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert logged[0]["stage"] == "unclip" and logged[0]["loss"] < first[0]["loss"]
     assert logged[1]["stage"] == "prior" and math.isfinite(logged[1]["eval/val_cosine"])
+    assert logged[1]["cosine"] != 0 and -1 <= logged[1]["cosine"] <= 1  # the training part, logged as it is
     config = json.loads((run / "config.json").read_text())
     assert config["unclip"]["cond_len"] == 2 and config["unclip"]["prior"]["dim"] == 32
     assert json.loads((run / "unclip.json").read_text())["cond_dim"] == 16  # the tiny CLIP's embed_dim
