@@ -338,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths, grid = _save(kept, out, stem)
         written += len(paths) + 1
         if not args.json:
-            print(f"{kept[0].prompt!r}: {paths[0].name} .. {paths[-1].name} and {grid.name}")
+            named = paths[0].name if len(paths) == 1 else f"{paths[0].name} .. {paths[-1].name}"
+            print(f"{kept[0].prompt!r}: {named} and {grid.name}")
             continue
         for r, path in zip(kept, paths):
             record = {"prompt": r.prompt, "path": str(path), "rank": r.rank, "clip_score": r.clip_score, "seed": r.seed}

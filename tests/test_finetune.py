@@ -414,3 +414,17 @@ def test_a_rerun_that_resumes_the_decoder_phase_reads_no_init_from(tmp_path, cap
     said = capsys.readouterr()
     assert "vae: the run resumes its own checkpoint; --init-from" in said.out, said
     assert "resumed vae_decoder" in said.err and not noted.exists()
+
+
+def test_python_m_train_finetune_names_the_commands_that_fine_tune():
+    """It printed nothing and exited 0, as if it had done something."""
+    import subprocess
+    import sys
+
+    from tests.test_train import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.finetune"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("error: train.finetune is what --init-from runs, not a command of its own")

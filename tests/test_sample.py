@@ -92,6 +92,19 @@ def test_without_json_it_says_where_the_files_went(bundle, tmp_path, capsys):
     assert code == 0
     assert "a-red-circle_s0_r1.png" in stdout and "a-red-circle_s0_grid.png" in stdout
     assert stdout.splitlines()[-1] == f"wrote 3 PNGs to {tmp_path / 'o'}{os.sep}"  # 2 images (bundle default) + grid
+    code, stdout, _ = run(
+        ["a red circle", "--model", str(bundle), "--out", str(tmp_path / "1"), "--num-images", "1"], capsys
+    )
+    assert (
+        stdout.splitlines()[0] == "'a red circle': a-red-circle_s0_r1.png and a-red-circle_s0_grid.png"
+    )  # not r1 .. r1
+
+
+def test_a_judge_folder_given_as_the_model_is_named_for_what_it_is(capsys):
+    from dalle_mini_impl.pipeline.bundle import ASSETS
+
+    code, _, err = run(["a red circle", "--model", str(ASSETS / "judges" / "emoji")], capsys)
+    assert code == 2 and "is an evaluation CLIP (python -m train.judge wrote it), not a bundle" in err
 
 
 def test_an_out_that_cannot_be_a_folder_is_one_sentence_before_sampling(tmp_path, monkeypatch, capsys):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from dalle_mini_impl.config import RunConfig, read_config_json, save_config
-from dalle_mini_impl.errors import UserError
+from dalle_mini_impl.errors import UserError, run_cli
 from dalle_mini_impl.files import write_atomic
 from dalle_mini_impl.pipeline.bundle import (
     FILES,
@@ -315,3 +315,15 @@ def freeze(model: torch.nn.Module, kind: str, groups: list[str], stage: str, key
     if kind == "vae" and "codebook" in groups and quantizer is not None:
         # the VQ codebook also moves without the optimizer (EMA, dead-code restarts): its update does nothing now
         quantizer.update = lambda z, ids: torch.zeros((), dtype=torch.long, device=z.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train.finetune` is no command (it printed nothing and exited 0): one sentence naming the ones."""
+    raise UserError(
+        "train.finetune is what --init-from runs, not a command of its own; fine-tune with python -m train.all "
+        "--init-from BUNDLE or python -m train.STAGE --init-from BUNDLE (docs/TRAINING.md)"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

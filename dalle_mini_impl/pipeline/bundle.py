@@ -97,6 +97,17 @@ def bundle_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def _is_judge(folder: Path) -> bool:
+    """Whether a folder holds what train.judge writes (config.json, text.model, clip.safetensors) and nothing a
+    bundle's transformer or image tokenizer needs."""
+    made = {"config.json", "text.model", "clip.safetensors"}
+    return (
+        made <= {p.name for p in folder.iterdir()}
+        and not (folder / FILES["transformer"]).exists()
+        and not (folder / FILES["vae"]).exists()
+    )
+
+
 def part_path(bundle: str | os.PathLike, part: str) -> Path:
     """The path of one part of a bundle; a missing folder or file is a one-sentence error."""
     bundle = bundle_path(bundle)
@@ -107,6 +118,11 @@ def part_path(bundle: str | os.PathLike, part: str) -> Path:
             f"or the name of a shipped one ({', '.join(shipped_models())})"
         )
     path = bundle / FILES[part]
+    if not path.is_file() and _is_judge(bundle):
+        raise UserError(
+            f"model folder '{bundle}' is an evaluation CLIP (python -m train.judge wrote it), not a bundle; pass it "
+            "to python -m dalle_mini_impl.eval emoji --judge, and a trained bundle to --model"
+        )
     if not path.is_file():
         raise UserError(
             f"model folder '{bundle}' has no {FILES[part]}; it is incomplete: retrain or copy the whole bundle"
