@@ -185,7 +185,5 @@ def test_one_process_with_a_non_finite_step_stops_every_process_from_taking_it()
     rank 1's non-finite one."""
     proc = launch_two("tests.agree_worker", [])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    said = sorted(
-        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"]
-    )
-    assert [d["all_finite"] for d in said] == [[True, False, False, False]] * 2
+    said = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert said == [{"all_finite": [[True, False, False, False]] * 2}]
