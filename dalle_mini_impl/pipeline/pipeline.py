@@ -105,6 +105,11 @@ class _Bar(tqdm):
         super().__init__(*args, **kwargs)
         self.should_stop = should_stop
 
+    @classmethod
+    def over(cls, tokens: int, desc: str, progress: bool, should_stop: Callable[[], bool] | None) -> _Bar:
+        """A bar over `tokens` image tokens; progress False: drawn nowhere, still asking should_stop."""
+        return cls(total=tokens, unit="tok", desc=desc, disable=None if progress else True, should_stop=should_stop)
+
     def update(self, n: float | None = 1):
         if self.should_stop is not None and self.should_stop():
             raise Stopped("stopped before the end, as asked")
@@ -731,13 +736,7 @@ class Pipeline:
                 self.contrast_captions(max(prompt_parts, key=lambda part: part[1])[0])
 
         h, w = self.grid
-        bar = _Bar(
-            total=len(prompts) * s.candidates * h * w,
-            unit="tok",
-            desc="sample",
-            disable=None if progress else True,
-            should_stop=should_stop,
-        )
+        bar = _Bar.over(len(prompts) * s.candidates * h * w, "sample", progress, should_stop)
         results = []
         with bar:
             for i, (prompt, prompt_parts) in enumerate(zip(prompts, parts)):
@@ -998,13 +997,7 @@ class Pipeline:
             raise UserError("editing samples the masked cells one pass at a time; use --decode cached, not speculative")
         source = self.edit_source(image, mask)
         h, w = self.grid
-        bar = _Bar(
-            total=len(prompts) * s.candidates * h * w,
-            unit="tok",
-            desc="edit",
-            disable=None if progress else True,
-            should_stop=should_stop,
-        )
+        bar = _Bar.over(len(prompts) * s.candidates * h * w, "edit", progress, should_stop)
         results = []
         with bar:
             for i, prompt in enumerate(prompts):
