@@ -561,31 +561,33 @@ class Terminated(SystemExit):
 
 def serve(args, models: list[Model]) -> int:
     """Index the search folders into a temporary folder and serve until Ctrl+C or SIGTERM."""
-    with tempfile.TemporaryDirectory(prefix="dalle-app-index-") as index_root:
-        app = App(models, args.search_dir, index_root)
-        try:
-            server = AppServer(app, args.host, args.port)
-        except OSError as e:  # the port is taken, the address is not this machine's
-            raise UserError(
-                f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass another --host or --port"
-            ) from None
-        if not _is_loopback(args.host):
-            print(
-                f"warning: the app is reachable from other machines at {server.url}; it has no login", file=sys.stderr
-            )
-        print(server.url, flush=True)
 
-        # a kill, docker stop or systemd stop sends SIGTERM, whose default skips every `with` block's exit (the
-        # index folder stayed in the temp dir): it ends the server as Ctrl+C does, the folder removed
-        def terminated(signum, frame):
-            raise Terminated(128 + signum)
+    # a kill, docker stop or systemd stop sends SIGTERM, whose default skips every `with` block's exit (the index
+    # folder stayed in the temp dir): from before the indexing (minutes on a large folder), it ends the server as
+    # Ctrl+C does, the folder removed
+    def terminated(signum, frame):
+        raise Terminated(128 + signum)
 
-        before = signal.signal(signal.SIGTERM, terminated)
-        try:
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dalle-app-index-") as index_root:
+            app = App(models, args.search_dir, index_root)
+            try:
+                server = AppServer(app, args.host, args.port)
+            except OSError as e:  # the port is taken, the address is not this machine's
+                raise UserError(
+                    f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass another --host or --port"
+                ) from None
+            if not _is_loopback(args.host):
+                print(
+                    f"warning: the app is reachable from other machines at {server.url}; it has no login",
+                    file=sys.stderr,
+                )
+            print(server.url, flush=True)
             with server:
                 server.serve_forever()
-        finally:
-            signal.signal(signal.SIGTERM, before)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     return 0
 
 

@@ -100,11 +100,17 @@ def test_without_json_it_says_where_the_files_went(bundle, tmp_path, capsys):
     )  # not r1 .. r1
 
 
-def test_a_judge_folder_given_as_the_model_is_named_for_what_it_is(capsys):
+def test_a_judge_folder_given_as_the_model_is_named_for_what_it_is(capsys, tmp_path):
     from dalle_mini_impl.pipeline.bundle import ASSETS
 
     code, _, err = run(["a red circle", "--model", str(ASSETS / "judges" / "emoji")], capsys)
     assert code == 2 and "is an evaluation CLIP (python -m train.judge wrote it), not a bundle" in err
+    # the same three files from train.tokenizer and train.clip alone (a CLIP ablation's run): by its config's name
+    clip_run = shutil.copytree(ASSETS / "judges" / "emoji", tmp_path / "clip-run")
+    config = json.loads((clip_run / "config.json").read_text())
+    (clip_run / "config.json").write_text(json.dumps({**config, "name": "emoji"}))
+    code, _, err = run(["a red circle", "--model", str(clip_run)], capsys)
+    assert code == 2 and "evaluation CLIP" not in err and "has no transformer.safetensors; it is incomplete" in err
 
 
 def test_an_out_that_cannot_be_a_folder_is_one_sentence_before_sampling(tmp_path, monkeypatch, capsys):

@@ -1214,7 +1214,7 @@ def test_train_all_force_trains_a_finished_stage_again_from_step_0(run_dir, tmp_
     args = args_for(run, "train.vae.steps=4", "train.vae.checkpoint_every=2")
     assert train_all.main([*args, "--only", "vae", "--force"]) == 0
     said = capfd.readouterr().err
-    assert "resumed vae" not in said and "starts at step 0: moved the 2 later checkpoints" in said, said
+    assert "resumed vae" not in said and "vae starts at step 0 (--force): moved its earlier checkpoints" in said, said
     aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("vae.set-aside-")]
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_00000002", "step_00000004"]
     assert [p.name for p in list_checkpoints(run / "checkpoints" / "vae")] == ["step_00000002", "step_00000004"]
@@ -1261,6 +1261,27 @@ def test_a_forced_run_that_stopped_is_continued_by_the_command_without_force(run
     assert all(torch.equal(straight[k], after[k]) for k in straight)  # as the run that never stopped
     assert not (run / ".force-pending.json").exists()
     assert train_all.main([*args, "--only", "vae"]) == 0 and '"skipped"' in capfd.readouterr().out
+    # stopped while the stage started up, before its loop set anything aside: the old checkpoints (this run's now,
+    # step 4) must not be resumed as the forced run's; train.all sets them aside before the stage starts
+    monkeypatch.setattr(train_all, "run_stage", lambda cmd: 130)
+    assert train_all.main([*args, "--only", "vae", "--force"]) == 130
+    assert list_checkpoints(run / "checkpoints" / "vae") == [] and not (run / "checkpoints" / "vae_decoder").exists()
+    monkeypatch.setattr(train_all, "run_stage", run_stage)
+    assert train_all.main([*args, "--only", "vae"]) == 0
+    said = capfd.readouterr().err
+    assert "resumed vae" not in said
+    after = load_file(run / "vae.safetensors")
+    assert all(torch.equal(straight[k], after[k]) for k in straight)
+    # a later --force of other stages keeps what an earlier stopped one left to redo; a record that is not one is
+    # a sentence
+    (run / ".force-pending.json").write_text('{"dalle": "resume", "clip": "fresh"}')
+    monkeypatch.setattr(train_all, "run_stage", lambda cmd: 0)
+    assert train_all.main([*args, "--only", "tokenizer", "--force"]) == 0
+    assert json.loads((run / ".force-pending.json").read_text()) == {"dalle": "resume", "clip": "fresh"}
+    for text in ('["dalle"]', "null", '{"dalle": "resume"', '{"dalle": "later"}'):
+        (run / ".force-pending.json").write_text(text)
+        with pytest.raises(UserError, match="is not the record of a --force run's stages left to redo; run with"):
+            train_all.main([*args, "--only", "vae"])
 
 
 def test_an_embeddings_file_with_damaged_tensors_under_its_metadata_is_computed_again(tmp_path):

@@ -57,18 +57,43 @@ from train.vae import check_phases
 # the stages with no checkpoints to resume: each runs whole every time (encode reuses only the shards its
 # digests say hold the same rows from the same image tokenizer)
 UNTRAINED = ("tokenizer", "encode")
-# a --force run's stages not yet redone, in RUN: {stage: "fresh" (its earlier checkpoints still there: start from step
-# 0) or "resume" (it ran under this --force, so its checkpoints are this run's)}. A stopped --force run is resumed by
-# the command without --force, which would otherwise skip every stage whose earlier output still exists
+# a --force run's stages not yet redone, in RUN: {stage: "fresh" (its earlier checkpoints still in place: set aside
+# before it starts) or "resume" (started under this --force: its checkpoints are this run's)}. A stopped --force run
+# is continued by the command without --force, which would otherwise skip every stage whose earlier output exists
 FORCE_PENDING = ".force-pending.json"
+PENDING_STATES = ("fresh", "resume")
+# the checkpoint folders of a training stage (RUN/checkpoints/NAME): the image tokenizer's two phases
+CHECKPOINT_FOLDERS = {"vae": ("vae", "vae_decoder")}
 
 
 def read_pending(out: Path) -> dict[str, str]:
+    """The stages an earlier --force run left to redo; a file that is not such a record is one sentence."""
     path = out / FORCE_PENDING
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):  # unreadable: as if none, every earlier output counts as done
+    if not path.is_file():
         return {}
+    try:
+        pending = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pending = None
+    names = [module.split(".")[1] for module, _ in stages(None)]
+    if not (isinstance(pending, dict) and all(k in names and v in PENDING_STATES for k, v in pending.items())):
+        raise UserError(
+            f"'{path}' is not the record of a --force run's stages left to redo; run with --force again (every "
+            "stage from step 0), or delete the file (the stages whose output exists count as done)"
+        )
+    return pending
+
+
+def set_aside_checkpoints(out: Path, name: str) -> None:
+    """A forced training stage's earlier checkpoints, moved beside them before it starts (the stage itself does so
+    only once its loop begins: a --force run stopped while the stage started up resumed them, the old run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in CHECKPOINT_FOLDERS.get(name, (name,)):
+        path = out / "checkpoints" / folder
+        if path.is_dir() and any(path.iterdir()):
+            aside = path.with_name(f"{folder}.set-aside-{stamp}")
+            os.replace(path, aside)
+            print(f"{folder} starts at step 0 (--force): moved its earlier checkpoints to {aside}", file=sys.stderr)
 
 
 def write_pending(out: Path, pending: dict[str, str]) -> None:
@@ -80,7 +105,8 @@ def write_pending(out: Path, pending: dict[str, str]) -> None:
 
 
 def stages(cfg) -> list[tuple[str, str]]:
-    """(stage module, the path in the run folder that marks it done), in order; unCLIP's two when enabled."""
+    """(stage module, the path in the run folder that marks it done), in order; unCLIP's two when enabled (every
+    stage there is when cfg is None)."""
     unclip = [("train.unclip", "unclip.safetensors"), ("train.prior", "prior.safetensors")]
     return [
         ("train.tokenizer", "text.model"),
@@ -88,7 +114,7 @@ def stages(cfg) -> list[tuple[str, str]]:
         ("train.encode", "tokens/manifest.json"),
         ("train.dalle", "transformer.safetensors"),
         ("train.clip", "clip.safetensors"),
-    ] + (unclip if cfg.unclip.enabled else [])
+    ] + (unclip if cfg is None or cfg.unclip.enabled else [])
 
 
 def check_only(only: str | None, names: list[str]) -> set[str] | None:
@@ -209,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if (only is None or "encode" in only) and (args.force or not (out / dict(stages(cfg))["train.encode"]).exists()):
         check_ends(cfg)  # an endless training split, before the stages ahead of encode train
     chosen = [module.split(".")[1] for module, _ in stages(cfg) if only is None or module.split(".")[1] in only]
-    pending = {name: "fresh" for name in chosen} if args.force else read_pending(out)
+    pending = read_pending(out)  # an earlier --force run's, kept for the stages this one does not choose
+    if args.force:
+        pending |= {name: "fresh" for name in chosen}
     write_pending(out, pending)
     speed = {"start": cpu_matmul_gflops()}
     total = time.perf_counter()
@@ -230,12 +258,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         init = ["--init-from", args.init_from] if args.init_from and name != "encode" else []
-        # a forced training stage would otherwise resume its last checkpoint, at its last step: nothing trained again
-        fresh = ["--no-resume"] if pending.get(name) == "fresh" and name not in UNTRAINED else []
-        code = run_stage([sys.executable, "-m", module, *passthrough, *init, *fresh])
-        if name in pending:  # it ran: whatever checkpoints it left are this --force run's
-            pending[name] = "resume"
+        if pending.get(name) == "fresh":  # it would resume its last checkpoint at its last step: nothing trained
+            if name not in UNTRAINED:
+                set_aside_checkpoints(out, name)
+            pending[name] = "resume"  # from here, whatever checkpoints it has are this --force run's
             write_pending(out, pending)
+        code = run_stage([sys.executable, "-m", module, *passthrough, *init])
         if code in STOPPED_EXIT_CODES:
             again = "the command without --force" if args.force else "the same command"
             print(f"stage {module} stopped (exit code {code}); rerun {again} to resume", file=sys.stderr)

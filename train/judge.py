@@ -26,6 +26,7 @@ from pathlib import Path
 from dalle_mini_impl.config import RunConfig, read_config_json
 from dalle_mini_impl.data.streams import split_parts
 from dalle_mini_impl.errors import UserError, run_cli
+from dalle_mini_impl.pipeline.bundle import JUDGE_SUFFIX
 from dalle_mini_impl.text.tokenizer import MAX_VOCAB
 from train import loop
 from train.clip import check_config as check_clip_config
@@ -34,7 +35,6 @@ from train.common import process_state
 from train.tokenizer import train_tokenizer
 
 GRADED_SPLIT = "test"  # what `eval emoji` grades; the judge never learns from it
-JUDGE_SUFFIX = "-judge"  # a judge's config name: its preset's, with this after it
 
 
 def is_judge(cfg: RunConfig) -> bool:

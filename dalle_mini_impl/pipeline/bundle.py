@@ -97,15 +97,16 @@ def bundle_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
+JUDGE_SUFFIX = "-judge"  # a judge's config name (train.judge): its preset's, with this after it
+
+
 def _is_judge(folder: Path) -> bool:
-    """Whether a folder holds what train.judge writes (config.json, text.model, clip.safetensors) and nothing a
-    bundle's transformer or image tokenizer needs."""
-    made = {"config.json", "text.model", "clip.safetensors"}
-    return (
-        made <= {p.name for p in folder.iterdir()}
-        and not (folder / FILES["transformer"]).exists()
-        and not (folder / FILES["vae"]).exists()
-    )
+    """Whether a folder is what train.judge writes, by its config.json's name (a CLIP-only run folder holds the
+    same three files)."""
+    try:
+        return str(json.loads((folder / FILES["config"]).read_text()).get("name", "")).endswith(JUDGE_SUFFIX)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def part_path(bundle: str | os.PathLike, part: str) -> Path:
