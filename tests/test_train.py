@@ -1282,6 +1282,9 @@ def test_a_forced_run_that_stopped_is_continued_by_the_command_without_force(run
         (run / ".force-pending.json").write_text(text)
         with pytest.raises(UserError, match="is not the record of a --force run's stages left to redo; run with"):
             train_all.main([*args, "--only", "vae"])
+    assert train_all.main([*args, "--only", "tokenizer", "--force"]) == 0  # the sentence's first way out works
+    assert "this --force run writes a new one" in capfd.readouterr().err
+    assert not (run / ".force-pending.json").exists()
 
 
 def test_an_embeddings_file_with_damaged_tensors_under_its_metadata_is_computed_again(tmp_path):

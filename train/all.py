@@ -235,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     if (only is None or "encode" in only) and (args.force or not (out / dict(stages(cfg))["train.encode"]).exists()):
         check_ends(cfg)  # an endless training split, before the stages ahead of encode train
     chosen = [module.split(".")[1] for module, _ in stages(cfg) if only is None or module.split(".")[1] in only]
-    pending = read_pending(out)  # an earlier --force run's, kept for the stages this one does not choose
+    try:
+        pending = read_pending(out)  # an earlier --force run's, kept for the stages this one does not choose
+    except UserError as e:
+        if not args.force:
+            raise
+        print(f"warning: {e}: this --force run writes a new one", file=sys.stderr)  # the sentence's own way out
+        pending = {}
     if args.force:
         pending |= {name: "fresh" for name in chosen}
     write_pending(out, pending)
