@@ -2,6 +2,7 @@
 
     python -m sample "a red circle" "a small blue square on the left" --num-images 4 --candidates 16
     python -m sample "a red circle:1 | a blue square:-0.5" --method clip-guided      # VQGAN+CLIP refinement
+    python -m sample "a red circle" --method clip-guided --set sample.guided_steps=10   # a setting with no flag
     python -m sample "a red circle" --method clip-guided --init random --guided-prior-weight 0.3   # from noise
     python -m sample "a green triangle" --init-image half.png --keep-rows 4            # complete an image
     python -m sample "a blue square on the right" --init-image img.png --mask right.png   # redraw the white part
@@ -213,12 +214,67 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="the same as --decode compiled")
     p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="sample.KEY=VALUE",
+        help="a sampling setting with no flag of its own, repeatable: --set sample.guided_steps=10 "
+        "(sample.batch_size, guided_lr, guided_cutouts, prior_samples, variation_guidance_scale, ...)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per ranked image (prompt, path, rank, clip_score, seed; a variation's source, "
         "an interpolation's sources, step and t), nothing else; the grids are not listed",
     )
     return p
+
+
+# the sampling settings a flag of this command sets: --set names the flag instead (two ways to say one thing)
+FLAGGED = {
+    "num_images": "--num-images", "candidates": "--candidates", "guidance_scale": "--guidance-scale",
+    "guidance_until": "--guidance-until", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+    "seed": "--seed", "decode": "--decode", "speculative_relax": "--relax", "text_diff_scale": "--text-diff-scale",
+    "guided_prior_weight": "--guided-prior-weight", "guided_contrast_weight": "--guided-contrast-weight",
+    "guided_contrast_guard": "--guided-contrast-guard", "guided_optimizer": "--guided-optimizer",
+    "prior_guidance_scale": "--prior-guidance-scale", "edit_likelihood_weight": "--likelihood-weight",
+}  # fmt: skip
+
+
+# the uses of config.SAMPLE_USES whose settings only those uses read, and the options of this command that make them
+USE_OPTIONS = {
+    "guided": "--method clip-guided", "unclip": "--method unclip", "variations": "--variations",
+    "text_diff": "--text-diff", "edit": "--mask or --extend",
+}  # fmt: skip
+
+
+def set_sampling(pipe, args: argparse.Namespace) -> None:
+    """--set sample.KEY=VALUE on the bundle's sampling settings: one sentence for a key a flag sets, for one this
+    command would not read (a use it does not make), and for a value no sampler can use."""
+    from dalle_mini_impl.config import SAMPLE_USES, apply_overrides
+    from dalle_mini_impl.pipeline.pipeline import check_settings
+
+    made = {
+        "guided": args.method == "clip-guided",
+        "unclip": args.method == "unclip",
+        "variations": bool(args.variations),
+        "text_diff": args.text_diff is not None,
+        "edit": bool(args.mask or args.extend),
+    }
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        name = key.removeprefix("sample.")
+        if not key.startswith("sample."):
+            raise UserError(f"--set {item}: only sampling settings can change here; give sample.KEY=VALUE")
+        if name in FLAGGED:
+            raise UserError(f"--set {item}: {FLAGGED[name]} sets {key}; use it")
+        for use, (_, keys) in SAMPLE_USES.items():
+            if name in keys and not made[use]:
+                raise UserError(f"--set {item}: only {USE_OPTIONS[use]} reads {key}; add it or leave the setting out")
+    apply_overrides(pipe.cfg, args.overrides)
+    if args.overrides:
+        check_settings(pipe.cfg.sample, "--set")
 
 
 def check_uses(args: argparse.Namespace) -> None:
@@ -290,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe = Pipeline.from_pretrained(
             args.model, device=args.device, dtype=args.dtype, decode=decode, relax=args.relax
         )
+        set_sampling(pipe, args)
         if args.variations:
             groups = pipe.variations(
                 args.variations, text_diff=args.text_diff, text_diff_scale=args.text_diff_scale, **settings

@@ -100,6 +100,32 @@ def test_without_json_it_says_where_the_files_went(bundle, tmp_path, capsys):
     )  # not r1 .. r1
 
 
+def test_set_changes_a_sampling_setting_no_flag_has_and_refuses_what_it_should_not(bundle, tmp_path, capsys):
+    """A clip-guided try on a CPU ran the bundle's refinement steps: there was no way to set them (eval had --set)."""
+    drawn = []
+    for steps in (1, 10, 10):  # refinement of random codes: ten steps move them, one does not yet (tiny bundle)
+        out = tmp_path / f"steps{steps}-{len(drawn)}"
+        argv = ["a red circle", "--model", str(bundle), "--method", "clip-guided", "--init", "random"]
+        code, _, err = run(
+            [*argv, "--num-images", "1", "--set", f"sample.guided_steps={steps}", "--out", str(out)], capsys
+        )
+        assert code == 0, err
+        drawn.append((out / "a-red-circle_s0_r1.png").read_bytes())
+    assert drawn[0] != drawn[1] and drawn[1] == drawn[2]
+    for argv, says in (
+        (
+            ["--set", "sample.temperature=2"],
+            "--set sample.temperature=2: --temperature sets sample.temperature; use it",
+        ),
+        (["--set", "sample.guided_steps=3"], "only --method clip-guided reads sample.guided_steps; add it or leave"),
+        (["--set", "sample.variation_guidance_scale=2"], "only --variations reads sample.variation_guidance_scale"),
+        (["--set", "transformer.dim=3"], "only sampling settings can change here; give sample.KEY=VALUE"),
+        (["--set", "sample.batch_size=0"], "config key 'sample.batch_size' is 0; set it to 1 or more"),
+    ):
+        code, _, err = run(["a red circle", "--model", str(bundle), "--out", str(tmp_path / "x"), *argv], capsys)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_judge_folder_given_as_the_model_is_named_for_what_it_is(capsys, tmp_path):
     from dalle_mini_impl.pipeline.bundle import ASSETS
 
