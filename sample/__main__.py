@@ -213,15 +213,8 @@ def _parser() -> argparse.ArgumentParser:
         "the model's distribution (default: the model's, 0: exact)",
     )
     p.add_argument("--compile", action="store_true", help="the same as --decode compiled")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="sample.KEY=VALUE",
-        help="a sampling setting with no flag of its own, repeatable: --set sample.guided_steps=10 "
-        "(sample.batch_size, guided_lr, guided_cutouts, prior_samples, variation_guidance_scale, ...)",
-    )
+    hint = "a sampling setting with no flag of its own, repeatable: --set sample.guided_steps=10 (batch_size, ...)"
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="sample.KEY=VALUE", help=hint)
     p.add_argument(
         "--json",
         action="store_true",
