@@ -51,7 +51,7 @@ from train.clip import check_config as check_clip_config
 from train.dalle import check_unclip
 from train.encode import check_ends, mirror_rule
 from train.finetune import checked_source
-from train.loop import STOP_SIGNALS, STOPPED_EXIT_CODES, check_training_values
+from train.loop import STOP_SIGNALS, STOPPED_EXIT_CODES, aside_folder, check_training_values
 from train.vae import check_phases
 
 # the stages with no checkpoints to resume: each runs whole every time (encode reuses only the shards its
@@ -87,11 +87,10 @@ def read_pending(out: Path) -> dict[str, str]:
 def set_aside_checkpoints(out: Path, name: str) -> None:
     """A forced training stage's earlier checkpoints, moved beside them before it starts (the stage itself does so
     only once its loop begins: a --force run stopped while the stage started up resumed them, the old run)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     for folder in CHECKPOINT_FOLDERS.get(name, (name,)):
         path = out / "checkpoints" / folder
         if path.is_dir() and any(path.iterdir()):
-            aside = path.with_name(f"{folder}.set-aside-{stamp}")
+            aside = aside_folder(path)
             os.replace(path, aside)
             print(f"{folder} starts at step 0 (--force): moved its earlier checkpoints to {aside}", file=sys.stderr)
 

@@ -756,13 +756,18 @@ def resume(t: Training, checkpoint: Path | None) -> None:
         )
 
 
+def aside_folder(ckpt_root: Path) -> Path:
+    """Where a stage's checkpoints of another run go: `RUN/checkpoints/NAME.set-aside-TIME` (read as NAME's)."""
+    return ckpt_root.with_name(f"{ckpt_root.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def set_aside_later_checkpoints(t: Training) -> None:
     """This stage's checkpoints past the step the run starts at (`--no-resume`, or `--resume` of an older one)
     belong to another run: move them to a sibling folder, so that neither pruning (which keeps the newest) nor a
     later resume takes them for this run's. Nothing is deleted. Collective."""
     later = [p for p in list_checkpoints(t.ckpt_root) if int(CKPT_RE.match(p.name)[1]) > t.step]
     if later and t.is_main:
-        aside = t.ckpt_root.with_name(f"{t.ckpt_root.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = aside_folder(t.ckpt_root)
         aside.mkdir(parents=True, exist_ok=True)
         for path in later:
             os.replace(path, aside / path.name)
@@ -811,10 +816,10 @@ def compute_gradients(t: Training, batches: Iterator[dict]) -> Gradients:
         losses.append(loss.detach())
     # read once every backward is queued: read between a forward and its backward, a GPU sat idle there
     scalars = {k: float(v) for k, v in scalars.items()}
-    finite = all(bool(torch.isfinite(loss).all()) for loss in losses)
     loss_sum = 0.0
     for loss in losses:
         loss_sum += float(loss) / tc.grad_accum
+    finite = math.isfinite(loss_sum)  # a NaN or inf micro-batch loss makes the sum one too
     clipped = t.model.parameters() if t.stage.clip_parameters is None else t.stage.clip_parameters()
     grad_norm = accelerator.clip_grad_norm_(clipped, tc.grad_clip if tc.grad_clip > 0 else 1e12)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
